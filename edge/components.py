@@ -1,0 +1,220 @@
+"""Component contracts: sources, sinks and the ingest seam between sources and the outbox.
+
+Built-in components and third-party plugins implement the same Protocols and register the
+same way (see ``edge.registry``).
+
+Source lifecycle (Benthos-style ``connect / read → (message, ack) / close``)::
+
+    source = factory(cfg, ctx)          # validate only; no I/O
+    await source.run()                  # connect, read, submit, ack; returns on cancel
+                                        # raises RetryableStartupError / FatalStartupError
+
+A source acknowledges upstream ONLY after ``await ctx.ingest.submit(...)`` returned: that
+call returns after the events are committed to the outbox (invariant 1). If it raises
+``OutboxFullError`` the source must not ack and should ``await ctx.ingest.wait_accepting()``
+before retrying; ``OutboxClosedError`` means shutdown — do not ack.
+
+Sink lifecycle::
+
+    sink = factory(cfg, ctx)            # validate only
+    sink.accepts(event_type) -> bool    # at ingest: queue a delivery row for this sink?
+    await sink.start()                  # open long-lived clients
+    outcomes = await sink.send(batch)   # batch: StoredEvent list; one Outcome per event
+    await sink.healthcheck() -> bool    # optional probe while the circuit is open
+    await sink.close()
+
+``send`` receives events sorted by outbox sequence. It may group them into requests as its
+routes allow and returns one ``Outcome`` per event, never raising for a per-event failure.
+Per-key order is the sink's duty inside one call: an event must not be sent once an earlier
+event with the same ``ordering_key`` in the batch got ``retry`` — return
+``Outcome.not_attempted()`` for it (``edge.forwarder.send_in_key_order`` does this for
+per-event sinks). An exception escaping ``send`` is a retryable failure of the whole batch.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+import orjson
+
+from edge.events import Event, EventClass
+
+if TYPE_CHECKING:
+    from edge.telemetry import Metrics
+
+__all__ = [
+    "ComponentContext",
+    "Ingest",
+    "Outcome",
+    "OutcomeKind",
+    "Sink",
+    "Source",
+    "StoredEvent",
+    "Submission",
+]
+
+
+@dataclass(slots=True)
+class Submission:
+    """One event for the outbox plus the source's dedupe key (None: never a duplicate).
+
+    A record redelivered by the source (MQTT dup, re-read file) must carry the same
+    ``dedupe_key``; the outbox then returns the id of the first copy and stores nothing.
+    """
+
+    event: Event
+    dedupe_key: str | None = None
+
+
+class Ingest(Protocol):
+    """What a source sees of the pipeline (map → rules → outbox)."""
+
+    async def submit(self, items: Sequence[Submission]) -> list[str]:
+        """Commit events durably; return their ids (an earlier id for a duplicate).
+
+        Returns only after COMMIT. Raises OutboxFullError (backpressure) or
+        OutboxClosedError (shutdown); nothing of the call was stored in either case.
+        """
+        ...
+
+    async def quarantine(
+        self, source: str, reason: str, raw: bytes, meta: dict[str, Any] | None = None,
+        detail: str = "",
+    ) -> None:
+        """Commit an unusable inbound record with its reason code (``not_json``,
+        ``too_large``, ``invalid_data`` …) and a human ``detail``; returns after COMMIT."""
+        ...
+
+    async def wait_accepting(self) -> None:
+        """Return once the outbox accepts new events again (after backpressure)."""
+        ...
+
+    async def audit(
+        self, state: str, *, source: str, reason: str | None = None,
+        detail: dict[str, Any] | None = None,
+    ) -> None:
+        """Record a component state change (gap, reconnect, backfill) in the audit trail."""
+        ...
+
+
+@dataclass
+class ComponentContext:
+    """Everything a component factory may use; injected so tests can pass fakes."""
+
+    site: str
+    state_dir: str
+    metrics: Metrics
+    ingest: Ingest | None = None
+    set_connected: Callable[[bool], None] = field(default=lambda up: None)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@runtime_checkable
+class Source(Protocol):
+    id: str
+
+    async def run(self) -> None: ...
+
+
+class OutcomeKind(enum.Enum):
+    delivered = "delivered"
+    duplicate = "duplicate"  # receiver said "already exists" (409 ...): delivered, noted
+    retry = "retry"
+    dead_letter = "dead_letter"
+    unrouted = "unrouted"  # no current route matches: keep the row, show it in /status
+
+
+@dataclass(slots=True)
+class Outcome:
+    kind: OutcomeKind
+    status: int | None = None
+    reason: str = ""
+    body: str | None = None
+    retry_after_s: float | None = None
+
+    attempted: bool = True
+
+    @classmethod
+    def delivered(cls, status: int | None = None) -> Outcome:
+        return cls(OutcomeKind.delivered, status)
+
+    @classmethod
+    def duplicate(cls, status: int | None = None, reason: str = "already exists") -> Outcome:
+        return cls(OutcomeKind.duplicate, status, reason)
+
+    @classmethod
+    def retry(
+        cls,
+        reason: str,
+        status: int | None = None,
+        *,
+        body: str | None = None,
+        retry_after_s: float | None = None,
+    ) -> Outcome:
+        return cls(OutcomeKind.retry, status, reason, body, retry_after_s)
+
+    @classmethod
+    def dead_letter(cls, reason: str, status: int | None = None, body: str | None = None
+                    ) -> Outcome:
+        return cls(OutcomeKind.dead_letter, status, reason, body)
+
+    @classmethod
+    def not_attempted(cls, reason: str = "an earlier event of its key was not delivered"
+                      ) -> Outcome:
+        """Skipped to keep per-key order: back to the queue, attempts unchanged."""
+        return cls(OutcomeKind.retry, None, reason, attempted=False)
+
+    @classmethod
+    def unrouted(cls, reason: str) -> Outcome:
+        return cls(OutcomeKind.unrouted, None, reason, attempted=False)
+
+
+@dataclass(slots=True)
+class StoredEvent:
+    """An event as the forwarder hands it to a sink: the stored JSON plus its row data.
+
+    ``body`` is the canonical envelope exactly as stored (send it as is; a batch is
+    ``b"[" + b",".join(bodies) + b"]"``); ``doc`` parses it once on first use.
+    """
+
+    seq: int
+    id: str
+    type: str
+    event_class: EventClass
+    ordering_key: str | None
+    attempts: int
+    body: bytes
+    sha256: str = ""  # payload SHA-256 computed at ingest
+    received_at: float = 0.0  # epoch seconds when stored
+    _doc: dict[str, Any] | None = None
+
+    @property
+    def doc(self) -> dict[str, Any]:
+        if self._doc is None:
+            self._doc = orjson.loads(self.body)
+        return self._doc
+
+    @property
+    def correlation_id(self) -> str:
+        return str(self.doc.get("correlation_id") or self.id)
+
+    @property
+    def data(self) -> dict[str, Any]:
+        data = self.doc.get("data")
+        return data if isinstance(data, dict) else {}
+
+
+@runtime_checkable
+class Sink(Protocol):
+    id: str
+
+    def accepts(self, event_type: str) -> bool: ...
+
+    async def start(self) -> None: ...
+
+    async def send(self, batch: Sequence[StoredEvent]) -> list[Outcome]: ...
+
+    async def close(self) -> None: ...

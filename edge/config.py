@@ -1,0 +1,471 @@
+"""Configuration: YAML → ``${ENV}`` substitution → pydantic v2 validation.
+
+Contract:
+- ``load_config(path)`` returns a validated ``GatewayConfig`` or raises ``ConfigError``
+  whose ``issues`` name every problem with its location, e.g.
+  ``sinks[0].routes[1].method: must be one of POST, PUT, PATCH, got 'GET'``.
+- Components (``sources``/``sinks``) are discriminated unions on ``type`` built from the
+  registry, so plugins validate exactly like built-ins. Every model forbids unknown keys.
+- ``${VAR}`` / ``${VAR:-default}`` are substituted in every string before validation; a
+  missing variable is a located error. Secrets are never inline: keys ending in ``_file``
+  name files (relative paths resolve against the config file's folder) that must exist
+  unless validated with ``check_files=False``; read them with ``read_secret``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    ValidationInfo,
+    create_model,
+    field_validator,
+    model_validator,
+)
+from pydantic.functional_validators import AfterValidator
+
+from edge.errors import ConfigError, ConfigIssue
+from edge.registry import Registry, default_registry
+
+__all__ = [
+    "ApiConfig",
+    "CircuitBreakerConfig",
+    "GatewayConfig",
+    "OutboxConfig",
+    "RetryConfig",
+    "SecretFile",
+    "SinkConfigBase",
+    "SourceConfigBase",
+    "StrictModel",
+    "load_config",
+    "load_config_text",
+    "read_secret",
+]
+
+
+class StrictModel(BaseModel):
+    """Base of every config model: unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+def _check_file(value: str, info: ValidationInfo) -> str:
+    ctx = info.context or {}
+    base = ctx.get("base_dir")
+    path = Path(value)
+    if not path.is_absolute() and base is not None:
+        path = Path(base) / path
+    if ctx.get("check_files", True) and not path.is_file():
+        raise ValueError(f"file not found: {path}")
+    return str(path)
+
+
+SecretFile = Annotated[str, AfterValidator(_check_file)]
+"""A path to a file holding a secret or certificate; checked at load, read at start."""
+
+
+def read_secret(path: str | None) -> str | None:
+    """Read a secret file, stripping one trailing newline. ``None`` passes through."""
+    if path is None:
+        return None
+    try:
+        return Path(path).read_text().rstrip("\r\n")
+    except OSError as err:
+        raise ConfigError(f"cannot read secret file {path}: {err.strerror}") from err
+
+
+_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+class ComponentConfigBase(StrictModel):
+    id: str = Field(description="unique id of this component; names it in metrics and /status")
+    type: str
+
+    @field_validator("id")
+    @classmethod
+    def _id_shape(cls, v: str) -> str:
+        if not _ID_RE.match(v):
+            raise ValueError(
+                "must be 1-64 characters of letters, digits, '_', '.', '-' "
+                f"starting with a letter or digit, got {v!r}"
+            )
+        return v
+
+
+class SourceConfigBase(ComponentConfigBase):
+    """Keys every source has. Subclasses set ``type: Literal["name"]``."""
+
+
+class RetryConfig(StrictModel):
+    initial_backoff_s: float = Field(1.0, gt=0, description="first retry delay (full jitter)")
+    max_backoff_s: float = Field(300.0, gt=0, description="cap of the exponential backoff")
+    max_attempts: int | None = Field(
+        None, ge=1, description="dead-letter after this many attempts; null = retry forever"
+    )
+
+
+class CircuitBreakerConfig(StrictModel):
+    failure_threshold: int = Field(5, ge=1, description="consecutive failures that open it")
+    open_s: float = Field(10.0, gt=0, description="wait before one probe request")
+    max_open_s: float = Field(120.0, gt=0, description="cap when probes keep failing")
+
+
+class SinkConfigBase(ComponentConfigBase):
+    """Keys every sink has; the forwarder reads them. Subclasses set ``type``."""
+
+    rate_limit_per_s: float | None = Field(
+        None, gt=0, description="max events/s sent (drain limit); null = unlimited"
+    )
+    max_in_flight: int = Field(4, ge=1, le=256, description="concurrent requests")
+    lease_batch: int = Field(500, ge=1, le=10000, description="rows leased per outbox read")
+    live_share: float = Field(
+        0.2, ge=0, le=1, description="share of each lease taken from the newest rows"
+    )
+    retry: RetryConfig = RetryConfig()
+    circuit_breaker: CircuitBreakerConfig = CircuitBreakerConfig()
+    shutdown_grace_s: float = Field(5.0, ge=0, description="finish in-flight sends on stop")
+
+
+class OutboxConfig(StrictModel):
+    synchronous: Literal["full", "normal"] = Field(
+        "full", description="full: a commit survives power loss; required to ack upstream"
+    )
+    max_size_mb: float = Field(2048, gt=0, description="disk budget of the outbox")
+    commit_interval_ms: float = Field(10, ge=0, le=5000, description="group-commit window")
+    commit_max_rows: int = Field(500, ge=1, le=100000, description="rows per transaction")
+    alarm_at_percent: float = Field(80, gt=0, le=100, description="health degraded above")
+    expire_at_percent: float = Field(90, gt=0, le=100, description="expire `low` rows above")
+    dedupe_window_s: float = Field(
+        7 * 86400, ge=0, description="how long a source's dedupe key maps to its event id"
+    )
+    audit_retention_days: float = Field(90, gt=0, description="audit rows older are pruned")
+
+    @model_validator(mode="after")
+    def _thresholds(self) -> OutboxConfig:
+        if self.expire_at_percent < self.alarm_at_percent:
+            raise ValueError("expire_at_percent must be >= alarm_at_percent")
+        return self
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class ApiConfig(StrictModel):
+    listen: str = Field("127.0.0.1:8080", description="host:port of the local health/API")
+    token_file: SecretFile | None = Field(
+        None, description="bearer token file; required when listen is not loopback"
+    )
+    enabled: bool = True
+
+    @property
+    def host(self) -> str:
+        return split_host_port(self.listen)[0]
+
+    @property
+    def port(self) -> int:
+        return split_host_port(self.listen)[1]
+
+    @field_validator("listen")
+    @classmethod
+    def _listen_shape(cls, v: str) -> str:
+        split_host_port(v)
+        return v
+
+    @model_validator(mode="after")
+    def _token_when_exposed(self) -> ApiConfig:
+        if not _is_loopback(self.host) and not self.token_file:
+            raise ValueError(
+                f"token_file is required when listen ({self.listen}) is not a loopback address"
+            )
+        return self
+
+
+def split_host_port(value: str) -> tuple[str, int]:
+    m = re.match(r"^\[([0-9a-fA-F:]+)\]:(\d+)$", value) or re.match(r"^([^:\s]+):(\d+)$", value)
+    if not m or not 0 <= int(m.group(2)) <= 65535:
+        raise ValueError(f"must be host:port (IPv6 as [::1]:8080), got {value!r}")
+    return m.group(1), int(m.group(2))
+
+
+class LoggingConfig(StrictModel):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["text", "json"] = "text"
+
+
+class GatewayConfigBase(StrictModel):
+    site: str = Field(description="plant/site id; stamped on every event")
+    state_dir: str = Field(
+        "/var/lib/edge-gateway", description="outbox.db, audit, certificates"
+    )
+    plugins_dir: str | None = Field(None, description="folder of drop-in plugin packages")
+    outbox: OutboxConfig = OutboxConfig()
+    api: ApiConfig = ApiConfig()
+    logging: LoggingConfig = LoggingConfig()
+    # Replaced by discriminated unions of the registered types in build_config_model().
+    sources: list[Any] = Field(default_factory=list)
+    sinks: list[Any] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _unique_ids(self) -> GatewayConfigBase:
+        seen: dict[str, str] = {}
+        for kind in ("sources", "sinks"):
+            for i, comp in enumerate(getattr(self, kind, [])):
+                where = f"{kind}[{i}]"
+                if comp.id in seen:
+                    raise ValueError(f"{where}.id {comp.id!r} is already used by {seen[comp.id]}")
+                seen[comp.id] = where
+        return self
+
+    @field_validator("state_dir")
+    @classmethod
+    def _resolve_state_dir(cls, v: str, info: ValidationInfo) -> str:
+        base = (info.context or {}).get("base_dir")
+        path = Path(v)
+        if not path.is_absolute() and base is not None:
+            path = Path(base) / path
+        return str(path)
+
+
+# The concrete model (with source/sink unions) is built from the registry at load time;
+# this alias is what the rest of the code types against.
+GatewayConfig = GatewayConfigBase
+
+
+def build_config_model(registry: Registry) -> type[GatewayConfigBase]:
+    """``GatewayConfigBase`` + ``sources``/``sinks`` as discriminated unions of the registry."""
+
+    def union(kind: Literal["source", "sink"]) -> Any:
+        models = [c.config_model for c in registry.types(kind).values()]
+        if not models:
+            return dict[str, Any]
+        if len(models) == 1:
+            return models[0]
+        return Annotated[Union[tuple(models)], Field(discriminator="type")]  # noqa: UP007
+
+    model = create_model(
+        "GatewayConfig",
+        __base__=GatewayConfigBase,
+        sources=(list[union("source")], Field(default_factory=list)),  # type: ignore[valid-type]
+        sinks=(list[union("sink")], Field(default_factory=list)),  # type: ignore[valid-type]
+    )
+
+    return model
+
+
+# --------------------------------------------------------------------------- loading
+
+
+_ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def substitute_env(node: Any, env: Mapping[str, str], path: str, issues: list[ConfigIssue]) -> Any:
+    """Replace ``${VAR}`` and ``${VAR:-default}`` in every string of a YAML tree."""
+    if isinstance(node, dict):
+        return {
+            k: substitute_env(v, env, _join(path, str(k)), issues) for k, v in node.items()
+        }
+    if isinstance(node, list):
+        return [substitute_env(v, env, f"{path}[{i}]", issues) for i, v in enumerate(node)]
+    if isinstance(node, str) and "${" in node:
+
+        def repl(m: re.Match[str]) -> str:
+            name, default = m.group(1), m.group(2)
+            if name in env:
+                return env[name]
+            if default is not None:
+                return default
+            issues.append(ConfigIssue(path, f"environment variable {name} is not set"))
+            return ""
+
+        return _ENV_RE.sub(repl, node)
+    return node
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def load_config(
+    path: str | os.PathLike[str],
+    *,
+    env: Mapping[str, str] | None = None,
+    registry: Registry | None = None,
+    check_files: bool = True,
+) -> GatewayConfigBase:
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as err:
+        raise ConfigError(f"cannot read {p}: {err.strerror}") from err
+    return load_config_text(
+        text, base_dir=p.resolve().parent, env=env, registry=registry, check_files=check_files
+    )
+
+
+def load_config_text(
+    text: str,
+    *,
+    base_dir: str | os.PathLike[str] | None = None,
+    env: Mapping[str, str] | None = None,
+    registry: Registry | None = None,
+    check_files: bool = True,
+) -> GatewayConfigBase:
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err)
+        raise ConfigError([ConfigIssue(where, f"invalid YAML: {problem}")]) from err
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError("the top level must be a mapping of keys (site, sources, sinks, ...)")
+    issues: list[ConfigIssue] = []
+    raw = substitute_env(raw, os.environ if env is None else env, "", issues)
+    if issues:
+        raise ConfigError(issues)
+    reg = registry or default_registry()
+    plugins_dir = raw.get("plugins_dir")
+    if isinstance(plugins_dir, str):
+        pdir = Path(plugins_dir)
+        if not pdir.is_absolute() and base_dir is not None:
+            pdir = Path(base_dir) / pdir
+        reg.load_plugins_dir(pdir)
+        raw["plugins_dir"] = str(pdir)
+    model = build_config_model(reg)
+    context = {"base_dir": str(base_dir) if base_dir else None, "check_files": check_files}
+    try:
+        return model.model_validate(raw, context=context)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, model, raw)) from err
+
+
+def json_schema(registry: Registry | None = None) -> dict[str, Any]:
+    """The JSON Schema of the configuration, including every registered component."""
+    model = build_config_model(registry or default_registry())
+    schema = TypeAdapter(model).json_schema(mode="validation")
+    schema["title"] = "edge-gateway configuration"
+    return schema
+
+
+# --------------------------------------------------------------------------- error text
+
+
+def format_validation_error(
+    err: ValidationError, model: type[BaseModel], raw: Any
+) -> list[ConfigIssue]:
+    """Pydantic errors → located, plant-engineer-readable issues."""
+    out: list[ConfigIssue] = []
+    for e in err.errors(include_url=False):
+        loc = _location(e["loc"], raw)
+        out.append(ConfigIssue(loc, _message(e, model, e["loc"], raw)))
+    return out
+
+
+def _location(loc: tuple[Any, ...], raw: Any) -> str:
+    """``('sinks', 0, 'http', 'routes', 1, 'method')`` → ``sinks[0].routes[1].method``.
+
+    The discriminator tag pydantic inserts after a list index is dropped. A model-level
+    error on a unique-id check is located by its message instead.
+    """
+    parts: list[str] = []
+    node = raw
+    for item in loc:
+        if isinstance(item, int):
+            parts.append(f"[{item}]")
+            node = node[item] if isinstance(node, list) and item < len(node) else None
+            continue
+        if isinstance(node, dict) and item not in node and node.get("type") == item:
+            continue  # discriminator tag
+        if isinstance(item, str) and item.startswith(("function-", "json-or-python")):
+            continue
+        parts.append(f".{item}" if parts else str(item))
+        node = node.get(item) if isinstance(node, dict) else None
+    return "".join(parts)
+
+
+def _model_at(model: type[BaseModel], loc: tuple[Any, ...], raw: Any) -> type[BaseModel] | None:
+    """The model class that owns the key at ``loc`` (for listing allowed keys)."""
+    current: Any = model
+    node = raw
+    for item in loc[:-1]:
+        if isinstance(item, int):
+            node = node[item] if isinstance(node, list) and item < len(node) else None
+            continue
+        if isinstance(node, dict) and item not in node and node.get("type") == item:
+            continue
+        if not (isinstance(current, type) and issubclass(current, BaseModel)):
+            return None
+        field = current.model_fields.get(item)
+        if field is None:
+            return None
+        current = _unwrap_model(field.annotation, node.get(item) if isinstance(node, dict) else None)
+        node = node.get(item) if isinstance(node, dict) else None
+    return current if isinstance(current, type) and issubclass(current, BaseModel) else None
+
+
+def _unwrap_model(annotation: Any, value: Any) -> Any:
+    """Find the BaseModel inside ``list[Annotated[Union[...]]]``/``X | None``."""
+    from typing import get_args, get_origin
+
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    args = get_args(annotation)
+    if not args:
+        return None
+    if get_origin(annotation) is list:
+        item = value[0] if isinstance(value, list) and value else None
+        return _unwrap_model(args[0], item if isinstance(item, dict) else None)
+    candidates = [_unwrap_model(a, value) for a in args]
+    models = [c for c in candidates if c is not None]
+    if isinstance(value, dict) and "type" in value:
+        for m in models:
+            f = m.model_fields.get("type")
+            if f is not None and value["type"] in get_args(f.annotation):
+                return m
+    return models[0] if len(models) == 1 else None
+
+
+def _message(e: Any, model: type[BaseModel], loc: tuple[Any, ...], raw: Any) -> str:
+    kind = e["type"]
+    ctx = e.get("ctx") or {}
+    got = e.get("input")
+    if kind == "literal_error":
+        expected = ctx.get("expected", "")
+        allowed = ", ".join(x.strip().strip("'\"") for x in re.split(r",| or ", expected) if x.strip())
+        return f"must be one of {allowed}, got {got!r}"
+    if kind == "union_tag_invalid":
+        allowed = ", ".join(x.strip().strip("'\"") for x in str(ctx.get("expected_tags", "")).split(","))
+        return f"type must be one of {allowed}, got {ctx.get('tag')!r}"
+    if kind == "union_tag_not_found":
+        return "missing key 'type'"
+    if kind == "missing":
+        return "required key is missing"
+    if kind == "extra_forbidden":
+        owner = _model_at(model, loc, raw)
+        allowed = ", ".join(owner.model_fields) if owner else ""
+        return f"unknown key{f' (allowed: {allowed})' if allowed else ''}"
+    if kind in ("value_error", "assertion_error"):
+        return str(ctx.get("error", e["msg"])).removeprefix("Value error, ")
+    msg = e["msg"]
+    if got is not None and not isinstance(got, (dict, list)):
+        return f"{msg}, got {got!r}"
+    return msg

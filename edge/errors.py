@@ -1,0 +1,140 @@
+"""Typed, classified errors of the gateway — every exception the code raises on purpose.
+
+The tree::
+
+    EdgeError                         base; never raised itself
+    ├── ConfigError                   bad configuration; fatal at start (exit 2), carries
+    │                                 one ``ConfigIssue`` per problem with its location
+    ├── StartupError                  a component could not start
+    │   ├── RetryableStartupError     try again with backoff (broker down, DNS, refused)
+    │   └── FatalStartupError         retrying cannot help (bad credentials are retried too,
+    │                                 but certificate or node errors are fatal)
+    ├── InputError                    one inbound record is unusable (not JSON, too large,
+    │                                 fails validation): quarantined, counted, acked
+    ├── OutboxError                   the local store
+    │   ├── OutboxFullError           budget exhausted by protected rows: backpressure,
+    │                                 do NOT ack upstream, wait for ``Outbox.accepting``
+    │   ├── OutboxClosedError         the writer stopped (shutdown): do not ack
+    │   └── OutboxCorruptError        ``quick_check`` failed; the file is moved aside
+    └── DeliveryError                 raised inside sinks only; the forwarder turns it into
+        ├── RetryableDeliveryError    retry with the same Idempotency-Key
+        └── PermanentDeliveryError    dead-letter with status, reason and body
+
+Sources classify broker/server failures as Retryable/Fatal startup errors; the supervisor in
+``edge.app`` retries the former with capped backoff and stops the component on the latter
+(health shows it), never the whole daemon.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = [
+    "ConfigError",
+    "ConfigIssue",
+    "DeliveryError",
+    "EdgeError",
+    "FatalStartupError",
+    "InputError",
+    "OutboxClosedError",
+    "OutboxCorruptError",
+    "OutboxError",
+    "OutboxFullError",
+    "PermanentDeliveryError",
+    "RetryableDeliveryError",
+    "RetryableStartupError",
+    "StartupError",
+]
+
+
+class EdgeError(Exception):
+    """Base of every error the gateway raises on purpose."""
+
+
+@dataclass(frozen=True)
+class ConfigIssue:
+    """One located configuration problem: ``sinks[0].routes[1].method: must be ...``."""
+
+    location: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.location}: {self.message}" if self.location else self.message
+
+
+class ConfigError(EdgeError):
+    """The configuration is invalid; ``issues`` lists every problem with its location."""
+
+    def __init__(self, issues: list[ConfigIssue] | str, *, location: str = "") -> None:
+        if isinstance(issues, str):
+            issues = [ConfigIssue(location, issues)]
+        self.issues = issues
+        super().__init__("\n".join(str(i) for i in issues))
+
+
+class StartupError(EdgeError):
+    """A component could not connect or initialise."""
+
+
+class RetryableStartupError(StartupError):
+    """Transient: the supervisor retries with capped exponential backoff."""
+
+
+class FatalStartupError(StartupError):
+    """Retrying cannot help (bad node id, refused certificate): the component stops."""
+
+
+class InputError(EdgeError):
+    """One inbound record is unusable. ``reason`` is a short bounded code for metrics."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        self.reason = reason
+        self.detail = detail
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+
+
+class OutboxError(EdgeError):
+    """The local outbox failed."""
+
+
+class OutboxFullError(OutboxError):
+    """The size budget is exhausted by rows that may not be expired: apply backpressure."""
+
+
+class OutboxClosedError(OutboxError):
+    """The outbox is closing or closed; nothing submitted now was committed."""
+
+
+class OutboxCorruptError(OutboxError):
+    """The database file failed ``PRAGMA quick_check``."""
+
+
+class DeliveryError(EdgeError):
+    """A sink could not deliver; subclasses decide retry vs dead-letter."""
+
+    def __init__(
+        self, reason: str, *, status: int | None = None, body: str | None = None
+    ) -> None:
+        self.reason = reason
+        self.status = status
+        self.body = body
+        super().__init__(reason)
+
+
+class RetryableDeliveryError(DeliveryError):
+    """Transient; ``retry_after_s`` is the receiver's lower bound (Retry-After) if given."""
+
+    def __init__(
+        self,
+        reason: str,
+        *,
+        status: int | None = None,
+        body: str | None = None,
+        retry_after_s: float | None = None,
+    ) -> None:
+        super().__init__(reason, status=status, body=body)
+        self.retry_after_s = retry_after_s
+
+
+class PermanentDeliveryError(DeliveryError):
+    """The receiver refused the event for good: dead-letter it."""

@@ -1,0 +1,107 @@
+"""Disk budget of the outbox: alarm, forecast, when to expire, when to refuse.
+
+Thresholds (``outbox`` config): above ``alarm_at_percent`` health is degraded with a
+time-to-full forecast; above ``expire_at_percent`` the oldest ``low`` rows are expired down
+to 5 points below that threshold; at 100 % with nothing expirable new events are refused
+(backpressure) until usage falls under 97 %.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+from edge.config import OutboxConfig
+from edge.telemetry import Metrics
+
+__all__ = ["Budget", "BudgetState"]
+
+_WINDOW_S = 600.0
+_RESUME_PERCENT = 97.0
+
+
+@dataclass(frozen=True)
+class BudgetState:
+    percent: float
+    alarm: bool
+    expire_needed: bool
+    full: bool
+    may_resume: bool
+    message: str
+
+
+class Budget:
+    def __init__(self, config: OutboxConfig, metrics: Metrics) -> None:
+        self.config = config
+        self.metrics = metrics
+        self.budget_bytes = int(config.max_size_mb * 1024 * 1024)
+        self.used_bytes = 0
+        self._samples: deque[tuple[float, int]] = deque()
+        metrics.outbox_budget_bytes.set(self.budget_bytes)
+
+    def observe(self, used: int, now: float | None = None) -> BudgetState:
+        now = time.monotonic() if now is None else now
+        self.used_bytes = used
+        self.metrics.outbox_size_bytes.set(used)
+        self._samples.append((now, used))
+        while self._samples and now - self._samples[0][0] > _WINDOW_S:
+            self._samples.popleft()
+        pct = 100.0 * used / self.budget_bytes
+        alarm = pct >= self.config.alarm_at_percent
+        ttf = self.time_to_full_s()
+        message = ""
+        if alarm:
+            message = (
+                f"outbox at {pct:.0f}% of its {self.config.max_size_mb:g} MB budget"
+                + (f"; full in about {_human(ttf)} at the current rate" if ttf else "")
+            )
+        return BudgetState(
+            percent=pct,
+            alarm=alarm,
+            expire_needed=pct >= self.config.expire_at_percent,
+            full=pct >= 100.0,
+            may_resume=pct < _RESUME_PERCENT,
+            message=message,
+        )
+
+    def bytes_to_free(self, used: int) -> int:
+        target = self.budget_bytes * max(0.0, self.config.expire_at_percent - 5) / 100
+        return max(0, int(used - target))
+
+    def time_to_full_s(self) -> float | None:
+        """Least-squares growth rate over the last 10 minutes → seconds until 100 %."""
+        if len(self._samples) < 3:
+            return None
+        t0 = self._samples[0][0]
+        xs = [t - t0 for t, _ in self._samples]
+        ys = [float(u) for _, u in self._samples]
+        n = len(xs)
+        mx, my = sum(xs) / n, sum(ys) / n
+        var = sum((x - mx) ** 2 for x in xs)
+        if var == 0:
+            return None
+        slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / var
+        if slope <= 0:
+            return None
+        return max(0.0, (self.budget_bytes - self.used_bytes) / slope)
+
+    def snapshot(self) -> dict[str, Any]:
+        ttf = self.time_to_full_s()
+        return {
+            "used_bytes": self.used_bytes,
+            "budget_bytes": self.budget_bytes,
+            "percent": round(100.0 * self.used_bytes / self.budget_bytes, 2),
+            "time_to_full_s": round(ttf, 1) if ttf is not None else None,
+        }
+
+
+def _human(seconds: float | None) -> str:
+    if seconds is None:
+        return "unknown"
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"

@@ -1,0 +1,54 @@
+"""Start-up integrity check of the outbox file (invariant 7: no crash loops).
+
+``open_checked(path)`` runs ``PRAGMA quick_check`` on an existing file. A file that is not a
+database or fails the check is moved aside together with its ``-wal``/``-shm`` files to
+``<path>.corrupt-<UTC time>`` (kept for forensics) so a fresh outbox can start; the caller
+raises the health alarm. Returns the new path of the moved file, or None when all is well.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sqlite3
+import time
+
+from edge.telemetry import log_event
+
+__all__ = ["open_checked", "quick_check"]
+
+log = logging.getLogger(__name__)
+
+
+def quick_check(path: str) -> str | None:
+    """None when the file passes ``PRAGMA quick_check``; otherwise the problem found."""
+    try:
+        conn = sqlite3.connect(path, isolation_level=None)
+    except sqlite3.Error as err:
+        return str(err)
+    try:
+        conn.execute("PRAGMA busy_timeout=10000")
+        rows = conn.execute("PRAGMA quick_check(5)").fetchall()
+    except sqlite3.DatabaseError as err:  # "file is not a database", malformed header
+        return str(err)
+    finally:
+        conn.close()
+    if rows == [("ok",)]:
+        return None
+    return "; ".join(str(r[0]) for r in rows)
+
+
+def open_checked(path: str) -> str | None:
+    if not os.path.exists(path) or os.path.getsize(path) == 0:
+        return None
+    problem = quick_check(path)
+    if problem is None:
+        return None
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    target = f"{path}.corrupt-{stamp}"
+    for suffix in ("", "-wal", "-shm"):
+        if os.path.exists(path + suffix):
+            os.replace(path + suffix, target + suffix)
+    log_event(log, logging.ERROR, "outbox file is corrupt; moved aside, starting a fresh one",
+              problem=problem[:300], moved_to=target)
+    return target

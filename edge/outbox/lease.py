@@ -1,0 +1,164 @@
+"""The lease scan: which rows a sink's forwarder may send next.
+
+Rules (DESIGN invariants 4 and 5):
+- Priority: rows are considered in (class, seq) order — critical first, oldest first.
+- Per-key FIFO: a row with an ``ordering_key`` is eligible only if every earlier row of the
+  same key for this sink is eligible too and goes in the same lease (or was delivered).
+  When the scan meets a key it walks that key's chain from its head, so a critical event
+  pulls the earlier events of its lot forward instead of overtaking them ("priority
+  inheritance"). A chain stops at the first row in flight or waiting for a retry: that
+  key is blocked, other keys flow.
+- Live-first: when the lease is full before the scan ran out (a backlog), ``live_limit``
+  rows are taken from the newest end so fresh events reach dashboards while draining.
+- Bounded work: at most ``max_scan`` index entries are read per lease.
+
+Pure functions over a sqlite3 connection; they run on a reader thread and never write.
+Rows are returned sorted by seq, so per-key order is also the order within the lease.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+__all__ = ["LeasedRow", "scan_lease"]
+
+_CHUNK = 500
+
+
+@dataclass(slots=True)
+class LeasedRow:
+    seq: int
+    event_class: int
+    ordering_key: str | None
+    attempts: int
+    event_id: str = ""
+    type: str = ""
+    sha256: str = ""
+    body: bytes = b""
+    received_at: float = 0.0
+
+
+class _Picker:
+    def __init__(
+        self,
+        conn: sqlite3.Connection,
+        sink: str,
+        limit: int,
+        inflight: set[int],
+        now: float,
+    ) -> None:
+        self.conn = conn
+        self.sink = sink
+        self.limit = limit
+        self.inflight = inflight
+        self.now = now
+        self.picked: dict[int, LeasedRow] = {}
+        self.walked_keys: set[str] = set()
+
+    @property
+    def full(self) -> bool:
+        return len(self.picked) >= self.limit
+
+    def consider(self, seq: int, cls: int, key: str | None, next_at: float, attempts: int) -> None:
+        if seq in self.picked or seq in self.inflight:
+            return
+        if key is None:
+            if next_at <= self.now:
+                self.picked[seq] = LeasedRow(seq, cls, None, attempts)
+            return
+        if key in self.walked_keys:
+            return
+        self.walked_keys.add(key)
+        self._walk_chain(key)
+
+    def _walk_chain(self, key: str) -> None:
+        room = self.limit - len(self.picked)
+        rows = self.conn.execute(
+            "SELECT seq, class, next_at, attempts FROM deliveries "
+            "WHERE sink = ? AND ordering_key = ? ORDER BY seq LIMIT ?",
+            (self.sink, key, room),
+        ).fetchall()
+        for seq, cls, next_at, attempts in rows:
+            if seq in self.inflight or next_at > self.now:
+                return  # the key is blocked from here on
+            if seq not in self.picked:
+                self.picked[seq] = LeasedRow(seq, cls, key, attempts)
+
+
+def _rows(cur: sqlite3.Cursor) -> Iterator[tuple[int, int, str | None, float, int]]:
+    while True:
+        chunk = cur.fetchmany(256)
+        if not chunk:
+            return
+        yield from chunk
+
+
+def scan_lease(
+    conn: sqlite3.Connection,
+    sink: str,
+    limit: int,
+    *,
+    live_limit: int = 0,
+    inflight: set[int] | frozenset[int] = frozenset(),
+    now: float,
+    max_scan: int = 20_000,
+) -> list[LeasedRow]:
+    """Pick up to ``limit`` deliverable rows of ``sink`` and load their events."""
+    picker = _Picker(conn, sink, limit - live_limit if live_limit > 0 else limit,
+                     set(inflight), now)
+    budget = [max_scan]
+
+    def feed(rows: Iterator[tuple[int, int, str | None, float, int]]) -> bool:
+        """Consider rows until the lease is full; False when ``rows`` ran out."""
+        while not picker.full:
+            if budget[0] <= 0:
+                return True
+            row = next(rows, None)
+            if row is None:
+                return False
+            budget[0] -= 1
+            picker.consider(*row)
+        return True
+
+    oldest = _rows(
+        conn.execute(
+            "SELECT seq, class, ordering_key, next_at, attempts FROM deliveries "
+            "INDEXED BY deliveries_ready WHERE sink = ? ORDER BY class, seq",
+            (sink,),
+        )
+    )
+    more = feed(oldest)
+    if more and live_limit > 0:
+        # A backlog: give the newest rows a share of this lease, then fill from the oldest.
+        picker.limit = limit
+        budget[0] = max_scan
+        feed(
+            _rows(
+                conn.execute(
+                    "SELECT seq, class, ordering_key, next_at, attempts FROM deliveries "
+                    "WHERE sink = ? ORDER BY seq DESC",
+                    (sink,),
+                )
+            )
+        )
+        feed(oldest)
+    rows = [picker.picked[s] for s in sorted(picker.picked)]
+    _load_events(conn, rows)
+    return [r for r in rows if r.body]
+
+
+def _load_events(conn: sqlite3.Connection, rows: list[LeasedRow]) -> None:
+    by_seq = {r.seq: r for r in rows}
+    seqs = list(by_seq)
+    for i in range(0, len(seqs), _CHUNK):
+        chunk = seqs[i : i + _CHUNK]
+        marks = ",".join("?" * len(chunk))
+        for seq, event_id, type_, sha, body, received_at in conn.execute(
+            f"SELECT seq, id, type, sha256, body, received_at FROM events WHERE seq IN ({marks})",
+            chunk,
+        ):
+            row = by_seq[seq]
+            row.event_id, row.type, row.sha256, row.body = event_id, type_, sha, body
+            row.received_at = received_at

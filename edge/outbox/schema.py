@@ -1,0 +1,97 @@
+"""The outbox database schema (one SQLite file, WAL).
+
+Tables:
+- ``events``        one row per stored event (body = canonical JSON); deleted when no
+                    delivery row and no dead letter references it any more.
+- ``deliveries``    one row per (event, sink) still to deliver. Keyed (seq, sink) so an event's
+                    rows are found by seq; ``deliveries_ready`` serves the lease scan in
+                    priority order; ``deliveries_key`` serves per-key FIFO checks.
+- ``dead_letters``  deliveries the receiver refused for good, with status, reason and body.
+- ``dedupe``        a source's dedupe key → the event id of its first copy (time-bounded).
+- ``quarantine``    inbound records that could not become events, with the reason.
+- ``audit``         append-only state log; ``seq`` is the monotonic sequence.
+- ``meta``          schema version, site, counters that must survive restarts.
+
+Leases are not stored: they live in memory in ``Outbox`` and vanish with the process, so a
+crash can never leave rows stuck as "in flight".
+"""
+
+SCHEMA_VERSION = 1
+
+DDL = """
+CREATE TABLE IF NOT EXISTS meta(
+  key   TEXT PRIMARY KEY,
+  value TEXT
+);
+CREATE TABLE IF NOT EXISTS events(
+  seq          INTEGER PRIMARY KEY,
+  id           TEXT NOT NULL UNIQUE,
+  type         TEXT NOT NULL,
+  class        INTEGER NOT NULL,
+  ordering_key TEXT,
+  source       TEXT NOT NULL,
+  received_at  REAL NOT NULL,
+  sha256       TEXT NOT NULL,
+  body         BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS deliveries(
+  seq          INTEGER NOT NULL,
+  sink         TEXT NOT NULL,
+  class        INTEGER NOT NULL,
+  ordering_key TEXT,
+  next_at      REAL NOT NULL DEFAULT 0,
+  attempts     INTEGER NOT NULL DEFAULT 0,
+  last_error   TEXT,
+  PRIMARY KEY(seq, sink)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS deliveries_ready ON deliveries(sink, class, seq);
+CREATE INDEX IF NOT EXISTS deliveries_key ON deliveries(sink, ordering_key, seq)
+  WHERE ordering_key IS NOT NULL;
+CREATE TABLE IF NOT EXISTS dead_letters(
+  id            INTEGER PRIMARY KEY,
+  seq           INTEGER NOT NULL,
+  sink          TEXT NOT NULL,
+  event_id      TEXT NOT NULL,
+  type          TEXT NOT NULL,
+  class         INTEGER NOT NULL,
+  ordering_key  TEXT,
+  status        INTEGER,
+  reason        TEXT NOT NULL,
+  response_body TEXT,
+  attempts      INTEGER NOT NULL,
+  dead_at       REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS dead_letters_seq ON dead_letters(seq);
+CREATE INDEX IF NOT EXISTS dead_letters_event ON dead_letters(event_id);
+CREATE TABLE IF NOT EXISTS dedupe(
+  source     TEXT NOT NULL,
+  key        TEXT NOT NULL,
+  event_id   TEXT NOT NULL,
+  created_at REAL NOT NULL,
+  PRIMARY KEY(source, key)
+);
+CREATE INDEX IF NOT EXISTS dedupe_created ON dedupe(created_at);
+CREATE TABLE IF NOT EXISTS quarantine(
+  id          INTEGER PRIMARY KEY,
+  received_at REAL NOT NULL,
+  source      TEXT NOT NULL,
+  reason      TEXT NOT NULL,
+  detail      TEXT,
+  raw         BLOB,
+  meta        TEXT
+);
+CREATE TABLE IF NOT EXISTS audit(
+  seq          INTEGER PRIMARY KEY AUTOINCREMENT,
+  ts           TEXT NOT NULL,
+  event_id     TEXT,
+  sink         TEXT,
+  state        TEXT NOT NULL,
+  actor        TEXT NOT NULL DEFAULT 'gateway',
+  reason       TEXT,
+  ordering_key TEXT,
+  detail       TEXT
+);
+CREATE INDEX IF NOT EXISTS audit_event ON audit(event_id) WHERE event_id IS NOT NULL;
+CREATE INDEX IF NOT EXISTS audit_key ON audit(ordering_key) WHERE ordering_key IS NOT NULL;
+CREATE INDEX IF NOT EXISTS audit_ts ON audit(ts);
+"""

@@ -1,0 +1,401 @@
+"""The durable outbox: the one place events are stored between sources and sinks.
+
+Contract (DESIGN invariants 1–8):
+- ``submit`` returns only after COMMIT; a redelivered record (same source + dedupe key)
+  returns the first copy's id and stores nothing new.
+- One delivery row per (event, sink whose routes accept the type). A row leaves only by
+  ``complete`` (delivered / dead-lettered), by the ``low``-class expiry policy, or by an
+  operator action — each counted and audited in the same transaction.
+- ``lease`` hands a forwarder deliverable rows (priority, per-key FIFO, live-first, see
+  ``edge.outbox.lease``) and remembers them as in flight in memory only: after a crash
+  nothing is stuck; every row is simply deliverable again (same event id → same
+  Idempotency-Key).
+- Disk budget: alarm, then expire the oldest ``low`` rows, then refuse new events with
+  ``OutboxFullError`` (backpressure) while only protected rows remain.
+- At open, ``PRAGMA quick_check``; a corrupt file is moved aside and a fresh one started,
+  with an alarm in ``alarms`` (never a crash loop).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import sqlite3
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from edge import audit
+from edge.components import StoredEvent, Submission
+from edge.config import OutboxConfig
+from edge.errors import OutboxClosedError, OutboxFullError
+from edge.events import Event, EventClass
+from edge.outbox import queries
+from edge.outbox.budget import Budget
+from edge.outbox.dbthread import DbThread, connect
+from edge.outbox.integrity import open_checked
+from edge.outbox.lease import scan_lease
+from edge.outbox.writer import GroupCommitWriter
+from edge.telemetry import Metrics, log_event
+
+__all__ = ["Outbox", "Resolution"]
+
+log = logging.getLogger(__name__)
+
+Router = Callable[[Event], list[str]]
+
+
+@dataclass(slots=True)
+class Resolution:
+    """What happened to one leased row; built by the forwarder from a sink Outcome."""
+
+    seq: int
+    event_id: str
+    kind: str  # delivered | duplicate | retry | dead_letter | unrouted
+    status: int | None = None
+    reason: str = ""
+    body: str | None = None
+    next_at: float = 0.0
+    attempted: bool = True
+    event_class: int = 0
+    ordering_key: str | None = None
+    type: str = ""
+
+
+@dataclass
+class _Alarm:
+    code: str
+    message: str
+    since: float = field(default_factory=time.time)
+
+
+class Outbox:
+    def __init__(
+        self,
+        state_dir: str | os.PathLike[str],
+        config: OutboxConfig | None = None,
+        metrics: Metrics | None = None,
+        *,
+        router: Router | None = None,
+        filename: str = "outbox.db",
+        maintenance_interval_s: float = 1.0,
+    ) -> None:
+        self.config = config or OutboxConfig()
+        self.metrics = metrics or Metrics()
+        self.path = str(Path(state_dir) / filename)
+        self.router: Router = router or (lambda event: [])
+        self._writer: GroupCommitWriter | None = None
+        self._wdb: DbThread | None = None
+        self._rdb: DbThread | None = None
+        self._inflight: dict[str, set[int]] = {}
+        self._new_rows: dict[str, asyncio.Event] = {}
+        self._alarms: dict[str, _Alarm] = {}
+        self._maintenance: asyncio.Task[None] | None = None
+        self._maintenance_interval_s = maintenance_interval_s
+        self.budget = Budget(self.config, self.metrics)
+        self._accepting = asyncio.Event()
+        self._accepting.set()
+        self._closed = True
+        self.opened_at = 0.0
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def open(self) -> None:
+        Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        quarantined = await asyncio.to_thread(open_checked, self.path)
+        if quarantined:
+            self._alarm(
+                "outbox_corrupt",
+                f"the outbox file failed its integrity check and was moved to {quarantined}; "
+                "a fresh outbox was started (the old file is kept for forensics)",
+            )
+        sync = self.config.synchronous.upper()
+        self._wdb = DbThread(lambda: connect(self.path, synchronous=sync), "outbox-writer")
+        await self._wdb.open()
+        await self._wdb.run(queries.ensure_schema)
+        self._rdb = DbThread(lambda: connect(self.path, synchronous=sync), "outbox-reader")
+        await self._rdb.open()
+        self._writer = GroupCommitWriter(
+            self._wdb,
+            self.metrics,
+            interval_s=self.config.commit_interval_ms / 1000,
+            max_rows=self.config.commit_max_rows,
+        )
+        self._writer.start()
+        self._closed = False
+        self.opened_at = time.time()
+        if quarantined:
+            await self._write(
+                lambda c: audit.insert_audit(
+                    c, [audit.audit_row("outbox_quarantined", reason="quick_check failed",
+                                        detail={"moved_to": quarantined})]
+                )
+            )
+        await self._check_budget()
+        self._maintenance = asyncio.create_task(self._maintain(), name="outbox-maintenance")
+
+    async def close(self) -> None:
+        """Commit what is queued, stop maintenance, close both connections."""
+        if self._closed:
+            return
+        self._closed = True
+        self._accepting.set()  # wake waiters; they will see OutboxClosedError
+        if self._maintenance is not None:
+            self._maintenance.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._maintenance
+        if self._writer is not None:
+            await self._writer.close()
+        for db in (self._rdb, self._wdb):
+            if db is not None:
+                await db.close()
+
+    async def __aenter__(self) -> Outbox:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def _write(self, fn: Callable[[sqlite3.Connection], Any], rows: int = 1) -> Any:
+        if self._writer is None or self._closed:
+            raise OutboxClosedError("the outbox is closed")
+        return await self._writer.execute(fn, rows)
+
+    async def read(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run a read-only query function on the reader thread."""
+        if self._rdb is None:
+            raise OutboxClosedError("the outbox is closed")
+        return await self._rdb.run(fn, *args)
+
+    # ------------------------------------------------------------------ ingest
+
+    @property
+    def accepting(self) -> bool:
+        return self._accepting.is_set() and time.monotonic() >= self._disk_full_until()
+
+    def _disk_full_until(self) -> float:
+        return self._writer.disk_full_until if self._writer else 0.0
+
+    async def wait_accepting(self) -> None:
+        while not self._closed:
+            await self._accepting.wait()
+            delay = self._disk_full_until() - time.monotonic()
+            if delay <= 0:
+                return
+            await asyncio.sleep(delay)
+        raise OutboxClosedError("the outbox is closed")
+
+    async def submit(self, items: Sequence[Submission]) -> list[str]:
+        """Store events durably; return their ids after COMMIT (see module contract)."""
+        if self._closed:
+            raise OutboxClosedError("the outbox is closed")
+        if not self.accepting:
+            raise OutboxFullError("the outbox budget is exhausted by protected events")
+        if not items:
+            return []
+        prepared = []
+        for item in items:
+            ev = item.event
+            sinks = self.router(ev)
+            prepared.append(
+                (ev, item.dedupe_key, sinks, ev.to_json())
+            )
+        window = self.config.dedupe_window_s
+        result: queries.SubmitResult = await self._write(
+            lambda c: queries.insert_events(c, prepared, dedupe_window_s=window), rows=len(items)
+        )
+        for sink in {s for _, _, sinks, _ in prepared for s in sinks}:
+            self.new_rows(sink).set()
+        for source, n in result.stored_by_source.items():
+            self.metrics.events_received.labels(source).inc(n)
+        for source, n in result.duplicates_by_source.items():
+            self.metrics.events_deduplicated.labels(source).inc(n)
+        for type_, n in result.unrouted_by_type.items():
+            self.metrics.events_unrouted.labels(type_).inc(n)
+            log_event(log, logging.WARNING, "event not stored: no sink has a route for its type",
+                      type=type_, count=n)
+        return result.ids
+
+    async def quarantine(
+        self, source: str, reason: str, raw: bytes, meta: dict[str, Any] | None = None,
+        detail: str = "",
+    ) -> None:
+        """Keep an unusable inbound record with its reason (committed before returning)."""
+        row = (time.time(), source, reason, detail or None, raw,
+               orjson.dumps(meta, default=str).decode() if meta else None)
+        await self._write(lambda c: queries.insert_quarantine(c, row))
+        self.metrics.events_quarantined.labels(source, reason).inc()
+        log_event(log, logging.WARNING, "inbound record quarantined", source=source,
+                  reason=reason, detail=detail[:200], bytes=len(raw))
+
+    async def audit(self, state: str, *, source: str | None = None, reason: str | None = None,
+                    detail: dict[str, Any] | None = None, actor: str = "gateway") -> None:
+        """Record a component-level state change (gap, reconnect, corrupt file)."""
+        d = dict(detail or {})
+        if source:
+            d["source"] = source
+        row = audit.audit_row(state, actor=actor, reason=reason, detail=d)
+        await self._write(lambda c: audit.insert_audit(c, [row]))
+
+    # ------------------------------------------------------------------ forwarding
+
+    def new_rows(self, sink: str) -> asyncio.Event:
+        """Set after a commit added rows for ``sink``; the forwarder clears it."""
+        return self._new_rows.setdefault(sink, asyncio.Event())
+
+    def inflight(self, sink: str) -> set[int]:
+        return self._inflight.setdefault(sink, set())
+
+    async def lease(self, sink: str, limit: int, *, live_limit: int = 0) -> list[StoredEvent]:
+        """Deliverable rows for ``sink`` (see edge.outbox.lease), marked in flight."""
+        inflight = self.inflight(sink)
+        rows = await self.read(
+            lambda c: scan_lease(
+                c, sink, limit, live_limit=live_limit, inflight=frozenset(inflight),
+                now=time.time(),
+            )
+        )
+        out = []
+        for r in rows:
+            if r.seq in inflight:
+                continue
+            inflight.add(r.seq)
+            out.append(
+                StoredEvent(r.seq, r.event_id, r.type, EventClass(r.event_class), r.ordering_key,
+                            r.attempts, r.body, r.sha256, r.received_at)
+            )
+        return out
+
+    def release(self, sink: str, seqs: Sequence[int]) -> None:
+        """Forget in-flight marks without changing rows (never attempted)."""
+        inflight = self.inflight(sink)
+        for seq in seqs:
+            inflight.discard(seq)
+
+    async def complete(self, sink: str, resolutions: Sequence[Resolution]) -> None:
+        """Apply delivery results in one transaction (ack, retry, dead-letter, audit)."""
+        if not resolutions:
+            return
+        res = list(resolutions)
+        try:
+            await self._write(lambda c: queries.apply_resolutions(c, sink, res), rows=len(res))
+        finally:
+            self.release(sink, [r.seq for r in res])
+        for r in res:
+            if r.kind in ("delivered", "duplicate"):
+                self.metrics.events_delivered.labels(sink).inc()
+                if r.kind == "duplicate":
+                    self.metrics.events_duplicate.labels(sink).inc()
+            elif r.kind == "dead_letter":
+                self.metrics.events_dead_lettered.labels(sink).inc()
+                log_event(log, logging.WARNING, "event dead-lettered", sink=sink,
+                          event_id=r.event_id, status=r.status, reason=r.reason[:200])
+
+    # ------------------------------------------------------------------ budget and health
+
+    def _alarm(self, code: str, message: str) -> None:
+        if code not in self._alarms:
+            self._alarms[code] = _Alarm(code, message)
+            log_event(log, logging.ERROR if code == "outbox_corrupt" else logging.WARNING,
+                      message, alarm=code)
+
+    def _clear(self, code: str) -> None:
+        if self._alarms.pop(code, None) is not None:
+            log_event(log, logging.INFO, "alarm cleared", alarm=code)
+
+    @property
+    def alarms(self) -> list[dict[str, Any]]:
+        return [
+            {"code": a.code, "message": a.message, "since": audit.utc_iso(a.since)}
+            for a in self._alarms.values()
+        ]
+
+    async def _maintain(self) -> None:
+        last_prune = time.monotonic()
+        while True:
+            await asyncio.sleep(self._maintenance_interval_s)
+            try:
+                await self._check_budget()
+                if time.monotonic() - last_prune > 60:
+                    last_prune = time.monotonic()
+                    await self.prune()
+            except OutboxClosedError:
+                return
+            except (sqlite3.Error, OSError) as err:
+                log_event(log, logging.ERROR, "outbox maintenance failed", error=str(err))
+
+    async def _check_budget(self) -> None:
+        used = await self.read(queries.used_bytes, self.path)
+        state = self.budget.observe(used)
+        if state.expire_needed:
+            expired = await self.expire_low(self.budget.bytes_to_free(used))
+            if expired:
+                used = await self.read(queries.used_bytes, self.path)
+                state = self.budget.observe(used)
+        if state.alarm:
+            self._alarm("outbox_budget", state.message)
+        else:
+            self._clear("outbox_budget")
+        if state.full:
+            if self._accepting.is_set():
+                self._accepting.clear()
+                self.metrics.outbox_backpressure.set(1)
+                log_event(log, logging.ERROR,
+                          "outbox full of protected events: refusing new events (backpressure)",
+                          used_bytes=used, budget_bytes=self.budget.budget_bytes)
+        elif not self._accepting.is_set() and state.may_resume:
+            self._accepting.set()
+            self.metrics.outbox_backpressure.set(0)
+            log_event(log, logging.INFO, "outbox accepting events again", used_bytes=used)
+
+    async def expire_low(self, bytes_to_free: int) -> int:
+        """Expire the oldest ``low`` rows (never higher classes), counted and audited."""
+        total = 0
+        inflight = frozenset(s for v in self._inflight.values() for s in v)
+        # estimate rows from the average event size; at least one chunk
+        chunk = max(100, min(5000, bytes_to_free // 512))
+        while True:
+            n = await self._write(lambda c: queries.expire_low(c, chunk, inflight), rows=chunk)
+            total += n
+            if n:
+                self.metrics.events_expired.labels("low").inc(n)
+            if n < chunk or total * 512 >= bytes_to_free:
+                break
+        if total:
+            log_event(log, logging.WARNING, "expired oldest low-class events (disk budget)",
+                      count=total)
+        return total
+
+    async def prune(self) -> None:
+        """Drop dedupe keys past their window, audit rows past retention; checkpoint WAL."""
+        now = time.time()
+        await self._write(
+            lambda c: queries.prune(
+                c,
+                dedupe_before=now - self.config.dedupe_window_s,
+                audit_before=audit.utc_iso(now - self.config.audit_retention_days * 86400),
+            )
+        )
+        # Between transactions on the writer's own thread: a burst may have grown the WAL.
+        if self._wdb is not None and os.path.exists(self.path + "-wal") and (
+            os.path.getsize(self.path + "-wal") > 64 << 20
+        ):
+            await self._wdb.run(queries.wal_checkpoint)
+
+    async def stats(self) -> dict[str, Any]:
+        st = await self.read(queries.stats)
+        st["budget"] = self.budget.snapshot()
+        st["alarms"] = self.alarms
+        st["accepting"] = self.accepting
+        st["inflight"] = {k: len(v) for k, v in self._inflight.items()}
+        return st
+
+    def writable(self) -> bool:
+        return not self._closed and self._writer is not None and self.accepting

@@ -1,0 +1,192 @@
+"""The single writer task with group commit.
+
+Contract:
+- Every write to the outbox goes through ``GroupCommitWriter.execute(fn, rows)``; ``fn`` runs
+  on the writer thread inside a transaction and the call returns ``fn``'s result only after
+  that transaction COMMITted (with the connection's ``synchronous`` setting, FULL by
+  default). Callers ack upstream only after it returned.
+- Ops are grouped: a transaction closes at ``max_rows`` rows or ``interval_s`` after its
+  first op, whichever comes first. Each op runs in its own SAVEPOINT, so an op that raises
+  fails alone; a storage error (disk full, I/O) rolls the whole transaction back and fails
+  every op in it (``OutboxFullError`` for SQLITE_FULL).
+- ``close()`` commits what was queued before it and then stops; later calls raise
+  ``OutboxClosedError``. The op queue is bounded: producers wait when it is full.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from edge.errors import OutboxClosedError, OutboxError, OutboxFullError
+from edge.outbox.dbthread import DbThread
+from edge.telemetry import Metrics, log_event
+
+__all__ = ["GroupCommitWriter"]
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+@dataclass(slots=True)
+class _Op:
+    fn: Callable[[sqlite3.Connection], Any]
+    rows: int
+    future: asyncio.Future[Any] = field(repr=False)
+
+
+_STOP = object()
+
+
+def _is_full(err: BaseException) -> bool:
+    code = getattr(err, "sqlite_errorcode", None)
+    return code == sqlite3.SQLITE_FULL or "database or disk is full" in str(err)
+
+
+def _run_transaction(conn: sqlite3.Connection, fns: list[Callable[[sqlite3.Connection], Any]]
+                     ) -> list[tuple[bool, Any]]:
+    results: list[tuple[bool, Any]] = []
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        for fn in fns:
+            conn.execute("SAVEPOINT op")
+            try:
+                value = fn(conn)
+            except sqlite3.OperationalError as err:
+                if _is_full(err) or "disk I/O" in str(err):
+                    raise
+                conn.execute("ROLLBACK TO op")
+                conn.execute("RELEASE op")
+                results.append((False, err))
+                continue
+            except Exception as err:  # noqa: BLE001 - one op's bug must not fail the others
+                conn.execute("ROLLBACK TO op")
+                conn.execute("RELEASE op")
+                results.append((False, err))
+                continue
+            conn.execute("RELEASE op")
+            results.append((True, value))
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    return results
+
+
+class GroupCommitWriter:
+    def __init__(
+        self,
+        db: DbThread,
+        metrics: Metrics,
+        *,
+        interval_s: float,
+        max_rows: int,
+        queue_max: int = 20_000,
+    ) -> None:
+        self._db = db
+        self._metrics = metrics
+        self._interval_s = interval_s
+        self._max_rows = max_rows
+        self._queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=queue_max)
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+        self.disk_full_until = 0.0  # monotonic time until which the last SQLITE_FULL holds
+        self.last_commit_s = 0.0
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="outbox-writer")
+
+    @property
+    def queued(self) -> int:
+        return self._queue.qsize()
+
+    async def execute(self, fn: Callable[[sqlite3.Connection], T], rows: int = 1) -> T:
+        """Run ``fn`` in the next group transaction; return its result after COMMIT."""
+        if self._closing or self._task is None or self._task.done():
+            raise OutboxClosedError("the outbox writer is stopped")
+        fut: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        await self._queue.put(_Op(fn, rows, fut))
+        return await fut
+
+    async def close(self) -> None:
+        """Commit everything queued so far, then stop the writer task."""
+        if self._task is None:
+            return
+        self._closing = True
+        if not self._task.done():
+            await self._queue.put(_STOP)
+            await self._task
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        stopping = False
+        while not stopping:
+            first = await self._queue.get()
+            if first is _STOP:
+                break
+            batch: list[_Op] = [first]
+            rows = first.rows
+            deadline = loop.time() + self._interval_s
+            while rows < self._max_rows:
+                try:
+                    op = self._queue.get_nowait()
+                except asyncio.QueueEmpty:
+                    remaining = deadline - loop.time()
+                    if remaining <= 0:
+                        break
+                    try:
+                        op = await asyncio.wait_for(self._queue.get(), remaining)
+                    except TimeoutError:
+                        break
+                if op is _STOP:
+                    stopping = True
+                    break
+                batch.append(op)
+                rows += op.rows
+            await self._commit(batch, rows)
+        # fail anything that raced in after the stop marker
+        while not self._queue.empty():
+            op = self._queue.get_nowait()
+            if op is not _STOP and not op.future.done():
+                op.future.set_exception(OutboxClosedError("the outbox writer is stopped"))
+
+    async def _commit(self, batch: list[_Op], rows: int) -> None:
+        started = time.monotonic()
+        try:
+            results = await self._db.run(_run_transaction, [op.fn for op in batch])
+        except sqlite3.Error as err:
+            if _is_full(err):
+                self.disk_full_until = time.monotonic() + 1.0
+                self._metrics.outbox_write_errors.labels("disk_full").inc()
+                log_event(log, logging.ERROR, "outbox write failed: disk full; not acked",
+                          rows=rows)
+                exc: Exception = OutboxFullError("disk full (SQLITE_FULL); nothing committed")
+            else:
+                self._metrics.outbox_write_errors.labels("sqlite").inc()
+                log_event(log, logging.ERROR, "outbox write failed", error=str(err), rows=rows)
+                exc = OutboxError(f"outbox write failed: {err}")
+            for op in batch:
+                if not op.future.done():
+                    op.future.set_exception(exc)
+            return
+        except BaseException as err:  # CancelledError: the commit may still finish
+            for op in batch:
+                if not op.future.done():
+                    op.future.set_exception(OutboxClosedError(f"writer stopped: {err!r}"))
+            raise
+        self.last_commit_s = time.monotonic() - started
+        self._metrics.outbox_commits.inc()
+        self._metrics.outbox_commit_rows.observe(rows)
+        for op, (ok, value) in zip(batch, results, strict=True):
+            if op.future.done():
+                continue
+            if ok:
+                op.future.set_result(value)
+            else:
+                op.future.set_exception(value)

@@ -1,0 +1,189 @@
+"""Metrics (Prometheus, names start with ``edge_``) and structured logging.
+
+Every drop, reject, expiry or dead-letter increments a counter here AND logs one structured
+line (``log_event``). Each ``Metrics`` owns its own ``CollectorRegistry`` so several
+gateways (tests, benchmarks) can live in one process.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from typing import Any
+
+import orjson
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+__all__ = ["Metrics", "log_event", "setup_logging"]
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        self.events_received = Counter(
+            "edge_events_received_total", "Events committed to the outbox", ["source"], registry=r
+        )
+        self.events_quarantined = Counter(
+            "edge_events_quarantined_total",
+            "Inbound records that could not become events",
+            ["source", "reason"],
+            registry=r,
+        )
+        self.events_deduplicated = Counter(
+            "edge_events_deduplicated_total",
+            "Redelivered records mapped to an already stored event",
+            ["source"],
+            registry=r,
+        )
+        self.events_unrouted = Counter(
+            "edge_events_unrouted_total",
+            "Events no sink had a route for (not stored)",
+            ["type"],
+            registry=r,
+        )
+        self.events_delivered = Counter(
+            "edge_events_delivered_total", "Events a sink confirmed", ["sink"], registry=r
+        )
+        self.events_duplicate = Counter(
+            "edge_events_duplicate_total",
+            "Deliveries the receiver reported as already present (counted as delivered too)",
+            ["sink"],
+            registry=r,
+        )
+        self.events_dead_lettered = Counter(
+            "edge_events_dead_lettered_total", "Events moved to the DLQ", ["sink"], registry=r
+        )
+        self.events_expired = Counter(
+            "edge_events_expired_total", "Events expired by disk policy", ["class"], registry=r
+        )
+        self.events_replayed = Counter(
+            "edge_events_replayed_total", "Dead letters replayed by an operator", ["sink"],
+            registry=r,
+        )
+        self.events_discarded = Counter(
+            "edge_events_discarded_total", "Rows discarded by an operator", ["sink"], registry=r
+        )
+        self.delivery_attempts = Counter(
+            "edge_delivery_attempts_total",
+            "Send attempts by outcome",
+            ["sink", "outcome"],
+            registry=r,
+        )
+        self.delivery_latency = Histogram(
+            "edge_delivery_latency_seconds",
+            "Time from ingest to confirmed delivery",
+            ["sink"],
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 3600),
+            registry=r,
+        )
+        self.outbox_depth = Gauge(
+            "edge_outbox_depth", "Undelivered rows", ["sink", "class"], registry=r
+        )
+        self.outbox_oldest_age = Gauge(
+            "edge_outbox_oldest_age_seconds", "Age of the oldest undelivered row", ["sink"],
+            registry=r,
+        )
+        self.outbox_dead_letters = Gauge(
+            "edge_outbox_dead_letters", "Rows in the dead-letter table", ["sink"], registry=r
+        )
+        self.outbox_size_bytes = Gauge(
+            "edge_outbox_size_bytes", "Bytes used by the outbox database", registry=r
+        )
+        self.outbox_budget_bytes = Gauge(
+            "edge_outbox_budget_bytes", "Configured outbox size budget", registry=r
+        )
+        self.outbox_backpressure = Gauge(
+            "edge_outbox_backpressure", "1 while new events are refused (budget full)", registry=r
+        )
+        self.outbox_commits = Counter(
+            "edge_outbox_commits_total", "Write transactions committed", registry=r
+        )
+        self.outbox_commit_rows = Histogram(
+            "edge_outbox_commit_rows",
+            "Events per committed transaction",
+            buckets=(1, 5, 10, 50, 100, 250, 500, 1000, 5000),
+            registry=r,
+        )
+        self.outbox_write_errors = Counter(
+            "edge_outbox_write_errors_total", "Failed write transactions", ["reason"], registry=r
+        )
+        self.source_connected = Gauge(
+            "edge_source_connected", "1 while the source is connected", ["source"], registry=r
+        )
+        self.source_errors = Counter(
+            "edge_source_errors_total", "Source errors by code", ["source", "code"], registry=r
+        )
+        self.source_gaps = Counter(
+            "edge_source_gaps_total", "Connection gaps of a source", ["source"], registry=r
+        )
+        self.source_dropped = Counter(
+            "edge_source_dropped_total",
+            "Notifications a source could not keep (queue overflow)",
+            ["source", "reason"],
+            registry=r,
+        )
+        self.source_backfilled = Counter(
+            "edge_source_backfilled_total",
+            "Events recovered after a gap (e.g. HistoryRead)",
+            ["source"],
+            registry=r,
+        )
+        self.sink_up = Gauge("edge_sink_up", "1 while the sink accepts requests", ["sink"],
+                             registry=r)
+        self.sink_circuit_open = Gauge(
+            "edge_sink_circuit_open", "1 while the circuit breaker is open", ["sink"], registry=r
+        )
+
+
+class _TextFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+        line = f"{ts}.{int(record.msecs):03d}Z {record.levelname:<7} {record.name}: {record.getMessage()}"
+        fields = getattr(record, "fields", None)
+        if fields:
+            line += " " + " ".join(f"{k}={_fmt(v)}" for k, v in fields.items())
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
+def _fmt(v: Any) -> str:
+    s = str(v)
+    return f'"{s}"' if (" " in s or not s) else s
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        doc: dict[str, Any] = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        doc.update(getattr(record, "fields", None) or {})
+        if record.exc_info:
+            doc["exc"] = self.formatException(record.exc_info)
+        return orjson.dumps(doc, default=str).decode()
+
+
+def setup_logging(level: str = "info", fmt: str = "text") -> None:
+    """Configure the root logger once; tame the chatty client libraries."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_JsonFormatter() if fmt == "json" else _TextFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    # asyncua logs a traceback every second while a server is down and whole
+    # PublishResults at INFO; uvicorn/httpx log every request.
+    for name in ("asyncua", "uvicorn", "uvicorn.error", "uvicorn.access", "httpx", "httpcore"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    for name in ("asyncua.client.ua_session", "asyncua.client.ua_client.UASocketProtocol",
+                 "asyncua.uaprotocol", "asyncua.common.subscription"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def log_event(logger: logging.Logger, level: int, msg: str, **fields: Any) -> None:
+    """One structured line: ``msg key=value ...`` (or JSON fields with format: json)."""
+    logger.log(level, msg, extra={"fields": fields})

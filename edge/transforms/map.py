@@ -1,0 +1,198 @@
+"""``map``: raw record (decoded JSON + context such as topic captures) → canonical Event.
+
+Used by every source that maps payload fields (MQTT subscriptions, OPC UA triggers, files).
+The mapping is validated at config load; at run time a record that cannot be mapped raises
+``InputError`` with a bounded reason code (``missing_field``, ``invalid_data``,
+``not_an_object``) — the source quarantines it and acks.
+
+Config fragment (``MappingConfig``)::
+
+    event: inspection.result            # event type
+    class: high                         # optional; default by type (edge.events)
+    ordering_key: "lot:{lot_id}"        # template over data fields, captures and {site}
+    fields: {lot_id: lot, serial: sn, measured: "values[0]"}   # event field: payload path
+    static: {line: "3"}                 # constant fields
+    dedupe_key: "{serial}:{ts}"         # optional; redelivery maps to the same event
+
+Without ``fields`` the whole payload object becomes ``data``. Template captures (e.g. MQTT
+topic ``{station}`` levels) are added to ``data`` unless a mapped field has the same name.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from datetime import UTC, datetime
+from typing import Any
+
+from pydantic import Field, field_validator
+
+from edge.config import StrictModel
+from edge.errors import InputError
+from edge.events import Event, EventClass, make_event
+from edge.transforms.schemas import validate_data
+
+__all__ = ["Mapper", "MappingConfig", "get_path", "render_template", "template_fields"]
+
+_PATH_RE = re.compile(r"^[A-Za-z_][\w-]*(\[\d+\])*(\.[A-Za-z_][\w-]*(\[\d+\])*)*$|^\.$")
+_STEP_RE = re.compile(r"([^.\[\]]+)|\[(\d+)\]")
+
+
+def template_fields(template: str) -> list[str]:
+    """Names used in a ``{name}`` template; raises ValueError on a malformed template."""
+    try:
+        return [f for _, f, _, _ in string.Formatter().parse(template) if f]
+    except ValueError as err:
+        raise ValueError(f"malformed template {template!r}: {err}") from err
+
+
+def render_template(template: str, values: dict[str, Any]) -> str:
+    """Fill ``{name}`` (or ``{data.name}``) from ``values``; InputError on a missing name."""
+    out = []
+    for literal, name, _, _ in string.Formatter().parse(template):
+        out.append(literal)
+        if name:
+            value = get_path(values, name)
+            if value is None:
+                raise InputError("missing_field", f"template {template!r} needs {name!r}")
+            out.append(str(value))
+    return "".join(out)
+
+
+def get_path(doc: Any, path: str) -> Any:
+    """``a.b[0].c`` into nested dicts/lists; None when any step is missing. ``.`` = doc."""
+    if path == ".":
+        return doc
+    node = doc
+    for key, index in _STEP_RE.findall(path):
+        if key:
+            if not isinstance(node, dict):
+                return None
+            node = node.get(key)
+        else:
+            if not isinstance(node, list) or int(index) >= len(node):
+                return None
+            node = node[int(index)]
+        if node is None:
+            return None
+    return node
+
+
+class MappingConfig(StrictModel):
+    event: str = Field(description="event type, e.g. inspection.result")
+    event_class: str | None = Field(
+        None, alias="class", description="critical | high | normal | low (default by type)"
+    )
+    ordering_key: str | None = Field(
+        None, description="template, e.g. 'lot:{lot_id}'; events of one key stay in order"
+    )
+    fields: dict[str, str] = Field(
+        default_factory=dict, description="event field: payload path (a.b[0].c)"
+    )
+    static: dict[str, Any] = Field(default_factory=dict, description="constant data fields")
+    dedupe_key: str | None = Field(
+        None, description="template identifying a record across redeliveries"
+    )
+    source_ts: str | None = Field(
+        None, description="payload path of the device timestamp (ISO-8601 or epoch seconds)"
+    )
+
+    @field_validator("event")
+    @classmethod
+    def _event_shape(cls, v: str) -> str:
+        if not re.match(r"^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)*$", v):
+            raise ValueError(f"must be a dotted lowercase name like inspection.result, got {v!r}")
+        return v
+
+    @field_validator("event_class")
+    @classmethod
+    def _class_name(cls, v: str | None) -> str | None:
+        if v is not None:
+            EventClass.parse(v)
+        return v
+
+    @field_validator("ordering_key", "dedupe_key")
+    @classmethod
+    def _template(cls, v: str | None) -> str | None:
+        if v is not None:
+            template_fields(v)
+        return v
+
+    @field_validator("fields")
+    @classmethod
+    def _paths(cls, v: dict[str, str]) -> dict[str, str]:
+        for name, path in v.items():
+            if not _PATH_RE.match(path):
+                raise ValueError(f"{name}: {path!r} is not a payload path like a.b[0].c")
+        return v
+
+
+class Mapper:
+    """Compiled ``MappingConfig`` for one source: ``map(payload, captures) → Event``."""
+
+    def __init__(self, config: MappingConfig, *, site: str, source: str) -> None:
+        self.config = config
+        self.site = site
+        self.source = source
+        self.event_class = EventClass.parse(config.event_class) if config.event_class else None
+
+    def map(
+        self,
+        payload: Any,
+        captures: dict[str, Any] | None = None,
+        *,
+        source_ts: datetime | None = None,
+        correlation_id: str | None = None,
+        backfilled: bool = False,
+    ) -> tuple[Event, str | None]:
+        """Return the event and its rendered dedupe key (None if not configured)."""
+        cfg = self.config
+        captures = captures or {}
+        if cfg.fields:
+            data: dict[str, Any] = {}
+            for name, path in cfg.fields.items():
+                value = get_path(payload, path)
+                if value is not None:
+                    data[name] = value
+        elif isinstance(payload, dict):
+            data = dict(payload)
+        else:
+            data = {"value": payload}
+        for k, v in captures.items():
+            data.setdefault(k, v)
+        for k, v in cfg.static.items():
+            data.setdefault(k, v)
+        data = validate_data(cfg.event, data)
+        values = {**data, "site": self.site, "data": data, "source": self.source}
+        key = render_template(cfg.ordering_key, values) if cfg.ordering_key else None
+        dedupe = render_template(cfg.dedupe_key, values) if cfg.dedupe_key else None
+        if cfg.source_ts and source_ts is None:
+            source_ts = parse_timestamp(get_path(payload, cfg.source_ts))
+        event = make_event(
+            type=cfg.event,
+            site=self.site,
+            source=self.source,
+            data=data,
+            ordering_key=key,
+            event_class=self.event_class,
+            source_ts=source_ts,
+            correlation_id=correlation_id,
+            backfilled=backfilled,
+        )
+        return event, dedupe
+
+
+def parse_timestamp(value: Any) -> datetime | None:
+    """ISO-8601 string or epoch seconds/milliseconds → aware UTC datetime; None if absent."""
+    if value is None:
+        return None
+    try:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            seconds = value / 1000 if value > 1e11 else value
+            return datetime.fromtimestamp(seconds, UTC)
+        if isinstance(value, str):
+            dt = datetime.fromisoformat(value.replace("Z", "+00:00"))
+            return dt if dt.tzinfo else dt.replace(tzinfo=UTC)
+    except (ValueError, OverflowError, OSError) as err:
+        raise InputError("invalid_timestamp", f"{value!r}: {err}") from err
+    raise InputError("invalid_timestamp", f"unsupported timestamp {value!r}")
