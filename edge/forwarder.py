@@ -20,9 +20,10 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
+from edge.audit import utc_iso
 from edge.components import Outcome, OutcomeKind, Sink, StoredEvent
 from edge.config import SinkConfigBase
 from edge.events import payload_sha256
@@ -38,40 +39,57 @@ IDLE_POLL_S = 0.25
 UNROUTED_RECHECK_S = 300.0
 
 
-async def send_in_key_order(
-    batch: Sequence[StoredEvent],
-    send_one: Callable[[StoredEvent], Any],
-    concurrency: int,
-) -> list[Outcome]:
-    """Send events one request each: keys in parallel (bounded), each key in order.
+SendRequest = Callable[[list[StoredEvent]], Awaitable[list[Outcome]]]
 
-    Once an event of a key gets ``retry``, the later events of that key in the batch are not
-    sent (``Outcome.not_attempted``), so order per key holds. Dead letters do not block.
+
+async def send_in_key_order(
+    requests: Sequence[list[StoredEvent]],
+    send_request: SendRequest,
+    concurrency: int,
+) -> dict[int, Outcome]:
+    """Send requests (each one event or a batch) concurrently while keeping per-key order.
+
+    ``requests`` come in outbox order (by their first event). A request waits for every
+    earlier request that shares an ordering key with it. Once an event of a key got
+    ``retry``, later events of that key are not sent (``Outcome.not_attempted``) and are
+    removed from the requests they were in; dead letters do not block their key.
+    Returns the outcome of every event by ``seq``.
     """
-    outcomes: list[Outcome | None] = [None] * len(batch)
-    lanes: dict[str | None, list[int]] = {}
-    for i, ev in enumerate(batch):
-        # events without a key are independent: one lane each
-        lanes.setdefault(ev.ordering_key if ev.ordering_key is not None else f"\0{i}", []
-                         ).append(i)  # type: ignore[arg-type]
+    outcomes: dict[int, Outcome] = {}
+    blocked: set[str] = set()
+    last_for_key: dict[str, asyncio.Event] = {}
     sem = asyncio.Semaphore(concurrency)
 
-    async def lane(indexes: list[int]) -> None:
-        blocked = False
-        for i in indexes:
-            if blocked:
-                outcomes[i] = Outcome.not_attempted()
-                continue
-            async with sem:
-                outcome = await send_one(batch[i])
-            outcomes[i] = outcome
-            if outcome.kind is OutcomeKind.retry:
-                blocked = True
+    async def run(events: list[StoredEvent], after: list[asyncio.Event],
+                  done: asyncio.Event) -> None:
+        try:
+            for dep in after:
+                await dep.wait()
+            todo = []
+            for ev in events:
+                if ev.ordering_key is not None and ev.ordering_key in blocked:
+                    outcomes[ev.seq] = Outcome.not_attempted()
+                else:
+                    todo.append(ev)
+            if todo:
+                async with sem:
+                    results = await send_request(todo)
+                for ev, outcome in zip(todo, results, strict=True):
+                    outcomes[ev.seq] = outcome
+                    if outcome.kind is OutcomeKind.retry and ev.ordering_key is not None:
+                        blocked.add(ev.ordering_key)
+        finally:
+            done.set()
 
     async with asyncio.TaskGroup() as tg:
-        for indexes in lanes.values():
-            tg.create_task(lane(indexes))
-    return [o if o is not None else Outcome.not_attempted() for o in outcomes]
+        for events in requests:
+            done = asyncio.Event()
+            keys = {ev.ordering_key for ev in events if ev.ordering_key is not None}
+            after = [last_for_key[k] for k in keys if k in last_for_key]
+            for k in keys:
+                last_for_key[k] = done
+            tg.create_task(run(events, after, done))
+    return outcomes
 
 
 class Forwarder:
@@ -296,6 +314,4 @@ def _integrity_ok(ev: StoredEvent) -> bool:
 
 
 def _iso(ts: float | None) -> str | None:
-    from edge.audit import utc_iso
-
     return utc_iso(ts) if ts is not None else None

@@ -23,6 +23,7 @@ from __future__ import annotations
 import re
 import string
 from datetime import UTC, datetime
+from collections.abc import Callable
 from typing import Any
 
 from pydantic import Field, field_validator
@@ -46,16 +47,21 @@ def template_fields(template: str) -> list[str]:
         raise ValueError(f"malformed template {template!r}: {err}") from err
 
 
-def render_template(template: str, values: dict[str, Any]) -> str:
-    """Fill ``{name}`` (or ``{data.name}``) from ``values``; InputError on a missing name."""
+def render_template(
+    template: str, values: dict[str, Any], *, quote: Callable[..., str] | None = None
+) -> str:
+    """Fill ``{name}`` (or ``{data.name}``) from ``values``; InputError on a missing name.
+
+    ``quote`` (e.g. ``urllib.parse.quote``) escapes each value, for URL paths.
+    """
     out = []
     for literal, name, _, _ in string.Formatter().parse(template):
         out.append(literal)
         if name:
             value = get_path(values, name)
-            if value is None:
+            if value is None or value == "":
                 raise InputError("missing_field", f"template {template!r} needs {name!r}")
-            out.append(str(value))
+            out.append(quote(str(value), safe="") if quote else str(value))
     return "".join(out)
 
 

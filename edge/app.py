@@ -1,0 +1,295 @@
+"""The gateway: builds components from config and runs them under one asyncio TaskGroup.
+
+Contract:
+- ``await gw.start()`` opens the outbox (integrity check, recovery), starts sinks, one
+  forwarder per sink, every source under a supervisor and the local API; ``gw.ready`` is
+  set when all of that is up (sources may still be connecting).
+- ``await gw.stop()`` (also on SIGTERM/SIGINT in ``run``): stop intake first (sources are
+  cancelled; anything not yet committed is not acked, so the upstream redelivers), then
+  let forwarders finish in-flight sends within ``shutdown_grace_s``, close sinks, flush
+  the writer and close the database. Idempotent.
+- A source that raises ``FatalStartupError`` is stopped and shown as failed; any other
+  error restarts it with capped exponential backoff. The daemon never exits because one
+  component fails.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edge import systemd
+from edge.audit import utc_iso
+from edge.components import ComponentContext, Sink, Source
+from edge.config import GatewayConfig, SinkConfigBase
+from edge.errors import FatalStartupError
+from edge.events import Event
+from edge.forwarder import Forwarder
+from edge.outbox import Outbox
+from edge.pipeline import Pipeline
+from edge.registry import Registry, default_registry
+from edge.telemetry import Metrics, log_event
+
+__all__ = ["ComponentStatus", "Gateway"]
+
+log = logging.getLogger(__name__)
+
+RESTART_MAX_S = 60.0
+
+
+@dataclass
+class ComponentStatus:
+    id: str
+    kind: str
+    type: str
+    state: str = "starting"  # starting | running | retrying | failed | stopped
+    connected: bool = False
+    error: str | None = None
+    since: float = field(default_factory=time.time)
+    restarts: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id, "kind": self.kind, "type": self.type, "state": self.state,
+            "connected": self.connected, "error": self.error, "since": utc_iso(self.since),
+            "restarts": self.restarts,
+        }
+
+
+class Gateway:
+    def __init__(
+        self,
+        config: GatewayConfig,
+        *,
+        registry: Registry | None = None,
+        metrics: Metrics | None = None,
+        config_path: str | None = None,
+    ) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.registry = registry or default_registry()
+        self.metrics = metrics or Metrics()
+        self.outbox = Outbox(config.state_dir, config.outbox, self.metrics, router=self._route)
+        self.pipeline = Pipeline(self.outbox)
+        self.sinks: dict[str, Sink] = {}
+        self.sources: dict[str, Source] = {}
+        self.forwarders: dict[str, Forwarder] = {}
+        self.status: dict[str, ComponentStatus] = {}
+        self.ready = asyncio.Event()
+        self.started_at = time.time()
+        self._stop_requested = asyncio.Event()
+        self._source_tasks: dict[str, asyncio.Task[None]] = {}
+        self._forwarder_tasks: dict[str, asyncio.Task[None]] = {}
+        self._api_task: asyncio.Task[None] | None = None
+        self._api: Any = None
+        self._watchdog: asyncio.Task[None] | None = None
+        self._stopped = False
+
+    # ------------------------------------------------------------------ routing
+
+    def _route(self, event: Event) -> list[str]:
+        return [sid for sid, sink in self.sinks.items() if sink.accepts(event.type)]
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def _context(self, comp_id: str, kind: str) -> ComponentContext:
+        status = self.status[comp_id]
+
+        def set_connected(up: bool) -> None:
+            if status.connected != up:
+                status.connected = up
+                status.since = time.time()
+            if kind == "source":
+                self.metrics.source_connected.labels(comp_id).set(1 if up else 0)
+
+        return ComponentContext(
+            site=self.config.site,
+            state_dir=self.config.state_dir,
+            metrics=self.metrics,
+            ingest=self.pipeline if kind == "source" else None,
+            set_connected=set_connected,
+        )
+
+    async def start(self) -> None:
+        Path(self.config.state_dir).mkdir(parents=True, exist_ok=True)
+        for cfg in self.config.sinks:
+            self.status[cfg.id] = ComponentStatus(cfg.id, "sink", cfg.type)
+            comp = self.registry.get("sink", cfg.type)
+            self.sinks[cfg.id] = comp.factory(cfg, self._context(cfg.id, "sink"))
+        for cfg in self.config.sources:
+            self.status[cfg.id] = ComponentStatus(cfg.id, "source", cfg.type)
+            comp = self.registry.get("source", cfg.type)
+            self.sources[cfg.id] = comp.factory(cfg, self._context(cfg.id, "source"))
+        await self.outbox.open()
+        for cfg in self.config.sinks:
+            sink = self.sinks[cfg.id]
+            await sink.start()
+            self.status[cfg.id].state = "running"
+            fwd = Forwarder(sink, _sink_config(cfg), self.outbox, self.metrics)
+            self.forwarders[cfg.id] = fwd
+            self._forwarder_tasks[cfg.id] = asyncio.create_task(
+                fwd.run(), name=f"forwarder-{cfg.id}"
+            )
+        for sid, source in self.sources.items():
+            self._source_tasks[sid] = asyncio.create_task(
+                self._supervise(sid, source), name=f"source-{sid}"
+            )
+        if self.config.api.enabled:
+            await self._start_api()
+        self.ready.set()
+        systemd.notify("READY=1")
+        self._watchdog = systemd.start_watchdog(self._healthy)
+        log_event(log, logging.INFO, "gateway started", site=self.config.site,
+                  sources=len(self.sources), sinks=len(self.sinks),
+                  api=self.config.api.listen if self.config.api.enabled else "off",
+                  state_dir=self.config.state_dir)
+
+    async def _start_api(self) -> None:
+        from edge.api.server import ApiServer  # starlette/uvicorn only when enabled
+
+        self._api = ApiServer(self)
+        self._api_task = asyncio.create_task(self._api.serve(), name="api")
+        await self._api.started()
+
+    def _healthy(self) -> bool:
+        return self.outbox.writable() or not self.outbox.accepting
+
+    async def _supervise(self, sid: str, source: Source) -> None:
+        status = self.status[sid]
+        delay = 1.0
+        while True:
+            status.state = "running"
+            started = time.monotonic()
+            try:
+                await source.run()
+                status.state = "stopped"
+                return
+            except asyncio.CancelledError:
+                status.state = "stopped"
+                raise
+            except FatalStartupError as err:
+                status.state, status.error = "failed", str(err)
+                self.metrics.source_connected.labels(sid).set(0)
+                self.metrics.source_errors.labels(sid, "fatal").inc()
+                log_event(log, logging.ERROR, "source stopped: cannot work with this config",
+                          source=sid, error=str(err))
+                return
+            except Exception as err:  # noqa: BLE001 - any source failure is retried
+                status.state, status.error = "retrying", f"{type(err).__name__}: {err}"
+                status.restarts += 1
+                self.metrics.source_connected.labels(sid).set(0)
+                self.metrics.source_errors.labels(sid, type(err).__name__).inc()
+                if time.monotonic() - started > 60:
+                    delay = 1.0
+                wait = delay * (0.5 + random.random() / 2)
+                log_event(log, logging.WARNING, "source failed; restarting", source=sid,
+                          error=status.error, retry_in_s=round(wait, 1))
+                await asyncio.sleep(wait)
+                delay = min(RESTART_MAX_S, delay * 2)
+
+    def request_stop(self) -> None:
+        self._stop_requested.set()
+
+    async def stop(self) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        systemd.notify("STOPPING=1")
+        log_event(log, logging.INFO, "gateway stopping: intake first, then in-flight sends")
+        for task in self._source_tasks.values():
+            task.cancel()
+        for task in self._source_tasks.values():
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        for fwd in self.forwarders.values():
+            fwd.stop()
+        for task in self._forwarder_tasks.values():
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        for sid, sink in self.sinks.items():
+            try:
+                await sink.close()
+            except Exception as err:  # noqa: BLE001 - keep closing the rest
+                log_event(log, logging.WARNING, "sink close failed", sink=sid, error=repr(err))
+        await self.outbox.close()
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+        if self._api is not None:
+            await self._api.shutdown()
+        if self._api_task is not None:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._api_task
+        for st in self.status.values():
+            st.state = "stopped"
+        log_event(log, logging.INFO, "gateway stopped")
+
+    async def run(self) -> None:
+        """Start, serve until SIGTERM/SIGINT or ``request_stop()``, then stop cleanly."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, self.request_stop)
+        try:
+            await self.start()
+            await self._stop_requested.wait()
+        finally:
+            await self.stop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                with contextlib.suppress(NotImplementedError, RuntimeError):
+                    loop.remove_signal_handler(sig)
+
+    # ------------------------------------------------------------------ status
+
+    async def status_report(self) -> dict[str, Any]:
+        """The ``/status`` document (no secrets: config values are not included)."""
+        stats = await self.outbox.stats()
+        configured = set(self.sinks)
+        sinks_out: dict[str, Any] = {}
+        for sid in sorted(configured | set(stats["sinks"])):
+            entry = dict(stats["sinks"].get(sid) or {"total": 0, "depth": {}})
+            if sid in self.forwarders:
+                entry.update(self.forwarders[sid].status())
+                entry["configured"] = True
+            else:
+                entry["configured"] = False
+                entry["note"] = ("sink no longer in config: rows kept; reroute or discard them "
+                                 "with `edge outbox reroute|discard --reason`")
+            sinks_out[sid] = entry
+        return {
+            "site": self.config.site,
+            "version": _version(),
+            "started_at": utc_iso(self.started_at),
+            "uptime_s": round(time.time() - self.started_at, 1),
+            "ready": self.ready.is_set(),
+            "components": [s.to_dict() for s in self.status.values()],
+            "outbox": {
+                "path": self.outbox.path,
+                "events": stats["events"],
+                "accepting": stats["accepting"],
+                "budget": stats["budget"],
+                "quarantine": stats["quarantine"],
+                "dead_letters": stats["dead_letters"],
+                "inflight": stats["inflight"],
+            },
+            "sinks": sinks_out,
+            "alarms": stats["alarms"],
+        }
+
+
+def _sink_config(cfg: Any) -> SinkConfigBase:
+    return cfg if isinstance(cfg, SinkConfigBase) else SinkConfigBase.model_validate(
+        {k: v for k, v in dict(cfg).items() if k in SinkConfigBase.model_fields}
+    )
+
+
+def _version() -> str:
+    from edge import __version__
+
+    return __version__

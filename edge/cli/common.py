@@ -1,0 +1,34 @@
+"""Helpers shared by CLI verbs: config loading with located errors, event loop runner."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import Coroutine
+from typing import Any
+
+from edge.errors import ConfigError
+
+EXIT_CONFIG = 2
+
+
+def load_or_exit(path: str, *, check_files: bool = True) -> Any:
+    """Load a config file; on error print every located issue to stderr and exit 2."""
+    from edge.config import load_config
+
+    try:
+        return load_config(path, check_files=check_files)
+    except ConfigError as err:
+        print(f"{path}: invalid configuration", file=sys.stderr)
+        for issue in err.issues:
+            print(f"  {issue}", file=sys.stderr)
+        raise SystemExit(EXIT_CONFIG) from err
+
+
+def run_async(coro: Coroutine[Any, Any, Any]) -> Any:
+    """Run on uvloop where available (``uvloop.run``), plain asyncio otherwise."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    return uvloop.run(coro)

@@ -1,0 +1,54 @@
+"""``edge run -c FILE``, ``edge check-config FILE``, ``edge print-schema``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from edge.cli.common import load_or_exit, run_async
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("run", help="run the gateway with a config file")
+    p.add_argument("-c", "--config", required=True, metavar="FILE")
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    p.set_defaults(handler=cmd_run)
+
+    p = sub.add_parser("check-config", help="validate a config file (exit 2 on errors)")
+    p.add_argument("file")
+    p.add_argument("--skip-files", action="store_true",
+                   help="do not require *_file paths to exist (checking on another machine)")
+    p.set_defaults(handler=cmd_check_config)
+
+    p = sub.add_parser("print-schema", help="print the config JSON Schema")
+    p.set_defaults(handler=cmd_print_schema)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from edge.app import Gateway
+    from edge.telemetry import setup_logging
+
+    cfg = load_or_exit(args.config)
+    setup_logging(args.log_level or cfg.logging.level, cfg.logging.format)
+
+    async def main() -> None:
+        await Gateway(cfg, config_path=args.config).run()
+
+    run_async(main())
+    return 0
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    cfg = load_or_exit(args.file, check_files=not args.skip_files)
+    print(f"OK: site {cfg.site}, {len(cfg.sources)} source(s), {len(cfg.sinks)} sink(s)")
+    return 0
+
+
+def cmd_print_schema(args: argparse.Namespace) -> int:
+    from edge.config import json_schema
+
+    json.dump(json_schema(), sys.stdout, indent=2)
+    sys.stdout.write("\n")
+    return 0

@@ -1,0 +1,176 @@
+"""A stand-in ERP/QMS receiver: a real HTTP server (starlette + uvicorn) on loopback.
+
+Used by the demo (``edge demo``), the tests and the benchmarks in place of a cloud ERP.
+It accepts any method/path, a JSON object (one event) or array (a batch), records what
+arrived in order, and can be told to misbehave:
+
+- ``outage(True)``            every request → 503 (optionally with ``Retry-After``)
+- ``fail_next(n, status, retry_after=…, body=…)``   the next n requests get that status
+- ``reject(predicate, status)``  events for which ``predicate(event)`` is true are refused
+                                 (a batch containing one is refused as a whole, like a
+                                 strict API would)
+- ``conflict_on_repeat``       a repeated ``Idempotency-Key`` gets 409 (an ERP that says
+                                 "already exists")
+
+``record=False`` keeps only counters (for million-event benchmarks).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+__all__ = ["ErpReceiver", "RequestRecord"]
+
+
+@dataclass
+class RequestRecord:
+    method: str
+    path: str
+    headers: dict[str, str]
+    events: list[dict[str, Any]]
+    status: int
+    at: float = field(default_factory=time.time)
+
+
+class ErpReceiver:
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, *, record: bool = True,
+                 conflict_on_repeat: bool = False, latency_s: float = 0.0) -> None:
+        self.host = host
+        self.port = port
+        self.record = record
+        self.conflict_on_repeat = conflict_on_repeat
+        self.latency_s = latency_s
+        self.requests: list[RequestRecord] = []
+        self.events: list[dict[str, Any]] = []  # accepted events in arrival order
+        self.accepted_ids: Counter[str] = Counter()
+        self.seen_keys: set[str] = set()
+        self.accepted_count = 0
+        self.request_count = 0
+        self._outage: tuple[int, str | None] | None = None
+        self._fail_queue: list[tuple[int, str | None, str]] = []
+        self._rejects: list[tuple[Callable[[dict[str, Any]], bool], int, str]] = []
+        self._server: uvicorn.Server | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._changed = asyncio.Condition()
+
+    # ------------------------------------------------------------------ control
+
+    def outage(self, on: bool, *, status: int = 503, retry_after: str | None = None) -> None:
+        self._outage = (status, retry_after) if on else None
+
+    def fail_next(self, n: int, status: int, *, retry_after: str | None = None,
+                  body: str = "") -> None:
+        self._fail_queue.extend([(status, retry_after, body)] * n)
+
+    def reject(self, predicate: Callable[[dict[str, Any]], bool], status: int = 422,
+               body: str = "") -> None:
+        self._rejects.append((predicate, status, body))
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def ids(self) -> list[str]:
+        return [e.get("id", "") for e in self.events]
+
+    async def wait_for(self, predicate: Callable[[ErpReceiver], bool], timeout: float = 10.0
+                       ) -> None:
+        """Wait until ``predicate(self)`` holds (re-checked on every request)."""
+        async with asyncio.timeout(timeout), self._changed:
+            await self._changed.wait_for(lambda: predicate(self))
+
+    # ------------------------------------------------------------------ server
+
+    async def _handle(self, request: Request) -> Response:
+        raw = await request.body()
+        self.request_count += 1
+        if self.latency_s:
+            await asyncio.sleep(self.latency_s)
+        headers = {k.lower(): v for k, v in request.headers.items()}
+        try:
+            doc = orjson.loads(raw) if raw else None
+        except orjson.JSONDecodeError:
+            return await self._done(request, headers, [], 400, None, "body is not JSON")
+        events = doc if isinstance(doc, list) else [doc] if isinstance(doc, dict) else []
+        if self._outage is not None:
+            status, retry_after = self._outage
+            return await self._done(request, headers, events, status, retry_after, "outage")
+        if self._fail_queue:
+            status, retry_after, body = self._fail_queue.pop(0)
+            return await self._done(request, headers, events, status, retry_after, body)
+        for predicate, status, body in self._rejects:
+            bad = [e for e in events if predicate(e)]
+            if bad:
+                detail = body or orjson.dumps(
+                    {"error": "validation failed", "ids": [e.get("id") for e in bad]}).decode()
+                return await self._done(request, headers, events, status, None, detail)
+        key = headers.get("idempotency-key", "")
+        if self.conflict_on_repeat and key and key in self.seen_keys:
+            return await self._done(request, headers, events, 409, None, "already exists")
+        if key:
+            self.seen_keys.add(key)
+        self.accepted_count += len(events)
+        if self.record:
+            self.events.extend(events)
+            for e in events:
+                self.accepted_ids[e.get("id", "")] += 1
+        return await self._done(request, headers, events, 200, None,
+                                orjson.dumps({"accepted": len(events)}).decode())
+
+    async def _done(self, request: Request, headers: dict[str, str], events: list[Any],
+                    status: int, retry_after: str | None, body: str) -> Response:
+        if self.record:
+            self.requests.append(RequestRecord(request.method, request.url.path, headers,
+                                               events, status))
+        async with self._changed:
+            self._changed.notify_all()
+        extra = {"Retry-After": retry_after} if retry_after else {}
+        return Response(body, status_code=status, headers=extra, media_type="application/json")
+
+    async def start(self) -> ErpReceiver:
+        app = Starlette(routes=[
+            Route("/{path:path}", self._handle, methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
+        ])
+        sock = socket.socket(socket.AF_INET6 if ":" in self.host else socket.AF_INET)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((self.host, self.port))
+        self.port = sock.getsockname()[1]
+        config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
+                                loop="none", timeout_keep_alive=30)
+        self._server = uvicorn.Server(config)
+        self._server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+        self._task = asyncio.create_task(self._server.serve(sockets=[sock]), name="erp-standin")
+        while not self._server.started:
+            if self._task.done():
+                await self._task
+            await asyncio.sleep(0.01)
+        return self
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.should_exit = True
+        if self._task is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        self._server = None
+        self._task = None
+
+    async def __aenter__(self) -> ErpReceiver:
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()

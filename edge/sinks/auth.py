@@ -1,0 +1,177 @@
+"""Authentication and TLS for the HTTP sink.
+
+Config models (discriminated on ``type``):
+- ``none``
+- ``api_key``   header (default ``X-API-Key``) from ``key_file``
+- ``bearer``    ``Authorization: Bearer`` from ``token_file``; re-read once on a 401 (rotated)
+- ``oauth2_client_credentials``   token from ``token_url`` cached until ``expires_in`` minus
+  ``expiry_skew_s``, fetched under a lock (one fetch for many concurrent requests),
+  re-fetched once on a 401.
+mTLS: ``tls: {ca_file, cert_file, key_file}`` → an ``ssl.SSLContext`` passed as ``verify=``.
+
+Secrets are read at start from ``*_file`` paths and never logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import time
+from collections.abc import AsyncGenerator
+from typing import Annotated, Literal
+
+import httpx
+from pydantic import Field, model_validator
+
+from edge.config import SecretFile, StrictModel, read_secret
+from edge.errors import ConfigError
+
+__all__ = [
+    "ApiKeyAuth",
+    "AuthConfig",
+    "BearerAuth",
+    "NoAuth",
+    "OAuth2Auth",
+    "TlsConfig",
+    "build_auth",
+    "build_ssl_context",
+]
+
+
+class NoAuth(StrictModel):
+    type: Literal["none"] = "none"
+
+
+class ApiKeyAuth(StrictModel):
+    type: Literal["api_key"]
+    header: str = Field("X-API-Key", description="header that carries the key")
+    key_file: SecretFile
+
+
+class BearerAuth(StrictModel):
+    type: Literal["bearer"]
+    token_file: SecretFile
+
+
+class OAuth2Auth(StrictModel):
+    type: Literal["oauth2_client_credentials"]
+    token_url: str
+    client_id: str
+    client_secret_file: SecretFile
+    scope: str | None = None
+    audience: str | None = None
+    expiry_skew_s: float = Field(30.0, ge=0, description="refresh this long before expiry")
+    timeout_s: float = Field(10.0, gt=0)
+
+    @model_validator(mode="after")
+    def _url(self) -> OAuth2Auth:
+        if not self.token_url.startswith(("http://", "https://")):
+            raise ValueError(f"token_url must start with http:// or https://, got {self.token_url!r}")
+        return self
+
+
+AuthConfig = Annotated[
+    NoAuth | ApiKeyAuth | BearerAuth | OAuth2Auth, Field(discriminator="type")
+]
+
+
+class TlsConfig(StrictModel):
+    ca_file: SecretFile | None = Field(None, description="CA bundle to trust (default: system)")
+    cert_file: SecretFile | None = Field(None, description="client certificate (mTLS)")
+    key_file: SecretFile | None = Field(None, description="client key (mTLS)")
+
+    @model_validator(mode="after")
+    def _pair(self) -> TlsConfig:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together (mTLS)")
+        return self
+
+
+def build_ssl_context(tls: TlsConfig | None) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cafile=tls.ca_file if tls and tls.ca_file else None)
+    if tls and tls.cert_file and tls.key_file:
+        try:
+            ctx.load_cert_chain(tls.cert_file, tls.key_file)
+        except (ssl.SSLError, OSError) as err:
+            raise ConfigError(f"cannot load client certificate/key: {err}",
+                              location="tls") from err
+    return ctx
+
+
+class _StaticHeaderAuth(httpx.Auth):
+    """A header read from a file; on a 401 the file is read again once (rotation)."""
+
+    def __init__(self, header: str, path: str, prefix: str = "") -> None:
+        self.header, self.path, self.prefix = header, path, prefix
+        self.value = read_secret(path) or ""
+
+    async def async_auth_flow(
+        self, request: httpx.Request
+    ) -> AsyncGenerator[httpx.Request, httpx.Response]:
+        request.headers[self.header] = self.prefix + self.value
+        response = yield request
+        if response.status_code == 401:
+            fresh = read_secret(self.path) or ""
+            if fresh != self.value:
+                self.value = fresh
+                request.headers[self.header] = self.prefix + self.value
+                yield request
+
+
+class _OAuth2ClientCredentials(httpx.Auth):
+    def __init__(self, cfg: OAuth2Auth, verify: ssl.SSLContext) -> None:
+        self.cfg = cfg
+        self.secret = read_secret(cfg.client_secret_file) or ""
+        self.verify = verify
+        self.token: str | None = None
+        self.expires_at = 0.0
+        self.fetches = 0
+        self._lock = asyncio.Lock()
+
+    async def _token(self, force: bool = False, stale: str | None = None) -> str:
+        async with self._lock:
+            # another request may have refreshed while we waited for the lock
+            if self.token and not force and time.monotonic() < self.expires_at:
+                return self.token
+            if force and self.token and self.token != stale:
+                return self.token
+            data = {"grant_type": "client_credentials", "client_id": self.cfg.client_id,
+                    "client_secret": self.secret}
+            if self.cfg.scope:
+                data["scope"] = self.cfg.scope
+            if self.cfg.audience:
+                data["audience"] = self.cfg.audience
+            async with httpx.AsyncClient(verify=self.verify, timeout=self.cfg.timeout_s) as c:
+                resp = await c.post(self.cfg.token_url, data=data)
+            self.fetches += 1
+            if resp.status_code != 200:
+                raise httpx.HTTPStatusError(
+                    f"token endpoint answered {resp.status_code}", request=resp.request,
+                    response=resp)
+            doc = resp.json()
+            self.token = str(doc["access_token"])
+            ttl = float(doc.get("expires_in", 3600))
+            self.expires_at = time.monotonic() + max(0.0, ttl - self.cfg.expiry_skew_s)
+            return self.token
+
+    async def async_auth_flow(
+        self, request: httpx.Request
+    ) -> AsyncGenerator[httpx.Request, httpx.Response]:
+        token = await self._token()
+        request.headers["Authorization"] = f"Bearer {token}"
+        response = yield request
+        if response.status_code == 401:
+            token = await self._token(force=True, stale=token)
+            request.headers["Authorization"] = f"Bearer {token}"
+            yield request
+
+
+def build_auth(cfg: NoAuth | ApiKeyAuth | BearerAuth | OAuth2Auth,
+               verify: ssl.SSLContext) -> httpx.Auth | None:
+    if isinstance(cfg, ApiKeyAuth):
+        return _StaticHeaderAuth(cfg.header, cfg.key_file)
+    if isinstance(cfg, BearerAuth):
+        return _StaticHeaderAuth("Authorization", cfg.token_file, prefix="Bearer ")
+    if isinstance(cfg, OAuth2Auth):
+        return _OAuth2ClientCredentials(cfg, verify)
+    return None
