@@ -90,6 +90,7 @@ class Gateway:
         self._api_task: asyncio.Task[None] | None = None
         self._api: Any = None
         self._watchdog: asyncio.Task[None] | None = None
+        self._gauges: asyncio.Task[None] | None = None
         self._stopped = False
 
     # ------------------------------------------------------------------ routing
@@ -141,6 +142,7 @@ class Gateway:
             self._source_tasks[sid] = asyncio.create_task(
                 self._supervise(sid, source), name=f"source-{sid}"
             )
+        self._gauges = asyncio.create_task(self._update_gauges(), name="outbox-gauges")
         if self.config.api.enabled:
             await self._start_api()
         self.ready.set()
@@ -157,6 +159,26 @@ class Gateway:
         self._api = ApiServer(self)
         self._api_task = asyncio.create_task(self._api.serve(), name="api")
         await self._api.started()
+
+    async def _update_gauges(self, interval_s: float = 5.0) -> None:
+        """Refresh the outbox gauges (depth per sink and class, oldest age, DLQ size)."""
+        from edge.outbox import queries
+
+        m = self.metrics
+        while True:
+            try:
+                st = await self.outbox.read(queries.stats)
+            except Exception as err:  # noqa: BLE001 - gauges are best effort
+                log_event(log, logging.DEBUG, "gauge refresh failed", error=repr(err))
+            else:
+                for sid in set(self.sinks) | set(st["sinks"]):
+                    entry = st["sinks"].get(sid)
+                    for cls in ("critical", "high", "normal", "low"):
+                        m.outbox_depth.labels(sid, cls).set(entry["depth"][cls] if entry else 0)
+                    m.outbox_oldest_age.labels(sid).set(
+                        (entry or {}).get("oldest_age_s") or 0)
+                    m.outbox_dead_letters.labels(sid).set((entry or {}).get("dead_letters", 0))
+            await asyncio.sleep(interval_s)
 
     def _healthy(self) -> bool:
         return self.outbox.writable() or not self.outbox.accepting
@@ -203,6 +225,8 @@ class Gateway:
         self._stopped = True
         systemd.notify("STOPPING=1")
         log_event(log, logging.INFO, "gateway stopping: intake first, then in-flight sends")
+        if self._gauges is not None:
+            self._gauges.cancel()
         for task in self._source_tasks.values():
             task.cancel()
         for task in self._source_tasks.values():

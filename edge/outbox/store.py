@@ -397,5 +397,31 @@ class Outbox:
         st["inflight"] = {k: len(v) for k, v in self._inflight.items()}
         return st
 
+    # ------------------------------------------------------------------ operator actions
+
+    async def dlq_replay(self, *, ids: Sequence[int] | None = None, sink: str | None = None,
+                         actor: str, reason: str) -> int:
+        """Move dead letters (by id, or all of a sink) back to the queue; audited."""
+        n: int = await self._write(lambda c: queries.dlq_replay(
+            c, ids=ids, sink=sink, actor=actor, reason=reason))
+        if n:
+            self.metrics.events_replayed.labels(sink or "*").inc(n)
+            log_event(log, logging.INFO, "dead letters replayed", count=n, actor=actor,
+                      reason=reason)
+            for s in ([sink] if sink else list(self._new_rows)):
+                self.new_rows(s).set()
+        return n
+
+    async def dlq_discard(self, *, ids: Sequence[int] | None = None, sink: str | None = None,
+                          actor: str, reason: str) -> int:
+        """Delete dead letters for good; audited with actor and reason."""
+        n: int = await self._write(lambda c: queries.dlq_discard(
+            c, ids=ids, sink=sink, actor=actor, reason=reason))
+        if n:
+            self.metrics.events_discarded.labels(sink or "*").inc(n)
+            log_event(log, logging.WARNING, "dead letters discarded", count=n, actor=actor,
+                      reason=reason)
+        return n
+
     def writable(self) -> bool:
         return not self._closed and self._writer is not None and self.accepting
