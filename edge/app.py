@@ -22,7 +22,6 @@ import random
 import signal
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from edge import systemd
@@ -119,7 +118,6 @@ class Gateway:
         )
 
     async def start(self) -> None:
-        Path(self.config.state_dir).mkdir(parents=True, exist_ok=True)
         for cfg in self.config.sinks:
             self.status[cfg.id] = ComponentStatus(cfg.id, "sink", cfg.type)
             comp = self.registry.get("sink", cfg.type)

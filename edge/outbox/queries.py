@@ -362,7 +362,7 @@ def dlq_replay(conn: sqlite3.Connection, *, ids: Sequence[int] | None, sink: str
     """Move dead letters back to the queue (attempts reset), audited with actor and reason."""
     rows = _select_dlq(conn, ids, sink)
     ts = audit.utc_iso()
-    for dl_id, seq, dl_sink, event_id, cls, key in rows:
+    for dl_id, seq, dl_sink, _event_id, cls, key in rows:
         conn.execute(
             "INSERT OR IGNORE INTO deliveries(seq, sink, class, ordering_key) VALUES (?,?,?,?)",
             (seq, dl_sink, cls, key),

@@ -107,7 +107,7 @@ class Outbox:
     # ------------------------------------------------------------------ lifecycle
 
     async def open(self) -> None:
-        Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        await asyncio.to_thread(Path(self.path).parent.mkdir, parents=True, exist_ok=True)
         quarantined = await asyncio.to_thread(open_checked, self.path)
         if quarantined:
             self._alarm(
@@ -384,9 +384,7 @@ class Outbox:
             )
         )
         # Between transactions on the writer's own thread: a burst may have grown the WAL.
-        if self._wdb is not None and os.path.exists(self.path + "-wal") and (
-            os.path.getsize(self.path + "-wal") > 64 << 20
-        ):
+        if self._wdb is not None and _file_size(self.path + "-wal") > 64 << 20:
             await self._wdb.run(queries.wal_checkpoint)
 
     async def stats(self) -> dict[str, Any]:
@@ -425,3 +423,10 @@ class Outbox:
 
     def writable(self) -> bool:
         return not self._closed and self._writer is not None and self.accepting
+
+
+def _file_size(path: str) -> int:
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return 0

@@ -87,10 +87,11 @@ class ErpReceiver:
     def ids(self) -> list[str]:
         return [e.get("id", "") for e in self.events]
 
-    async def wait_for(self, predicate: Callable[[ErpReceiver], bool], timeout: float = 10.0
+    async def wait_for(self, predicate: Callable[[ErpReceiver], bool], within_s: float = 10.0
                        ) -> None:
-        """Wait until ``predicate(self)`` holds (re-checked on every request)."""
-        async with asyncio.timeout(timeout), self._changed:
+        """Wait until ``predicate(self)`` holds (re-checked on every request); TimeoutError
+        after ``within_s``."""
+        async with asyncio.timeout(within_s), self._changed:
             await self._changed.wait_for(lambda: predicate(self))
 
     # ------------------------------------------------------------------ server

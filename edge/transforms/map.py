@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import re
 import string
-from datetime import UTC, datetime
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
 
 from pydantic import Field, field_validator
