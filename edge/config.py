@@ -149,7 +149,12 @@ class OutboxConfig(StrictModel):
     dedupe_window_s: float = Field(
         7 * 86400, ge=0, description="how long a source's dedupe key maps to its event id"
     )
-    audit_retention_days: float = Field(90, gt=0, description="audit rows older are pruned")
+    audit_retention_days: float = Field(
+        90, gt=0, description="audit rows older are pruned (earlier under disk pressure)"
+    )
+    quarantine_max_rows: int = Field(
+        10_000, ge=1, description="newest quarantined inbound records kept"
+    )
 
     @model_validator(mode="after")
     def _thresholds(self) -> OutboxConfig:

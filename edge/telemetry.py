@@ -108,6 +108,17 @@ class Metrics:
         self.outbox_write_errors = Counter(
             "edge_outbox_write_errors_total", "Failed write transactions", ["reason"], registry=r
         )
+        self.audit_pruned = Counter(
+            "edge_audit_pruned_total",
+            "Audit rows removed (retention age, or disk budget for finished events)",
+            ["reason"],
+            registry=r,
+        )
+        self.quarantine_pruned = Counter(
+            "edge_quarantine_pruned_total",
+            "Oldest quarantined records removed to keep the quarantine bounded",
+            registry=r,
+        )
         self.source_connected = Gauge(
             "edge_source_connected", "1 while the source is connected", ["source"], registry=r
         )

@@ -18,9 +18,12 @@ Rows are returned sorted by seq, so per-key order is also the order within the l
 
 from __future__ import annotations
 
+import heapq
 import sqlite3
 from collections.abc import Iterator
 from dataclasses import dataclass
+
+from edge.events import EventClass
 
 __all__ = ["LeasedRow", "scan_lease"]
 
@@ -95,6 +98,27 @@ def _rows(cur: sqlite3.Cursor) -> Iterator[tuple[int, int, str | None, float, in
         yield from chunk
 
 
+def _newest_first(conn: sqlite3.Connection, sink: str
+                  ) -> Iterator[tuple[int, int, str | None, float, int]]:
+    """Rows of ``sink`` by seq, newest first, read lazily.
+
+    One descending range of ``deliveries_ready`` per class, merged by seq: a plain
+    ``ORDER BY seq DESC`` over the sink sorts its whole backlog in a temporary b-tree on
+    every lease (time and memory grow with the backlog).
+    """
+    streams = [
+        _rows(
+            conn.execute(
+                "SELECT seq, class, ordering_key, next_at, attempts FROM deliveries "
+                "INDEXED BY deliveries_ready WHERE sink = ? AND class = ? ORDER BY seq DESC",
+                (sink, int(cls)),
+            )
+        )
+        for cls in EventClass
+    ]
+    return heapq.merge(*streams, key=lambda row: row[0], reverse=True)
+
+
 def scan_lease(
     conn: sqlite3.Connection,
     sink: str,
@@ -134,15 +158,7 @@ def scan_lease(
         # A backlog: give the newest rows a share of this lease, then fill from the oldest.
         picker.limit = limit
         budget[0] = max_scan
-        feed(
-            _rows(
-                conn.execute(
-                    "SELECT seq, class, ordering_key, next_at, attempts FROM deliveries "
-                    "WHERE sink = ? ORDER BY seq DESC",
-                    (sink,),
-                )
-            )
-        )
+        feed(_newest_first(conn, sink))
         feed(oldest)
     rows = [picker.picked[s] for s in sorted(picker.picked)]
     _load_events(conn, rows)

@@ -249,13 +249,41 @@ def expire_low(conn: sqlite3.Connection, limit: int, inflight: frozenset[int]) -
 
 
 def prune(conn: sqlite3.Connection, *, dedupe_before: float, audit_before: str,
-          limit: int = 20_000) -> None:
-    conn.execute(
+          quarantine_max_rows: int, limit: int = 20_000) -> dict[str, int]:
+    """Age/size limits of the side tables; returns rows removed per table."""
+    dedupe = conn.execute(
         "DELETE FROM dedupe WHERE rowid IN "
-        "(SELECT rowid FROM dedupe WHERE created_at < ? LIMIT ?)", (dedupe_before, limit))
-    conn.execute(
+        "(SELECT rowid FROM dedupe WHERE created_at < ? LIMIT ?)", (dedupe_before, limit)
+    ).rowcount
+    audit_rows = conn.execute(
         "DELETE FROM audit WHERE seq IN (SELECT seq FROM audit WHERE ts < ? LIMIT ?)",
-        (audit_before, limit))
+        (audit_before, limit)).rowcount
+    quarantine = conn.execute(
+        "DELETE FROM quarantine WHERE id <= "
+        "(SELECT id FROM quarantine ORDER BY id DESC LIMIT 1 OFFSET ?)", (quarantine_max_rows,)
+    ).rowcount
+    return {"dedupe": dedupe, "audit": audit_rows, "quarantine": quarantine}
+
+
+def prune_finished_audit(conn: sqlite3.Connection, limit: int) -> tuple[int, str | None]:
+    """Disk pressure: drop the oldest audit rows of events that left the outbox.
+
+    Rows of events still queued or dead-lettered are never touched. Returns the number
+    removed and the timestamp of the oldest audit row kept.
+    """
+    removed = conn.execute(
+        "DELETE FROM audit WHERE seq IN (SELECT seq FROM audit WHERE event_id IS NULL "
+        "OR event_id NOT IN (SELECT id FROM events) ORDER BY seq LIMIT ?)", (limit,)
+    ).rowcount
+    oldest = conn.execute("SELECT ts FROM audit ORDER BY seq LIMIT 1").fetchone()
+    return removed, oldest[0] if oldest else None
+
+
+def set_wal_limits(conn: sqlite3.Connection, limit_bytes: int) -> None:
+    """Auto-checkpoint at ``limit_bytes`` of WAL and truncate the file back to it after."""
+    page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+    conn.execute(f"PRAGMA wal_autocheckpoint={max(16, min(1000, limit_bytes // page_size))}")
+    conn.execute(f"PRAGMA journal_size_limit={int(limit_bytes)}")
 
 
 def wal_checkpoint(conn: sqlite3.Connection) -> None:

@@ -119,6 +119,10 @@ class Outbox:
         self._wdb = DbThread(lambda: connect(self.path, synchronous=sync), "outbox-writer")
         await self._wdb.open()
         await self._wdb.run(queries.ensure_schema)
+        # The WAL counts against the budget: checkpoint and truncate it at a tenth of the
+        # budget (SQLite's defaults, 4 MB and no size limit, suit multi-GB budgets only).
+        wal_limit = int(min(64 << 20, max(64 << 10, self.budget.budget_bytes // 10)))
+        await self._wdb.run(lambda c: queries.set_wal_limits(c, wal_limit))
         self._rdb = DbThread(lambda: connect(self.path, synchronous=sync), "outbox-reader")
         await self._rdb.open()
         self._writer = GroupCommitWriter(
@@ -339,6 +343,13 @@ class Outbox:
             if expired:
                 used = await self.read(queries.used_bytes, self.path)
                 state = self.budget.observe(used)
+        if state.expire_needed:
+            # Only protected rows left: before refusing new data, give up the oldest
+            # history of events that already left the outbox.
+            pruned = await self._prune_audit_for_space(self.budget.bytes_to_free(used))
+            if pruned:
+                used = await self.read(queries.used_bytes, self.path)
+                state = self.budget.observe(used)
         if state.alarm:
             self._alarm("outbox_budget", state.message)
         else:
@@ -373,16 +384,35 @@ class Outbox:
                       count=total)
         return total
 
+    async def _prune_audit_for_space(self, bytes_to_free: int) -> int:
+        chunk = max(500, min(20_000, bytes_to_free // 150))
+        removed, oldest = await self._write(lambda c: queries.prune_finished_audit(c, chunk))
+        if removed:
+            self.metrics.audit_pruned.labels("budget").inc(removed)
+            self._alarm("audit_pruned", "disk budget: oldest audit history of delivered events "
+                        "was removed early")
+            log_event(log, logging.WARNING,
+                      "disk budget: removed oldest audit rows of events no longer queued",
+                      count=removed, oldest_kept=oldest)
+        return int(removed)
+
     async def prune(self) -> None:
         """Drop dedupe keys past their window, audit rows past retention; checkpoint WAL."""
         now = time.time()
-        await self._write(
+        removed = await self._write(
             lambda c: queries.prune(
                 c,
                 dedupe_before=now - self.config.dedupe_window_s,
                 audit_before=audit.utc_iso(now - self.config.audit_retention_days * 86400),
+                quarantine_max_rows=self.config.quarantine_max_rows,
             )
         )
+        if removed["audit"]:
+            self.metrics.audit_pruned.labels("retention").inc(removed["audit"])
+        if removed["quarantine"]:
+            self.metrics.quarantine_pruned.inc(removed["quarantine"])
+            log_event(log, logging.WARNING, "quarantine full: oldest records removed",
+                      count=removed["quarantine"], kept=self.config.quarantine_max_rows)
         # Between transactions on the writer's own thread: a burst may have grown the WAL.
         if self._wdb is not None and _file_size(self.path + "-wal") > 64 << 20:
             await self._wdb.run(queries.wal_checkpoint)

@@ -6,9 +6,10 @@ arrived in order, and can be told to misbehave:
 
 - ``outage(True)``            every request → 503 (optionally with ``Retry-After``)
 - ``fail_next(n, status, retry_after=…, body=…)``   the next n requests get that status
-- ``reject(predicate, status)``  events for which ``predicate(event)`` is true are refused
-                                 (a batch containing one is refused as a whole, like a
-                                 strict API would)
+- ``reject(predicate, status, times=None)``  events for which ``predicate(event)`` is
+                                 true are refused (a batch containing one is refused as a
+                                 whole, like a strict API would); ``times`` limits how often
+- TLS: ``certfile``/``keyfile`` serve HTTPS; ``ca_file`` + ``require_client_cert`` demand mTLS
 - ``conflict_on_repeat``       a repeated ``Idempotency-Key`` gets 409 (an ERP that says
                                  "already exists")
 
@@ -48,7 +49,14 @@ class RequestRecord:
 
 class ErpReceiver:
     def __init__(self, host: str = "127.0.0.1", port: int = 0, *, record: bool = True,
-                 conflict_on_repeat: bool = False, latency_s: float = 0.0) -> None:
+                 conflict_on_repeat: bool = False, latency_s: float = 0.0,
+                 certfile: str | None = None, keyfile: str | None = None,
+                 ca_file: str | None = None, require_client_cert: bool = False) -> None:
+        self.tls = {"ssl_certfile": certfile, "ssl_keyfile": keyfile, "ssl_ca_certs": ca_file}
+        if require_client_cert:
+            import ssl
+
+            self.tls["ssl_cert_reqs"] = ssl.CERT_REQUIRED  # type: ignore[assignment]
         self.host = host
         self.port = port
         self.record = record
@@ -62,7 +70,7 @@ class ErpReceiver:
         self.request_count = 0
         self._outage: tuple[int, str | None] | None = None
         self._fail_queue: list[tuple[int, str | None, str]] = []
-        self._rejects: list[tuple[Callable[[dict[str, Any]], bool], int, str]] = []
+        self._rejects: list[list[Any]] = []  # [predicate, status, body, times_left|None]
         self._server: uvicorn.Server | None = None
         self._task: asyncio.Task[None] | None = None
         self._changed = asyncio.Condition()
@@ -77,12 +85,17 @@ class ErpReceiver:
         self._fail_queue.extend([(status, retry_after, body)] * n)
 
     def reject(self, predicate: Callable[[dict[str, Any]], bool], status: int = 422,
-               body: str = "") -> None:
-        self._rejects.append((predicate, status, body))
+               body: str = "", *, times: int | None = None,
+               retry_after: str | None = None) -> None:
+        self._rejects.append([predicate, status, body, times, retry_after])
+
+    def clear_rejects(self) -> None:
+        self._rejects.clear()
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        scheme = "https" if self.tls["ssl_certfile"] else "http"
+        return f"{scheme}://{self.host}:{self.port}"
 
     def ids(self) -> list[str]:
         return [e.get("id", "") for e in self.events]
@@ -113,12 +126,17 @@ class ErpReceiver:
         if self._fail_queue:
             status, retry_after, body = self._fail_queue.pop(0)
             return await self._done(request, headers, events, status, retry_after, body)
-        for predicate, status, body in self._rejects:
+        for rule in self._rejects:
+            predicate, status, body, times, retry_after = rule
+            if times is not None and times <= 0:
+                continue
             bad = [e for e in events if predicate(e)]
             if bad:
+                if times is not None:
+                    rule[3] = times - 1
                 detail = body or orjson.dumps(
                     {"error": "validation failed", "ids": [e.get("id") for e in bad]}).decode()
-                return await self._done(request, headers, events, status, None, detail)
+                return await self._done(request, headers, events, status, retry_after, detail)
         key = headers.get("idempotency-key", "")
         if self.conflict_on_repeat and key and key in self.seen_keys:
             return await self._done(request, headers, events, 409, None, "already exists")
@@ -151,7 +169,8 @@ class ErpReceiver:
         sock.bind((self.host, self.port))
         self.port = sock.getsockname()[1]
         config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
-                                loop="none", timeout_keep_alive=30)
+                                loop="none", timeout_keep_alive=30,
+                                **{k: v for k, v in self.tls.items() if v is not None})
         self._server = uvicorn.Server(config)
         self._server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
         self._task = asyncio.create_task(self._server.serve(sockets=[sock]), name="erp-standin")

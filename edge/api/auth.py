@@ -1,0 +1,124 @@
+"""Bearer-token protection of the local API.
+
+Token file (``api.token_file``), read once at start, one token per line::
+
+    # comments and blank lines are ignored
+    3f9c0a...                 a token without a name: actions are audited as actor "api"
+    alice 7b21e4...           a named token: actions are audited as actor "api:alice"
+
+Every request except ``GET /healthz`` must carry ``Authorization: Bearer <token>``.
+Browsers cannot add that header to a page they open, so HTTP Basic with the token as the
+password (any user name) is accepted too, and ``GET /`` answers 401 with a Basic challenge
+so the browser asks for it. Tokens are compared in constant time and never logged.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from edge.config import read_secret
+from edge.errors import ConfigError, FatalStartupError
+
+__all__ = ["OPEN_PATHS", "Token", "TokenGuard", "load_tokens"]
+
+OPEN_PATHS = frozenset({"/healthz"})
+
+Scope = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Token:
+    name: str | None
+    secret: bytes
+
+    @property
+    def actor(self) -> str:
+        return f"api:{self.name}" if self.name else "api"
+
+
+def load_tokens(path: str) -> list[Token]:
+    """Parse the token file; ``FatalStartupError`` when it is unreadable or has no token."""
+    try:
+        text = read_secret(path) or ""
+    except (ConfigError, UnicodeDecodeError) as err:
+        raise FatalStartupError(f"api.token_file {path}: cannot read it ({err})") from err
+    tokens = []
+    for line in text.splitlines():
+        parts = line.split()
+        if not parts or parts[0].startswith("#"):
+            continue
+        if len(parts) > 2:
+            raise FatalStartupError(
+                f"api.token_file {path}: a line must be 'TOKEN' or 'NAME TOKEN'")
+        name, secret = (parts[0], parts[1]) if len(parts) == 2 else (None, parts[0])
+        tokens.append(Token(name, secret.encode()))
+    if not tokens:
+        raise FatalStartupError(f"api.token_file {path}: no token in the file")
+    return tokens
+
+
+class TokenGuard:
+    """ASGI middleware: 401 unless the request carries a known token.
+
+    The matching ``Token`` is put in ``scope["state"]["token"]`` for handlers (the actor).
+    """
+
+    def __init__(self, app: Any, tokens: list[Token]) -> None:
+        self.app = app
+        self.tokens = tokens
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+            await self.app(scope, receive, send)
+            return
+        token = self._match(_authorization(scope))
+        if token is None:
+            await _unauthorized(scope, send)
+            return
+        scope.setdefault("state", {})["token"] = token
+        await self.app(scope, receive, send)
+
+    def _match(self, header: str) -> Token | None:
+        scheme, _, value = header.partition(" ")
+        scheme = scheme.lower()
+        if scheme == "bearer":
+            offered = value.strip().encode()
+        elif scheme == "basic":
+            try:
+                decoded = base64.b64decode(value.strip(), validate=True)
+            except (binascii.Error, ValueError):
+                return None
+            offered = decoded.partition(b":")[2]
+        else:
+            return None
+        found = None
+        for token in self.tokens:  # no early exit: the time does not depend on which one
+            if hmac.compare_digest(offered, token.secret) and found is None:
+                found = token
+        return found
+
+
+def _authorization(scope: Scope) -> str:
+    for name, value in scope.get("headers", ()):
+        if name == b"authorization":
+            return value.decode("latin-1")
+    return ""
+
+
+async def _unauthorized(scope: Scope, send: Any) -> None:
+    challenge = (b'Basic realm="edge-gateway", charset="UTF-8"' if scope["path"] == "/"
+                 else b'Bearer realm="edge-gateway"')
+    body = orjson.dumps({"error": "unauthorized",
+                         "detail": "send 'Authorization: Bearer <token>' (api.token_file)"})
+    await send({"type": "http.response.start", "status": 401, "headers": [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        (b"www-authenticate", challenge),
+    ]})
+    await send({"type": "http.response.body", "body": body})

@@ -1,0 +1,154 @@
+"""``GET /``: a small, self-contained status page for plant IT.
+
+One HTML document, no scripts, no external assets; it reloads itself every
+``REFRESH_S`` seconds. Top to bottom it answers: is anything wrong and since when, can the
+gateway take data (ready), are the receivers reachable, how big and how old is the backlog,
+how full is the disk budget. Every value is HTML-escaped.
+"""
+
+from __future__ import annotations
+
+import html
+import time
+from typing import Any
+
+from edge.api.summary import ago, duration, overall, problems
+
+__all__ = ["REFRESH_S", "render"]
+
+REFRESH_S = 10
+CLASSES = ("critical", "high", "normal", "low")
+
+_CSS = """
+body{font:15px/1.4 system-ui,sans-serif;margin:0;background:#f4f5f7;color:#1d2125}
+header{padding:14px 20px;color:#fff}header h1{margin:0;font-size:22px}header p{margin:4px 0 0}
+.s-ok{background:#1f7a3a}.s-degraded{background:#b86e00}.s-critical{background:#b3261e}
+main{padding:8px 20px 24px}h2{font-size:17px;margin:20px 0 6px}
+table{border-collapse:collapse;background:#fff;width:100%}
+th,td{border:1px solid #d5d8dc;padding:4px 8px;text-align:left;vertical-align:top}
+th{background:#e9ebee}td.n{text-align:right;font-variant-numeric:tabular-nums}
+ul.p{list-style:none;padding:0;margin:0}ul.p li{padding:8px 10px;margin:4px 0;background:#fff}
+li.critical{border-left:6px solid #b3261e}li.warning{border-left:6px solid #e0a800}
+.bad{color:#b3261e;font-weight:600}.good{color:#1f7a3a}.muted{color:#5f6b76}
+.bar{background:#e9ebee;height:12px;width:260px;display:inline-block;vertical-align:middle}
+.bar span{display:block;height:12px;background:#1f7a3a}.bar span.hi{background:#b3261e}
+footer{padding:0 20px 20px;color:#5f6b76}
+"""
+
+
+def _e(value: Any) -> str:
+    return html.escape("" if value is None else str(value))
+
+
+def render(report: dict[str, Any], not_ready: list[dict[str, str]]) -> str:
+    found = problems(report) if "error" not in report else []
+    state = "critical" if "error" in report else overall(found)
+    label = {"ok": "OK", "degraded": "NEEDS ATTENTION", "critical": "PROBLEM"}[state]
+    site = report.get("site", "?")
+    parts = [
+        "<!doctype html><html lang='en'><head><meta charset='utf-8'>",
+        f"<meta http-equiv='refresh' content='{REFRESH_S}'>",
+        "<meta name='viewport' content='width=device-width,initial-scale=1'>",
+        f"<title>{label} · edge gateway {_e(site)}</title><style>{_CSS}</style></head><body>",
+        f"<header class='s-{state}'><h1>{_e(site)} — {label}</h1><p>edge-gateway "
+        f"{_e(report.get('version', ''))} · up {duration(report.get('uptime_s'))} · "
+        f"{time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime())} UTC · refreshes every "
+        f"{REFRESH_S} s</p></header><main>",
+    ]
+    if "error" in report:
+        parts.append(f"<p class='bad'>Status unavailable: {_e(report['error'])} "
+                     "(the gateway may be stopping).</p>")
+    parts += _attention(found, not_ready)
+    if "error" not in report:
+        parts += _sinks(report.get("sinks") or {})
+        parts += _components(report.get("components") or [])
+        parts += _outbox(report.get("outbox") or {})
+    parts.append("</main><footer>Machine-readable: <a href='/status'>/status</a> · "
+                 "<a href='/metrics'>/metrics</a> · dead letters: <a href='/dlq'>/dlq</a> · "
+                 "on the gateway: <code>edge status</code>, <code>edge dlq list</code>, "
+                 "<code>edge trace ID</code></footer></body></html>")
+    return "".join(parts)
+
+
+def _attention(found: list[Any], not_ready: list[dict[str, str]]) -> list[str]:
+    out = ["<h2>What needs attention</h2>"]
+    if not found and not not_ready:
+        return [*out, "<p class='good'>Nothing: every component runs, the receivers answer "
+                "and nothing is waiting long.</p>"]
+    out.append("<ul class='p'>")
+    for r in not_ready:
+        out.append(f"<li class='critical'><b>not ready</b> — {_e(r['message'])}</li>")
+    for p in found:
+        since = f" <span class='muted'>since {_e(p.since)} ({ago(p.since)})</span>" \
+            if p.since else ""
+        out.append(f"<li class='{p.severity}'><b>{_e(p.subject)}</b> — {_e(p.message)}"
+                   f"{since}</li>")
+    return [*out, "</ul>"]
+
+
+def _sinks(sinks: dict[str, Any]) -> list[str]:
+    out = ["<h2>Receivers and backlog</h2><table><tr><th>sink</th><th>reachable</th>",
+           *(f"<th>{c}</th>" for c in CLASSES),
+           "<th>waiting</th><th>retrying</th><th>oldest</th><th>dead letters</th>"
+           "<th>last delivery</th><th>last error</th></tr>"]
+    if not sinks:
+        out.append("<tr><td colspan='12' class='bad'>no sink configured</td></tr>")
+    for sid, s in sorted(sinks.items()):
+        if not s.get("configured", True):
+            reach = "<span class='bad'>removed from config</span>"
+        elif s.get("up") is False:
+            reach = f"<span class='bad'>NO (circuit {_e(s.get('circuit'))})</span>"
+        else:
+            reach = "<span class='good'>yes</span>"
+        depth = s.get("depth") or {}
+        dead = s.get("dead_letters", 0)
+        out.append(
+            f"<tr><td>{_e(sid)}</td><td>{reach}</td>"
+            + "".join(f"<td class='n'>{depth.get(c, 0)}</td>" for c in CLASSES)
+            + f"<td class='n'>{s.get('total', 0)}</td><td class='n'>{s.get('retrying', 0)}</td>"
+            f"<td class='n'>{duration(s.get('oldest_age_s'))}</td>"
+            f"<td class='n{' bad' if dead else ''}'>{dead}</td>"
+            f"<td>{_e(ago(s.get('last_delivery')))}</td><td>{_e(s.get('last_error') or '')}</td>"
+            "</tr>")
+    return [*out, "</table>"]
+
+
+def _components(components: list[dict[str, Any]]) -> list[str]:
+    out = ["<h2>Components</h2><table><tr><th>id</th><th>kind</th><th>type</th><th>state</th>"
+           "<th>connected</th><th>since</th><th>restarts</th><th>error</th></tr>"]
+    for c in components:
+        bad = c.get("state") in ("failed", "retrying")
+        conn = "yes" if c.get("connected") else ("no" if c.get("kind") == "source" else "-")
+        out.append(
+            f"<tr><td>{_e(c.get('id'))}</td><td>{_e(c.get('kind'))}</td><td>{_e(c.get('type'))}"
+            f"</td><td class='{'bad' if bad else ''}'>{_e(c.get('state'))}</td><td>{conn}</td>"
+            f"<td>{_e(ago(c.get('since')))}</td><td class='n'>{_e(c.get('restarts', 0))}</td>"
+            f"<td>{_e(c.get('error') or '')}</td></tr>")
+    return [*out, "</table>"]
+
+
+def _outbox(ob: dict[str, Any]) -> list[str]:
+    budget = ob.get("budget") or {}
+    pct = float(budget.get("percent") or 0.0)
+    quarantine = sum((ob.get("quarantine") or {}).values())
+    accepting = ("<span class='good'>yes</span>" if ob.get("accepting", True)
+                 else "<span class='bad'>NO — backpressure</span>")
+    return [
+        "<h2>Local outbox</h2><table>",
+        f"<tr><th>events stored</th><td>{_e(ob.get('events', 0))}</td></tr>",
+        f"<tr><th>accepting new events</th><td>{accepting}</td></tr>",
+        f"<tr><th>disk used</th><td><span class='bar'><span class='{'hi' if pct >= 80 else ''}'"
+        f" style='width:{min(100.0, pct):.0f}%'></span></span> "
+        f"{budget.get('used_bytes', 0) / 1e6:.1f} MB of {budget.get('budget_bytes', 0) / 1e6:.0f}"
+        f" MB ({pct:.1f} %)</td></tr>",
+        f"<tr><th>full in</th><td>{_full_in(budget.get('time_to_full_s'))}</td></tr>",
+        f"<tr><th>dead letters</th><td>{_e(ob.get('dead_letters', 0))}</td></tr>",
+        f"<tr><th>quarantined inbound records</th><td>{quarantine}</td></tr>",
+        f"<tr><th>file</th><td><code>{_e(ob.get('path', ''))}</code></td></tr></table>",
+    ]
+
+
+def _full_in(seconds: float | None) -> str:
+    if seconds is None:
+        return "<span class='muted'>not filling up (or too early to tell)</span>"
+    return f"about {duration(seconds)} <span class='muted'>(rate of the last 10 minutes)</span>"

@@ -1,0 +1,178 @@
+"""Request handlers of the local API (see ``edge.api.server`` for the list of endpoints).
+
+Handlers find the gateway in ``request.app.state.gateway``. Reads go through
+``Outbox.read`` (the reader thread), operator actions through the audited ``Outbox``
+methods, so the API never blocks the event loop and never writes around the single writer.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, Response
+
+from edge.api import lineage, page
+from edge.errors import OutboxClosedError, OutboxError
+from edge.outbox import queries
+
+__all__ = ["dlq_discard", "dlq_list", "dlq_replay", "dlq_show", "healthz", "index", "readiness", "readyz",
+           "status", "trace"]
+
+MAX_DLQ_LIMIT = 1000
+MAX_REASON_CHARS = 2000
+
+
+def json(doc: Any, status: int = 200) -> Response:
+    return Response(orjson.dumps(doc, default=str), status_code=status,
+                    media_type="application/json")
+
+
+def error(status: int, message: str) -> Response:
+    return json({"error": message}, status)
+
+
+def _gateway(request: Request) -> Any:
+    return request.app.state.gateway
+
+
+def _outbox(request: Request) -> Any:
+    """The gateway's outbox; ``OutboxClosedError`` (→ 503) once it is closed."""
+    outbox = _gateway(request).outbox
+    if _closed(outbox):
+        raise OutboxClosedError("the outbox is closed")
+    return outbox
+
+
+def _closed(outbox: Any) -> bool:
+    # Not writable although not refusing for space: the writer is gone (closed or stopping).
+    return not outbox.writable() and outbox.accepting
+
+
+def readiness(gateway: Any) -> list[dict[str, str]]:
+    """Why the gateway cannot take events now; empty when it is ready.
+
+    Readiness does not depend on the receivers: storing while the ERP is down is the job.
+    """
+    reasons = []
+    outbox = gateway.outbox
+    if _closed(outbox):
+        reasons.append({"code": "outbox_closed", "message": "the outbox is closed"})
+    elif not outbox.writable():
+        reasons.append({"code": "backpressure", "message":
+                        "the outbox budget is used by events that may not be expired; "
+                        "new events are refused"})
+    if not gateway.sinks:
+        reasons.append({"code": "no_sinks", "message": "no sink is configured"})
+    if not gateway.ready.is_set() and not reasons:
+        reasons.append({"code": "starting", "message": "the gateway is starting"})
+    return reasons
+
+
+async def healthz(request: Request) -> Response:
+    return json({"status": "alive"})
+
+
+async def readyz(request: Request) -> Response:
+    reasons = readiness(_gateway(request))
+    if reasons:
+        return json({"status": "not ready", "reasons": reasons}, 503)
+    return json({"status": "ready"})
+
+
+async def status(request: Request) -> Response:
+    _outbox(request)
+    return json(await _gateway(request).status_report())
+
+
+async def index(request: Request) -> Response:
+    gateway = _gateway(request)
+    try:
+        _outbox(request)
+        report = await gateway.status_report()
+    except OutboxError as err:
+        report = {"site": gateway.config.site, "error": str(err)}
+    return HTMLResponse(page.render(report, readiness(gateway)),
+                        headers={"Cache-Control": "no-store"})
+
+
+async def dlq_list(request: Request) -> Response:
+    sink = request.query_params.get("sink") or None
+    raw = request.query_params.get("limit", "100")
+    if not raw.isdigit() or not 1 <= int(raw) <= MAX_DLQ_LIMIT:
+        return error(400, f"limit must be an integer from 1 to {MAX_DLQ_LIMIT}, got {raw!r}")
+    outbox = _outbox(request)
+    rows = await outbox.read(lambda c: queries.dlq_list(c, sink=sink, limit=int(raw)))
+    return json({"dead_letters": rows, "count": len(rows)})
+
+
+async def dlq_show(request: Request) -> Response:
+    ref = request.path_params["ref"]
+    found = await _outbox(request).read(queries.dlq_show, ref)
+    return json(found) if found else error(404, f"no dead letter {ref!r}")
+
+
+async def dlq_replay(request: Request) -> Response:
+    return await _dlq_action(request, "replay")
+
+
+async def dlq_discard(request: Request) -> Response:
+    return await _dlq_action(request, "discard")
+
+
+async def _dlq_action(request: Request, action: str) -> Response:
+    """``{"ids": [..]}`` or ``{"sink": ".."}`` plus a required reason; audited."""
+    try:
+        body = orjson.loads(await request.body() or b"null")
+    except orjson.JSONDecodeError:
+        return error(400, "the body must be a JSON object")
+    problem = _check_action(body)
+    if problem:
+        return error(400, problem)
+    outbox = _outbox(request)
+    token = getattr(request.state, "token", None)
+    kwargs = {"ids": body.get("ids"), "sink": body.get("sink"),
+              "actor": token.actor if token else "api", "reason": body["reason"].strip()}
+    if action == "replay":
+        n = await outbox.dlq_replay(**kwargs)
+        return json({"replayed": n})
+    n = await outbox.dlq_discard(**kwargs)
+    return json({"discarded": n})
+
+
+def _check_action(body: Any) -> str | None:
+    if not isinstance(body, dict):
+        return "the body must be a JSON object: {\"ids\": [1, 2]} or {\"sink\": \"erp\"}, " \
+               "plus \"reason\""
+    unknown = set(body) - {"ids", "sink", "reason"}
+    if unknown:
+        return f"unknown key {sorted(unknown)[0]!r} (allowed: ids, sink, reason)"
+    reason = body.get("reason")
+    if not isinstance(reason, str) or not reason.strip():
+        return "reason is required: say why (it is recorded in the audit trail)"
+    if len(reason) > MAX_REASON_CHARS:
+        return f"reason must be at most {MAX_REASON_CHARS} characters"
+    ids, sink = body.get("ids"), body.get("sink")
+    if ids is None and sink is None:
+        return "say which dead letters: \"ids\": [..] or \"sink\": \"..\""
+    if ids is not None and (not isinstance(ids, list) or not ids or not all(
+            isinstance(i, int) and not isinstance(i, bool) for i in ids)):
+        return "ids must be a non-empty list of dead-letter ids (integers)"
+    if sink is not None and (not isinstance(sink, str) or not sink):
+        return "sink must be a sink id"
+    return None
+
+
+async def trace(request: Request) -> Response:
+    """GET /trace/{event_id} or GET /trace?key=lot:L1."""
+    outbox = _outbox(request)
+    event_id = request.path_params.get("event_id")
+    if event_id:
+        doc = await outbox.read(lineage.trace_event, event_id)
+        return json(doc) if doc else error(404, f"no trace of event {event_id!r}")
+    key = request.query_params.get("key")
+    if not key:
+        return error(400, "give an event id (/trace/ID) or an ordering key (/trace?key=lot:L1)")
+    doc = await outbox.read(lineage.trace_key, key)
+    return json(doc) if doc else error(404, f"no event with ordering key {key!r}")

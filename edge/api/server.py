@@ -1,0 +1,190 @@
+"""The local health/API server: starlette + plain uvicorn, as a task in the gateway's loop.
+
+Endpoints (DESIGN contracts; JSON unless noted)::
+
+    GET  /healthz                 200 {"status": "alive"} while the event loop runs (no token)
+    GET  /readyz                  200 when the outbox is writable and sinks are configured,
+                                  else 503 {"status": "not ready", "reasons": [{code, message}]}
+    GET  /status                  Gateway.status_report()
+    GET  /metrics                 Prometheus text of the gateway's registry
+    GET  /                        HTML status page for plant IT (edge.api.page)
+    GET  /dlq?sink=&limit=        dead letters, oldest first
+    GET  /dlq/{id or event id}    one dead letter with its response body and stored event
+    POST /dlq/replay|discard      {"ids": [..]} or {"sink": ".."} + required "reason";
+                                  audited with the token's actor ("api" or "api:<name>")
+    GET  /trace/{event_id}        lineage of one event (edge.api.lineage)
+    GET  /trace?key=lot:L1        lineage of every event of an ordering key
+
+With ``api.token_file`` set every endpoint but /healthz needs the token (edge.api.auth).
+
+Contract: ``serve()`` binds ``api.listen`` itself (so a taken port is a clear
+``FatalStartupError``, not uvicorn's ``sys.exit``) and serves until ``shutdown()``;
+``started()`` returns once the socket listens or raises what ``serve()`` failed with.
+SIGTERM/SIGINT stay with the gateway: uvicorn's signal capture is disabled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import socket
+from collections.abc import Iterator
+from typing import Any
+
+import uvicorn
+from prometheus_client import make_asgi_app
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from edge.api import routes
+from edge.api.auth import TokenGuard, load_tokens
+from edge.errors import FatalStartupError, OutboxError
+from edge.telemetry import log_event
+
+__all__ = ["ApiServer", "build_app"]
+
+log = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 64 * 1024
+SHUTDOWN_GRACE_S = 3.0
+
+
+class _AsgiEndpoint:
+    """Wraps an ASGI function so starlette's Route serves it as an app, not as a handler."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        await self.app(scope, receive, send)
+
+
+async def _outbox_unavailable(request: Request, exc: Exception) -> Response:
+    return routes.error(503, f"outbox unavailable: {exc}")
+
+
+def build_app(gateway: Any, tokens: list[Any] | None = None) -> Starlette:
+    post = {"methods": ["POST"], "max_body_size": MAX_BODY_BYTES}
+    app = Starlette(
+        routes=[
+            Route("/", routes.index),
+            Route("/healthz", routes.healthz),
+            Route("/readyz", routes.readyz),
+            Route("/status", routes.status),
+            Route("/metrics", _AsgiEndpoint(make_asgi_app(registry=gateway.metrics.registry)),
+                  methods=["GET"]),
+            Route("/dlq", routes.dlq_list),
+            Route("/dlq/replay", routes.dlq_replay, **post),
+            Route("/dlq/discard", routes.dlq_discard, **post),
+            Route("/dlq/{ref:str}", routes.dlq_show),
+            Route("/trace", routes.trace),
+            Route("/trace/{event_id:str}", routes.trace),
+        ],
+        middleware=[Middleware(TokenGuard, tokens=tokens)] if tokens else [],
+        exception_handlers={OutboxError: _outbox_unavailable},
+    )
+    app.state.gateway = gateway
+    return app
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without its signal handlers, telling us when it listens."""
+
+    def __init__(self, config: uvicorn.Config) -> None:
+        super().__init__(config)
+        self.listening = asyncio.Event()
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield  # the gateway owns SIGTERM/SIGINT and stops us through shutdown()
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        self.listening.set()
+
+
+class ApiServer:
+    def __init__(self, gateway: Any) -> None:
+        cfg = gateway.config.api
+        self.listen: str = cfg.listen
+        self.host: str = cfg.host
+        self.port: int = cfg.port
+        tokens = load_tokens(cfg.token_file) if cfg.token_file else None
+        self.auth = tokens is not None
+        self.app = build_app(gateway, tokens)
+        self._server = _Server(uvicorn.Config(
+            self.app, loop="none", lifespan="off", access_log=False, log_config=None,
+            proxy_headers=False, server_header=False, timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
+        ))
+        self._failed: BaseException | None = None
+        self._done = asyncio.Event()
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    async def serve(self) -> None:
+        """Bind ``api.listen`` and serve until ``shutdown()``."""
+        try:
+            sock = self._bind()
+            self.port = sock.getsockname()[1]
+            await self._server.serve(sockets=[sock])
+        except BaseException as err:
+            self._failed = err
+            raise
+        finally:
+            self._done.set()
+
+    async def started(self) -> None:
+        """Return once the socket listens; raise what ``serve()`` failed with."""
+        listening = asyncio.ensure_future(self._server.listening.wait())
+        done = asyncio.ensure_future(self._done.wait())
+        try:
+            await asyncio.wait({listening, done}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            listening.cancel()
+            done.cancel()
+        if self._failed is not None:
+            raise self._failed
+        if not self._server.listening.is_set():
+            raise FatalStartupError(f"api.listen {self.listen}: the server stopped at start")
+        log_event(log, logging.INFO, "local API listening", url=self.url,
+                  token_required=self.auth)
+
+    async def shutdown(self) -> None:
+        """Stop accepting, let open requests finish (bounded), return when stopped."""
+        self._server.should_exit = True
+        if self._done.is_set() or not self._server.listening.is_set():
+            return
+        try:
+            async with asyncio.timeout(SHUTDOWN_GRACE_S + 2):
+                await self._done.wait()
+        except TimeoutError:
+            self._server.force_exit = True
+
+    def _bind(self) -> socket.socket:
+        host = "127.0.0.1" if self.host == "localhost" else self.host
+        try:
+            family, type_, proto, _, addr = socket.getaddrinfo(
+                host, self.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+            sock = socket.socket(family, type_, proto)
+        except (OSError, IndexError) as err:
+            raise FatalStartupError(f"api.listen {self.listen}: cannot resolve {host}: {err}"
+                                    ) from err
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # quick restarts
+            sock.bind(addr)
+            sock.listen(128)
+        except OSError as err:
+            sock.close()
+            what = ("address already in use" if err.errno == errno.EADDRINUSE
+                    else f"cannot listen: {err.strerror or err}")
+            raise FatalStartupError(f"api.listen {self.listen}: {what}") from err
+        sock.setblocking(False)
+        return sock

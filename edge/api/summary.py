@@ -1,0 +1,132 @@
+"""What is wrong, in words: the ``/status`` document turned into a short list of problems.
+
+Shared by the HTML status page and ``edge status`` so both say the same thing. Pure
+functions over the ``Gateway.status_report()`` dict (no web framework imported here).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+__all__ = ["OLD_BACKLOG_S", "Problem", "ago", "duration", "overall", "problems"]
+
+OLD_BACKLOG_S = 300.0  # an undelivered event older than this is worth a line
+
+
+@dataclass(frozen=True)
+class Problem:
+    severity: str  # critical | warning
+    subject: str  # what it is about: "outbox", "sink erp", "source line1"
+    message: str
+    since: str | None = None  # UTC ISO time when known
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"severity": self.severity, "subject": self.subject, "message": self.message,
+                "since": self.since}
+
+
+def duration(seconds: float | None) -> str:
+    """``42 s``, ``12 min``, ``3.4 h``, ``2.1 d``; ``-`` when unknown."""
+    if seconds is None:
+        return "-"
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 172800:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} d"
+
+
+def _epoch(iso: str | None) -> float | None:
+    if not iso:
+        return None
+    try:
+        return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
+
+
+def ago(iso: str | None, now: float | None = None) -> str:
+    """``12 min ago`` for a UTC ISO time; ``never`` when there is none."""
+    ts = _epoch(iso)
+    if ts is None:
+        return "never"
+    return f"{duration(max(0.0, (now or time.time()) - ts))} ago"
+
+
+def problems(report: dict[str, Any]) -> list[Problem]:
+    """Everything an operator should look at, most severe first."""
+    out: list[Problem] = []
+    outbox = report.get("outbox") or {}
+    for alarm in report.get("alarms") or []:
+        sev = "critical" if alarm.get("code") == "outbox_corrupt" else "warning"
+        out.append(Problem(sev, "outbox", alarm.get("message", alarm.get("code", "")),
+                           alarm.get("since")))
+    if outbox and not outbox.get("accepting", True):
+        out.append(Problem("critical", "outbox",
+                           "new events are refused (backpressure): the disk budget is used by "
+                           "events that may not be expired; sources stop acknowledging and "
+                           "the broker keeps their messages"))
+    for comp in report.get("components") or []:
+        out.extend(_component(comp))
+    for sid, sink in sorted((report.get("sinks") or {}).items()):
+        out.extend(_sink(sid, sink))
+    out.sort(key=lambda p: p.severity != "critical")
+    return out
+
+
+def overall(found: list[Problem]) -> str:
+    """``critical``, ``degraded`` or ``ok``."""
+    if any(p.severity == "critical" for p in found):
+        return "critical"
+    return "degraded" if found else "ok"
+
+
+def _component(comp: dict[str, Any]) -> list[Problem]:
+    subject = f"{comp.get('kind', 'component')} {comp.get('id')}"
+    state, error = comp.get("state"), comp.get("error")
+    if state == "failed":
+        return [Problem("critical", subject, f"stopped: {error or 'failed'}", comp.get("since"))]
+    if state == "retrying":
+        return [Problem("warning", subject,
+                        f"restarting after an error ({comp.get('restarts', 0)} restarts): "
+                        f"{error or 'unknown error'}", comp.get("since"))]
+    if comp.get("kind") == "source" and state == "running" and not comp.get("connected"):
+        return [Problem("warning", subject, "not connected", comp.get("since"))]
+    return []
+
+
+def _sink(sid: str, sink: dict[str, Any]) -> list[Problem]:
+    subject = f"sink {sid}"
+    out: list[Problem] = []
+    waiting = sink.get("total", 0)
+    if not sink.get("configured", True):
+        if waiting:
+            out.append(Problem("warning", subject,
+                               f"{waiting} event(s) kept for a sink that is no longer in the "
+                               "config: reroute or discard them (edge outbox reroute|discard)"))
+    elif sink.get("up") is False:
+        out.append(Problem("critical", subject,
+                           f"unreachable (circuit {sink.get('circuit')}): "
+                           f"{sink.get('last_error') or 'failing'}; last delivery "
+                           f"{ago(sink.get('last_delivery'))}; {waiting} event(s) waiting"))
+    if sink.get("paused_for_s"):
+        out.append(Problem("warning", subject,
+                           f"paused for {duration(sink['paused_for_s'])} (Retry-After)"))
+    age = sink.get("oldest_age_s")
+    if age is not None and age > OLD_BACKLOG_S:
+        out.append(Problem("warning", subject,
+                           f"oldest undelivered event is {duration(age)} old "
+                           f"({waiting} waiting, {sink.get('retrying', 0)} retrying)"))
+    if sink.get("dead_letters"):
+        out.append(Problem("warning", subject,
+                           f"{sink['dead_letters']} dead letter(s) refused by the receiver: "
+                           "fix the cause, then replay (edge dlq list / POST /dlq/replay)"))
+    if sink.get("unrouted"):
+        out.append(Problem("warning", subject,
+                           f"{sink['unrouted']} event(s) match no route of this sink"))
+    return out

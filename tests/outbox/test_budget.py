@@ -1,0 +1,95 @@
+"""Disk budget: alarm with forecast, expire oldest `low` only, then backpressure."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from edge.config import OutboxConfig
+from edge.errors import OutboxFullError
+from edge.outbox import Outbox
+from tests.outbox.helpers import sub
+
+PAD = "x" * 600
+
+
+async def _until(predicate, within_s: float = 10.0) -> None:
+    async with asyncio.timeout(within_s):
+        while not predicate():
+            await asyncio.sleep(0.02)
+
+
+def _count(path: str, sql: str) -> int:
+    conn = sqlite3.connect(path)
+    try:
+        return conn.execute(sql).fetchone()[0]
+    finally:
+        conn.close()
+
+
+async def test_low_expired_and_counted_critical_kept_then_backpressure(tmp_path: Path):
+    cfg = OutboxConfig(max_size_mb=1, alarm_at_percent=50, expire_at_percent=60)
+    ob = Outbox(tmp_path, cfg, router=lambda ev: ["erp"], maintenance_interval_s=0.05)
+    await ob.open()
+    try:
+        critical_ids: list[str] = []
+        critical_ids += await ob.submit(
+            [sub("quality.hold", lot_id=f"L{i}", reason=PAD) for i in range(100)])
+        # telemetry flood past the expiry threshold
+        for _ in range(30):
+            try:
+                await ob.submit([sub("machine.reading", pad=PAD) for _ in range(50)])
+            except OutboxFullError:
+                break
+        await _until(lambda: ob.metrics.events_expired.labels("low")._value.get() > 0)
+        assert any(a["code"] == "outbox_budget" for a in ob.alarms)
+        # keep adding protected events: low rows go first, then the outbox refuses
+        with pytest.raises(OutboxFullError):
+            for i in range(100_000):
+                critical_ids += await ob.submit(
+                    [sub("quality.hold", lot_id=f"M{i}", reason=PAD) for _ in range(20)])
+                await asyncio.sleep(0.01)  # let maintenance run, as real time would
+        assert ob.metrics.outbox_backpressure._value.get() == 1
+        assert not ob.accepting
+        expired = ob.metrics.events_expired.labels("low")._value.get()
+        assert expired > 0
+        pruned = ob.metrics.audit_pruned.labels("budget")._value.get()
+    finally:
+        await ob.close()
+    db = str(tmp_path / "outbox.db")
+    # every committed critical event is still there; only low rows were expired
+    assert _count(db, "SELECT COUNT(*) FROM events WHERE class = 0") == len(critical_ids)
+    # each expiry was audited; under pressure the oldest history of finished events may
+    # have been pruned since, and that pruning is counted
+    audited = _count(db, "SELECT COUNT(*) FROM audit WHERE state = 'expired'")
+    assert audited <= expired <= audited + pruned
+    assert _count(db, "SELECT COUNT(*) FROM audit WHERE state = 'expired' AND event_id IN "
+                      "(SELECT id FROM events)") == 0
+
+
+async def test_accepting_again_after_space_is_freed(tmp_path: Path):
+    from edge.outbox import Resolution
+
+    cfg = OutboxConfig(max_size_mb=0.5, alarm_at_percent=50, expire_at_percent=60)
+    ob = Outbox(tmp_path, cfg, router=lambda ev: ["erp"], maintenance_interval_s=0.05)
+    await ob.open()
+    try:
+        with pytest.raises(OutboxFullError):
+            for i in range(10_000):
+                await ob.submit([sub("quality.hold", lot_id=f"L{i}", reason=PAD)
+                                 for _ in range(20)])
+                await asyncio.sleep(0.01)
+        waiter = asyncio.create_task(ob.wait_accepting())
+        await asyncio.sleep(0.2)
+        assert not waiter.done()
+        # deliver everything: rows leave, pages are freed, intake resumes
+        while batch := await ob.lease("erp", 500):
+            await ob.complete("erp", [Resolution(e.seq, e.id, "delivered", 200) for e in batch])
+        await asyncio.wait_for(waiter, 10)
+        assert ob.accepting
+        await ob.submit([sub("quality.hold", lot_id="again", reason="ok")])
+    finally:
+        await ob.close()

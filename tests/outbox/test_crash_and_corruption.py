@@ -1,0 +1,82 @@
+"""Invariant 7: kill -9 loses no committed row; a corrupt file is quarantined, not looped on."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from edge.outbox import Outbox
+from tests.outbox.helpers import sub
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _ids(db: Path) -> set[str]:
+    conn = sqlite3.connect(db)
+    try:
+        assert conn.execute("PRAGMA quick_check").fetchone()[0] == "ok"
+        return {r[0] for r in conn.execute("SELECT id FROM events")}
+    finally:
+        conn.close()
+
+
+def test_kill_9_mid_commit_loses_no_committed_row(tmp_path: Path):
+    for round_ in range(3):
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.outbox.crash_writer", str(tmp_path)],
+            cwd=ROOT, stdout=subprocess.PIPE, text=True,
+        )
+        acked: list[str] = []
+        assert proc.stdout is not None
+        deadline = time.monotonic() + 30
+        target = 2000 + 1000 * round_
+        while len(acked) < target and time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            acked.append(line.strip())
+        # the writer is busy committing more batches right now
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        assert len(acked) >= target, "child produced too little before the deadline"
+        stored = _ids(tmp_path / "outbox.db")
+        missing = set(acked) - stored
+        assert not missing, f"round {round_}: {len(missing)} committed ids lost"
+
+
+async def test_file_that_is_not_a_database_is_moved_aside(tmp_path: Path):
+    (tmp_path / "outbox.db").write_bytes(b"this is not sqlite" * 100)
+    async with Outbox(tmp_path, router=lambda ev: ["erp"]) as ob:
+        assert [a["code"] for a in ob.alarms] == ["outbox_corrupt"]
+        assert await ob.submit([sub()])  # a fresh outbox works
+    moved = list(tmp_path.glob("outbox.db.corrupt-*"))
+    assert len(moved) == 1 and moved[0].read_bytes().startswith(b"this is not sqlite")
+    conn = sqlite3.connect(tmp_path / "outbox.db")
+    states = [r[0] for r in conn.execute("SELECT state FROM audit WHERE event_id IS NULL")]
+    conn.close()
+    assert "outbox_quarantined" in states
+
+
+async def test_damaged_pages_fail_quick_check_and_start_fresh_without_a_crash_loop(
+    tmp_path: Path,
+):
+    async with Outbox(tmp_path, router=lambda ev: ["erp"]) as ob:
+        await ob.submit([sub(pad="z" * 500) for _ in range(2000)])
+    db = tmp_path / "outbox.db"
+    size = db.stat().st_size
+    with open(db, "r+b") as f:  # scribble over b-tree pages, keep the header intact
+        for offset in range(8192, size - 4096, 16384):
+            f.seek(offset)
+            f.write(os.urandom(512))
+    for _ in range(2):  # a second start must not find a problem again
+        async with Outbox(tmp_path, router=lambda ev: ["erp"]) as ob:
+            await ob.submit([sub()])
+            codes = [a["code"] for a in ob.alarms]
+        if codes:
+            assert codes == ["outbox_corrupt"]
+    assert len(list(tmp_path.glob("outbox.db.corrupt-*"))) == 1
