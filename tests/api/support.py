@@ -1,0 +1,41 @@
+"""Helpers for tests that talk to the gateway's local API over loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import socket
+from collections.abc import Callable
+from typing import Any
+
+from edge.components import Submission
+from edge.events import make_event
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def api_yaml(port: int, *, token_file: str | None = None) -> str:
+    token = f", token_file: {token_file}" if token_file else ""
+    return f'api: {{listen: "127.0.0.1:{port}"{token}}}\n'
+
+
+def submission(lot: str, *, type: str = "inspection.result", **data: Any) -> Submission:
+    return Submission(make_event(type=type, site="test-site", source="line1",
+                                 data={"lot_id": lot, **data}, ordering_key=f"lot:{lot}"))
+
+
+async def eventually(check: Callable[[], Any], *, timeout: float = 20.0) -> Any:
+    """Poll ``check`` (sync or async) until it returns something truthy; return that."""
+    async with asyncio.timeout(timeout):
+        while True:
+            result = check()
+            if inspect.isawaitable(result):
+                result = await result
+            if result:
+                return result
+            await asyncio.sleep(0.05)
