@@ -10,6 +10,9 @@ arrived in order, and can be told to misbehave:
                                  true are refused (a batch containing one is refused as a
                                  whole, like a strict API would); ``times`` limits how often
 - TLS: ``certfile``/``keyfile`` serve HTTPS; ``ca_file`` + ``require_client_cert`` demand mTLS
+- auth: ``require_auth(headers) -> bool`` answers 401 when false; ``oauth_client=(id,
+  secret)`` serves ``POST /oauth/token`` (client credentials) and accepts only the bearer
+  tokens it issued (``expire_tokens()`` revokes them, as an ERP would at expiry)
 - ``conflict_on_repeat``       a repeated ``Idempotency-Key`` gets 409 (an ERP that says
                                  "already exists")
 
@@ -26,6 +29,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import parse_qs
 
 import orjson
 import uvicorn
@@ -51,7 +55,15 @@ class ErpReceiver:
     def __init__(self, host: str = "127.0.0.1", port: int = 0, *, record: bool = True,
                  conflict_on_repeat: bool = False, latency_s: float = 0.0,
                  certfile: str | None = None, keyfile: str | None = None,
-                 ca_file: str | None = None, require_client_cert: bool = False) -> None:
+                 ca_file: str | None = None, require_client_cert: bool = False,
+                 require_auth: Callable[[dict[str, str]], bool] | None = None,
+                 oauth_client: tuple[str, str] | None = None,
+                 token_ttl_s: int = 3600) -> None:
+        self.require_auth = require_auth
+        self.oauth_client = oauth_client
+        self.token_ttl_s = token_ttl_s
+        self.valid_tokens: set[str] = set()
+        self.tokens_issued = 0
         self.tls = {"ssl_certfile": certfile, "ssl_keyfile": keyfile, "ssl_ca_certs": ca_file}
         if require_client_cert:
             import ssl
@@ -92,6 +104,30 @@ class ErpReceiver:
     def clear_rejects(self) -> None:
         self._rejects.clear()
 
+    def expire_tokens(self) -> None:
+        self.valid_tokens.clear()
+
+    async def _token(self, request: Request) -> Response:
+        form = {k: v[0] for k, v in parse_qs((await request.body()).decode()).items()}
+        if self.oauth_client is None or (form.get("client_id"), form.get("client_secret")) != \
+                self.oauth_client or form.get("grant_type") != "client_credentials":
+            return Response('{"error":"invalid_client"}', status_code=401,
+                            media_type="application/json")
+        self.tokens_issued += 1
+        token = f"tok-{self.tokens_issued}"
+        self.valid_tokens.add(token)
+        return Response(orjson.dumps({"access_token": token, "token_type": "Bearer",
+                                      "expires_in": self.token_ttl_s}),
+                        media_type="application/json")
+
+    def _authorized(self, headers: dict[str, str]) -> bool:
+        if self.require_auth is not None and not self.require_auth(headers):
+            return False
+        if self.oauth_client is not None:
+            auth = headers.get("authorization", "")
+            return auth.startswith("Bearer ") and auth[7:] in self.valid_tokens
+        return True
+
     @property
     def url(self) -> str:
         scheme = "https" if self.tls["ssl_certfile"] else "http"
@@ -120,6 +156,8 @@ class ErpReceiver:
         except orjson.JSONDecodeError:
             return await self._done(request, headers, [], 400, None, "body is not JSON")
         events = doc if isinstance(doc, list) else [doc] if isinstance(doc, dict) else []
+        if not self._authorized(headers):
+            return await self._done(request, headers, events, 401, None, "unauthorized")
         if self._outage is not None:
             status, retry_after = self._outage
             return await self._done(request, headers, events, status, retry_after, "outage")
@@ -162,14 +200,15 @@ class ErpReceiver:
 
     async def start(self) -> ErpReceiver:
         app = Starlette(routes=[
-            Route("/{path:path}", self._handle, methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
+            Route("/oauth/token", self._token, methods=["POST"]),
+            Route("/{path:path}", self._handle, methods=["GET", "POST", "PUT", "PATCH", "DELETE"]),
         ])
         sock = socket.socket(socket.AF_INET6 if ":" in self.host else socket.AF_INET)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((self.host, self.port))
         self.port = sock.getsockname()[1]
         config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
-                                loop="none", timeout_keep_alive=30,
+                                loop="none", timeout_keep_alive=30, timeout_graceful_shutdown=1,
                                 **{k: v for k, v in self.tls.items() if v is not None})
         self._server = uvicorn.Server(config)
         self._server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
