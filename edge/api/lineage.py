@@ -132,12 +132,12 @@ def _describe(r: dict[str, Any]) -> str:
     if state == "unrouted":
         return f"not stored: {reason or 'no sink route for its type'}"
     if state == "retry":
-        return (f"attempt failed, will retry: {_status(d)}{reason or ''}; next attempt "
+        return (f"attempt failed, will retry: {_status(d, reason)}{reason or ''}; next attempt "
                 f"{d.get('next_attempt', '?')}")
     if state == "delivered":
         return f"delivered ({_status(d).strip()})" + (f"; {reason}" if reason else "")
     if state == "dead_lettered":
-        return f"dead-lettered: {_status(d)}{reason or ''}"
+        return f"dead-lettered: {_status(d, reason)}{reason or ''}"
     if state in ("replayed", "discarded", "rerouted"):
         extra = f" from {d['from']}" if d.get("from") else ""
         return f"{state}{extra} by {r['actor']}: \"{reason or ''}\""
@@ -145,5 +145,9 @@ def _describe(r: dict[str, Any]) -> str:
     return text + (f" (by {r['actor']})" if r.get("actor") not in (None, "gateway") else "")
 
 
-def _status(d: dict[str, Any]) -> str:
-    return f"HTTP {d['status']} " if d.get("status") is not None else ""
+def _status(d: dict[str, Any], reason: str | None = None) -> str:
+    """``HTTP 422 `` unless the reason already starts with it."""
+    if d.get("status") is None:
+        return ""
+    text = f"HTTP {d['status']} "
+    return "" if (reason or "").startswith(text.strip()) else text

@@ -18,6 +18,7 @@ __all__ = ["REFRESH_S", "render"]
 
 REFRESH_S = 10
 CLASSES = ("critical", "high", "normal", "low")
+MB = 1024 * 1024  # outbox.max_size_mb counts in these
 
 _CSS = """
 body{font:15px/1.4 system-ui,sans-serif;margin:0;background:#f4f5f7;color:#1d2125}
@@ -139,7 +140,7 @@ def _outbox(ob: dict[str, Any]) -> list[str]:
         f"<tr><th>accepting new events</th><td>{accepting}</td></tr>",
         f"<tr><th>disk used</th><td><span class='bar'><span class='{'hi' if pct >= 80 else ''}'"
         f" style='width:{min(100.0, pct):.0f}%'></span></span> "
-        f"{budget.get('used_bytes', 0) / 1e6:.1f} MB of {budget.get('budget_bytes', 0) / 1e6:.0f}"
+        f"{budget.get('used_bytes', 0) / MB:.1f} MB of {budget.get('budget_bytes', 0) / MB:.0f}"
         f" MB ({pct:.1f} %)</td></tr>",
         f"<tr><th>full in</th><td>{_full_in(budget.get('time_to_full_s'))}</td></tr>",
         f"<tr><th>dead letters</th><td>{_e(ob.get('dead_letters', 0))}</td></tr>",

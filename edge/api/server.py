@@ -52,6 +52,7 @@ log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 64 * 1024
 SHUTDOWN_GRACE_S = 3.0
+MAX_CONNECTIONS = 64  # beyond this uvicorn answers 503: a local API, not a public one
 
 
 class _AsgiEndpoint:
@@ -119,7 +120,8 @@ class ApiServer:
         self.app = build_app(gateway, tokens)
         self._server = _Server(uvicorn.Config(
             self.app, loop="none", lifespan="off", access_log=False, log_config=None,
-            proxy_headers=False, server_header=False, timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
+            proxy_headers=False, server_header=False, limit_concurrency=MAX_CONNECTIONS,
+            timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
         ))
         self._failed: BaseException | None = None
         self._done = asyncio.Event()
