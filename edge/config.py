@@ -33,7 +33,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic.functional_validators import AfterValidator
+from pydantic.functional_validators import AfterValidator, BeforeValidator
 
 from edge.errors import ConfigError, ConfigIssue
 from edge.registry import Registry, default_registry
@@ -257,12 +257,28 @@ def build_config_model(registry: Registry) -> type[GatewayConfigBase]:
     """``GatewayConfigBase`` + ``sources``/``sinks`` as discriminated unions of the registry."""
 
     def union(kind: Literal["source", "sink"]) -> Any:
-        models = [c.config_model for c in registry.types(kind).values()]
+        types = registry.types(kind)
+        models = [c.config_model for c in types.values()]
+        allowed = ", ".join(sorted(types)) or "(none installed)"
+
+        def known_type(item: Any) -> Any:
+            # One clear error for an unknown type instead of every field of every model.
+            if isinstance(item, dict):
+                if "type" not in item:
+                    raise ValueError(f"missing key 'type' (one of {allowed})")
+                if item["type"] not in types:
+                    raise ValueError(f"type must be one of {allowed}, got {item['type']!r}")
+            return item
+
         if not models:
-            return dict[str, Any]
+            return Annotated[dict[str, Any], BeforeValidator(known_type)]
         if len(models) == 1:
-            return models[0]
-        return Annotated[Union[tuple(models)], Field(discriminator="type")]  # noqa: UP007
+            return Annotated[models[0], BeforeValidator(known_type)]
+        return Annotated[
+            Union[tuple(models)],  # noqa: UP007
+            Field(discriminator="type"),
+            BeforeValidator(known_type),
+        ]
 
     model = create_model(
         "GatewayConfig",
