@@ -3,8 +3,8 @@
 Token file (``api.token_file``), read once at start, one token per line::
 
     # comments and blank lines are ignored
-    3f9c0a...                 a token without a name: actions are audited as actor "api"
-    alice 7b21e4...           a named token: actions are audited as actor "api:alice"
+    3f9c0a...         # a token without a name: actions are audited as actor "api"
+    alice 7b21e4...   # a named token: actions are audited as actor "api:alice"
 
 Every request except ``GET /healthz`` must carry ``Authorization: Bearer <token>``.
 Browsers cannot add that header to a page they open, so HTTP Basic with the token as the
@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hmac
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +29,7 @@ from edge.errors import ConfigError, FatalStartupError
 __all__ = ["OPEN_PATHS", "Token", "TokenGuard", "load_tokens"]
 
 OPEN_PATHS = frozenset({"/healthz"})
+_COMMENT = re.compile(r"(^|\s)#.*$")  # a '#' inside a token is part of the token
 
 Scope = dict[str, Any]
 
@@ -50,8 +52,8 @@ def load_tokens(path: str) -> list[Token]:
         raise FatalStartupError(f"api.token_file {path}: cannot read it ({err})") from err
     tokens = []
     for line in text.splitlines():
-        parts = line.split()
-        if not parts or parts[0].startswith("#"):
+        parts = _COMMENT.sub("", line).split()
+        if not parts:
             continue
         if len(parts) > 2:
             raise FatalStartupError(

@@ -53,7 +53,7 @@ async def test_named_token_is_the_actor_in_the_audit_trail(gateways, erp, tmp_pa
     caplog.set_level(logging.DEBUG)
     erp.reject(lambda e: True, 422)
     gw, url = await _gateway(gateways, erp, tmp_path,
-                             f"# operators\nalice {TOKEN}\n{OTHER}\n")
+                             f"# operators\nalice {TOKEN}   # shift lead\n{OTHER}\n")
     [event_id] = await gw.pipeline.submit([submission("L1")])
     alice = {"Authorization": f"Bearer {TOKEN}"}
     async with httpx.AsyncClient(base_url=url, headers=alice) as client:
