@@ -17,8 +17,9 @@ Endpoints (DESIGN contracts; JSON unless noted)::
 
 With ``api.token_file`` set every endpoint but /healthz needs the token (edge.api.auth).
 
-Contract: ``serve()`` binds ``api.listen`` itself (so a taken port is a clear
-``FatalStartupError``, not uvicorn's ``sys.exit``) and serves until ``shutdown()``;
+Contract: ``bind()`` (optional, early) or ``serve()`` binds ``api.listen`` itself (so a
+taken port is a clear ``FatalStartupError``, not uvicorn's ``sys.exit``); ``serve()``
+serves until ``shutdown()``;
 ``started()`` returns once the socket listens or raises what ``serve()`` failed with.
 SIGTERM/SIGINT stay with the gateway: uvicorn's signal capture is disabled.
 """
@@ -123,6 +124,7 @@ class ApiServer:
             proxy_headers=False, server_header=False, limit_concurrency=MAX_CONNECTIONS,
             timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
         ))
+        self._sock: socket.socket | None = None
         self._failed: BaseException | None = None
         self._done = asyncio.Event()
 
@@ -131,12 +133,22 @@ class ApiServer:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"http://{host}:{self.port}"
 
+    def bind(self) -> None:
+        """Take the listening socket now (optional; ``serve()`` binds when not done yet).
+
+        Lets the gateway fail on a taken port before it opens the outbox or starts sending.
+        Raises ``FatalStartupError``.
+        """
+        if self._sock is None:
+            self._sock = self._bind()
+            self.port = self._sock.getsockname()[1]
+
     async def serve(self) -> None:
-        """Bind ``api.listen`` and serve until ``shutdown()``."""
+        """Bind ``api.listen`` (unless ``bind()`` did) and serve until ``shutdown()``."""
         try:
-            sock = self._bind()
-            self.port = sock.getsockname()[1]
-            await self._server.serve(sockets=[sock])
+            self.bind()
+            assert self._sock is not None
+            await self._server.serve(sockets=[self._sock])
         except BaseException as err:
             self._failed = err
             raise
@@ -163,6 +175,8 @@ class ApiServer:
         """Stop accepting, let open requests finish (bounded), return when stopped."""
         self._server.should_exit = True
         if self._done.is_set() or not self._server.listening.is_set():
+            if self._sock is not None and not self._server.listening.is_set():
+                self._sock.close()  # bound but never served
             return
         try:
             async with asyncio.timeout(SHUTDOWN_GRACE_S + 2):
