@@ -52,7 +52,7 @@ __all__ = ["ApiServer", "build_app"]
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 64 * 1024
-SHUTDOWN_GRACE_S = 3.0
+SHUTDOWN_GRACE_S = 3
 MAX_CONNECTIONS = 64  # beyond this uvicorn answers 503: a local API, not a public one
 
 
@@ -71,7 +71,6 @@ async def _outbox_unavailable(request: Request, exc: Exception) -> Response:
 
 
 def build_app(gateway: Any, tokens: list[Any] | None = None) -> Starlette:
-    post = {"methods": ["POST"], "max_body_size": MAX_BODY_BYTES}
     app = Starlette(
         routes=[
             Route("/", routes.index),
@@ -81,8 +80,10 @@ def build_app(gateway: Any, tokens: list[Any] | None = None) -> Starlette:
             Route("/metrics", _AsgiEndpoint(make_asgi_app(registry=gateway.metrics.registry)),
                   methods=["GET"]),
             Route("/dlq", routes.dlq_list),
-            Route("/dlq/replay", routes.dlq_replay, **post),
-            Route("/dlq/discard", routes.dlq_discard, **post),
+            Route("/dlq/replay", routes.dlq_replay, methods=["POST"],
+                  max_body_size=MAX_BODY_BYTES),
+            Route("/dlq/discard", routes.dlq_discard, methods=["POST"],
+                  max_body_size=MAX_BODY_BYTES),
             Route("/dlq/{ref:str}", routes.dlq_show),
             Route("/trace", routes.trace),
             Route("/trace/{event_id:str}", routes.trace),

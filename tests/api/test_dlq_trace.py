@@ -97,5 +97,7 @@ async def test_bad_requests_are_refused_with_the_reason(gateways, erp):
             assert words in resp.json()["error"], body
         not_json = await client.post("/dlq/replay", content=b"{nope")
         assert not_json.status_code == 400
+        huge = await client.post("/dlq/replay", json={"sink": "erp", "reason": "x" * 100_000})
+        assert huge.status_code == 413
         assert (await client.get("/dlq", params={"limit": "0"})).status_code == 400
         assert (await client.get("/trace")).status_code == 400
