@@ -21,6 +21,7 @@ Sink lifecycle::
     await sink.start()                  # open long-lived clients
     outcomes = await sink.send(batch)   # batch: StoredEvent list; one Outcome per event
     await sink.healthcheck() -> bool    # optional probe while the circuit is open
+    sink.stop_new_requests()            # optional: shutdown began; finish, start nothing new
     await sink.close()
 
 ``send`` receives events sorted by outbox sequence. It may group them into requests as its

@@ -46,13 +46,15 @@ async def send_in_key_order(
     requests: Sequence[list[StoredEvent]],
     send_request: SendRequest,
     concurrency: int,
+    stopping: Callable[[], bool] = lambda: False,
 ) -> dict[int, Outcome]:
     """Send requests (each one event or a batch) concurrently while keeping per-key order.
 
     ``requests`` come in outbox order (by their first event). A request waits for every
     earlier request that shares an ordering key with it. Once an event of a key got
     ``retry``, later events of that key are not sent (``Outcome.not_attempted``) and are
-    removed from the requests they were in; dead letters do not block their key.
+    removed from the requests they were in; dead letters do not block their key. Once
+    ``stopping()`` is true (shutdown) no new request starts: its events are not attempted.
     Returns the outcome of every event by ``seq``.
     """
     outcomes: dict[int, Outcome] = {}
@@ -73,7 +75,10 @@ async def send_in_key_order(
                     todo.append(ev)
             if todo:
                 async with sem:
-                    results = await send_request(todo)
+                    if stopping():
+                        results = [Outcome.not_attempted("gateway stopping")] * len(todo)
+                    else:
+                        results = await send_request(todo)
                 for ev, outcome in zip(todo, results, strict=True):
                     outcomes[ev.seq] = outcome
                     if outcome.kind is OutcomeKind.retry and ev.ordering_key is not None:
@@ -147,6 +152,9 @@ class Forwarder:
 
     def stop(self) -> None:
         self._stopping.set()
+        stop_new = getattr(self.sink, "stop_new_requests", None)
+        if stop_new is not None:
+            stop_new()
         self.outbox.new_rows(self.sink.id).set()  # wake idle lanes
 
     def status(self) -> dict[str, Any]:
@@ -190,7 +198,12 @@ class Forwarder:
                     async with asyncio.timeout(IDLE_POLL_S):
                         await new_rows.wait()
                 continue
-            await self._forward(batch)
+            try:
+                await self._forward(batch)
+            finally:
+                # a probe that reached no verdict (e.g. nothing was sendable) must not
+                # leave the other lanes waiting for it
+                self.breaker.probing = False
 
     def _lease_size(self) -> int:
         size = self.config.lease_batch

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import random
+import zlib
 from collections.abc import Sequence
 from typing import Any, Literal
 from urllib.parse import quote
@@ -134,6 +135,7 @@ class HttpSink:
         self.id = config.id
         self.ctx = ctx
         self._client: httpx.AsyncClient | None = None
+        self._stopping = False
         self._user_agent = f"edge-gateway/{_version()} ({ctx.site})"
 
     def accepts(self, event_type: str) -> bool:
@@ -157,6 +159,9 @@ class HttpSink:
             trust_env=False,
         )
 
+    def stop_new_requests(self) -> None:
+        self._stopping = True
+
     async def close(self) -> None:
         if self._client is not None:
             await self._client.aclose()
@@ -168,7 +173,11 @@ class HttpSink:
         outcomes: dict[int, Outcome] = {}
         requests: list[list[StoredEvent]] = []
         plans: dict[int, tuple[RouteConfig, str]] = {}
-        open_batches: dict[tuple[int, str], list[StoredEvent]] = {}
+        open_batches: dict[tuple[int, str, int], list[StoredEvent]] = {}
+        # Batches are built per group of keys so batches of different groups share no key
+        # and can be sent in parallel; within a group they go in outbox order.
+        groups = self.config.max_concurrent_requests
+        unkeyed = 0
         for ev in batch:
             route = self.route_for(ev.type)
             if route is None:
@@ -183,7 +192,11 @@ class HttpSink:
             if route.batch_max == 1:
                 requests.append([ev])
                 continue
-            key = (id(route), path)
+            if ev.ordering_key is None:
+                group, unkeyed = unkeyed % groups, unkeyed + 1
+            else:
+                group = zlib.crc32(ev.ordering_key.encode()) % groups
+            key = (id(route), path, group)
             current = open_batches.get(key)
             if current is None or len(current) >= route.batch_max:
                 current = []
@@ -195,9 +208,10 @@ class HttpSink:
             route, path = plans[events[0].seq]
             return await self._send_split(route, path, events)
 
-        outcomes.update(
-            await send_in_key_order(requests, send_request, self.config.max_concurrent_requests)
-        )
+        outcomes.update(await send_in_key_order(
+            requests, send_request, self.config.max_concurrent_requests,
+            stopping=lambda: self._stopping,
+        ))
         return [outcomes[ev.seq] for ev in batch]
 
     async def _send_split(self, route: RouteConfig, path: str, events: list[StoredEvent]
