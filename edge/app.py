@@ -17,11 +17,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
+import os
 import random
 import signal
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from edge import systemd
@@ -29,7 +32,7 @@ from edge.audit import utc_iso
 from edge.components import ComponentContext, Sink, Source
 from edge.config import GatewayConfig, SinkConfigBase
 from edge.errors import FatalStartupError
-from edge.events import Event
+from edge.events import Event, EventClass
 from edge.forwarder import Forwarder
 from edge.outbox import Outbox
 from edge.pipeline import Pipeline
@@ -91,6 +94,7 @@ class Gateway:
         self._watchdog: asyncio.Task[None] | None = None
         self._gauges: asyncio.Task[None] | None = None
         self._stopped = False
+        self._lock_fd: int | None = None
 
     # ------------------------------------------------------------------ routing
 
@@ -118,6 +122,12 @@ class Gateway:
         )
 
     async def start(self) -> None:
+        self._lock_state_dir()
+        if self.config.api.enabled:
+            from edge.api.server import ApiServer  # starlette/uvicorn only when enabled
+
+            self._api = ApiServer(self)
+            self._api.bind()  # a taken port fails now, before anything is opened or sent
         for cfg in self.config.sinks:
             self.status[cfg.id] = ComponentStatus(cfg.id, "sink", cfg.type)
             comp = self.registry.get("sink", cfg.type)
@@ -141,8 +151,9 @@ class Gateway:
                 self._supervise(sid, source), name=f"source-{sid}"
             )
         self._gauges = asyncio.create_task(self._update_gauges(), name="outbox-gauges")
-        if self.config.api.enabled:
-            await self._start_api()
+        if self._api is not None:
+            self._api_task = asyncio.create_task(self._api.serve(), name="api")
+            await self._api.started()
         self.ready.set()
         systemd.notify("READY=1")
         self._watchdog = systemd.start_watchdog(self._healthy)
@@ -151,12 +162,25 @@ class Gateway:
                   api=self.config.api.listen if self.config.api.enabled else "off",
                   state_dir=self.config.state_dir)
 
-    async def _start_api(self) -> None:
-        from edge.api.server import ApiServer  # starlette/uvicorn only when enabled
+    def _lock_state_dir(self) -> None:
+        """One daemon per state dir: a second one would share (and fight over) the outbox."""
+        path = Path(self.config.state_dir)
+        path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path / "edge.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise FatalStartupError(
+                f"state_dir {path} is in use by another running gateway") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._lock_fd = fd
 
-        self._api = ApiServer(self)
-        self._api_task = asyncio.create_task(self._api.serve(), name="api")
-        await self._api.started()
+    def _unlock_state_dir(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # closing releases the flock
+            self._lock_fd = None
 
     async def _update_gauges(self, interval_s: float = 5.0) -> None:
         """Refresh the outbox gauges (depth per sink and class, oldest age, DLQ size)."""
@@ -250,6 +274,7 @@ class Gateway:
                 await self._api_task
         for st in self.status.values():
             st.state = "stopped"
+        self._unlock_state_dir()
         log_event(log, logging.INFO, "gateway stopped")
 
     async def run(self) -> None:
@@ -272,10 +297,16 @@ class Gateway:
     async def status_report(self) -> dict[str, Any]:
         """The ``/status`` document (no secrets: config values are not included)."""
         stats = await self.outbox.stats()
+        for sid, fwd in self.forwarders.items():
+            self.status[sid].connected = fwd.breaker.state == "closed"
+            if fwd.breaker.state != "closed":
+                self.status[sid].error = fwd.last_error
         configured = set(self.sinks)
         sinks_out: dict[str, Any] = {}
         for sid in sorted(configured | set(stats["sinks"])):
-            entry = dict(stats["sinks"].get(sid) or {"total": 0, "depth": {}})
+            entry = dict(stats["sinks"].get(sid) or {
+                "depth": {c.name: 0 for c in EventClass}, "total": 0, "retrying": 0,
+                "unrouted": 0, "oldest_age_s": None, "dead_letters": 0})
             if sid in self.forwarders:
                 entry.update(self.forwarders[sid].status())
                 entry["configured"] = True

@@ -121,6 +121,7 @@ class Forwarder:
         self.paused_until = 0.0  # wall clock; set by Retry-After
         self.last_delivery_at: float | None = None
         self.last_error: str | None = None
+        self.down_since: float | None = None  # when the circuit opened
         self.delivered = 0
         self._stopping = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -164,6 +165,7 @@ class Forwarder:
             "paused_for_s": round(max(0.0, self.paused_until - self.clock()), 1),
             "last_delivery": _iso(self.last_delivery_at),
             "last_error": self.last_error,
+            "down_since": _iso(self.down_since),
             "delivered": self.delivered,
         }
 
@@ -283,12 +285,15 @@ class Forwarder:
             if self.breaker.state != "closed":
                 log_event(log, logging.INFO, "sink is back; circuit closed", sink=self.sink.id)
             self.breaker.record_success()
+            self.down_since = None
             self.metrics.sink_up.labels(self.sink.id).set(1)
             self.metrics.sink_circuit_open.labels(self.sink.id).set(0)
             return
         first = next(o for o in attempted if o.kind is OutcomeKind.retry)
-        self.last_error = f"{first.status or ''} {first.reason}".strip()
+        self.last_error = first.reason
         if self.breaker.record_failure():
+            if self.down_since is None:
+                self.down_since = self.clock()
             self.metrics.sink_up.labels(self.sink.id).set(0)
             self.metrics.sink_circuit_open.labels(self.sink.id).set(1)
             log_event(log, logging.WARNING, "sink failing; circuit open, events keep being stored",

@@ -8,6 +8,7 @@ import sys
 from typing import Any
 
 from edge.cli.common import load_or_exit, run_async
+from edge.errors import StartupError
 
 
 def register(sub: Any) -> None:
@@ -36,7 +37,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     async def main() -> None:
         await Gateway(cfg, config_path=args.config).run()
 
-    run_async(main())
+    try:
+        run_async(main())
+    except StartupError as err:
+        print(f"edge: cannot start: {err}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -174,7 +174,7 @@ class Outbox:
 
     async def read(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run a read-only query function on the reader thread."""
-        if self._rdb is None:
+        if self._rdb is None or self._closed:
             raise OutboxClosedError("the outbox is closed")
         return await self._rdb.run(fn, *args)
 
