@@ -1,0 +1,64 @@
+# Two commands do all set-up on a fresh machine (Python 3.11+ and make):
+#   make run    create .venv, install, start the demo (built-in broker, stations, stand-in ERP)
+#   make test   create .venv, install with test extras, ensure mosquitto, run the whole suite
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+PYTEST_ARGS ?=
+
+.PHONY: run test soak lint typecheck bench schema clean help
+
+help:
+	@echo "make run     start the demo gateway (Ctrl-C to stop)"
+	@echo "make test    run the test suite (short soak form; EDGE_SOAK=1 for the long one)"
+	@echo "make soak    run only the long soak tests"
+	@echo "make lint    ruff + mypy"
+	@echo "make bench   run the benchmarks (minutes; figures go to BENCHMARKS.md by hand)"
+	@echo "make schema  regenerate config/edge.schema.json"
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(VENV)/.installed-run: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e '.[demo]'
+	@touch $@
+
+$(VENV)/.installed-test: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e '.[test,demo]'
+	@touch $@
+
+run: $(VENV)/.installed-run
+	$(BIN)/edge demo
+
+.PHONY: mosquitto
+mosquitto:
+	@if command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ]; then :; \
+	elif [ "$$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "installing mosquitto (needed by the MQTT tests)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto; \
+	else \
+		echo "mosquitto is needed by the MQTT tests and is not installed."; \
+		echo "Install it with: sudo apt-get install mosquitto   (or your distribution's package)"; \
+		exit 1; \
+	fi
+
+test: $(VENV)/.installed-test mosquitto
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+soak: $(VENV)/.installed-test mosquitto
+	EDGE_SOAK=1 $(BIN)/python -m pytest -q -m slow $(PYTEST_ARGS)
+
+lint: $(VENV)/.installed-test
+	$(BIN)/ruff check edge tests plugins bench
+	$(BIN)/mypy edge
+
+bench: $(VENV)/.installed-test mosquitto
+	@for b in bench/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+
+schema: $(VENV)/.installed-run
+	$(BIN)/edge print-schema > config/edge.schema.json
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache
