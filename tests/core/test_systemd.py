@@ -1,0 +1,57 @@
+"""systemd integration: Type=notify readiness, watchdog pings, STOPPING on SIGTERM."""
+
+from __future__ import annotations
+
+import configparser
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tests.sinks.helpers import sink_yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_edge_run_notifies_ready_pings_the_watchdog_and_says_stopping(tmp_path: Path):
+    sock_path = str(tmp_path / "notify.sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(sock_path)
+    sock.settimeout(30)
+    cfg = tmp_path / "edge.yaml"
+    cfg.write_text(f"site: s\nstate_dir: {tmp_path / 'state'}\napi: {{enabled: false}}\n"
+                   + sink_yaml("http://127.0.0.1:9/erp"))
+    env = {**os.environ, "NOTIFY_SOCKET": sock_path, "WATCHDOG_USEC": "400000"}
+    proc = subprocess.Popen([sys.executable, "-m", "edge", "run", "-c", str(cfg)], cwd=ROOT,
+                            env=env, stderr=subprocess.PIPE)
+    try:
+        messages: list[str] = []
+        deadline = time.monotonic() + 30
+        while messages.count("WATCHDOG=1") < 2 and time.monotonic() < deadline:
+            messages.append(sock.recv(4096).decode())
+        assert messages[0] == "READY=1"
+        assert messages.count("WATCHDOG=1") >= 2
+        proc.send_signal(signal.SIGTERM)
+        while "STOPPING=1" not in messages and time.monotonic() < deadline:
+            messages.append(sock.recv(4096).decode())
+        assert "STOPPING=1" in messages
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        sock.close()
+
+
+def test_unit_is_notify_with_watchdog_and_does_not_restart_on_bad_config():
+    unit = configparser.ConfigParser(strict=False, interpolation=None)
+    unit.optionxform = str  # type: ignore[assignment,method-assign]
+    unit.read(ROOT / "systemd" / "edge-gateway.service")
+    svc = unit["Service"]
+    assert svc["Type"] == "notify" and int(svc["WatchdogSec"]) > 0
+    assert svc["RestartPreventExitStatus"] == "2"  # `edge run` exits 2 on bad config
+    assert "edge run -c" in svc["ExecStart"]
+    assert svc["ProtectSystem"] == "strict" and svc["NoNewPrivileges"] == "yes"
