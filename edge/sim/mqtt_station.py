@@ -1,0 +1,296 @@
+"""Simulated MQTT inspection stations (``edge simulate mqtt``; used by ``edge demo``).
+
+Each station of a line publishes, at QoS 1, on the topics of ``config/demo.yaml``:
+
+- ``plant/<site>/line/<line>/station/<station>/inspection`` — an inspection result::
+
+      {"msg_id": "st01-000042", "lot": "L0003", "sn": "SN01-000042", "result": "OK",
+       "value": 10.012, "ts": "2026-01-01T12:00:00.000Z"}
+
+  The lot changes every ``lot_every_s`` seconds; about 10 % of parts fail (``NOK``, with a
+  measured value outside 10.00 ± 0.05).
+- ``plant/<site>/line/<line>/station/<station>/reading`` — a machine reading (spindle
+  temperature, ``value`` in °C).
+
+``msg_id`` is unique per simulator run; ``Publisher.acked`` holds the ids the broker
+confirmed with PUBACK, so a test or the demo can check that every confirmed message
+reached the receiver exactly once.
+
+Programmatic use::
+
+    sim = StationSimulator(url, site="demo-plant", stations=3, rate=30)
+    await sim.run(duration=10)            # or run() until cancelled / sim.stop()
+    sim.publisher.acked                   # {msg_id, ...}
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import random
+import ssl
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import urlsplit
+
+import orjson
+
+__all__ = ["Publisher", "StationSimulator", "add_arguments", "run"]
+
+NOMINAL_MM = 10.0
+TOLERANCE_MM = 0.05
+
+
+class Publisher:
+    """A paho QoS 1 publisher on paho's own network thread that records PUBACKs.
+
+    ``publish(topic, payload, key)`` queues a message (paho keeps and resends it across
+    reconnects); ``acked`` is the set of keys the broker confirmed. Thread-safe counters.
+    """
+
+    def __init__(self, url: str, *, client_id: str | None = None, protocol: str = "5",
+                 username: str | None = None, password: str | None = None,
+                 ca_file: str | None = None, max_inflight: int = 100) -> None:
+        import paho.mqtt.client as mqtt
+        from paho.mqtt.enums import CallbackAPIVersion
+
+        parts = urlsplit(url)
+        if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
+            raise ValueError(f"url must be mqtt://host:port or mqtts://host:port, got {url!r}")
+        self.host = parts.hostname
+        self.port = parts.port or (8883 if parts.scheme == "mqtts" else 1883)
+        self.protocol = str(protocol)
+        v5 = self.protocol == "5"
+        self.client = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=client_id or f"edge-sim-{uuid.uuid4().hex[:8]}",
+            protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
+            clean_session=None if v5 else True,
+        )
+        self.client.max_inflight_messages_set(max_inflight)
+        self.client.max_queued_messages_set(0)
+        self.client.reconnect_delay_set(0.2, 2)
+        if parts.scheme == "mqtts":
+            ctx = ssl.create_default_context(cafile=ca_file)
+            self.client.tls_set_context(ctx)
+        if username:
+            self.client.username_pw_set(username, password)
+        self._lock = threading.Lock()
+        self._keys: dict[int, str] = {}
+        self._early: dict[int, bool] = {}
+        self.acked: set[str] = set()
+        self.published = 0
+        self.connected = threading.Event()
+        self.client.on_connect = self._on_connect
+        self.client.on_disconnect = self._on_disconnect
+        self.client.on_publish = self._on_publish
+
+    def _on_connect(self, client: Any, userdata: Any, flags: Any, reason: Any,
+                    properties: Any) -> None:
+        if not reason.is_failure:
+            self.connected.set()
+
+    def _on_disconnect(self, client: Any, userdata: Any, flags: Any, reason: Any,
+                       properties: Any) -> None:
+        self.connected.clear()
+
+    def _on_publish(self, client: Any, userdata: Any, mid: int, reason: Any,
+                    properties: Any) -> None:
+        # Runs on paho's thread while paho holds its message lock: never call paho here.
+        ok = not getattr(reason, "is_failure", False)
+        with self._lock:
+            key = self._keys.pop(mid, None)
+            if key is None:
+                self._early[mid] = ok  # PUBACK before publish() returned its mid
+            elif ok:
+                self.acked.add(key)
+
+    def start(self, timeout: float = 10.0) -> Publisher:
+        """Connect (blocking, up to ``timeout``) and start paho's network thread."""
+        self.client.connect_async(self.host, self.port, keepalive=30)
+        self.client.loop_start()
+        if not self.connected.wait(timeout):
+            self.stop()
+            raise ConnectionError(f"cannot connect to the MQTT broker at "
+                                  f"{self.host}:{self.port} within {timeout:g} s")
+        return self
+
+    def publish(self, topic: str, payload: bytes, key: str, qos: int = 1) -> None:
+        # paho's lock is taken inside publish(); ours only afterwards (no lock inversion).
+        info = self.client.publish(topic, payload, qos=qos)
+        with self._lock:
+            self.published += 1
+            early = self._early.pop(info.mid, None)
+            if qos == 0 or early:
+                self.acked.add(key)
+            elif early is None:
+                self._keys[info.mid] = key
+
+    @property
+    def unacked(self) -> int:
+        with self._lock:
+            return len(self._keys)
+
+    def wait_acked(self, timeout: float) -> bool:
+        """Wait until every published message was confirmed (or ``timeout``)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.unacked == 0:
+                return True
+            time.sleep(0.02)
+        return self.unacked == 0
+
+    def stop(self) -> None:
+        with contextlib.suppress(Exception):
+            self.client.disconnect()
+        self.client.loop_stop()
+
+
+class StationSimulator:
+    """N inspection stations of one line publishing at ``rate`` messages/s in total."""
+
+    def __init__(self, url: str, *, site: str = "demo-plant", line: str = "1",
+                 stations: int = 3, rate: float = 20.0, reading_share: float = 0.2,
+                 fail_share: float = 0.1, lot_every_s: float = 5.0, protocol: str = "5",
+                 seed: int | None = None, client_id: str | None = None,
+                 username: str | None = None, password: str | None = None,
+                 ca_file: str | None = None) -> None:
+        if stations < 1 or rate <= 0:
+            raise ValueError("stations must be >= 1 and rate > 0")
+        self.site, self.line, self.stations, self.rate = site, line, stations, rate
+        self.reading_share, self.fail_share, self.lot_every_s = (
+            reading_share, fail_share, lot_every_s)
+        self.rng = random.Random(seed)
+        self.run_id = uuid.uuid4().hex[:6]
+        self.publisher = Publisher(url, client_id=client_id, protocol=protocol,
+                                   username=username, password=password, ca_file=ca_file)
+        self.counts = {"inspection": 0, "reading": 0, "fail": 0}
+        self._seq = 0
+        self._stop = asyncio.Event()
+        self._started = 0.0
+
+    def topic(self, station: int, kind: str) -> str:
+        return f"plant/{self.site}/line/{self.line}/station/st{station:02d}/{kind}"
+
+    def next_message(self) -> tuple[str, bytes, str]:
+        """(topic, payload, msg_id) of the next simulated message."""
+        self._seq += 1
+        station = self._seq % self.stations + 1
+        msg_id = f"{self.run_id}-st{station:02d}-{self._seq:07d}"
+        ts = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        if self.rng.random() < self.reading_share:
+            self.counts["reading"] += 1
+            doc: dict[str, Any] = {"msg_id": msg_id, "signal": "spindle_temp",
+                                   "value": round(self.rng.gauss(42.0, 1.5), 2), "unit": "C",
+                                   "ts": ts}
+            return self.topic(station, "reading"), orjson.dumps(doc), msg_id
+        elapsed = time.monotonic() - self._started if self._started else 0.0
+        lot = f"L{self.line}-{station:02d}-{int(elapsed // self.lot_every_s) + 1:04d}"
+        fail = self.rng.random() < self.fail_share
+        if fail:
+            self.counts["fail"] += 1
+            value = NOMINAL_MM + self.rng.choice((-1, 1)) * self.rng.uniform(0.06, 0.2)
+        else:
+            value = self.rng.uniform(NOMINAL_MM - TOLERANCE_MM, NOMINAL_MM + TOLERANCE_MM)
+        self.counts["inspection"] += 1
+        doc = {"msg_id": msg_id, "lot": lot, "sn": f"SN{station:02d}-{self._seq:07d}",
+               "result": "NOK" if fail else "OK", "value": round(value, 4), "ts": ts}
+        return self.topic(station, "inspection"), orjson.dumps(doc), msg_id
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def start(self) -> None:
+        await asyncio.to_thread(self.publisher.start)
+
+    async def run(self, duration: float | None = None,
+                  on_tick: Callable[[StationSimulator], None] | None = None) -> None:
+        """Publish until ``duration`` seconds passed, ``stop()`` or cancellation.
+
+        Connects first if ``start()`` was not awaited. Pacing is by wall clock, so the
+        rate holds even when one iteration is late.
+        """
+        if not self.publisher.connected.is_set():
+            await self.start()
+        self._started = time.monotonic()
+        sent = 0
+        interval = 1.0 / self.rate
+        while not self._stop.is_set():
+            now = time.monotonic()
+            if duration is not None and now - self._started >= duration:
+                break
+            due = int((now - self._started) / interval) + 1
+            for _ in range(min(due - sent, 1000)):
+                topic, payload, msg_id = self.next_message()
+                self.publisher.publish(topic, payload, msg_id)
+                sent += 1
+            if on_tick is not None:
+                on_tick(self)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), min(interval, 0.01))
+
+    async def close(self, ack_timeout: float = 10.0) -> bool:
+        """Wait for outstanding PUBACKs (up to ``ack_timeout``), then disconnect."""
+        ok = await asyncio.to_thread(self.publisher.wait_acked, ack_timeout)
+        await asyncio.to_thread(self.publisher.stop)
+        return ok
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--url", default="mqtt://127.0.0.1:1883",
+                        help="broker, mqtt://host:port or mqtts://host:port")
+    parser.add_argument("--site", default="demo-plant", help="the {site} topic level")
+    parser.add_argument("--line", default="1", help="the {line} topic level")
+    parser.add_argument("--stations", type=int, default=3, help="number of stations")
+    parser.add_argument("--rate", type=float, default=20.0,
+                        help="messages per second, all stations together")
+    parser.add_argument("--duration", type=float, default=0.0,
+                        help="seconds to run; 0 = until Ctrl-C")
+    parser.add_argument("--protocol", choices=["3.1.1", "5"], default="5")
+    parser.add_argument("--username")
+    parser.add_argument("--password-file", help="file holding the password")
+    parser.add_argument("--ca-file", help="CA bundle for mqtts://")
+    parser.add_argument("--client-id")
+    parser.add_argument("--seed", type=int)
+
+
+async def run(args: argparse.Namespace) -> int:
+    """``edge simulate mqtt``: publish until --duration or Ctrl-C; print what was confirmed."""
+    password = None
+    if args.password_file:
+        from edge.config import read_secret
+
+        password = await asyncio.to_thread(read_secret, args.password_file)
+    sim = StationSimulator(args.url, site=args.site, line=args.line, stations=args.stations,
+                           rate=args.rate, protocol=args.protocol, seed=args.seed,
+                           client_id=args.client_id, username=args.username,
+                           password=password, ca_file=args.ca_file)
+    try:
+        await sim.start()
+    except ConnectionError as err:
+        print(f"error: {err}")
+        return 1
+    topics = f"plant/{args.site}/line/{args.line}/station/st01..st{args.stations:02d}/" \
+             "{inspection,reading}"
+    print(f"publishing {args.rate:g} msg/s at QoS 1 to {args.url} on {topics}; Ctrl-C stops",
+          flush=True)
+    try:
+        await sim.run(args.duration or None)
+    except asyncio.CancelledError:
+        pass
+    finally:
+        ok = await sim.close()
+        p = sim.publisher
+        print(f"published {p.published}, confirmed by the broker {len(p.acked)}"
+              f"{'' if ok else f', {p.unacked} unconfirmed'}; "
+              f"{sim.counts['inspection']} inspections ({sim.counts['fail']} failed), "
+              f"{sim.counts['reading']} readings", flush=True)
+    return 0

@@ -1,0 +1,538 @@
+"""The MQTT source at run time: reconnect supervisor, batching, ack after commit.
+
+See ``edge.sources.mqtt`` for the contract. Data path inside one process::
+
+    socket ─ loop_read ─ on_message ─▶ inbox (deque, bounded: reading pauses when full)
+                                          │ processor: up to max_batch per loop turn
+                                          ▼
+                  prepare (match topic, parse, map) ─▶ store task (submit + quarantines,
+                                          │            one group commit; retried on
+                                          │            backpressure / write errors)
+                                          ▼
+                  acker: awaits store tasks in FIFO order, then PUBACKs in arrival order
+
+At most ``_SLOTS`` store tasks are outstanding, so memory is bounded by
+``inbox bound + _SLOTS × max_batch`` messages whatever the broker sends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import random
+import ssl
+import time
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+import paho.mqtt.client as mqtt
+
+from edge.components import ComponentContext, Ingest, Submission
+from edge.config import read_secret
+from edge.errors import (
+    ConfigError,
+    FatalStartupError,
+    InputError,
+    OutboxClosedError,
+    OutboxError,
+    OutboxFullError,
+)
+from edge.sources.mqtt import CompiledTopic, MqttSourceConfig, SubscriptionConfig, TopicTemplate
+from edge.sources.mqtt_conn import BrokerTarget, ConnectError, Connection
+from edge.telemetry import log_event
+from edge.transforms.map import Mapper
+
+__all__ = ["MqttSource"]
+
+log = logging.getLogger("edge.sources.mqtt")
+
+_SLOTS = 4  # store tasks in flight (they share group commits)
+_STABLE_S = 10.0  # a connection that lived this long resets the reconnect backoff
+_BURST_WINDOW_S = 60.0
+
+
+@dataclass(slots=True)
+class _Inbound:
+    conn: Connection
+    msg: mqtt.MQTTMessage
+    received_at: float
+
+
+@dataclass(slots=True)
+class _Prepared:
+    inbound: _Inbound
+    submission: Submission | None = None
+    default_key: bool = True
+    reason: str = ""
+    detail: str = ""
+    raw: bytes = b""
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class _Sub:
+    config: SubscriptionConfig
+    topic: CompiledTopic
+    mapper: Mapper
+
+
+class _BurstLog:
+    """Log the first of a burst of similar problems, then at most once per window."""
+
+    def __init__(self, window_s: float = _BURST_WINDOW_S, max_keys: int = 1000) -> None:
+        self.window_s = window_s
+        self.max_keys = max_keys
+        self._seen: OrderedDict[tuple[str, str], list[float]] = OrderedDict()
+
+    def hit(self, key: tuple[str, str]) -> int | None:
+        """None: stay quiet; else log now, reporting this many suppressed repeats."""
+        now = time.monotonic()
+        entry = self._seen.get(key)
+        if entry is None or now - entry[0] >= self.window_s:
+            suppressed = int(entry[1]) if entry else 0
+            self._seen[key] = [now, 0]
+            self._seen.move_to_end(key)
+            while len(self._seen) > self.max_keys:
+                self._seen.popitem(last=False)
+            return suppressed
+        entry[1] += 1
+        return None
+
+
+class MqttSource:
+    """``type: mqtt`` at run time; built by ``edge.sources.mqtt._factory`` (no I/O)."""
+
+    def __init__(self, cfg: MqttSourceConfig, ctx: ComponentContext) -> None:
+        if ctx.ingest is None:
+            raise ConfigError("an mqtt source needs the ingest pipeline", location=cfg.id)
+        self.id = cfg.id
+        self.cfg = cfg
+        self.ctx = ctx
+        self.ingest: Ingest = ctx.ingest
+        self.client_id = cfg.client_id or f"edge-{ctx.site}-{cfg.id}"
+        self.subs = [
+            _Sub(s, CompiledTopic.build(TopicTemplate.parse(s.topic), ctx.site),
+                 Mapper(s, site=ctx.site, source=cfg.id))
+            for s in cfg.subscriptions
+        ]
+        m = ctx.metrics
+        self._errors = m.source_errors
+        self._bursts = _BurstLog()
+        self._conn: Connection | None = None
+        self._inbox: deque[_Inbound] = deque()
+        self._inbox_max = max(4 * cfg.max_batch, 2 * cfg.max_inflight_messages)
+        self._wake = asyncio.Event()
+        self._slots = asyncio.Semaphore(_SLOTS)
+        # store tasks in arrival order, awaited by the acker; at most _SLOTS entries
+        self._pending: deque[tuple[list[_Inbound], asyncio.Task[None]]] = deque()
+        self._pending_added = asyncio.Event()
+        self._granted: dict[str, int | None] = {}
+        self._stopping = False
+        self.counts = {"received": 0, "stored": 0, "duplicates": 0, "quarantined": 0,
+                       "acked": 0}
+        self.last_message_at: float | None = None
+        self.last_error: str | None = None
+        self.reconnects = 0
+        self.session_present = False
+
+    # ------------------------------------------------------------------ status
+
+    def status(self) -> dict[str, Any]:
+        """For ``/status``: connection, subscriptions, unacked messages (no secrets)."""
+        conn = self._conn
+        in_store = sum(len(items) for items, _ in self._pending)
+        return {
+            "connected": bool(conn and conn.connected),
+            "broker": f"{self.cfg.scheme}://{self.cfg.host}:{self.cfg.port}",
+            "client_id": self.client_id,
+            "protocol": self.cfg.protocol,
+            "session_present": self.session_present,
+            "subscriptions": [
+                {"filter": s.topic.filter, "qos": s.config.qos,
+                 "granted_qos": self._granted.get(s.topic.filter)} for s in self.subs
+            ],
+            "unacked": len(self._inbox) + in_store,
+            "last_message_at": _iso(self.last_message_at),
+            "reconnects": self.reconnects,
+            "last_error": self.last_error,
+            **self.counts,
+        }
+
+    # ------------------------------------------------------------------ run
+
+    async def run(self) -> None:
+        """Connect, receive, store and ack until cancelled; reconnects by itself.
+
+        Raises FatalStartupError only when a secret or certificate file cannot be used.
+        """
+        target = await self._target()
+        self._inbox.clear()
+        self._wake.clear()
+        tasks = [
+            asyncio.create_task(self._processor(), name=f"mqtt-{self.id}-processor"),
+            asyncio.create_task(self._acker(), name=f"mqtt-{self.id}-acker"),
+            asyncio.create_task(self._connection_loop(target), name=f"mqtt-{self.id}-conn"),
+        ]
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                task.result()  # a bug in one of them: let the supervisor restart us
+        finally:
+            self._ack_completed()  # acks for batches committed before the stop
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+            self._drop_pending()
+            if self._conn is not None:
+                self._conn.close()
+            self.ctx.set_connected(False)
+
+    async def _target(self) -> BrokerTarget:
+        cfg = self.cfg
+        try:
+            password = await asyncio.to_thread(read_secret, cfg.password_file)
+            ssl_context = await asyncio.to_thread(self._ssl_context)
+        except ConfigError as err:
+            raise FatalStartupError(str(err)) from err
+        return BrokerTarget(
+            host=cfg.host, port=cfg.port, protocol=cfg.protocol, client_id=self.client_id,
+            keepalive_s=cfg.keepalive_s, connect_timeout_s=cfg.connect_timeout_s,
+            session_expiry_s=cfg.session_expiry_s, receive_maximum=cfg.max_inflight_messages,
+            ssl_context=ssl_context, username=cfg.username, password=password,
+        )
+
+    def _ssl_context(self) -> ssl.SSLContext | None:
+        cfg = self.cfg
+        if cfg.scheme != "mqtts":
+            return None
+        tls = cfg.tls
+        try:
+            ctx = ssl.create_default_context(cafile=tls.ca_file if tls else None)
+            ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+            if tls is not None and tls.cert_file:
+                ctx.load_cert_chain(tls.cert_file, tls.key_file)
+        except (ssl.SSLError, OSError) as err:
+            raise ConfigError(f"cannot load the TLS files of source {self.id!r}: {err}",
+                              location="tls") from err
+        return ctx
+
+    # ------------------------------------------------------------------ connection
+
+    async def _connection_loop(self, target: BrokerTarget) -> None:
+        attempt = 0
+        expect_session = await asyncio.to_thread(self._session_marker_matches)
+        filters = [(s.topic.filter, s.config.qos) for s in self.subs]
+        while True:
+            conn = Connection(target, self._on_message)
+            self._conn = conn
+            try:
+                session_present = await conn.open()
+                granted = await conn.subscribe(filters)
+                if all(g is None for g in granted):
+                    raise ConnectError("subscribe_refused", "the MQTT broker refused every "
+                                       "subscription (check the broker's ACL for this user)")
+            except ConnectError as err:
+                conn.abort()
+                delay = self._backoff(attempt)
+                attempt += 1
+                self._failed(err.code, err.message, delay, attempt)
+                await asyncio.sleep(delay)
+                continue
+            up_since = time.monotonic()
+            await self._connected(target, session_present, granted, expect_session)
+            expect_session = True
+            reason = await conn.lost
+            self.ctx.set_connected(False)
+            self.reconnects += 1
+            if time.monotonic() - up_since >= _STABLE_S:
+                attempt = 0
+            delay = self._backoff(attempt)
+            attempt += 1
+            self._failed("connection_lost", f"MQTT connection lost: {reason}", delay, attempt)
+            await asyncio.sleep(delay)
+
+    def _backoff(self, attempt: int) -> float:
+        cap = min(self.cfg.reconnect_max_s, self.cfg.reconnect_initial_s * 2 ** min(attempt, 30))
+        return cap / 2 + random.random() * cap / 2
+
+    def _failed(self, code: str, message: str, delay: float, attempt: int) -> None:
+        self.last_error = message
+        self._errors.labels(self.id, code).inc()
+        level = logging.ERROR if code in ("auth", "tls_verify", "tls") else logging.WARNING
+        log_event(log, level, message, source=self.id, code=code, attempt=attempt,
+                  retry_in_s=round(delay, 2))
+
+    async def _connected(self, target: BrokerTarget, session_present: bool,
+                         granted: list[int | None], expect_session: bool) -> None:
+        self.session_present = session_present
+        self.last_error = None
+        self._granted = {s.topic.filter: g for s, g in zip(self.subs, granted, strict=True)}
+        for s, g in zip(self.subs, granted, strict=True):
+            if g is None:
+                self._errors.labels(self.id, "subscribe_refused").inc()
+                log_event(log, logging.ERROR, "MQTT broker refused a subscription (ACL?)",
+                          source=self.id, filter=s.topic.filter)
+            elif g < s.config.qos:
+                log_event(log, logging.WARNING, "MQTT broker granted a lower QoS than asked: "
+                          "messages may be lost", source=self.id, filter=s.topic.filter,
+                          granted_qos=g)
+        self.ctx.set_connected(True)
+        log_event(log, logging.INFO, "MQTT connected", source=self.id, broker=target.address,
+                  client_id=self.client_id, protocol=target.protocol,
+                  session_present=session_present, subscriptions=len(self.subs))
+        if expect_session and not session_present:
+            self.ctx.metrics.source_gaps.labels(self.id).inc()
+            reason = ("the broker had no session for this client id: messages published "
+                      "while the gateway was disconnected may be lost (broker restarted "
+                      "without persistence, or session expired)")
+            log_event(log, logging.WARNING, "MQTT session was not resumed", source=self.id,
+                      client_id=self.client_id, detail=reason)
+            with contextlib.suppress(OutboxError):
+                await self.ingest.audit("gap", source=self.id, reason=reason,
+                                        detail={"client_id": self.client_id})
+        await asyncio.to_thread(self._write_session_marker)
+
+    # A marker in state_dir says "this client id had a session on this broker", so a later
+    # CONNACK without session_present is recognised as a gap, also after a restart.
+    def _marker_path(self) -> Path:
+        return Path(self.ctx.state_dir) / "mqtt" / f"{self.id}.session"
+
+    def _marker_doc(self) -> dict[str, Any]:
+        return {"client_id": self.client_id, "broker": f"{self.cfg.host}:{self.cfg.port}"}
+
+    def _session_marker_matches(self) -> bool:
+        try:
+            return bool(json.loads(self._marker_path().read_text()) == self._marker_doc())
+        except (OSError, ValueError):
+            return False
+
+    def _write_session_marker(self) -> None:
+        path = self._marker_path()
+        with contextlib.suppress(OSError):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(self._marker_doc()))
+
+    # ------------------------------------------------------------------ receive
+
+    def _on_message(self, conn: Connection, msg: mqtt.MQTTMessage) -> None:
+        # Called from paho's loop_read: enqueue only (an exception here would escape it).
+        now = time.time()
+        self._inbox.append(_Inbound(conn, msg, now))
+        self.last_message_at = now
+        self.counts["received"] += 1
+        if len(self._inbox) >= self._inbox_max:
+            conn.pause_reading()
+        self._wake.set()
+
+    async def _processor(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._inbox:
+                n = min(len(self._inbox), self.cfg.max_batch)
+                items = [self._inbox.popleft() for _ in range(n)]
+                prepared = [self._prepare(m) for m in items]
+                await self._slots.acquire()
+                task = asyncio.create_task(self._store(prepared), name=f"mqtt-{self.id}-store")
+                self._pending.append((items, task))
+                self._pending_added.set()
+                conn = self._conn
+                if conn is not None and len(self._inbox) <= self._inbox_max // 2:
+                    conn.resume_reading()
+
+    def _prepare(self, m: _Inbound) -> _Prepared:
+        """Topic match → JSON → mapping; every failure becomes a quarantine record."""
+        msg = m.msg
+        payload = msg.payload
+        out = _Prepared(m)
+        try:
+            topic = msg.topic
+        except UnicodeDecodeError:
+            raw_topic = bytes(msg._topic)  # paho keeps the undecodable bytes here
+            out.meta = {"topic": raw_topic.decode("utf-8", "replace"), "qos": msg.qos}
+            return self._reject(out, "invalid_topic", "topic is not valid UTF-8", payload)
+        out.meta = {"topic": topic, "qos": msg.qos, "dup": bool(msg.dup),
+                    "retain": bool(msg.retain), "bytes": len(payload)}
+        if len(payload) > self.cfg.max_payload_bytes:
+            return self._reject(
+                out, "too_large",
+                f"{len(payload)} bytes > max_payload_bytes {self.cfg.max_payload_bytes} "
+                "(first max_payload_bytes kept)", payload[: self.cfg.max_payload_bytes])
+        for sub in self.subs:
+            captures = sub.topic.match(topic)
+            if captures is not None:
+                break
+        else:
+            return self._reject(out, "unmatched_topic",
+                                "no subscription template matches this topic", payload)
+        out.meta["subscription"] = sub.topic.filter
+        try:
+            doc = orjson.loads(payload)
+        except orjson.JSONDecodeError as err:
+            return self._reject(out, "not_json", str(err) if payload else "empty payload",
+                                payload)
+        try:
+            event, key = sub.mapper.map(doc, captures)
+        except InputError as err:
+            return self._reject(out, err.reason, err.detail, payload)
+        except Exception as err:  # noqa: BLE001 - hostile input must never stop the source
+            return self._reject(out, "invalid_data", f"cannot map: {err!r}", payload)
+        if key is None:
+            key = hashlib.sha256(msg._topic + b"\x00" + payload).hexdigest()
+        else:
+            out.default_key = False
+        out.submission = Submission(event, key)
+        return out
+
+    def _reject(self, out: _Prepared, reason: str, detail: str, raw: bytes) -> _Prepared:
+        out.reason, out.detail, out.raw = reason, detail, bytes(raw)
+        return out
+
+    # ------------------------------------------------------------------ store
+
+    async def _store(self, prepared: list[_Prepared]) -> None:
+        """Commit a batch (events + quarantines); retry until committed. See module doc."""
+        jobs: list[list[_Prepared]] = []
+        good = [p for p in prepared if p.submission is not None]
+        if good:
+            jobs.append(good)
+        jobs.extend([p] for p in prepared if p.submission is None)
+        delay = 0.5
+        while jobs:
+            results = await asyncio.gather(*(self._run_job(j) for j in jobs),
+                                           return_exceptions=True)
+            retry: list[list[_Prepared]] = []
+            errors: list[BaseException] = []
+            for job, res in zip(jobs, results, strict=True):
+                if res is None:
+                    continue
+                if isinstance(res, asyncio.CancelledError):
+                    raise res
+                if isinstance(res, OutboxError):
+                    retry.append(job)
+                    errors.append(res)
+                elif len(job) > 1 and job[0].submission is not None:
+                    retry.extend([p] for p in job)  # isolate the record that breaks the batch
+                    errors.append(res)
+                elif job[0].submission is not None:
+                    p = job[0]
+                    p.submission = None
+                    self._reject(p, "internal_error", f"cannot store: {res!r}",
+                                 p.inbound.msg.payload)
+                    retry.append(job)
+                else:  # even the quarantine record cannot be stored: a bug; count it
+                    p = job[0]
+                    self.ctx.metrics.source_dropped.labels(self.id, "unstorable").inc()
+                    log_event(log, logging.ERROR, "MQTT message could neither be stored nor "
+                              "quarantined; acked to keep the session flowing",
+                              source=self.id, topic=p.meta.get("topic"), error=repr(res))
+            jobs = retry
+            if any(isinstance(e, OutboxClosedError) for e in errors):
+                raise OutboxClosedError("the outbox is closed")
+            if any(isinstance(e, OutboxFullError) for e in errors):
+                self._note("backpressure", "outbox", logging.WARNING,
+                           "outbox refuses events (budget full): not acknowledging MQTT "
+                           "messages; the broker keeps them")
+                await self.ingest.wait_accepting()
+            elif errors and any(isinstance(e, OutboxError) for e in errors):
+                self._errors.labels(self.id, "outbox_write").inc()
+                self._note("outbox_write", "outbox", logging.ERROR,
+                           f"outbox write failed, retrying: {errors[0]}")
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
+
+    async def _run_job(self, job: list[_Prepared]) -> None:
+        if job[0].submission is None:
+            p = job[0]
+            await self.ingest.quarantine(self.id, p.reason, p.raw, p.meta, p.detail)
+            self.counts["quarantined"] += 1
+            suppressed = self._bursts.hit((p.reason, str(p.meta.get("topic"))))
+            if suppressed is not None:
+                log_event(log, logging.WARNING, "MQTT message quarantined and acked",
+                          source=self.id, reason=p.reason, topic=p.meta.get("topic"),
+                          detail=p.detail[:200], suppressed_since_last=suppressed)
+            return
+        subs = [p.submission for p in job if p.submission is not None]
+        ids = await self.ingest.submit(subs)
+        for p, sub, eid in zip(job, subs, ids, strict=True):
+            if eid == sub.event.id:
+                self.counts["stored"] += 1
+                continue
+            self.counts["duplicates"] += 1
+            if not p.inbound.msg.dup:
+                why = ("same topic and payload" if p.default_key else "same dedupe_key")
+                self._note("identical", str(p.meta.get("topic")), logging.INFO,
+                           f"a message not flagged as redelivered matched an event stored "
+                           f"earlier ({why}) and was not stored again; add a timestamp or "
+                           f"sequence to payloads or configure dedupe_key if devices repeat "
+                           f"identical messages")
+
+    def _note(self, code: str, topic: str, level: int, message: str) -> None:
+        suppressed = self._bursts.hit((code, topic))
+        if suppressed is not None:
+            log_event(log, level, message, source=self.id, topic=topic,
+                      suppressed_since_last=suppressed)
+
+    # ------------------------------------------------------------------ ack
+
+    async def _acker(self) -> None:
+        while True:
+            while not self._pending:
+                self._pending_added.clear()
+                await self._pending_added.wait()
+            items, task = self._pending[0]
+            await asyncio.wait([task])
+            self._pending.popleft()
+            self._slots.release()
+            if task.cancelled() or task.exception() is not None:
+                # OutboxClosedError: shutting down. Nothing after it may be acked either;
+                # the broker redelivers and the outbox dedupe maps copies to their events.
+                self._stopping = True
+            elif not self._stopping:
+                self._ack(items)
+
+    def _ack(self, items: list[_Inbound]) -> None:
+        conn = self._conn
+        if conn is None or not conn.connected:
+            return  # the broker redelivers them; the outbox dedupe maps them to their events
+        n = 0
+        for m in items:
+            if m.msg.qos == 1 and m.conn is conn:
+                conn.ack(m.msg.mid)
+                n += 1
+        if n:
+            self.counts["acked"] += n
+            conn.flush()
+
+    def _ack_completed(self) -> None:
+        """On stop: ack, in order, the batches whose commit already finished."""
+        while self._pending and not self._stopping:
+            items, task = self._pending[0]
+            if not task.done() or task.cancelled() or task.exception() is not None:
+                break
+            self._pending.popleft()
+            self._ack(items)
+
+    def _drop_pending(self) -> None:
+        while self._pending:
+            _, task = self._pending.popleft()
+            task.cancel()
+        self._slots = asyncio.Semaphore(_SLOTS)
+        self._inbox.clear()
+        self._stopping = False
+
+
+def _iso(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    from edge.audit import utc_iso
+
+    return utc_iso(ts)
