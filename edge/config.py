@@ -19,7 +19,7 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal, Union, cast
 
 import yaml
 from pydantic import (
@@ -283,8 +283,8 @@ def build_config_model(registry: Registry) -> type[GatewayConfigBase]:
     model = create_model(
         "GatewayConfig",
         __base__=GatewayConfigBase,
-        sources=(list[union("source")], Field(default_factory=list)),  # type: ignore[valid-type]
-        sinks=(list[union("sink")], Field(default_factory=list)),  # type: ignore[valid-type]
+        sources=cast(Any, (list.__class_getitem__(union("source")), Field(default_factory=list))),
+        sinks=cast(Any, (list.__class_getitem__(union("sink")), Field(default_factory=list))),
     )
 
     return model

@@ -11,6 +11,7 @@ config check never needs asyncua or paho.
 
 from __future__ import annotations
 
+import builtins
 import importlib
 import importlib.util
 import logging
@@ -53,7 +54,7 @@ class ComponentType:
 
     kind: Kind
     type: str
-    config_model: type[BaseModel]
+    config_model: builtins.type[BaseModel]
     factory: Callable[..., Any]
     description: str = ""
 

@@ -27,11 +27,9 @@ SIGTERM/SIGINT stay with the gateway: uvicorn's signal capture is disabled.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import logging
 import socket
-from collections.abc import Iterator
 from typing import Any
 
 import uvicorn
@@ -45,6 +43,7 @@ from starlette.routing import Route
 from edge.api import routes
 from edge.api.auth import TokenGuard, load_tokens
 from edge.errors import FatalStartupError, OutboxError
+from edge.httpserver import EmbeddedServer
 from edge.telemetry import log_event
 
 __all__ = ["ApiServer", "build_app"]
@@ -95,22 +94,6 @@ def build_app(gateway: Any, tokens: list[Any] | None = None) -> Starlette:
     return app
 
 
-class _Server(uvicorn.Server):
-    """uvicorn without its signal handlers, telling us when it listens."""
-
-    def __init__(self, config: uvicorn.Config) -> None:
-        super().__init__(config)
-        self.listening = asyncio.Event()
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield  # the gateway owns SIGTERM/SIGINT and stops us through shutdown()
-
-    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
-        await super().startup(sockets)
-        self.listening.set()
-
-
 class ApiServer:
     def __init__(self, gateway: Any) -> None:
         cfg = gateway.config.api
@@ -120,7 +103,7 @@ class ApiServer:
         tokens = load_tokens(cfg.token_file) if cfg.token_file else None
         self.auth = tokens is not None
         self.app = build_app(gateway, tokens)
-        self._server = _Server(uvicorn.Config(
+        self._server = EmbeddedServer(uvicorn.Config(
             self.app, loop="none", lifespan="off", access_log=False, log_config=None,
             proxy_headers=False, server_header=False, limit_concurrency=MAX_CONNECTIONS,
             timeout_graceful_shutdown=SHUTDOWN_GRACE_S,

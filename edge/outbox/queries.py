@@ -318,10 +318,22 @@ def stats(conn: sqlite3.Connection) -> dict[str, Any]:
         entry(sink)["retrying"] = retrying or 0
         entry(sink)["unrouted"] = unrouted or 0
     for sink in list(sinks):
+        # The sink's oldest row is the smallest head of its class ranges in deliveries_ready
+        # (four index probes); ORDER BY seq over the sink sorts its whole backlog.
+        heads = [
+            conn.execute("SELECT MIN(seq) FROM deliveries WHERE sink = ? AND class = ?",
+                         (sink, int(c))).fetchone()[0]
+            for c in EventClass
+        ]
+        oldest = min((h for h in heads if h is not None), default=None)
         row = conn.execute(
-            "SELECT e.received_at FROM deliveries d JOIN events e ON e.seq = d.seq "
-            "WHERE d.sink = ? ORDER BY d.seq LIMIT 1", (sink,)
-        ).fetchone()
+            "SELECT received_at FROM events WHERE seq = ?", (oldest,)
+        ).fetchone() if oldest is not None else None
+        if row is None:
+            row = conn.execute(
+                "SELECT e.received_at FROM deliveries d JOIN events e ON e.seq = d.seq "
+                "WHERE d.sink = ? ORDER BY d.seq LIMIT 1", (sink,)
+            ).fetchone()
         if row:
             sinks[sink]["oldest_age_s"] = round(max(0.0, now - row[0]), 3)
     for sink, n in conn.execute("SELECT sink, COUNT(*) FROM dead_letters GROUP BY sink"):
@@ -373,7 +385,8 @@ def dlq_show(conn: sqlite3.Connection, ref: str) -> dict[str, Any] | None:
 def _select_dlq(conn: sqlite3.Connection, ids: Sequence[int] | None, sink: str | None
                 ) -> list[tuple[int, int, str, str, int, str | None]]:
     sql = "SELECT id, seq, sink, event_id, class, ordering_key FROM dead_letters"
-    clauses, args = [], []
+    clauses: list[str] = []
+    args: list[Any] = []
     if ids is not None:
         clauses.append(f"id IN ({','.join('?' * len(ids))})")
         args.extend(ids)

@@ -38,6 +38,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from edge.httpserver import EmbeddedServer
+
 __all__ = ["ErpReceiver", "RequestRecord"]
 
 
@@ -64,11 +66,11 @@ class ErpReceiver:
         self.token_ttl_s = token_ttl_s
         self.valid_tokens: set[str] = set()
         self.tokens_issued = 0
-        self.tls = {"ssl_certfile": certfile, "ssl_keyfile": keyfile, "ssl_ca_certs": ca_file}
+        self.tls: dict[str, Any] = {"ssl_certfile": certfile, "ssl_keyfile": keyfile, "ssl_ca_certs": ca_file}
         if require_client_cert:
             import ssl
 
-            self.tls["ssl_cert_reqs"] = ssl.CERT_REQUIRED  # type: ignore[assignment]
+            self.tls["ssl_cert_reqs"] = ssl.CERT_REQUIRED
         self.host = host
         self.port = port
         self.record = record
@@ -83,7 +85,7 @@ class ErpReceiver:
         self._outage: tuple[int, str | None] | None = None
         self._fail_queue: list[tuple[int, str | None, str]] = []
         self._rejects: list[list[Any]] = []  # [predicate, status, body, times_left|None]
-        self._server: uvicorn.Server | None = None
+        self._server: EmbeddedServer | None = None
         self._task: asyncio.Task[None] | None = None
         self._changed = asyncio.Condition()
 
@@ -210,10 +212,9 @@ class ErpReceiver:
         config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
                                 loop="none", timeout_keep_alive=30, timeout_graceful_shutdown=1,
                                 **{k: v for k, v in self.tls.items() if v is not None})
-        self._server = uvicorn.Server(config)
-        self._server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+        self._server = EmbeddedServer(config)
         self._task = asyncio.create_task(self._server.serve(sockets=[sock]), name="erp-standin")
-        while not self._server.started:
+        while not self._server.listening.is_set():
             if self._task.done():
                 await self._task
             await asyncio.sleep(0.01)
