@@ -37,6 +37,7 @@ from edge.forwarder import Forwarder
 from edge.outbox import Outbox
 from edge.pipeline import Pipeline
 from edge.registry import Registry, default_registry
+from edge.rules import build_rules
 from edge.telemetry import Metrics, log_event
 
 __all__ = ["ComponentStatus", "Gateway"]
@@ -79,7 +80,7 @@ class Gateway:
         self.registry = registry or default_registry()
         self.metrics = metrics or Metrics()
         self.outbox = Outbox(config.state_dir, config.outbox, self.metrics, router=self._route)
-        self.pipeline = Pipeline(self.outbox)
+        self.pipeline = Pipeline(self.outbox, build_rules(config.rules, config.site))
         self.sinks: dict[str, Sink] = {}
         self.sources: dict[str, Source] = {}
         self.forwarders: dict[str, Forwarder] = {}

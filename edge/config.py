@@ -37,6 +37,7 @@ from pydantic.functional_validators import AfterValidator, BeforeValidator
 
 from edge.errors import ConfigError, ConfigIssue
 from edge.registry import Registry, default_registry
+from edge.rules import SpecLimitsRule
 
 __all__ = [
     "ApiConfig",
@@ -223,6 +224,9 @@ class GatewayConfigBase(StrictModel):
     outbox: OutboxConfig = OutboxConfig()
     api: ApiConfig = ApiConfig()
     logging: LoggingConfig = LoggingConfig()
+    rules: list[SpecLimitsRule] = Field(
+        default_factory=list, description="edge quality rules (edge.rules), e.g. spec_limits"
+    )
     # Replaced by discriminated unions of the registered types in build_config_model().
     sources: list[Any] = Field(default_factory=list)
     sinks: list[Any] = Field(default_factory=list)
