@@ -1,0 +1,406 @@
+"""An OPC UA inspection-station simulator (asyncua Server) for the demo, tests and benches.
+
+Address space (namespace ``urn:edge-gateway:sim:<name>``, index 2), under
+``/Objects/2:<name>``::
+
+    Temperature   Double   ~20 °C, changes every reading period, HISTORIZED
+    SpindleSpeed  Double   ~12000 rpm
+    PartCounter   UInt32   parts made
+    LotId         String   changes every lot period ("L<name>-0001" ...)
+    Serial        String   serial of the last inspected part
+    Result        String   "pass" | "fail" (every tenth part fails)
+    Measured      Double   measured characteristic of the last part
+    ResultReady   Boolean  true when a result is ready (writable: the ack of a handshake)
+    Sensor0000…   Double   optional extra items for load tests (``items``)
+
+Every result period the station writes LotId/Serial/Result/Measured, then sets
+ResultReady to true; half a period later it resets it to false (or, with ``handshake``,
+waits until a client writes false). NodeIds are ``ns=2;s=<name>.<Variable>``.
+
+Programmatic API (demo, tests)::
+
+    station = await start_station(port=0)      # loopback, free port
+    station.endpoint                           # opc.tcp://127.0.0.1:PORT
+    station.node_id("Temperature")             # "ns=2;s=Station7.Temperature"
+    await station.write("Temperature", 21.5)   # drive values by hand (auto=False)
+    await station.publish_result(serial="S1", result="fail", measured=9.1)
+    await station.stop()
+
+CLI: ``edge simulate opcua --port 4840 [--history-db FILE] [--items N]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import math
+import os
+import random
+import signal
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+__all__ = ["Station", "add_arguments", "run", "start_station"]
+
+log = logging.getLogger(__name__)
+
+VARIABLES: dict[str, tuple[str, Any]] = {
+    "Temperature": ("Double", 20.0),
+    "SpindleSpeed": ("Double", 12000.0),
+    "PartCounter": ("UInt32", 0),
+    "LotId": ("String", ""),
+    "Serial": ("String", ""),
+    "Result": ("String", ""),
+    "Measured": ("Double", 0.0),
+    "ResultReady": ("Boolean", False),
+}
+
+POLICIES = {
+    "Basic256Sha256": ("Basic256Sha256_Sign", "Basic256Sha256_SignAndEncrypt"),
+    "Aes128_Sha256_RsaOaep": ("Aes128Sha256RsaOaep_Sign", "Aes128Sha256RsaOaep_SignAndEncrypt"),
+    "Aes256_Sha256_RsaPss": ("Aes256Sha256RsaPss_Sign", "Aes256Sha256RsaPss_SignAndEncrypt"),
+}
+
+
+@dataclass
+class Station:
+    """A running simulated station. Use ``start_station`` to make one."""
+
+    name: str
+    server: Any
+    endpoint: str
+    namespace: str
+    ns: int
+    nodes: dict[str, Any] = field(default_factory=dict)
+    parts: int = 0
+    lot: int = 1
+    _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    _ready_reset: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def node_id(self, variable: str) -> str:
+        """NodeId string of a variable, e.g. ``ns=2;s=Station7.Temperature``."""
+        return f"ns={self.ns};s={self.name}.{variable}"
+
+    def browse_path(self, variable: str) -> str:
+        return f"/Objects/{self.ns}:{self.name}/{self.ns}:{variable}"
+
+    @property
+    def port(self) -> int:
+        return int(self.endpoint.rsplit(":", 1)[1])
+
+    async def write(self, variable: str, value: Any, *, ts: datetime | None = None,
+                    status: int | None = None) -> datetime:
+        """Set a variable as the device would (SourceTimestamp = ``ts`` or now)."""
+        from asyncua import ua
+
+        node = self.nodes[variable]
+        vtype = getattr(ua.VariantType, VARIABLES.get(variable, ("Double", 0))[0])
+        ts = ts or datetime.now(UTC)
+        variant = ua.Variant() if value is None else ua.Variant(value, vtype)
+        dv = ua.DataValue(variant, StatusCode=ua.StatusCode(status or 0), SourceTimestamp=ts,
+                          ServerTimestamp=ts)
+        await self.server.write_attribute_value(node.nodeid, dv)
+        return ts
+
+    async def read(self, variable: str) -> Any:
+        return await self.nodes[variable].read_value()
+
+    async def publish_result(
+        self, *, serial: str | None = None, result: str | None = None,
+        measured: float | None = None, lot_id: str | None = None, ready: bool = True,
+    ) -> dict[str, Any]:
+        """Write one inspection result, then ResultReady=true; returns what was written."""
+        self.parts += 1
+        values = {
+            "LotId": lot_id or self.lot_id,
+            "Serial": serial or f"{self.name}-{self.parts:06d}",
+            "Result": result or ("fail" if self.parts % 10 == 0 else "pass"),
+            "Measured": float(measured if measured is not None
+                              else round(random.gauss(10.0, 0.05), 4)),
+        }
+        for name, value in values.items():
+            await self.write(name, value)
+        await self.write("PartCounter", self.parts)
+        if ready:
+            self._ready_reset.clear()
+            await self.write("ResultReady", True)
+        return values
+
+    @property
+    def lot_id(self) -> str:
+        return f"L{self.name}-{self.lot:04d}"
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        await self.server.stop()
+
+
+async def start_station(
+    host: str = "127.0.0.1",
+    port: int = 0,
+    name: str = "Station7",
+    *,
+    auto: bool = True,
+    reading_period_s: float = 0.5,
+    result_period_s: float = 1.0,
+    lot_period_s: float = 10.0,
+    handshake: bool = False,
+    history_db: str | Path | None = None,
+    history_count: int = 100_000,
+    items: int = 0,
+    items_period_s: float = 0.1,
+    security: list[str] | None = None,
+    cert_file: str | Path | None = None,
+    key_file: str | Path | None = None,
+    users: dict[str, str] | None = None,
+    seed: int | None = None,
+) -> Station:
+    """Start a station server; returns once it listens.
+
+    ``auto``: produce readings and results by itself (else drive it with ``write`` /
+    ``publish_result``). ``history_db``: keep the Temperature history in SQLite so it
+    survives a restart (else in memory). ``security``: policy names (``Basic256Sha256``,
+    ``Aes128_Sha256_RsaOaep``, ``Aes256_Sha256_RsaPss``) offered with Sign and
+    SignAndEncrypt, plus None unless ``users`` demands encryption; needs ``cert_file`` and
+    ``key_file``. ``users``: {username: password}; anonymous login is then refused.
+    """
+    from asyncua import Server, ua
+    from asyncua.crypto.permission_rules import User, UserRole
+
+    if seed is not None:
+        random.seed(seed)
+    server = Server()
+    if users is not None:
+        class _Users:
+            def get_user(self, iserver: Any, username: str | None = None,
+                         password: str | None = None, certificate: Any = None) -> Any:
+                if username is not None and users.get(username) == password:
+                    return User(role=UserRole.User, name=username)
+                return None
+
+        server.iserver.user_manager = _Users()
+    await _init_server(server)
+    server.set_server_name(f"edge-gateway simulated station {name}")
+    await server.set_application_uri(f"urn:edge-gateway:sim:{name}:server")
+    server.set_endpoint(f"opc.tcp://{_url_host(host)}:{port}")
+    if security:
+        if cert_file is None or key_file is None:
+            raise ValueError("security needs cert_file and key_file")
+        policies = [] if users is not None else [ua.SecurityPolicyType.NoSecurity]
+        for p in security:
+            for member in POLICIES[p]:
+                policies.append(getattr(ua.SecurityPolicyType, member))
+        server.set_security_policy(policies)
+        await server.load_certificate(str(cert_file))
+        await server.load_private_key(str(key_file))
+    else:
+        server.set_security_policy([ua.SecurityPolicyType.NoSecurity])
+    if users is not None:
+        server.set_identity_tokens([ua.UserNameIdentityToken])
+    if history_db is not None:
+        from asyncua.server.history_sql import HistorySQLite
+
+        server.iserver.history_manager.set_storage(HistorySQLite(str(history_db)))
+    namespace = f"urn:edge-gateway:sim:{name}"
+    ns = await server.register_namespace(namespace)
+    obj = await server.nodes.objects.add_object(ua.NodeId(name, ns), ua.QualifiedName(name, ns))
+    nodes: dict[str, Any] = {}
+    for var, (vtype, initial) in VARIABLES.items():
+        nodes[var] = await obj.add_variable(
+            ua.NodeId(f"{name}.{var}", ns), ua.QualifiedName(var, ns),
+            ua.Variant(initial, getattr(ua.VariantType, vtype)))
+    await nodes["ResultReady"].set_writable()
+    for i in range(items):
+        var = f"Sensor{i:04d}"
+        nodes[var] = await obj.add_variable(
+            ua.NodeId(f"{name}.{var}", ns), ua.QualifiedName(var, ns),
+            ua.Variant(0.0, ua.VariantType.Double))
+    await server.start()
+    await server.historize_node_data_change(
+        nodes["Temperature"], period=None if history_db else timedelta(days=1),
+        count=history_count)
+    actual = server.bserver.port if server.bserver is not None else port
+    station = Station(name=name, server=server, endpoint=f"opc.tcp://{_url_host(host)}:{actual}",
+                      namespace=namespace, ns=ns, nodes=nodes)
+    await station.write("LotId", station.lot_id)
+    if handshake:
+        station._tasks.append(asyncio.create_task(_watch_ack(station), name="station-ack"))
+    if auto:
+        station._tasks.append(asyncio.create_task(
+            _readings(station, reading_period_s), name="station-readings"))
+        station._tasks.append(asyncio.create_task(
+            _results(station, result_period_s, lot_period_s, handshake), name="station-results"))
+    if items:
+        station._tasks.append(asyncio.create_task(
+            _load(station, items, items_period_s), name="station-load"))
+    log.info("station %s listening on %s", name, station.endpoint)
+    return station
+
+
+def _aspace_shelf() -> Path | None:
+    """Where the standard address space is cached (None: caching off).
+
+    asyncua builds its standard address space from generated code at every start (seconds
+    on a busy 2-core box); asyncua can instead load it lazily from a read-only shelf built
+    once. The cache lives in ``$XDG_CACHE_HOME/edge-gateway`` (``EDGE_SIM_CACHE`` overrides,
+    ``EDGE_SIM_CACHE=off`` disables it) and is keyed by the asyncua version.
+    """
+    from importlib.metadata import version
+
+    setting = os.environ.get("EDGE_SIM_CACHE", "")
+    if setting.lower() in ("off", "0", "no"):
+        return None
+    root = Path(setting) if setting else Path(
+        os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "edge-gateway"
+    return root / f"asyncua-{version('asyncua')}-aspace"
+
+
+async def _init_server(server: Any) -> None:
+    shelf = _aspace_shelf()
+    if shelf is None:
+        await server.init()
+        return
+    try:
+        shelf.parent.mkdir(parents=True, exist_ok=True)
+        lock = await asyncio.to_thread(_lock, shelf.with_name(shelf.name + ".lock"))
+    except OSError as err:
+        log.warning("address-space cache unavailable (%s); starting without it", err)
+        await server.init()
+        return
+    try:
+        # asyncua loads the shelf when ``shelf`` is a file and builds it otherwise. With the
+        # dbm.dumb backend the shelf is shelf.dat/.dir, so an empty marker file at ``shelf``
+        # says "built and complete"; it is written last, under the lock.
+        complete = shelf.is_file()  # noqa: ASYNC240 - one stat
+        await server.init(shelf)
+        if not complete and not shelf.exists():  # noqa: ASYNC240
+            shelf.touch()  # noqa: ASYNC240
+    finally:
+        lock.close()
+
+
+def _lock(path: Path) -> Any:
+    import fcntl
+
+    f = open(path, "a")  # noqa: SIM115 - held until released by the caller
+    fcntl.flock(f, fcntl.LOCK_EX)
+    return f
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+async def _readings(station: Station, period_s: float) -> None:
+    t0 = asyncio.get_running_loop().time()
+    while True:
+        t = asyncio.get_running_loop().time() - t0
+        await station.write("Temperature", round(20.0 + 2.0 * math.sin(t / 30.0)
+                                                 + random.gauss(0, 0.05), 3))
+        await station.write("SpindleSpeed", round(12000 + random.gauss(0, 15), 1))
+        await asyncio.sleep(period_s)
+
+
+async def _results(station: Station, period_s: float, lot_period_s: float,
+                   handshake: bool) -> None:
+    loop = asyncio.get_running_loop()
+    lot_started = loop.time()
+    while True:
+        if loop.time() - lot_started >= lot_period_s:
+            station.lot += 1
+            lot_started = loop.time()
+            await station.write("LotId", station.lot_id)
+        await station.publish_result()
+        if handshake:
+            await station._ready_reset.wait()  # the client acknowledged (wrote false)
+            await asyncio.sleep(period_s)
+        else:
+            await asyncio.sleep(period_s / 2)
+            await station.write("ResultReady", False)
+            await asyncio.sleep(period_s / 2)
+
+
+async def _watch_ack(station: Station) -> None:
+    """With a handshake, notice when a client writes ResultReady=false."""
+    while True:
+        await asyncio.sleep(0.05)
+        if not await station.read("ResultReady"):
+            station._ready_reset.set()
+
+
+async def _load(station: Station, items: int, period_s: float) -> None:
+    from asyncua import ua
+
+    write = station.server.write_attribute_value
+    ids = [station.nodes[f"Sensor{i:04d}"].nodeid for i in range(items)]
+    n = 0
+    loop = asyncio.get_running_loop()
+    next_at = loop.time()
+    while True:
+        n += 1
+        ts = datetime.now(UTC)
+        for nid in ids:
+            await write(nid, ua.DataValue(ua.Variant(float(n), ua.VariantType.Double),
+                                          SourceTimestamp=ts, ServerTimestamp=ts))
+        next_at += period_s
+        await asyncio.sleep(max(0.0, next_at - loop.time()))
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default="127.0.0.1", help="listen address (default loopback)")
+    parser.add_argument("--port", type=int, default=4840, help="0 picks a free port")
+    parser.add_argument("--name", default="Station7", help="station name (NodeId prefix)")
+    parser.add_argument("--reading-period-ms", type=float, default=500)
+    parser.add_argument("--result-period-ms", type=float, default=1000)
+    parser.add_argument("--lot-period-s", type=float, default=10)
+    parser.add_argument("--handshake", action="store_true",
+                        help="wait for a client to write ResultReady=false before the next part")
+    parser.add_argument("--history-db", help="SQLite file for the Temperature history "
+                        "(kept across restarts)")
+    parser.add_argument("--items", type=int, default=0, help="extra Sensor variables (load)")
+    parser.add_argument("--items-period-ms", type=float, default=100)
+    parser.add_argument("--security", action="append", choices=sorted(POLICIES),
+                        help="offer this policy (Sign + SignAndEncrypt); repeatable")
+    parser.add_argument("--cert", help="server certificate (DER) for --security")
+    parser.add_argument("--key", help="server private key (PEM) for --security")
+    parser.add_argument("--seed", type=int)
+
+
+async def run(args: argparse.Namespace) -> int:
+    """``edge simulate opcua``: serve until SIGINT/SIGTERM; print the endpoint first."""
+    try:
+        station = await start_station(
+            args.host, args.port, args.name,
+            reading_period_s=args.reading_period_ms / 1000,
+            result_period_s=args.result_period_ms / 1000, lot_period_s=args.lot_period_s,
+            handshake=args.handshake, history_db=args.history_db, items=args.items,
+            items_period_s=args.items_period_ms / 1000, security=args.security,
+            cert_file=args.cert, key_file=args.key, seed=args.seed,
+        )
+    except (OSError, ValueError) as err:
+        print(f"cannot start the station: {err}", flush=True)
+        return 1
+    print(f"station {station.name} listening on {station.endpoint} "
+          f"(namespace {station.namespace}, ns={station.ns})",
+          flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        await station.stop()
+    return 0

@@ -1,0 +1,331 @@
+"""Configuration of the ``opcua`` source (validated at load; no asyncua import here).
+
+Everything that can be checked without the server is checked here, with the location of
+the offending key (``sources[1].monitored[3].deadband: ...``). What needs the server (does
+the node exist, is it a Variable, is its type numeric for a deadband) is checked when the
+source connects, by ``edge.sources.opcua_nodes``.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlparse
+
+from pydantic import Field, ValidationInfo, field_validator, model_validator
+
+from edge.config import SecretFile, SourceConfigBase, StrictModel
+from edge.events import EventClass
+from edge.transforms.map import MappingConfig, template_fields
+
+__all__ = [
+    "BackfillConfig",
+    "DeadbandConfig",
+    "MonitoredItemConfig",
+    "OpcUaSourceConfig",
+    "SecurityConfig",
+    "TriggerAckConfig",
+    "TriggerConfig",
+    "validate_node_ref",
+]
+
+POLICIES = ("None", "Basic256Sha256", "Aes128_Sha256_RsaOaep", "Aes256_Sha256_RsaPss")
+MODES = ("None", "Sign", "SignAndEncrypt")
+
+_NODEID_RE = re.compile(r"^(ns=\d+;|nsu=[^;]+;)?[isgb]=.+$")
+_BROWSE_STEP_RE = re.compile(r"^\d+:[^/]+$")
+_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_EVENT_RE = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)*$")
+
+
+def validate_node_ref(value: str) -> str:
+    """A NodeId string (``ns=2;s=Station7.Temperature``, ``nsu=urn:x;s=...``, ``i=2258``)
+    or an absolute browse path (``/Objects/2:Station7/2:Temperature``)."""
+    v = value.strip()
+    if v.startswith("/"):
+        steps = v.split("/")[1:]
+        if not steps or any(not s for s in steps):
+            raise ValueError(f"browse path {value!r} has an empty step")
+        if steps[0] not in ("Objects", "0:Objects", "Types", "0:Types", "Views", "0:Views"):
+            raise ValueError(
+                f"browse path {value!r} must start at /Objects, /Types or /Views"
+            )
+        for step in steps[1:]:
+            if not _BROWSE_STEP_RE.match(step):
+                raise ValueError(
+                    f"browse path step {step!r} must be <namespace index>:<BrowseName>, "
+                    "e.g. 2:Station7"
+                )
+        return v
+    if not _NODEID_RE.match(v):
+        raise ValueError(
+            f"{value!r} is neither a NodeId like 'ns=2;s=Station7.Temperature' nor a "
+            "browse path like '/Objects/2:Station7/2:Temperature'"
+        )
+    return v
+
+
+def _check_dir(value: str, info: ValidationInfo) -> str:
+    ctx = info.context or {}
+    base = ctx.get("base_dir")
+    path = Path(value)
+    if not path.is_absolute() and base is not None:
+        path = Path(base) / path
+    if ctx.get("check_files", True) and not path.is_dir():
+        raise ValueError(f"directory not found: {path}")
+    return str(path)
+
+
+class DeadbandConfig(StrictModel):
+    """Server-side filter: changes smaller than the deadband produce no notification."""
+
+    absolute: float | None = Field(None, gt=0, description="in the node's engineering unit")
+    percent: float | None = Field(
+        None, gt=0, le=100, description="of the node's EURange (the node needs an EURange)"
+    )
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> DeadbandConfig:
+        if (self.absolute is None) == (self.percent is None):
+            raise ValueError("set exactly one of absolute or percent")
+        return self
+
+
+class MonitoredItemConfig(StrictModel):
+    """One data-change subscription; every change becomes one event.
+
+    The event's ``data`` is ``{value, status, node}`` plus ``static`` fields; its
+    ``source_ts`` is the value's SourceTimestamp (the ServerTimestamp if the server sends
+    none). The dedupe key is ``<node>@<source timestamp>``, so a sample that arrives both
+    live and from a HistoryRead backfill is stored once.
+    """
+
+    node: str = Field(description="NodeId string or browse path")
+    event: str = Field("machine.reading", description="event type")
+    event_class: str | None = Field(
+        None, alias="class", description="critical | high | normal | low (default by type)"
+    )
+    ordering_key: str | None = Field(
+        None, description="template over data fields and static, e.g. '{station}:{node}'"
+    )
+    static: dict[str, Any] = Field(
+        default_factory=dict, description="constant data fields, e.g. station, characteristic"
+    )
+    sampling_ms: float = Field(500, ge=0, description="server sampling interval")
+    queue_size: int = Field(
+        10, ge=1, le=10000, description="server-side queue per item (changes between publishes)"
+    )
+    deadband: DeadbandConfig | None = None
+    backfill: bool = Field(
+        True, description="recover a gap with HistoryRead where the node historizes"
+    )
+
+    @field_validator("node")
+    @classmethod
+    def _node(cls, v: str) -> str:
+        return validate_node_ref(v)
+
+    @field_validator("event")
+    @classmethod
+    def _event(cls, v: str) -> str:
+        if not _EVENT_RE.match(v):
+            raise ValueError(f"must be a dotted lowercase name like machine.reading, got {v!r}")
+        return v
+
+    @field_validator("event_class")
+    @classmethod
+    def _class(cls, v: str | None) -> str | None:
+        if v is not None:
+            EventClass.parse(v)
+        return v
+
+    @field_validator("ordering_key")
+    @classmethod
+    def _template(cls, v: str | None) -> str | None:
+        if v is not None:
+            template_fields(v)
+        return v
+
+    def mapping(self) -> MappingConfig:
+        """The ``map`` configuration used for every notification of this item."""
+        return MappingConfig.model_validate({
+            "event": self.event, "class": self.event_class,
+            "ordering_key": self.ordering_key, "static": self.static,
+        })
+
+
+class TriggerAckConfig(StrictModel):
+    """Written after the event is committed (handshake: the station may then go on)."""
+
+    node: str = Field(description="NodeId string or browse path of a writable variable")
+    value: bool | int | float | str = Field(False, description="value to write")
+
+    @field_validator("node")
+    @classmethod
+    def _node(cls, v: str) -> str:
+        return validate_node_ref(v)
+
+
+class TriggerConfig(MappingConfig):
+    """On a change of ``node`` TO ``when``, read ``read`` in one Read call → one event.
+
+    Edge-triggered: a notification fires only when the previous value was different (or
+    unknown: the first value after (re)connecting counts as a change, and the default
+    dedupe key ``trigger:<node>@<trigger SourceTimestamp>`` turns a repeat of the same edge
+    into a duplicate, not a second event). The read values are the payload of ``map``:
+    without ``fields`` they become ``data`` as named in ``read``.
+    """
+
+    node: str = Field(description="trigger variable (NodeId string or browse path)")
+    when: bool | int | float | str = Field(True, description="value that fires the trigger")
+    read: dict[str, str] = Field(description="payload name: node, read in ONE Read call")
+    sampling_ms: float = Field(100, ge=0, description="server sampling of the trigger node")
+    queue_size: int = Field(10, ge=1, le=10000, description="server-side queue of the trigger")
+    ack: TriggerAckConfig | None = Field(
+        None, description="write this value after the event is committed"
+    )
+
+    @field_validator("node")
+    @classmethod
+    def _node(cls, v: str) -> str:
+        return validate_node_ref(v)
+
+    @field_validator("read")
+    @classmethod
+    def _read(cls, v: dict[str, str]) -> dict[str, str]:
+        if not v:
+            raise ValueError("name at least one node to read")
+        for name, node in v.items():
+            if not _NAME_RE.match(name):
+                raise ValueError(f"{name!r} is not a field name (letters, digits, _)")
+            try:
+                validate_node_ref(node)
+            except ValueError as err:
+                raise ValueError(f"{name}: {err}") from None
+        return v
+
+
+class SecurityConfig(StrictModel):
+    """Secure channel. With a policy other than None the server's identity must be fixed
+    by ``server_cert_file`` (pinned) or ``trust_dir`` (a folder of trusted DER/PEM
+    certificates or CAs): the gateway never trusts a server certificate on first use."""
+
+    policy: Literal["None", "Basic256Sha256", "Aes128_Sha256_RsaOaep", "Aes256_Sha256_RsaPss"] = (
+        "None"
+    )
+    mode: Literal["None", "Sign", "SignAndEncrypt"] = "None"
+    cert_file: SecretFile | None = Field(None, description="client certificate (DER or PEM)")
+    key_file: SecretFile | None = Field(None, description="client private key (PEM)")
+    server_cert_file: SecretFile | None = Field(None, description="pinned server certificate")
+    trust_dir: str | None = Field(None, description="folder of trusted certificates / CAs")
+
+    @field_validator("trust_dir")
+    @classmethod
+    def _dir(cls, v: str | None, info: ValidationInfo) -> str | None:
+        return None if v is None else _check_dir(v, info)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SecurityConfig:
+        if (self.policy == "None") != (self.mode == "None"):
+            raise ValueError(
+                f"policy {self.policy} and mode {self.mode} do not go together: use None for "
+                "both, or a policy with Sign or SignAndEncrypt"
+            )
+        if self.policy == "None":
+            return self
+        missing = [k for k in ("cert_file", "key_file") if getattr(self, k) is None]
+        if missing:
+            raise ValueError(
+                f"{' and '.join(missing)} required with policy {self.policy} "
+                "(create them with `edge certs`)"
+            )
+        if self.server_cert_file is None and self.trust_dir is None:
+            raise ValueError(
+                "set server_cert_file (pin the server certificate) or trust_dir (trusted "
+                "certificates); the gateway does not trust a server on first use"
+            )
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return self.policy != "None"
+
+
+class BackfillConfig(StrictModel):
+    """HistoryRead after a gap (reconnect, subscription re-created, gateway restart)."""
+
+    enabled: bool = True
+    max_gap_s: float = Field(
+        86400, gt=0, description="older parts of a gap are not read (bounded catch-up)"
+    )
+    max_values: int = Field(100000, ge=1, description="values read per node and gap, at most")
+    page_values: int = Field(1000, ge=1, le=100000, description="values per HistoryRead call")
+    first_sample_wait_s: float = Field(
+        10, gt=0, description="wait this long for the first live sample that ends a gap"
+    )
+
+
+class OpcUaSourceConfig(SourceConfigBase):
+    type: Literal["opcua"]
+    endpoint: str = Field(description="opc.tcp://host:port[/path]")
+    security: SecurityConfig = SecurityConfig()
+    username: str | None = None
+    password_file: SecretFile | None = Field(None, description="file holding the password")
+    monitored: list[MonitoredItemConfig] = Field(default_factory=list)
+    triggers: list[TriggerConfig] = Field(default_factory=list)
+    publishing_ms: float = Field(
+        500, gt=0, description="publishing interval of the monitored-items subscription"
+    )
+    keepalive_s: float = Field(
+        10, gt=0, description="the server sends a keep-alive at least this often"
+    )
+    timeout_s: float = Field(10, gt=0, description="per request to the server")
+    watchdog_s: float = Field(1.0, gt=0, description="connection health probe interval")
+    reconnect_max_delay_s: float = Field(30, gt=0, description="cap of the reconnect backoff")
+    queue_max: int = Field(
+        10000, ge=10, le=1_000_000,
+        description="notifications buffered in the gateway; when full the oldest is dropped "
+                    "(counted in edge_source_dropped_total)",
+    )
+    batch_max: int = Field(1000, ge=1, le=100000, description="events per outbox commit")
+    backfill: BackfillConfig = BackfillConfig()
+    application_uri: str | None = Field(
+        None, description="client application URI; default: taken from cert_file"
+    )
+
+    @field_validator("endpoint")
+    @classmethod
+    def _endpoint(cls, v: str) -> str:
+        u = urlparse(v)
+        if u.scheme != "opc.tcp" or not u.hostname:
+            raise ValueError(f"must look like opc.tcp://host:4840, got {v!r}")
+        try:
+            u.port  # noqa: B018 - raises ValueError on a bad port
+        except ValueError as err:
+            raise ValueError(f"bad port in {v!r}: {err}") from None
+        if u.username or u.password:
+            raise ValueError("put no credentials in the endpoint: use username + password_file")
+        return v
+
+    @model_validator(mode="after")
+    def _checks(self) -> OpcUaSourceConfig:
+        if not self.monitored and not self.triggers:
+            raise ValueError("configure at least one of monitored or triggers")
+        if self.password_file is not None and self.username is None:
+            raise ValueError("password_file needs username")
+        if self.username is not None and self.password_file is None:
+            raise ValueError("username needs password_file (secrets are never inline)")
+        seen: dict[str, str] = {}
+        for i, item in enumerate(self.monitored):
+            where = f"monitored[{i}].node"
+            if item.node in seen:
+                raise ValueError(f"{where} {item.node!r} is already monitored by {seen[item.node]}")
+            seen[item.node] = where
+        trig_seen: dict[str, str] = {}
+        for i, trig in enumerate(self.triggers):
+            where = f"triggers[{i}].node"
+            if trig.node in trig_seen:
+                raise ValueError(f"{where} {trig.node!r} is already used by {trig_seen[trig.node]}")
+            trig_seen[trig.node] = where
+        return self

@@ -1,0 +1,830 @@
+"""The running ``opcua`` source (imported by the factory; imports asyncua).
+
+Data path::
+
+    asyncua publish loop ──► NotificationQueue (bounded, drop-oldest, counted)
+        monitored subscription ──► drain task: map → Submission batch → ingest.submit
+        trigger subscription   ──► trigger task: edge detect → ONE Read → map ──►
+                                   bounded queue (blocking) ──► submit → optional ack write
+
+Why these queues: asyncua's handler mode spawns a task per notification and its iterator
+mode drops the oldest notification silently. The source creates iterator-mode
+subscriptions and gives them its own ``NotificationQueue`` (the one place where asyncua
+internals are touched: ``Subscription._event_queue``, checked at start). Its ``put_nowait``
+never blocks asyncua's publish loop (which also carries keep-alives, so blocking it would
+make the stale-subscription watchdog recreate the subscription); when the queue is full
+the OLDEST notification is dropped, counted in ``edge_source_dropped_total{reason=
+"queue_full"}`` and logged once per storm — the freshest values survive, and where the
+node historizes, the gap markers (below) are never dropped. Trigger results are never
+dropped after their Read: they wait in a bounded queue (backpressure).
+
+Gaps: a connection loss (``connection_lost_callback``) and every subscription re-creation
+(observer ``RECREATED``) are written to the audit trail and counted in
+``edge_source_gaps_total``. A re-creation puts a marker into the monitored queue, so the
+drain task knows exactly which samples came before it; the first live sample of each node
+after the marker ends that node's gap, and where the node historizes the gap is read back
+with HistoryRead (events marked ``backfilled``, counted in ``edge_source_backfilled_total``).
+The dedupe key ``<node>@<source timestamp>`` makes overlaps between live and backfilled
+samples duplicates, never second events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import dataclasses
+import logging
+import math
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable, Coroutine, Sequence
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import orjson
+from asyncua import Client, ua
+from asyncua.client.ua_client import UaClientState
+from asyncua.common.subscription import DataChangeEvent, StatusChangeEvent, Subscription
+from asyncua.observer import Observer, SubscriptionEvent
+
+from edge.components import ComponentContext, Ingest, Submission
+from edge.errors import (
+    FatalStartupError,
+    InputError,
+    OutboxClosedError,
+    OutboxFullError,
+    RetryableStartupError,
+)
+from edge.events import Event
+from edge.sources import opcua_nodes, opcua_security
+from edge.sources.opcua_backfill import Watermarks, history_pages
+from edge.sources.opcua_config import OpcUaSourceConfig
+from edge.telemetry import log_event
+from edge.transforms.map import Mapper
+
+__all__ = ["NotificationQueue", "OpcUaSource", "jsonable"]
+
+log = logging.getLogger("edge.sources.opcua")
+
+_SECURITY_ERRORS = (
+    ua.uaerrors.BadCertificateInvalid, ua.uaerrors.BadCertificateUntrusted,
+    ua.uaerrors.BadSecurityChecksFailed, ua.uaerrors.BadSecurityPolicyRejected,
+    ua.uaerrors.BadCertificateUriInvalid, ua.uaerrors.BadCertificateTimeInvalid,
+    ua.uaerrors.BadCertificateUseNotAllowed, ua.uaerrors.BadCertificateRevoked,
+)
+_OVERFLOW_BITS = 0x0480  # InfoType=DataValue + Overflow: the server's item queue dropped
+
+
+class _Gap:
+    """Marker in a notification queue: a subscription was (re)created at this point."""
+
+    __slots__ = ("reason", "starts")
+
+    def __init__(self, reason: str, starts: dict[int, datetime] | None = None) -> None:
+        self.reason = reason
+        self.starts = starts  # explicit gap starts (restart); None: the last live samples
+
+
+class NotificationQueue:
+    """Bounded FIFO from asyncua's publish callback to one consumer task.
+
+    ``put_nowait`` never blocks and never raises: when full it drops the oldest
+    notification (never a ``_Gap`` marker) and calls ``on_drop()``. Duck-types the parts
+    of ``asyncio.Queue`` asyncua uses (``put_nowait``, ``get_nowait``, ``get``).
+    """
+
+    def __init__(self, maxsize: int, on_drop: Callable[[], None]) -> None:
+        self.maxsize = maxsize
+        self._items: deque[Any] = deque()
+        self._ready = asyncio.Event()
+        self._on_drop = on_drop
+        self.dropped = 0
+
+    def qsize(self) -> int:
+        return len(self._items)
+
+    def put_nowait(self, item: Any) -> None:
+        if len(self._items) >= self.maxsize:
+            self._drop_oldest()
+        self._items.append(item)
+        self._ready.set()
+
+    def _drop_oldest(self) -> None:
+        for i, old in enumerate(self._items):
+            if old is not None and not isinstance(old, _Gap):
+                del self._items[i]
+                self.dropped += 1
+                self._on_drop()
+                return
+
+    def get_nowait(self) -> Any:
+        if not self._items:
+            raise asyncio.QueueEmpty
+        return self._items.popleft()
+
+    async def get(self) -> Any:
+        while not self._items:
+            self._ready.clear()
+            await self._ready.wait()
+        return self._items.popleft()
+
+    async def get_batch(self, limit: int) -> list[Any]:
+        first = await self.get()
+        items = [first]
+        pop = self._items.popleft
+        while self._items and len(items) < limit:
+            items.append(pop())
+        return items
+
+
+def jsonable(v: Any) -> Any:
+    """An OPC UA value as JSON-friendly data (arrays, structures, texts, ids, bytes)."""
+    t = type(v)
+    if v is None or t is float or t is int or t is bool or t is str:
+        return v
+    if isinstance(v, (bool, int, float, str)):
+        return v
+    if isinstance(v, datetime):
+        return (v if v.tzinfo else v.replace(tzinfo=UTC)).isoformat().replace("+00:00", "Z")
+    if isinstance(v, (bytes, bytearray)):
+        return base64.b64encode(bytes(v)).decode()
+    if isinstance(v, (list, tuple)):
+        return [jsonable(x) for x in v]
+    if isinstance(v, ua.LocalizedText):
+        return v.Text
+    if isinstance(v, ua.QualifiedName):
+        return f"{v.NamespaceIndex}:{v.Name}"
+    if isinstance(v, ua.NodeId):
+        return v.to_string()
+    if isinstance(v, ua.StatusCode):
+        return v.name
+    if isinstance(v, uuid.UUID):
+        return str(v)
+    if dataclasses.is_dataclass(v) and not isinstance(v, type):
+        return {f.name: jsonable(getattr(v, f.name)) for f in dataclasses.fields(v)
+                if f.name != "Encoding"}
+    return str(v)
+
+
+_STATUS_NAMES: dict[int, str] = {}
+
+
+def status_name(code: ua.StatusCode | None) -> str:
+    """``Good``, ``BadSensorFailure``, ``Good|Overflow`` … (cached per code)."""
+    value = 0 if code is None else code.value
+    name = _STATUS_NAMES.get(value)
+    if name is None:
+        name = ua.StatusCode(value & 0xFFFF0000).name
+        if value & _OVERFLOW_BITS == _OVERFLOW_BITS:
+            name += "|Overflow"
+        if len(_STATUS_NAMES) < 4096:
+            _STATUS_NAMES[value] = name
+    return name
+
+
+def _ts(dv: ua.DataValue) -> datetime:
+    ts = dv.SourceTimestamp or dv.ServerTimestamp
+    if ts is None:
+        return datetime.now(UTC)
+    return ts if ts.tzinfo else ts.replace(tzinfo=UTC)
+
+
+def _iso(ts: datetime) -> str:
+    return ts.isoformat().replace("+00:00", "Z")
+
+
+class _Observer(Observer):
+    """asyncua → source signals; called synchronously inside asyncua: only enqueue."""
+
+    def __init__(self, source: OpcUaSource) -> None:
+        self._source = source
+
+    def observe_request(self, request: Any) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()  # no per-request timing on the hot path
+
+    def on_state_change(self, state: UaClientState) -> None:
+        self._source._on_state(state)
+
+    def on_subscription_event(self, subscription_id: int | None, event: SubscriptionEvent
+                              ) -> None:
+        self._source._on_subscription_event(subscription_id, event)
+
+
+class OpcUaSource:
+    """One OPC UA server connection: monitored items and triggers → events.
+
+    ``run()`` connects (security checked first), resolves and checks every node, creates
+    the subscriptions and serves until cancelled; asyncua reconnects by itself after
+    that. Raises ``FatalStartupError`` for configuration problems found on the server
+    (located), ``RetryableStartupError`` when the server cannot be reached.
+    """
+
+    def __init__(self, cfg: OpcUaSourceConfig, ctx: ComponentContext) -> None:
+        if ctx.ingest is None:
+            raise FatalStartupError(f"source {cfg.id}: no ingest (not started by a gateway)")
+        self.id = cfg.id
+        self.cfg = cfg
+        self.ctx = ctx
+        self.ingest: Ingest = ctx.ingest
+        m = ctx.metrics
+        self._m_dropped_queue = m.source_dropped.labels(cfg.id, "queue_full")
+        self._m_dropped_server = m.source_dropped.labels(cfg.id, "server_queue_overflow")
+        self._m_dropped_trigger = m.source_dropped.labels(cfg.id, "trigger_queue_full")
+        self._m_gaps = m.source_gaps.labels(cfg.id)
+        self._m_backfilled = m.source_backfilled.labels(cfg.id)
+        self._mon_mappers = [Mapper(i.mapping(), site=ctx.site, source=cfg.id)
+                             for i in cfg.monitored]
+        self._trig_mappers = [Mapper(t, site=ctx.site, source=cfg.id) for t in cfg.triggers]
+        self._mon_q = NotificationQueue(cfg.queue_max, self._dropped_notification)
+        self._trig_q = NotificationQueue(max(100, cfg.queue_max // 10), self._dropped_trigger)
+        self._trig_out: asyncio.Queue[tuple[int, Submission]] = asyncio.Queue(maxsize=1000)
+        self._ctl: asyncio.Queue[tuple[Any, ...]] = asyncio.Queue(maxsize=1000)
+        self._client: Client | None = None
+        self._resolved: opcua_nodes.Resolved | None = None
+        self._mon_sub: Subscription | None = None
+        self._trig_sub: Subscription | None = None
+        self._history: list[bool] = [False] * len(cfg.monitored)
+        # Gap bookkeeping, all per monitored item index (touched only on the event loop).
+        self._last_ts: dict[int, datetime] = {}  # newest live sample taken from the queue
+        self._gap_open: dict[int, tuple[datetime, float]] = {}  # start, monotonic opened
+        self._jobs: dict[int, tuple[datetime, datetime]] = {}  # backfill start, end
+        self._jobs_ready = asyncio.Event()
+        self._watermarks = Watermarks(
+            Path(ctx.state_dir) / "opcua" / f"{cfg.id}.watermarks.json", cfg.endpoint)
+        self._watermarks_loaded = False
+        self._storm_dropped = 0
+        self._overflow_logged = 0.0
+        self._lost_at: float | None = None
+        self._loss_epoch = 0
+        self._sub_epoch = {"monitored": 0, "triggers": 0}
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def run(self) -> None:
+        cfg = self.cfg
+        client = Client(cfg.endpoint, timeout=cfg.timeout_s, watchdog_intervall=cfg.watchdog_s,
+                        auto_reconnect=True, reconnect_max_delay=cfg.reconnect_max_delay_s)
+        client.name = f"edge-gateway {self.ctx.site}/{cfg.id}"
+        client.description = client.name
+        client.product_uri = "urn:edge-gateway"
+        security = await opcua_security.configure(client, cfg)
+        client.uaclient.observer = _Observer(self)
+        client.connection_lost_callback = self._on_connection_lost
+        await self._connect(client)
+        self._client = client
+        try:
+            self._resolved = await opcua_nodes.resolve(client, self.id, cfg, cfg.timeout_s)
+            await self._subscribe(client, self._resolved)
+            self._set_connected(True)
+            log_event(log, logging.INFO, "opcua connected", source=self.id,
+                      endpoint=cfg.endpoint, security=security,
+                      monitored=len(cfg.monitored), historizing=sum(self._history),
+                      triggers=len(cfg.triggers))
+            await _run_all([
+                self._drain_monitored(), self._run_triggers(), self._submit_triggers(),
+                self._control(), self._backfill_loop(), self._flush_watermarks(),
+            ])
+        finally:
+            self._set_connected(False)
+            client.connection_lost_callback = None
+            await self._close(client)
+
+    async def _connect(self, client: Client) -> None:
+        cfg = self.cfg
+        try:
+            async with asyncio.timeout(cfg.timeout_s * 2):
+                await client.connect()
+        except _SECURITY_ERRORS as err:
+            raise FatalStartupError(
+                f"{cfg.endpoint} refused the secure channel: {type(err).__name__}; is the "
+                "gateway's certificate trusted by the server (edge certs prints it)?") from err
+        except (ua.uaerrors.BadUserAccessDenied, ua.uaerrors.BadIdentityTokenInvalid,
+                ua.uaerrors.BadIdentityTokenRejected) as err:
+            raise RetryableStartupError(
+                f"{cfg.endpoint} refused the login of {cfg.username or 'anonymous'}: "
+                f"{type(err).__name__}") from err
+        except (OSError, TimeoutError, ua.UaError, ConnectionError) as err:
+            raise RetryableStartupError(f"cannot connect to {cfg.endpoint}: {err!r}") from err
+
+    async def _close(self, client: Client) -> None:
+        with contextlib.suppress(Exception):
+            await self._watermarks.save()
+        try:
+            async with asyncio.timeout(self.cfg.timeout_s + 1):
+                await client.disconnect()
+        except (Exception, TimeoutError) as err:  # noqa: BLE001 - best effort on the way out
+            log_event(log, logging.DEBUG, "opcua disconnect incomplete", source=self.id,
+                      error=repr(err))
+            client.disconnect_socket()
+        self._client = None
+
+    def _set_connected(self, up: bool) -> None:
+        self.ctx.set_connected(up)
+
+    # ------------------------------------------------------------------ subscriptions
+
+    async def _new_subscription(self, client: Client, publishing_ms: float,
+                                queue: NotificationQueue) -> Subscription:
+        cfg = self.cfg
+        keepalive = max(1, math.ceil(cfg.keepalive_s * 1000 / publishing_ms))
+        params = ua.CreateSubscriptionParameters()
+        params.RequestedPublishingInterval = publishing_ms
+        params.RequestedMaxKeepAliveCount = keepalive
+        # Lifetime ≥ 3 keep-alives (spec) and ≥ 60 s, so a short outage can resume the
+        # session and transfer the subscription (no gap) instead of recreating it.
+        params.RequestedLifetimeCount = max(3 * keepalive, math.ceil(60_000 / publishing_ms))
+        params.MaxNotificationsPerPublish = 0
+        params.PublishingEnabled = True
+        params.Priority = 0
+        async with asyncio.timeout(cfg.timeout_s):
+            sub = await client.create_subscription(params, None, queue_maxsize=1)
+        if not hasattr(sub, "_event_queue"):
+            raise FatalStartupError("this asyncua version is not supported (no event queue)")
+        sub._event_queue = queue  # type: ignore[assignment]  # see module docstring
+        return sub
+
+    async def _subscribe(self, client: Client, resolved: opcua_nodes.Resolved) -> None:
+        cfg = self.cfg
+        where = f"sources[{self.id}]"
+        issues: list[str] = []
+        if cfg.monitored:
+            self._history = [cfg.backfill.enabled and m.backfill and resolved[m.node].historizes
+                             for m in cfg.monitored]
+            self._open_start_gap()
+            self._mon_sub = await self._new_subscription(client, cfg.publishing_ms, self._mon_q)
+            requests = [self._item_request(i + 1, resolved[m.node].node_id, m.sampling_ms,
+                                           m.queue_size, m.deadband)
+                        for i, m in enumerate(cfg.monitored)]
+            await self._create_items(self._mon_sub, requests, f"{where}.monitored", issues)
+        if cfg.triggers:
+            publishing = min(t.sampling_ms for t in cfg.triggers) or 100
+            self._trig_sub = await self._new_subscription(client, max(publishing, 50),
+                                                           self._trig_q)
+            requests = [self._item_request(i + 1, resolved[t.node].node_id, t.sampling_ms,
+                                           t.queue_size, None)
+                        for i, t in enumerate(cfg.triggers)]
+            await self._create_items(self._trig_sub, requests, f"{where}.triggers", issues)
+        if issues:
+            raise FatalStartupError("; ".join(issues))
+
+    @staticmethod
+    def _item_request(handle: int, node_id: ua.NodeId, sampling_ms: float, queue_size: int,
+                      deadband: Any) -> ua.MonitoredItemCreateRequest:
+        params = ua.MonitoringParameters()
+        params.ClientHandle = handle  # = config index + 1; kept by asyncua on re-creation
+        params.SamplingInterval = sampling_ms
+        params.QueueSize = queue_size
+        params.DiscardOldest = True
+        if deadband is not None:
+            flt = ua.DataChangeFilter()
+            flt.Trigger = ua.DataChangeTrigger.StatusValue
+            if deadband.absolute is not None:
+                flt.DeadbandType = ua.DeadbandType.Absolute
+                flt.DeadbandValue = deadband.absolute
+            else:
+                flt.DeadbandType = ua.DeadbandType.Percent
+                flt.DeadbandValue = deadband.percent
+            params.Filter = flt
+        req = ua.MonitoredItemCreateRequest()
+        req.ItemToMonitor = ua.ReadValueId(NodeId=node_id, AttributeId=ua.AttributeIds.Value)
+        req.MonitoringMode = ua.MonitoringMode.Reporting
+        req.RequestedParameters = params
+        return req
+
+    async def _create_items(self, sub: Subscription, requests: list[ua.MonitoredItemCreateRequest],
+                            where: str, issues: list[str]) -> None:
+        for start in range(0, len(requests), opcua_nodes.CHUNK):
+            chunk = requests[start:start + opcua_nodes.CHUNK]
+            async with asyncio.timeout(self.cfg.timeout_s * 3):
+                results = await sub.create_monitored_items(chunk)
+            for k, res in enumerate(results):
+                if isinstance(res, ua.StatusCode):
+                    issues.append(f"{where}[{start + k}]: the server refused the monitored "
+                                  f"item: {res.name}")
+
+    def _open_start_gap(self) -> None:
+        """Before the monitored items exist: mark a gap since the last stored samples —
+        of this process (the supervisor restarted ``run``) or of the previous one."""
+        if not self._watermarks_loaded:
+            self._watermarks_loaded = True
+            stored = self._watermarks.load()
+            keys = {m.node: i for i, m in enumerate(self.cfg.monitored)}
+            for ref, ts in stored.items():
+                if ref in keys:
+                    self._last_ts.setdefault(keys[ref], ts)
+        starts = {i: ts for i, ts in self._last_ts.items() if self._history[i]}
+        if starts:
+            self._mon_q.put_nowait(_Gap("start", starts))
+
+    # ------------------------------------------------------------------ asyncua signals
+
+    def _on_state(self, state: UaClientState) -> None:
+        if state is UaClientState.CONNECTED:
+            self._ctl_put(("connected",))
+        elif state in (UaClientState.RECONNECTING, UaClientState.DISCONNECTED):
+            self._set_connected(False)
+
+    def _on_subscription_event(self, sid: int | None, event: SubscriptionEvent) -> None:
+        if event is not SubscriptionEvent.RECREATED:
+            return
+        if self._mon_sub is not None and sid == self._mon_sub.subscription_id:
+            self._mon_q.put_nowait(_Gap("recreated"))
+            self._ctl_put(("recreated", "monitored"))
+        elif self._trig_sub is not None and sid == self._trig_sub.subscription_id:
+            self._trig_q.put_nowait(_Gap("recreated"))
+            self._ctl_put(("recreated", "triggers"))
+
+    async def _on_connection_lost(self, exc: Exception) -> None:
+        # asyncua awaits this before reconnecting: only record and return.
+        self._set_connected(False)
+        self._ctl_put(("lost", exc))
+
+    def _ctl_put(self, item: tuple[Any, ...]) -> None:
+        try:
+            self._ctl.put_nowait(item)
+        except asyncio.QueueFull:
+            log_event(log, logging.ERROR, "opcua control queue full; state change not recorded",
+                      source=self.id, change=item[0])
+
+    async def _control(self) -> None:
+        """Log, audit and count connection state changes (one line each)."""
+        while True:
+            kind, *args = await self._ctl.get()
+            if kind == "lost":
+                self._lost_at = time.monotonic()
+                self._loss_epoch += 1
+                self._m_gaps.inc()
+                log_event(log, logging.WARNING, "opcua connection lost; reconnecting",
+                          source=self.id, endpoint=self.cfg.endpoint, error=repr(args[0]))
+                await self._audit("gap", reason="connection_lost",
+                                  detail={"endpoint": self.cfg.endpoint, "error": repr(args[0])})
+            elif kind == "connected" and self._lost_at is not None:
+                down = round(time.monotonic() - self._lost_at, 1)
+                self._lost_at = None
+                self._set_connected(True)
+                log_event(log, logging.INFO, "opcua reconnected", source=self.id,
+                          endpoint=self.cfg.endpoint, down_s=down)
+                await self._audit("reconnected", detail={"endpoint": self.cfg.endpoint,
+                                                         "down_s": down})
+            elif kind == "recreated":
+                which = args[0]
+                own_gap = self._sub_epoch[which] == self._loss_epoch
+                self._sub_epoch[which] = self._loss_epoch
+                if own_gap:  # re-created without a connection loss (stale subscription)
+                    self._m_gaps.inc()
+                log_event(log, logging.INFO, "opcua subscription recreated", source=self.id,
+                          subscription=which, after_connection_loss=not own_gap)
+                await self._audit("gap" if own_gap else "subscription_recreated",
+                                  reason="subscription_recreated",
+                                  detail={"subscription": which})
+
+    async def _audit(self, state: str, *, reason: str | None = None,
+                     detail: dict[str, Any] | None = None) -> None:
+        try:
+            await self.ingest.audit(state, source=self.id, reason=reason, detail=detail)
+        except (OutboxClosedError, OutboxFullError) as err:
+            log_event(log, logging.WARNING, "opcua audit row not written", source=self.id,
+                      state=state, error=repr(err))
+
+    # ------------------------------------------------------------------ monitored items
+
+    def _dropped_notification(self) -> None:
+        self._m_dropped_queue.inc()
+        if self._storm_dropped == 0:
+            log_event(log, logging.WARNING,
+                      "opcua notification queue full; dropping the oldest notifications",
+                      source=self.id, queue_max=self.cfg.queue_max)
+        self._storm_dropped += 1
+
+    def _dropped_trigger(self) -> None:
+        self._m_dropped_trigger.inc()
+        log_event(log, logging.ERROR, "opcua trigger queue full; oldest trigger dropped",
+                  source=self.id)
+
+    def _sample(self, idx: int, dv: ua.DataValue, value: Any, ts: datetime,
+                backfilled: bool = False) -> Submission:
+        """One monitored sample → Submission; raises InputError (→ quarantine)."""
+        item = self.cfg.monitored[idx]
+        payload = {"value": jsonable(value), "status": status_name(dv.StatusCode),
+                   "node": item.node}
+        event, _ = self._mon_mappers[idx].map(payload, source_ts=ts, backfilled=backfilled)
+        return Submission(event, f"{item.node}@{_iso(ts)}")
+
+    async def _drain_monitored(self) -> None:
+        if not self.cfg.monitored:
+            return
+        q = self._mon_q
+        while True:
+            batch = await q.get_batch(self.cfg.batch_max)
+            subs: list[Submission] = []
+            marks: list[tuple[int, datetime]] = []
+            for item in batch:
+                if type(item) is DataChangeEvent:
+                    mi = item.data.monitored_item
+                    idx = mi.ClientHandle - 1
+                    dv = mi.Value
+                    ts = _ts(dv)
+                    if dv.StatusCode is not None and dv.StatusCode.value & _OVERFLOW_BITS == \
+                            _OVERFLOW_BITS:
+                        self._server_overflow(idx)
+                    gap = self._gap_open.pop(idx, None)
+                    if gap is not None:
+                        self._add_job(idx, gap[0], ts)
+                    last = self._last_ts.get(idx)
+                    if last is None or ts > last:
+                        self._last_ts[idx] = ts
+                    try:
+                        subs.append(self._sample(idx, dv, item.value, ts))
+                        marks.append((idx, ts))
+                    except InputError as err:
+                        await self._quarantine_sample(idx, dv, item.value, ts, err)
+                elif isinstance(item, _Gap):
+                    self._open_gap(item)
+                elif isinstance(item, StatusChangeEvent):
+                    self._status_change("monitored", item)
+            if self._storm_dropped and q.qsize() < q.maxsize // 2:
+                log_event(log, logging.WARNING, "opcua notification storm over",
+                          source=self.id, dropped=self._storm_dropped)
+                self._storm_dropped = 0
+            if subs:
+                await self._submit(subs)
+                for idx, ts in marks:
+                    self._advance_watermark(idx, ts)
+
+    def _server_overflow(self, idx: int) -> None:
+        self._m_dropped_server.inc()
+        now = time.monotonic()
+        if now - self._overflow_logged > 60:
+            self._overflow_logged = now
+            log_event(log, logging.WARNING,
+                      "opcua server queue overflow: the server dropped values between publishes "
+                      "(raise queue_size or lower sampling)", source=self.id,
+                      node=self.cfg.monitored[idx].node)
+
+    def _status_change(self, which: str, ev: StatusChangeEvent) -> None:
+        log_event(log, logging.WARNING, "opcua subscription status change", source=self.id,
+                  subscription=which, status=status_name(ev.notification.Status))
+
+    async def _quarantine_sample(self, idx: int, dv: ua.DataValue, value: Any, ts: datetime,
+                                 err: InputError) -> None:
+        node = self.cfg.monitored[idx].node
+        raw = orjson.dumps({"value": jsonable(value), "status": status_name(dv.StatusCode)},
+                           default=str)
+        await self.ingest.quarantine(self.id, err.reason, raw,
+                                     {"node": node, "source_ts": _iso(ts)}, err.detail)
+
+    async def _submit(self, subs: Sequence[Submission]) -> list[str]:
+        """Commit; under backpressure wait until the outbox accepts again (never drops)."""
+        waited = False
+        while True:
+            try:
+                return await self.ingest.submit(subs)
+            except OutboxFullError:
+                if not waited:
+                    waited = True
+                    log_event(log, logging.WARNING,
+                              "opcua: outbox full, holding events until it accepts again",
+                              source=self.id, events=len(subs))
+                await self.ingest.wait_accepting()
+
+    # ------------------------------------------------------------------ gaps and backfill
+
+    def _open_gap(self, mark: _Gap) -> None:
+        now = time.monotonic()
+        starts = mark.starts if mark.starts is not None else self._last_ts
+        for idx, ts in starts.items():
+            if self._history[idx] and idx not in self._gap_open:
+                self._gap_open[idx] = (ts, now)
+        self._jobs_ready.set()  # wake the loop so first-sample timeouts are tracked
+
+    def _add_job(self, idx: int, start: datetime, end: datetime) -> None:
+        if end <= start:
+            return  # no change since the gap opened
+        old = self._jobs.get(idx)
+        if old is not None:
+            start, end = min(start, old[0]), max(end, old[1])
+        self._jobs[idx] = (start, end)
+        self._jobs_ready.set()
+
+    def _advance_watermark(self, idx: int, ts: datetime) -> None:
+        key = self.cfg.monitored[idx].node
+        if idx in self._gap_open or idx in self._jobs:
+            return  # keep the gap start until the backfill is done
+        old = self._watermarks.values.get(key)
+        if old is None or ts > old:
+            self._watermarks.values[key] = ts
+
+    async def _backfill_loop(self) -> None:
+        if not any(self._history):
+            return
+        wait_s = self.cfg.backfill.first_sample_wait_s
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(1.0 if self._gap_open else None):
+                    await self._jobs_ready.wait()
+            self._jobs_ready.clear()
+            stale = [i for i, (_, at) in self._gap_open.items()
+                     if time.monotonic() - at > wait_s]
+            if stale:
+                end = await self._server_time()
+                for idx in stale:
+                    start, _ = self._gap_open.pop(idx)
+                    self._add_job(idx, start, end)
+            while self._jobs:
+                idx = next(iter(self._jobs))
+                start, end = self._jobs.pop(idx)
+                await self._backfill(idx, start, end)
+
+    async def _server_time(self) -> datetime:
+        assert self._client is not None
+        try:
+            async with asyncio.timeout(self.cfg.timeout_s):
+                ts = await self._client.nodes.server.get_child(
+                    ["0:ServerStatus", "0:CurrentTime"]).read_value()
+            return ts if ts.tzinfo else ts.replace(tzinfo=UTC)
+        except (OSError, TimeoutError, ua.UaError, ConnectionError):
+            return datetime.now(UTC)
+
+    async def _backfill(self, idx: int, start: datetime, end: datetime) -> None:
+        assert self._client is not None and self._resolved is not None
+        cfg = self.cfg
+        node = cfg.monitored[idx].node
+        limit = end - timedelta(seconds=cfg.backfill.max_gap_s)
+        if start < limit:
+            log_event(log, logging.WARNING, "opcua gap longer than backfill.max_gap_s; "
+                      "reading only its newest part", source=self.id, node=node,
+                      gap_start=_iso(start), read_from=_iso(limit))
+            await self._audit("backfill_truncated", reason="max_gap_s",
+                              detail={"node": node, "gap_start": _iso(start),
+                                      "read_from": _iso(limit)})
+            start = limit
+        read = stored = 0
+        newest = start
+        try:
+            async for page in history_pages(
+                self._client, self._resolved[node].node_id, start, end,
+                page_values=cfg.backfill.page_values, max_values=cfg.backfill.max_values,
+                timeout_s=cfg.timeout_s,
+            ):
+                subs: list[Submission] = []
+                for dv in page:
+                    ts = _ts(dv)
+                    value = dv.Value.Value if dv.Value is not None else None
+                    try:
+                        subs.append(self._sample(idx, dv, value, ts, backfilled=True))
+                    except InputError as err:
+                        await self._quarantine_sample(idx, dv, value, ts, err)
+                    newest = max(newest, ts)
+                read += len(page)
+                if subs:
+                    ids = await self._submit(subs)
+                    new = sum(1 for s, i in zip(subs, ids, strict=True) if i == s.event.id)
+                    stored += new
+                    self._m_backfilled.inc(new)
+        except (OSError, TimeoutError, ConnectionError) as err:
+            # Connection trouble: keep the unread rest for after the reconnect.
+            self._add_job(idx, newest, end)
+            log_event(log, logging.WARNING, "opcua backfill interrupted; will resume",
+                      source=self.id, node=node, error=repr(err))
+            await asyncio.sleep(1.0)
+            return
+        except ua.UaError as err:
+            self.ctx.metrics.source_errors.labels(self.id, "history_read_failed").inc()
+            log_event(log, logging.WARNING, "opcua backfill failed: the server refused "
+                      "HistoryRead", source=self.id, node=node, error=repr(err))
+            await self._audit("backfill_failed", reason=type(err).__name__,
+                              detail={"node": node, "from": _iso(start), "to": _iso(end)})
+            return
+        self._watermarks.values[node] = max(self._watermarks.values.get(node, end), end)
+        log_event(log, logging.INFO, "opcua backfilled", source=self.id, node=node,
+                  read=read, stored=stored, duplicates=read - stored,
+                  gap_from=_iso(start), gap_to=_iso(end))
+        await self._audit("backfilled", detail={"node": node, "from": _iso(start),
+                                                "to": _iso(end), "read": read,
+                                                "stored": stored})
+
+    async def _flush_watermarks(self) -> None:
+        if not any(self._history):
+            return
+        while True:
+            await asyncio.sleep(5.0)
+            try:
+                await self._watermarks.save()
+            except OSError as err:
+                log_event(log, logging.WARNING, "cannot save opcua watermarks",
+                          source=self.id, error=str(err))
+
+    # ------------------------------------------------------------------ triggers
+
+    async def _run_triggers(self) -> None:
+        """Edge detection in arrival order; the Read happens right at the edge."""
+        if not self.cfg.triggers:
+            return
+        prev: dict[int, Any] = {}
+        unknown = object()
+        while True:
+            item = await self._trig_q.get()
+            if isinstance(item, _Gap):
+                prev.clear()  # the next value may or may not be an edge: treat it as one
+                continue
+            if isinstance(item, StatusChangeEvent):
+                self._status_change("triggers", item)
+                continue
+            if type(item) is not DataChangeEvent:
+                continue
+            mi = item.data.monitored_item
+            idx = mi.ClientHandle - 1
+            dv = mi.Value
+            if dv.StatusCode is not None and not dv.StatusCode.is_good():
+                continue  # no usable value: neither an edge nor a reset
+            trig = self.cfg.triggers[idx]
+            value = item.value
+            fired = value == trig.when and prev.get(idx, unknown) != trig.when
+            prev[idx] = value
+            if fired:
+                sub = await self._read_trigger(idx, _ts(dv))
+                if sub is not None:
+                    await self._trig_out.put((idx, sub))
+
+    async def _read_trigger(self, idx: int, ts: datetime) -> Submission | None:
+        assert self._client is not None and self._resolved is not None
+        trig = self.cfg.triggers[idx]
+        names = list(trig.read)
+        params = ua.ReadParameters()
+        for name in names:
+            params.NodesToRead.append(ua.ReadValueId(
+                NodeId=self._resolved[trig.read[name]].node_id, AttributeId=ua.AttributeIds.Value))
+        try:
+            async with asyncio.timeout(self.cfg.timeout_s):
+                values = await self._client.uaclient.read(params)
+        except (OSError, TimeoutError, ConnectionError, ua.UaError) as err:
+            self.ctx.metrics.source_errors.labels(self.id, "trigger_read_failed").inc()
+            log_event(log, logging.WARNING, "opcua trigger fired but its read failed; result "
+                      "not recorded", source=self.id, trigger=trig.node, trigger_ts=_iso(ts),
+                      error=repr(err))
+            await self._audit("trigger_lost", reason="read_failed",
+                              detail={"trigger": trig.node, "trigger_ts": _iso(ts),
+                                      "error": repr(err)})
+            return None
+        payload: dict[str, Any] = {}
+        bad: dict[str, str] = {}
+        for name, dv in zip(names, values, strict=True):
+            if dv.StatusCode is not None and dv.StatusCode.is_bad():
+                bad[name] = status_name(dv.StatusCode)
+            else:
+                payload[name] = jsonable(dv.Value.Value if dv.Value is not None else None)
+        meta = {"trigger": trig.node, "trigger_ts": _iso(ts)}
+        raw = orjson.dumps({"read": payload, "bad": bad}, default=str)
+        if bad:
+            await self.ingest.quarantine(self.id, "bad_status", raw, meta,
+                                         ", ".join(f"{k}: {v}" for k, v in bad.items()))
+            return None
+        try:
+            event, dedupe = self._trig_mappers[idx].map(
+                payload, source_ts=None if trig.source_ts else ts)
+        except InputError as err:
+            await self.ingest.quarantine(self.id, err.reason, raw, meta, err.detail)
+            return None
+        return Submission(event, dedupe or f"trigger:{trig.node}@{_iso(ts)}")
+
+    async def _submit_triggers(self) -> None:
+        if not self.cfg.triggers:
+            return
+        while True:
+            idx, sub = await self._trig_out.get()
+            await self._submit([sub])
+            ack = self.cfg.triggers[idx].ack
+            if ack is not None:
+                await self._write_ack(idx, sub.event, ack)
+
+    async def _write_ack(self, idx: int, event: Event, ack: Any) -> None:
+        assert self._client is not None and self._resolved is not None
+        node = self._client.get_node(self._resolved[ack.node].node_id)
+        try:
+            vtype = self._resolved[ack.node].variant_type
+            variant = ua.Variant(ack.value, vtype) if vtype not in (None, ua.VariantType.Null) \
+                else ua.Variant(ack.value)
+            async with asyncio.timeout(self.cfg.timeout_s):
+                await node.write_value(ua.DataValue(variant))
+        except (OSError, TimeoutError, ConnectionError, ua.UaError, ValueError) as err:
+            self.ctx.metrics.source_errors.labels(self.id, "ack_failed").inc()
+            log_event(log, logging.WARNING, "opcua ack write failed (the event is stored)",
+                      source=self.id, ack_node=ack.node, event_id=event.id, error=repr(err))
+
+
+async def _run_all(coros: list[Coroutine[Any, Any, None]]) -> None:
+    """Run the loops together; the first failure cancels the rest and is raised as is
+    (not as an ExceptionGroup, so the supervisor classifies it)."""
+    try:
+        async with asyncio.TaskGroup() as tg:
+            for c in coros:
+                tg.create_task(c)
+    except BaseExceptionGroup as group:
+        first = group.exceptions[0]
+        while isinstance(first, BaseExceptionGroup):
+            first = first.exceptions[0]
+        raise first from None
