@@ -11,8 +11,9 @@ See ``edge.sources.mqtt`` for the contract. Data path inside one process::
                                           ▼
                   acker: awaits store tasks in FIFO order, then PUBACKs in arrival order
 
-At most ``_SLOTS`` store tasks are outstanding, so memory is bounded by
-``inbox bound + _SLOTS × max_batch`` messages whatever the broker sends.
+At most ``_SLOTS`` store tasks are outstanding and reading pauses while the inbox is full,
+so at most ``MqttSource.max_held`` messages are in memory whatever the broker sends (some
+brokers do not enforce the client's Receive Maximum once acks flow).
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ from edge.errors import (
     OutboxFullError,
 )
 from edge.sources.mqtt import CompiledTopic, MqttSourceConfig, SubscriptionConfig, TopicTemplate
-from edge.sources.mqtt_conn import BrokerTarget, ConnectError, Connection
+from edge.sources.mqtt_conn import MAX_PACKETS_PER_WAKE, BrokerTarget, ConnectError, Connection
 from edge.telemetry import log_event
 from edge.transforms.map import Mapper
 
@@ -127,6 +128,10 @@ class MqttSource:
         self._conn: Connection | None = None
         self._inbox: deque[_Inbound] = deque()
         self._inbox_max = max(4 * cfg.max_batch, 2 * cfg.max_inflight_messages)
+        # Messages held in memory at most, whatever the broker sends: the inbox pauses
+        # reading at _inbox_max (+ what one socket read delivers) and at most _SLOTS
+        # batches are being stored.
+        self.max_held = self._inbox_max + MAX_PACKETS_PER_WAKE + _SLOTS * cfg.max_batch
         self._wake = asyncio.Event()
         self._slots = asyncio.Semaphore(_SLOTS)
         # store tasks in arrival order, awaited by the acker; at most _SLOTS entries
