@@ -5,7 +5,9 @@ Tables:
                     delivery row and no dead letter references it any more.
 - ``deliveries``    one row per (event, sink) still to deliver. Keyed (seq, sink) so an event's
                     rows are found by seq; ``deliveries_ready`` serves the lease scan in
-                    priority order; ``deliveries_key`` serves per-key FIFO checks.
+                    priority order; ``deliveries_key`` serves per-key FIFO checks;
+                    ``deliveries_retrying`` (partial: only rows that failed) serves the
+                    retrying/unrouted counts of ``/status`` without a full scan.
 - ``dead_letters``  deliveries the receiver refused for good, with status, reason and body.
 - ``dedupe``        a source's dedupe key → the event id of its first copy (time-bounded).
 - ``quarantine``    inbound records that could not become events, with the reason.
@@ -47,6 +49,8 @@ CREATE TABLE IF NOT EXISTS deliveries(
 CREATE INDEX IF NOT EXISTS deliveries_ready ON deliveries(sink, class, seq);
 CREATE INDEX IF NOT EXISTS deliveries_key ON deliveries(sink, ordering_key, seq)
   WHERE ordering_key IS NOT NULL;
+CREATE INDEX IF NOT EXISTS deliveries_retrying ON deliveries(sink)
+  WHERE attempts > 0 OR last_error IS NOT NULL;
 CREATE TABLE IF NOT EXISTS dead_letters(
   id            INTEGER PRIMARY KEY,
   seq           INTEGER NOT NULL,
