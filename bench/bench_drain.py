@@ -1,0 +1,178 @@
+"""Backlog drain: a pre-filled outbox forwarded by the daemon to a loopback receiver.
+
+Setup per run: a pre-filled outbox (``Outbox.submit``, 1,000 lot keys, classes mixed; filled
+once per size and copied for each run), the stand-in ERP (``ErpReceiver(record=False)``)
+in its own process, and the gateway as ``python -m edge run -c cfg.yaml`` in its own
+process, so the RSS sampled from /proc is the daemon's alone.
+
+Figures:
+  drain events/s  events accepted by the receiver ÷ time from its first to its last event
+  peak RSS        max of VmRSS sampled every 100 ms and the kernel's VmHWM of the daemon
+Same-run baselines: the receiver's own capacity, measured with a minimal raw HTTP/1.1
+client (no httpx) posting the same request shape (a batch of N events, or one event per
+request) over 8 keep-alive connections. "Per-event POSTs are limited only by the
+receiver": that capacity is the per-event baseline.
+
+Run:  python -m bench.bench_drain [--events 100000] [--batch-max 100,500]
+      python -m bench.bench_drain --events 100000,300000,1000000   # RSS flatness, full
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench.common import (
+    Daemon,
+    ReceiverProcess,
+    RssSampler,
+    cpu_seconds,
+    db_summary,
+    gateway_yaml,
+    machine_line,
+    mib,
+    prefilled_copy,
+    receiver_capacity,
+    work_dir,
+    workload_event,
+)
+
+
+@dataclass
+class DrainResult:
+    events: int
+    batch_max: int
+    accepted: int
+    seconds: float
+    peak_rss_kib: int
+    hwm_kib: int
+    rss_marks: tuple[int, int, int]  # KiB at 10 %, 50 %, 90 % of the drain
+    cpu_s: float
+    problems: int
+    ready_s: float
+
+    @property
+    def eps(self) -> float:
+        return self.events / self.seconds if self.seconds else 0.0
+
+
+def drain_once(root: Path, cache: Path, receiver: ReceiverProcess, n: int, batch_max: int,
+               *, lease_batch: int, timeout_s: float) -> DrainResult:
+    run = root / f"run-{n}-{batch_max}"
+    shutil.rmtree(run, ignore_errors=True)
+    prefilled_copy(cache, n, run / "state", log=lambda s: print(s, flush=True))
+    cfg = run / "gateway.yaml"
+    cfg.write_text(gateway_yaml(run / "state", receiver.url, batch_max=batch_max,
+                                lease_batch=lease_batch))
+    time.sleep(0.2)  # let the receiver's counters settle
+    base = receiver.accepted
+    receiver.reset_first()
+    daemon = Daemon(cfg).start()
+    sampler = RssSampler(daemon.pid).start()
+    try:
+        ready = daemon.wait_line(r"gateway started", 60)
+        if ready is None:
+            raise RuntimeError(f"the daemon did not start:\n{daemon.tail()}")
+        first = receiver.wait_first(60)
+        if first is None:
+            raise RuntimeError(f"nothing arrived at the receiver:\n{daemon.tail()}")
+        done = receiver.wait_accepted(base + n, timeout_s)
+        end = time.monotonic()
+        cpu = cpu_seconds(daemon.pid)
+        time.sleep(0.3)  # late duplicates would show here
+    finally:
+        sampler.stop()
+        daemon.stop()
+    accepted = receiver.accepted - base
+    problems = sum(1 for _, line in daemon.lines if re.search(r" (WARNING|ERROR) ", line))
+    if not done:
+        print(f"  !! timeout after {timeout_s:.0f} s: {accepted:,} of {n:,} arrived")
+    marks = tuple(sampler.at_fraction(first, end, f) for f in (0.1, 0.5, 0.9))
+    shutil.rmtree(run, ignore_errors=True)
+    return DrainResult(n, batch_max, accepted, end - first, sampler.peak_kib, sampler.hwm_kib,
+                       marks, cpu, problems, ready - daemon.started_at)  # type: ignore[arg-type]
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m bench.bench_drain", description=__doc__,
+                                formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--events", default="100000",
+                   help="backlog sizes, comma separated (e.g. 100000,300000,1000000)")
+    p.add_argument("--batch-max", default="100,500", help="batched route sizes to run")
+    p.add_argument("--per-event-events", type=int, default=20_000,
+                   help="backlog for the per-event (batch_max=1) run; 0 skips it")
+    p.add_argument("--lease-batch", type=int, default=500, help="sink lease_batch")
+    p.add_argument("--dir", help="scratch folder on the disk under test (default: temp dir)")
+    p.add_argument("--cache", help="folder for the pre-filled outbox files (reused if present)")
+    p.add_argument("--timeout", type=float, default=1800, help="max seconds per drain")
+    args = p.parse_args(argv)
+
+    sizes = [int(x) for x in args.events.split(",") if x]
+    batches = [int(x) for x in args.batch_max.split(",") if x]
+    root = work_dir(args.dir, "drain")
+    cache = Path(args.cache) if args.cache else root / "cache"
+    cache.mkdir(parents=True, exist_ok=True)
+    print(f"machine: {machine_line()}")
+    print(f"scratch: {root}  (pre-filled outbox cache: {cache})")
+
+    receiver = ReceiverProcess().start()
+    results: list[DrainResult] = []
+    try:
+        rng = random.Random(5)
+        bodies = [workload_event(i, rng).to_json() for i in range(2000)]
+        capacity: dict[int, float] = {}
+        capacity_req: dict[int, float] = {}
+        for bm in sorted({*batches, 1} if args.per_event_events else set(batches)):
+            reqs = [b"[" + b",".join(bodies[i : i + bm]) + b"]" if bm > 1 else bodies[i]
+                    for i in range(0, len(bodies) - bm + 1, max(1, bm // 2))]
+            capacity_req[bm], capacity[bm] = receiver_capacity(receiver.port, reqs, bm)
+        print("receiver capacity (raw HTTP/1.1 client, 8 connections, same run):")
+        for bm in sorted(capacity):
+            print(f"  batch {bm:>4}: {capacity_req[bm]:>8,.0f} req/s  {capacity[bm]:>9,.0f} events/s")
+
+        for n in sizes:
+            for bm in batches:
+                print(f"drain {n:,} events, batch_max {bm} ...", flush=True)
+                r = drain_once(root, cache, receiver, n, bm, lease_batch=args.lease_batch,
+                               timeout_s=args.timeout)
+                results.append(r)
+                print(f"  {r.eps:,.0f} events/s, peak RSS {mib(r.peak_rss_kib):.1f} MiB", flush=True)
+        if args.per_event_events:
+            n = args.per_event_events
+            print(f"drain {n:,} events, per-event POSTs ...", flush=True)
+            r = drain_once(root, cache, receiver, n, 1, lease_batch=args.lease_batch,
+                           timeout_s=args.timeout)
+            results.append(r)
+            print(f"  {r.eps:,.0f} events/s, peak RSS {mib(r.peak_rss_kib):.1f} MiB", flush=True)
+    finally:
+        receiver.stop()
+
+    for n in sorted({r.events for r in results}):
+        s = db_summary(next(cache.glob(f"outbox-{n}-*.db")))
+        print(f"backlog {n:,}: file {s['file_mb']:.0f} MiB, mean body {s['avg_body']:.0f} B, "
+              f"{s['keys']} keys, classes {s['classes']}")
+    print()
+    print(f"{'backlog':>9} {'route':>10} {'events/s':>9} {'receiver cap.':>14} {'ratio':>6} "
+          f"{'target':>8} {'peak RSS':>9} {'VmHWM':>7} {'RSS 10/50/90 %':>15} {'CPU s':>6} "
+          f"{'ready s':>7} {'dup':>4} {'warn':>4}")
+    for r in results:
+        cap = capacity[r.batch_max]
+        route = "per-event" if r.batch_max == 1 else f"batch {r.batch_max}"
+        target = ">=0.8 cap" if r.batch_max == 1 else ">=20,000"
+        marks = "/".join(f"{mib(k):.0f}" for k in r.rss_marks)
+        print(f"{r.events:>9,} {route:>10} {r.eps:>9,.0f} {cap:>14,.0f} {r.eps / cap:>6.2f} "
+              f"{target:>8} {mib(r.peak_rss_kib):>8.1f}M {mib(r.hwm_kib):>6.1f}M {marks:>15} "
+              f"{r.cpu_s:>6.1f} {r.ready_s:>7.2f} {r.accepted - r.events:>4} {r.problems:>4}")
+    print("\nratio = drain events/s ÷ the receiver's own capacity for that request shape; "
+          "dup = events the receiver got more than once; warn = WARNING/ERROR log lines")
+    if not args.dir:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
