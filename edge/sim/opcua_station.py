@@ -187,6 +187,8 @@ async def start_station(
                 return None
 
         server.iserver.user_manager = _Users()
+    if history_db is not None:  # before init(), which opens the storage
+        server.iserver.history_manager.set_storage(_history_sqlite(str(history_db)))
     await _init_server(server)
     server.set_server_name(f"edge-gateway simulated station {name}")
     await server.set_application_uri(f"urn:edge-gateway:sim:{name}:server")
@@ -205,10 +207,6 @@ async def start_station(
         server.set_security_policy([ua.SecurityPolicyType.NoSecurity])
     if users is not None:
         server.set_identity_tokens([ua.UserNameIdentityToken])
-    if history_db is not None:
-        from asyncua.server.history_sql import HistorySQLite
-
-        server.iserver.history_manager.set_storage(HistorySQLite(str(history_db)))
     namespace = f"urn:edge-gateway:sim:{name}"
     ns = await server.register_namespace(namespace)
     obj = await server.nodes.objects.add_object(ua.NodeId(name, ns), ua.QualifiedName(name, ns))
@@ -243,6 +241,23 @@ async def start_station(
             _load(station, items, items_period_s), name="station-load"))
     log.info("station %s listening on %s", name, station.endpoint)
     return station
+
+
+def _history_sqlite(path: str) -> Any:
+    """asyncua's SQLite history, with table names its own SQL guard accepts.
+
+    asyncua 2.1 names a node's table ``f"{ns}_{identifier!r}"``, so every string NodeId
+    (``'Station7.Temperature'``, quotes included) is refused as an SQL injection.
+    """
+    import re
+
+    from asyncua.server.history_sql import HistorySQLite
+
+    class _History(HistorySQLite):
+        def _get_table_name(self, node_id: Any) -> str:
+            return f"{node_id.NamespaceIndex}_" + re.sub(r"\W", "_", str(node_id.Identifier))
+
+    return _History(path)
 
 
 def _aspace_shelf() -> Path | None:
