@@ -1,0 +1,134 @@
+"""``kill -9`` of the gateway process while MQTT messages are in flight loses nothing.
+
+The gateway runs as ``python -m edge run -c cfg.yaml``; the publisher, the broker and the
+stand-in ERP live outside it. Every message the broker confirmed (PUBACK to the publisher)
+must reach the ERP, and a message that arrives twice must arrive under the same event id
+(the same Idempotency-Key): the broker redelivers what the killed gateway had stored but
+not yet acked, and the outbox dedupe maps the copy to the first event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from edge.sim.erp import ErpReceiver
+from tests.fixtures.gateway import http_sink_yaml
+from tests.fixtures.mosquitto import (
+    Broker,
+    inspection,
+    message_ids,
+    mqtt_source_yaml,
+    start_publisher,
+)
+
+pytestmark = pytest.mark.mqtt
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+class GatewayProcess:
+    """The gateway as a child process; stderr is collected line by line."""
+
+    def __init__(self, config: Path) -> None:
+        self.config = config
+        self.lines: list[str] = []
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._cond = threading.Condition()
+
+    def start(self) -> GatewayProcess:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.proc = subprocess.Popen([sys.executable, "-m", "edge", "run", "-c", str(self.config)],
+                                     cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE)
+        threading.Thread(target=self._read, args=(self.proc,), daemon=True).start()
+        return self
+
+    def _read(self, proc: subprocess.Popen[bytes]) -> None:
+        assert proc.stderr is not None
+        for raw in proc.stderr:
+            with self._cond:
+                self.lines.append(raw.decode(errors="replace").rstrip())
+                self._cond.notify_all()
+
+    def wait_line(self, text: str, timeout: float = 20.0, after: int = 0) -> None:
+        with self._cond:
+            ok = self._cond.wait_for(
+                lambda: any(text in line for line in self.lines[after:])
+                or (self.proc is not None and self.proc.poll() is not None), timeout)
+        if not ok or not any(text in line for line in self.lines[after:]):
+            raise AssertionError(f"gateway never logged {text!r}:\n" + "\n".join(self.lines[-30:]))
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+@pytest.mark.parametrize("protocol", ["3.1.1", "5"])
+async def test_kill_9_with_messages_in_flight_loses_nothing(
+        protocol: str, mosquitto: Broker, erp: ErpReceiver, tmp_path: Path) -> None:
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(
+        f"site: test-site\nstate_dir: {tmp_path / 'state'}\napi: {{enabled: false}}\n"
+        "logging: {level: info}\n"
+        + mqtt_source_yaml(mosquitto.url, protocol=protocol)
+        + "sinks:\n" + http_sink_yaml(erp.url)
+    )
+    gw = GatewayProcess(cfg).start()
+    try:
+        gw.wait_line("MQTT connected")
+        pub = await start_publisher(mosquitto.url, protocol=protocol, max_inflight=200)
+        sent: list[str] = []
+        stop = asyncio.Event()
+
+        async def produce() -> None:
+            while not stop.is_set():
+                for _ in range(20):
+                    i = f"c{len(sent):06d}"
+                    sent.append(i)
+                    pub.publish(*inspection(i, lot=f"L{len(sent) % 9}"), i)
+                await asyncio.sleep(0.01)
+
+        producer = asyncio.create_task(produce())
+        # kill once the gateway is busy storing and delivering
+        await erp.wait_for(lambda e: len(e.events) >= 300, 20)
+        await asyncio.to_thread(gw.kill9)
+        killed_at = len(sent)
+        await asyncio.sleep(0.5)  # the broker queues for the dead session meanwhile
+        mark = len(gw.lines)
+        await asyncio.to_thread(gw.start)
+        await asyncio.to_thread(gw.wait_line, "MQTT connected", 20.0, mark)
+        await asyncio.sleep(0.5)
+        stop.set()
+        await producer
+        assert await asyncio.to_thread(pub.wait_acked, 20)
+        pub.stop()
+        confirmed = set(pub.acked)
+        assert len(confirmed) == len(sent) > killed_at
+
+        await erp.wait_for(lambda e: confirmed <= set(message_ids(e.events)), 40)
+        got = message_ids(erp.events)
+        assert confirmed <= set(got)
+        twice = {m: ids for m, ids in got.items() if len(ids) > 1}
+        assert not twice, f"delivered under different event ids: {list(twice.items())[:3]}"
+    finally:
+        gw.stop()
+    assert "Traceback" not in "\n".join(gw.lines)
+
