@@ -1,4 +1,4 @@
-"""Shared fixtures. Component-specific fixtures live in ``tests/fixtures/<name>.py``.
+"""Shared fixtures for tests/ and plugins/; component fixtures live in ``tests/fixtures/``.
 
 Long soak runs are marked ``@pytest.mark.slow``: they run with ``EDGE_SOAK=1`` (``make
 soak``); the default suite (``make test``, CI) runs their short forms only.
