@@ -370,7 +370,7 @@ class MqttSource:
             return self._reject(
                 out, "too_large",
                 f"{len(payload)} bytes > max_payload_bytes {self.cfg.max_payload_bytes} "
-                "(first max_payload_bytes kept)", payload[: self.cfg.max_payload_bytes])
+                "(first max_payload_bytes kept)", payload)
         for sub in self.subs:
             captures = sub.topic.match(topic)
             if captures is not None:
@@ -398,6 +398,10 @@ class MqttSource:
         return out
 
     def _reject(self, out: _Prepared, reason: str, detail: str, raw: bytes) -> _Prepared:
+        limit = self.cfg.max_payload_bytes
+        if len(raw) > limit:  # the quarantine keeps evidence, not unbounded blobs
+            out.meta["truncated_from"] = len(raw)
+            raw = raw[:limit]
         out.reason, out.detail, out.raw = reason, detail, bytes(raw)
         return out
 
