@@ -76,6 +76,7 @@ _SECURITY_ERRORS = (
     ua.uaerrors.BadCertificateUseNotAllowed, ua.uaerrors.BadCertificateRevoked,
 )
 _OVERFLOW_BITS = 0x0480  # InfoType=DataValue + Overflow: the server's item queue dropped
+_CHUNK = 256  # notifications mapped between two yields to the event loop
 
 
 class _Gap:
@@ -240,6 +241,8 @@ class OpcUaSource:
         self._trig_mappers = [Mapper(t, site=ctx.site, source=cfg.id) for t in cfg.triggers]
         self._mon_q = NotificationQueue(cfg.queue_max, self._dropped_notification)
         self._trig_q = NotificationQueue(max(100, cfg.queue_max // 10), self._dropped_trigger)
+        self._mapped: asyncio.Queue[tuple[list[Submission], list[tuple[int, datetime]]]] = \
+            asyncio.Queue(maxsize=max(2, 2 * cfg.batch_max // _CHUNK))
         self._trig_out: asyncio.Queue[tuple[int, Submission]] = asyncio.Queue(maxsize=1000)
         self._ctl: asyncio.Queue[tuple[Any, ...]] = asyncio.Queue(maxsize=1000)
         self._client: Client | None = None
@@ -285,7 +288,8 @@ class OpcUaSource:
                       monitored=len(cfg.monitored), historizing=sum(self._history),
                       triggers=len(cfg.triggers))
             await _run_all([
-                self._drain_monitored(), self._run_triggers(), self._submit_triggers(),
+                self._drain_monitored(), self._commit_monitored(), self._run_triggers(),
+                self._submit_triggers(),
                 self._control(), self._backfill_loop(), self._flush_watermarks(),
             ])
         finally:
@@ -515,11 +519,14 @@ class OpcUaSource:
         return Submission(event, f"{item.node}@{_iso(ts)}")
 
     async def _drain_monitored(self) -> None:
+        """Map notifications in arrival order, a chunk at a time, yielding to the event loop
+        between chunks so asyncua's publish loop keeps its pace (a starved publish loop
+        makes the SERVER drop values). Mapped chunks go to ``_commit_monitored``."""
         if not self.cfg.monitored:
             return
         q = self._mon_q
         while True:
-            batch = await q.get_batch(self.cfg.batch_max)
+            batch = await q.get_batch(_CHUNK)
             subs: list[Submission] = []
             marks: list[tuple[int, datetime]] = []
             for item in batch:
@@ -551,9 +558,24 @@ class OpcUaSource:
                           source=self.id, dropped=self._storm_dropped)
                 self._storm_dropped = 0
             if subs:
-                await self._submit(subs)
-                for idx, ts in marks:
-                    self._advance_watermark(idx, ts)
+                await self._mapped.put((subs, marks))  # bounded: waits while commits lag
+            await asyncio.sleep(0)
+
+    async def _commit_monitored(self) -> None:
+        """One outbox commit at a time, merging the chunks mapped meanwhile (order kept)."""
+        if not self.cfg.monitored:
+            return
+        mapped = self._mapped
+        limit = self.cfg.batch_max
+        while True:
+            subs, marks = await mapped.get()
+            while len(subs) < limit and not mapped.empty():
+                more, more_marks = mapped.get_nowait()
+                subs = subs + more
+                marks = marks + more_marks
+            await self._submit(subs)
+            for idx, ts in marks:
+                self._advance_watermark(idx, ts)
 
     def _server_overflow(self, idx: int) -> None:
         self._m_dropped_server.inc()
