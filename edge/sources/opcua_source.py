@@ -36,6 +36,7 @@ import contextlib
 import dataclasses
 import logging
 import math
+import socket
 import time
 import uuid
 from collections import deque
@@ -69,12 +70,6 @@ __all__ = ["NotificationQueue", "OpcUaSource", "jsonable"]
 
 log = logging.getLogger("edge.sources.opcua")
 
-_SECURITY_ERRORS = (
-    ua.uaerrors.BadCertificateInvalid, ua.uaerrors.BadCertificateUntrusted,
-    ua.uaerrors.BadSecurityChecksFailed, ua.uaerrors.BadSecurityPolicyRejected,
-    ua.uaerrors.BadCertificateUriInvalid, ua.uaerrors.BadCertificateTimeInvalid,
-    ua.uaerrors.BadCertificateUseNotAllowed, ua.uaerrors.BadCertificateRevoked,
-)
 _OVERFLOW_BITS = 0x0480  # InfoType=DataValue + Overflow: the server's item queue dropped
 _CHUNK = 256  # notifications mapped between two yields to the event loop
 
@@ -298,21 +293,44 @@ class OpcUaSource:
             await self._close(client)
 
     async def _connect(self, client: Client) -> None:
+        """Connect; every failure is classified with what the operator can do about it.
+
+        A server that does not (yet) trust the gateway's certificate is retried, not fatal:
+        the usual onboarding is that the first attempt lands the certificate in the
+        server's "rejected" folder and an administrator then trusts it.
+        """
         cfg = self.cfg
         try:
             async with asyncio.timeout(cfg.timeout_s * 2):
                 await client.connect()
-        except _SECURITY_ERRORS as err:
-            raise FatalStartupError(
-                f"{cfg.endpoint} refused the secure channel: {type(err).__name__}; is the "
-                "gateway's certificate trusted by the server (edge certs prints it)?") from err
         except (ua.uaerrors.BadUserAccessDenied, ua.uaerrors.BadIdentityTokenInvalid,
                 ua.uaerrors.BadIdentityTokenRejected) as err:
             raise RetryableStartupError(
                 f"{cfg.endpoint} refused the login of {cfg.username or 'anonymous'}: "
                 f"{type(err).__name__}") from err
-        except (OSError, TimeoutError, ua.UaError, ConnectionError) as err:
+        except (ConnectionRefusedError, socket.gaierror) as err:
             raise RetryableStartupError(f"cannot connect to {cfg.endpoint}: {err!r}") from err
+        except Exception as err:  # noqa: BLE001 - asyncua raises anything here (even
+            # AssertionError when a server drops an untrusted client's channel)
+            if not cfg.security.enabled:
+                raise RetryableStartupError(
+                    f"cannot connect to {cfg.endpoint}: {err!r}") from err
+            raise RetryableStartupError(
+                f"cannot open a {cfg.security.policy}/{cfg.security.mode} channel to "
+                f"{cfg.endpoint} ({type(err).__name__}: {err}); if the server does not trust "
+                f"the gateway yet, trust its certificate {self._client_thumbprint()} on the "
+                "server (often waiting in the server's rejected-certificates folder)"
+            ) from err
+
+    def _client_thumbprint(self) -> str:
+        from cryptography.hazmat.primitives.serialization import Encoding
+
+        path = self.cfg.security.cert_file
+        try:
+            cert = opcua_security.load_certificate(path or "")
+        except FatalStartupError:
+            return f"({path})"
+        return f"{path} (thumbprint {opcua_security.thumbprint(cert.public_bytes(Encoding.DER))})"
 
     async def _close(self, client: Client) -> None:
         with contextlib.suppress(Exception):

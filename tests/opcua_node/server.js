@@ -2,7 +2,9 @@
 // asyncua, used by the interop tests of the gateway's OPC UA source.
 //
 // Usage: node server.js --port 4841 --pki DIR [--user name:password] [--items N]
-//                       [--period-ms 100] [--result-period-ms 300]
+//                       [--period-ms 100] [--result-period-ms 300] [--strict]
+// --strict: unknown client certificates are rejected (kept in DIR/rejected) until an
+// administrator moves them to DIR/trusted/certs, as on a real plant server.
 //
 // Prints one JSON line on stdout when listening:
 //   {"endpoint": "...", "namespace": "...", "ns": 1, "server_cert_der_b64": "..."}
@@ -27,6 +29,7 @@ function arg(name, fallback) {
 const port = parseInt(arg("port", "4841"), 10);
 const pki = arg("pki", "./pki");
 const user = arg("user", null);
+const strict = process.argv.includes("--strict");  // do not trust unknown client certs
 const items = parseInt(arg("items", "0"), 10);
 const periodMs = parseFloat(arg("period-ms", "100"));
 const resultPeriodMs = parseFloat(arg("result-period-ms", "300"));
@@ -35,7 +38,7 @@ const NAME = "Station7";
 async function main() {
     const certificateManager = new OPCUACertificateManager({
         rootFolder: pki,
-        automaticallyAcceptUnknownCertificate: true,
+        automaticallyAcceptUnknownCertificate: !strict,
     });
     await certificateManager.initialize();
     const users = {};

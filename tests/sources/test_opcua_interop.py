@@ -8,12 +8,13 @@ result fail when k is a multiple of 10. So the tests can check that nothing was 
 from __future__ import annotations
 
 import asyncio
+import shutil
 import textwrap
 
 import pytest
 
 from tests.fixtures.gateway import http_sink_yaml
-from tests.fixtures.opcua import events_of, wait_connected
+from tests.fixtures.opcua import events_of, wait_connected, wait_for
 
 pytestmark = pytest.mark.opcua
 
@@ -112,3 +113,26 @@ async def test_node_opcua_history_fills_a_gateway_restart(node_opcua_station, er
     assert steps == list(range(steps[0], steps[0] + len(steps))), f"samples skipped: {steps}"
     assert sum(e["backfilled"] for e in events_of(erp, "machine.reading")) == \
         backfilled._value.get()
+
+
+async def test_node_opcua_onboarding_untrusted_gateway_until_trusted(
+    node_opcua_station, opcua_certs, erp, gateways
+):
+    """A plant server rejects an unknown client certificate; once its administrator trusts
+    it, the gateway connects by itself (retried, not a dead component)."""
+    st = await node_opcua_station("--strict")
+    c = opcua_certs
+    gw = await gateways(_body(
+        st, erp.url,
+        security=f"{{policy: Basic256Sha256, mode: SignAndEncrypt, cert_file: {c.client_cert},"
+                 f" key_file: {c.client_key}, server_cert_file: {st.server_cert}}}"))
+    status = gw.status["node7"]
+    rejected = st.pki / "rejected"
+    await wait_for(lambda: status.state == "retrying" and any(rejected.glob("*")), 60,
+                   "the server to reject the gateway certificate")
+    assert "trust its certificate" in (status.error or "")
+    assert str(c.client_cert) in (status.error or "")
+    for f in rejected.glob("*"):  # what the administrator does
+        shutil.move(str(f), st.pki / "trusted" / "certs" / f.name)
+    await wait_connected(gw, "node7", timeout=90)
+    await erp.wait_for(lambda r: len(_steps(r)) >= 3, 60)
