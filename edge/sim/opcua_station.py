@@ -101,8 +101,9 @@ class Station:
         vtype = getattr(ua.VariantType, VARIABLES.get(variable, ("Double", 0))[0])
         ts = ts or datetime.now(UTC)
         variant = ua.Variant() if value is None else ua.Variant(value, vtype)
-        dv = ua.DataValue(variant, StatusCode=ua.StatusCode(status or 0), SourceTimestamp=ts,
-                          ServerTimestamp=ts)
+        stamp: Any = ts  # asyncua types it as its DateTime subclass; a datetime is what it uses
+        dv = ua.DataValue(variant, StatusCode=ua.StatusCode(ua.UInt32(status or 0)),
+                          SourceTimestamp=stamp, ServerTimestamp=stamp)
         await self.server.write_attribute_value(node.nodeid, dv)
         return ts
 
@@ -174,15 +175,18 @@ async def start_station(
     """
     from asyncua import Server, ua
     from asyncua.crypto.permission_rules import User, UserRole
+    from asyncua.server.user_managers import UserManager
 
     if seed is not None:
         random.seed(seed)
     server = Server()
     if users is not None:
-        class _Users:
+        known = dict(users)
+
+        class _Users(UserManager):
             def get_user(self, iserver: Any, username: str | None = None,
                          password: str | None = None, certificate: Any = None) -> Any:
-                if username is not None and users.get(username) == password:
+                if username is not None and known.get(username) == password:
                     return User(role=UserRole.User, name=username)
                 return None
 
@@ -209,21 +213,21 @@ async def start_station(
         server.set_identity_tokens([ua.UserNameIdentityToken])
     namespace = f"urn:edge-gateway:sim:{name}"
     ns = await server.register_namespace(namespace)
-    obj = await server.nodes.objects.add_object(ua.NodeId(name, ns), ua.QualifiedName(name, ns))
+    obj = await server.nodes.objects.add_object(_nid(name, ns), ua.QualifiedName(name, ns))
     nodes: dict[str, Any] = {}
     for var, (vtype, initial) in VARIABLES.items():
         nodes[var] = await obj.add_variable(
-            ua.NodeId(f"{name}.{var}", ns), ua.QualifiedName(var, ns),
+            _nid(f"{name}.{var}", ns), ua.QualifiedName(var, ns),
             ua.Variant(initial, getattr(ua.VariantType, vtype)))
     await nodes["ResultReady"].set_writable()
     for i in range(items):
         var = f"Sensor{i:04d}"
         nodes[var] = await obj.add_variable(
-            ua.NodeId(f"{name}.{var}", ns), ua.QualifiedName(var, ns),
+            _nid(f"{name}.{var}", ns), ua.QualifiedName(var, ns),
             ua.Variant(0.0, ua.VariantType.Double))
     await server.start()
     await server.historize_node_data_change(
-        nodes["Temperature"], period=None if history_db else timedelta(days=1),
+        nodes["Temperature"], period=timedelta(days=3650 if history_db else 1),
         count=history_count)
     actual = server.bserver.port if server.bserver is not None else port
     station = Station(name=name, server=server, endpoint=f"opc.tcp://{_url_host(host)}:{actual}",
@@ -310,6 +314,12 @@ def _lock(path: Path) -> Any:
     return f
 
 
+def _nid(identifier: str, ns: int) -> Any:
+    from asyncua import ua
+
+    return ua.NodeId(ua.String(identifier), ua.Int16(ns))
+
+
 def _url_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
@@ -361,7 +371,7 @@ async def _load(station: Station, items: int, period_s: float) -> None:
     next_at = loop.time()
     while True:
         n += 1
-        ts = datetime.now(UTC)
+        ts: Any = datetime.now(UTC)
         for nid in ids:
             await write(nid, ua.DataValue(ua.Variant(float(n), ua.VariantType.Double),
                                           SourceTimestamp=ts, ServerTimestamp=ts))

@@ -149,7 +149,8 @@ async def _node_ids(
         chunk = paths[start:start + CHUNK]
         rel = ["/" + "/".join(_ROOTS.get(s, s) for s in p.split("/")[1:]) for p in chunk]
         async with asyncio.timeout(timeout_s):
-            results = await client.translate_browsepaths(ua.NodeId(ua.ObjectIds.RootFolder), rel)
+            results = await client.translate_browsepaths(
+                ua.NodeId(ua.Int32(ua.ObjectIds.RootFolder)), rel)
         for ref, res in zip(chunk, results, strict=True):
             if not res.StatusCode.is_good() or not res.Targets:
                 issues.append(f"{refs[ref]}: {res.StatusCode.name} (no node at {ref})")
@@ -181,17 +182,17 @@ async def _read_infos(
         for k, (ref, nid) in enumerate(chunk):
             nc, dt, acc, val = values[k * 4:(k + 1) * 4]
             loc = refs[ref]
-            if not nc.StatusCode.is_good():
-                issues.append(f"{loc}: {nc.StatusCode.name} ({ref})")
+            if not _good(nc) or nc.Value is None:
+                issues.append(f"{loc}: {_status(nc)} ({ref})")
                 continue
             info = NodeInfo(ref, nid, node_class=int(nc.Value.Value))
             if info.node_class != ua.NodeClass.Variable:
                 issues.append(f"{loc}: {ref} is a{_article(info.node_class)} "
                               f"{ua.NodeClass(info.node_class).name}, not a Variable")
                 continue
-            if dt.StatusCode.is_good() and dt.Value is not None:
+            if _good(dt) and dt.Value is not None:
                 info.data_type = dt.Value.Value
-            if acc.StatusCode.is_good() and acc.Value is not None:
+            if _good(acc) and acc.Value is not None:
                 info.user_access = int(acc.Value.Value)
             if val.Value is not None:
                 info.variant_type = val.Value.VariantType
@@ -200,6 +201,14 @@ async def _read_infos(
     if infos:
         await _name_types(client, list(infos.values()), timeout_s)
     return infos
+
+
+def _good(dv: ua.DataValue) -> bool:
+    return dv.StatusCode is None or dv.StatusCode.is_good()
+
+
+def _status(dv: ua.DataValue) -> str:
+    return "Good" if dv.StatusCode is None else dv.StatusCode.name
 
 
 def _article(node_class: int) -> str:
@@ -222,7 +231,7 @@ async def _name_types(client: Client, infos: list[NodeInfo], timeout_s: float) -
         async with asyncio.timeout(timeout_s):
             values = await client.uaclient.read(params)
         for t, dv in zip(missing, values, strict=True):
-            names[t] = dv.Value.Value.Name if dv.StatusCode.is_good() and dv.Value else str(t)
+            names[t] = dv.Value.Value.Name if _good(dv) and dv.Value else str(t)
     for i in infos:
         if i.data_type is not None:
             i.data_type_name = names.get(i.data_type, str(i.data_type))

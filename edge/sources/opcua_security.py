@@ -146,7 +146,7 @@ async def configure(client: Client, cfg: OpcUaSourceConfig) -> str:
         try:
             await validator(x509.load_der_x509_certificate(presented), endpoint.Server)
         except ServiceError as err:
-            status = ua.StatusCode(err.code)
+            status = ua.StatusCode(ua.UInt32(err.code))
             raise FatalStartupError(
                 f"server certificate refused ({status.name}): {cfg.endpoint} presents "
                 f"{_describe(presented)}, which security.trust_dir {sec.trust_dir} does not "

@@ -173,7 +173,7 @@ def status_name(code: ua.StatusCode | None) -> str:
     value = 0 if code is None else code.value
     name = _STATUS_NAMES.get(value)
     if name is None:
-        name = ua.StatusCode(value & 0xFFFF0000).name
+        name = ua.StatusCode(ua.UInt32(value & 0xFFFF0000)).name
         if value & _OVERFLOW_BITS == _OVERFLOW_BITS:
             name += "|Overflow"
         if len(_STATUS_NAMES) < 4096:
@@ -683,8 +683,8 @@ class OpcUaSource:
         assert self._client is not None
         try:
             async with asyncio.timeout(self.cfg.timeout_s):
-                ts = await self._client.nodes.server.get_child(
-                    ["0:ServerStatus", "0:CurrentTime"]).read_value()
+                ts = await self._client.get_node(
+                    ua.NodeId(ua.Int32(ua.ObjectIds.Server_ServerStatus_CurrentTime))).read_value()
             return ts if ts.tzinfo else ts.replace(tzinfo=UTC)
         except (OSError, TimeoutError, ua.UaError, ConnectionError):
             return datetime.now(UTC)
