@@ -275,8 +275,13 @@ class OpcUaSource:
         await self._connect(client)
         self._client = client
         try:
-            self._resolved = await opcua_nodes.resolve(client, self.id, cfg, cfg.timeout_s)
-            await self._subscribe(client, self._resolved)
+            try:
+                self._resolved = await opcua_nodes.resolve(client, self.id, cfg, cfg.timeout_s)
+                await self._subscribe(client, self._resolved)
+            except (OSError, TimeoutError, ConnectionError, ua.UaError) as err:
+                raise RetryableStartupError(
+                    f"{cfg.endpoint}: failed while checking nodes and subscribing: {err!r}"
+                ) from err
             self._set_connected(True)
             log_event(log, logging.INFO, "opcua connected", source=self.id,
                       endpoint=cfg.endpoint, security=security,

@@ -191,6 +191,7 @@ async def test_node_problems_are_located_and_other_sources_keep_running(
               - {{node: "/Objects/2:Station7/2:Missing"}}
               - {{node: "ns=2;s=Station7"}}
               - {{node: "{st.node_id('LotId')}", deadband: {{absolute: 1}}}}
+              - {{node: "{st.node_id('SpindleSpeed')}", deadband: {{percent: 5}}}}
             triggers:
               - node: "{st.node_id('ResultReady')}"
                 when: 1
@@ -208,6 +209,7 @@ async def test_node_problems_are_located_and_other_sources_keep_running(
     assert "sources[bad7].monitored[3].node: ns=2;s=Station7 is an Object, not a Variable" \
         in error
     assert "sources[bad7].monitored[4].deadband: needs a numeric node" in error
+    assert "sources[bad7].monitored[5].deadband.percent: the server has no EURange" in error
     assert "sources[bad7].triggers[0].when: 1 does not fit the node's data type Boolean" in error
     assert "sources[bad7].triggers[0].read.lot_id: namespace 'urn:not-there' is not on the " \
         "server" in error
