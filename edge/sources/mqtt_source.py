@@ -11,9 +11,10 @@ See ``edge.sources.mqtt`` for the contract. Data path inside one process::
                                           ▼
                   acker: awaits store tasks in FIFO order, then PUBACKs in arrival order
 
-At most ``_SLOTS`` store tasks are outstanding and reading pauses while the inbox is full,
-so at most ``MqttSource.max_held`` messages are in memory whatever the broker sends (some
-brokers do not enforce the client's Receive Maximum once acks flow).
+Up to ``_STORE_BATCHES`` store tasks run concurrently (they share the outbox's group
+commits), and reading pauses while the inbox is full: at most ``MqttSource.max_held``
+messages are in memory whatever the broker sends (some brokers do not enforce the
+client's Receive Maximum once acks flow).
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ __all__ = ["MqttSource"]
 
 log = logging.getLogger("edge.sources.mqtt")
 
-_SLOTS = 4  # store tasks in flight (they share group commits)
+_STORE_BATCHES = 4  # store tasks (batches) in flight at most
 _STABLE_S = 10.0  # a connection that lived this long resets the reconnect backoff
 _BURST_WINDOW_S = 60.0
 
@@ -129,12 +130,13 @@ class MqttSource:
         self._inbox: deque[_Inbound] = deque()
         self._inbox_max = max(4 * cfg.max_batch, 2 * cfg.max_inflight_messages)
         # Messages held in memory at most, whatever the broker sends: the inbox pauses
-        # reading at _inbox_max (+ what one socket read delivers) and at most _SLOTS
-        # batches are being stored.
-        self.max_held = self._inbox_max + MAX_PACKETS_PER_WAKE + _SLOTS * cfg.max_batch
+        # reading at _inbox_max (+ what one socket read delivers) and at most
+        # _STORE_BATCHES batches are being stored.
+        self.max_held = self._inbox_max + MAX_PACKETS_PER_WAKE + _STORE_BATCHES * cfg.max_batch
         self._wake = asyncio.Event()
-        self._slots = asyncio.Semaphore(_SLOTS)
-        # store tasks in arrival order, awaited by the acker; at most _SLOTS entries
+        self._in_store = 0  # messages in _pending
+        self._room = asyncio.Event()  # set when a store task leaves _pending
+        # store tasks in arrival order, awaited by the acker
         self._pending: deque[tuple[list[_Inbound], asyncio.Task[None]]] = deque()
         self._pending_added = asyncio.Event()
         self._granted: dict[str, int | None] = {}
@@ -151,7 +153,7 @@ class MqttSource:
     def status(self) -> dict[str, Any]:
         """For ``/status``: connection, subscriptions, unacked messages (no secrets)."""
         conn = self._conn
-        in_store = sum(len(items) for items, _ in self._pending)
+        in_store = self._in_store
         return {
             "connected": bool(conn and conn.connected),
             "broker": f"{self.cfg.scheme}://{self.cfg.host}:{self.cfg.port}",
@@ -342,10 +344,15 @@ class MqttSource:
             await self._wake.wait()
             self._wake.clear()
             while self._inbox:
+                # A few batches in flight share group commits; more would only split the
+                # same messages into smaller transactions (measured: worse latency).
+                while len(self._pending) >= _STORE_BATCHES:
+                    self._room.clear()
+                    await self._room.wait()
                 n = min(len(self._inbox), self.cfg.max_batch)
                 items = [self._inbox.popleft() for _ in range(n)]
                 prepared = [self._prepare(m) for m in items]
-                await self._slots.acquire()
+                self._in_store += n
                 task = asyncio.create_task(self._store(prepared), name=f"mqtt-{self.id}-store")
                 self._pending.append((items, task))
                 self._pending_added.set()
@@ -500,7 +507,8 @@ class MqttSource:
             items, task = self._pending[0]
             await asyncio.wait([task])
             self._pending.popleft()
-            self._slots.release()
+            self._in_store -= len(items)
+            self._room.set()
             if task.cancelled() or task.exception() is not None:
                 # OutboxClosedError: shutting down. Nothing after it may be acked either;
                 # the broker redelivers and the outbox dedupe maps copies to their events.
@@ -534,7 +542,7 @@ class MqttSource:
         while self._pending:
             _, task = self._pending.popleft()
             task.cancel()
-        self._slots = asyncio.Semaphore(_SLOTS)
+        self._in_store = 0
         self._inbox.clear()
         self._stopping = False
 
