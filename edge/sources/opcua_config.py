@@ -288,7 +288,11 @@ class OpcUaSourceConfig(SourceConfigBase):
         description="notifications buffered in the gateway; when full the oldest is dropped "
                     "(counted in edge_source_dropped_total)",
     )
-    batch_max: int = Field(1000, ge=1, le=100000, description="events per outbox commit")
+    batch_max: int = Field(
+        5000, ge=1, le=100000,
+        description="events per outbox commit at most (larger batches sustain higher rates; "
+                    "at low rates a commit holds what arrived meanwhile)",
+    )
     backfill: BackfillConfig = BackfillConfig()
     application_uri: str | None = Field(
         None, description="client application URI; default: taken from cert_file"
