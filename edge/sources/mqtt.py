@@ -116,43 +116,52 @@ class TopicTemplate:
 
 @dataclass(frozen=True)
 class CompiledTopic:
-    """A template bound to a site: ``match(topic)`` → captures, or None if it does not match."""
+    """A template bound to a site: ``match(topic)`` → captures, or None if it does not match.
+
+    Matching follows MQTT filter rules (``+`` one level, a final ``#`` also matches the
+    parent level, wildcards never match a first level starting with ``$``); it runs as
+    one compiled regular expression per subscription.
+    """
 
     filter: str
-    _levels: tuple[tuple[int, str], ...]  # (kind, text): 0 literal, 1 capture, 2 '+', 3 '#'
+    _rx: re.Pattern[str]
+    _names: tuple[str, ...]
+    _wild_first: bool
 
     @classmethod
     def build(cls, template: TopicTemplate, site: str) -> CompiledTopic:
-        levels: list[tuple[int, str]] = []
-        for lv in template.levels:
+        parts: list[str] = []
+        names: list[str] = []
+        levels = template.levels
+        for lv in levels:
             if lv == "{site}":
-                levels.append((0, site))
+                parts.append(re.escape(site))
             elif lv.startswith("{"):
-                levels.append((1, lv[1:-1]))
+                parts.append("([^/]*)")
+                names.append(lv[1:-1])
             elif lv == "+":
-                levels.append((2, ""))
+                parts.append("[^/]*")
             elif lv == "#":
-                levels.append((3, ""))
+                parts.append("#")
             else:
-                levels.append((0, lv))
-        return cls(template.subscription_filter(site), tuple(levels))
+                parts.append(re.escape(lv))
+        if parts[-1] == "#":
+            body = "/".join(parts[:-1])
+            pattern = f"{body}(?:/.*)?" if body else ".*"
+        else:
+            pattern = "/".join(parts)
+        wild_first = levels[0] in ("+", "#") or (levels[0].startswith("{")
+                                                 and levels[0] != "{site}")
+        return cls(template.subscription_filter(site), re.compile(pattern, re.DOTALL),
+                   tuple(names), wild_first)
 
     def match(self, topic: str) -> dict[str, str] | None:
-        parts = topic.split("/")
-        captures: dict[str, str] = {}
-        if topic.startswith("$") and self._levels and self._levels[0][0] != 0:
+        if self._wild_first and topic.startswith("$"):
             return None  # MQTT: wildcards do not match $SYS-style topics
-        for i, (kind, text) in enumerate(self._levels):
-            if kind == 3:
-                return captures
-            if i >= len(parts):
-                return None
-            if kind == 0:
-                if parts[i] != text:
-                    return None
-            elif kind == 1:
-                captures[text] = parts[i]
-        return captures if len(parts) == len(self._levels) else None
+        m = self._rx.fullmatch(topic)
+        if m is None:
+            return None
+        return dict(zip(self._names, m.groups(), strict=True))
 
 
 class MqttTlsConfig(StrictModel):

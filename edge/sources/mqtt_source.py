@@ -28,7 +28,7 @@ import random
 import ssl
 import time
 from collections import OrderedDict, deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -71,10 +71,12 @@ class _Prepared:
     inbound: _Inbound
     submission: Submission | None = None
     default_key: bool = True
+    topic: str = ""
+    subscription: str = ""
     reason: str = ""
     detail: str = ""
     raw: bytes = b""
-    meta: dict[str, Any] = field(default_factory=dict)
+    meta: dict[str, Any] | None = None
 
 
 @dataclass(slots=True)
@@ -118,6 +120,12 @@ class MqttSource:
         self.ctx = ctx
         self.ingest: Ingest = ctx.ingest
         self.client_id = cfg.client_id or f"edge-{ctx.site}-{cfg.id}"
+        for i, sub in enumerate(cfg.subscriptions):
+            if "{site}" in TopicTemplate.parse(sub.topic).levels and (
+                    not ctx.site or any(c in ctx.site for c in "/+#\x00")):
+                raise ConfigError(
+                    f"site {ctx.site!r} cannot fill {{site}}: a topic level must not be empty "
+                    "or contain '/', '+' or '#'", location=f"{cfg.id}.subscriptions[{i}].topic")
         self.subs = [
             _Sub(s, CompiledTopic.build(TopicTemplate.parse(s.topic), ctx.site),
                  Mapper(s, site=ctx.site, source=cfg.id))
@@ -366,13 +374,10 @@ class MqttSource:
         payload = msg.payload
         out = _Prepared(m)
         try:
-            topic = msg.topic
+            topic = out.topic = msg.topic
         except UnicodeDecodeError:
-            raw_topic = bytes(msg._topic)  # paho keeps the undecodable bytes here
-            out.meta = {"topic": raw_topic.decode("utf-8", "replace"), "qos": msg.qos}
+            out.topic = bytes(msg._topic).decode("utf-8", "replace")  # paho keeps the bytes
             return self._reject(out, "invalid_topic", "topic is not valid UTF-8", payload)
-        out.meta = {"topic": topic, "qos": msg.qos, "dup": bool(msg.dup),
-                    "retain": bool(msg.retain), "bytes": len(payload)}
         if len(payload) > self.cfg.max_payload_bytes:
             return self._reject(
                 out, "too_large",
@@ -385,7 +390,7 @@ class MqttSource:
         else:
             return self._reject(out, "unmatched_topic",
                                 "no subscription template matches this topic", payload)
-        out.meta["subscription"] = sub.topic.filter
+        out.subscription = sub.topic.filter
         try:
             doc = orjson.loads(payload)
         except orjson.JSONDecodeError as err:
@@ -405,6 +410,12 @@ class MqttSource:
         return out
 
     def _reject(self, out: _Prepared, reason: str, detail: str, raw: bytes) -> _Prepared:
+        """Turn ``out`` into a quarantine record (raw payload kept up to the size limit)."""
+        msg = out.inbound.msg
+        out.meta = {"topic": out.topic, "qos": msg.qos, "dup": bool(msg.dup),
+                    "retain": bool(msg.retain), "bytes": len(raw)}
+        if out.subscription:
+            out.meta["subscription"] = out.subscription
         limit = self.cfg.max_payload_bytes
         if len(raw) > limit:  # the quarantine keeps evidence, not unbounded blobs
             out.meta["truncated_from"] = len(raw)
@@ -449,7 +460,7 @@ class MqttSource:
                     self.ctx.metrics.source_dropped.labels(self.id, "unstorable").inc()
                     log_event(log, logging.ERROR, "MQTT message could neither be stored nor "
                               "quarantined; acked to keep the session flowing",
-                              source=self.id, topic=p.meta.get("topic"), error=repr(res))
+                              source=self.id, topic=p.topic, error=repr(res))
             jobs = retry
             if any(isinstance(e, OutboxClosedError) for e in errors):
                 raise OutboxClosedError("the outbox is closed")
@@ -470,10 +481,10 @@ class MqttSource:
             p = job[0]
             await self.ingest.quarantine(self.id, p.reason, p.raw, p.meta, p.detail)
             self.counts["quarantined"] += 1
-            suppressed = self._bursts.hit((p.reason, str(p.meta.get("topic"))))
+            suppressed = self._bursts.hit((p.reason, p.topic))
             if suppressed is not None:
                 log_event(log, logging.WARNING, "MQTT message quarantined and acked",
-                          source=self.id, reason=p.reason, topic=p.meta.get("topic"),
+                          source=self.id, reason=p.reason, topic=p.topic,
                           detail=p.detail[:200], suppressed_since_last=suppressed)
             return
         subs = [p.submission for p in job if p.submission is not None]
@@ -485,7 +496,7 @@ class MqttSource:
             self.counts["duplicates"] += 1
             if not p.inbound.msg.dup:
                 why = ("same topic and payload" if p.default_key else "same dedupe_key")
-                self._note("identical", str(p.meta.get("topic")), logging.INFO,
+                self._note("identical", p.topic, logging.INFO,
                            f"a message not flagged as redelivered matched an event stored "
                            f"earlier ({why}) and was not stored again; add a timestamp or "
                            f"sequence to payloads or configure dedupe_key if devices repeat "

@@ -140,3 +140,27 @@ def test_plus_and_hash_match_without_capturing() -> None:
     assert t.match("a/x/y") == {"b": "y"}
     assert t.match("a/x/y/z/w") == {"b": "y"}
     assert t.match("$SYS/x/y") is None
+
+
+def test_hash_also_matches_the_parent_level_and_sites_are_literal() -> None:
+    t = CompiledTopic.build(TopicTemplate.parse("a/{b}/#"), "s")
+    assert t.match("a/x") == {"b": "x"}
+    assert t.match("a") is None
+    assert CompiledTopic.build(TopicTemplate.parse("#"), "s").match("$SYS/x") is None
+    dotted = CompiledTopic.build(TopicTemplate.parse("p/{site}/x"), "plant.01")
+    assert dotted.match("p/plant.01/x") == {} and dotted.match("p/plantX01/x") is None
+    assert dotted.match("p/plant.01/x\n") is None
+
+
+def test_a_site_that_cannot_be_a_topic_level_is_refused() -> None:
+    from edge.components import ComponentContext
+    from edge.sources.mqtt import COMPONENT
+    from edge.telemetry import Metrics
+
+    text = "site: plant/01\nstate_dir: state\napi: {enabled: false}\nsources:\n" + \
+        textwrap.indent(source(), "  ")
+    cfg = load_config_text(text, check_files=False)
+    ctx = ComponentContext(site=cfg.site, state_dir="state", metrics=Metrics(),
+                           ingest=object())  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=r"cannot fill \{site\}"):
+        COMPONENT.factory(cfg.sources[0], ctx)  # type: ignore[attr-defined]
