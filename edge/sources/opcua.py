@@ -6,8 +6,10 @@ model only); asyncua is imported by the factory. The bundle:
 - ``opcua_config``   config model, validated at load with located messages
 - ``opcua_security`` secure channel, pinned / trusted server certificate, user login
 - ``opcua_nodes``    resolves NodeIds and browse paths, checks them on the server
-- ``opcua_source``   the running source: subscriptions, bounded queues, triggers, gaps
-- ``opcua_backfill`` HistoryRead paging and persisted watermarks
+- ``opcua_source``   the running source: connection, subscriptions, monitored items
+- ``opcua_queue``    the bounded notification queue, value and status conversion
+- ``opcua_triggers`` trigger edges, the group Read, the ack after commit
+- ``opcua_backfill`` gaps: HistoryRead paging, backfill, persisted watermarks
 
 Contract (see ``edge.components``): ``factory(cfg, ctx)`` does no I/O; ``run()``
 connects and serves until cancelled. Every event is submitted to the outbox and counted

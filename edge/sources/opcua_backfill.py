@@ -6,6 +6,11 @@ for servers that truncate a page without one (asyncua does when NumValuesPerNode
 result), continues from the last timestamp it got. It stops after ``max_values``; an
 unfinished continuation point is released.
 
+``BackfillMixin`` is the gap half of ``OpcUaSource``: a ``Gap`` marker opens a gap per
+historizing node at its last live sample, the first live sample after the marker closes
+it, and one task reads each closed gap back (HistoryRead), submits the values as
+``backfilled`` events and audits the result.
+
 ``Watermarks`` keeps, per monitored node, the source timestamp up to which samples are
 known to be stored (the start of an open gap while one is being backfilled), in
 ``<state_dir>/opcua/<source id>.watermarks.json``. After a gateway restart the source
@@ -18,16 +23,27 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import AsyncIterator
-from datetime import UTC, datetime
+import time
+from collections.abc import AsyncIterator, Sequence
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from asyncua import Client, ua
 
+from edge.components import ComponentContext, Submission
+from edge.errors import InputError
+from edge.sources.opcua_queue import Gap, iso, source_ts
 from edge.telemetry import log_event
 
-__all__ = ["Watermarks", "history_pages"]
+if TYPE_CHECKING:
+    from prometheus_client import Counter
+
+    from edge.sources.opcua_config import OpcUaSourceConfig
+    from edge.sources.opcua_nodes import Resolved
+
+__all__ = ["BackfillMixin", "Watermarks", "history_pages"]
 
 log = logging.getLogger("edge.sources.opcua")
 
@@ -167,3 +183,157 @@ class Watermarks:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.path)
+
+
+class BackfillMixin:
+    """The gap half of ``OpcUaSource`` (state lives in ``OpcUaSource.__init__``)."""
+
+    if TYPE_CHECKING:
+        id: str
+        cfg: OpcUaSourceConfig
+        ctx: ComponentContext
+        _client: Client | None
+        _resolved: Resolved | None
+        _history: list[bool]
+        _last_ts: dict[int, datetime]
+        _gap_open: dict[int, tuple[datetime, float]]
+        _jobs: dict[int, tuple[datetime, datetime]]
+        _jobs_ready: asyncio.Event
+        _watermarks: Watermarks
+        _m_backfilled: Counter
+
+        async def _audit(self, state: str, *, reason: str | None = None,
+                         detail: dict[str, Any] | None = None) -> None: ...
+
+        async def _submit(self, subs: Sequence[Submission]) -> list[str]: ...
+
+        def _sample(self, idx: int, dv: ua.DataValue, value: Any, ts: datetime,
+                    backfilled: bool = False) -> Submission: ...
+
+        async def _quarantine_sample(self, idx: int, dv: ua.DataValue, value: Any,
+                                     ts: datetime, err: InputError) -> None: ...
+
+    def _open_gap(self, mark: Gap) -> None:
+        now = time.monotonic()
+        starts = mark.starts if mark.starts is not None else self._last_ts
+        for idx, ts in starts.items():
+            if self._history[idx] and idx not in self._gap_open:
+                self._gap_open[idx] = (ts, now)
+        self._jobs_ready.set()  # wake the loop so first-sample timeouts are tracked
+
+    def _add_job(self, idx: int, start: datetime, end: datetime) -> None:
+        if end <= start:
+            return  # no change since the gap opened
+        old = self._jobs.get(idx)
+        if old is not None:
+            start, end = min(start, old[0]), max(end, old[1])
+        self._jobs[idx] = (start, end)
+        self._jobs_ready.set()
+
+    def _advance_watermark(self, idx: int, ts: datetime) -> None:
+        key = self.cfg.monitored[idx].node
+        if idx in self._gap_open or idx in self._jobs:
+            return  # keep the gap start until the backfill is done
+        old = self._watermarks.values.get(key)
+        if old is None or ts > old:
+            self._watermarks.values[key] = ts
+
+    async def _backfill_loop(self) -> None:
+        if not any(self._history):
+            return
+        wait_s = self.cfg.backfill.first_sample_wait_s
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(1.0 if self._gap_open else None):
+                    await self._jobs_ready.wait()
+            self._jobs_ready.clear()
+            stale = [i for i, (_, at) in self._gap_open.items()
+                     if time.monotonic() - at > wait_s]
+            if stale:
+                end = await self._server_time()
+                for idx in stale:
+                    start, _ = self._gap_open.pop(idx)
+                    self._add_job(idx, start, end)
+            while self._jobs:
+                idx = next(iter(self._jobs))
+                start, end = self._jobs.pop(idx)
+                await self._backfill(idx, start, end)
+
+    async def _server_time(self) -> datetime:
+        assert self._client is not None
+        try:
+            async with asyncio.timeout(self.cfg.timeout_s):
+                ts = await self._client.get_node(
+                    ua.NodeId(ua.Int32(ua.ObjectIds.Server_ServerStatus_CurrentTime))).read_value()
+            return ts if ts.tzinfo else ts.replace(tzinfo=UTC)
+        except (OSError, TimeoutError, ua.UaError, ConnectionError):
+            return datetime.now(UTC)
+
+    async def _backfill(self, idx: int, start: datetime, end: datetime) -> None:
+        assert self._client is not None and self._resolved is not None
+        cfg = self.cfg
+        node = cfg.monitored[idx].node
+        limit = end - timedelta(seconds=cfg.backfill.max_gap_s)
+        if start < limit:
+            log_event(log, logging.WARNING, "opcua gap longer than backfill.max_gap_s; "
+                      "reading only its newest part", source=self.id, node=node,
+                      gap_start=iso(start), read_from=iso(limit))
+            await self._audit("backfill_truncated", reason="max_gap_s",
+                              detail={"node": node, "gap_start": iso(start),
+                                      "read_from": iso(limit)})
+            start = limit
+        read = stored = 0
+        newest = start
+        try:
+            async for page in history_pages(
+                self._client, self._resolved[node].node_id, start, end,
+                page_values=cfg.backfill.page_values, max_values=cfg.backfill.max_values,
+                timeout_s=cfg.timeout_s,
+            ):
+                subs: list[Submission] = []
+                for dv in page:
+                    ts = source_ts(dv)
+                    value = dv.Value.Value if dv.Value is not None else None
+                    try:
+                        subs.append(self._sample(idx, dv, value, ts, backfilled=True))
+                    except InputError as err:
+                        await self._quarantine_sample(idx, dv, value, ts, err)
+                    newest = max(newest, ts)
+                read += len(page)
+                if subs:
+                    ids = await self._submit(subs)
+                    new = sum(1 for s, i in zip(subs, ids, strict=True) if i == s.event.id)
+                    stored += new
+                    self._m_backfilled.inc(new)
+        except (OSError, TimeoutError, ConnectionError) as err:
+            # Connection trouble: keep the unread rest for after the reconnect.
+            self._add_job(idx, newest, end)
+            log_event(log, logging.WARNING, "opcua backfill interrupted; will resume",
+                      source=self.id, node=node, error=repr(err))
+            await asyncio.sleep(1.0)
+            return
+        except ua.UaError as err:
+            self.ctx.metrics.source_errors.labels(self.id, "history_read_failed").inc()
+            log_event(log, logging.WARNING, "opcua backfill failed: the server refused "
+                      "HistoryRead", source=self.id, node=node, error=repr(err))
+            await self._audit("backfill_failed", reason=type(err).__name__,
+                              detail={"node": node, "from": iso(start), "to": iso(end)})
+            return
+        self._watermarks.values[node] = max(self._watermarks.values.get(node, end), end)
+        log_event(log, logging.INFO, "opcua backfilled", source=self.id, node=node,
+                  read=read, stored=stored, duplicates=read - stored,
+                  gap_from=iso(start), gap_to=iso(end))
+        await self._audit("backfilled", detail={"node": node, "from": iso(start),
+                                                "to": iso(end), "read": read,
+                                                "stored": stored})
+
+    async def _flush_watermarks(self) -> None:
+        if not any(self._history):
+            return
+        while True:
+            await asyncio.sleep(5.0)
+            try:
+                await self._watermarks.save()
+            except OSError as err:
+                log_event(log, logging.WARNING, "cannot save opcua watermarks",
+                          source=self.id, error=str(err))

@@ -31,17 +31,13 @@ samples duplicates, never second events.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
-import dataclasses
 import logging
 import math
 import socket
 import time
-import uuid
-from collections import deque
-from collections.abc import Callable, Coroutine, Sequence
-from datetime import UTC, datetime, timedelta
+from collections.abc import Coroutine, Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -59,137 +55,27 @@ from edge.errors import (
     OutboxFullError,
     RetryableStartupError,
 )
-from edge.events import Event
 from edge.sources import opcua_nodes, opcua_security
-from edge.sources.opcua_backfill import Watermarks, history_pages
+from edge.sources.opcua_backfill import BackfillMixin, Watermarks
 from edge.sources.opcua_config import OpcUaSourceConfig
+from edge.sources.opcua_queue import (
+    OVERFLOW_BITS,
+    Gap,
+    NotificationQueue,
+    iso,
+    jsonable,
+    source_ts,
+    status_name,
+)
+from edge.sources.opcua_triggers import TriggersMixin
 from edge.telemetry import log_event
 from edge.transforms.map import Mapper
 
-__all__ = ["NotificationQueue", "OpcUaSource", "jsonable"]
+__all__ = ["OpcUaSource"]
 
 log = logging.getLogger("edge.sources.opcua")
 
-_OVERFLOW_BITS = 0x0480  # InfoType=DataValue + Overflow: the server's item queue dropped
 _CHUNK = 256  # notifications mapped between two yields to the event loop
-
-
-class _Gap:
-    """Marker in a notification queue: a subscription was (re)created at this point."""
-
-    __slots__ = ("reason", "starts")
-
-    def __init__(self, reason: str, starts: dict[int, datetime] | None = None) -> None:
-        self.reason = reason
-        self.starts = starts  # explicit gap starts (restart); None: the last live samples
-
-
-class NotificationQueue:
-    """Bounded FIFO from asyncua's publish callback to one consumer task.
-
-    ``put_nowait`` never blocks and never raises: when full it drops the oldest
-    notification (never a ``_Gap`` marker) and calls ``on_drop()``. Duck-types the parts
-    of ``asyncio.Queue`` asyncua uses (``put_nowait``, ``get_nowait``, ``get``).
-    """
-
-    def __init__(self, maxsize: int, on_drop: Callable[[], None]) -> None:
-        self.maxsize = maxsize
-        self._items: deque[Any] = deque()
-        self._ready = asyncio.Event()
-        self._on_drop = on_drop
-        self.dropped = 0
-
-    def qsize(self) -> int:
-        return len(self._items)
-
-    def put_nowait(self, item: Any) -> None:
-        if len(self._items) >= self.maxsize:
-            self._drop_oldest()
-        self._items.append(item)
-        self._ready.set()
-
-    def _drop_oldest(self) -> None:
-        for i, old in enumerate(self._items):
-            if old is not None and not isinstance(old, _Gap):
-                del self._items[i]
-                self.dropped += 1
-                self._on_drop()
-                return
-
-    def get_nowait(self) -> Any:
-        if not self._items:
-            raise asyncio.QueueEmpty
-        return self._items.popleft()
-
-    async def get(self) -> Any:
-        while not self._items:
-            self._ready.clear()
-            await self._ready.wait()
-        return self._items.popleft()
-
-    async def get_batch(self, limit: int) -> list[Any]:
-        first = await self.get()
-        items = [first]
-        pop = self._items.popleft
-        while self._items and len(items) < limit:
-            items.append(pop())
-        return items
-
-
-def jsonable(v: Any) -> Any:
-    """An OPC UA value as JSON-friendly data (arrays, structures, texts, ids, bytes)."""
-    t = type(v)
-    if v is None or t is float or t is int or t is bool or t is str:
-        return v
-    if isinstance(v, (bool, int, float, str)):
-        return v
-    if isinstance(v, datetime):
-        return (v if v.tzinfo else v.replace(tzinfo=UTC)).isoformat().replace("+00:00", "Z")
-    if isinstance(v, (bytes, bytearray)):
-        return base64.b64encode(bytes(v)).decode()
-    if isinstance(v, (list, tuple)):
-        return [jsonable(x) for x in v]
-    if isinstance(v, ua.LocalizedText):
-        return v.Text
-    if isinstance(v, ua.QualifiedName):
-        return f"{v.NamespaceIndex}:{v.Name}"
-    if isinstance(v, ua.NodeId):
-        return v.to_string()
-    if isinstance(v, ua.StatusCode):
-        return v.name
-    if isinstance(v, uuid.UUID):
-        return str(v)
-    if dataclasses.is_dataclass(v) and not isinstance(v, type):
-        return {f.name: jsonable(getattr(v, f.name)) for f in dataclasses.fields(v)
-                if f.name != "Encoding"}
-    return str(v)
-
-
-_STATUS_NAMES: dict[int, str] = {}
-
-
-def status_name(code: ua.StatusCode | None) -> str:
-    """``Good``, ``BadSensorFailure``, ``Good|Overflow`` … (cached per code)."""
-    value = 0 if code is None else code.value
-    name = _STATUS_NAMES.get(value)
-    if name is None:
-        name = ua.StatusCode(ua.UInt32(value & 0xFFFF0000)).name
-        if value & _OVERFLOW_BITS == _OVERFLOW_BITS:
-            name += "|Overflow"
-        if len(_STATUS_NAMES) < 4096:
-            _STATUS_NAMES[value] = name
-    return name
-
-
-def _ts(dv: ua.DataValue) -> datetime:
-    ts = dv.SourceTimestamp or dv.ServerTimestamp
-    if ts is None:
-        return datetime.now(UTC)
-    return ts if ts.tzinfo else ts.replace(tzinfo=UTC)
-
-
-def _iso(ts: datetime) -> str:
-    return ts.isoformat().replace("+00:00", "Z")
 
 
 class _Observer(Observer):
@@ -209,7 +95,7 @@ class _Observer(Observer):
         self._source._on_subscription_event(subscription_id, event)
 
 
-class OpcUaSource:
+class OpcUaSource(TriggersMixin, BackfillMixin):
     """One OPC UA server connection: monitored items and triggers → events.
 
     ``run()`` connects (security checked first), resolves and checks every node, creates
@@ -445,7 +331,7 @@ class OpcUaSource:
                     self._last_ts.setdefault(keys[ref], ts)
         starts = {i: ts for i, ts in self._last_ts.items() if self._history[i]}
         if starts:
-            self._mon_q.put_nowait(_Gap("start", starts))
+            self._mon_q.put_nowait(Gap("start", starts))
 
     # ------------------------------------------------------------------ asyncua signals
 
@@ -459,10 +345,10 @@ class OpcUaSource:
         if event is not SubscriptionEvent.RECREATED:
             return
         if self._mon_sub is not None and sid == self._mon_sub.subscription_id:
-            self._mon_q.put_nowait(_Gap("recreated"))
+            self._mon_q.put_nowait(Gap("recreated"))
             self._ctl_put(("recreated", "monitored"))
         elif self._trig_sub is not None and sid == self._trig_sub.subscription_id:
-            self._trig_q.put_nowait(_Gap("recreated"))
+            self._trig_q.put_nowait(Gap("recreated"))
             self._ctl_put(("recreated", "triggers"))
 
     async def _on_connection_lost(self, exc: Exception) -> None:
@@ -527,11 +413,6 @@ class OpcUaSource:
                       source=self.id, queue_max=self.cfg.queue_max)
         self._storm_dropped += 1
 
-    def _dropped_trigger(self) -> None:
-        self._m_dropped_trigger.inc()
-        log_event(log, logging.ERROR, "opcua trigger queue full; oldest trigger dropped",
-                  source=self.id)
-
     def _sample(self, idx: int, dv: ua.DataValue, value: Any, ts: datetime,
                 backfilled: bool = False) -> Submission:
         """One monitored sample → Submission; raises InputError (→ quarantine)."""
@@ -539,7 +420,7 @@ class OpcUaSource:
         payload = {"value": jsonable(value), "status": status_name(dv.StatusCode),
                    "node": item.node}
         event, _ = self._mon_mappers[idx].map(payload, source_ts=ts, backfilled=backfilled)
-        return Submission(event, f"{item.node}@{_iso(ts)}")
+        return Submission(event, f"{item.node}@{iso(ts)}")
 
     async def _drain_monitored(self) -> None:
         """Map notifications in arrival order, a chunk at a time, yielding to the event loop
@@ -557,9 +438,9 @@ class OpcUaSource:
                     mi = item.data.monitored_item
                     idx = mi.ClientHandle - 1
                     dv = mi.Value
-                    ts = _ts(dv)
-                    if dv.StatusCode is not None and dv.StatusCode.value & _OVERFLOW_BITS == \
-                            _OVERFLOW_BITS:
+                    ts = source_ts(dv)
+                    if dv.StatusCode is not None and dv.StatusCode.value & OVERFLOW_BITS == \
+                            OVERFLOW_BITS:
                         self._server_overflow(idx)
                     gap = self._gap_open.pop(idx, None)
                     if gap is not None:
@@ -572,7 +453,7 @@ class OpcUaSource:
                         marks.append((idx, ts))
                     except InputError as err:
                         await self._quarantine_sample(idx, dv, item.value, ts, err)
-                elif isinstance(item, _Gap):
+                elif isinstance(item, Gap):
                     self._open_gap(item)
                 elif isinstance(item, StatusChangeEvent):
                     self._status_change("monitored", item)
@@ -620,7 +501,7 @@ class OpcUaSource:
         raw = orjson.dumps({"value": jsonable(value), "status": status_name(dv.StatusCode)},
                            default=str)
         await self.ingest.quarantine(self.id, err.reason, raw,
-                                     {"node": node, "source_ts": _iso(ts)}, err.detail)
+                                     {"node": node, "source_ts": iso(ts)}, err.detail)
 
     async def _submit(self, subs: Sequence[Submission]) -> list[str]:
         """Commit; under backpressure wait until the outbox accepts again (never drops)."""
@@ -637,230 +518,6 @@ class OpcUaSource:
                 await self.ingest.wait_accepting()
 
     # ------------------------------------------------------------------ gaps and backfill
-
-    def _open_gap(self, mark: _Gap) -> None:
-        now = time.monotonic()
-        starts = mark.starts if mark.starts is not None else self._last_ts
-        for idx, ts in starts.items():
-            if self._history[idx] and idx not in self._gap_open:
-                self._gap_open[idx] = (ts, now)
-        self._jobs_ready.set()  # wake the loop so first-sample timeouts are tracked
-
-    def _add_job(self, idx: int, start: datetime, end: datetime) -> None:
-        if end <= start:
-            return  # no change since the gap opened
-        old = self._jobs.get(idx)
-        if old is not None:
-            start, end = min(start, old[0]), max(end, old[1])
-        self._jobs[idx] = (start, end)
-        self._jobs_ready.set()
-
-    def _advance_watermark(self, idx: int, ts: datetime) -> None:
-        key = self.cfg.monitored[idx].node
-        if idx in self._gap_open or idx in self._jobs:
-            return  # keep the gap start until the backfill is done
-        old = self._watermarks.values.get(key)
-        if old is None or ts > old:
-            self._watermarks.values[key] = ts
-
-    async def _backfill_loop(self) -> None:
-        if not any(self._history):
-            return
-        wait_s = self.cfg.backfill.first_sample_wait_s
-        while True:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(1.0 if self._gap_open else None):
-                    await self._jobs_ready.wait()
-            self._jobs_ready.clear()
-            stale = [i for i, (_, at) in self._gap_open.items()
-                     if time.monotonic() - at > wait_s]
-            if stale:
-                end = await self._server_time()
-                for idx in stale:
-                    start, _ = self._gap_open.pop(idx)
-                    self._add_job(idx, start, end)
-            while self._jobs:
-                idx = next(iter(self._jobs))
-                start, end = self._jobs.pop(idx)
-                await self._backfill(idx, start, end)
-
-    async def _server_time(self) -> datetime:
-        assert self._client is not None
-        try:
-            async with asyncio.timeout(self.cfg.timeout_s):
-                ts = await self._client.get_node(
-                    ua.NodeId(ua.Int32(ua.ObjectIds.Server_ServerStatus_CurrentTime))).read_value()
-            return ts if ts.tzinfo else ts.replace(tzinfo=UTC)
-        except (OSError, TimeoutError, ua.UaError, ConnectionError):
-            return datetime.now(UTC)
-
-    async def _backfill(self, idx: int, start: datetime, end: datetime) -> None:
-        assert self._client is not None and self._resolved is not None
-        cfg = self.cfg
-        node = cfg.monitored[idx].node
-        limit = end - timedelta(seconds=cfg.backfill.max_gap_s)
-        if start < limit:
-            log_event(log, logging.WARNING, "opcua gap longer than backfill.max_gap_s; "
-                      "reading only its newest part", source=self.id, node=node,
-                      gap_start=_iso(start), read_from=_iso(limit))
-            await self._audit("backfill_truncated", reason="max_gap_s",
-                              detail={"node": node, "gap_start": _iso(start),
-                                      "read_from": _iso(limit)})
-            start = limit
-        read = stored = 0
-        newest = start
-        try:
-            async for page in history_pages(
-                self._client, self._resolved[node].node_id, start, end,
-                page_values=cfg.backfill.page_values, max_values=cfg.backfill.max_values,
-                timeout_s=cfg.timeout_s,
-            ):
-                subs: list[Submission] = []
-                for dv in page:
-                    ts = _ts(dv)
-                    value = dv.Value.Value if dv.Value is not None else None
-                    try:
-                        subs.append(self._sample(idx, dv, value, ts, backfilled=True))
-                    except InputError as err:
-                        await self._quarantine_sample(idx, dv, value, ts, err)
-                    newest = max(newest, ts)
-                read += len(page)
-                if subs:
-                    ids = await self._submit(subs)
-                    new = sum(1 for s, i in zip(subs, ids, strict=True) if i == s.event.id)
-                    stored += new
-                    self._m_backfilled.inc(new)
-        except (OSError, TimeoutError, ConnectionError) as err:
-            # Connection trouble: keep the unread rest for after the reconnect.
-            self._add_job(idx, newest, end)
-            log_event(log, logging.WARNING, "opcua backfill interrupted; will resume",
-                      source=self.id, node=node, error=repr(err))
-            await asyncio.sleep(1.0)
-            return
-        except ua.UaError as err:
-            self.ctx.metrics.source_errors.labels(self.id, "history_read_failed").inc()
-            log_event(log, logging.WARNING, "opcua backfill failed: the server refused "
-                      "HistoryRead", source=self.id, node=node, error=repr(err))
-            await self._audit("backfill_failed", reason=type(err).__name__,
-                              detail={"node": node, "from": _iso(start), "to": _iso(end)})
-            return
-        self._watermarks.values[node] = max(self._watermarks.values.get(node, end), end)
-        log_event(log, logging.INFO, "opcua backfilled", source=self.id, node=node,
-                  read=read, stored=stored, duplicates=read - stored,
-                  gap_from=_iso(start), gap_to=_iso(end))
-        await self._audit("backfilled", detail={"node": node, "from": _iso(start),
-                                                "to": _iso(end), "read": read,
-                                                "stored": stored})
-
-    async def _flush_watermarks(self) -> None:
-        if not any(self._history):
-            return
-        while True:
-            await asyncio.sleep(5.0)
-            try:
-                await self._watermarks.save()
-            except OSError as err:
-                log_event(log, logging.WARNING, "cannot save opcua watermarks",
-                          source=self.id, error=str(err))
-
-    # ------------------------------------------------------------------ triggers
-
-    async def _run_triggers(self) -> None:
-        """Edge detection in arrival order; the Read happens right at the edge."""
-        if not self.cfg.triggers:
-            return
-        prev: dict[int, Any] = {}
-        unknown = object()
-        while True:
-            item = await self._trig_q.get()
-            if isinstance(item, _Gap):
-                prev.clear()  # the next value may or may not be an edge: treat it as one
-                continue
-            if isinstance(item, StatusChangeEvent):
-                self._status_change("triggers", item)
-                continue
-            if type(item) is not DataChangeEvent:
-                continue
-            mi = item.data.monitored_item
-            idx = mi.ClientHandle - 1
-            dv = mi.Value
-            if dv.StatusCode is not None and not dv.StatusCode.is_good():
-                continue  # no usable value: neither an edge nor a reset
-            trig = self.cfg.triggers[idx]
-            value = item.value
-            fired = value == trig.when and prev.get(idx, unknown) != trig.when
-            prev[idx] = value
-            if fired:
-                sub = await self._read_trigger(idx, _ts(dv))
-                if sub is not None:
-                    await self._trig_out.put((idx, sub))
-
-    async def _read_trigger(self, idx: int, ts: datetime) -> Submission | None:
-        assert self._client is not None and self._resolved is not None
-        trig = self.cfg.triggers[idx]
-        names = list(trig.read)
-        params = ua.ReadParameters()
-        for name in names:
-            params.NodesToRead.append(ua.ReadValueId(
-                NodeId=self._resolved[trig.read[name]].node_id, AttributeId=ua.AttributeIds.Value))
-        try:
-            async with asyncio.timeout(self.cfg.timeout_s):
-                values = await self._client.uaclient.read(params)
-        except (OSError, TimeoutError, ConnectionError, ua.UaError) as err:
-            self.ctx.metrics.source_errors.labels(self.id, "trigger_read_failed").inc()
-            log_event(log, logging.WARNING, "opcua trigger fired but its read failed; result "
-                      "not recorded", source=self.id, trigger=trig.node, trigger_ts=_iso(ts),
-                      error=repr(err))
-            await self._audit("trigger_lost", reason="read_failed",
-                              detail={"trigger": trig.node, "trigger_ts": _iso(ts),
-                                      "error": repr(err)})
-            return None
-        payload: dict[str, Any] = {}
-        bad: dict[str, str] = {}
-        for name, dv in zip(names, values, strict=True):
-            if dv.StatusCode is not None and dv.StatusCode.is_bad():
-                bad[name] = status_name(dv.StatusCode)
-            else:
-                payload[name] = jsonable(dv.Value.Value if dv.Value is not None else None)
-        meta = {"trigger": trig.node, "trigger_ts": _iso(ts)}
-        raw = orjson.dumps({"read": payload, "bad": bad}, default=str)
-        if bad:
-            await self.ingest.quarantine(self.id, "bad_status", raw, meta,
-                                         ", ".join(f"{k}: {v}" for k, v in bad.items()))
-            return None
-        try:
-            event, dedupe = self._trig_mappers[idx].map(
-                payload, source_ts=None if trig.source_ts else ts)
-        except InputError as err:
-            await self.ingest.quarantine(self.id, err.reason, raw, meta, err.detail)
-            return None
-        return Submission(event, dedupe or f"trigger:{trig.node}@{_iso(ts)}")
-
-    async def _submit_triggers(self) -> None:
-        if not self.cfg.triggers:
-            return
-        while True:
-            idx, sub = await self._trig_out.get()
-            await self._submit([sub])
-            ack = self.cfg.triggers[idx].ack
-            if ack is not None:
-                await self._write_ack(idx, sub.event, ack)
-
-    async def _write_ack(self, idx: int, event: Event, ack: Any) -> None:
-        assert self._client is not None and self._resolved is not None
-        node = self._client.get_node(self._resolved[ack.node].node_id)
-        try:
-            vtype = self._resolved[ack.node].variant_type
-            variant = ua.Variant(ack.value, vtype) if vtype not in (None, ua.VariantType.Null) \
-                else ua.Variant(ack.value)
-            async with asyncio.timeout(self.cfg.timeout_s):
-                await node.write_value(ua.DataValue(variant))
-        except (OSError, TimeoutError, ConnectionError, ua.UaError, ValueError) as err:
-            self.ctx.metrics.source_errors.labels(self.id, "ack_failed").inc()
-            log_event(log, logging.WARNING, "opcua ack write failed (the event is stored)",
-                      source=self.id, ack_node=ack.node, event_id=event.id, error=repr(err))
-
-
 async def _run_all(coros: list[Coroutine[Any, Any, None]]) -> None:
     """Run the loops together; the first failure cancels the rest and is raised as is
     (not as an ExceptionGroup, so the supervisor classifies it)."""

@@ -15,8 +15,8 @@ from asyncua import ua
 from edge.cli.main import main
 from edge.config import load_config_text
 from edge.errors import ConfigError
+from edge.sources.opcua_queue import Gap, NotificationQueue, jsonable, status_name
 from edge.sources.opcua_security import application_uri_of, load_certificate, thumbprint
-from edge.sources.opcua_source import NotificationQueue, _Gap, jsonable, status_name
 
 SINK = """
 sinks:
@@ -161,7 +161,7 @@ def test_importing_the_component_does_not_import_asyncua():
 async def test_full_queue_drops_the_oldest_notification_counts_it_keeps_markers():
     dropped: list[int] = []
     q = NotificationQueue(3, lambda: dropped.append(1))
-    gap = _Gap("recreated")
+    gap = Gap("recreated")
     q.put_nowait(gap)
     for i in range(5):
         q.put_nowait(i)
