@@ -2,7 +2,7 @@
 // asyncua, used by the interop tests of the gateway's OPC UA source.
 //
 // Usage: node server.js --port 4841 --pki DIR [--user name:password] [--items N]
-//                       [--period-ms 100] [--result-period-ms 300] [--strict]
+//                       [--period-ms 100] [--result-period-ms 300] [--strict] [--handshake]
 // --strict: unknown client certificates are rejected (kept in DIR/rejected) until an
 // administrator moves them to DIR/trusted/certs, as on a real plant server.
 //
@@ -13,7 +13,8 @@
 //   PartCounter (UInt32), LotId, Serial, Result (String), Measured (Double),
 //   ResultReady (Boolean, writable), Sensor0000.. (Double, optional load items).
 // Every result period: LotId (new lot every 5 parts), Serial, Result (every tenth part
-// "fail"), Measured, then ResultReady=true; half a period later ResultReady=false.
+// "fail"), Measured, then ResultReady=true; half a period later ResultReady=false (with
+// --handshake it stays true until a client writes false; only then comes the next part).
 "use strict";
 
 const {
@@ -30,6 +31,8 @@ const port = parseInt(arg("port", "4841"), 10);
 const pki = arg("pki", "./pki");
 const user = arg("user", null);
 const strict = process.argv.includes("--strict");  // do not trust unknown client certs
+// --handshake: the next part waits until a client wrote ResultReady=false (the ack)
+const handshake = process.argv.includes("--handshake");
 const items = parseInt(arg("items", "0"), 10);
 const periodMs = parseFloat(arg("period-ms", "100"));
 const resultPeriodMs = parseFloat(arg("result-period-ms", "300"));
@@ -114,6 +117,9 @@ async function main() {
 
     let part = 0;
     setInterval(() => {
+        if (handshake && v.ResultReady.readValue().value.value === true) {
+            return;  // the previous result is not acknowledged yet
+        }
         part += 1;
         const lot = `LNODE-${String(Math.floor((part - 1) / 5) + 1).padStart(4, "0")}`;
         set(v.LotId, DataType.String, lot);
@@ -122,7 +128,9 @@ async function main() {
         set(v.Measured, DataType.Double, 10.0 + (part % 5) / 100);
         set(v.PartCounter, DataType.UInt32, part);
         set(v.ResultReady, DataType.Boolean, true);
-        setTimeout(() => set(v.ResultReady, DataType.Boolean, false), resultPeriodMs / 2);
+        if (!handshake) {
+            setTimeout(() => set(v.ResultReady, DataType.Boolean, false), resultPeriodMs / 2);
+        }
     }, resultPeriodMs);
 
     if (items > 0) {

@@ -19,7 +19,8 @@ from tests.fixtures.opcua import events_of, wait_connected, wait_for
 pytestmark = pytest.mark.opcua
 
 
-def _body(st, erp_url: str, *, security: str = "", login: bool = False) -> str:
+def _body(st, erp_url: str, *, security: str = "", login: bool = False, ack: bool = False
+          ) -> str:
     text = textwrap.dedent(f"""\
         sources:
           - id: node7
@@ -41,6 +42,9 @@ def _body(st, erp_url: str, *, security: str = "", login: bool = False) -> str:
                   result: "{st.node_id('Result')}"
                   measured: "ns={st.ns};s=Station7.Measured"
     """)
+    if ack:  # handshake: the station waits for it, so every part is read, none skipped
+        text += f'        ack: {{node: "{st.node_id("ResultReady")}", value: false}}\n'
+
     if security:
         text += f"    security: {security}\n"
     if login:
@@ -65,8 +69,8 @@ def _check_results(erp) -> None:
 
 
 async def test_node_opcua_monitored_and_triggered(node_opcua_station, erp, gateways):
-    st = await node_opcua_station()
-    gw = await gateways(_body(st, erp.url))
+    st = await node_opcua_station("--handshake")
+    gw = await gateways(_body(st, erp.url, ack=True))
     await wait_connected(gw, "node7")
     await erp.wait_for(lambda r: len(events_of(r, "inspection.result")) >= 8
                        and len(_steps(r)) >= 15, 60)
@@ -80,11 +84,11 @@ async def test_node_opcua_monitored_and_triggered(node_opcua_station, erp, gatew
 
 async def test_node_opcua_sign_and_encrypt_with_login(node_opcua_station, opcua_certs, erp,
                                                       gateways, tmp_path):
-    st = await node_opcua_station("--user", "gateway:s3cret")
+    st = await node_opcua_station("--user", "gateway:s3cret", "--handshake")
     (tmp_path / "password").write_text("s3cret")
     c = opcua_certs
     gw = await gateways(_body(
-        st, erp.url, login=True,
+        st, erp.url, login=True, ack=True,
         security=f"{{policy: Basic256Sha256, mode: SignAndEncrypt, cert_file: {c.client_cert},"
                  f" key_file: {c.client_key}, server_cert_file: {st.server_cert}}}"))
     await wait_connected(gw, "node7")
