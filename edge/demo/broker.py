@@ -31,9 +31,15 @@ class BrokerUnavailable(RuntimeError):
 
 
 class DemoBroker(Protocol):
-    name: str
-    url: str
-    protocol: str  # "3.1.1" | "5"
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def url(self) -> str: ...
+
+    @property
+    def protocol(self) -> str:  # "3.1.1" | "5"
+        ...
 
     async def stop(self) -> None: ...
 

@@ -179,6 +179,7 @@ class Demo:
                     await group.close()
                 await self._drain(groups, erp)
                 live.cancel()
+            await self._settle(gw)
             line = await snapshot(gw)
             self.out(line.line(time.monotonic() - started, "up"))
             self._collect(erp)
@@ -255,6 +256,14 @@ class Demo:
         erp.outage(False)  # type: ignore[attr-defined]
         self._outage_on = False
         self.out("--- ERP back: the backlog drains")
+
+    async def _settle(self, gw: object, timeout_s: float = 5.0) -> None:
+        """Let the forwarder record the last deliveries, so the final line shows them."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if not (await snapshot(gw)).backlog:  # type: ignore[arg-type]
+                return
+            await asyncio.sleep(0.05)
 
     async def _drain(self, groups: list[StationGroup], erp: object) -> None:
         """Wait until the ERP has every confirmed record (or the drain timeout)."""

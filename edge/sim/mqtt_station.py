@@ -74,7 +74,7 @@ class Publisher:
         )
         self.client.max_inflight_messages_set(max_inflight)
         self.client.max_queued_messages_set(0)
-        self.client.reconnect_delay_set(0.2, 2)
+        self.client.reconnect_delay_set(1, 2)
         if parts.scheme == "mqtts":
             ctx = ssl.create_default_context(cafile=ca_file)
             self.client.tls_set_context(ctx)

@@ -249,7 +249,7 @@ class Connection:
             sock = client.socket()
             if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or sock is None or self._paused:
                 return
-            if tls and sock.pending() > 0:  # decrypted bytes the selector cannot see
+            if tls and getattr(sock, "pending", int)() > 0:  # decrypted, invisible to epoll
                 continue
             if self.received == before:
                 return

@@ -409,7 +409,8 @@ class MqttSource:
         out.submission = Submission(event, key)
         return out
 
-    def _reject(self, out: _Prepared, reason: str, detail: str, raw: bytes) -> _Prepared:
+    def _reject(self, out: _Prepared, reason: str, detail: str, raw: bytes | bytearray
+                ) -> _Prepared:
         """Turn ``out`` into a quarantine record (raw payload kept up to the size limit)."""
         msg = out.inbound.msg
         out.meta = {"topic": out.topic, "qos": msg.qos, "dup": bool(msg.dup),

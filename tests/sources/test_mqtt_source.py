@@ -354,7 +354,7 @@ async def test_outbox_full_stops_acking_and_resumes_without_loss(
     assert gw.status["line1"].restarts == 0
 
     erp.outage(False)
-    await delivered(erp, set(ids), timeout=15)
+    await delivered(erp, set(ids), timeout=10)
     got = message_ids(erp.events)
     assert set(got) == set(ids) and all(len(v) == 1 for v in got.values())
     pub.stop()
