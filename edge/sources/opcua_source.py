@@ -75,6 +75,33 @@ __all__ = ["OpcUaSource"]
 
 log = logging.getLogger("edge.sources.opcua")
 
+
+class _OutageNoise(logging.Filter):
+    """Drop asyncua records that only repeat what the source already logged once.
+
+    While a server is down asyncua logs a traceback every second from its publish loop
+    (``Publish iteration crashed`` with a ConnectionError) and a warning per reconnect
+    attempt; the source logs ``connection lost`` / ``reconnected`` instead. Other asyncua
+    records (a protocol error, a security error on reconnect) stay visible.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.msg if isinstance(record.msg, str) else ""
+        if msg.startswith("Publish iteration crashed"):
+            exc = record.exc_info[1] if record.exc_info else None
+            return not isinstance(exc, (ConnectionError, OSError, TimeoutError))
+        return not msg.startswith(("Reconnect attempt failed", "Requested session timeout"))
+
+
+def _tame_asyncua() -> None:
+    for name in ("asyncua.client.ua_session.UaSession", "asyncua.client.client"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _OutageNoise) for f in logger.filters):
+            logger.addFilter(_OutageNoise())
+
+
+_tame_asyncua()
+
 _CHUNK = 256  # notifications mapped between two yields to the event loop
 
 

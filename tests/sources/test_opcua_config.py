@@ -237,3 +237,23 @@ def test_edge_certs_takes_site_and_state_dir_from_the_config(tmp_path, capsys):
     assert main(["certs", "-c", str(cfg), "--hostname", "ipc9"]) == 0
     assert "urn:ipc9:edge-gateway:plant-01" in capsys.readouterr().out
     assert (tmp_path / "state" / "certs" / "edge-gateway.der").is_file()
+
+
+def test_asyncua_outage_noise_is_filtered_but_real_errors_stay():
+    import logging
+
+    from edge.sources.opcua_source import _OutageNoise
+
+    def record(msg: str, exc: BaseException | None = None) -> logging.LogRecord:
+        info = (type(exc), exc, None) if exc else None
+        return logging.LogRecord("asyncua.client.ua_session.UaSession", logging.ERROR, "f", 1,
+                                 msg, (), info)
+
+    f = _OutageNoise()
+    assert not f.filter(record("Publish iteration crashed; retrying in 1s",
+                               ConnectionError("Connection is not open")))
+    assert f.filter(record("Publish iteration crashed; retrying in 1s", ValueError("bad")))
+    assert not f.filter(record("Reconnect attempt failed: %r; retrying in %.1fs"))
+    assert f.filter(record("Reconnect failed with security error %r; refreshing endpoints"))
+    assert _OutageNoise in {type(x) for x in
+                            logging.getLogger("asyncua.client.ua_session.UaSession").filters}
