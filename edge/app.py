@@ -111,6 +111,8 @@ class Gateway:
             if status.connected != up:
                 status.connected = up
                 status.since = time.time()
+            if up:
+                status.error = None  # a retry succeeded: the old error is history
             if kind == "source":
                 self.metrics.source_connected.labels(comp_id).set(1 if up else 0)
 

@@ -486,7 +486,7 @@ def _message(e: Any, model: type[BaseModel], loc: tuple[Any, ...], raw: Any) -> 
         return "required key is missing"
     if kind == "extra_forbidden":
         owner = _model_at(model, loc, raw)
-        allowed = ", ".join(owner.model_fields) if owner else ""
+        allowed = ", ".join(f.alias or n for n, f in owner.model_fields.items()) if owner else ""
         return f"unknown key{f' (allowed: {allowed})' if allowed else ''}"
     if kind in ("value_error", "assertion_error"):
         return str(ctx.get("error", e["msg"])).removeprefix("Value error, ")

@@ -190,9 +190,13 @@ def setup_logging(level: str = "info", fmt: str = "text") -> None:
     # PublishResults at INFO; uvicorn/httpx log every request.
     for name in ("asyncua", "uvicorn", "uvicorn.error", "uvicorn.access", "httpx", "httpcore"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    for name in ("asyncua.client.ua_session", "asyncua.client.ua_client.UASocketProtocol",
-                 "asyncua.uaprotocol", "asyncua.common.subscription"):
+    for name in ("asyncua.client.ua_session", "asyncua.uaprotocol",
+                 "asyncua.common.subscription", "asyncua.server.server"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    # a traceback per untrusted certificate / per channel a server drops: the OPC UA
+    # source logs one clear line for these instead
+    for name in ("asyncuagds.validate", "asyncua.client.ua_client.UASocketProtocol"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
 def log_event(logger: logging.Logger, level: int, msg: str, **fields: Any) -> None:
