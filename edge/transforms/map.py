@@ -47,6 +47,32 @@ def template_fields(template: str) -> list[str]:
         raise ValueError(f"malformed template {template!r}: {err}") from err
 
 
+class Template:
+    """A ``{name}`` template parsed once; ``render`` fills it (hot path: no re-parsing)."""
+
+    __slots__ = ("parts", "text")
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.parts = [(literal, _compile_path(name) if name else None)
+                      for literal, name, _, _ in string.Formatter().parse(text)]
+
+    def render(self, values: dict[str, Any], quote: Callable[..., str] | None = None) -> str:
+        out = []
+        for literal, path in self.parts:
+            out.append(literal)
+            if path is not None:
+                value = _walk(values, path)
+                if value is None or value == "":
+                    name = ".".join(str(p) for p in path)
+                    raise InputError("missing_field", f"template {self.text!r} needs {name!r}")
+                out.append(quote(str(value), safe="") if quote else str(value))
+        return "".join(out)
+
+
+_templates: dict[str, Template] = {}
+
+
 def render_template(
     template: str, values: dict[str, Any], *, quote: Callable[..., str] | None = None
 ) -> str:
@@ -54,34 +80,39 @@ def render_template(
 
     ``quote`` (e.g. ``urllib.parse.quote``) escapes each value, for URL paths.
     """
-    out = []
-    for literal, name, _, _ in string.Formatter().parse(template):
-        out.append(literal)
-        if name:
-            value = get_path(values, name)
-            if value is None or value == "":
-                raise InputError("missing_field", f"template {template!r} needs {name!r}")
-            out.append(quote(str(value), safe="") if quote else str(value))
-    return "".join(out)
+    compiled = _templates.get(template)
+    if compiled is None:
+        if len(_templates) > 4096:  # templates come from config: a handful in practice
+            _templates.clear()
+        compiled = _templates[template] = Template(template)
+    return compiled.render(values, quote)
+
+
+def _compile_path(path: str) -> tuple[str | int, ...]:
+    if path == ".":
+        return ()
+    return tuple(key if key else int(index) for key, index in _STEP_RE.findall(path))
+
+
+def _walk(doc: Any, steps: tuple[str | int, ...]) -> Any:
+    node = doc
+    for step in steps:
+        if isinstance(step, str):
+            if not isinstance(node, dict):
+                return None
+            node = node.get(step)
+        else:
+            if not isinstance(node, list) or step >= len(node):
+                return None
+            node = node[step]
+        if node is None:
+            return None
+    return node
 
 
 def get_path(doc: Any, path: str) -> Any:
     """``a.b[0].c`` into nested dicts/lists; None when any step is missing. ``.`` = doc."""
-    if path == ".":
-        return doc
-    node = doc
-    for key, index in _STEP_RE.findall(path):
-        if key:
-            if not isinstance(node, dict):
-                return None
-            node = node.get(key)
-        else:
-            if not isinstance(node, list) or int(index) >= len(node):
-                return None
-            node = node[int(index)]
-        if node is None:
-            return None
-    return node
+    return _walk(doc, _compile_path(path))
 
 
 class MappingConfig(StrictModel):
@@ -141,6 +172,10 @@ class Mapper:
         self.site = site
         self.source = source
         self.event_class = EventClass.parse(config.event_class) if config.event_class else None
+        self._fields = [(name, _compile_path(path)) for name, path in config.fields.items()]
+        self._key = Template(config.ordering_key) if config.ordering_key else None
+        self._dedupe = Template(config.dedupe_key) if config.dedupe_key else None
+        self._source_ts = _compile_path(config.source_ts) if config.source_ts else None
 
     def map(
         self,
@@ -154,10 +189,10 @@ class Mapper:
         """Return the event and its rendered dedupe key (None if not configured)."""
         cfg = self.config
         captures = captures or {}
-        if cfg.fields:
+        if self._fields:
             data: dict[str, Any] = {}
-            for name, path in cfg.fields.items():
-                value = get_path(payload, path)
+            for name, steps in self._fields:
+                value = _walk(payload, steps)
                 if value is not None:
                     data[name] = value
         elif isinstance(payload, dict):
@@ -170,10 +205,10 @@ class Mapper:
             data.setdefault(k, v)
         data = validate_data(cfg.event, data)
         values = {**data, "site": self.site, "data": data, "source": self.source}
-        key = render_template(cfg.ordering_key, values) if cfg.ordering_key else None
-        dedupe = render_template(cfg.dedupe_key, values) if cfg.dedupe_key else None
-        if cfg.source_ts and source_ts is None:
-            source_ts = parse_timestamp(get_path(payload, cfg.source_ts))
+        key = self._key.render(values) if self._key else None
+        dedupe = self._dedupe.render(values) if self._dedupe else None
+        if self._source_ts is not None and source_ts is None:
+            source_ts = parse_timestamp(_walk(payload, self._source_ts))
         event = make_event(
             type=cfg.event,
             site=self.site,
