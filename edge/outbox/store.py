@@ -95,6 +95,7 @@ class Outbox:
         self._rdb: DbThread | None = None
         self._inflight: dict[str, set[int]] = {}
         self._new_rows: dict[str, asyncio.Event] = {}
+        self._quarantine_log: dict[tuple[str, str], tuple[float, int]] = {}
         self._alarms: dict[str, _Alarm] = {}
         self._maintenance: asyncio.Task[None] | None = None
         self._maintenance_interval_s = maintenance_interval_s
@@ -236,8 +237,17 @@ class Outbox:
                orjson.dumps(meta, default=str).decode() if meta else None)
         await self._write(lambda c: queries.insert_quarantine(c, row))
         self.metrics.events_quarantined.labels(source, reason).inc()
-        log_event(log, logging.WARNING, "inbound record quarantined", source=source,
-                  reason=reason, detail=detail[:200], bytes=len(raw))
+        # one line per (source, reason) and 10 s, so a poison flood cannot flood the log
+        now = time.monotonic()
+        key = (source, reason)
+        last, suppressed = self._quarantine_log.get(key, (0.0, 0))
+        if now - last >= 10.0:
+            log_event(log, logging.WARNING, "inbound record quarantined", source=source,
+                      reason=reason, detail=detail[:200], bytes=len(raw),
+                      more_since_last_line=suppressed)
+            self._quarantine_log[key] = (now, 0)
+        else:
+            self._quarantine_log[key] = (last, suppressed + 1)
 
     async def audit(self, state: str, *, source: str | None = None, reason: str | None = None,
                     detail: dict[str, Any] | None = None, actor: str = "gateway") -> None:
@@ -338,6 +348,12 @@ class Outbox:
     async def _check_budget(self) -> None:
         used = await self.read(queries.used_bytes, self.path)
         state = self.budget.observe(used)
+        if (state.full or not self._accepting.is_set()) and self._wdb is not None:
+            # Refusing new events means few commits, so the WAL would stay at its high-water
+            # mark and keep us "full" after everything drained: fold it back first.
+            await self._wdb.run(queries.wal_checkpoint)
+            used = await self.read(queries.used_bytes, self.path)
+            state = self.budget.observe(used)
         if state.expire_needed:
             expired = await self.expire_low(self.budget.bytes_to_free(used))
             if expired:

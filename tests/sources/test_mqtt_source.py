@@ -319,9 +319,6 @@ async def test_missing_secret_file_stops_the_source_not_the_gateway(
         await gw.stop()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "core outbox bug: after backpressure the budget counts the WAL file, which stays larger "
-    "than a small budget once every event is delivered, so intake never resumes"))
 async def test_outbox_full_stops_acking_and_resumes_without_loss(
         mosquitto: Broker, erp: ErpReceiver, gateways: Gateways) -> None:
     """Invariant 6: with only protected rows left the outbox refuses events; the source
