@@ -195,7 +195,8 @@ def setup_logging(level: str = "info", fmt: str = "text") -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
     # a traceback per untrusted certificate / per channel a server drops: the OPC UA
     # source logs one clear line for these instead
-    for name in ("asyncuagds.validate", "asyncua.client.ua_client.UASocketProtocol"):
+    for name in ("asyncuagds.validate", "asyncua.client.ua_client.UASocketProtocol",
+                 "asyncua.client.client"):
         logging.getLogger(name).setLevel(logging.CRITICAL)
 
 

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edge.demo.broker import DemoBroker, start_broker
-from edge.demo.stations import MqttStations, StationGroup
+from edge.demo.stations import MqttStations, OpcUaStation, StationGroup
 from edge.demo.summary import Tally, Verdict, snapshot
 
 __all__ = ["Demo", "DemoOptions", "demo_config_text", "station_groups"]
@@ -63,6 +63,7 @@ def station_groups(broker: DemoBroker, options: DemoOptions) -> list[StationGrou
     return [
         MqttStations(broker.url, broker.protocol, site=options.site,
                      stations=options.stations, rate=options.rate),
+        OpcUaStation(),
     ]
 
 
@@ -138,7 +139,7 @@ class Demo:
             groups = station_groups(broker, opts)
             for group in groups:
                 await group.start()
-                stack.push_async_callback(group.close)
+                stack.push_async_callback(group.shutdown)
             api_on = opts.api and importlib.util.find_spec("edge.api.server") is not None
             api_port = API_PORT if _port_free(API_PORT) else _free_port()
             env = {
@@ -204,7 +205,7 @@ class Demo:
                      f"for {opts.outage_s:g} s")
         until = f"for {opts.duration_s:g} s" if opts.duration_s else "until Ctrl-C"
         self.out(f"  running {until}; then the stations stop, the backlog drains and the "
-                 "verdict compares what the broker confirmed with what the ERP received")
+                 "verdict compares what the stations had confirmed with what the ERP received")
 
     async def _wait_connected(self, gw: object, groups: list[StationGroup]) -> bool:
         status = gw.status  # type: ignore[attr-defined]

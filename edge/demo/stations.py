@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 from edge.sim.mqtt_station import StationSimulator
 
-__all__ = ["MqttStations", "StationGroup"]
+__all__ = ["MqttStations", "OpcUaStation", "StationGroup"]
 
 
 class StationGroup(Protocol):
@@ -36,7 +36,11 @@ class StationGroup(Protocol):
     def stop(self) -> None: ...
 
     async def close(self) -> None:
-        """Wait for outstanding confirmations, then shut the simulator down."""
+        """Wait for outstanding confirmations (the demo then judges what arrived)."""
+        ...
+
+    async def shutdown(self) -> None:
+        """Shut the simulator down (after the gateway stopped); idempotent."""
         ...
 
     @property
@@ -90,6 +94,9 @@ class MqttStations:
             self._closed = True
             await self.sim.close(ack_timeout=10)
 
+    async def shutdown(self) -> None:
+        await self.close()
+
     @property
     def sent(self) -> int:
         return self.sim.publisher.published
@@ -101,3 +108,88 @@ class MqttStations:
         data = event.get("data")
         key = data.get("message_id") if isinstance(data, dict) else None
         return str(key) if key is not None else None
+
+
+class OpcUaStation:
+    """An OPC UA inspection station (``edge.sim.opcua_station``) read by the ``station7``
+    source: readings as monitored items, results by the ResultReady trigger.
+
+    The station works as real ones do with a handshake: it writes a result, sets
+    ResultReady and waits until the gateway wrote ResultReady back to false — which the
+    gateway does only after the result is committed. A result counts as confirmed then;
+    from that moment only the gateway can lose it.
+    """
+
+    label = "OPC UA station"
+    source_ids = ["station7"]
+
+    def __init__(self, *, rate: float = 1.0, lot_period_s: float = 8.0) -> None:
+        self.period_s = 1.0 / rate
+        self.lot_period_s = lot_period_s
+        self.station: Any = None
+        self.results = 0
+        self._acked: set[str] = set()
+        self._stop = False
+        self._closed = False
+
+    def env(self) -> dict[str, str]:
+        return {"EDGE_DEMO_OPCUA_ENDPOINT": self.station.endpoint}
+
+    async def start(self) -> None:
+        from edge.sim.opcua_station import start_station
+
+        self.station = await start_station(port=0, name="Station7", auto=False,
+                                           handshake=True)
+
+    async def run(self) -> None:
+        import asyncio
+        import math
+        import random
+
+        loop = asyncio.get_running_loop()
+        t0 = lot_started = loop.time()
+        st = self.station
+        while not self._stop:
+            now = loop.time()
+            if now - lot_started >= self.lot_period_s:
+                st.next_lot()
+                lot_started = now
+            await st.write("Temperature", round(20.0 + 2.0 * math.sin((now - t0) / 30.0)
+                                                + random.gauss(0, 0.05), 3))
+            await st.write("SpindleSpeed", round(12000 + random.gauss(0, 15), 1))
+            written = await st.publish_result()
+            self.results += 1
+            try:
+                async with asyncio.timeout(30):
+                    await st.wait_acknowledged()
+            except TimeoutError:
+                continue  # not stored (ERP outage does not matter here: the outbox does)
+            self._acked.add(str(written["Serial"]))
+            await asyncio.sleep(self.period_s)
+
+    def stop(self) -> None:
+        self._stop = True
+
+    async def close(self) -> None:
+        return None  # every confirmed result was acknowledged by the gateway already
+
+    async def shutdown(self) -> None:
+        # after the gateway stopped: stopping the server earlier would show up as a
+        # connection loss (and a reconnect) in the gateway's last seconds
+        if not self._closed and self.station is not None:
+            self._closed = True
+            await self.station.stop()
+
+    @property
+    def sent(self) -> int:
+        return self.results
+
+    def confirmed(self) -> set[str]:
+        return set(self._acked)
+
+    def key_of(self, event: dict[str, Any]) -> str | None:
+        data = event.get("data")
+        if event.get("source") != "station7" or event.get("type") != "inspection.result":
+            return None
+        serial = data.get("serial") if isinstance(data, dict) else None
+        return str(serial) if serial is not None else None

@@ -52,7 +52,8 @@ def _sample(gw: Gateway, name: str, label: str, values: Iterable[str]) -> int:
 
 async def snapshot(gw: Gateway) -> Snapshot:
     """Counters of a running gateway (sources' own counts where they keep them)."""
-    stored = _sample(gw, "edge_events_received_total", "source", gw.sources)
+    # "rules": nonconformances and holds derived from inspection results (edge.rules)
+    stored = _sample(gw, "edge_events_received_total", "source", [*gw.sources, "rules"])
     received = 0
     for sid, source in gw.sources.items():
         status = getattr(source, "status", None)

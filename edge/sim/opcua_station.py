@@ -131,6 +131,16 @@ class Station:
             await self.write("ResultReady", True)
         return values
 
+    async def wait_acknowledged(self) -> None:
+        """With ``handshake``: return once a client wrote ResultReady=false (it stored the
+        result), the station's signal to move on to the next part."""
+        await self._ready_reset.wait()
+
+    def next_lot(self) -> str:
+        """Start the next lot and return its id (written to LotId by the next result)."""
+        self.lot += 1
+        return self.lot_id
+
     @property
     def lot_id(self) -> str:
         return f"L{self.name}-{self.lot:04d}"
