@@ -113,6 +113,7 @@ def test_edge_demo_with_an_erp_outage_ends_with_nothing_lost() -> None:
     assert max(int(x.group(4)) for x in live if x.group(6) == "DOWN") > 0
     assert int(live[-1].group(4)) == 0
     assert "--- ERP outage for 3 s" in out and "--- ERP back" in out
+    assert "MQTT stations, OPC UA station" in out  # both protocols flow
     if importlib.util.find_spec("edge.api.server") is not None:
         assert re.search(r"status:  http://127\.0\.0\.1:\d+/ ", out)
 
