@@ -31,14 +31,11 @@ from typing import Any
 
 import orjson
 
+from edge.outbox.sqlutil import insert_rows
+
 __all__ = ["AuditRow", "audit_row", "insert_audit", "trace_event", "trace_key", "utc_iso"]
 
 AuditRow = tuple[str, str | None, str | None, str, str, str | None, str | None, str | None]
-
-INSERT_SQL = (
-    "INSERT INTO audit(ts, event_id, sink, state, actor, reason, ordering_key, detail) "
-    "VALUES (?,?,?,?,?,?,?,?)"
-)
 
 
 def utc_iso(ts: float | None = None) -> str:
@@ -70,8 +67,8 @@ def audit_row(
 
 
 def insert_audit(conn: sqlite3.Connection, rows: list[AuditRow]) -> None:
-    if rows:
-        conn.executemany(INSERT_SQL, rows)
+    insert_rows(conn, "audit(ts, event_id, sink, state, actor, reason, ordering_key, detail)",
+                rows)
 
 
 _COLUMNS = ("seq", "ts", "event_id", "sink", "state", "actor", "reason", "ordering_key", "detail")

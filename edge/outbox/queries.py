@@ -22,6 +22,7 @@ import orjson
 from edge import audit
 from edge.events import Event, EventClass
 from edge.outbox.schema import DDL, SCHEMA_VERSION
+from edge.outbox.sqlutil import in_chunks, insert_rows
 
 if TYPE_CHECKING:
     from edge.outbox.store import Resolution
@@ -67,6 +68,21 @@ class SubmitResult:
     unrouted_by_type: Counter[str] = field(default_factory=Counter)
 
 
+def _existing_dedupe(conn: sqlite3.Connection, wanted: dict[str, list[str]],
+                     not_before: float) -> dict[tuple[str, str], str]:
+    """(source, key) → first event id, for keys seen within the window (one query a chunk)."""
+    found: dict[tuple[str, str], str] = {}
+    for source, keys in wanted.items():
+        for chunk in in_chunks(keys):
+            marks = ",".join("?" * len(chunk))
+            for key, event_id in conn.execute(
+                f"SELECT key, event_id FROM dedupe WHERE source = ? AND key IN ({marks}) "
+                "AND created_at >= ?", [source, *chunk, not_before]
+            ).fetchall():
+                found[(source, key)] = event_id
+    return found
+
+
 def insert_events(
     conn: sqlite3.Connection,
     prepared: Sequence[tuple[Event, str | None, list[str], bytes]],
@@ -82,22 +98,20 @@ def insert_events(
     dl_rows: list[tuple[Any, ...]] = []
     au_rows: list[audit.AuditRow] = []
     dd_rows: list[tuple[Any, ...]] = []
-    batch_keys: dict[tuple[str, str], str] = {}
+    wanted: dict[str, list[str]] = {}
+    for ev, dedupe_key, _, _ in prepared:
+        if dedupe_key is not None:
+            wanted.setdefault(ev.source, []).append(dedupe_key)
+    seen = _existing_dedupe(conn, wanted, now - dedupe_window_s) if wanted else {}
     for ev, dedupe_key, sinks, body in prepared:
         if dedupe_key is not None:
             k = (ev.source, dedupe_key)
-            first = batch_keys.get(k)
-            if first is None:
-                row = conn.execute(
-                    "SELECT event_id, created_at FROM dedupe WHERE source = ? AND key = ?", k
-                ).fetchone()
-                if row is not None and now - row[1] <= dedupe_window_s:
-                    first = row[0]
+            first = seen.get(k)
             if first is not None:
                 result.ids.append(first)
                 result.duplicates_by_source[ev.source] += 1
                 continue
-            batch_keys[k] = ev.id
+            seen[k] = ev.id  # a second copy in this same batch
             dd_rows.append((ev.source, dedupe_key, ev.id, now))
         result.ids.append(ev.id)
         cls = int(ev.event_class)
@@ -123,19 +137,11 @@ def insert_events(
             )
         )
         result.stored_by_source[ev.source] += 1
-    conn.executemany(
-        "INSERT INTO events(seq, id, type, class, ordering_key, source, received_at, sha256, "
-        "body) VALUES (?,?,?,?,?,?,?,?,?)",
-        ev_rows,
-    )
-    conn.executemany(
-        "INSERT INTO deliveries(seq, sink, class, ordering_key) VALUES (?,?,?,?)", dl_rows
-    )
-    if dd_rows:
-        conn.executemany(
-            "INSERT OR REPLACE INTO dedupe(source, key, event_id, created_at) VALUES (?,?,?,?)",
-            dd_rows,
-        )
+    insert_rows(conn, "events(seq, id, type, class, ordering_key, source, received_at, "
+                "sha256, body)", ev_rows)
+    insert_rows(conn, "deliveries(seq, sink, class, ordering_key)", dl_rows)
+    insert_rows(conn, "dedupe(source, key, event_id, created_at)", dd_rows,
+                verb="INSERT OR REPLACE")
     audit.insert_audit(conn, au_rows)
     return result
 
@@ -153,12 +159,21 @@ def insert_quarantine(conn: sqlite3.Connection, row: tuple[Any, ...]) -> None:
 
 def _gc_events(conn: sqlite3.Connection, seqs: Sequence[int]) -> None:
     """Delete events no delivery row and no dead letter references any more."""
-    conn.executemany(
-        "DELETE FROM events WHERE seq = ?1 "
-        "AND NOT EXISTS (SELECT 1 FROM deliveries WHERE seq = ?1) "
-        "AND NOT EXISTS (SELECT 1 FROM dead_letters WHERE seq = ?1)",
-        [(s,) for s in seqs],
-    )
+    for chunk in in_chunks(seqs):
+        conn.execute(
+            f"DELETE FROM events WHERE seq IN ({','.join('?' * len(chunk))}) "
+            "AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.seq = events.seq) "
+            "AND NOT EXISTS (SELECT 1 FROM dead_letters x WHERE x.seq = events.seq)",
+            list(chunk),
+        )
+
+
+def _delete_deliveries(conn: sqlite3.Connection, sink: str, seqs: Sequence[int]) -> None:
+    for chunk in in_chunks(seqs):
+        conn.execute(
+            f"DELETE FROM deliveries WHERE sink = ? AND seq IN ({','.join('?' * len(chunk))})",
+            [sink, *chunk],
+        )
 
 
 def apply_resolutions(
@@ -168,20 +183,19 @@ def apply_resolutions(
     now = time.time()
     done: list[int] = []
     au_rows: list[audit.AuditRow] = []
+    retries: list[tuple[Any, ...]] = []
     for r in resolutions:
         if r.kind in ("delivered", "duplicate"):
-            conn.execute("DELETE FROM deliveries WHERE seq = ? AND sink = ?", (r.seq, sink))
             done.append(r.seq)
             detail: dict[str, Any] = {"status": r.status}
             au_rows.append(audit.audit_row(
                 "delivered", event_id=r.event_id, sink=sink, ts=ts, detail=detail,
                 reason="duplicate: " + r.reason if r.kind == "duplicate" else None))
         elif r.kind == "retry":
-            conn.execute(
-                "UPDATE deliveries SET next_at = ?, attempts = attempts + ?, last_error = ? "
-                "WHERE seq = ? AND sink = ?",
-                (r.next_at, 1 if r.attempted else 0, r.reason[:500] or None, r.seq, sink),
-            )
+            if not r.attempted and not r.next_at:
+                continue  # never sent (shutdown, key blocked): nothing changes for the row
+            retries.append((r.next_at, 1 if r.attempted else 0, r.reason[:500] or None,
+                            r.seq, sink))
             if r.attempted:
                 au_rows.append(audit.audit_row(
                     "retry", event_id=r.event_id, sink=sink, ts=ts, reason=r.reason[:500],
@@ -207,7 +221,12 @@ def apply_resolutions(
             )
         else:
             raise ValueError(f"unknown resolution kind {r.kind!r}")
+    if retries:  # rare outside outages, and an outage sends little (circuit breaker)
+        conn.executemany(
+            "UPDATE deliveries SET next_at = ?, attempts = attempts + ?, last_error = ? "
+            "WHERE seq = ? AND sink = ?", retries)
     if done:
+        _delete_deliveries(conn, sink, done)
         _gc_events(conn, done)
     audit.insert_audit(conn, au_rows)
 
