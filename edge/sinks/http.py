@@ -175,8 +175,10 @@ class HttpSink:
         plans: dict[int, tuple[RouteConfig, str]] = {}
         open_batches: dict[tuple[int, str, int], list[StoredEvent]] = {}
         # Batches are built per group of keys so batches of different groups share no key
-        # and can be sent in parallel; within a group they go in outbox order.
-        groups = self.config.max_concurrent_requests
+        # and can be sent in parallel; within a group they go in outbox order. Only as many
+        # groups as full batches: a small live batch stays one request.
+        largest = max((r.batch_max for r in self.config.routes), default=1)
+        groups = max(1, min(self.config.max_concurrent_requests, -(-len(batch) // largest)))
         unkeyed = 0
         for ev in batch:
             route = self.route_for(ev.type)
