@@ -34,6 +34,7 @@ from bench.common import (
     cpu_seconds,
     db_summary,
     gateway_yaml,
+    httpx_capacity,
     machine_line,
     mib,
     prefilled_copy,
@@ -98,6 +99,63 @@ def drain_once(root: Path, cache: Path, receiver: ReceiverProcess, n: int, batch
                        marks, cpu, problems, ready - daemon.started_at)  # type: ignore[arg-type]
 
 
+def storage_only_drain(root: Path, cache: Path, n: int, *, lease: int, max_rows: int,
+                       max_s: float = 60.0) -> float:
+    """events/s of the outbox's own drain SQL alone on a copy of the same backlog.
+
+    ``scan_lease`` + ``apply_resolutions`` (every row delivered) + COMMIT with
+    synchronous=FULL in one thread: no HTTP, no asyncio, no forwarder. The ceiling the
+    outbox's storage work sets on this disk, for up to ``max_rows`` rows or ``max_s``.
+    """
+    from edge.outbox import queries
+    from edge.outbox.dbthread import connect
+    from edge.outbox.lease import scan_lease
+    from edge.outbox.store import Resolution
+
+    run = root / f"storage-{n}"
+    shutil.rmtree(run, ignore_errors=True)
+    prefilled_copy(cache, n, run, log=lambda s: print(s, flush=True))
+    conn = connect(str(run / "outbox.db"), synchronous="FULL")
+    queries.set_wal_limits(conn, 64 << 20)  # as the daemon sets it for budgets >= 640 MB
+    done = 0
+    started = time.perf_counter()
+    try:
+        while done < max_rows and time.perf_counter() - started < max_s:
+            rows = scan_lease(conn, "erp", lease, live_limit=int(lease * 0.2), now=time.time())
+            if not rows:
+                break
+            conn.execute("BEGIN IMMEDIATE")
+            queries.apply_resolutions(
+                conn, "erp", [Resolution(r.seq, r.event_id, "delivered", 200) for r in rows])
+            conn.execute("COMMIT")
+            done += len(rows)
+        took = time.perf_counter() - started
+    finally:
+        conn.close()
+        shutil.rmtree(run, ignore_errors=True)
+    return done / took
+
+
+def idle_rss(root: Path, receiver: ReceiverProcess, seconds: float = 3.0) -> int:
+    """RSS (KiB) of the same daemon with an empty outbox: the RSS baseline of this run."""
+    run = root / "idle"
+    shutil.rmtree(run, ignore_errors=True)
+    cfg = run / "gateway.yaml"
+    run.mkdir(parents=True)
+    cfg.write_text(gateway_yaml(run / "state", receiver.url, batch_max=100))
+    daemon = Daemon(cfg).start()
+    sampler = RssSampler(daemon.pid).start()
+    try:
+        if daemon.wait_line(r"gateway started", 60) is None:
+            raise RuntimeError(f"the daemon did not start:\n{daemon.tail()}")
+        time.sleep(seconds)
+    finally:
+        sampler.stop()
+        daemon.stop()
+    shutil.rmtree(run, ignore_errors=True)
+    return sampler.peak_kib
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m bench.bench_drain", description=__doc__,
                                 formatter_class=argparse.RawTextHelpFormatter)
@@ -134,7 +192,19 @@ def main(argv: list[str] | None = None) -> None:
         print("receiver capacity (raw HTTP/1.1 client, 8 connections, same run):")
         for bm in sorted(capacity):
             print(f"  batch {bm:>4}: {capacity_req[bm]:>8,.0f} req/s  {capacity[bm]:>9,.0f} events/s")
+        if args.per_event_events:
+            hx_req, _ = httpx_capacity(receiver.url, bodies, 1)
+            print(f"bare httpx.AsyncClient, 8 concurrent per-event POSTs (client floor): "
+                  f"{hx_req:,.0f} req/s")
 
+        storage: dict[int, float] = {}
+        for n in sizes:
+            storage[n] = storage_only_drain(root, cache, n, lease=args.lease_batch,
+                                            max_rows=min(n, 100_000))
+            print(f"storage-only drain SQL, backlog {n:,} (first {min(n, 100_000):,} rows): "
+                  f"{storage[n]:,.0f} events/s", flush=True)
+        idle_kib = idle_rss(root, receiver)
+        print(f"idle daemon, empty outbox (RSS baseline): {mib(idle_kib):.1f} MiB")
         for n in sizes:
             for bm in batches:
                 print(f"drain {n:,} events, batch_max {bm} ...", flush=True)
@@ -158,6 +228,7 @@ def main(argv: list[str] | None = None) -> None:
               f"{s['keys']} keys, classes {s['classes']}")
     print()
     print(f"{'backlog':>9} {'route':>10} {'events/s':>9} {'receiver cap.':>14} {'ratio':>6} "
+          f"{'storage only':>12} "
           f"{'target':>8} {'peak RSS':>9} {'VmHWM':>7} {'RSS 10/50/90 %':>15} {'CPU s':>6} "
           f"{'ready s':>7} {'dup':>4} {'warn':>4}")
     for r in results:
@@ -165,9 +236,17 @@ def main(argv: list[str] | None = None) -> None:
         route = "per-event" if r.batch_max == 1 else f"batch {r.batch_max}"
         target = ">=0.8 cap" if r.batch_max == 1 else ">=20,000"
         marks = "/".join(f"{mib(k):.0f}" for k in r.rss_marks)
+        sto = f"{storage[r.events]:,.0f}" if r.events in storage else "-"
         print(f"{r.events:>9,} {route:>10} {r.eps:>9,.0f} {cap:>14,.0f} {r.eps / cap:>6.2f} "
+              f"{sto:>12} "
               f"{target:>8} {mib(r.peak_rss_kib):>8.1f}M {mib(r.hwm_kib):>6.1f}M {marks:>15} "
               f"{r.cpu_s:>6.1f} {r.ready_s:>7.2f} {r.accepted - r.events:>4} {r.problems:>4}")
+    print(f"RSS baseline: the same daemon idle with an empty outbox: {mib(idle_kib):.1f} MiB")
+    if args.per_event_events:
+        print(f"per-event: the bare httpx client alone reached {hx_req:,.0f} req/s in this run "
+              f"(gateway per-event drain = {results[-1].eps / hx_req:.2f} x that)")
+    print("storage only = the outbox's lease + delivered-bookkeeping SQL alone on the same "
+          "backlog (no HTTP): the ceiling its storage work sets on this disk")
     print("\nratio = drain events/s ÷ the receiver's own capacity for that request shape; "
           "dup = events the receiver got more than once; warn = WARNING/ERROR log lines")
     if not args.dir:

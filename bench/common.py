@@ -384,6 +384,40 @@ def receiver_capacity(port: int, bodies: Sequence[bytes], per_request: int, *,
     return asyncio.run(main())
 
 
+def httpx_capacity(url: str, bodies: Sequence[bytes], per_request: int, *,
+                   seconds: float = 5.0, concurrency: int = 8) -> tuple[float, float]:
+    """(requests/s, events/s) of a bare ``httpx.AsyncClient`` (as the sink configures it)
+    posting to the receiver: the client-side floor of per-event POSTs, with no outbox."""
+    import httpx
+
+    async def main() -> tuple[float, float]:
+        limits = httpx.Limits(max_connections=8, max_keepalive_connections=8)
+        async with httpx.AsyncClient(base_url=url, limits=limits, trust_env=False) as client:
+            counts = [0]
+            started = time.monotonic()
+            deadline = started + seconds
+
+            async def worker() -> None:
+                i = 0
+                while time.monotonic() < deadline:
+                    i += 1
+                    resp = await client.post("/events", content=bodies[i % len(bodies)],
+                                             headers={"Content-Type": "application/json",
+                                                      "Idempotency-Key": f"k{i}"})
+                    resp.raise_for_status()
+                    counts[0] += 1
+
+            await asyncio.gather(*(worker() for _ in range(concurrency)))
+            took = time.monotonic() - started
+            return counts[0] / took, counts[0] * per_request / took
+
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main())
+    return uvloop.run(main())
+
+
 # --------------------------------------------------------------------------- gateway daemon
 
 
