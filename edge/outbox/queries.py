@@ -68,6 +68,32 @@ class SubmitResult:
     unrouted_by_type: Counter[str] = field(default_factory=Counter)
 
 
+Prepared = tuple[Event, str | None, list[str], bytes]
+
+
+def insert_event_batches(conn: sqlite3.Connection, payloads: list[tuple[list[Prepared], float]]
+                         ) -> list[SubmitResult]:
+    """Several submits in one call (the writer merges concurrent producers' submits)."""
+    batches = payloads
+    merged: list[Prepared] = [p for prepared, _ in batches for p in prepared]
+    window = batches[0][1]
+    whole = insert_events(conn, merged, dedupe_window_s=window)
+    out: list[SubmitResult] = []
+    start = 0
+    for prepared, _ in batches:
+        part = SubmitResult(ids=whole.ids[start:start + len(prepared)])
+        for (ev, _, sinks, _), eid in zip(prepared, part.ids, strict=True):
+            if eid != ev.id:
+                part.duplicates_by_source[ev.source] += 1
+            elif not sinks:
+                part.unrouted_by_type[ev.type] += 1
+            else:
+                part.stored_by_source[ev.source] += 1
+        start += len(prepared)
+        out.append(part)
+    return out
+
+
 def _existing_dedupe(conn: sqlite3.Connection, wanted: dict[str, list[str]],
                      not_before: float) -> dict[tuple[str, str], str]:
     """(source, key) → first event id, for keys seen within the window (one query a chunk)."""
@@ -85,7 +111,7 @@ def _existing_dedupe(conn: sqlite3.Connection, wanted: dict[str, list[str]],
 
 def insert_events(
     conn: sqlite3.Connection,
-    prepared: Sequence[tuple[Event, str | None, list[str], bytes]],
+    prepared: Sequence[Prepared],
     *,
     dedupe_window_s: float,
 ) -> SubmitResult:

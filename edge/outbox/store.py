@@ -212,10 +212,11 @@ class Outbox:
             prepared.append(
                 (ev, item.dedupe_key, sinks, ev.to_json())
             )
-        window = self.config.dedupe_window_s
-        result: queries.SubmitResult = await self._write(
-            lambda c: queries.insert_events(c, prepared, dedupe_window_s=window), rows=len(items)
-        )
+        if self._writer is None or self._closed:
+            raise OutboxClosedError("the outbox is closed")
+        result: queries.SubmitResult = await self._writer.execute_merged(
+            queries.insert_event_batches, (prepared, self.config.dedupe_window_s),
+            rows=len(items))
         for sink in {s for _, _, sinks, _ in prepared for s in sinks}:
             self.new_rows(sink).set()
         for source, n in result.stored_by_source.items():

@@ -7,7 +7,7 @@ Contract:
   default). Callers ack upstream only after it returned.
 - Ops are grouped: a transaction closes at ``max_rows`` rows or ``interval_s`` after its
   first op, whichever comes first. Each op runs in its own SAVEPOINT, so an op that raises
-  fails alone; a storage error (disk full, I/O) rolls the whole transaction back and fails
+  fails alone (mergeable ops, e.g. submits, run as one call and fall back to one by one); a storage error (disk full, I/O) rolls the whole transaction back and fails
   every op in it (``OutboxFullError`` for SQLITE_FULL).
 - ``close()`` commits what was queued before it and then stops; later calls raise
   ``OutboxClosedError``. The op queue is bounded: producers wait when it is full.
@@ -21,6 +21,7 @@ import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, TypeVar
 
 from edge.errors import OutboxClosedError, OutboxError, OutboxFullError
@@ -33,11 +34,16 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
+Merger = Callable[[sqlite3.Connection, list[Any]], list[Any]]
+
+
 @dataclass(slots=True)
 class _Op:
     fn: Callable[[sqlite3.Connection], Any]
     rows: int
     future: asyncio.Future[Any] = field(repr=False)
+    merge: Merger | None = None  # ops with the same merger in a row run as one call
+    payload: Any = None
 
 
 _STOP = object()
@@ -48,29 +54,51 @@ def _is_full(err: BaseException) -> bool:
     return code == sqlite3.SQLITE_FULL or "database or disk is full" in str(err)
 
 
-def _run_transaction(conn: sqlite3.Connection, fns: list[Callable[[sqlite3.Connection], Any]]
-                     ) -> list[tuple[bool, Any]]:
+def _in_savepoint(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], Any]
+                  ) -> tuple[bool, Any]:
+    """Run ``fn`` in a savepoint: (True, result), or (False, error) with its writes undone.
+    Storage errors (disk full, I/O) propagate: they fail the whole transaction."""
+    conn.execute("SAVEPOINT op")
+    try:
+        value = fn(conn)
+    except sqlite3.OperationalError as err:
+        if _is_full(err) or "disk I/O" in str(err):
+            raise
+        conn.execute("ROLLBACK TO op")
+        conn.execute("RELEASE op")
+        return False, err
+    except Exception as err:  # noqa: BLE001 - one op's bug must not fail the others
+        conn.execute("ROLLBACK TO op")
+        conn.execute("RELEASE op")
+        return False, err
+    conn.execute("RELEASE op")
+    return True, value
+
+
+def _run_transaction(conn: sqlite3.Connection, ops: list[_Op]) -> list[tuple[bool, Any]]:
     results: list[tuple[bool, Any]] = []
     conn.execute("BEGIN IMMEDIATE")
     try:
-        for fn in fns:
-            conn.execute("SAVEPOINT op")
-            try:
-                value = fn(conn)
-            except sqlite3.OperationalError as err:
-                if _is_full(err) or "disk I/O" in str(err):
-                    raise
-                conn.execute("ROLLBACK TO op")
-                conn.execute("RELEASE op")
-                results.append((False, err))
+        i = 0
+        while i < len(ops):
+            op = ops[i]
+            if op.merge is None:
+                results.append(_in_savepoint(conn, op.fn))
+                i += 1
                 continue
-            except Exception as err:  # noqa: BLE001 - one op's bug must not fail the others
-                conn.execute("ROLLBACK TO op")
-                conn.execute("RELEASE op")
-                results.append((False, err))
-                continue
-            conn.execute("RELEASE op")
-            results.append((True, value))
+            # consecutive ops of one kind (e.g. submits of many producers): one call, so
+            # one set of statements for the whole group
+            j = i
+            while j < len(ops) and ops[j].merge is op.merge:
+                j += 1
+            group = ops[i:j]
+            payloads = [o.payload for o in group]
+            ok, value = _in_savepoint(conn, partial(op.merge, payloads=payloads))
+            if ok:
+                results.extend((True, v) for v in value)
+            else:  # find the op that fails, keep the others
+                results.extend(_in_savepoint(conn, o.fn) for o in group)
+            i = j
         conn.execute("COMMIT")
     except BaseException:
         if conn.in_transaction:
@@ -112,6 +140,16 @@ class GroupCommitWriter:
             raise OutboxClosedError("the outbox writer is stopped")
         fut: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         await self._queue.put(_Op(fn, rows, fut))
+        return await fut
+
+    async def execute_merged(self, merge: Merger, payload: Any, rows: int = 1) -> Any:
+        """Like ``execute`` for ops that can be merged: consecutive ops with the same
+        ``merge`` run as ``merge(conn, [payload, ...])`` (one result per payload); if that
+        call fails, each op runs alone so only the faulty one fails."""
+        if self._closing or self._task is None or self._task.done():
+            raise OutboxClosedError("the outbox writer is stopped")
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        await self._queue.put(_Op(lambda c: merge(c, [payload])[0], rows, fut, merge, payload))
         return await fut
 
     async def close(self) -> None:
@@ -159,7 +197,7 @@ class GroupCommitWriter:
     async def _commit(self, batch: list[_Op], rows: int) -> None:
         started = time.monotonic()
         try:
-            results = await self._db.run(_run_transaction, [op.fn for op in batch])
+            results = await self._db.run(_run_transaction, batch)
         except sqlite3.Error as err:
             if _is_full(err):
                 self.disk_full_until = time.monotonic() + 1.0
