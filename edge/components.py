@@ -188,7 +188,7 @@ class StoredEvent:
     ordering_key: str | None
     attempts: int
     body: bytes
-    sha256: str = ""  # payload SHA-256 computed at ingest
+    sha256: str = ""  # SHA-256 of ``body`` taken at ingest (checked before every send)
     received_at: float = 0.0  # epoch seconds when stored
     _doc: dict[str, Any] | None = None
 

@@ -3,8 +3,10 @@
 Contract:
 - ``Event.id`` is a UUIDv7 (time-ordered) string assigned once at ingest; it is the
   ``Idempotency-Key`` of every delivery attempt.
-- ``payload_sha256`` is the SHA-256 of ``canonical_json(data)`` computed at ingest; the
-  forwarder recomputes it before every send and dead-letters on mismatch.
+- ``payload_sha256`` is the SHA-256 of ``canonical_json(data)`` computed at ingest and
+  recorded in the audit trail. The outbox also keeps the SHA-256 of the whole stored
+  envelope (which carries ``payload_sha256``); the forwarder checks it before every send
+  and dead-letters on a mismatch.
 - ``event_class`` orders delivery: critical > high > normal > low. ``low`` is the only class
   the outbox may expire under disk pressure.
 """

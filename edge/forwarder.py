@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -26,7 +27,6 @@ from typing import Any
 from edge.audit import utc_iso
 from edge.components import Outcome, OutcomeKind, Sink, StoredEvent
 from edge.config import SinkConfigBase
-from edge.events import payload_sha256
 from edge.outbox import Outbox, Resolution
 from edge.retry import CircuitBreaker, TokenBucket, backoff_s
 from edge.telemetry import Metrics, log_event
@@ -226,7 +226,7 @@ class Forwarder:
                 sendable.append(ev)
             else:
                 resolutions.append(self._resolution(ev, Outcome.dead_letter(
-                    "integrity: payload SHA-256 differs from the one taken at ingest"), False))
+                    "integrity: stored event differs from its SHA-256 taken at ingest"), False))
         try:
             if sendable:
                 if self.bucket is not None:
@@ -323,12 +323,9 @@ class Forwarder:
 
 
 def _integrity_ok(ev: StoredEvent) -> bool:
-    if not ev.sha256:
-        return True
-    try:
-        return payload_sha256(ev.data) == ev.sha256
-    except (ValueError, TypeError):
-        return False
+    """The stored envelope still hashes to what was recorded at ingest (its payload and
+    the payload's own SHA-256 included): one hash of the bytes about to be sent."""
+    return not ev.sha256 or hashlib.sha256(ev.body).hexdigest() == ev.sha256
 
 
 def _iso(ts: float | None) -> str | None:

@@ -9,6 +9,7 @@ writes its audit rows in the same transaction.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import sqlite3
 import time
@@ -151,15 +152,17 @@ def insert_events(
             continue
         seq = next_seq
         next_seq += 1
+        body_sha = hashlib.sha256(body).hexdigest()
         ev_rows.append((seq, ev.id, ev.type, cls, ev.ordering_key, ev.source, now,
-                        ev.payload_sha256, body))
+                        body_sha, body))
         for sink in sinks:
             dl_rows.append((seq, sink, cls, ev.ordering_key))
         au_rows.append(
             audit.audit_row(
                 "stored", event_id=ev.id, ordering_key=ev.ordering_key, ts=ts,
                 detail={"type": ev.type, "class": EventClass(cls).name, "source": ev.source,
-                        "sha256": ev.payload_sha256, "sinks": sinks},
+                        "sha256": ev.payload_sha256, "body_sha256": body_sha,
+                        "sinks": sinks},
             )
         )
         result.stored_by_source[ev.source] += 1

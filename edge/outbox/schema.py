@@ -33,7 +33,7 @@ CREATE TABLE IF NOT EXISTS events(
   ordering_key TEXT,
   source       TEXT NOT NULL,
   received_at  REAL NOT NULL,
-  sha256       TEXT NOT NULL,
+  sha256       TEXT NOT NULL,   -- SHA-256 of body, checked before every send
   body         BLOB NOT NULL
 );
 CREATE TABLE IF NOT EXISTS deliveries(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
+import orjson
 import pytest
 
 from edge import audit
@@ -91,7 +92,8 @@ async def test_audit_trail_records_stored_and_delivered_with_hash(outbox: Outbox
     await outbox.complete("erp", [Resolution(leased.seq, eid, "delivered", 201)])
     trail = await outbox.read(lambda c: audit.trace_event(c, eid))
     assert [r["state"] for r in trail] == ["stored", "delivered"]
-    assert trail[0]["detail"]["sha256"] == leased.sha256
+    assert trail[0]["detail"]["body_sha256"] == leased.sha256
+    assert trail[0]["detail"]["sha256"] == orjson.loads(leased.body)["payload_sha256"]
     assert trail[0]["ordering_key"] == "lot:A"
     assert trail[1]["detail"]["status"] == 201
     assert trail[0]["seq"] < trail[1]["seq"]
