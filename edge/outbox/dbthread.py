@@ -37,7 +37,7 @@ def connect(path: str, *, synchronous: str = "FULL", readonly: bool = False) -> 
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute(f"PRAGMA synchronous={synchronous}")
     conn.execute("PRAGMA temp_store=MEMORY")
-    conn.execute("PRAGMA cache_size=-16000")  # 16 MB page cache: bounded RSS
+    conn.execute("PRAGMA cache_size=-8000")  # 8 MB page cache per connection: bounded RSS
     return conn
 
 

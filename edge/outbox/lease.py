@@ -44,6 +44,9 @@ class LeasedRow:
 
 
 class _Picker:
+    """Accepts rows as the scan meets them; per key it keeps ``tail`` (the last row picked)
+    or marks the key ``blocked`` (its next row is in flight or waiting for a retry)."""
+
     def __init__(
         self,
         conn: sqlite3.Connection,
@@ -58,7 +61,8 @@ class _Picker:
         self.inflight = inflight
         self.now = now
         self.picked: dict[int, LeasedRow] = {}
-        self.walked_keys: set[str] = set()
+        self.tail: dict[str, int] = {}
+        self.blocked: set[str] = set()
 
     @property
     def full(self) -> bool:
@@ -71,23 +75,45 @@ class _Picker:
             if next_at <= self.now:
                 self.picked[seq] = LeasedRow(seq, cls, None, attempts)
             return
-        if key in self.walked_keys:
+        if key in self.blocked:
             return
-        self.walked_keys.add(key)
-        self._walk_chain(key)
+        tail = self.tail.get(key)
+        if tail is None:
+            self._walk_chain(key, seq)
+        elif seq > tail:
+            self._extend_chain(key, tail, seq, cls, next_at, attempts)
 
-    def _walk_chain(self, key: str) -> None:
-        room = self.limit - len(self.picked)
+    def _walk_chain(self, key: str, upto: int) -> None:
+        """First meeting with ``key``: take its rows from the head up to the row met, so a
+        later, higher-class row pulls its lot's earlier rows forward (never overtakes them)
+        while the lease keeps close to outbox order (few pages touched per commit)."""
         rows = self.conn.execute(
             "SELECT seq, class, next_at, attempts FROM deliveries "
-            "WHERE sink = ? AND ordering_key = ? ORDER BY seq LIMIT ?",
-            (self.sink, key, room),
+            "WHERE sink = ? AND ordering_key = ? AND seq <= ? ORDER BY seq LIMIT ?",
+            (self.sink, key, upto, self.limit - len(self.picked)),
         ).fetchall()
         for seq, cls, next_at, attempts in rows:
             if seq in self.inflight or next_at > self.now:
-                return  # the key is blocked from here on
+                self.blocked.add(key)  # the key is blocked from here on
+                return
             if seq not in self.picked:
                 self.picked[seq] = LeasedRow(seq, cls, key, attempts)
+            self.tail[key] = seq
+        if self.tail.get(key, -1) < upto:
+            self.blocked.add(key)  # ran out of room before the row met
+
+    def _extend_chain(self, key: str, tail: int, seq: int, cls: int, next_at: float,
+                      attempts: int) -> None:
+        """A later row of a key already in this lease: it may follow only if no other row
+        of the key lies between (e.g. a lower class the scan has not reached yet)."""
+        between = self.conn.execute(
+            "SELECT 1 FROM deliveries WHERE sink = ? AND ordering_key = ? AND seq > ? "
+            "AND seq < ? LIMIT 1", (self.sink, key, tail, seq)).fetchone()
+        if between is not None or next_at > self.now:
+            self.blocked.add(key)
+            return
+        self.picked[seq] = LeasedRow(seq, cls, key, attempts)
+        self.tail[key] = seq
 
 
 def _rows(cur: sqlite3.Cursor) -> Iterator[tuple[int, int, str | None, float, int]]:

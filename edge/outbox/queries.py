@@ -299,13 +299,15 @@ def expire_low(conn: sqlite3.Connection, limit: int, inflight: frozenset[int]) -
 def prune(conn: sqlite3.Connection, *, dedupe_before: float, audit_before: str,
           quarantine_max_rows: int, limit: int = 20_000) -> dict[str, int]:
     """Age/size limits of the side tables; returns rows removed per table."""
+    # rowid order is insertion order (INSERT OR REPLACE takes a new rowid): oldest first
     dedupe = conn.execute(
-        "DELETE FROM dedupe WHERE rowid IN "
-        "(SELECT rowid FROM dedupe WHERE created_at < ? LIMIT ?)", (dedupe_before, limit)
+        "DELETE FROM dedupe WHERE rowid IN (SELECT rowid FROM dedupe ORDER BY rowid LIMIT ?) "
+        "AND created_at < ?", (limit, dedupe_before)
     ).rowcount
+    # seq and ts grow together, so the oldest rows are the first by seq: no ts index
     audit_rows = conn.execute(
-        "DELETE FROM audit WHERE seq IN (SELECT seq FROM audit WHERE ts < ? LIMIT ?)",
-        (audit_before, limit)).rowcount
+        "DELETE FROM audit WHERE seq IN (SELECT seq FROM audit ORDER BY seq LIMIT ?) "
+        "AND ts < ?", (limit, audit_before)).rowcount
     quarantine = conn.execute(
         "DELETE FROM quarantine WHERE id <= "
         "(SELECT id FROM quarantine ORDER BY id DESC LIMIT 1 OFFSET ?)", (quarantine_max_rows,)

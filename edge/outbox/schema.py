@@ -74,7 +74,6 @@ CREATE TABLE IF NOT EXISTS dedupe(
   created_at REAL NOT NULL,
   PRIMARY KEY(source, key)
 );
-CREATE INDEX IF NOT EXISTS dedupe_created ON dedupe(created_at);
 CREATE TABLE IF NOT EXISTS quarantine(
   id          INTEGER PRIMARY KEY,
   received_at REAL NOT NULL,
@@ -97,5 +96,4 @@ CREATE TABLE IF NOT EXISTS audit(
 );
 CREATE INDEX IF NOT EXISTS audit_event ON audit(event_id) WHERE event_id IS NOT NULL;
 CREATE INDEX IF NOT EXISTS audit_key ON audit(ordering_key) WHERE ordering_key IS NOT NULL;
-CREATE INDEX IF NOT EXISTS audit_ts ON audit(ts);
 """

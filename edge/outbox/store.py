@@ -49,6 +49,7 @@ __all__ = ["Outbox", "Resolution"]
 log = logging.getLogger(__name__)
 
 Router = Callable[[Event], list[str]]
+_CLASSES = tuple(EventClass)  # index = stored class number
 
 
 @dataclass(slots=True)
@@ -95,6 +96,7 @@ class Outbox:
         self._rdb: DbThread | None = None
         self._inflight: dict[str, set[int]] = {}
         self._new_rows: dict[str, asyncio.Event] = {}
+        self._lease_locks: dict[str, asyncio.Lock] = {}
         self._quarantine_log: dict[tuple[str, str], tuple[float, int]] = {}
         self._alarms: dict[str, _Alarm] = {}
         self._maintenance: asyncio.Task[None] | None = None
@@ -269,24 +271,26 @@ class Outbox:
         return self._inflight.setdefault(sink, set())
 
     async def lease(self, sink: str, limit: int, *, live_limit: int = 0) -> list[StoredEvent]:
-        """Deliverable rows for ``sink`` (see edge.outbox.lease), marked in flight."""
+        """Deliverable rows for ``sink`` (see edge.outbox.lease), marked in flight.
+
+        Leases of one sink run one at a time, each with a snapshot of the in-flight set
+        taken here on the loop thread: concurrent lanes never pick the same rows.
+        """
         inflight = self.inflight(sink)
-        rows = await self.read(
-            lambda c: scan_lease(
-                c, sink, limit, live_limit=live_limit, inflight=frozenset(inflight),
-                now=time.time(),
+        lock = self._lease_locks.setdefault(sink, asyncio.Lock())
+        async with lock:
+            snapshot = frozenset(inflight)
+            now = time.time()
+            rows = await self.read(
+                lambda c: scan_lease(c, sink, limit, live_limit=live_limit, inflight=snapshot,
+                                     now=now)
             )
-        )
-        out = []
-        for r in rows:
-            if r.seq in inflight:
-                continue
-            inflight.add(r.seq)
-            out.append(
-                StoredEvent(r.seq, r.event_id, r.type, EventClass(r.event_class), r.ordering_key,
-                            r.attempts, r.body, r.sha256, r.received_at)
-            )
-        return out
+            inflight.update(r.seq for r in rows)
+        return [
+            StoredEvent(r.seq, r.event_id, r.type, _CLASSES[r.event_class], r.ordering_key,
+                        r.attempts, r.body, r.sha256, r.received_at)
+            for r in rows
+        ]
 
     def release(self, sink: str, seqs: Sequence[int]) -> None:
         """Forget in-flight marks without changing rows (never attempted)."""
