@@ -35,6 +35,7 @@ from edge.errors import FatalStartupError
 from edge.events import Event, EventClass
 from edge.forwarder import Forwarder
 from edge.outbox import Outbox
+from edge.outbox.integrity import EarlyCheck
 from edge.pipeline import Pipeline
 from edge.registry import Registry, default_registry
 from edge.rules import build_rules
@@ -74,12 +75,14 @@ class Gateway:
         registry: Registry | None = None,
         metrics: Metrics | None = None,
         config_path: str | None = None,
+        early_check: EarlyCheck | None = None,
     ) -> None:
         self.config = config
         self.config_path = config_path
         self.registry = registry or default_registry()
         self.metrics = metrics or Metrics()
-        self.outbox = Outbox(config.state_dir, config.outbox, self.metrics, router=self._route)
+        self.outbox = Outbox(config.state_dir, config.outbox, self.metrics, router=self._route,
+                             early_check=early_check)
         self.pipeline = Pipeline(self.outbox, build_rules(config.rules, config.site))
         self.sinks: dict[str, Sink] = {}
         self.sources: dict[str, Source] = {}

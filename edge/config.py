@@ -327,6 +327,24 @@ def _join(path: str, key: str) -> str:
     return f"{path}.{key}" if path else key
 
 
+def peek_state_dir(path: str | os.PathLike[str]) -> str | None:
+    """``state_dir`` of a config file without validating it (None if it cannot be read).
+
+    Lets ``edge run`` start the outbox integrity check while the full validation runs;
+    the validated config decides, this is only a head start.
+    """
+    try:
+        raw = yaml.safe_load(Path(path).read_text())
+        value = raw.get("state_dir", GatewayConfigBase.model_fields["state_dir"].default)
+        value = substitute_env(value, os.environ, "state_dir", [])
+    except (OSError, yaml.YAMLError, AttributeError):
+        return None
+    if not isinstance(value, str):
+        return None
+    state = Path(value)
+    return str(state if state.is_absolute() else Path(path).resolve().parent / state)
+
+
 def load_config(
     path: str | os.PathLike[str],
     *,

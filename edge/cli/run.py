@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 from edge.cli.common import load_or_exit, run_async
@@ -28,6 +29,12 @@ def register(sub: Any) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from edge.config import peek_state_dir
+    from edge.outbox.integrity import EarlyCheck
+
+    state_dir = peek_state_dir(args.config)
+    early = EarlyCheck(str(Path(state_dir) / "outbox.db")) if state_dir else None
+
     from edge.app import Gateway
     from edge.telemetry import setup_logging
 
@@ -35,7 +42,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     setup_logging(args.log_level or cfg.logging.level, cfg.logging.format)
 
     async def main() -> None:
-        await Gateway(cfg, config_path=args.config).run()
+        await Gateway(cfg, config_path=args.config, early_check=early).run()
 
     try:
         run_async(main())

@@ -11,11 +11,12 @@ from __future__ import annotations
 import logging
 import os
 import sqlite3
+import threading
 import time
 
 from edge.telemetry import log_event
 
-__all__ = ["open_checked", "quick_check"]
+__all__ = ["EarlyCheck", "open_checked", "quick_check"]
 
 log = logging.getLogger(__name__)
 
@@ -38,10 +39,38 @@ def quick_check(path: str) -> str | None:
     return "; ".join(str(r[0]) for r in rows)
 
 
-def open_checked(path: str) -> str | None:
+class EarlyCheck:
+    """``quick_check`` started on a thread as the daemon starts, so it runs while Python
+    imports and validates the configuration (the check reads every page of the file and
+    releases the GIL while it does). ``open_checked`` uses its verdict for that path."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.problem: str | None = None
+        self._thread = threading.Thread(target=self._run, name="outbox-quick-check",
+                                        daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        if os.path.exists(self.path) and os.path.getsize(self.path) > 0:
+            self.problem = quick_check(self.path)
+
+    def verdict(self, path: str) -> tuple[bool, str | None]:
+        """(known, problem): known is False when this check was for another path."""
+        if os.path.abspath(path) != os.path.abspath(self.path):
+            return False, None
+        self._thread.join()
+        return True, self.problem
+
+
+def open_checked(path: str, early: EarlyCheck | None = None) -> str | None:
+    """Check ``path`` (or take ``early``'s verdict); move a corrupt file aside and return
+    where it went, or None when the file is fine or absent."""
     if not os.path.exists(path) or os.path.getsize(path) == 0:
         return None
-    problem = quick_check(path)
+    known, problem = early.verdict(path) if early is not None else (False, None)
+    if not known:
+        problem = quick_check(path)
     if problem is None:
         return None
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())

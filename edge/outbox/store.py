@@ -39,7 +39,7 @@ from edge.events import Event, EventClass
 from edge.outbox import queries
 from edge.outbox.budget import Budget
 from edge.outbox.dbthread import DbThread, connect
-from edge.outbox.integrity import open_checked
+from edge.outbox.integrity import EarlyCheck, open_checked
 from edge.outbox.lease import scan_lease
 from edge.outbox.writer import GroupCommitWriter
 from edge.telemetry import Metrics, log_event
@@ -86,7 +86,9 @@ class Outbox:
         router: Router | None = None,
         filename: str = "outbox.db",
         maintenance_interval_s: float = 1.0,
+        early_check: EarlyCheck | None = None,
     ) -> None:
+        self.early_check = early_check
         self.config = config or OutboxConfig()
         self.metrics = metrics or Metrics()
         self.path = str(Path(state_dir) / filename)
@@ -111,7 +113,7 @@ class Outbox:
 
     async def open(self) -> None:
         await asyncio.to_thread(Path(self.path).parent.mkdir, parents=True, exist_ok=True)
-        quarantined = await asyncio.to_thread(open_checked, self.path)
+        quarantined = await asyncio.to_thread(open_checked, self.path, self.early_check)
         if quarantined:
             self._alarm(
                 "outbox_corrupt",

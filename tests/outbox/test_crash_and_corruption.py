@@ -80,3 +80,31 @@ async def test_damaged_pages_fail_quick_check_and_start_fresh_without_a_crash_lo
         if codes:
             assert codes == ["outbox_corrupt"]
     assert len(list(tmp_path.glob("outbox.db.corrupt-*"))) == 1
+
+
+def test_edge_run_quarantines_a_corrupt_file_found_by_its_early_check(tmp_path: Path):
+    """`edge run` starts the check before validating its config; the verdict still counts."""
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "outbox.db").write_bytes(b"garbage, not an outbox" * 50)
+    cfg = tmp_path / "edge.yaml"
+    cfg.write_text(
+        "site: s\nstate_dir: state\napi: {enabled: false}\nsinks:\n"
+        "  - {id: erp, type: http, url: 'http://127.0.0.1:9', "
+        "routes: [{events: ['*'], path: /e}]}\n")
+    proc = subprocess.Popen([sys.executable, "-m", "edge", "run", "-c", str(cfg)], cwd=ROOT,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        lines = []
+        assert proc.stderr is not None
+        while time.monotonic() < deadline:
+            line = proc.stderr.readline()
+            lines.append(line)
+            if "gateway started" in line or not line:
+                break
+        assert any("outbox file is corrupt" in line for line in lines), lines
+        assert len(list(state.glob("outbox.db.corrupt-*"))) == 1
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
