@@ -141,3 +141,10 @@ def test_example_configs_are_valid():
         path = ROOT / "config" / name
         if path.exists():
             load_config(path, check_files=False, env={"CREDENTIALS_DIRECTORY": "/run/creds"})
+
+
+def test_published_schema_matches_the_code():
+    """config/edge.schema.json is what editors validate against: regenerate it with
+    `make schema` whenever a config model changes."""
+    published = json.loads((ROOT / "config" / "edge.schema.json").read_text())
+    assert published == json.loads(json.dumps(json_schema()))
