@@ -40,7 +40,7 @@ GROUPS: dict[Kind, str] = {
 # Built-ins, so a source checkout works even before `pip install` wrote entry points.
 BUILTINS: dict[Kind, dict[str, str]] = {
     "source": {"mqtt": "edge.sources.mqtt:COMPONENT", "opcua": "edge.sources.opcua:COMPONENT"},
-    "sink": {"http": "edge.sinks.http:COMPONENT"},
+    "sink": {"http": "edge.sinks.http:COMPONENT", "mqtt": "edge.sinks.mqtt:COMPONENT"},
     "transform": {},
 }
 

@@ -33,6 +33,7 @@ loaded by the factory.
 from __future__ import annotations
 
 import re
+import ssl
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlsplit
@@ -40,6 +41,7 @@ from urllib.parse import urlsplit
 from pydantic import Field, field_validator, model_validator
 
 from edge.config import SecretFile, SourceConfigBase, StrictModel
+from edge.errors import ConfigError
 from edge.registry import ComponentType
 from edge.transforms.map import MappingConfig, template_fields
 
@@ -48,6 +50,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "COMPONENT",
+    "MqttConnectionConfig",
     "MqttSourceConfig",
     "MqttTlsConfig",
     "SubscriptionConfig",
@@ -230,8 +233,9 @@ def _protocol(v: Any) -> Any:
     raise ValueError(f"must be 3.1.1 or 5, got {v!r}")
 
 
-class MqttSourceConfig(SourceConfigBase):
-    type: Literal["mqtt"]
+class MqttConnectionConfig(StrictModel):
+    """Broker connection keys shared by the ``mqtt`` source and the ``mqtt`` sink."""
+
     url: str = Field(description="mqtt://host:1883 or mqtts://host:8883 (TLS)")
     client_id: str | None = Field(
         None, description="stable client id of the persistent session; default edge-<site>-<id>"
@@ -242,19 +246,6 @@ class MqttSourceConfig(SourceConfigBase):
     password_file: SecretFile | None = Field(None, description="file holding the password")
     keepalive_s: int = Field(30, ge=5, le=3600, description="MQTT keep-alive")
     connect_timeout_s: float = Field(10, gt=0, le=300, description="TCP+TLS+CONNACK timeout")
-    reconnect_initial_s: float = Field(1.0, gt=0, description="first reconnect delay")
-    reconnect_max_s: float = Field(60.0, gt=0, description="cap of the reconnect backoff")
-    session_expiry_s: int = Field(
-        7 * 86400, ge=1, le=0xFFFFFFFF,
-        description="MQTT 5: how long the broker keeps the session while disconnected")
-    max_inflight_messages: int = Field(
-        1000, ge=1, le=65535,
-        description="unacked QoS 1 window (MQTT 5 Receive Maximum; for 3.1.1 the broker's "
-        "max_inflight_messages applies)")
-    max_batch: int = Field(500, ge=1, le=10_000, description="messages per outbox commit")
-    max_payload_bytes: int = Field(
-        256 * 1024, ge=1, le=256 * 1024 * 1024, description="larger payloads are quarantined")
-    subscriptions: list[SubscriptionConfig] = Field(min_length=1)
 
     @field_validator("protocol", mode="before")
     @classmethod
@@ -295,20 +286,11 @@ class MqttSourceConfig(SourceConfigBase):
         return v
 
     @model_validator(mode="after")
-    def _consistent(self) -> MqttSourceConfig:
+    def _connection_consistent(self) -> MqttConnectionConfig:
         if self.tls is not None and self.scheme == "mqtt":
             raise ValueError("tls is set but url uses mqtt://; use mqtts:// for TLS")
         if self.password_file and not self.username:
             raise ValueError("password_file needs a username")
-        if self.reconnect_max_s < self.reconnect_initial_s:
-            raise ValueError("reconnect_max_s must be >= reconnect_initial_s")
-        seen: dict[str, int] = {}
-        for i, sub in enumerate(self.subscriptions):
-            if sub.topic in seen:
-                raise ValueError(
-                    f"subscriptions[{i}].topic {sub.topic!r} repeats subscriptions[{seen[sub.topic]}]"
-                )
-            seen[sub.topic] = i
         return self
 
     @property
@@ -322,6 +304,51 @@ class MqttSourceConfig(SourceConfigBase):
     @property
     def port(self) -> int:
         return urlsplit(self.url).port or (8883 if self.scheme == "mqtts" else 1883)
+
+
+class MqttSourceConfig(SourceConfigBase, MqttConnectionConfig):
+    type: Literal["mqtt"]
+    reconnect_initial_s: float = Field(1.0, gt=0, description="first reconnect delay")
+    reconnect_max_s: float = Field(60.0, gt=0, description="cap of the reconnect backoff")
+    session_expiry_s: int = Field(
+        7 * 86400, ge=1, le=0xFFFFFFFF,
+        description="MQTT 5: how long the broker keeps the session while disconnected")
+    max_inflight_messages: int = Field(
+        1000, ge=1, le=65535,
+        description="unacked QoS 1 window (MQTT 5 Receive Maximum; for 3.1.1 the broker's "
+        "max_inflight_messages applies)")
+    max_batch: int = Field(500, ge=1, le=10_000, description="messages per outbox commit")
+    max_payload_bytes: int = Field(
+        256 * 1024, ge=1, le=256 * 1024 * 1024, description="larger payloads are quarantined")
+    subscriptions: list[SubscriptionConfig] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> MqttSourceConfig:
+        if self.reconnect_max_s < self.reconnect_initial_s:
+            raise ValueError("reconnect_max_s must be >= reconnect_initial_s")
+        seen: dict[str, int] = {}
+        for i, sub in enumerate(self.subscriptions):
+            if sub.topic in seen:
+                raise ValueError(
+                    f"subscriptions[{i}].topic {sub.topic!r} repeats subscriptions[{seen[sub.topic]}]"
+                )
+            seen[sub.topic] = i
+        return self
+
+
+def mqtt_ssl_context(cfg: MqttConnectionConfig, who: str) -> ssl.SSLContext | None:
+    """TLS context for an mqtts:// url (None for mqtt://); ConfigError names ``who``."""
+    if cfg.scheme != "mqtts":
+        return None
+    tls = cfg.tls
+    try:
+        ctx = ssl.create_default_context(cafile=tls.ca_file if tls else None)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        if tls is not None and tls.cert_file:
+            ctx.load_cert_chain(tls.cert_file, tls.key_file)
+    except (ssl.SSLError, OSError) as err:
+        raise ConfigError(f"cannot load the TLS files of {who}: {err}", location="tls") from err
+    return ctx
 
 
 def _factory(cfg: MqttSourceConfig, ctx: ComponentContext) -> Source:

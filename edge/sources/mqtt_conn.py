@@ -13,6 +13,8 @@ Contract:
   enqueue. ``lost`` resolves (with a reason) when the connection ends for any reason.
 - ``ack(mid)`` sends PUBACK for a QoS 1 message of THIS connection; ``flush()`` writes
   queued packets now instead of on the next writable event.
+- ``publish(topic, payload, qos, retain)`` returns a future that resolves on PUBACK (QoS 1)
+  or once written (QoS 0), and fails with ``ConnectError`` if the connection ends first.
 """
 
 from __future__ import annotations
@@ -125,6 +127,7 @@ class Connection:
         self.received = 0
         self._connack: asyncio.Future[bool] = self._loop.create_future()
         self._subacks: dict[int, asyncio.Future[list[Any]]] = {}
+        self._pubacks: dict[int, asyncio.Future[None]] = {}
         self._sock: Any = None
         self._fd = -1
         self._reading = False
@@ -155,6 +158,7 @@ class Connection:
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
         client.on_subscribe = self._on_subscribe
+        client.on_publish = self._on_publish
         return client
 
     async def open(self) -> bool:
@@ -312,9 +316,10 @@ class Connection:
         self.connected = False
         if not self.lost.done():
             self.lost.set_result(reason)
-        for fut in self._subacks.values():
-            if not fut.done():
-                fut.set_exception(ConnectError("closed", f"connection lost: {reason}"))
+        for futs in (self._subacks, self._pubacks):
+            for fut in futs.values():  # type: ignore[attr-defined]
+                if not fut.done():
+                    fut.set_exception(ConnectError("closed", f"connection lost: {reason}"))
         if not self._connack.done():
             self._connack.set_exception(ConnectError("closed", f"connection lost: {reason}"))
             self._connack.exception()  # retrieved: nobody may be waiting any more
@@ -329,7 +334,31 @@ class Connection:
         if fut is not None and not fut.done():
             fut.set_result(reasons)
 
+    def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: Any,
+                    properties: Any) -> None:
+        fut = self._pubacks.pop(mid, None)
+        if fut is None or fut.done():
+            return
+        if getattr(reason, "is_failure", False):
+            fut.set_exception(ConnectError("refused", f"the broker refused the message: {reason}"))
+        else:
+            fut.set_result(None)
+
     # ------------------------------------------------------------------ operations
+
+    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False
+                ) -> asyncio.Future[None]:
+        """Queue a PUBLISH; the future resolves on PUBACK (QoS 1) / when sent (QoS 0)."""
+        fut: asyncio.Future[None] = self._loop.create_future()
+        info = self.client.publish(topic, payload, qos=qos, retain=retain)
+        if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+            fut.set_exception(ConnectError("closed", f"cannot publish: {mqtt.error_string(info.rc)}"))
+            return fut
+        if info.is_published():  # QoS 0 written already
+            fut.set_result(None)
+        else:
+            self._pubacks[info.mid] = fut
+        return fut
 
     async def subscribe(self, filters: list[tuple[str, int]]) -> list[int | None]:
         """Subscribe and wait for SUBACK; granted QoS per filter, None where refused.

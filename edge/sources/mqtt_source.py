@@ -45,7 +45,13 @@ from edge.errors import (
     OutboxError,
     OutboxFullError,
 )
-from edge.sources.mqtt import CompiledTopic, MqttSourceConfig, SubscriptionConfig, TopicTemplate
+from edge.sources.mqtt import (
+    CompiledTopic,
+    MqttSourceConfig,
+    SubscriptionConfig,
+    TopicTemplate,
+    mqtt_ssl_context,
+)
 from edge.sources.mqtt_conn import MAX_PACKETS_PER_WAKE, BrokerTarget, ConnectError, Connection
 from edge.telemetry import log_event
 from edge.transforms.map import Mapper
@@ -225,19 +231,7 @@ class MqttSource:
         )
 
     def _ssl_context(self) -> ssl.SSLContext | None:
-        cfg = self.cfg
-        if cfg.scheme != "mqtts":
-            return None
-        tls = cfg.tls
-        try:
-            ctx = ssl.create_default_context(cafile=tls.ca_file if tls else None)
-            ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-            if tls is not None and tls.cert_file:
-                ctx.load_cert_chain(tls.cert_file, tls.key_file)
-        except (ssl.SSLError, OSError) as err:
-            raise ConfigError(f"cannot load the TLS files of source {self.id!r}: {err}",
-                              location="tls") from err
-        return ctx
+        return mqtt_ssl_context(self.cfg, f"source {self.id!r}")
 
     # ------------------------------------------------------------------ connection
 
