@@ -22,9 +22,11 @@ import asyncio
 import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 from bench.common import event_row, machine_line, work_dir, workload
 from edge import audit
+from edge.cli.common import run_async
 from edge.components import Submission
 from edge.config import OutboxConfig
 from edge.events import Event, EventClass
@@ -128,12 +130,9 @@ async def outbox_submit(root: Path, name: str, events: list[Event], producers: i
     return len(events) / took, len(events) / max(1.0, commits)
 
 
-def run_loop(coro: object) -> object:
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(coro)  # type: ignore[arg-type]
-    return uvloop.run(coro)  # type: ignore[arg-type]
+def run_loop(coro: Any) -> Any:
+    """The daemon's own runner (uvloop, 1 ms GIL switch interval), as ``edge run`` uses."""
+    return run_async(coro)
 
 
 def main(argv: list[str] | None = None) -> None:

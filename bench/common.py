@@ -126,7 +126,9 @@ async def _prefill(state_dir: str, n: int, seed: int, keys: int, sink: str, batc
 def prefill(state_dir: str | Path, n: int, *, seed: int = 1, keys: int = 1000,
             sink: str = "erp", batch: int = 100, producers: int = 4) -> float:
     """Fill ``state_dir/outbox.db`` with ``n`` events through ``Outbox.submit``; seconds."""
-    return asyncio.run(_prefill(str(state_dir), n, seed, keys, sink, batch, producers))
+    from edge.cli.common import run_async
+
+    return float(run_async(_prefill(str(state_dir), n, seed, keys, sink, batch, producers)))
 
 
 def prefilled_copy(cache_dir: Path, n: int, target_dir: Path, *, keys: int = 1000,
