@@ -122,6 +122,8 @@ class Forwarder:
         self.last_delivery_at: float | None = None
         self.last_error: str | None = None
         self.down_since: float | None = None  # when the circuit opened
+        self._retried = 0
+        self._retry_logged_at = -1e9
         self.delivered = 0
         self._stopping = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -291,6 +293,13 @@ class Forwarder:
             return
         first = next(o for o in attempted if o.kind is OutcomeKind.retry)
         self.last_error = first.reason
+        self._retried += len(attempted)
+        now = time.monotonic()
+        if now - self._retry_logged_at >= 10.0:  # one line per 10 s, with the count since
+            log_event(log, logging.WARNING, "delivery failed; events stay queued for retry",
+                      sink=self.sink.id, error=first.reason[:200], status=first.status,
+                      retried_since_last_line=self._retried)
+            self._retry_logged_at, self._retried = now, 0
         if self.breaker.record_failure():
             if self.down_since is None:
                 self.down_since = self.clock()

@@ -24,7 +24,9 @@ log = logging.getLogger(__name__)
 def quick_check(path: str) -> str | None:
     """None when the file passes ``PRAGMA quick_check``; otherwise the problem found."""
     try:
-        conn = sqlite3.connect(path, isolation_level=None)
+        # read-only: closing it never checkpoints a WAL a crash left behind (the writer
+        # opened next does that as part of normal work instead of the check's close)
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None)
     except sqlite3.Error as err:
         return str(err)
     try:

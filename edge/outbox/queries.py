@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from edge import audit
-from edge.events import Event, EventClass
+from edge.events import Event, EventClass, payload_sha256
 from edge.outbox.schema import DDL, SCHEMA_VERSION
 from edge.outbox.sqlutil import in_chunks, insert_rows
 
@@ -40,10 +40,39 @@ def ensure_schema(conn: sqlite3.Connection) -> None:
             "upgrade the gateway or move the file aside"
         )
     conn.executescript(DDL)
+    if version == 1:
+        _migrate_1_to_2(conn)
     conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
     conn.execute(
         "INSERT OR IGNORE INTO meta(key, value) VALUES ('created_at', ?)", (audit.utc_iso(),)
     )
+
+
+def _migrate_1_to_2(conn: sqlite3.Connection, chunk: int = 5000) -> None:
+    """Version 1 stored the hash of ``data``; version 2 the hash of the whole envelope.
+
+    Each stored row is checked the version-1 way first: a row that still matches gets its
+    envelope hash, a row that does not keeps its old value and is dead-lettered as an
+    integrity failure before it could be sent — an upgrade never blesses a damaged row.
+    """
+    last = 0
+    while True:
+        rows = conn.execute("SELECT seq, sha256, body FROM events WHERE seq > ? ORDER BY seq "
+                            "LIMIT ?", (last, chunk)).fetchall()
+        if not rows:
+            return
+        updates = []
+        for seq, old, body in rows:
+            try:
+                intact = payload_sha256(orjson.loads(body).get("data")) == old
+            except (orjson.JSONDecodeError, AttributeError, TypeError):
+                intact = False
+            if intact:
+                updates.append((hashlib.sha256(body).hexdigest(), seq))
+        conn.execute("BEGIN IMMEDIATE")
+        conn.executemany("UPDATE events SET sha256 = ? WHERE seq = ?", updates)
+        conn.execute("COMMIT")
+        last = rows[-1][0]
 
 
 @contextlib.contextmanager

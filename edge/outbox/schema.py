@@ -18,7 +18,9 @@ Leases are not stored: they live in memory in ``Outbox`` and vanish with the pro
 crash can never leave rows stuck as "in flight".
 """
 
-SCHEMA_VERSION = 1
+# 1: events.sha256 held the SHA-256 of the event's data
+# 2: events.sha256 holds the SHA-256 of the stored envelope (checked before every send)
+SCHEMA_VERSION = 2
 
 DDL = """
 CREATE TABLE IF NOT EXISTS meta(

@@ -155,3 +155,29 @@ async def test_leases_are_memory_only_so_a_restart_makes_rows_deliverable_again(
     # "crash": the process forgot its leases; a new process delivers them again (same ids)
     async with Outbox(tmp_path, router=lambda ev: ["erp"]) as ob:
         assert sorted(e.id for e in await ob.lease("erp", 10)) == sorted(ids)
+
+
+async def test_outbox_of_the_previous_schema_is_migrated_without_blessing_damage(
+        tmp_path: Path):
+    """Schema 1 kept the SHA-256 of data; rows still matching it drain after the upgrade,
+    a row damaged before the upgrade is dead-lettered, not sent."""
+    async with Outbox(tmp_path, router=lambda ev: ["erp"]) as ob:
+        good, bad = await ob.submit([sub(key="lot:A"), sub(key="lot:B")])
+    conn = sqlite3.connect(tmp_path / "outbox.db")
+    for eid in (good, bad):  # rewrite both rows as schema 1 stored them
+        body = conn.execute("SELECT body FROM events WHERE id = ?", (eid,)).fetchone()[0]
+        doc = orjson.loads(body)
+        if eid == bad:
+            doc["data"]["result"] = "fail"  # damaged after its hash was taken
+            body = orjson.dumps(doc)
+        conn.execute("UPDATE events SET sha256 = ?, body = ? WHERE id = ?",
+                     (doc["payload_sha256"], body, eid))
+    conn.execute("PRAGMA user_version = 1")
+    conn.commit()
+    conn.close()
+    from edge.forwarder import _integrity_ok
+
+    async with Outbox(tmp_path, router=lambda ev: ["erp"]) as ob:
+        leased = {e.id: e for e in await ob.lease("erp", 10)}
+    assert _integrity_ok(leased[good]) and not _integrity_ok(leased[bad])
+    assert _rows(str(tmp_path / "outbox.db"), "PRAGMA user_version") == [(2,)]
