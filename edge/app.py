@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import gc
 import logging
 import os
 import random
@@ -160,6 +161,7 @@ class Gateway:
         if self._api is not None:
             self._api_task = asyncio.create_task(self._api.serve(), name="api")
             await self._api.started()
+        gc.freeze()  # modules, config, components: never garbage, never traversed again
         self.ready.set()
         systemd.notify("READY=1")
         self._watchdog = systemd.start_watchdog(self._healthy)
