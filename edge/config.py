@@ -42,6 +42,7 @@ from edge.rules import SpecLimitsRule
 __all__ = [
     "ApiConfig",
     "CircuitBreakerConfig",
+    "ConfigDir",
     "GatewayConfig",
     "OutboxConfig",
     "RetryConfig",
@@ -61,19 +62,29 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
 
-def _check_file(value: str, info: ValidationInfo) -> str:
-    ctx = info.context or {}
-    base = ctx.get("base_dir")
-    path = Path(value)
-    if not path.is_absolute() and base is not None:
-        path = Path(base) / path
-    if ctx.get("check_files", True) and not path.is_file():
-        raise ValueError(f"file not found: {path}")
-    return str(path)
+def _existing(kind: Literal["file", "directory"]) -> Any:
+    """Validator: resolve a path against the config file's folder; it must exist (unless
+    validated with ``check_files=False``)."""
+
+    def check(value: str, info: ValidationInfo) -> str:
+        ctx = info.context or {}
+        base = ctx.get("base_dir")
+        path = Path(value)
+        if not path.is_absolute() and base is not None:
+            path = Path(base) / path
+        found = path.is_file() if kind == "file" else path.is_dir()
+        if ctx.get("check_files", True) and not found:
+            raise ValueError(f"{kind} not found: {path}")
+        return str(path)
+
+    return check
 
 
-SecretFile = Annotated[str, AfterValidator(_check_file)]
+SecretFile = Annotated[str, AfterValidator(_existing("file"))]
 """A path to a file holding a secret or certificate; checked at load, read at start."""
+
+ConfigDir = Annotated[str, AfterValidator(_existing("directory"))]
+"""A path to an existing folder (e.g. a certificate trust folder); checked at load."""
 
 
 def read_secret(path: str | None) -> str | None:

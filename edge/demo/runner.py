@@ -30,7 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from edge.demo.broker import DemoBroker, start_broker
+from edge.demo.broker import DemoBroker, free_port, start_broker
 from edge.demo.stations import MqttStations, OpcUaStation, StationGroup
 from edge.demo.summary import Tally, Verdict, snapshot
 
@@ -76,10 +76,6 @@ def _port_free(port: int) -> bool:
     return True
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Demo:
@@ -141,7 +137,7 @@ class Demo:
                 await group.start()
                 stack.push_async_callback(group.shutdown)
             api_on = opts.api and importlib.util.find_spec("edge.api.server") is not None
-            api_port = API_PORT if _port_free(API_PORT) else _free_port()
+            api_port = API_PORT if _port_free(API_PORT) else free_port()
             env = {
                 **os.environ,
                 "EDGE_DEMO_SITE": opts.site,

@@ -9,13 +9,12 @@ source connects, by ``edge.sources.opcua_nodes``.
 from __future__ import annotations
 
 import re
-from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlparse
 
-from pydantic import Field, ValidationInfo, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from edge.config import SecretFile, SourceConfigBase, StrictModel
+from edge.config import ConfigDir, SecretFile, SourceConfigBase, StrictModel
 from edge.events import EventClass
 from edge.transforms.map import MappingConfig, template_fields
 
@@ -64,17 +63,6 @@ def validate_node_ref(value: str) -> str:
             "browse path like '/Objects/2:Station7/2:Temperature'"
         )
     return v
-
-
-def _check_dir(value: str, info: ValidationInfo) -> str:
-    ctx = info.context or {}
-    base = ctx.get("base_dir")
-    path = Path(value)
-    if not path.is_absolute() and base is not None:
-        path = Path(base) / path
-    if ctx.get("check_files", True) and not path.is_dir():
-        raise ValueError(f"directory not found: {path}")
-    return str(path)
 
 
 class DeadbandConfig(StrictModel):
@@ -218,12 +206,7 @@ class SecurityConfig(StrictModel):
     cert_file: SecretFile | None = Field(None, description="client certificate (DER or PEM)")
     key_file: SecretFile | None = Field(None, description="client private key (PEM)")
     server_cert_file: SecretFile | None = Field(None, description="pinned server certificate")
-    trust_dir: str | None = Field(None, description="folder of trusted certificates / CAs")
-
-    @field_validator("trust_dir")
-    @classmethod
-    def _dir(cls, v: str | None, info: ValidationInfo) -> str | None:
-        return None if v is None else _check_dir(v, info)
+    trust_dir: ConfigDir | None = Field(None, description="folder of trusted certificates / CAs")
 
     @model_validator(mode="after")
     def _consistent(self) -> SecurityConfig:
