@@ -1,0 +1,60 @@
+"""Soak: a long run through real components with the ERP and the broker misbehaving.
+
+Marked slow: ``make soak`` (EDGE_SOAK=1) runs it for EDGE_SOAK_MINUTES (default 10); the
+default suite runs the short forms of the same properties (tests/sinks, tests/sources).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+
+import pytest
+
+from tests.fixtures.gateway import http_sink_yaml
+from tests.fixtures.mosquitto import (
+    inspection,
+    message_ids,
+    mqtt_source_yaml,
+    start_publisher,
+    wait_connected,
+    wait_until,
+)
+
+pytestmark = [pytest.mark.slow, pytest.mark.mqtt]
+
+
+async def test_long_run_with_erp_outages_and_a_broker_restart_loses_nothing(
+        gateways, erp, mosquitto):
+    minutes = float(os.environ.get("EDGE_SOAK_MINUTES", "10"))
+    gw = await gateways(mqtt_source_yaml(mosquitto.url) + "sinks:\n" + http_sink_yaml(erp.url))
+    await wait_connected(gw)
+    pub = await start_publisher(mosquitto.url)
+    started = time.monotonic()
+    end = started + minutes * 60
+    n = 0
+    restarted = False
+    try:
+        while time.monotonic() < end:
+            elapsed = time.monotonic() - started
+            phase = int(elapsed // 30) % 4
+            erp.outage(phase == 2)  # 30 s of every 2 minutes without the ERP
+            if not restarted and elapsed > minutes * 30:  # halfway: the broker restarts
+                await asyncio.to_thread(mosquitto.restart, down_s=2.0)
+                restarted = True
+            for _ in range(20):  # ~50 messages/s
+                topic, payload = inspection(f"m{n}", lot=f"L{n // 200}")
+                pub.publish(topic, payload, f"m{n}")
+                n += 1
+            await asyncio.sleep(0.4)
+        erp.outage(False)
+        assert await asyncio.to_thread(pub.wait_acked, 60)
+        acked = set(pub.acked)
+        await wait_until(lambda: acked <= set(message_ids(erp.events)), timeout=300,
+                         what="every acknowledged message at the ERP")
+    finally:
+        await asyncio.to_thread(pub.stop)
+    arrived = message_ids(erp.events)
+    assert all(len(ids) == 1 for ids in arrived.values())  # repeats only under one id
+    assert gw.metrics.events_dead_lettered.labels("erp")._value.get() == 0
