@@ -23,15 +23,21 @@ T = TypeVar("T")
 
 __all__ = ["DbThread", "connect"]
 
+# Compiled statements with many placeholders are large; the outbox uses a few shapes
+# (edge.outbox.sqlutil), so a small cache holds them all and bounds the memory.
+_CACHED_STATEMENTS = 48
+
 
 def connect(path: str, *, synchronous: str = "FULL", readonly: bool = False) -> sqlite3.Connection:
     """Open the outbox database with the pragmas every connection needs."""
     if readonly:
         conn = sqlite3.connect(
-            f"file:{path}?mode=ro", uri=True, isolation_level=None, check_same_thread=False
+            f"file:{path}?mode=ro", uri=True, isolation_level=None, check_same_thread=False,
+            cached_statements=_CACHED_STATEMENTS,
         )
     else:
-        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False,
+                               cached_statements=_CACHED_STATEMENTS)
     conn.execute("PRAGMA busy_timeout=10000")
     if not readonly:
         conn.execute("PRAGMA journal_mode=WAL")

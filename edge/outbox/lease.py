@@ -24,10 +24,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from edge.events import EventClass
+from edge.outbox.sqlutil import in_chunks, in_list
 
 __all__ = ["LeasedRow", "scan_lease"]
 
-_CHUNK = 500
 
 
 @dataclass(slots=True)
@@ -193,13 +193,11 @@ def scan_lease(
 
 def _load_events(conn: sqlite3.Connection, rows: list[LeasedRow]) -> None:
     by_seq = {r.seq: r for r in rows}
-    seqs = list(by_seq)
-    for i in range(0, len(seqs), _CHUNK):
-        chunk = seqs[i : i + _CHUNK]
-        marks = ",".join("?" * len(chunk))
+    for chunk in in_chunks(list(by_seq)):
+        marks, params = in_list(chunk)
         for seq, event_id, type_, sha, body, received_at in conn.execute(
             f"SELECT seq, id, type, sha256, body, received_at FROM events WHERE seq IN ({marks})",
-            chunk,
+            params,
         ):
             row = by_seq[seq]
             row.event_id, row.type, row.sha256, row.body = event_id, type_, sha, body

@@ -23,13 +23,12 @@ import orjson
 from edge import audit
 from edge.events import Event, EventClass, payload_sha256
 from edge.outbox.schema import DDL, SCHEMA_VERSION
-from edge.outbox.sqlutil import in_chunks, insert_rows
+from edge.outbox.sqlutil import in_chunks, in_list, insert_rows
 
 if TYPE_CHECKING:
     from edge.outbox.store import Resolution
 
 MAX_BODY_CHARS = 65_536
-_CHUNK = 500
 
 
 def ensure_schema(conn: sqlite3.Connection) -> None:
@@ -130,10 +129,10 @@ def _existing_dedupe(conn: sqlite3.Connection, wanted: dict[str, list[str]],
     found: dict[tuple[str, str], str] = {}
     for source, keys in wanted.items():
         for chunk in in_chunks(keys):
-            marks = ",".join("?" * len(chunk))
+            marks, params = in_list(chunk)
             for key, event_id in conn.execute(
                 f"SELECT key, event_id FROM dedupe WHERE source = ? AND key IN ({marks}) "
-                "AND created_at >= ?", [source, *chunk, not_before]
+                "AND created_at >= ?", [source, *params, not_before]
             ).fetchall():
                 found[(source, key)] = event_id
     return found
@@ -218,20 +217,20 @@ def insert_quarantine(conn: sqlite3.Connection, row: tuple[Any, ...]) -> None:
 def _gc_events(conn: sqlite3.Connection, seqs: Sequence[int]) -> None:
     """Delete events no delivery row and no dead letter references any more."""
     for chunk in in_chunks(seqs):
+        marks, params = in_list(chunk)
         conn.execute(
-            f"DELETE FROM events WHERE seq IN ({','.join('?' * len(chunk))}) "
+            f"DELETE FROM events WHERE seq IN ({marks}) "
             "AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.seq = events.seq) "
             "AND NOT EXISTS (SELECT 1 FROM dead_letters x WHERE x.seq = events.seq)",
-            list(chunk),
+            params,
         )
 
 
 def _delete_deliveries(conn: sqlite3.Connection, sink: str, seqs: Sequence[int]) -> None:
     for chunk in in_chunks(seqs):
-        conn.execute(
-            f"DELETE FROM deliveries WHERE sink = ? AND seq IN ({','.join('?' * len(chunk))})",
-            [sink, *chunk],
-        )
+        marks, params = in_list(chunk)
+        conn.execute(f"DELETE FROM deliveries WHERE sink = ? AND seq IN ({marks})",
+                     [sink, *params])
 
 
 def apply_resolutions(
