@@ -35,6 +35,7 @@ from pydantic import (
 )
 from pydantic.functional_validators import AfterValidator, BeforeValidator
 
+from edge.config_env import DEFAULT_STATE_DIR, substitute_env
 from edge.errors import ConfigError, ConfigIssue
 from edge.registry import Registry, default_registry
 from edge.rules import SpecLimitsRule
@@ -229,7 +230,7 @@ class LoggingConfig(StrictModel):
 class GatewayConfigBase(StrictModel):
     site: str = Field(description="plant/site id; stamped on every event")
     state_dir: str = Field(
-        "/var/lib/edge-gateway", description="outbox.db, audit, certificates"
+        DEFAULT_STATE_DIR, description="outbox.db, audit, certificates"
     )
     plugins_dir: str | None = Field(None, description="folder of drop-in plugin packages")
     outbox: OutboxConfig = OutboxConfig()
@@ -306,54 +307,6 @@ def build_config_model(registry: Registry) -> type[GatewayConfigBase]:
 
 
 # --------------------------------------------------------------------------- loading
-
-
-_ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
-
-
-def substitute_env(node: Any, env: Mapping[str, str], path: str, issues: list[ConfigIssue]) -> Any:
-    """Replace ``${VAR}`` and ``${VAR:-default}`` in every string of a YAML tree."""
-    if isinstance(node, dict):
-        return {
-            k: substitute_env(v, env, _join(path, str(k)), issues) for k, v in node.items()
-        }
-    if isinstance(node, list):
-        return [substitute_env(v, env, f"{path}[{i}]", issues) for i, v in enumerate(node)]
-    if isinstance(node, str) and "${" in node:
-
-        def repl(m: re.Match[str]) -> str:
-            name, default = m.group(1), m.group(2)
-            if name in env:
-                return env[name]
-            if default is not None:
-                return default
-            issues.append(ConfigIssue(path, f"environment variable {name} is not set"))
-            return ""
-
-        return _ENV_RE.sub(repl, node)
-    return node
-
-
-def _join(path: str, key: str) -> str:
-    return f"{path}.{key}" if path else key
-
-
-def peek_state_dir(path: str | os.PathLike[str]) -> str | None:
-    """``state_dir`` of a config file without validating it (None if it cannot be read).
-
-    Lets ``edge run`` start the outbox integrity check while the full validation runs;
-    the validated config decides, this is only a head start.
-    """
-    try:
-        raw = yaml.safe_load(Path(path).read_text())
-        value = raw.get("state_dir", GatewayConfigBase.model_fields["state_dir"].default)
-        value = substitute_env(value, os.environ, "state_dir", [])
-    except (OSError, yaml.YAMLError, AttributeError):
-        return None
-    if not isinstance(value, str):
-        return None
-    state = Path(value)
-    return str(state if state.is_absolute() else Path(path).resolve().parent / state)
 
 
 def load_config(

@@ -29,7 +29,7 @@ def register(sub: Any) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from edge.config import peek_state_dir
+    from edge.config_env import peek_state_dir
     from edge.outbox.integrity import EarlyCheck
 
     state_dir = peek_state_dir(args.config)
