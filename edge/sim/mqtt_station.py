@@ -51,14 +51,19 @@ class Publisher:
 
     ``publish(topic, payload, key)`` queues a message (paho keeps and resends it across
     reconnects); ``acked`` is the set of keys the broker confirmed. Thread-safe counters.
+    paho holds at most 65,535 unconfirmed QoS 1 messages (one per packet id): beyond that,
+    e.g. after an hour of broker outage at 20 msg/s, ``publish`` is refused and counted in
+    ``refused`` (the station would have to buffer or drop; it is never tracked as sent).
     """
 
     def __init__(self, url: str, *, client_id: str | None = None, protocol: str = "5",
                  username: str | None = None, password: str | None = None,
                  ca_file: str | None = None, max_inflight: int = 100) -> None:
         import paho.mqtt.client as mqtt
-        from paho.mqtt.enums import CallbackAPIVersion
+        from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 
+        # refused: every packet id is in use (MQTT_ERR_NO_CONN, by contrast, still queues)
+        self._queue_full = MQTTErrorCode.MQTT_ERR_QUEUE_SIZE
         parts = urlsplit(url)
         if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
             raise ValueError(f"url must be mqtt://host:port or mqtts://host:port, got {url!r}")
@@ -85,6 +90,7 @@ class Publisher:
         self._early: dict[int, bool] = {}
         self.acked: set[str] = set()
         self.published = 0
+        self.refused = 0
         self.connected = threading.Event()
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
@@ -123,6 +129,10 @@ class Publisher:
     def publish(self, topic: str, payload: bytes, key: str, qos: int = 1) -> None:
         # paho's lock is taken inside publish(); ours only afterwards (no lock inversion).
         info = self.client.publish(topic, payload, qos=qos)
+        if info.rc == self._queue_full:  # every packet id is held by an unacked message
+            with self._lock:
+                self.refused += 1
+            return
         with self._lock:
             self.published += 1
             early = self._early.pop(info.mid, None)
@@ -290,7 +300,8 @@ async def run(args: argparse.Namespace) -> int:
         ok = await sim.close()
         p = sim.publisher
         print(f"published {p.published}, confirmed by the broker {len(p.acked)}"
-              f"{'' if ok else f', {p.unacked} unconfirmed'}; "
+              f"{'' if ok else f', {p.unacked} unconfirmed'}"
+              f"{f', {p.refused} refused by the client (packet ids exhausted)' if p.refused else ''}; "
               f"{sim.counts['inspection']} inspections ({sim.counts['fail']} failed), "
               f"{sim.counts['reading']} readings", flush=True)
     return 0
