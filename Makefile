@@ -54,8 +54,14 @@ lint: $(VENV)/.installed-test
 	$(BIN)/ruff check edge tests plugins bench
 	$(BIN)/mypy edge
 
+# quick forms (~15 min); BENCHMARKS.md "How to rerun" has the full ones
 bench: $(VENV)/.installed-test mosquitto
-	@for b in bench/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+	$(BIN)/python -m bench.bench_outbox_enqueue --events 100000
+	$(BIN)/python -m bench.bench_drain --events 100000
+	$(BIN)/python -m bench.bench_restart --events 100000
+	$(BIN)/python -m bench.bench_mqtt_ingest --messages 30000
+	$(BIN)/python -m bench.bench_latency
+	$(BIN)/python -m bench.bench_opcua --items 1000
 
 schema: $(VENV)/.installed-run
 	$(BIN)/edge print-schema > config/edge.schema.json
