@@ -124,6 +124,7 @@ class Forwarder:
         self.down_since: float | None = None  # when the circuit opened
         self._retried = 0
         self._retry_logged_at = -1e9
+        self._down_logged_at = -1e9
         self.delivered = 0
         self._stopping = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -301,13 +302,20 @@ class Forwarder:
                       retried_since_last_line=self._retried)
             self._retry_logged_at, self._retried = now, 0
         if self.breaker.record_failure():
-            if self.down_since is None:
+            opened = self.down_since is None
+            if opened:
                 self.down_since = self.clock()
             self.metrics.sink_up.labels(self.sink.id).set(0)
             self.metrics.sink_circuit_open.labels(self.sink.id).set(1)
-            log_event(log, logging.WARNING, "sink failing; circuit open, events keep being stored",
-                      sink=self.sink.id, probe_in_s=round(self.breaker.wait_s(), 1),
-                      error=self.last_error)
+            # one line when the sink goes down, then one a minute: a failed probe every
+            # few seconds is the breaker working, not news
+            if opened or now - self._down_logged_at >= 60.0:
+                log_event(log, logging.WARNING,
+                          "sink failing; circuit open, events keep being stored" if opened
+                          else "sink still down; events keep being stored",
+                          sink=self.sink.id, down_for_s=round(self.clock() - self.down_since),
+                          probe_in_s=round(self.breaker.wait_s(), 1), error=self.last_error)
+                self._down_logged_at = now
 
     def _resolution(self, ev: StoredEvent, o: Outcome, sent: bool) -> Resolution:
         r = Resolution(ev.seq, ev.id, o.kind.value, o.status, o.reason, o.body,

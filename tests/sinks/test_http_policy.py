@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import time
 from datetime import UTC, datetime, timedelta
@@ -133,3 +134,23 @@ async def _until(predicate, within_s: float = 10.0) -> None:
     while not predicate():
         assert time.monotonic() < deadline, "condition not reached"
         await asyncio.sleep(0.02)
+
+
+async def test_an_outage_is_logged_once_when_it_starts_and_once_when_it_ends(gateways, erp,
+                                                                             caplog):
+    caplog.set_level(logging.INFO, logger="edge.forwarder")
+    gw = await gateways(sink_yaml(erp.url))
+    erp.outage(True)
+    await gw.pipeline.submit([result("A")])
+    fwd = gw.forwarders["erp"]
+    await _until(lambda: fwd.down_since is not None)
+    probes_before = len(erp.requests)
+    await asyncio.sleep(2.0)  # probes every 0.2-0.5 s, each one failing
+    assert len(erp.requests) - probes_before >= 3
+    erp.outage(False)
+    await erp.wait_for(lambda e: len(e.events) == 1, within_s=10)
+    await _until(lambda: fwd.down_since is None)
+    lines = [r.getMessage() for r in caplog.records if r.name == "edge.forwarder"]
+    assert sum("circuit open" in m for m in lines) == 1
+    assert sum("still down" in m for m in lines) == 0  # reminders come once a minute
+    assert sum("circuit closed" in m for m in lines) == 1
