@@ -2,7 +2,7 @@
 peek at ``state_dir``.
 
 Kept apart from ``edge.config`` (pydantic and the component models) so ``edge run`` can read
-``state_dir`` and start the outbox integrity check a few hundred milliseconds earlier.
+``state_dir`` and start the outbox integrity check ~0.1 s earlier (before pydantic loads).
 """
 
 from __future__ import annotations
