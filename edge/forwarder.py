@@ -303,8 +303,9 @@ class Forwarder:
             self._retry_logged_at, self._retried = now, 0
         if self.breaker.record_failure():
             opened = self.down_since is None
-            if opened:
+            if self.down_since is None:
                 self.down_since = self.clock()
+            down_for_s = self.clock() - self.down_since
             self.metrics.sink_up.labels(self.sink.id).set(0)
             self.metrics.sink_circuit_open.labels(self.sink.id).set(1)
             # one line when the sink goes down, then one a minute: a failed probe every
@@ -313,7 +314,7 @@ class Forwarder:
                 log_event(log, logging.WARNING,
                           "sink failing; circuit open, events keep being stored" if opened
                           else "sink still down; events keep being stored",
-                          sink=self.sink.id, down_for_s=round(self.clock() - self.down_since),
+                          sink=self.sink.id, down_for_s=round(down_for_s),
                           probe_in_s=round(self.breaker.wait_s(), 1), error=self.last_error)
                 self._down_logged_at = now
 

@@ -75,6 +75,10 @@ def _in_savepoint(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], A
     return True, value
 
 
+def _call_merger(merge: Merger, payloads: list[Any], conn: sqlite3.Connection) -> list[Any]:
+    return merge(conn, payloads)
+
+
 def _run_transaction(conn: sqlite3.Connection, ops: list[_Op]) -> list[tuple[bool, Any]]:
     results: list[tuple[bool, Any]] = []
     conn.execute("BEGIN IMMEDIATE")
@@ -93,7 +97,7 @@ def _run_transaction(conn: sqlite3.Connection, ops: list[_Op]) -> list[tuple[boo
                 j += 1
             group = ops[i:j]
             payloads = [o.payload for o in group]
-            ok, value = _in_savepoint(conn, partial(op.merge, payloads=payloads))
+            ok, value = _in_savepoint(conn, partial(_call_merger, op.merge, payloads))
             if ok:
                 results.extend((True, v) for v in value)
             else:  # find the op that fails, keep the others

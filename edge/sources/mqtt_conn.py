@@ -317,7 +317,7 @@ class Connection:
         if not self.lost.done():
             self.lost.set_result(reason)
         for futs in (self._subacks, self._pubacks):
-            for fut in futs.values():  # type: ignore[attr-defined]
+            for fut in futs.values():
                 if not fut.done():
                     fut.set_exception(ConnectError("closed", f"connection lost: {reason}"))
         if not self._connack.done():
