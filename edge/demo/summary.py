@@ -7,6 +7,7 @@ Live line (from the gateway's metrics and outbox statistics)::
 Verdict (what the stations had confirmed vs what the ERP received)::
 
     published 1234, delivered 1234 (0 lost, 0 duplicates)
+      MQTT stations: 1170 published, 1170 delivered; OPC UA station: 64 published, 64 delivered
 
 ``lost`` counts confirmed records the ERP never received; ``duplicates`` counts records
 that arrived under two different event ids (a receiver could not tell them apart).
@@ -80,6 +81,7 @@ class Verdict:
     duplicates: int
     repeats: int  # same event id received again (retries, deduped by Idempotency-Key)
     lost_examples: tuple[str, ...] = ()
+    by_group: tuple[tuple[str, int, int], ...] = ()  # (label, published, delivered)
 
     @property
     def ok(self) -> bool:
@@ -93,7 +95,11 @@ class Verdict:
             extra.append(f"{self.repeats} resent under the same Idempotency-Key")
         if self.unconfirmed:
             extra.append(f"{self.unconfirmed} never confirmed by the broker")
-        return text + (f"; {', '.join(extra)}" if extra else "")
+        text += f"; {', '.join(extra)}" if extra else ""
+        if len(self.by_group) > 1:
+            text += "\n  " + "; ".join(f"{label}: {pub} published, {dlv} delivered"
+                                       for label, pub, dlv in self.by_group)
+        return text
 
 
 class Tally:
@@ -127,6 +133,7 @@ class Tally:
     def verdict(self) -> Verdict:
         published = unconfirmed = delivered = lost = duplicates = repeats = 0
         examples: list[str] = []
+        by_group: list[tuple[str, int, int]] = []
         for group, ids_by_key, arrivals in zip(self.groups, self._ids, self._arrivals,
                                                strict=True):
             confirmed = group.confirmed()
@@ -136,10 +143,11 @@ class Tally:
             lost += len(missing)
             examples += missing[:5]
             delivered += len(confirmed & ids_by_key.keys())
+            by_group.append((group.label, len(confirmed), len(confirmed & ids_by_key.keys())))
             duplicates += sum(1 for ids in ids_by_key.values() if len(ids) > 1)
             repeats += sum(n - len(ids_by_key[k]) for k, n in arrivals.items())
         return Verdict(published, unconfirmed, delivered, lost, duplicates, repeats,
-                       tuple(examples[:5]))
+                       tuple(examples[:5]), tuple(by_group))
 
 
 def judge(groups: Sequence[StationGroup], events: Sequence[dict[str, Any]]) -> Verdict:
