@@ -163,7 +163,7 @@ class Gateway:
             await self._api.started()
         gc.freeze()  # modules, config, components: never garbage, never traversed again
         self.ready.set()
-        systemd.notify("READY=1")
+        systemd.ready()
         self._watchdog = systemd.start_watchdog(self._healthy)
         log_event(log, logging.INFO, "gateway started", site=self.config.site,
                   sources=len(self.sources), sinks=len(self.sinks),

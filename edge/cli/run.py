@@ -29,8 +29,13 @@ def register(sub: Any) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from edge import systemd
     from edge.config_env import peek_state_dir
     from edge.outbox.integrity import EarlyCheck
+
+    # the integrity check reads the whole outbox file: on a slow disk that can outlast the
+    # unit's start timeout, so systemd is asked for more time until READY=1
+    systemd.begin_startup("starting: checking the outbox file, then sources and sinks")
 
     state_dir = peek_state_dir(args.config)
     early = EarlyCheck(str(Path(state_dir) / "outbox.db")) if state_dir else None

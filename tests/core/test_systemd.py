@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+from edge import systemd
 from tests.sinks.helpers import sink_yaml
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -32,7 +33,10 @@ def test_edge_run_notifies_ready_pings_the_watchdog_and_says_stopping(tmp_path: 
         deadline = time.monotonic() + 30
         while messages.count("WATCHDOG=1") < 2 and time.monotonic() < deadline:
             messages.append(sock.recv(4096).decode())
-        assert messages[0] == "READY=1"
+        assert messages[0].startswith("STATUS=starting")
+        ready_at = messages.index("READY=1\nSTATUS=running")
+        # until READY the start timeout is extended (a long integrity check is not killed)
+        assert any(m.startswith("EXTEND_TIMEOUT_USEC=") for m in messages[:ready_at])
         assert messages.count("WATCHDOG=1") >= 2
         proc.send_signal(signal.SIGTERM)
         while "STOPPING=1" not in messages and time.monotonic() < deadline:
@@ -55,3 +59,34 @@ def test_unit_is_notify_with_watchdog_and_does_not_restart_on_bad_config():
     assert svc["RestartPreventExitStatus"] == "2"  # `edge run` exits 2 on bad config
     assert "edge run -c" in svc["ExecStart"]
     assert svc["ProtectSystem"] == "strict" and svc["NoNewPrivileges"] == "yes"
+
+
+def test_start_timeout_is_extended_until_ready_and_not_after(tmp_path: Path, monkeypatch):
+    sock_path = str(tmp_path / "notify.sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(sock_path)
+    sock.settimeout(0.5)
+    monkeypatch.setenv("NOTIFY_SOCKET", sock_path)
+
+    def received() -> list[str]:
+        out = []
+        try:
+            while True:
+                out.append(sock.recv(4096).decode())
+        except TimeoutError:
+            return out
+
+    try:
+        assert systemd.begin_startup("checking", step_s=0.05)
+        time.sleep(0.3)
+        systemd.ready()
+        before = received()
+        assert before[0] == "STATUS=checking"
+        extensions = [m for m in before if m.startswith("EXTEND_TIMEOUT_USEC=")]
+        assert len(extensions) >= 3 and extensions[0] == "EXTEND_TIMEOUT_USEC=150000"
+        assert before[-1] == "READY=1\nSTATUS=running"
+        time.sleep(0.3)
+        assert received() == []  # the extender stopped with READY
+    finally:
+        systemd.ready()
+        sock.close()
