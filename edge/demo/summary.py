@@ -142,8 +142,9 @@ class Tally:
             missing = sorted(confirmed - ids_by_key.keys())
             lost += len(missing)
             examples += missing[:5]
-            delivered += len(confirmed & ids_by_key.keys())
-            by_group.append((group.label, len(confirmed), len(confirmed & ids_by_key.keys())))
+            arrived = len(confirmed & ids_by_key.keys())
+            delivered += arrived
+            by_group.append((group.label, len(confirmed), arrived))
             duplicates += sum(1 for ids in ids_by_key.values() if len(ids) > 1)
             repeats += sum(n - len(ids_by_key[k]) for k, n in arrivals.items())
         return Verdict(published, unconfirmed, delivered, lost, duplicates, repeats,
