@@ -41,7 +41,7 @@ from edge.outbox.budget import Budget
 from edge.outbox.dbthread import DbThread, connect
 from edge.outbox.integrity import EarlyCheck, open_checked
 from edge.outbox.lease import scan_lease
-from edge.outbox.writer import GroupCommitWriter
+from edge.outbox.writer import GroupCommitWriter, Merger
 from edge.telemetry import Metrics, log_event
 
 __all__ = ["Outbox", "Resolution"]
@@ -172,10 +172,16 @@ class Outbox:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    async def _write(self, fn: Callable[[sqlite3.Connection], Any], rows: int = 1) -> Any:
+    def _open_writer(self) -> GroupCommitWriter:
         if self._writer is None or self._closed:
             raise OutboxClosedError("the outbox is closed")
-        return await self._writer.execute(fn, rows)
+        return self._writer
+
+    async def _write(self, fn: Callable[[sqlite3.Connection], Any], rows: int = 1) -> Any:
+        return await self._open_writer().execute(fn, rows)
+
+    async def _write_merged(self, merge: Merger, payload: Any, rows: int) -> Any:
+        return await self._open_writer().execute_merged(merge, payload, rows)
 
     async def read(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run a read-only query function on the reader thread."""
@@ -216,9 +222,7 @@ class Outbox:
             prepared.append(
                 (ev, item.dedupe_key, sinks, ev.to_json())
             )
-        if self._writer is None or self._closed:
-            raise OutboxClosedError("the outbox is closed")
-        result: queries.SubmitResult = await self._writer.execute_merged(
+        result: queries.SubmitResult = await self._write_merged(
             queries.insert_event_batches, (prepared, self.config.dedupe_window_s),
             rows=len(items))
         for sink in {s for _, _, sinks, _ in prepared for s in sinks}:

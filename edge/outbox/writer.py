@@ -7,8 +7,9 @@ Contract:
   default). Callers ack upstream only after it returned.
 - Ops are grouped: a transaction closes at ``max_rows`` rows or ``interval_s`` after its
   first op, whichever comes first. Each op runs in its own SAVEPOINT, so an op that raises
-  fails alone (mergeable ops, e.g. submits, run as one call and fall back to one by one); a storage error (disk full, I/O) rolls the whole transaction back and fails
-  every op in it (``OutboxFullError`` for SQLITE_FULL).
+  fails alone (consecutive mergeable ops, e.g. submits, run as one call, and one by one if
+  that call fails); a storage error (disk full, I/O) rolls the whole transaction back and
+  fails every op in it (``OutboxFullError`` for SQLITE_FULL).
 - ``close()`` commits what was queued before it and then stops; later calls raise
   ``OutboxClosedError``. The op queue is bounded: producers wait when it is full.
 """
@@ -140,20 +141,20 @@ class GroupCommitWriter:
 
     async def execute(self, fn: Callable[[sqlite3.Connection], T], rows: int = 1) -> T:
         """Run ``fn`` in the next group transaction; return its result after COMMIT."""
-        if self._closing or self._task is None or self._task.done():
-            raise OutboxClosedError("the outbox writer is stopped")
-        fut: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        await self._queue.put(_Op(fn, rows, fut))
-        return await fut
+        return await self._enqueue(fn, rows)
 
     async def execute_merged(self, merge: Merger, payload: Any, rows: int = 1) -> Any:
         """Like ``execute`` for ops that can be merged: consecutive ops with the same
         ``merge`` run as ``merge(conn, [payload, ...])`` (one result per payload); if that
         call fails, each op runs alone so only the faulty one fails."""
+        return await self._enqueue(lambda c: merge(c, [payload])[0], rows, merge, payload)
+
+    async def _enqueue(self, fn: Callable[[sqlite3.Connection], Any], rows: int,
+                       merge: Merger | None = None, payload: Any = None) -> Any:
         if self._closing or self._task is None or self._task.done():
             raise OutboxClosedError("the outbox writer is stopped")
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        await self._queue.put(_Op(lambda c: merge(c, [payload])[0], rows, fut, merge, payload))
+        await self._queue.put(_Op(fn, rows, fut, merge, payload))
         return await fut
 
     async def close(self) -> None:
