@@ -102,14 +102,13 @@ Prepared = tuple[Event, str | None, list[str], bytes]
 
 def insert_event_batches(conn: sqlite3.Connection, payloads: list[tuple[list[Prepared], float]]
                          ) -> list[SubmitResult]:
-    """Several submits in one call (the writer merges concurrent producers' submits)."""
-    batches = payloads
-    merged: list[Prepared] = [p for prepared, _ in batches for p in prepared]
-    window = batches[0][1]
-    whole = insert_events(conn, merged, dedupe_window_s=window)
+    """Several submits in one call (the writer merges concurrent producers' submits); each
+    payload is ``(prepared, dedupe_window_s)``, the window being the outbox's setting."""
+    merged: list[Prepared] = [p for prepared, _ in payloads for p in prepared]
+    whole = insert_events(conn, merged, dedupe_window_s=payloads[0][1])
     out: list[SubmitResult] = []
     start = 0
-    for prepared, _ in batches:
+    for prepared, _ in payloads:
         part = SubmitResult(ids=whole.ids[start:start + len(prepared)])
         for (ev, _, sinks, _), eid in zip(prepared, part.ids, strict=True):
             if eid != ev.id:
