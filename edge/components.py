@@ -27,9 +27,10 @@ Sink lifecycle::
 ``send`` receives events sorted by outbox sequence. It may group them into requests as its
 routes allow and returns one ``Outcome`` per event, never raising for a per-event failure.
 Per-key order is the sink's duty inside one call: an event must not be sent once an earlier
-event with the same ``ordering_key`` in the batch got ``retry`` — return
-``Outcome.not_attempted()`` for it (``edge.forwarder.send_in_key_order`` does this for
-per-event sinks). An exception escaping ``send`` is a retryable failure of the whole batch.
+event with the same ``ordering_key`` in the batch was not delivered (retry, sink fault,
+unrouted, and a dead letter unless the sink's ``on_dead_letter`` is ``continue``) — return
+``Outcome.not_attempted()`` for it (``edge.forwarder.send_in_key_order`` does this).
+An exception escaping ``send`` is a retryable failure of the whole batch.
 """
 
 from __future__ import annotations
@@ -62,12 +63,27 @@ __all__ = [
 class Submission:
     """One event for the outbox plus the source's dedupe key (None: never a duplicate).
 
-    A record redelivered by the source (MQTT dup, re-read file) must carry the same
-    ``dedupe_key``; the outbox then returns the id of the first copy and stores nothing.
+    Two kinds of keys (DESIGN invariant 3: only redeliveries are matched):
+
+    - an identity key (``redelivery_only=False``): a station-assigned message id, an OPC UA
+      node@timestamp, a file row. Any later copy with the same key within
+      ``outbox.dedupe_window_s`` returns the first copy's id and stores nothing.
+    - a content hash (``redelivery_only=True``): matched only when this copy is flagged as a
+      redelivery (``redelivered``, e.g. MQTT DUP), and only against the newest
+      ``redelivery_horizon`` keys of the source (the messages that can be unacknowledged at
+      a crash). A device that sends the same payload twice on purpose gets two events.
+
+    ``derived=True`` marks an event a rule derived from the submission right before it in
+    the same call (nonconformance, hold): it is stored right after its cause, and not at
+    all when its cause turned out to be a redelivery of an event already stored.
     """
 
     event: Event
     dedupe_key: str | None = None
+    redelivery_only: bool = False
+    redelivered: bool = False
+    redelivery_horizon: int = 0
+    derived: bool = False
 
 
 class Ingest(Protocol):
@@ -123,9 +139,13 @@ class Source(Protocol):
 class OutcomeKind(enum.Enum):
     delivered = "delivered"
     duplicate = "duplicate"  # receiver said "already exists" (409 ...): delivered, noted
-    retry = "retry"
-    dead_letter = "dead_letter"
+    retry = "retry"  # the event may succeed later (5xx, 429, timeout): retry with backoff
+    dead_letter = "dead_letter"  # the receiver judged the event (400, 422 ...): operator
     unrouted = "unrouted"  # no current route matches: keep the row, show it in /status
+    # The sink, not the event, is at fault (3xx, 401/403 after a credential refresh, an
+    # unlisted status): keep the row, retry with backoff without counting an attempt
+    # against ``retry.max_attempts``, count a failure for the circuit breaker, alarm.
+    sink_fault = "sink_fault"
 
 
 @dataclass(slots=True)
@@ -161,6 +181,11 @@ class Outcome:
     def dead_letter(cls, reason: str, status: int | None = None, body: str | None = None
                     ) -> Outcome:
         return cls(OutcomeKind.dead_letter, status, reason, body)
+
+    @classmethod
+    def sink_fault(cls, reason: str, status: int | None = None, body: str | None = None,
+                   *, retry_after_s: float | None = None) -> Outcome:
+        return cls(OutcomeKind.sink_fault, status, reason, body, retry_after_s)
 
     @classmethod
     def not_attempted(cls, reason: str = "an earlier event of its key was not delivered"

@@ -148,6 +148,11 @@ class SinkConfigBase(ComponentConfigBase):
     retry: RetryConfig = RetryConfig()
     circuit_breaker: CircuitBreakerConfig = CircuitBreakerConfig()
     shutdown_grace_s: float = Field(5.0, ge=0, description="finish in-flight sends on stop")
+    on_dead_letter: Literal["park", "continue"] = Field(
+        "park",
+        description="park: a dead letter holds the later events of its ordering key until "
+        "an operator replays or discards it; continue: later events of the key flow on",
+    )
 
 
 class OutboxConfig(StrictModel):

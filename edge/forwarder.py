@@ -31,7 +31,7 @@ from edge.outbox import Outbox, Resolution
 from edge.retry import CircuitBreaker, TokenBucket, backoff_s
 from edge.telemetry import Metrics, log_event
 
-__all__ = ["Forwarder", "send_in_key_order"]
+__all__ = ["Forwarder", "blocks_key", "send_in_key_order"]
 
 log = logging.getLogger(__name__)
 
@@ -47,15 +47,18 @@ async def send_in_key_order(
     send_request: SendRequest,
     concurrency: int,
     stopping: Callable[[], bool] = lambda: False,
+    *,
+    dead_letter_blocks: bool = True,
 ) -> dict[int, Outcome]:
     """Send requests (each one event or a batch) concurrently while keeping per-key order.
 
     ``requests`` come in outbox order (by their first event). A request waits for every
-    earlier request that shares an ordering key with it. Once an event of a key got
-    ``retry``, later events of that key are not sent (``Outcome.not_attempted``) and are
-    removed from the requests they were in; dead letters do not block their key. Once
-    ``stopping()`` is true (shutdown) no new request starts: its events are not attempted.
-    Returns the outcome of every event by ``seq``.
+    earlier request that shares an ordering key with it. Once an event of a key was not
+    delivered (``blocks_key``: retry, sink fault, unrouted, and a dead letter unless
+    ``dead_letter_blocks`` is False, the sink's ``on_dead_letter: continue``), later events
+    of that key are not sent (``Outcome.not_attempted``) and are removed from the requests
+    they were in. Once ``stopping()`` is true (shutdown) no new request starts: its events
+    are not attempted. Returns the outcome of every event by ``seq``.
     """
     outcomes: dict[int, Outcome] = {}
     blocked: set[str] = set()
@@ -81,7 +84,7 @@ async def send_in_key_order(
                         results = await send_request(todo)
                 for ev, outcome in zip(todo, results, strict=True):
                     outcomes[ev.seq] = outcome
-                    if outcome.kind is OutcomeKind.retry and ev.ordering_key is not None:
+                    if ev.ordering_key is not None and blocks_key(outcome, dead_letter_blocks):
                         blocked.add(ev.ordering_key)
         finally:
             done.set()
@@ -95,6 +98,16 @@ async def send_in_key_order(
                 last_for_key[k] = done
             tg.create_task(run(events, after, done))
     return outcomes
+
+
+def blocks_key(outcome: Outcome, dead_letter_blocks: bool = True) -> bool:
+    """True when later events of the same ordering key must wait after ``outcome``
+    (DESIGN invariant 4: only a delivered event lets its key move on)."""
+    if outcome.kind in (OutcomeKind.delivered, OutcomeKind.duplicate):
+        return False
+    if outcome.kind is OutcomeKind.dead_letter:
+        return dead_letter_blocks
+    return True
 
 
 class Forwarder:
