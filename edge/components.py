@@ -89,11 +89,18 @@ class Submission:
 class Ingest(Protocol):
     """What a source sees of the pipeline (map → rules → outbox)."""
 
-    async def submit(self, items: Sequence[Submission]) -> list[str]:
+    async def submit(self, items: Sequence[Submission], *, chain: str | None = None
+                     ) -> list[str]:
         """Commit events durably; return their ids (an earlier id for a duplicate).
 
-        Returns only after COMMIT. Raises OutboxFullError (backpressure) or
-        OutboxClosedError (shutdown); nothing of the call was stored in either case.
+        Returns only after COMMIT. Raises OutboxFullError (backpressure), OutboxClosedError
+        (shutdown) or another OutboxError (storage fault: do not ack, retry later); nothing
+        of the call was stored in any of these cases.
+
+        ``chain`` (e.g. the source id) keeps storage order equal to call order: calls of one
+        chain commit in the order they were made, and when one fails, every call of the
+        chain made before that failure was reported fails too (``OutboxOrderError``), so
+        the source re-submits them in their original order.
         """
         ...
 

@@ -15,6 +15,10 @@ The tree::
     │   ├── OutboxFullError           budget exhausted by protected rows: backpressure,
     │                                 do NOT ack upstream, wait for ``Outbox.accepting``
     │   ├── OutboxClosedError         the writer stopped (shutdown): do not ack
+    │   ├── OutboxStorageError        a storage fault at run time (corrupt page, I/O
+    │   │                             error): do not ack, health failing, retry later
+    │   ├── OutboxOrderError          an earlier submit of the same chain failed: re-submit
+    │   │                             in the original order, do not ack
     │   └── OutboxCorruptError        ``quick_check`` failed; the file is moved aside
     └── DeliveryError                 raised inside sinks only; the forwarder turns it into
         ├── RetryableDeliveryError    retry with the same Idempotency-Key
@@ -40,6 +44,8 @@ __all__ = [
     "OutboxCorruptError",
     "OutboxError",
     "OutboxFullError",
+    "OutboxOrderError",
+    "OutboxStorageError",
     "PermanentDeliveryError",
     "RetryableDeliveryError",
     "RetryableStartupError",
@@ -103,6 +109,16 @@ class OutboxFullError(OutboxError):
 
 class OutboxClosedError(OutboxError):
     """The outbox is closing or closed; nothing submitted now was committed."""
+
+
+class OutboxStorageError(OutboxError):
+    """A storage fault at run time (corrupt page, I/O error): nothing was committed; do not
+    acknowledge upstream, retry later. The outbox raises a health alarm."""
+
+
+class OutboxOrderError(OutboxError):
+    """An earlier submit of the same chain failed, so this one was not stored either (it
+    would have committed ahead of it): re-submit in the original order."""
 
 
 class OutboxCorruptError(OutboxError):

@@ -23,12 +23,13 @@ class Pipeline:
         self.outbox = outbox
         self.rules = list(rules)
 
-    async def submit(self, items: Sequence[Submission]) -> list[str]:
+    async def submit(self, items: Sequence[Submission], *, chain: str | None = None
+                     ) -> list[str]:
         """Store ``items`` (plus what rules derive); return the ids of ``items`` only."""
         extra: list[Submission] = []
         for rule in self.rules:
             extra.extend(rule(items))
-        ids = await self.outbox.submit([*items, *extra])
+        ids = await self.outbox.submit([*items, *extra], chain=chain)
         return ids[: len(items)]
 
     async def quarantine(
