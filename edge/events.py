@@ -29,6 +29,7 @@ __all__ = [
     "Event",
     "EventClass",
     "canonical_json",
+    "default_ordering_key",
     "make_event",
     "payload_sha256",
     "uuid7",
@@ -202,6 +203,14 @@ def _iso(ts: datetime | None) -> str | None:
     return ts.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
+def default_ordering_key(data: dict[str, Any]) -> str | None:
+    """``lot:{lot_id}`` for an event about a lot, else None (no ordering constraint)."""
+    lot = data.get("lot_id")
+    if lot is None or isinstance(lot, (dict, list)) or lot == "":
+        return None
+    return f"lot:{lot}"
+
+
 def make_event(
     *,
     type: str,
@@ -217,7 +226,12 @@ def make_event(
     """Build an event at ingest: new UUIDv7 id, received timestamp, payload hash.
 
     ``correlation_id`` defaults to the event id (the start of a new chain).
+    ``ordering_key`` defaults to ``lot:{lot_id}`` when ``data`` has a ``lot_id`` (DESIGN
+    invariant 4): a lot's events stay in order per sink whatever the source configured,
+    and it is the key the rules give the events they derive for the lot.
     """
+    if ordering_key is None:
+        ordering_key = default_ordering_key(data)
     event_id = uuid7()
     cls = (
         EventClass.parse(event_class)

@@ -35,3 +35,25 @@ def test_payload_hash_is_over_canonical_data_and_detects_change():
     assert ev.integrity_ok()
     tampered = ev.model_copy(update={"data": {"b": 2, "a": [1, 2]}})
     assert not tampered.integrity_ok()
+
+
+def test_an_event_about_a_lot_is_ordered_by_its_lot_unless_a_key_is_configured():
+    result = make_event(type="inspection.result", site="p", source="s", data={"lot_id": "L7"})
+    assert result.ordering_key == "lot:L7"
+    numeric = make_event(type="inspection.result", site="p", source="s", data={"lot_id": 42})
+    assert numeric.ordering_key == "lot:42"
+    configured = make_event(type="inspection.result", site="p", source="s",
+                            data={"lot_id": "L7"}, ordering_key="line:3")
+    assert configured.ordering_key == "line:3"
+    assert make_event(type="machine.reading", site="p", source="s",
+                      data={"value": 1}).ordering_key is None
+    assert make_event(type="t", site="p", source="s", data={"lot_id": ""}).ordering_key is None
+
+
+def test_a_mapped_mqtt_result_without_a_configured_key_gets_the_lot_key():
+    from edge.transforms.map import MappingConfig, Mapper
+
+    cfg = MappingConfig.model_validate({"event": "inspection.result",
+                                        "fields": {"lot_id": "lot", "result": "r"}})
+    event, _ = Mapper(cfg, site="p", source="line1").map({"lot": "L9", "r": "pass"})
+    assert event.ordering_key == "lot:L9"
