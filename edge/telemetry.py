@@ -87,6 +87,13 @@ class Metrics:
         self.outbox_dead_letters = Gauge(
             "edge_outbox_dead_letters", "Rows in the dead-letter table", ["sink"], registry=r
         )
+        self.outbox_parked_keys = Gauge(
+            "edge_outbox_parked_keys",
+            "ordering keys held by a dead letter (later events of the key wait)", ["sink"],
+            registry=r)
+        self.dedupe_pruned = Counter(
+            "edge_dedupe_pruned_total",
+            "dedupe keys removed (reason: window, horizon, budget)", ["reason"], registry=r)
         self.outbox_size_bytes = Gauge(
             "edge_outbox_size_bytes", "Bytes used by the outbox database", registry=r
         )

@@ -10,6 +10,11 @@ Rules (DESIGN invariants 4 and 5):
   key is blocked, other keys flow.
 - Live-first: when the lease is full before the scan ran out (a backlog), ``live_limit``
   rows are taken from the newest end so fresh events reach dashboards while draining.
+- Parked keys: a key with a dead letter for this sink is blocked altogether (``parked``;
+  the forwarder passes it unless the sink's ``on_dead_letter`` is ``continue``) until an
+  operator replays or discards the dead letter.
+- ``not_before``: seq → earliest send time the outbox keeps in memory when recording an
+  outcome failed (DESIGN: a retry is never early, even when its ``next_at`` was not saved).
 - Bounded work: at most ``max_scan`` index entries are read per lease.
 
 Pure functions over a sqlite3 connection; they run on a reader thread and never write.
@@ -24,6 +29,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from edge.events import EventClass
+from edge.outbox.queries import parked_key_set
 from edge.outbox.sqlutil import in_chunks, in_list
 
 __all__ = ["LeasedRow", "scan_lease"]
@@ -54,15 +60,21 @@ class _Picker:
         limit: int,
         inflight: set[int],
         now: float,
+        parked: set[str] | frozenset[str] = frozenset(),
+        not_before: dict[int, float] | None = None,
     ) -> None:
         self.conn = conn
         self.sink = sink
         self.limit = limit
         self.inflight = inflight
         self.now = now
+        self.not_before = not_before or {}
         self.picked: dict[int, LeasedRow] = {}
         self.tail: dict[str, int] = {}
-        self.blocked: set[str] = set()
+        self.blocked: set[str] = set(parked)
+
+    def _due(self, seq: int, next_at: float) -> bool:
+        return next_at <= self.now and self.not_before.get(seq, 0.0) <= self.now
 
     @property
     def full(self) -> bool:
@@ -72,7 +84,7 @@ class _Picker:
         if seq in self.picked or seq in self.inflight:
             return
         if key is None:
-            if next_at <= self.now:
+            if self._due(seq, next_at):
                 self.picked[seq] = LeasedRow(seq, cls, None, attempts)
             return
         if key in self.blocked:
@@ -93,7 +105,7 @@ class _Picker:
             (self.sink, key, upto, self.limit - len(self.picked)),
         ).fetchall()
         for seq, cls, next_at, attempts in rows:
-            if seq in self.inflight or next_at > self.now:
+            if seq in self.inflight or not self._due(seq, next_at):
                 self.blocked.add(key)  # the key is blocked from here on
                 return
             if seq not in self.picked:
@@ -109,7 +121,7 @@ class _Picker:
         between = self.conn.execute(
             "SELECT 1 FROM deliveries WHERE sink = ? AND ordering_key = ? AND seq > ? "
             "AND seq < ? LIMIT 1", (self.sink, key, tail, seq)).fetchone()
-        if between is not None or next_at > self.now:
+        if between is not None or not self._due(seq, next_at):
             self.blocked.add(key)
             return
         self.picked[seq] = LeasedRow(seq, cls, key, attempts)
@@ -153,11 +165,14 @@ def scan_lease(
     live_limit: int = 0,
     inflight: set[int] | frozenset[int] = frozenset(),
     now: float,
+    park: bool = True,
+    not_before: dict[int, float] | None = None,
     max_scan: int = 20_000,
 ) -> list[LeasedRow]:
     """Pick up to ``limit`` deliverable rows of ``sink`` and load their events."""
+    parked = parked_key_set(conn, sink) if park else frozenset()
     picker = _Picker(conn, sink, limit - live_limit if live_limit > 0 else limit,
-                     set(inflight), now)
+                     set(inflight), now, parked, not_before)
     budget = [max_scan]
 
     def feed(rows: Iterator[tuple[int, int, str | None, float, int]]) -> bool:

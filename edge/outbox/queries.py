@@ -14,15 +14,16 @@ import os
 import sqlite3
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from edge import audit
-from edge.events import Event, EventClass, payload_sha256
-from edge.outbox.schema import DDL, SCHEMA_VERSION
+from edge.components import Submission
+from edge.events import EventClass, payload_sha256
+from edge.outbox.schema import DDL, DEAD_LETTERS_TABLE, SCHEMA_VERSION
 from edge.outbox.sqlutil import in_chunks, in_list, insert_rows
 
 if TYPE_CHECKING:
@@ -38,6 +39,8 @@ def ensure_schema(conn: sqlite3.Connection) -> None:
             f"outbox schema version {version} is newer than this gateway ({SCHEMA_VERSION}); "
             "upgrade the gateway or move the file aside"
         )
+    if 0 < version < 3:
+        _migrate_to_3(conn)  # before the DDL: its indexes need the new columns
     conn.executescript(DDL)
     if version == 1:
         _migrate_1_to_2(conn)
@@ -45,6 +48,40 @@ def ensure_schema(conn: sqlite3.Connection) -> None:
     conn.execute(
         "INSERT OR IGNORE INTO meta(key, value) VALUES ('created_at', ?)", (audit.utc_iso(),)
     )
+
+
+def _migrate_to_3(conn: sqlite3.Connection) -> None:
+    """Identities are never reused from version 3 on: ``meta.last_seq`` starts at the
+    highest stored seq, dead letters get AUTOINCREMENT ids (the table is rebuilt, keeping
+    every row and id); stored dedupe keys become identity keys (scope 1)."""
+    with transaction(conn):
+        cols = [r[1] for r in conn.execute("PRAGMA table_info(dedupe)")]
+        if cols and "scope" not in cols:
+            conn.execute("ALTER TABLE dedupe ADD COLUMN scope INTEGER NOT NULL DEFAULT 1")
+        sql = conn.execute("SELECT sql FROM sqlite_master WHERE type = 'table' "
+                           "AND name = 'dead_letters'").fetchone()
+        if sql and "AUTOINCREMENT" not in sql[0].upper():
+            conn.execute("DROP INDEX IF EXISTS dead_letters_seq")
+            conn.execute("DROP INDEX IF EXISTS dead_letters_event")
+            conn.execute("ALTER TABLE dead_letters RENAME TO dead_letters_v2")
+            conn.execute(DEAD_LETTERS_TABLE)
+            conn.execute("INSERT INTO dead_letters SELECT * FROM dead_letters_v2")
+            conn.execute("DROP TABLE dead_letters_v2")
+        if conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'events'").fetchone():
+            _set_last_seq(conn, conn.execute("SELECT COALESCE(MAX(seq), 0) FROM events"
+                                             ).fetchone()[0])
+
+
+def _last_seq(conn: sqlite3.Connection) -> int:
+    """The highest seq ever given (stored in meta; at least the highest seq present)."""
+    row = conn.execute("SELECT value FROM meta WHERE key = 'last_seq'").fetchone()
+    stored = int(row[0]) if row else 0
+    present = conn.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()[0]
+    return max(stored, int(present))
+
+
+def _set_last_seq(conn: sqlite3.Connection, seq: int) -> None:
+    conn.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('last_seq', ?)", (str(seq),))
 
 
 def _migrate_1_to_2(conn: sqlite3.Connection, chunk: int = 5000) -> None:
@@ -97,7 +134,10 @@ class SubmitResult:
     unrouted_by_type: Counter[str] = field(default_factory=Counter)
 
 
-Prepared = tuple[Event, str | None, list[str], bytes]
+Prepared = tuple[Submission, list[str], bytes]  # submission, sinks, stored body
+
+SCOPE_REDELIVERY = 0  # content hash: matched only for a redelivered copy
+SCOPE_IDENTITY = 1  # station message id, node@timestamp: matched within the window
 
 
 def insert_event_batches(conn: sqlite3.Connection, payloads: list[tuple[list[Prepared], float]]
@@ -110,7 +150,8 @@ def insert_event_batches(conn: sqlite3.Connection, payloads: list[tuple[list[Pre
     start = 0
     for prepared, _ in payloads:
         part = SubmitResult(ids=whole.ids[start:start + len(prepared)])
-        for (ev, _, sinks, _), eid in zip(prepared, part.ids, strict=True):
+        for (item, sinks, _), eid in zip(prepared, part.ids, strict=True):
+            ev = item.event
             if eid != ev.id:
                 part.duplicates_by_source[ev.source] += 1
             elif not sinks:
@@ -122,19 +163,27 @@ def insert_event_batches(conn: sqlite3.Connection, payloads: list[tuple[list[Pre
     return out
 
 
-def _existing_dedupe(conn: sqlite3.Connection, wanted: dict[str, list[str]],
-                     not_before: float) -> dict[tuple[str, str], str]:
-    """(source, key) → first event id, for keys seen within the window (one query a chunk)."""
-    found: dict[tuple[str, str], str] = {}
-    for source, keys in wanted.items():
+def _existing_dedupe(conn: sqlite3.Connection, wanted: dict[tuple[str, int], list[str]],
+                     not_before: float) -> dict[tuple[str, str, int], str]:
+    """(source, key, scope) → event id of the stored copy: identity keys seen within the
+    window, content hashes of the source's redelivery horizon (one query a chunk)."""
+    found: dict[tuple[str, str, int], str] = {}
+    for (source, scope), keys in wanted.items():
+        since = not_before if scope == SCOPE_IDENTITY else 0.0
         for chunk in in_chunks(keys):
             marks, params = in_list(chunk)
             for key, event_id in conn.execute(
                 f"SELECT key, event_id FROM dedupe WHERE source = ? AND key IN ({marks}) "
-                "AND created_at >= ?", [source, *params, not_before]
+                "AND scope = ? AND created_at >= ?", [source, *params, scope, since]
             ).fetchall():
-                found[(source, key)] = event_id
+                found[(source, key, scope)] = event_id
     return found
+
+
+def _matchable(item: Submission) -> bool:
+    """May this copy be matched to an earlier one? (DESIGN invariant 3: only redeliveries
+    are matched by content; identity keys always within their window.)"""
+    return item.dedupe_key is not None and (item.redelivered or not item.redelivery_only)
 
 
 def insert_events(
@@ -143,30 +192,47 @@ def insert_events(
     *,
     dedupe_window_s: float,
 ) -> SubmitResult:
-    """Store (event, dedupe_key, sinks, body) tuples; see ``Outbox.submit``."""
+    """Store (submission, sinks, body) tuples in order; see ``Outbox.submit``.
+
+    A matched copy returns the stored copy's id and stores nothing; a ``derived`` item
+    whose cause (the nearest earlier non-derived item) was matched is dropped too (its id
+    in the result is ``""``). Every new event takes a seq above ``meta.last_seq``.
+    """
     now = time.time()
     ts = audit.utc_iso(now)
     result = SubmitResult()
-    next_seq = conn.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()[0] + 1
+    next_seq = _last_seq(conn) + 1
     ev_rows: list[tuple[Any, ...]] = []
     dl_rows: list[tuple[Any, ...]] = []
     au_rows: list[audit.AuditRow] = []
-    dd_rows: list[tuple[Any, ...]] = []
-    wanted: dict[str, list[str]] = {}
-    for ev, dedupe_key, _, _ in prepared:
-        if dedupe_key is not None:
-            wanted.setdefault(ev.source, []).append(dedupe_key)
+    dd_rows: dict[tuple[str, str], tuple[Any, ...]] = {}
+    wanted: dict[tuple[str, int], list[str]] = {}
+    for item, _, _ in prepared:
+        if _matchable(item):
+            scope = SCOPE_REDELIVERY if item.redelivery_only else SCOPE_IDENTITY
+            wanted.setdefault((item.event.source, scope), []).append(item.dedupe_key or "")
     seen = _existing_dedupe(conn, wanted, now - dedupe_window_s) if wanted else {}
-    for ev, dedupe_key, sinks, body in prepared:
-        if dedupe_key is not None:
-            k = (ev.source, dedupe_key)
-            first = seen.get(k)
+    cause_matched = False
+    for item, sinks, body in prepared:
+        ev = item.event
+        if item.derived and cause_matched:
+            result.ids.append("")
+            result.duplicates_by_source[ev.source] += 1
+            continue
+        if not item.derived:
+            cause_matched = False
+        if item.dedupe_key is not None:
+            scope = SCOPE_REDELIVERY if item.redelivery_only else SCOPE_IDENTITY
+            k = (ev.source, item.dedupe_key, scope)
+            first = seen.get(k) if _matchable(item) else None
             if first is not None:
                 result.ids.append(first)
                 result.duplicates_by_source[ev.source] += 1
+                cause_matched = not item.derived
                 continue
-            seen[k] = ev.id  # a second copy in this same batch
-            dd_rows.append((ev.source, dedupe_key, ev.id, now))
+            seen[k] = ev.id  # a later copy in this same batch matches this one
+            dd_rows[(ev.source, item.dedupe_key)] = (ev.source, item.dedupe_key, ev.id, now,
+                                                     scope)
         result.ids.append(ev.id)
         cls = int(ev.event_class)
         if not sinks:
@@ -195,9 +261,12 @@ def insert_events(
         result.stored_by_source[ev.source] += 1
     insert_rows(conn, "events(seq, id, type, class, ordering_key, source, received_at, "
                 "sha256, body)", ev_rows)
+    if ev_rows:
+        _set_last_seq(conn, next_seq - 1)
     insert_rows(conn, "deliveries(seq, sink, class, ordering_key)", dl_rows)
-    insert_rows(conn, "dedupe(source, key, event_id, created_at)", dd_rows,
-                verb="INSERT OR REPLACE")
+    # REPLACE: the newest copy of a key (and a new rowid: the horizon counts from the end)
+    insert_rows(conn, "dedupe(source, key, event_id, created_at, scope)",
+                list(dd_rows.values()), verb="INSERT OR REPLACE")
     audit.insert_audit(conn, au_rows)
     return result
 
@@ -225,39 +294,44 @@ def _gc_events(conn: sqlite3.Connection, seqs: Sequence[int]) -> None:
         )
 
 
-def _delete_deliveries(conn: sqlite3.Connection, sink: str, seqs: Sequence[int]) -> None:
+def _delete_deliveries(conn: sqlite3.Connection, sink: str, seqs: Sequence[int]) -> list[int]:
+    """Delete the rows of ``sink``; return the seqs that were there."""
+    removed: list[int] = []
     for chunk in in_chunks(seqs):
         marks, params = in_list(chunk)
-        conn.execute(f"DELETE FROM deliveries WHERE sink = ? AND seq IN ({marks})",
-                     [sink, *params])
+        removed.extend(r[0] for r in conn.execute(
+            f"DELETE FROM deliveries WHERE sink = ? AND seq IN ({marks}) RETURNING seq",
+            [sink, *params]).fetchall())
+    return removed
 
 
 def apply_resolutions(
     conn: sqlite3.Connection, sink: str, resolutions: Sequence[Resolution]
 ) -> None:
+    """Record a lease's outcomes. Only rows that still exist change: a row an operator
+    discarded meanwhile is not resurrected, and since a seq is never reused, a completion
+    can only ever touch the rows its lease held (DESIGN invariant 2)."""
     ts = audit.utc_iso()
     now = time.time()
-    done: list[int] = []
+    done: dict[int, Resolution] = {}
     au_rows: list[audit.AuditRow] = []
     retries: list[tuple[Any, ...]] = []
     for r in resolutions:
         if r.kind in ("delivered", "duplicate"):
-            done.append(r.seq)
-            detail: dict[str, Any] = {"status": r.status}
-            au_rows.append(audit.audit_row(
-                "delivered", event_id=r.event_id, sink=sink, ts=ts, detail=detail,
-                reason="duplicate: " + r.reason if r.kind == "duplicate" else None))
+            done[r.seq] = r
         elif r.kind == "retry":
             if not r.attempted and not r.next_at:
                 continue  # never sent (shutdown, key blocked): nothing changes for the row
-            retries.append((r.next_at, 1 if r.attempted else 0, r.reason[:500] or None,
-                            r.seq, sink))
-            if r.attempted:
+            cur = conn.execute(
+                "UPDATE deliveries SET next_at = ?, attempts = attempts + ?, last_error = ? "
+                "WHERE seq = ? AND sink = ?",
+                (r.next_at, 1 if r.attempted else 0, r.reason[:500] or None, r.seq, sink))
+            if r.attempted and cur.rowcount:
                 au_rows.append(audit.audit_row(
                     "retry", event_id=r.event_id, sink=sink, ts=ts, reason=r.reason[:500],
                     detail={"status": r.status, "next_attempt": audit.utc_iso(r.next_at)}))
         elif r.kind == "dead_letter":
-            conn.execute(
+            cur = conn.execute(
                 "INSERT INTO dead_letters(seq, sink, event_id, type, class, ordering_key, status,"
                 " reason, response_body, attempts, dead_at) "
                 "SELECT d.seq, d.sink, e.id, e.type, d.class, d.ordering_key, ?, ?, ?, "
@@ -266,10 +340,12 @@ def apply_resolutions(
                 (r.status, r.reason[:2000], (r.body or "")[:MAX_BODY_CHARS] or None,
                  1 if r.attempted else 0, now, r.seq, sink),
             )
-            conn.execute("DELETE FROM deliveries WHERE seq = ? AND sink = ?", (r.seq, sink))
-            au_rows.append(audit.audit_row(
-                "dead_lettered", event_id=r.event_id, sink=sink, ts=ts, reason=r.reason[:2000],
-                detail={"status": r.status}))
+            if cur.rowcount:
+                conn.execute("DELETE FROM deliveries WHERE seq = ? AND sink = ?", (r.seq, sink))
+                au_rows.append(audit.audit_row(
+                    "dead_lettered", event_id=r.event_id, sink=sink, ts=ts,
+                    reason=r.reason[:2000], ordering_key=r.ordering_key,
+                    detail={"status": r.status}))
         elif r.kind == "unrouted":
             conn.execute(
                 "UPDATE deliveries SET next_at = ?, last_error = ? WHERE seq = ? AND sink = ?",
@@ -277,13 +353,15 @@ def apply_resolutions(
             )
         else:
             raise ValueError(f"unknown resolution kind {r.kind!r}")
-    if retries:  # rare outside outages, and an outage sends little (circuit breaker)
-        conn.executemany(
-            "UPDATE deliveries SET next_at = ?, attempts = attempts + ?, last_error = ? "
-            "WHERE seq = ? AND sink = ?", retries)
     if done:
-        _delete_deliveries(conn, sink, done)
-        _gc_events(conn, done)
+        removed = _delete_deliveries(conn, sink, list(done))
+        for seq in removed:
+            r = done[seq]
+            au_rows.append(audit.audit_row(
+                "delivered", event_id=r.event_id, sink=sink, ts=ts,
+                detail={"status": r.status},
+                reason="duplicate: " + r.reason if r.kind == "duplicate" else None))
+        _gc_events(conn, removed)
     audit.insert_audit(conn, au_rows)
 
 
@@ -301,15 +379,22 @@ def used_bytes(conn: sqlite3.Connection, path: str) -> int:
     return int((pages - free) * page_size + wal)
 
 
-def expire_low(conn: sqlite3.Connection, limit: int, inflight: frozenset[int]) -> int:
-    """Delete the oldest ``low`` events (all their delivery rows); never other classes."""
+def expire_low(conn: sqlite3.Connection, limit: int,
+               claim: Callable[[list[int], int], list[int]] = lambda seqs, n: seqs[:n]) -> int:
+    """Delete the oldest ``low`` events (all their delivery rows); never other classes.
+
+    ``claim(seqs, n)`` runs on this (the writer's) thread right before the delete and
+    returns at most ``n`` of ``seqs`` that may go: the outbox leaves out rows in flight at
+    that moment and marks the ones it returns so a lease read that raced with this
+    transaction does not hand them out."""
     rows = conn.execute(
-        "SELECT seq, id, ordering_key FROM events WHERE class = ? "
+        "SELECT seq, id FROM events WHERE class = ? "
         "AND NOT EXISTS (SELECT 1 FROM dead_letters WHERE seq = events.seq) "
         "ORDER BY seq LIMIT ?",
-        (int(EventClass.low), limit + len(inflight)),
+        (int(EventClass.low), limit * 2),
     ).fetchall()
-    rows = [r for r in rows if r[0] not in inflight][:limit]
+    allowed = set(claim([r[0] for r in rows], limit))
+    rows = [r for r in rows if r[0] in allowed]
     if not rows:
         return 0
     conn.executemany("DELETE FROM deliveries WHERE seq = ?", [(r[0],) for r in rows])
@@ -325,11 +410,12 @@ def expire_low(conn: sqlite3.Connection, limit: int, inflight: frozenset[int]) -
 
 def prune(conn: sqlite3.Connection, *, dedupe_before: float, audit_before: str,
           quarantine_max_rows: int, limit: int = 20_000) -> dict[str, int]:
-    """Age/size limits of the side tables; returns rows removed per table."""
+    """Age/size limits of the side tables, at most ``limit`` rows per table and call
+    (the caller repeats while a table reports ``limit``); returns rows removed per table."""
     # rowid order is insertion order (INSERT OR REPLACE takes a new rowid): oldest first
     dedupe = conn.execute(
-        "DELETE FROM dedupe WHERE rowid IN (SELECT rowid FROM dedupe ORDER BY rowid LIMIT ?) "
-        "AND created_at < ?", (limit, dedupe_before)
+        "DELETE FROM dedupe WHERE rowid IN (SELECT rowid FROM dedupe WHERE scope = 1 "
+        "ORDER BY rowid LIMIT ?) AND created_at < ?", (limit, dedupe_before)
     ).rowcount
     # seq and ts grow together, so the oldest rows are the first by seq: no ts index
     audit_rows = conn.execute(
@@ -340,6 +426,32 @@ def prune(conn: sqlite3.Connection, *, dedupe_before: float, audit_before: str,
         "(SELECT id FROM quarantine ORDER BY id DESC LIMIT 1 OFFSET ?)", (quarantine_max_rows,)
     ).rowcount
     return {"dedupe": dedupe, "audit": audit_rows, "quarantine": quarantine}
+
+
+def prune_redelivery_horizon(conn: sqlite3.Connection, horizons: dict[str, int]) -> int:
+    """Keep only the newest ``horizons[source]`` content-hash keys of each source: older
+    messages were acknowledged long ago and can no longer come back as a redelivery."""
+    removed = 0
+    for source, keep in horizons.items():
+        removed += conn.execute(
+            "DELETE FROM dedupe WHERE source = ? AND scope = 0 AND rowid <= ("
+            "SELECT rowid FROM dedupe INDEXED BY dedupe_recent WHERE source = ? AND scope = 0 "
+            "ORDER BY rowid DESC LIMIT 1 OFFSET ?)", (source, source, max(1, keep))
+        ).rowcount
+    return removed
+
+
+def prune_bookkeeping_for_space(conn: sqlite3.Connection, limit: int) -> dict[str, int]:
+    """Disk pressure, before backpressure: give up the oldest identity dedupe keys (their
+    window shrinks) and the oldest half of the quarantine. Queued events are untouched."""
+    dedupe = conn.execute(
+        "DELETE FROM dedupe WHERE rowid IN (SELECT rowid FROM dedupe WHERE scope = 1 "
+        "ORDER BY rowid LIMIT ?)", (limit,)).rowcount
+    total = conn.execute("SELECT COUNT(*) FROM quarantine").fetchone()[0]
+    quarantine = conn.execute(
+        "DELETE FROM quarantine WHERE id IN (SELECT id FROM quarantine ORDER BY id LIMIT ?)",
+        (min(limit, (total + 1) // 2),)).rowcount
+    return {"dedupe": dedupe, "quarantine": quarantine}
 
 
 def prune_finished_audit(conn: sqlite3.Connection, limit: int) -> tuple[int, str | None]:
@@ -381,7 +493,8 @@ def stats(conn: sqlite3.Connection) -> dict[str, Any]:
     def entry(sink: str) -> dict[str, Any]:
         return sinks.setdefault(sink, {
             "depth": {c.name: 0 for c in EventClass}, "total": 0, "retrying": 0,
-            "unrouted": 0, "oldest_age_s": None, "dead_letters": 0,
+            "unrouted": 0, "oldest_age_s": None, "dead_letters": 0, "parked": 0,
+            "parked_keys": [],
         })
 
     for sink, cls, n in conn.execute(
@@ -417,10 +530,41 @@ def stats(conn: sqlite3.Connection) -> dict[str, Any]:
             sinks[sink]["oldest_age_s"] = round(max(0.0, now - row[0]), 3)
     for sink, n in conn.execute("SELECT sink, COUNT(*) FROM dead_letters GROUP BY sink"):
         entry(sink)["dead_letters"] = n
+        keys = parked_keys(conn, sink, limit=PARKED_KEYS_SHOWN)
+        entry(sink)["parked"] = conn.execute(
+            "SELECT COUNT(DISTINCT ordering_key) FROM dead_letters WHERE sink = ? "
+            "AND ordering_key IS NOT NULL", (sink,)).fetchone()[0]
+        entry(sink)["parked_keys"] = keys
     quarantine = dict(conn.execute("SELECT reason, COUNT(*) FROM quarantine GROUP BY reason"))
     events = conn.execute("SELECT COUNT(*) FROM events").fetchone()[0]
     return {"sinks": sinks, "events": events, "quarantine": quarantine,
             "dead_letters": sum(s["dead_letters"] for s in sinks.values())}
+
+
+PARKED_KEYS_SHOWN = 20
+
+
+def parked_key_set(conn: sqlite3.Connection, sink: str) -> set[str]:
+    """Ordering keys of ``sink`` held by a dead letter (DESIGN invariant 4)."""
+    return {r[0] for r in conn.execute(
+        "SELECT DISTINCT ordering_key FROM dead_letters INDEXED BY dead_letters_key "
+        "WHERE sink = ? AND ordering_key IS NOT NULL", (sink,))}
+
+
+def parked_keys(conn: sqlite3.Connection, sink: str, *, limit: int) -> list[dict[str, Any]]:
+    """The oldest parked keys of ``sink`` with the dead letter that holds each and the
+    number of events waiting behind it."""
+    out = []
+    for key, dl_id, event_id, dead_at in conn.execute(
+        "SELECT ordering_key, MIN(id), event_id, dead_at FROM dead_letters "
+        "WHERE sink = ? AND ordering_key IS NOT NULL GROUP BY ordering_key "
+        "ORDER BY MIN(id) LIMIT ?", (sink, limit)):
+        waiting = conn.execute(
+            "SELECT COUNT(*) FROM deliveries WHERE sink = ? AND ordering_key = ?",
+            (sink, key)).fetchone()[0]
+        out.append({"key": key, "dead_letter_id": dl_id, "event_id": event_id,
+                    "since": audit.utc_iso(dead_at), "waiting": waiting})
+    return out
 
 
 _DLQ_COLS = ("id", "seq", "sink", "event_id", "type", "class", "ordering_key", "status",

@@ -9,10 +9,17 @@ Tables:
                     ``deliveries_retrying`` (partial: only rows that failed) serves the
                     retrying/unrouted counts of ``/status`` without a full scan.
 - ``dead_letters``  deliveries the receiver refused for good, with status, reason and body.
-- ``dedupe``        a source's dedupe key → the event id of its first copy (time-bounded).
+- ``dedupe``        a source's dedupe key → the event id of its first copy. ``scope`` 1: an
+                    identity key, kept ``dedupe_window_s``; 0: a content hash, matched only
+                    for a redelivery and kept only for the source's newest
+                    ``redelivery_horizon`` messages (``dedupe_recent`` serves that prune).
 - ``quarantine``    inbound records that could not become events, with the reason.
 - ``audit``         append-only state log; ``seq`` is the monotonic sequence.
-- ``meta``          schema version, site, counters that must survive restarts.
+- ``meta``          schema version, site, counters that must survive restarts:
+                    ``last_seq`` — events take ``seq`` above it, so a seq freed by a
+                    delivery or expiry is never given to another event (a lease completing
+                    late can only ever touch its own rows). Dead-letter ids never repeat
+                    either (AUTOINCREMENT).
 
 Leases are not stored: they live in memory in ``Outbox`` and vanish with the process, so a
 crash can never leave rows stuck as "in flight".
@@ -20,7 +27,26 @@ crash can never leave rows stuck as "in flight".
 
 # 1: events.sha256 held the SHA-256 of the event's data
 # 2: events.sha256 holds the SHA-256 of the stored envelope (checked before every send)
-SCHEMA_VERSION = 2
+# 3: identities are never reused (meta.last_seq, dead_letters AUTOINCREMENT); dedupe.scope;
+#    dead_letters_key serves the parked keys of the lease scan
+SCHEMA_VERSION = 3
+
+DEAD_LETTERS_TABLE = """
+CREATE TABLE IF NOT EXISTS dead_letters(
+  id            INTEGER PRIMARY KEY AUTOINCREMENT,
+  seq           INTEGER NOT NULL,
+  sink          TEXT NOT NULL,
+  event_id      TEXT NOT NULL,
+  type          TEXT NOT NULL,
+  class         INTEGER NOT NULL,
+  ordering_key  TEXT,
+  status        INTEGER,
+  reason        TEXT NOT NULL,
+  response_body TEXT,
+  attempts      INTEGER NOT NULL,
+  dead_at       REAL NOT NULL
+);
+"""
 
 DDL = """
 CREATE TABLE IF NOT EXISTS meta(
@@ -53,29 +79,20 @@ CREATE INDEX IF NOT EXISTS deliveries_key ON deliveries(sink, ordering_key, seq)
   WHERE ordering_key IS NOT NULL;
 CREATE INDEX IF NOT EXISTS deliveries_retrying ON deliveries(sink)
   WHERE attempts > 0 OR last_error IS NOT NULL;
-CREATE TABLE IF NOT EXISTS dead_letters(
-  id            INTEGER PRIMARY KEY,
-  seq           INTEGER NOT NULL,
-  sink          TEXT NOT NULL,
-  event_id      TEXT NOT NULL,
-  type          TEXT NOT NULL,
-  class         INTEGER NOT NULL,
-  ordering_key  TEXT,
-  status        INTEGER,
-  reason        TEXT NOT NULL,
-  response_body TEXT,
-  attempts      INTEGER NOT NULL,
-  dead_at       REAL NOT NULL
-);
+""" + DEAD_LETTERS_TABLE + """
 CREATE INDEX IF NOT EXISTS dead_letters_seq ON dead_letters(seq);
 CREATE INDEX IF NOT EXISTS dead_letters_event ON dead_letters(event_id);
+CREATE INDEX IF NOT EXISTS dead_letters_key ON dead_letters(sink, ordering_key)
+  WHERE ordering_key IS NOT NULL;
 CREATE TABLE IF NOT EXISTS dedupe(
   source     TEXT NOT NULL,
   key        TEXT NOT NULL,
   event_id   TEXT NOT NULL,
   created_at REAL NOT NULL,
+  scope      INTEGER NOT NULL DEFAULT 1,
   PRIMARY KEY(source, key)
 );
+CREATE INDEX IF NOT EXISTS dedupe_recent ON dedupe(source, scope);
 CREATE TABLE IF NOT EXISTS quarantine(
   id          INTEGER PRIMARY KEY,
   received_at REAL NOT NULL,

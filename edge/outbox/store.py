@@ -1,17 +1,26 @@
 """The durable outbox: the one place events are stored between sources and sinks.
 
 Contract (DESIGN invariants 1–8):
-- ``submit`` returns only after COMMIT; a redelivered record (same source + dedupe key)
-  returns the first copy's id and stores nothing new.
+- ``submit`` returns only after COMMIT; a redelivered record (same source + dedupe key,
+  see ``Submission``) returns the first copy's id and stores nothing new. ``chain`` keeps a
+  source's storage order equal to its arrival order (``edge.outbox.writer``).
+- Identities are never reused: every event takes a seq above any seq ever given, dead
+  letters have AUTOINCREMENT ids, so a lease completing late touches only its own rows.
 - One delivery row per (event, sink whose routes accept the type). A row leaves only by
   ``complete`` (delivered / dead-lettered), by the ``low``-class expiry policy, or by an
   operator action — each counted and audited in the same transaction.
-- ``lease`` hands a forwarder deliverable rows (priority, per-key FIFO, live-first, see
-  ``edge.outbox.lease``) and remembers them as in flight in memory only: after a crash
-  nothing is stuck; every row is simply deliverable again (same event id → same
-  Idempotency-Key).
-- Disk budget: alarm, then expire the oldest ``low`` rows, then refuse new events with
-  ``OutboxFullError`` (backpressure) while only protected rows remain.
+- ``lease`` hands a forwarder deliverable rows (priority, per-key FIFO, parked keys,
+  live-first, see ``edge.outbox.lease``) and remembers them as in flight in memory only:
+  after a crash nothing is stuck; every row is simply deliverable again (same event id →
+  same Idempotency-Key). Expiry never takes a row in flight.
+- When recording a lease's outcomes fails, its rows are kept from a new lease until the
+  backoff they were given (a retry is never early, even when ``next_at`` was not saved).
+- Disk budget: alarm, then expire the oldest ``low`` rows, then give up bookkeeping (audit
+  of finished events, the oldest dedupe keys and quarantine records), then refuse new
+  events with ``OutboxFullError`` (backpressure) while only protected rows remain.
+- A storage fault at run time (corrupt page, I/O error) fails the write with
+  ``OutboxStorageError`` and raises the ``outbox_storage`` alarm; ``storage_fault`` says
+  why (readiness fails) until a later write commits.
 - At open, ``PRAGMA quick_check``; a corrupt file is moved aside and a fresh one started,
   with an alarm in ``alarms`` (never a crash loop).
 """
@@ -23,7 +32,9 @@ import contextlib
 import logging
 import os
 import sqlite3
+import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -97,6 +108,13 @@ class Outbox:
         self._wdb: DbThread | None = None
         self._rdb: DbThread | None = None
         self._inflight: dict[str, set[int]] = {}
+        # Guards the in-flight sets and ``_gone`` between the loop thread (lease, release)
+        # and the writer thread (expiry decides there, inside its transaction).
+        self._guard = threading.Lock()
+        self._gone: set[int] = set()  # expired seqs a racing lease read may still return
+        self._gone_order: deque[int] = deque()
+        self._not_before: dict[int, float] = {}  # seq → earliest resend (outcome unsaved)
+        self._horizons: dict[str, int] = {}  # source → redelivery horizon (messages)
         self._new_rows: dict[str, asyncio.Event] = {}
         self._lease_locks: dict[str, asyncio.Lock] = {}
         self._quarantine_log: dict[tuple[str, str], tuple[float, int]] = {}
@@ -180,8 +198,9 @@ class Outbox:
     async def _write(self, fn: Callable[[sqlite3.Connection], Any], rows: int = 1) -> Any:
         return await self._open_writer().execute(fn, rows)
 
-    async def _write_merged(self, merge: Merger, payload: Any, rows: int) -> Any:
-        return await self._open_writer().execute_merged(merge, payload, rows)
+    async def _write_merged(self, merge: Merger, payload: Any, rows: int,
+                            chain: str | None = None) -> Any:
+        return await self._open_writer().execute_merged(merge, payload, rows, chain=chain)
 
     async def read(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run a read-only query function on the reader thread."""
@@ -207,7 +226,8 @@ class Outbox:
             await asyncio.sleep(delay)
         raise OutboxClosedError("the outbox is closed")
 
-    async def submit(self, items: Sequence[Submission]) -> list[str]:
+    async def submit(self, items: Sequence[Submission], *, chain: str | None = None
+                     ) -> list[str]:
         """Store events durably; return their ids after COMMIT (see module contract)."""
         if self._closed:
             raise OutboxClosedError("the outbox is closed")
@@ -215,17 +235,16 @@ class Outbox:
             raise OutboxFullError("the outbox budget is exhausted by protected events")
         if not items:
             return []
-        prepared = []
+        prepared: list[queries.Prepared] = []
         for item in items:
             ev = item.event
-            sinks = self.router(ev)
-            prepared.append(
-                (ev, item.dedupe_key, sinks, ev.to_json())
-            )
+            prepared.append((item, self.router(ev), ev.to_json()))
+            if item.redelivery_horizon > self._horizons.get(ev.source, 0):
+                self._horizons[ev.source] = item.redelivery_horizon
         result: queries.SubmitResult = await self._write_merged(
             queries.insert_event_batches, (prepared, self.config.dedupe_window_s),
-            rows=len(items))
-        for sink in {s for _, _, sinks, _ in prepared for s in sinks}:
+            rows=len(items), chain=chain)
+        for sink in {s for _, sinks, _ in prepared for s in sinks}:
             self.new_rows(sink).set()
         for source, n in result.stored_by_source.items():
             self.metrics.events_received.labels(source).inc(n)
@@ -276,22 +295,29 @@ class Outbox:
     def inflight(self, sink: str) -> set[int]:
         return self._inflight.setdefault(sink, set())
 
-    async def lease(self, sink: str, limit: int, *, live_limit: int = 0) -> list[StoredEvent]:
+    async def lease(self, sink: str, limit: int, *, live_limit: int = 0, park: bool = True
+                    ) -> list[StoredEvent]:
         """Deliverable rows for ``sink`` (see edge.outbox.lease), marked in flight.
 
         Leases of one sink run one at a time, each with a snapshot of the in-flight set
         taken here on the loop thread: concurrent lanes never pick the same rows.
+        ``park=False`` (the sink's ``on_dead_letter: continue``) lets the later events of a
+        dead letter's key flow on.
         """
         inflight = self.inflight(sink)
         lock = self._lease_locks.setdefault(sink, asyncio.Lock())
         async with lock:
-            snapshot = frozenset(inflight)
+            with self._guard:
+                snapshot = frozenset(inflight)
             now = time.time()
+            not_before = self._due_not_before(now)
             rows = await self.read(
                 lambda c: scan_lease(c, sink, limit, live_limit=live_limit, inflight=snapshot,
-                                     now=now)
+                                     now=now, park=park, not_before=not_before)
             )
-            inflight.update(r.seq for r in rows)
+            with self._guard:
+                rows = [r for r in rows if r.seq not in self._gone]
+                inflight.update(r.seq for r in rows)
         return [
             StoredEvent(r.seq, r.event_id, r.type, _CLASSES[r.event_class], r.ordering_key,
                         r.attempts, r.body, r.sha256, r.received_at)
@@ -301,16 +327,34 @@ class Outbox:
     def release(self, sink: str, seqs: Sequence[int]) -> None:
         """Forget in-flight marks without changing rows (never attempted)."""
         inflight = self.inflight(sink)
-        for seq in seqs:
-            inflight.discard(seq)
+        with self._guard:
+            for seq in seqs:
+                inflight.discard(seq)
+
+    def _due_not_before(self, now: float) -> dict[int, float]:
+        """The resend holds still in force (past ones are forgotten)."""
+        if self._not_before:
+            self._not_before = {s: t for s, t in self._not_before.items() if t > now}
+        return dict(self._not_before)
 
     async def complete(self, sink: str, resolutions: Sequence[Resolution]) -> None:
-        """Apply delivery results in one transaction (ack, retry, dead-letter, audit)."""
+        """Apply delivery results in one transaction (ack, retry, dead-letter, audit).
+
+        If that transaction fails, the rows stay queued as they were and are resent, but
+        never before the backoff their outcome asked for (at least one second): the
+        failure is re-raised after the rows are released with that hold.
+        """
         if not resolutions:
             return
         res = list(resolutions)
         try:
             await self._write(lambda c: queries.apply_resolutions(c, sink, res), rows=len(res))
+        except BaseException:
+            hold = time.time() + 1.0
+            for r in res:
+                if r.attempted or r.next_at:
+                    self._not_before[r.seq] = max(hold, r.next_at)
+            raise
         finally:
             self.release(sink, [r.seq for r in res])
         for r in res:
@@ -347,7 +391,9 @@ class Outbox:
         while True:
             await asyncio.sleep(self._maintenance_interval_s)
             try:
+                await self.prune_redelivery_horizon()
                 await self._check_budget()
+                self._check_storage()
                 if time.monotonic() - last_prune > 60:
                     last_prune = time.monotonic()
                     await self.prune()
@@ -371,9 +417,11 @@ class Outbox:
                 used = await self.read(queries.used_bytes, self.path)
                 state = self.budget.observe(used)
         if state.expire_needed:
-            # Only protected rows left: before refusing new data, give up the oldest
-            # history of events that already left the outbox.
+            # Only protected rows left: before refusing new data, give up bookkeeping —
+            # the oldest history of events that already left the outbox, the oldest
+            # dedupe keys, the oldest quarantine records (DESIGN invariant 2).
             pruned = await self._prune_audit_for_space(self.budget.bytes_to_free(used))
+            pruned += await self._prune_bookkeeping_for_space(self.budget.bytes_to_free(used))
             if pruned:
                 used = await self.read(queries.used_bytes, self.path)
                 state = self.budget.observe(used)
@@ -393,14 +441,41 @@ class Outbox:
             self.metrics.outbox_backpressure.set(0)
             log_event(log, logging.INFO, "outbox accepting events again", used_bytes=used)
 
+    def _claim_for_expiry(self, seqs: list[int], limit: int) -> list[int]:
+        """Writer thread, inside the expiry transaction: up to ``limit`` seqs not in flight
+        now, marked gone so a lease read that started before this commit cannot hand them
+        out."""
+        with self._guard:
+            busy = set().union(*self._inflight.values()) if self._inflight else set()
+            free = [s for s in seqs if s not in busy][:limit]
+            self._gone.update(free)
+            self._gone_order.extend(free)
+            while len(self._gone_order) > 200_000:  # seqs never repeat: old marks are moot
+                self._gone.discard(self._gone_order.popleft())
+        return free
+
+    def _unclaim(self, seqs: Sequence[int]) -> None:
+        with self._guard:
+            self._gone.difference_update(seqs)
+
     async def expire_low(self, bytes_to_free: int) -> int:
-        """Expire the oldest ``low`` rows (never higher classes), counted and audited."""
+        """Expire the oldest ``low`` rows (never higher classes, never a row in flight),
+        counted and audited."""
         total = 0
-        inflight = frozenset(s for v in self._inflight.values() for s in v)
         # estimate rows from the average event size; at least one chunk
         chunk = max(100, min(5000, bytes_to_free // 512))
         while True:
-            n = await self._write(lambda c: queries.expire_low(c, chunk, inflight), rows=chunk)
+            claimed: list[int] = []
+
+            def claim(seqs: list[int], limit: int) -> list[int]:
+                claimed.extend(self._claim_for_expiry(seqs, limit))
+                return claimed
+
+            try:
+                n = await self._write(lambda c: queries.expire_low(c, chunk, claim), rows=chunk)
+            except BaseException:
+                self._unclaim(claimed)  # rolled back: the rows are still there
+                raise
             total += n
             if n:
                 self.metrics.events_expired.labels("low").inc(n)
@@ -423,17 +498,53 @@ class Outbox:
                       count=removed, oldest_kept=oldest)
         return int(removed)
 
-    async def prune(self) -> None:
-        """Drop dedupe keys past their window, audit rows past retention; checkpoint WAL."""
+    async def _prune_bookkeeping_for_space(self, bytes_to_free: int) -> int:
+        chunk = max(1000, min(50_000, bytes_to_free // 100))
+        removed = await self._write(lambda c: queries.prune_bookkeeping_for_space(c, chunk))
+        if removed["dedupe"]:
+            self.metrics.dedupe_pruned.labels("budget").inc(removed["dedupe"])
+            self._alarm("dedupe_pruned", "disk budget: the oldest dedupe keys were removed "
+                        "before their window ended (a very late redelivery may be stored "
+                        "twice)")
+        if removed["quarantine"]:
+            self.metrics.quarantine_pruned.inc(removed["quarantine"])
+        if removed["dedupe"] or removed["quarantine"]:
+            log_event(log, logging.WARNING, "disk budget: removed oldest bookkeeping rows",
+                      **removed)
+        return int(removed["dedupe"] + removed["quarantine"])
+
+    async def prune_redelivery_horizon(self) -> int:
+        """Keep only each source's newest redelivery-horizon content keys."""
+        if not self._horizons:
+            return 0
+        horizons = {src: 2 * n for src, n in self._horizons.items()}  # slack: late DUPs
+        n: int = await self._write(lambda c: queries.prune_redelivery_horizon(c, horizons))
+        if n:
+            self.metrics.dedupe_pruned.labels("horizon").inc(n)
+        return n
+
+    async def prune(self, limit: int = 20_000) -> None:
+        """Drop dedupe keys past their window, audit rows past retention; checkpoint WAL.
+        Works in transactions of ``limit`` rows per table until nothing is left to drop,
+        so a backlog of expired bookkeeping is removed at write speed, not per minute."""
         now = time.time()
-        removed = await self._write(
-            lambda c: queries.prune(
-                c,
-                dedupe_before=now - self.config.dedupe_window_s,
-                audit_before=audit.utc_iso(now - self.config.audit_retention_days * 86400),
-                quarantine_max_rows=self.config.quarantine_max_rows,
+        removed = {"dedupe": 0, "audit": 0, "quarantine": 0}
+        while True:
+            step = await self._write(
+                lambda c: queries.prune(
+                    c,
+                    dedupe_before=now - self.config.dedupe_window_s,
+                    audit_before=audit.utc_iso(now - self.config.audit_retention_days * 86400),
+                    quarantine_max_rows=self.config.quarantine_max_rows,
+                    limit=limit,
+                )
             )
-        )
+            for k, v in step.items():
+                removed[k] += v
+            if step["dedupe"] < limit and step["audit"] < limit:
+                break
+        if removed["dedupe"]:
+            self.metrics.dedupe_pruned.labels("window").inc(removed["dedupe"])
         if removed["audit"]:
             self.metrics.audit_pruned.labels("retention").inc(removed["audit"])
         if removed["quarantine"]:
@@ -478,7 +589,23 @@ class Outbox:
                       reason=reason)
         return n
 
+    def _check_storage(self) -> None:
+        fault = self._writer.storage_fault if self._writer is not None else None
+        if fault is not None:
+            self._alarm("outbox_storage", f"outbox storage fault: {fault[1]} — writes fail, "
+                        "sources do not acknowledge (the broker keeps the messages); check "
+                        "the disk and the file (edge outbox salvage)")
+        else:
+            self._clear("outbox_storage")
+
+    @property
+    def storage_fault(self) -> str | None:
+        """The last storage fault's message while writes keep failing, else None."""
+        fault = self._writer.storage_fault if self._writer is not None else None
+        return fault[1] if fault else None
+
     def writable(self) -> bool:
+        """Open and not refusing for space (a storage fault shows in ``storage_fault``)."""
         return not self._closed and self._writer is not None and self.accepting
 
 

@@ -100,18 +100,47 @@ async def test_audit_trail_records_stored_and_delivered_with_hash(outbox: Outbox
     assert trail[0]["ts"].endswith("Z")
 
 
-async def test_dead_letter_keeps_status_reason_and_body_and_unblocks_the_key(outbox: Outbox):
-    ids = await outbox.submit([sub(key="lot:A"), sub(key="lot:A")])
+async def test_dead_letter_keeps_status_reason_and_body_and_parks_its_key(outbox: Outbox):
+    """Invariant 4: a dead letter holds the later events of its key (other keys flow)
+    until an operator replays or discards it; ``park=False`` (on_dead_letter: continue)
+    lets them flow. Before parking existed the later lot:A event was leased at once."""
+    ids = await outbox.submit([sub(key="lot:A"), sub(key="lot:A"), sub(key="lot:B")])
     first = (await outbox.lease("erp", 1))[0]
     assert first.id == ids[0]
     await outbox.complete("erp", [Resolution(first.seq, first.id, "dead_letter", 422,
-                                             "HTTP 422", body='{"error":"bad lot"}')])
+                                             "HTTP 422", body='{"error":"bad lot"}',
+                                             ordering_key="lot:A")])
     [dl] = await outbox.read(queries.dlq_list)
     assert (dl["event_id"], dl["status"], dl["reason"], dl["response_body"]) == (
         ids[0], 422, "HTTP 422", '{"error":"bad lot"}')
-    assert [e.id for e in await outbox.lease("erp", 10)] == [ids[1]]
+    assert [e.id for e in await outbox.lease("erp", 10)] == [ids[2]]  # lot:B only
     st = await outbox.stats()
-    assert st["sinks"]["erp"]["dead_letters"] == 1
+    erp = st["sinks"]["erp"]
+    assert erp["dead_letters"] == 1 and erp["parked"] == 1
+    [parked] = erp["parked_keys"]
+    assert (parked["key"], parked["dead_letter_id"], parked["event_id"], parked["waiting"]) == (
+        "lot:A", dl["id"], ids[0], 1)
+    assert [e.id for e in await outbox.lease("erp", 10, park=False)] == [ids[1]]
+
+
+async def test_a_replayed_dead_letter_goes_first_and_unparks_its_key(outbox: Outbox):
+    ids = await outbox.submit([sub(key="lot:A"), sub(key="lot:A")])
+    first = (await outbox.lease("erp", 1))[0]
+    await outbox.complete("erp", [Resolution(first.seq, first.id, "dead_letter", 422, "bad")])
+    assert await outbox.lease("erp", 10) == []
+    [dl] = await outbox.read(queries.dlq_list)
+    assert await outbox.dlq_replay(ids=[dl["id"]], actor="op", reason="fixed the master data")
+    assert [e.id for e in await outbox.lease("erp", 10)] == ids  # replayed one first, in order
+
+
+async def test_a_discarded_dead_letter_unparks_its_key(outbox: Outbox):
+    ids = await outbox.submit([sub(key="lot:A"), sub(key="lot:A")])
+    first = (await outbox.lease("erp", 1))[0]
+    await outbox.complete("erp", [Resolution(first.seq, first.id, "dead_letter", 422, "bad")])
+    assert await outbox.lease("erp", 10) == []
+    assert await outbox.dlq_discard(sink="erp", actor="op", reason="duplicate of a manual entry")
+    assert [e.id for e in await outbox.lease("erp", 10)] == [ids[1]]
+    assert (await outbox.stats())["sinks"]["erp"]["parked"] == 0
 
 
 async def test_replay_puts_a_dead_letter_back_and_audits_actor_and_reason(outbox: Outbox):
@@ -180,4 +209,4 @@ async def test_outbox_of_the_previous_schema_is_migrated_without_blessing_damage
     async with Outbox(tmp_path, router=lambda ev: ["erp"]) as ob:
         leased = {e.id: e for e in await ob.lease("erp", 10)}
     assert _integrity_ok(leased[good]) and not _integrity_ok(leased[bad])
-    assert _rows(str(tmp_path / "outbox.db"), "PRAGMA user_version") == [(2,)]
+    assert _rows(str(tmp_path / "outbox.db"), "PRAGMA user_version") == [(3,)]
