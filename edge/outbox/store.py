@@ -15,9 +15,9 @@ Contract (DESIGN invariants 1–8):
   same Idempotency-Key). Expiry never takes a row in flight.
 - When recording a lease's outcomes fails, its rows are kept from a new lease until the
   backoff they were given (a retry is never early, even when ``next_at`` was not saved).
-- Disk budget: alarm, then expire the oldest ``low`` rows, then give up bookkeeping (audit
-  of finished events, the oldest dedupe keys and quarantine records), then refuse new
-  events with ``OutboxFullError`` (backpressure) while only protected rows remain.
+- Disk budget: alarm, then give up bookkeeping (audit of finished events, the oldest
+  dedupe keys and quarantine records), then expire the oldest ``low`` rows, then refuse
+  new events with ``OutboxFullError`` (backpressure) while only protected rows remain.
 - A storage fault at run time (corrupt page, I/O error) fails the write with
   ``OutboxStorageError`` and raises the ``outbox_storage`` alarm; ``storage_fault`` says
   why (readiness fails) until a later write commits.
@@ -405,24 +405,29 @@ class Outbox:
     async def _check_budget(self) -> None:
         used = await self.read(queries.used_bytes, self.path)
         state = self.budget.observe(used)
-        if (state.full or not self._accepting.is_set()) and self._wdb is not None:
-            # Refusing new events means few commits, so the WAL would stay at its high-water
-            # mark and keep us "full" after everything drained: fold it back first.
+        if (state.expire_needed or not self._accepting.is_set()) and self._wdb is not None:
+            # The WAL counts against the budget and can outgrow its limit while readers
+            # hold snapshots; and refusing new events means few commits, so it would stay
+            # at its high-water mark and keep us "full" after everything drained: fold it
+            # back before deciding to expire or refuse anything.
             await self._wdb.run(queries.wal_checkpoint)
             used = await self.read(queries.used_bytes, self.path)
             state = self.budget.observe(used)
         if state.expire_needed:
-            expired = await self.expire_low(self.budget.bytes_to_free(used))
-            if expired:
+            # Bookkeeping first (DESIGN invariant 2: with the sinks up, a small budget
+            # carries an endless stream): the oldest history of events that already left
+            # the outbox, the oldest dedupe keys, the oldest quarantine records — so no
+            # event is expired or refused for the sake of history.
+            pruned = await self._prune_audit_for_space(self.budget.bytes_to_free(used))
+            pruned += await self._prune_bookkeeping_for_space(self.budget.bytes_to_free(used))
+            if pruned and self._wdb is not None:
+                # the deletes went to the WAL first: fold it back, then measure
+                await self._wdb.run(queries.wal_checkpoint)
                 used = await self.read(queries.used_bytes, self.path)
                 state = self.budget.observe(used)
         if state.expire_needed:
-            # Only protected rows left: before refusing new data, give up bookkeeping —
-            # the oldest history of events that already left the outbox, the oldest
-            # dedupe keys, the oldest quarantine records (DESIGN invariant 2).
-            pruned = await self._prune_audit_for_space(self.budget.bytes_to_free(used))
-            pruned += await self._prune_bookkeeping_for_space(self.budget.bytes_to_free(used))
-            if pruned:
+            expired = await self.expire_low(self.budget.bytes_to_free(used))
+            if expired:
                 used = await self.read(queries.used_bytes, self.path)
                 state = self.budget.observe(used)
         if state.alarm:
