@@ -8,7 +8,10 @@ The tree::
     ├── StartupError                  a component could not start
     │   ├── RetryableStartupError     try again with backoff (broker down, DNS, refused)
     │   └── FatalStartupError         retrying cannot help (bad credentials are retried too,
-    │                                 but certificate or node errors are fatal)
+    │       │                         but certificate or node errors are fatal)
+    │       └── OutboxOpenError       the outbox file cannot be opened or checked (locked,
+    │                                 busy, no permission) — not corrupt, never moved
+    │                                 aside; ``edge run`` exits 2
     ├── InputError                    one inbound record is unusable (not JSON, too large,
     │                                 fails validation): quarantined, counted, acked
     ├── OutboxError                   the local store
@@ -44,6 +47,7 @@ __all__ = [
     "OutboxCorruptError",
     "OutboxError",
     "OutboxFullError",
+    "OutboxOpenError",
     "OutboxOrderError",
     "OutboxStorageError",
     "PermanentDeliveryError",
@@ -88,6 +92,11 @@ class RetryableStartupError(StartupError):
 
 class FatalStartupError(StartupError):
     """Retrying cannot help (bad node id, refused certificate): the component stops."""
+
+
+class OutboxOpenError(FatalStartupError):
+    """The outbox file exists but cannot be opened or checked (a lock held elsewhere, a
+    busy timeout, a permission problem): it is not corrupt and is left where it is."""
 
 
 class InputError(EdgeError):

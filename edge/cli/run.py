@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from edge.cli.common import load_or_exit, run_async
-from edge.errors import StartupError
+from edge.errors import OutboxOpenError, StartupError
 
 
 def register(sub: Any) -> None:
@@ -51,6 +51,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     try:
         run_async(main())
+    except OutboxOpenError as err:  # a host problem to fix, not a crash to restart into
+        print(f"edge: cannot start: {err}", file=sys.stderr)
+        return 2
     except StartupError as err:
         print(f"edge: cannot start: {err}", file=sys.stderr)
         return 1

@@ -1,9 +1,15 @@
 """Start-up integrity check of the outbox file (invariant 7: no crash loops).
 
-``open_checked(path)`` runs ``PRAGMA quick_check`` on an existing file. A file that is not a
-database or fails the check is moved aside together with its ``-wal``/``-shm`` files to
+``open_checked(path)`` runs ``PRAGMA quick_check`` on an existing file. Only a verdict
+about the file itself — the check's own findings, or SQLite saying the file is corrupt or
+"not a database" — moves it aside together with its ``-wal``/``-shm`` files to
 ``<path>.corrupt-<UTC time>`` (kept for forensics) so a fresh outbox can start; the caller
 raises the health alarm. Returns the new path of the moved file, or None when all is well.
+
+Anything else that stops the check (a lock held by another process, a busy timeout, a
+permission problem, a ``-wal``/``-shm`` file that cannot be opened, an I/O error) says
+nothing about the data: ``OutboxOpenError`` is raised, the file stays where it is, and
+``edge run`` exits 2 with the reason (an intact outbox is never discarded for a lock).
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import sqlite3
 import threading
 import time
 
+from edge.errors import OutboxOpenError
 from edge.telemetry import log_event
 
 __all__ = ["EarlyCheck", "open_checked", "quick_check"]
@@ -21,26 +28,55 @@ __all__ = ["EarlyCheck", "open_checked", "quick_check"]
 log = logging.getLogger(__name__)
 
 
+BUSY_TIMEOUT_MS = 10_000
+_VERDICT_CODES = frozenset({sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB})
+
+
+def _is_verdict(err: sqlite3.Error) -> bool:
+    """True when SQLite judged the file itself (corrupt, not a database)."""
+    code = getattr(err, "sqlite_errorcode", None)
+    if code is not None:
+        return code & 0xFF in _VERDICT_CODES
+    text = str(err)
+    return "not a database" in text or "malformed" in text
+
+
 def quick_check(path: str) -> str | None:
-    """None when the file passes ``PRAGMA quick_check``; otherwise the problem found."""
+    """None when the file passes ``PRAGMA quick_check``; otherwise the problem found.
+
+    Raises ``OutboxOpenError`` when the check could not judge the file (see module doc).
+    """
     try:
         # read-only: closing it never checkpoints a WAL a crash left behind (the writer
         # opened next does that as part of normal work instead of the check's close)
         conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None)
     except sqlite3.Error as err:
-        return str(err)
+        if _is_verdict(err):
+            return str(err)
+        raise _unavailable(path, err) from err
     try:
-        conn.execute("PRAGMA busy_timeout=10000")
+        conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
         # no mmap_size here: a mapped check is ~13 % faster but counts the whole file in
         # the daemon's RSS (1.2 GB peak with 1M events queued, seen by the OOM killer)
         rows = conn.execute("PRAGMA quick_check(5)").fetchall()
-    except sqlite3.DatabaseError as err:  # "file is not a database", malformed header
-        return str(err)
+    except sqlite3.Error as err:
+        if _is_verdict(err):  # "file is not a database", malformed header
+            return str(err)
+        raise _unavailable(path, err) from err
     finally:
         conn.close()
     if rows == [("ok",)]:
         return None
     return "; ".join(str(r[0]) for r in rows)
+
+
+def _unavailable(path: str, err: sqlite3.Error) -> OutboxOpenError:
+    name = getattr(err, "sqlite_errorname", "") or type(err).__name__
+    return OutboxOpenError(
+        f"cannot check the outbox file {path}: {err} ({name}). The file was left as it is "
+        "(this is not corruption): check that no other process holds it (a second "
+        "gateway, a backup tool), that the service user can read and write the file and "
+        "its -wal/-shm files and their folder, and that the disk is healthy")
 
 
 class EarlyCheck:
@@ -51,19 +87,26 @@ class EarlyCheck:
     def __init__(self, path: str) -> None:
         self.path = path
         self.problem: str | None = None
+        self.error: OutboxOpenError | None = None
         self._thread = threading.Thread(target=self._run, name="outbox-quick-check",
                                         daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
         if os.path.exists(self.path) and os.path.getsize(self.path) > 0:
-            self.problem = quick_check(self.path)
+            try:
+                self.problem = quick_check(self.path)
+            except OutboxOpenError as err:
+                self.error = err
 
     def verdict(self, path: str) -> tuple[bool, str | None]:
-        """(known, problem): known is False when this check was for another path."""
+        """(known, problem): known is False when this check was for another path.
+        Raises the check's ``OutboxOpenError``."""
         if os.path.abspath(path) != os.path.abspath(self.path):
             return False, None
         self._thread.join()
+        if self.error is not None:
+            raise self.error
         return True, self.problem
 
 

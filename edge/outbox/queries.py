@@ -315,7 +315,6 @@ def apply_resolutions(
     now = time.time()
     done: dict[int, Resolution] = {}
     au_rows: list[audit.AuditRow] = []
-    retries: list[tuple[Any, ...]] = []
     for r in resolutions:
         if r.kind in ("delivered", "duplicate"):
             done[r.seq] = r

@@ -37,6 +37,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +46,7 @@ import orjson
 from edge import audit
 from edge.components import StoredEvent, Submission
 from edge.config import OutboxConfig
-from edge.errors import OutboxClosedError, OutboxFullError
+from edge.errors import OutboxClosedError, OutboxFullError, OutboxOpenError
 from edge.events import Event, EventClass
 from edge.outbox import queries
 from edge.outbox.budget import Budget
@@ -140,8 +141,15 @@ class Outbox:
             )
         sync = self.config.synchronous.upper()
         self._wdb = DbThread(lambda: connect(self.path, synchronous=sync), "outbox-writer")
-        await self._wdb.open()
-        await self._wdb.run(queries.ensure_schema)
+        try:
+            await self._wdb.open()
+            await self._wdb.run(queries.ensure_schema)
+        except sqlite3.Error as err:  # locked, busy, no permission: not corruption
+            await self._wdb.close()
+            self._wdb = None
+            raise OutboxOpenError(f"cannot open the outbox file {self.path}: {err}; the "
+                                  "file was left as it is (check locks and permissions)"
+                                  ) from err
         # The WAL counts against the budget: checkpoint and truncate it at a tenth of the
         # budget (SQLite's defaults, 4 MB and no size limit, suit multi-GB budgets only).
         wal_limit = int(min(64 << 20, max(64 << 10, self.budget.budget_bytes // 10)))
@@ -459,6 +467,10 @@ class Outbox:
                 self._gone.discard(self._gone_order.popleft())
         return free
 
+    def _claim_into(self, claimed: list[int], seqs: list[int], limit: int) -> list[int]:
+        claimed.extend(self._claim_for_expiry(seqs, limit))
+        return claimed
+
     def _unclaim(self, seqs: Sequence[int]) -> None:
         with self._guard:
             self._gone.difference_update(seqs)
@@ -471,13 +483,10 @@ class Outbox:
         chunk = max(100, min(5000, bytes_to_free // 512))
         while True:
             claimed: list[int] = []
-
-            def claim(seqs: list[int], limit: int) -> list[int]:
-                claimed.extend(self._claim_for_expiry(seqs, limit))
-                return claimed
-
+            claim = partial(self._claim_into, claimed)
             try:
-                n = await self._write(lambda c: queries.expire_low(c, chunk, claim), rows=chunk)
+                n = await self._write(partial(queries.expire_low, limit=chunk, claim=claim),
+                                      rows=chunk)
             except BaseException:
                 self._unclaim(claimed)  # rolled back: the rows are still there
                 raise

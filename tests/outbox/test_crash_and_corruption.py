@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from edge.outbox import Outbox
 from tests.outbox.helpers import sub
 
@@ -110,3 +112,58 @@ def test_edge_run_quarantines_a_corrupt_file_found_by_its_early_check(tmp_path: 
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
+
+
+def _hold_exclusive_lock(path: Path) -> sqlite3.Connection:
+    """Another process's view: a connection in exclusive locking mode that has written,
+    so nobody else can read the file until it closes (a backup tool, a stuck process)."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA locking_mode=EXCLUSIVE")
+    conn.execute("BEGIN IMMEDIATE")
+    conn.execute("INSERT INTO meta(key, value) VALUES ('held', 'by another process')")
+    conn.execute("COMMIT")
+    return conn
+
+
+async def test_a_locked_outbox_is_a_clear_start_error_and_is_never_moved_aside(
+        tmp_path: Path, monkeypatch):
+    """Item 10: before, any error of the check counted as corruption and an intact outbox
+    with its queued events was moved aside because another process held a lock."""
+    from edge.errors import OutboxOpenError
+    from edge.outbox import integrity
+
+    monkeypatch.setattr(integrity, "BUSY_TIMEOUT_MS", 200)
+    async with Outbox(tmp_path, router=lambda ev: ["erp"]) as ob:
+        [queued] = await ob.submit([sub(key="lot:A")])
+    holder = _hold_exclusive_lock(tmp_path / "outbox.db")
+    try:
+        with pytest.raises(OutboxOpenError, match="not corruption"):
+            await Outbox(tmp_path, router=lambda ev: ["erp"]).open()
+    finally:
+        holder.close()
+    assert list(tmp_path.glob("outbox.db.corrupt-*")) == []
+    async with Outbox(tmp_path, router=lambda ev: ["erp"]) as ob:  # lock gone: all there
+        assert [e.id for e in await ob.lease("erp", 10)] == [queued]
+
+
+def test_edge_run_exits_2_on_a_locked_outbox_and_keeps_it(tmp_path: Path):
+    state = tmp_path / "state"
+    state.mkdir()
+    conn = sqlite3.connect(state / "outbox.db")
+    conn.execute("CREATE TABLE meta(key TEXT PRIMARY KEY, value TEXT)")
+    conn.commit()
+    conn.close()
+    holder = _hold_exclusive_lock(state / "outbox.db")
+    cfg = tmp_path / "edge.yaml"
+    cfg.write_text(
+        "site: s\nstate_dir: state\napi: {enabled: false}\nsinks:\n"
+        "  - {id: erp, type: http, url: 'http://127.0.0.1:9', "
+        "routes: [{events: ['*'], path: /e}]}\n")
+    try:
+        proc = subprocess.run([sys.executable, "-m", "edge", "run", "-c", str(cfg)], cwd=ROOT,
+                              capture_output=True, text=True, timeout=60)
+    finally:
+        holder.close()
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "cannot check the outbox file" in proc.stderr and "Traceback" not in proc.stderr
+    assert list(state.glob("outbox.db.corrupt-*")) == []
