@@ -11,8 +11,9 @@ from __future__ import annotations
 import html
 import time
 from typing import Any
+from urllib.parse import quote
 
-from edge.api.summary import ago, duration, overall, problems
+from edge.api.summary import ago, duration, overall, parked_key_text, problems
 
 __all__ = ["REFRESH_S", "render"]
 
@@ -91,27 +92,61 @@ def _sinks(sinks: dict[str, Any]) -> list[str]:
     out = ["<h2>Receivers and backlog</h2><table><tr><th>sink</th><th>reachable</th>",
            *(f"<th>{c}</th>" for c in CLASSES),
            "<th>waiting</th><th>retrying</th><th>oldest</th><th>dead letters</th>"
-           "<th>last delivery</th><th>last error</th></tr>"]
+           "<th>parked keys</th><th>last delivery</th><th>last error</th></tr>"]
     if not sinks:
-        out.append("<tr><td colspan='12' class='bad'>no sink configured</td></tr>")
+        out.append("<tr><td colspan='13' class='bad'>no sink configured</td></tr>")
     for sid, s in sorted(sinks.items()):
-        if not s.get("configured", True):
-            reach = "<span class='bad'>removed from config</span>"
-        elif s.get("up") is False:
-            reach = f"<span class='bad'>NO (circuit {_e(s.get('circuit'))})</span>"
-        else:
-            reach = "<span class='good'>yes</span>"
         depth = s.get("depth") or {}
         dead = s.get("dead_letters", 0)
+        parked = max(int(s.get("parked") or 0), len(s.get("parked_keys") or []))
         out.append(
-            f"<tr><td>{_e(sid)}</td><td>{reach}</td>"
+            f"<tr><td>{_e(sid)}</td><td>{_reachable(s)}</td>"
             + "".join(f"<td class='n'>{depth.get(c, 0)}</td>" for c in CLASSES)
             + f"<td class='n'>{s.get('total', 0)}</td><td class='n'>{s.get('retrying', 0)}</td>"
             f"<td class='n'>{duration(s.get('oldest_age_s'))}</td>"
             f"<td class='n{' bad' if dead else ''}'>{dead}</td>"
+            f"<td class='n{' bad' if parked else ''}'>{parked}</td>"
             f"<td>{_e(ago(s.get('last_delivery')))}</td><td>{_e(s.get('last_error') or '')}</td>"
             "</tr>")
-    return [*out, "</table>"]
+    return [*out, "</table>", *_parked(sinks)]
+
+
+def _reachable(s: dict[str, Any]) -> str:
+    if not s.get("configured", True):
+        return "<span class='bad'>removed from config</span>"
+    pause = s.get("paused") or {}
+    if pause:
+        code = f" ({_e(pause.get('code'))})" if pause.get("code") else ""
+        since = f" since {_e(ago(pause.get('since')))}" if pause.get("since") else ""
+        return f"<span class='bad'>PAUSED{code}</span>{since}"
+    if s.get("up") is False:
+        return f"<span class='bad'>NO (circuit {_e(s.get('circuit'))})</span>"
+    return "<span class='good'>yes</span>"
+
+
+def _parked(sinks: dict[str, Any]) -> list[str]:
+    """Ordering keys held behind a dead letter, per sink (absent in older stats)."""
+    held = [(sid, s) for sid, s in sorted(sinks.items())
+            if s.get("parked") or s.get("parked_keys")]
+    if not held:
+        return []
+    out = ["<h2>Held ordering keys</h2><p class='muted'>Later events of these keys wait "
+           "until the dead letter is replayed or discarded.</p><ul class='p'>"]
+    for sid, s in held:
+        keys = s.get("parked_keys") or []
+        for key in keys:
+            waiting = key.get("waiting")
+            behind = f"; {_e(waiting)} event(s) waiting behind it" if waiting else ""
+            event = (f" <span class='muted'>(event {_e(key['event_id'])})</span>"
+                     if key.get("event_id") else "")
+            out.append(f"<li class='warning'><b>{_e(sid)}</b>: {_e(parked_key_text(key))}"
+                       f"{event}{behind}</li>")
+        rest = int(s.get("parked") or 0) - len(keys)
+        if rest > 0:
+            href = _e(f"/dlq?sink={quote(sid, safe='')}")
+            out.append(f"<li class='warning'><b>{_e(sid)}</b>: {rest} more key(s), see "
+                       f"<a href='{href}'>{href}</a></li>")
+    return [*out, "</ul>"]
 
 
 def _components(components: list[dict[str, Any]]) -> list[str]:

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-__all__ = ["OLD_BACKLOG_S", "Problem", "ago", "duration", "overall", "problems"]
+__all__ = ["OLD_BACKLOG_S", "Problem", "ago", "duration", "overall", "parked_key_text",
+           "problems"]
 
 OLD_BACKLOG_S = 300.0  # an undelivered event older than this is worth a line
 
@@ -114,6 +115,7 @@ def _sink(sid: str, sink: dict[str, Any]) -> list[Problem]:
                            f"unreachable (circuit {sink.get('circuit')}): "
                            f"{sink.get('last_error') or 'failing'}; last delivery "
                            f"{ago(sink.get('last_delivery'))}; {waiting} event(s) waiting"))
+    out.extend(_paused(sid, sink))
     if sink.get("paused_for_s"):
         out.append(Problem("warning", subject,
                            f"paused for {duration(sink['paused_for_s'])} (Retry-After)"))
@@ -126,7 +128,55 @@ def _sink(sid: str, sink: dict[str, Any]) -> list[Problem]:
         out.append(Problem("warning", subject,
                            f"{sink['dead_letters']} dead letter(s) refused by the receiver: "
                            "fix the cause, then replay (edge dlq list / POST /dlq/replay)"))
+    out.extend(_parked(sid, sink))
     if sink.get("unrouted"):
         out.append(Problem("warning", subject,
                            f"{sink['unrouted']} event(s) match no route of this sink"))
     return out
+
+
+def _paused(sid: str, sink: dict[str, Any]) -> list[Problem]:
+    """A pause (``paused``: storm guard, refused credentials) and the sink's ``alarm``.
+
+    Both fields are optional (older gateways); an alarm of the same code as the pause is
+    the same story and gives one line.
+    """
+    out: list[Problem] = []
+    pause, alarm = sink.get("paused") or {}, sink.get("alarm") or {}
+    if pause:
+        code = pause.get("code")
+        out.append(Problem(
+            "critical", f"sink {sid}",
+            f"paused{f' ({code})' if code else ''}: {pause.get('reason') or 'no reason given'}; "
+            f"events are kept. Fix the cause, then: edge sink resume {sid} --reason ... "
+            f"(or POST /sinks/{sid}/resume)", pause.get("since")))
+    if alarm and not (pause and alarm.get("code") == pause.get("code")):
+        sev = "critical" if alarm.get("code") == "auth" else "warning"
+        out.append(Problem(sev, f"sink {sid}", alarm.get("message") or alarm.get("code", ""),
+                           alarm.get("since")))
+    return out
+
+
+def _parked(sid: str, sink: dict[str, Any]) -> list[Problem]:
+    """Ordering keys held behind a dead letter (``parked``, ``parked_keys``; optional)."""
+    keys = sink.get("parked_keys") or []
+    count = max(int(sink.get("parked") or 0), len(keys))
+    if not count:
+        return []
+    dead = keys[0].get("dead_letter_id") if keys else None
+    first = (f": {keys[0].get('key')}" + (f" (dead letter #{dead})" if dead is not None else "")
+             if keys else "")
+    more = f" and {count - 1} more" if count > 1 and keys else ""
+    return [Problem("warning", f"sink {sid}",
+                    f"{count} ordering key(s) held behind a dead letter{first}{more}; replay "
+                    "or discard the dead letter to release the events after it",
+                    keys[0].get("since") if keys else None)]
+
+
+def parked_key_text(key: dict[str, Any]) -> str:
+    """``lot:L7 parked since 2026-…Z (12 min ago), dead letter #12`` (plain text)."""
+    since = key.get("since")
+    when = f" since {since} ({ago(since)})" if since else ""
+    dead = key.get("dead_letter_id")
+    return f"{key.get('key')} parked{when}" + (f", dead letter #{dead}" if dead is not None
+                                                  else "")
