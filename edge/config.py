@@ -195,6 +195,11 @@ class ApiConfig(StrictModel):
     token_file: SecretFile | None = Field(
         None, description="bearer token file; required when listen is not loopback"
     )
+    hosts: list[Annotated[str, AfterValidator(_host_entry)]] = Field(
+        default_factory=list,
+        description="more host:port names the API answers to besides listen (Host header), "
+        "e.g. gw01.plant.local:8080; anything else is refused (DNS rebinding)",
+    )
     enabled: bool = True
 
     @property
@@ -210,6 +215,25 @@ class ApiConfig(StrictModel):
     def _listen_shape(cls, v: str) -> str:
         split_host_port(v)
         return v
+
+    @staticmethod
+    def _host_entry(value: str) -> str:
+        """One ``api.hosts`` entry: ``name:port`` or ``address:port``, as a browser sends it
+        in ``Host`` (edge.api.guard compares case-insensitively)."""
+        m = re.match(r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9]([A-Za-z0-9-]{0,62}[A-Za-z0-9])?"
+                     r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,62}[A-Za-z0-9])?)*):(\d{1,5})$", value)
+        if not m or not 1 <= int(m.group(5)) <= 65535:
+            raise ValueError(
+                "must be host:port, the name and port the API is opened with, e.g. "
+                f"gw01.plant.local:8080 ([fd00::5]:8080 for IPv6), got {value!r}"
+            )
+        if value.startswith("["):
+            try:
+                ipaddress.IPv6Address(value[1 : value.rindex("]")])
+            except ValueError as err:
+                raise ValueError(f"must hold a valid IPv6 address in [...], got {value!r}"
+                                 ) from err
+        return value
 
     @model_validator(mode="after")
     def _token_when_exposed(self) -> ApiConfig:

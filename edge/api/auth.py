@@ -7,9 +7,13 @@ Token file (``api.token_file``), read once at start, one token per line::
     alice 7b21e4...   # a named token: actions are audited as actor "api:alice"
 
 Every request except ``GET /healthz`` must carry ``Authorization: Bearer <token>``.
-Browsers cannot add that header to a page they open, so HTTP Basic with the token as the
-password (any user name) is accepted too, and ``GET /`` answers 401 with a Basic challenge
-so the browser asks for it. Tokens are compared in constant time and never logged.
+Browsers cannot add that header to a page they open, so for reading (GET, HEAD) HTTP Basic
+with the token as the password (any user name) is accepted too, and ``GET /`` answers 401
+with a Basic challenge so the browser asks for it. Actions (every other method) need the
+Bearer header: a browser sends cached Basic credentials by itself with any page's request,
+so Basic on an action is refused (401 ``basic_auth_for_action``, counted by
+``edge.api.guard.Refusals``) whether the password is right or not. Tokens are compared in
+constant time and never logged.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from typing import Any
 
 import orjson
 
+from edge.api.guard import SAFE_METHODS, Refusals
 from edge.config import read_secret
 from edge.errors import ConfigError, FatalStartupError
 
@@ -66,34 +71,42 @@ def load_tokens(path: str) -> list[Token]:
 
 
 class TokenGuard:
-    """ASGI middleware: 401 unless the request carries a known token.
+    """ASGI middleware: 401 unless the request carries a known token (see module docstring).
 
     The matching ``Token`` is put in ``scope["state"]["token"]`` for handlers (the actor).
     """
 
-    def __init__(self, app: Any, tokens: list[Token]) -> None:
+    def __init__(self, app: Any, tokens: list[Token], refusals: Refusals) -> None:
         self.app = app
         self.tokens = tokens
+        self.refusals = refusals
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
             await self.app(scope, receive, send)
             return
-        token = self._match(_authorization(scope))
+        scheme, _, value = _authorization(scope).partition(" ")
+        scheme = scheme.lower()
+        if scheme == "basic" and scope["method"] not in SAFE_METHODS:
+            await self.refusals.refuse(
+                scope, send, 401, "basic_auth_for_action",
+                "Basic credentials are accepted for reading only: send the token as "
+                "'Authorization: Bearer <token>' (api.token_file)",
+                [(b"www-authenticate", b'Bearer realm="edge-gateway"')])
+            return
+        token = self._match(scheme, value.strip())
         if token is None:
             await _unauthorized(scope, send)
             return
         scope.setdefault("state", {})["token"] = token
         await self.app(scope, receive, send)
 
-    def _match(self, header: str) -> Token | None:
-        scheme, _, value = header.partition(" ")
-        scheme = scheme.lower()
+    def _match(self, scheme: str, value: str) -> Token | None:
         if scheme == "bearer":
-            offered = value.strip().encode()
+            offered = value.encode()
         elif scheme == "basic":
             try:
-                decoded = base64.b64decode(value.strip(), validate=True)
+                decoded = base64.b64decode(value, validate=True)
             except (binascii.Error, ValueError):
                 return None
             offered = decoded.partition(b":")[2]

@@ -2,7 +2,8 @@
 
 Handlers find the gateway in ``request.app.state.gateway``. Reads go through
 ``Outbox.read`` (the reader thread), operator actions through the audited ``Outbox``
-methods, so the API never blocks the event loop and never writes around the single writer.
+methods (a sink resume through ``Gateway.resume_sink``), so the API never blocks the event
+loop and never writes around the single writer.
 """
 
 from __future__ import annotations
@@ -17,11 +18,12 @@ from edge.api import lineage, page
 from edge.errors import OutboxClosedError, OutboxError
 from edge.outbox import queries
 
-__all__ = ["dlq_discard", "dlq_list", "dlq_replay", "dlq_show", "healthz", "index", "readiness", "readyz",
-           "status", "trace"]
+__all__ = ["dlq_discard", "dlq_list", "dlq_replay", "dlq_show", "healthz", "index", "readiness",
+           "readyz", "sink_resume", "status", "trace"]
 
 MAX_DLQ_LIMIT = 1000
 MAX_REASON_CHARS = 2000
+MAX_BY_CHARS = 200
 
 
 def json(doc: Any, status: int = 200) -> Response:
@@ -35,6 +37,22 @@ def error(status: int, message: str) -> Response:
 
 def _gateway(request: Request) -> Any:
     return request.app.state.gateway
+
+
+def _actor(request: Request, by: str | None = None) -> str:
+    """Who acts, for the audit: the token's actor ("api" without a token), plus the person
+    the request names in ``by`` (``api:alice by J. Doe``)."""
+    token = getattr(request.state, "token", None)
+    actor = token.actor if token else "api"
+    return f"{actor} by {by}" if by else actor
+
+
+async def _json_body(request: Request) -> Any:
+    """The parsed body; ``ValueError`` when it is not JSON."""
+    try:
+        return orjson.loads(await request.body() or b"null")
+    except orjson.JSONDecodeError as err:
+        raise ValueError("the body must be a JSON object") from err
 
 
 def _outbox(request: Request) -> Any:
@@ -124,16 +142,15 @@ async def dlq_discard(request: Request) -> Response:
 async def _dlq_action(request: Request, action: str) -> Response:
     """``{"ids": [..]}`` or ``{"sink": ".."}`` plus a required reason; audited."""
     try:
-        body = orjson.loads(await request.body() or b"null")
-    except orjson.JSONDecodeError:
-        return error(400, "the body must be a JSON object")
+        body = await _json_body(request)
+    except ValueError as err:
+        return error(400, str(err))
     problem = _check_action(body)
     if problem:
         return error(400, problem)
     outbox = _outbox(request)
-    token = getattr(request.state, "token", None)
-    kwargs = {"ids": body.get("ids"), "sink": body.get("sink"),
-              "actor": token.actor if token else "api", "reason": body["reason"].strip()}
+    kwargs = {"ids": body.get("ids"), "sink": body.get("sink"), "actor": _actor(request),
+              "reason": body["reason"].strip()}
     if action == "replay":
         n = await outbox.dlq_replay(**kwargs)
         return json({"replayed": n})
@@ -148,11 +165,9 @@ def _check_action(body: Any) -> str | None:
     unknown = set(body) - {"ids", "sink", "reason"}
     if unknown:
         return f"unknown key {sorted(unknown)[0]!r} (allowed: ids, sink, reason)"
-    reason = body.get("reason")
-    if not isinstance(reason, str) or not reason.strip():
-        return "reason is required: say why (it is recorded in the audit trail)"
-    if len(reason) > MAX_REASON_CHARS:
-        return f"reason must be at most {MAX_REASON_CHARS} characters"
+    problem = _check_reason(body.get("reason"))
+    if problem:
+        return problem
     ids, sink = body.get("ids"), body.get("sink")
     if ids is None and sink is None:
         return "say which dead letters: \"ids\": [..] or \"sink\": \"..\""
@@ -162,6 +177,55 @@ def _check_action(body: Any) -> str | None:
     if sink is not None and (not isinstance(sink, str) or not sink):
         return "sink must be a sink id"
     return None
+
+
+def _check_reason(reason: Any) -> str | None:
+    if not isinstance(reason, str) or not reason.strip():
+        return "reason is required: say why (it is recorded in the audit trail)"
+    if len(reason) > MAX_REASON_CHARS:
+        return f"reason must be at most {MAX_REASON_CHARS} characters"
+    return None
+
+
+async def sink_resume(request: Request) -> Response:
+    """``POST /sinks/{sink_id}/resume`` with ``{"reason": "..", "by": ".."}``; audited.
+
+    200 ``{"sink", "resumed": true}`` when the sink was paused (storm guard, auth) and now
+    sends again, ``"resumed": false`` when it was not paused; 404 for an unknown sink; 501
+    when this gateway cannot resume sinks.
+    """
+    sink_id = request.path_params["sink_id"]
+    try:
+        body = await _json_body(request)
+    except ValueError as err:
+        return error(400, str(err))
+    problem = _check_resume(body)
+    if problem:
+        return error(400, problem)
+    resume = getattr(_gateway(request), "resume_sink", None)
+    if resume is None:
+        return error(501, "this gateway version cannot resume sinks")
+    by = (body.get("by") or "").strip() or None
+    try:
+        resumed = await resume(sink_id, actor=_actor(request, by),
+                               reason=body["reason"].strip())
+    except KeyError:
+        return error(404, f"no sink {sink_id!r}")
+    if not resumed:
+        return json({"sink": sink_id, "resumed": False, "detail": "the sink was not paused"})
+    return json({"sink": sink_id, "resumed": True})
+
+
+def _check_resume(body: Any) -> str | None:
+    if not isinstance(body, dict):
+        return "the body must be a JSON object: {\"reason\": \"...\", \"by\": \"...\"}"
+    unknown = set(body) - {"reason", "by"}
+    if unknown:
+        return f"unknown key {sorted(unknown)[0]!r} (allowed: reason, by)"
+    by = body.get("by")
+    if by is not None and (not isinstance(by, str) or len(by) > MAX_BY_CHARS):
+        return f"by must be a name of at most {MAX_BY_CHARS} characters"
+    return _check_reason(body.get("reason"))
 
 
 async def trace(request: Request) -> Response:

@@ -12,10 +12,14 @@ Endpoints (DESIGN contracts; JSON unless noted)::
     GET  /dlq/{id or event id}    one dead letter with its response body and stored event
     POST /dlq/replay|discard      {"ids": [..]} or {"sink": ".."} + required "reason";
                                   audited with the token's actor ("api" or "api:<name>")
+    POST /sinks/{id}/resume       {"reason": "..", "by": ".."}: resume a paused sink
+                                  (Gateway.resume_sink); 404 unknown sink, 501 unsupported
     GET  /trace/{event_id}        lineage of one event (edge.api.lineage)
     GET  /trace?key=lot:L1        lineage of every event of an ordering key
 
-With ``api.token_file`` set every endpoint but /healthz needs the token (edge.api.auth).
+Every request passes ``edge.api.guard.BrowserGuard`` first (Host names this API; actions
+only as same-origin JSON), then, with ``api.token_file`` set, the token guard: every
+endpoint but /healthz needs the token, actions as a Bearer header (edge.api.auth).
 
 Contract: ``bind()`` (optional, early) or ``serve()`` binds ``api.listen`` itself (so a
 taken port is a clear ``FatalStartupError``, not uvicorn's ``sys.exit``); ``serve()``
@@ -42,6 +46,7 @@ from starlette.routing import Route
 
 from edge.api import routes
 from edge.api.auth import TokenGuard, load_tokens
+from edge.api.guard import BrowserGuard, Refusals
 from edge.errors import FatalStartupError, OutboxError
 from edge.httpserver import EmbeddedServer
 from edge.telemetry import log_event
@@ -70,6 +75,17 @@ async def _outbox_unavailable(request: Request, exc: Exception) -> Response:
 
 
 def build_app(gateway: Any, tokens: list[Any] | None = None) -> Starlette:
+    """The API app for ``gateway`` (one per gateway: it registers a counter in its metrics).
+
+    Middleware, outermost first: the browser guard for every app, the token guard when
+    ``tokens`` is given.
+    """
+    api = gateway.config.api
+    refusals = Refusals(gateway.metrics.registry)
+    middleware = [Middleware(BrowserGuard, listen=api.listen, hosts=api.hosts,
+                             refusals=refusals)]
+    if tokens:
+        middleware.append(Middleware(TokenGuard, tokens=tokens, refusals=refusals))
     app = Starlette(
         routes=[
             Route("/", routes.index),
@@ -84,10 +100,12 @@ def build_app(gateway: Any, tokens: list[Any] | None = None) -> Starlette:
             Route("/dlq/discard", routes.dlq_discard, methods=["POST"],
                   max_body_size=MAX_BODY_BYTES),
             Route("/dlq/{ref:str}", routes.dlq_show),
+            Route("/sinks/{sink_id:str}/resume", routes.sink_resume, methods=["POST"],
+                  max_body_size=MAX_BODY_BYTES),
             Route("/trace", routes.trace),
             Route("/trace/{event_id:str}", routes.trace),
         ],
-        middleware=[Middleware(TokenGuard, tokens=tokens)] if tokens else [],
+        middleware=middleware,
         exception_handlers={OutboxError: _outbox_unavailable},
     )
     app.state.gateway = gateway

@@ -19,9 +19,12 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def api_yaml(port: int, *, token_file: str | None = None) -> str:
+def api_yaml(port: int, *, token_file: str | None = None, hosts: list[str] | None = None,
+             host: str = "127.0.0.1") -> str:
     token = f", token_file: {token_file}" if token_file else ""
-    return f'api: {{listen: "127.0.0.1:{port}"{token}}}\n'
+    names = f", hosts: [{', '.join(repr(h) for h in hosts)}]" if hosts else ""
+    listen = f"[{host}]" if ":" in host else host
+    return f'api: {{listen: "{listen}:{port}"{token}{names}}}\n'
 
 
 def submission(lot: str, *, type: str = "inspection.result", **data: Any) -> Submission:

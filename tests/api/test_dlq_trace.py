@@ -95,7 +95,8 @@ async def test_bad_requests_are_refused_with_the_reason(gateways, erp):
             resp = await client.post("/dlq/discard", json=body)
             assert resp.status_code == 400, body
             assert words in resp.json()["error"], body
-        not_json = await client.post("/dlq/replay", content=b"{nope")
+        not_json = await client.post("/dlq/replay", content=b"{nope",
+                                     headers={"Content-Type": "application/json"})
         assert not_json.status_code == 400
         huge = await client.post("/dlq/replay", json={"sink": "erp", "reason": "x" * 100_000})
         assert huge.status_code == 413
