@@ -113,6 +113,16 @@ def format_report(report: dict[str, Any]) -> list[str]:
                      + f"{s.get('total', 0):>9}{s.get('retrying', 0):>10}"
                      f"{duration(s.get('oldest_age_s')):>9}{s.get('dead_letters', 0):>6}  "
                      f"{ago(s.get('last_delivery'))}")
+    parked = [(sid, k) for sid, s in sorted((report.get("sinks") or {}).items())
+              for k in s.get("parked_keys") or []]
+    if parked:
+        total = sum((s.get("parked") or 0) for s in (report.get("sinks") or {}).values())
+        lines.append("")
+        lines.append(f"parked keys: {total} (their later events wait until the dead letter "
+                     "is replayed or discarded: edge dlq show|replay|discard)")
+        for sid, k in parked:
+            lines.append(f"  {sid:<14}{k.get('key', ''):<24}dead letter #{k.get('dead_letter_id')}"
+                         f"  since {str(k.get('since', ''))[:19]}  {k.get('waiting', 0)} waiting")
     lines.append("")
     for c in report.get("components") or []:
         conn = "" if c.get("kind") != "source" else (

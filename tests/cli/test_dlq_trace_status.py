@@ -127,3 +127,46 @@ async def test_status_asks_the_running_daemon_with_its_token(gateways, erp, tmp_
     await gw.stop()
     rc, _, err = await edge("status", "-c", cfg, cwd=tmp_path)
     assert rc == 1 and "not running" in err
+
+
+async def test_a_dead_letter_parks_its_lot_until_the_operator_replays_it(
+        gateways, erp, tmp_path):
+    """Invariant 4 end to end: the ERP refuses a lot's first result (422); the lot's later
+    result waits (parked: in /status, `edge status`, the metric) while other lots flow;
+    after `edge dlq replay` the ERP gets the lot's results in ingest order. Before, the
+    later result was delivered at once, ahead of the refused one."""
+    refusing = {"on": True}
+    erp.reject(lambda e: refusing["on"] and e["data"].get("serial") == "S1", 422,
+               body='{"error": "unknown material M-17"}')
+    port = free_port()
+    body = api_yaml(port) + "sinks:\n" + http_sink_yaml(erp.url)
+    gw = await gateways(body)
+    [first] = await gw.pipeline.submit([submission("L7", serial="S1")])
+    await eventually(lambda: gw.outbox.read(queries.dlq_list))
+    [second, other] = await gw.pipeline.submit([submission("L7", serial="S2"),
+                                                submission("L8", serial="S3")])
+    await erp.wait_for(lambda r: r.accepted_ids[other] >= 1)
+    await asyncio.sleep(0.5)  # several lease rounds: the parked result must not go
+    assert erp.accepted_ids[second] == 0
+
+    cfg = write_config(tmp_path, body)
+    rc, out, _ = await edge("status", "-c", cfg, cwd=tmp_path)
+    assert rc == 0 and "parked keys: 1" in out
+    assert any("lot:L7" in line and "1 waiting" in line for line in out.splitlines())
+    import httpx
+
+    async def parked_metric() -> bool:
+        async with httpx.AsyncClient() as client:
+            text = (await client.get(f"http://127.0.0.1:{port}/metrics")).text
+        return 'edge_outbox_parked_keys{sink="erp"} 1.0' in text
+
+    await eventually(parked_metric)  # the gauges refresh every few seconds
+
+    refusing["on"] = False
+    [dl] = await gw.outbox.read(queries.dlq_list)
+    rc, out, _ = await edge("dlq", "replay", str(dl["id"]), "-c", cfg,
+                            "--reason", "material M-17 created in ERP", cwd=tmp_path)
+    assert rc == 0 and "replayed 1" in out
+    await erp.wait_for(lambda r: r.accepted_ids[second] >= 1)
+    l7 = [e["id"] for e in erp.events if e["data"]["lot_id"] == "L7"]
+    assert l7 == [first, second]
