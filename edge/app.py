@@ -208,9 +208,9 @@ class Gateway:
                     m.outbox_oldest_age.labels(sid).set(
                         (entry or {}).get("oldest_age_s") or 0)
                     m.outbox_dead_letters.labels(sid).set((entry or {}).get("dead_letters", 0))
+                    m.outbox_parked_keys.labels(sid).set((entry or {}).get("parked", 0))
             await asyncio.sleep(interval_s)
 
-                    m.outbox_parked_keys.labels(sid).set((entry or {}).get("parked", 0))
     def _healthy(self) -> bool:
         return self.outbox.writable() or not self.outbox.accepting
 
