@@ -81,6 +81,11 @@ def readiness(gateway: Any) -> list[dict[str, str]]:
         reasons.append({"code": "backpressure", "message":
                         "the outbox budget is used by events that may not be expired; "
                         "new events are refused"})
+    fault = getattr(outbox, "storage_fault", None)
+    if fault:
+        reasons.append({"code": "outbox_storage", "message":
+                        f"outbox writes fail ({fault}); nothing is acknowledged upstream "
+                        "until they succeed again"})
     if not gateway.sinks:
         reasons.append({"code": "no_sinks", "message": "no sink is configured"})
     if not gateway.ready.is_set() and not reasons:

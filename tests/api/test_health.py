@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 
 import httpx
@@ -78,3 +79,29 @@ async def test_a_taken_port_is_a_clear_startup_error(gateways, erp):
         with pytest.raises(FatalStartupError) as info:
             await gateways(api_yaml(port) + "sinks:\n" + http_sink_yaml(erp.url))
     assert str(info.value) == f"api.listen 127.0.0.1:{port}: address already in use"
+
+
+async def test_not_ready_while_outbox_writes_fail_with_a_storage_fault(gateways, erp):
+    """Invariant 1: a storage fault at run time (here a corrupt page reported by SQLite in
+    the middle of a write) stops acking; health says so until a write commits again."""
+    import sqlite3
+
+    from edge.errors import OutboxStorageError
+
+    port = free_port()
+    gw = await gateways(api_yaml(port) + "sinks:\n" + http_sink_yaml(erp.url))
+
+    def corrupt_page(conn: sqlite3.Connection) -> None:
+        raise sqlite3.DatabaseError("database disk image is malformed")
+
+    with pytest.raises(OutboxStorageError):
+        await gw.outbox._write(corrupt_page)
+    with pytest.raises(OutboxStorageError):  # a submit in the same transaction fails too
+        await asyncio.gather(gw.pipeline.submit([submission("L1")]),
+                             gw.outbox._write(corrupt_page))
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+        ready = await client.get("/readyz")
+        assert ready.status_code == 503
+        assert [r["code"] for r in ready.json()["reasons"]] == ["outbox_storage"]
+        await gw.pipeline.submit([submission("L2")])  # the disk is fine again
+        assert (await client.get("/readyz")).status_code == 200
