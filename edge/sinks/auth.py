@@ -1,15 +1,22 @@
-"""Authentication and TLS for the HTTP sink.
+"""Authentication, TLS and the no-inline-secrets checks of the HTTP sink.
 
 Config models (discriminated on ``type``):
 - ``none``
 - ``api_key``   header (default ``X-API-Key``) from ``key_file``
-- ``bearer``    ``Authorization: Bearer`` from ``token_file``; re-read once on a 401 (rotated)
+- ``bearer``    ``Authorization: Bearer`` from ``token_file``
 - ``oauth2_client_credentials``   token from ``token_url`` cached until ``expires_in`` minus
-  ``expiry_skew_s``, fetched under a lock (one fetch for many concurrent requests),
-  re-fetched once on a 401.
+  ``expiry_skew_s``, fetched under a lock (one fetch for many concurrent requests).
 mTLS: ``tls: {ca_file, cert_file, key_file}`` → an ``ssl.SSLContext`` passed as ``verify=``.
 
-Secrets are read at start from ``*_file`` paths and never logged.
+One credential refresh per request: on a 401 or a 403 the key/token file is read again
+(and the request resent if it changed: it was rotated), or the OAuth2 token is fetched
+again and the request resent. What the receiver answers then is final (the sink turns a
+401/403 into a sink fault). The token endpoint's own refusal surfaces as
+``httpx.HTTPStatusError`` (its status; 200 when the answer had no usable token).
+
+Secrets are read at start from ``*_file`` paths and never logged. ``check_headers`` and
+``check_url`` refuse secrets written inline (header names and URL query parameters that look
+like credentials, user:password in a URL) at config load.
 """
 
 from __future__ import annotations
@@ -17,11 +24,12 @@ from __future__ import annotations
 import asyncio
 import ssl
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Iterable
 from typing import Annotated, Literal
+from urllib.parse import parse_qsl, urlsplit
 
 import httpx
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from edge.config import SecretFile, StrictModel, read_secret
 from edge.errors import ConfigError
@@ -35,7 +43,46 @@ __all__ = [
     "TlsConfig",
     "build_auth",
     "build_ssl_context",
+    "check_headers",
+    "check_url",
+    "looks_secret",
 ]
+
+REFRESH_STATUSES = frozenset({401, 403})  # answers that get one credential refresh
+
+# Names (headers, query parameters) that carry a credential. Compared lower-case with "-"
+# read as "_": a name that is one of _SECRET_NAMES, ends in "_key" or contains a word.
+_SECRET_NAMES = frozenset({"key", "sig", "pwd", "auth"})
+_SECRET_WORDS = ("token", "secret", "password", "passwd", "apikey", "api_key", "signature",
+                 "credential", "authorization", "cookie")
+_INLINE_HINT = "use auth (api_key, bearer, oauth2_client_credentials) with a *_file"
+
+
+def looks_secret(name: str) -> bool:
+    """True for a header or query parameter name that carries a credential
+    (``Authorization``, ``X-API-Key``, ``X-Auth-Token``, ``api_key``, ``sig`` …)."""
+    n = name.strip().lower().replace("-", "_")
+    return n in _SECRET_NAMES or n.endswith("_key") or any(w in n for w in _SECRET_WORDS)
+
+
+def check_headers(headers: Iterable[str]) -> None:
+    """ValueError naming the first header that would carry a secret inline."""
+    for name in headers:
+        if looks_secret(name):
+            raise ValueError(f"{name}: secrets are not allowed inline; {_INLINE_HINT}")
+
+
+def check_url(url: str) -> None:
+    """ValueError when ``url`` carries a credential: ``user:password@`` (or a user name)
+    before the host, or a query parameter that looks like a secret. The message never
+    repeats the secret."""
+    parts = urlsplit(url)
+    if "@" in parts.netloc:
+        raise ValueError(f"credentials are not allowed inline in a URL; {_INLINE_HINT}")
+    for name, _ in parse_qsl(parts.query, keep_blank_values=True):
+        if looks_secret(name):
+            raise ValueError(f"query parameter {name!r} looks like a secret; secrets are not "
+                             f"allowed inline, {_INLINE_HINT}")
 
 
 class NoAuth(StrictModel):
@@ -63,11 +110,13 @@ class OAuth2Auth(StrictModel):
     expiry_skew_s: float = Field(30.0, ge=0, description="refresh this long before expiry")
     timeout_s: float = Field(10.0, gt=0)
 
-    @model_validator(mode="after")
-    def _url(self) -> OAuth2Auth:
-        if not self.token_url.startswith(("http://", "https://")):
-            raise ValueError(f"token_url must start with http:// or https://, got {self.token_url!r}")
-        return self
+    @field_validator("token_url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        check_url(v)  # first: the message below repeats the URL
+        if not v.startswith(("http://", "https://")):
+            raise ValueError(f"must start with http:// or https://, got {v!r}")
+        return v
 
 
 AuthConfig = Annotated[
@@ -99,7 +148,8 @@ def build_ssl_context(tls: TlsConfig | None) -> ssl.SSLContext:
 
 
 class _StaticHeaderAuth(httpx.Auth):
-    """A header read from a file; on a 401 the file is read again once (rotation)."""
+    """A header read from a file; on a 401/403 the file is read again once and the request
+    resent if the value changed (rotated). An unreadable file keeps the value in use."""
 
     def __init__(self, header: str, path: str, prefix: str = "") -> None:
         self.header, self.path, self.prefix = header, path, prefix
@@ -110,8 +160,11 @@ class _StaticHeaderAuth(httpx.Auth):
     ) -> AsyncGenerator[httpx.Request, httpx.Response]:
         request.headers[self.header] = self.prefix + self.value
         response = yield request
-        if response.status_code == 401:
-            fresh = read_secret(self.path) or ""
+        if response.status_code in REFRESH_STATUSES:
+            try:
+                fresh = read_secret(self.path) or ""
+            except ConfigError:
+                return  # the answer stands; the sink reports it
             if fresh != self.value:
                 self.value = fresh
                 request.headers[self.header] = self.prefix + self.value
@@ -148,9 +201,16 @@ class _OAuth2ClientCredentials(httpx.Auth):
                 raise httpx.HTTPStatusError(
                     f"token endpoint answered {resp.status_code}", request=resp.request,
                     response=resp)
-            doc = resp.json()
-            self.token = str(doc["access_token"])
-            ttl = float(doc.get("expires_in", 3600))
+            try:
+                doc = resp.json()
+                token, ttl = doc["access_token"], float(doc.get("expires_in", 3600))
+                if not isinstance(token, str) or not token:
+                    raise ValueError("access_token is not a non-empty string")
+            except (ValueError, TypeError, KeyError, AttributeError) as err:
+                raise httpx.HTTPStatusError(
+                    "token endpoint answered 200 without a usable access_token",
+                    request=resp.request, response=resp) from err
+            self.token = token
             self.expires_at = time.monotonic() + max(0.0, ttl - self.cfg.expiry_skew_s)
             return self.token
 
@@ -160,7 +220,7 @@ class _OAuth2ClientCredentials(httpx.Auth):
         token = await self._token()
         request.headers["Authorization"] = f"Bearer {token}"
         response = yield request
-        if response.status_code == 401:
+        if response.status_code in REFRESH_STATUSES:
             token = await self._token(force=True, stale=token)
             request.headers["Authorization"] = f"Bearer {token}"
             yield request

@@ -1,48 +1,80 @@
 """``type: http`` — deliver events to an ERP/QMS REST API.
 
 Routes are matched at send time (first match wins), so a stored backlog follows a changed
-API version after a restart. Each request carries ``Idempotency-Key`` (the event id; for a
-batch a stable hash of its event ids — receivers dedupe batches by each envelope's ``id``),
-``X-Correlation-ID`` and a W3C ``traceparent`` whose trace id is the correlation id.
+API version after a restart. What each request carries (body, ``Idempotency-Key``,
+``X-Correlation-ID``, ``traceparent``) is in ``edge.sinks.http_request``.
+
+``send`` contract (``edge.components`` Sink): one Outcome per event, never raising for a
+per-event failure. It plans requests in outbox order, then sends them with
+``edge.forwarder.send_in_key_order``:
+- An event with no route is ``unrouted``; one whose path cannot be rendered safely (a path
+  value missing, empty, ``.``, ``..``) is a dead letter "unsafe path value: …", never sent.
+  Each value in a path is exactly one percent-encoded segment.
+- Per-key order across routes (DESIGN invariant 4): an event joins an open batch only if no
+  request created after that batch already carries its key; otherwise it starts a new
+  request. Requests sharing a key go one after the other, in the order they were planned.
+- Once an event of a key is not delivered (retry, sink fault, unrouted, and a dead letter
+  unless ``on_dead_letter: continue``), the later events of that key in this call are not
+  sent (``Outcome.not_attempted``): at planning, between requests, and between the halves
+  of a split batch.
 
 Response policy (DESIGN.md):
-  2xx → delivered; 409 and ``duplicate_statuses`` → delivered (duplicate, noted);
+  2xx → delivered; 409 and ``duplicate_statuses`` → duplicate (delivered, noted);
   408 425 429 500 502 503 504, timeouts, connection errors → retry, never before
-  ``Retry-After`` (seconds or HTTP-date); other 4xx → dead letter with status and body
-  (401/403 only after the auth flow refreshed its credential once).
-A failed batch with a permanent status is split in halves until the bad events are
-isolated, so one bad event does not block the others.
+  ``Retry-After`` (seconds or HTTP-date);
+  400 404 410 413 422 and every other 4xx that judges the event → dead letter with status
+  and body;
+  401 / 403 after one credential refresh (``edge.sinks.auth``) → sink fault (the rows stay;
+  the forwarder pauses and alarms);
+  3xx (redirects are not followed), 405 406 407 411 415 417 421 426 (the request's form or
+  channel, the same for every event), 501 505 507 511 520–524 and any other status →
+  sink fault with status and body; the OAuth2 token endpoint refusing the client → sink
+  fault.
+A batch of several answered with a dead-letter or duplicate status (413 included) is split
+in halves until the judged events stand alone; a batch answered with a retry or sink fault
+is never split.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import random
+import string
 import zlib
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any, Literal
-from urllib.parse import quote
 
 import httpx
-import orjson
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
-from edge.components import ComponentContext, Outcome, OutcomeKind, StoredEvent
+from edge.components import ComponentContext, Outcome, StoredEvent
 from edge.config import SinkConfigBase, StrictModel
 from edge.errors import InputError
-from edge.forwarder import send_in_key_order
+from edge.forwarder import blocks_key, send_in_key_order
 from edge.registry import ComponentType
-from edge.retry import parse_retry_after
-from edge.sinks.auth import AuthConfig, NoAuth, TlsConfig, build_auth, build_ssl_context
+from edge.sinks.auth import (
+    AuthConfig,
+    NoAuth,
+    TlsConfig,
+    build_auth,
+    build_ssl_context,
+    check_headers,
+    check_url,
+)
+from edge.sinks.http_request import (
+    RESERVED_HEADERS,
+    judge_error,
+    judge_response,
+    request_body,
+    request_headers,
+    should_split,
+)
 from edge.transforms.map import render_template, template_fields
 
 __all__ = ["COMPONENT", "HttpSink", "HttpSinkConfig", "RouteConfig"]
 
 log = logging.getLogger(__name__)
 
-RETRYABLE_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
-MAX_ERROR_BODY = 65_536
 _TEMPLATE_ROOTS = {"id", "type", "site", "source", "ordering_key", "class", "correlation_id",
                    "data"}
 
@@ -68,12 +100,35 @@ class RouteConfig(StrictModel):
     @field_validator("path")
     @classmethod
     def _path(cls, v: str) -> str:
+        path, _, query = v.partition("?")
+        if query:
+            check_url("/?" + query)  # first: the messages below repeat the path
         if not v.startswith("/"):
             raise ValueError(f"must start with '/', got {v!r}")
         for name in template_fields(v):
             if name.split(".")[0] not in _TEMPLATE_ROOTS:
                 allowed = ", ".join(sorted(_TEMPLATE_ROOTS))
                 raise ValueError(f"unknown template field {{{name}}}; use {allowed} or data.<field>")
+        # the template's own segments (each value is one more, checked per event at send)
+        filled = "".join(literal + ("x" if name else "")
+                         for literal, name, _, _ in string.Formatter().parse(path))
+        segments = filled.split("/")[1:]
+        if any(seg in (".", "..") for seg in segments) or "" in segments[:-1]:
+            raise ValueError(f"must not have '.', '..' or empty segments, got {v!r}")
+        return v
+
+    @field_validator("headers")
+    @classmethod
+    def _headers(cls, v: dict[str, str]) -> dict[str, str]:
+        _check_headers(v)
+        return v
+
+    @field_validator("body")
+    @classmethod
+    def _batch_body(cls, v: str, info: ValidationInfo) -> str:
+        if v == "data" and info.data.get("batch_max", 1) > 1:
+            raise ValueError("a batched route (batch_max > 1) must send the envelope so every "
+                             "element carries its id")
         return v
 
     @model_validator(mode="after")
@@ -109,24 +164,33 @@ class HttpSinkConfig(SinkConfigBase):
     @field_validator("url")
     @classmethod
     def _url(cls, v: str) -> str:
+        check_url(v)  # first: the message below repeats the URL
         if not v.startswith(("http://", "https://")):
             raise ValueError(f"must start with http:// or https://, got {v!r}")
         return v.rstrip("/")
 
     @field_validator("headers")
     @classmethod
-    def _no_secret_headers(cls, v: dict[str, str]) -> dict[str, str]:
-        for name in v:
-            if name.lower() in ("authorization", "x-api-key", "cookie"):
-                raise ValueError(f"{name}: secrets are not allowed inline; use auth with a *_file")
+    def _headers(cls, v: dict[str, str]) -> dict[str, str]:
+        _check_headers(v)
         return v
 
 
-def _traceparent(correlation_id: str) -> str:
-    trace = correlation_id.replace("-", "").lower()
-    if len(trace) != 32 or not all(c in "0123456789abcdef" for c in trace) or set(trace) == {"0"}:
-        trace = hashlib.sha256(correlation_id.encode()).hexdigest()[:32]
-    return f"00-{trace}-{random.getrandbits(64):016x}-01"
+def _check_headers(headers: dict[str, str]) -> None:
+    """Not the headers the sink sets on every request itself, and no inline secrets."""
+    for name in headers:
+        if name.lower() in RESERVED_HEADERS:
+            raise ValueError(f"{name}: set by the gateway on every request; remove it")
+    check_headers(headers)
+
+
+@dataclass(slots=True)
+class _Plan:
+    """What one ``send`` will do, decided in outbox order before anything is sent."""
+
+    outcomes: dict[int, Outcome] = field(default_factory=dict)  # by seq: decided unsent
+    requests: list[list[StoredEvent]] = field(default_factory=list)  # in creation order
+    targets: dict[int, tuple[RouteConfig, str]] = field(default_factory=dict)  # seq → route, path
 
 
 class HttpSink:
@@ -169,122 +233,115 @@ class HttpSink:
 
     # ------------------------------------------------------------------ sending
 
+    @property
+    def dead_letter_blocks(self) -> bool:
+        """A dead letter holds the later events of its key (``on_dead_letter: park``)."""
+        return self.config.on_dead_letter == "park"
+
     async def send(self, batch: Sequence[StoredEvent]) -> list[Outcome]:
-        outcomes: dict[int, Outcome] = {}
-        requests: list[list[StoredEvent]] = []
-        plans: dict[int, tuple[RouteConfig, str]] = {}
-        open_batches: dict[tuple[int, str, int], list[StoredEvent]] = {}
-        # Batches are built per group of keys so batches of different groups share no key
-        # and can be sent in parallel; within a group they go in outbox order. Only as many
-        # groups as full batches: a small live batch stays one request.
-        largest = max((r.batch_max for r in self.config.routes), default=1)
+        """One Outcome per event of ``batch`` (sorted by seq); see the module docstring."""
+        plan = self._plan(batch)
+
+        async def send_request(events: list[StoredEvent]) -> list[Outcome]:
+            route, path = plan.targets[events[0].seq]
+            return await self._send_split(route, path, events)
+
+        plan.outcomes.update(await send_in_key_order(
+            plan.requests, send_request, self.config.max_concurrent_requests,
+            stopping=lambda: self._stopping, dead_letter_blocks=self.dead_letter_blocks,
+        ))
+        return [plan.outcomes[ev.seq] for ev in batch]
+
+    def _plan(self, batch: Sequence[StoredEvent]) -> _Plan:
+        """Cut ``batch`` into requests, keeping every key's events in seq order across them.
+
+        Batches are built per group of keys so batches of different groups share no key
+        and can be sent in parallel. Only as many groups as full batches: a small live
+        batch stays one request.
+        """
+        plan = _Plan()
+        blocked: set[str] = set()  # keys with an event decided undeliverable here
+        newest: dict[str, int] = {}  # key → index of the newest request carrying it
+        open_batches: dict[tuple[int, str, int], int] = {}  # (route, path, group) → index
+        largest = max(r.batch_max for r in self.config.routes)
         groups = max(1, min(self.config.max_concurrent_requests, -(-len(batch) // largest)))
         unkeyed = 0
         for ev in batch:
-            route = self.route_for(ev.type)
-            if route is None:
-                outcomes[ev.seq] = Outcome.unrouted(f"no route of sink {self.id} matches {ev.type}")
+            key = ev.ordering_key
+            if key is not None and key in blocked:
+                plan.outcomes[ev.seq] = Outcome.not_attempted()
                 continue
-            try:
-                path = render_template(route.path, {**ev.doc, "data": ev.data}, quote=quote)
-            except InputError as err:
-                outcomes[ev.seq] = Outcome.dead_letter(f"route path: {err.detail}")
+            target = self._target(ev)
+            if isinstance(target, Outcome):
+                plan.outcomes[ev.seq] = target
+                if key is not None and blocks_key(target, self.dead_letter_blocks):
+                    blocked.add(key)
                 continue
-            plans[ev.seq] = (route, path)
-            if route.batch_max == 1:
-                requests.append([ev])
-                continue
-            if ev.ordering_key is None:
-                group, unkeyed = unkeyed % groups, unkeyed + 1
-            else:
-                group = zlib.crc32(ev.ordering_key.encode()) % groups
-            key = (id(route), path, group)
-            current = open_batches.get(key)
-            if current is None or len(current) >= route.batch_max:
-                current = []
-                open_batches[key] = current
-                requests.append(current)
-            current.append(ev)
+            plan.targets[ev.seq] = target
+            route, path = target
+            index = -1  # a new request, unless the event may join an open batch
+            if route.batch_max > 1:
+                if key is None:
+                    group, unkeyed = unkeyed % groups, unkeyed + 1
+                else:
+                    group = zlib.crc32(key.encode()) % groups
+                slot = (id(route), path, group)
+                index = open_batches.get(slot, -1)
+                if index >= 0 and (len(plan.requests[index]) >= route.batch_max or (
+                        key is not None and newest.get(key, -1) > index)):
+                    index = -1  # full, or a later request already carries this key
+                if index < 0:
+                    open_batches[slot] = len(plan.requests)
+            if index < 0:
+                index = len(plan.requests)
+                plan.requests.append([])
+            plan.requests[index].append(ev)
+            if key is not None:
+                newest[key] = index
+        return plan
 
-        async def send_request(events: list[StoredEvent]) -> list[Outcome]:
-            route, path = plans[events[0].seq]
-            return await self._send_split(route, path, events)
-
-        outcomes.update(await send_in_key_order(
-            requests, send_request, self.config.max_concurrent_requests,
-            stopping=lambda: self._stopping,
-        ))
-        return [outcomes[ev.seq] for ev in batch]
+    def _target(self, ev: StoredEvent) -> tuple[RouteConfig, str] | Outcome:
+        """The route and rendered path of ``ev``, or the Outcome that keeps it unsent."""
+        route = self.route_for(ev.type)
+        if route is None:
+            return Outcome.unrouted(f"no route of sink {self.id} matches {ev.type}")
+        try:
+            path = render_template(route.path, {**ev.doc, "data": ev.data}, path_segment=True)
+        except InputError as err:
+            return Outcome.dead_letter(f"unsafe path value: {err.detail}")
+        return route, path
 
     async def _send_split(self, route: RouteConfig, path: str, events: list[StoredEvent]
                           ) -> list[Outcome]:
-        """One request; on a permanent failure of a batch, split it to isolate bad events."""
+        """Send ``events`` as one request. A batch the receiver judged (``should_split``) is
+        sent again in halves, in order, until the judged events stand alone; once an event
+        of a key is not delivered, the later events of that key are not sent."""
+        if self._stopping:
+            return [Outcome.not_attempted("gateway stopping")] * len(events)
         outcome = await self._request(route, path, events)
-        if len(events) == 1 or outcome.kind is not OutcomeKind.dead_letter or \
-                outcome.status in (401, 403):
+        if not should_split(outcome, len(events)):
             return [outcome] * len(events)
         mid = len(events) // 2
         first = await self._send_split(route, path, events[:mid])
         blocked = {ev.ordering_key for ev, o in zip(events[:mid], first, strict=True)
-                   if o.kind is OutcomeKind.retry and ev.ordering_key is not None}
+                   if ev.ordering_key is not None and blocks_key(o, self.dead_letter_blocks)}
         rest = events[mid:]
         keep = [ev for ev in rest if ev.ordering_key not in blocked]
         second = await self._send_split(route, path, keep) if keep else []
         by_seq = {ev.seq: o for ev, o in zip(keep, second, strict=True)}
         return first + [by_seq.get(ev.seq) or Outcome.not_attempted() for ev in rest]
 
-    def _body(self, route: RouteConfig, events: list[StoredEvent]) -> bytes:
-        if route.body == "data":
-            items = [orjson.dumps(ev.data) for ev in events]
-        else:
-            items = [ev.body for ev in events]
-        if route.batch_max == 1:
-            return items[0]
-        return b"[" + b",".join(items) + b"]"
-
-    def _headers(self, route: RouteConfig, events: list[StoredEvent]) -> dict[str, str]:
-        first = events[0]
-        if len(events) == 1 and route.batch_max == 1:
-            key = first.id
-        else:
-            key = "batch-" + hashlib.sha256(",".join(e.id for e in events).encode()).hexdigest()[:40]
-        return {
-            "Content-Type": "application/json",
-            "Idempotency-Key": key,
-            "X-Correlation-ID": first.correlation_id,
-            "traceparent": _traceparent(first.correlation_id),
-            **route.headers,
-        }
-
     async def _request(self, route: RouteConfig, path: str, events: list[StoredEvent]
                        ) -> Outcome:
         assert self._client is not None, "sink not started"
         try:
             resp = await self._client.request(
-                route.method, path, content=self._body(route, events),
-                headers=self._headers(route, events),
+                route.method, path, content=request_body(route, events),
+                headers=request_headers(route, events),
             )
-        except httpx.TimeoutException as err:
-            return Outcome.retry(f"timeout: {type(err).__name__}")
-        except httpx.HTTPStatusError as err:  # raised by the OAuth2 token fetch
-            return Outcome.retry(f"auth: {err}", err.response.status_code)
-        except (httpx.TransportError, OSError) as err:
-            return Outcome.retry(f"connection: {type(err).__name__}: {err}")
-        status = resp.status_code
-        if 200 <= status < 300:
-            return Outcome.delivered(status)
-        body = resp.text[:MAX_ERROR_BODY]
-        if status in self.config.duplicate_statuses:
-            if len(events) > 1:
-                # which ones already existed is unknown: split to find out
-                return Outcome.dead_letter("duplicate in batch; splitting", status, body)
-            return Outcome.duplicate(status)
-        if status in RETRYABLE_STATUSES:
-            return Outcome.retry(
-                f"HTTP {status}", status, body=body,
-                retry_after_s=parse_retry_after(resp.headers.get("Retry-After")),
-            )
-        return Outcome.dead_letter(f"HTTP {status} {resp.reason_phrase}".strip(), status, body)
+        except (httpx.HTTPError, OSError) as err:
+            return judge_error(err)
+        return judge_response(resp, self.config.duplicate_statuses)
 
 
 def _version() -> str:

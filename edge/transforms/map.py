@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import re
 import string
+import urllib.parse
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -57,35 +58,66 @@ class Template:
         self.parts = [(literal, _compile_path(name) if name else None)
                       for literal, name, _, _ in string.Formatter().parse(text)]
 
-    def render(self, values: dict[str, Any], quote: Callable[..., str] | None = None) -> str:
+    def render(self, values: dict[str, Any], quote: Callable[..., str] | None = None,
+               *, path_segment: bool = False) -> str:
         out = []
         for literal, path in self.parts:
             out.append(literal)
-            if path is not None:
-                value = _walk(values, path)
-                if value is None or value == "":
-                    name = ".".join(str(p) for p in path)
-                    raise InputError("missing_field", f"template {self.text!r} needs {name!r}")
-                out.append(quote(str(value), safe="") if quote else str(value))
+            if path is None:
+                continue
+            value = _walk(values, path)
+            if path_segment:
+                out.append(_path_segment(value, path))
+                continue
+            if value is None or value == "":
+                name = ".".join(str(p) for p in path)
+                raise InputError("missing_field", f"template {self.text!r} needs {name!r}")
+            out.append(quote(str(value), safe="") if quote else str(value))
         return "".join(out)
+
+
+def _path_segment(value: Any, path: tuple[str | int, ...]) -> str:
+    """``value`` as exactly one percent-encoded URL path segment, or InputError
+    ``unsafe_path_value`` when it would change the path's segments (or name nothing)."""
+    name = ".".join(str(p) for p in path)
+    if value is None:
+        raise InputError("unsafe_path_value", f"{name} is missing")
+    if isinstance(value, (dict, list)):
+        raise InputError("unsafe_path_value", f"{name} is not a single value")
+    text = str(value)
+    if text in ("", ".", ".."):
+        shown = "empty" if text == "" else f"{text!r}"
+        raise InputError("unsafe_path_value", f"{name} is {shown}")
+    try:
+        return urllib.parse.quote(text, safe="")
+    except UnicodeEncodeError as err:
+        raise InputError("unsafe_path_value", f"{name} is not valid UTF-8") from err
 
 
 _templates: dict[str, Template] = {}
 
 
 def render_template(
-    template: str, values: dict[str, Any], *, quote: Callable[..., str] | None = None
+    template: str, values: dict[str, Any], *, quote: Callable[..., str] | None = None,
+    path_segment: bool = False,
 ) -> str:
-    """Fill ``{name}`` (or ``{data.name}``) from ``values``; InputError on a missing name.
+    """Fill ``{name}`` (or ``{data.name}``) from ``values``.
 
-    ``quote`` (e.g. ``urllib.parse.quote``) escapes each value, for URL paths.
+    By default an InputError ``missing_field`` is raised for a missing or empty value;
+    ``quote(value, safe="")`` (if given) escapes or checks each value.
+
+    ``path_segment=True`` is for URL paths (DESIGN "Safety at the edges"): every value
+    becomes exactly one percent-encoded segment (``/`` → ``%2F``, ``%`` → ``%25``,
+    non-ASCII as UTF-8); a value that is missing, empty, ``.``, ``..`` or not a single
+    value (an object, a list) raises InputError ``unsafe_path_value`` whose detail names
+    the field, e.g. ``data.lot_id is '..'``. ``quote`` is not used then.
     """
     compiled = _templates.get(template)
     if compiled is None:
         if len(_templates) > 4096:  # templates come from config: a handful in practice
             _templates.clear()
         compiled = _templates[template] = Template(template)
-    return compiled.render(values, quote)
+    return compiled.render(values, quote, path_segment=path_segment)
 
 
 def _compile_path(path: str) -> tuple[str | int, ...]:

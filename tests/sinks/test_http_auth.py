@@ -50,15 +50,18 @@ async def test_bearer_token_file_is_reread_once_on_401(gateways, tmp_path: Path)
         await erp.stop()
 
 
-async def test_bad_credentials_dead_letter_after_one_refresh(gateways, tmp_path: Path):
+async def test_bad_credentials_fault_the_sink_and_keep_the_event(gateways, tmp_path: Path):
+    """401 after one refresh: the sink is faulted, not the event (it was a dead letter)."""
     (tmp_path / "token").write_text("wrong")
     erp = await ErpReceiver(require_auth=lambda h: False).start()
     try:
         gw = await gateways(sink_yaml(erp.url, extra="auth: {type: bearer, token_file: token}"))
-        [eid] = await gw.pipeline.submit([result("A")])
-        await _until(lambda: gw.metrics.events_dead_lettered.labels("erp")._value.get() == 1)
-        [dl] = await gw.outbox.read(queries.dlq_list)
-        assert dl["event_id"] == eid and dl["status"] == 401
+        await gw.pipeline.submit([result("A")])
+        await erp.wait_for(lambda e: len(e.requests) >= 2)
+        assert {r.status for r in erp.requests} == {401}
+        assert gw.metrics.events_dead_lettered.labels("erp")._value.get() == 0
+        assert (await gw.outbox.stats())["events"] == 1
+        assert await gw.outbox.read(queries.dlq_list) == []
     finally:
         await erp.stop()
 
@@ -86,7 +89,8 @@ async def test_oauth2_token_is_cached_and_refetched_once_on_401(gateways, tmp_pa
         await erp.stop()
 
 
-async def test_oauth2_wrong_secret_is_retried_not_dead_lettered(gateways, tmp_path: Path):
+async def test_oauth2_wrong_secret_faults_the_sink_and_keeps_the_event(gateways,
+                                                                     tmp_path: Path):
     (tmp_path / "secret").write_text("wrong")
     erp = await ErpReceiver(oauth_client=("gateway", "s3cret")).start()
     try:

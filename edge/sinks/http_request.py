@@ -1,0 +1,165 @@
+"""One request of the ``http`` sink: what it carries, and what its answer means.
+
+What it carries (DESIGN invariant 3):
+- the body: one event's envelope (or its ``data`` with ``body: data``), or on a batched
+  route (``batch_max > 1``) a JSON array of envelopes — every element carries its ``id``,
+  however the batch was cut or split (``body: data`` on a batched route is a config error);
+- ``Idempotency-Key``: the event id when the request carries one event, also on a batched
+  route (a live event, a split half of one, a probe); for several events a stable hash of
+  their ids (``batch-…``), the same on every attempt of the same events;
+- ``X-Correlation-ID`` and a W3C ``traceparent`` whose trace id is the correlation id.
+
+What its answer means: ``judge_response`` and ``judge_error`` implement the response
+policy table in the module docstring of ``edge.sinks.http``; ``should_split`` says when a
+refused batch is split to find the events the receiver judged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections.abc import Collection, Sequence
+from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
+
+import httpx
+import orjson
+
+from edge.components import Outcome, OutcomeKind, StoredEvent
+from edge.retry import parse_retry_after
+from edge.sinks.auth import REFRESH_STATUSES
+
+if TYPE_CHECKING:
+    from edge.sinks.http import RouteConfig
+
+__all__ = [
+    "MAX_ERROR_BODY",
+    "RETRY_STATUSES",
+    "SINK_FAULT_4XX",
+    "idempotency_key",
+    "judge_error",
+    "judge_response",
+    "request_body",
+    "request_headers",
+    "should_split",
+]
+
+MAX_ERROR_BODY = 65_536
+RETRY_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
+# 4xx answers about the request's form or channel, which the route's config or a proxy
+# decides for every event alike: the sink is at fault, not the event.
+SINK_FAULT_4XX = frozenset({
+    405,  # Method Not Allowed: the route's method
+    406,  # Not Acceptable
+    407,  # Proxy Authentication Required: a proxy in the way
+    411,  # Length Required
+    415,  # Unsupported Media Type: the route's body format
+    417,  # Expectation Failed
+    421,  # Misdirected Request: the connection reached the wrong server
+    426,  # Upgrade Required: the protocol
+})
+RESERVED_HEADERS = frozenset({"idempotency-key", "x-correlation-id", "traceparent"})
+
+
+def request_body(route: RouteConfig, events: Sequence[StoredEvent]) -> bytes:
+    if route.body == "data":
+        items = [orjson.dumps(ev.data) for ev in events]
+    else:
+        items = [ev.body for ev in events]
+    if route.batch_max == 1:
+        return items[0]
+    return b"[" + b",".join(items) + b"]"
+
+
+def idempotency_key(events: Sequence[StoredEvent]) -> str:
+    if len(events) == 1:
+        return events[0].id
+    return "batch-" + hashlib.sha256(",".join(e.id for e in events).encode()).hexdigest()[:40]
+
+
+def request_headers(route: RouteConfig, events: Sequence[StoredEvent]) -> dict[str, str]:
+    first = events[0]
+    return {
+        "Content-Type": "application/json",
+        **route.headers,
+        "Idempotency-Key": idempotency_key(events),
+        "X-Correlation-ID": first.correlation_id,
+        "traceparent": _traceparent(first.correlation_id),
+    }
+
+
+def _traceparent(correlation_id: str) -> str:
+    trace = correlation_id.replace("-", "").lower()
+    if len(trace) != 32 or not all(c in "0123456789abcdef" for c in trace) or set(trace) == {"0"}:
+        trace = hashlib.sha256(correlation_id.encode()).hexdigest()[:32]
+    return f"00-{trace}-{random.getrandbits(64):016x}-01"
+
+
+def judge_response(resp: httpx.Response, duplicate_statuses: Collection[int]) -> Outcome:
+    """The receiver's answer → one Outcome for every event of the request.
+
+    A duplicate or dead-letter status on a batch of several is not final: ``should_split``.
+    """
+    status = resp.status_code
+    if 200 <= status < 300:
+        return Outcome.delivered(status)
+    if status in duplicate_statuses:
+        return Outcome.duplicate(status)
+    body = resp.text[:MAX_ERROR_BODY]
+    what = f"HTTP {status} {resp.reason_phrase}".strip()
+    retry_after = parse_retry_after(resp.headers.get("Retry-After"))
+    if status in RETRY_STATUSES:
+        return Outcome.retry(what, status, body=body, retry_after_s=retry_after)
+    if status in REFRESH_STATUSES:
+        return Outcome.sink_fault(f"{what}: credentials refused after one refresh", status,
+                                  body, retry_after_s=retry_after)
+    if 400 <= status < 500 and status not in SINK_FAULT_4XX:
+        return Outcome.dead_letter(what, status, body)
+    if 300 <= status < 400:
+        where = _location(resp.headers.get("Location"))
+        what += ": redirects are not followed" + (f" (Location: {where})" if where else "")
+    return Outcome.sink_fault(what, status, body, retry_after_s=retry_after)
+
+
+def judge_error(err: Exception) -> Outcome:
+    """A request that got no answer from the receiver → Outcome.
+
+    Timeouts and connection errors are retried. The OAuth2 token endpoint's refusal
+    (``httpx.HTTPStatusError`` from the auth flow) is a sink fault — the sink's credential,
+    not the event — unless its status is one that is retried.
+    """
+    if isinstance(err, httpx.HTTPStatusError):
+        status = err.response.status_code
+        if status in RETRY_STATUSES:
+            return Outcome.retry(f"auth: {err}", status, retry_after_s=parse_retry_after(
+                err.response.headers.get("Retry-After")))
+        return Outcome.sink_fault(f"auth: {err}", status)
+    if isinstance(err, httpx.TimeoutException):
+        return Outcome.retry(f"timeout: {type(err).__name__}")
+    if isinstance(err, (httpx.TransportError, OSError)):
+        return Outcome.retry(f"connection: {type(err).__name__}: {err}")
+    return Outcome.retry(f"request: {type(err).__name__}: {err}")
+
+
+def should_split(outcome: Outcome, events: int) -> bool:
+    """A batch of several answered with a dead-letter or duplicate status: which elements
+    the receiver judged is unknown, so the halves are sent again. A retry or a sink fault
+    is about the whole request: never split."""
+    return events > 1 and outcome.kind in (OutcomeKind.dead_letter, OutcomeKind.duplicate)
+
+
+def _location(value: str | None) -> str:
+    """A redirect target for the reason text, without user info, query or fragment (a
+    signed URL is a credential)."""
+    if not value:
+        return ""
+    try:
+        parts = urlsplit(value)
+        host = parts.hostname or ""
+        if ":" in host:
+            host = f"[{host}]"
+        if parts.port is not None:
+            host += f":{parts.port}"
+    except ValueError:
+        return "(unparseable)"
+    return parts._replace(netloc=host, query="", fragment="").geturl()[:500]
