@@ -1,13 +1,18 @@
 """The ingest seam sources talk to: (rules) → outbox, implementing ``components.Ingest``.
 
 ``submit`` returns only after the outbox COMMIT, so a source may ack upstream right after
-it. Rules (edge quality logic) run here, before storage, so a hold derived from an
-inspection result is stored in the same transaction as the result.
+it. Rules (edge quality logic) run here, before storage: each rule sees one submission at
+a time and returns what it derives from it; those derived submissions are stored right
+after their cause, in the same transaction, marked ``derived`` (DESIGN invariant 4). So in
+a batch ``[r1, r2]`` of one lot where ``r1`` fails its spec, the stored order is
+``r1, nonconformance, hold, r2``, and a redelivered ``r1`` that the outbox matches to its
+first copy takes what it derived along (nothing is stored twice).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any
 
 from edge.components import Submission
@@ -15,7 +20,8 @@ from edge.outbox import Outbox
 
 __all__ = ["Pipeline"]
 
-Rule = Callable[[Sequence[Submission]], list[Submission]]
+# One submission in → the submissions derived from it (stored right after it).
+Rule = Callable[[Submission], Sequence[Submission]]
 
 
 class Pipeline:
@@ -25,12 +31,20 @@ class Pipeline:
 
     async def submit(self, items: Sequence[Submission], *, chain: str | None = None
                      ) -> list[str]:
-        """Store ``items`` (plus what rules derive); return the ids of ``items`` only."""
-        extra: list[Submission] = []
-        for rule in self.rules:
-            extra.extend(rule(items))
-        ids = await self.outbox.submit([*items, *extra], chain=chain)
-        return ids[: len(items)]
+        """Store ``items``, each followed by what the rules derive from it; return the ids
+        of ``items`` only, in order (see ``components.Ingest.submit`` for errors, ``chain``).
+        """
+        if not self.rules:
+            return await self.outbox.submit(items, chain=chain)
+        batch: list[Submission] = []
+        causes: list[int] = []  # position of each of ``items`` in ``batch``
+        for item in items:
+            causes.append(len(batch))
+            batch.append(item)
+            for rule in self.rules:
+                batch.extend(d if d.derived else replace(d, derived=True) for d in rule(item))
+        ids = await self.outbox.submit(batch, chain=chain)
+        return [ids[i] for i in causes]
 
     async def quarantine(
         self, source: str, reason: str, raw: bytes, meta: dict[str, Any] | None = None,

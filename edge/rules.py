@@ -7,10 +7,17 @@ the station reported as ``fail``, produces
   ``edge trace`` shows the lineage), and
 - a ``quality.hold`` for its lot (critical), once per lot within the dedupe window.
 
-Derived events are stored in the SAME transaction as the inspection result (the pipeline
-submits them together), so a hold can never be lost while its cause was kept. Route
-``quality.hold`` to a local sink (e.g. an MQTT topic the line controller subscribes to)
-as well as to the ERP, and the line stops the lot even while the ERP is unreachable.
+A rule is called once per submission and returns what it derives from that one (its
+cause). The pipeline stores them right after their cause, in the SAME transaction, marked
+``derived`` (DESIGN invariant 4), so a hold can never be lost while its cause was kept and
+never overtakes an event of its lot that arrived after the cause. Derived events take the
+cause's ordering key (``lot:{lot_id}`` unless the source configured another) and its
+correlation id. They carry no dedupe key of their own except the hold's ``hold:{lot}``
+(one hold per lot within ``outbox.dedupe_window_s``): a redelivered cause is matched by
+the outbox, and what was derived from it is dropped with it.
+
+Route ``quality.hold`` to a local sink (e.g. an MQTT topic the line controller subscribes
+to) as well as to the ERP, and the line stops the lot even while the ERP is unreachable.
 
 Config::
 
@@ -77,7 +84,7 @@ RuleConfig = SpecLimitsRule
 
 
 class SpecLimits:
-    """Callable rule for ``Pipeline``: submissions in → derived submissions out."""
+    """Callable rule for ``Pipeline``: one submission in → what it derives out."""
 
     def __init__(self, config: SpecLimitsRule, site: str) -> None:
         self.config = config
@@ -89,36 +96,35 @@ class SpecLimits:
         wanted = self.config.characteristic
         return wanted is None or event.data.get("characteristic") == wanted
 
-    def __call__(self, items: Sequence[Submission]) -> list[Submission]:
+    def __call__(self, item: Submission) -> list[Submission]:
+        """The nonconformance and hold derived from ``item`` (empty when it passes)."""
+        ev = item.event
+        if not self._applies(ev):
+            return []
+        reason = self.config.violation(ev.data)
+        lot = ev.data.get("lot_id")
+        if reason is None or lot is None:
+            return []
         out: list[Submission] = []
-        for item in items:
-            ev = item.event
-            if not self._applies(ev):
-                continue
-            reason = self.config.violation(ev.data)
-            lot = ev.data.get("lot_id")
-            if reason is None or lot is None:
-                continue
-            origin = item.dedupe_key or ev.id
-            key = ev.ordering_key or f"lot:{lot}"
-            common = {"lot_id": lot, "reason": reason, "inspection_event_id": ev.id}
-            if self.config.nonconformance:
-                nc = {**common, "serial": ev.data.get("serial"),
-                      "characteristic": ev.data.get("characteristic"),
-                      "measured": ev.data.get(self.config.field),
-                      "lower": self.config.lower, "upper": self.config.upper}
-                out.append(Submission(
-                    make_event(type="nonconformance", site=self.site, source="rules",
-                               data={k: v for k, v in nc.items() if v is not None},
-                               ordering_key=key, correlation_id=ev.correlation_id,
-                               source_ts=ev.source_ts),
-                    dedupe_key=f"nc:{origin}"))
-            if self.config.hold:
-                out.append(Submission(
-                    make_event(type="quality.hold", site=self.site, source="rules",
-                               data=common, ordering_key=key,
-                               correlation_id=ev.correlation_id, source_ts=ev.source_ts),
-                    dedupe_key=f"hold:{lot}"))
+        key = ev.ordering_key
+        common = {"lot_id": lot, "reason": reason, "inspection_event_id": ev.id}
+        if self.config.nonconformance:
+            nc = {**common, "serial": ev.data.get("serial"),
+                  "characteristic": ev.data.get("characteristic"),
+                  "measured": ev.data.get(self.config.field),
+                  "lower": self.config.lower, "upper": self.config.upper}
+            out.append(Submission(
+                make_event(type="nonconformance", site=self.site, source="rules",
+                           data={k: v for k, v in nc.items() if v is not None},
+                           ordering_key=key, correlation_id=ev.correlation_id,
+                           source_ts=ev.source_ts),
+                derived=True))
+        if self.config.hold:
+            out.append(Submission(
+                make_event(type="quality.hold", site=self.site, source="rules",
+                           data=common, ordering_key=key,
+                           correlation_id=ev.correlation_id, source_ts=ev.source_ts),
+                dedupe_key=f"hold:{lot}", derived=True))
         return out
 
 

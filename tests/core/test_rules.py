@@ -71,6 +71,24 @@ async def test_redelivered_failure_does_not_duplicate_derived_events(gateways, e
         "inspection.result", "nonconformance", "quality.hold"]
 
 
+def test_the_rule_derives_per_cause_with_the_causes_key_and_no_key_for_the_nonconformance():
+    from edge.rules import SpecLimits, SpecLimitsRule
+
+    rule = SpecLimits(SpecLimitsRule(type="spec_limits", lower=9.95, upper=10.05), "test-site")
+    cause = Submission(make_event(type="inspection.result", site="test-site", source="st7",
+                                  data={"lot_id": "L4", "result": "pass", "measured": 11.0,
+                                        "serial": "S1"}))
+    assert cause.event.ordering_key == "lot:L4"  # no key configured: the lot's
+    nc, hold = rule(cause)
+    assert (nc.event.type, hold.event.type) == ("nonconformance", "quality.hold")
+    assert nc.derived and hold.derived
+    assert nc.dedupe_key is None  # deduplicated through its cause
+    assert hold.dedupe_key == "hold:L4" and not hold.redelivery_only
+    assert {nc.event.ordering_key, hold.event.ordering_key} == {"lot:L4"}
+    assert nc.event.correlation_id == hold.event.correlation_id == cause.event.id
+    assert rule(_inspection("L4", 10.0)) == []
+
+
 def test_limits_are_validated():
     with pytest.raises(ConfigError) as err:
         load_config_text("site: p\nrules: [{type: spec_limits, lower: 2, upper: 1}]\n")
