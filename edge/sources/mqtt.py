@@ -1,21 +1,31 @@
 """``type: mqtt`` — subscribe to an MQTT broker and store each message as a canonical event.
 
-Contract (DESIGN invariants 1 and 3):
+Contract (DESIGN invariants 1, 3 and 4):
 - QoS 1 with manual acknowledgement: a message is PUBACKed only after the outbox COMMIT
-  that stored its event (or its quarantine record), in arrival order. A crash before the
-  ack makes the broker redeliver; the redelivered copy maps to the same event id through
-  the outbox dedupe table (default key: SHA-256 of topic and payload; a ``dedupe_key``
-  template replaces it).
+  that stored its event (or its quarantine record), in arrival order. Events are stored
+  in arrival order too, also when a write fails and is retried.
+- Only redeliveries are matched. Without ``dedupe_key`` a message's key is the SHA-256 of
+  topic and payload, matched only when the broker flags the copy as a resend (DUP, after a
+  crash or a lost connection between commit and PUBACK) or replays a retained message, and
+  only against the newest ``2 × max_held`` keys of the source (what can be unacked at a
+  crash): the copy maps to the stored event's id. A device that publishes the same payload
+  twice gets two events. A ``dedupe_key`` template is an identity (a station-assigned
+  message id): any message with a key stored within ``outbox.dedupe_window_s`` maps to
+  that event, flagged or not.
+- A write that fails (budget full, storage fault) is never acked nor quarantined: the
+  source retries with backoff and the broker keeps the messages.
 - Persistent session: a stable ``client_id`` (default ``edge-<site>-<id>``), MQTT 3.1.1
   ``clean_session=False``, MQTT 5 ``clean_start=False`` with ``session_expiry_s`` > 0, so
   the broker keeps messages while the gateway is down.
 - Unusable input (not JSON, larger than ``max_payload_bytes``, fails mapping or
   validation, a topic no subscription matches) is quarantined with a reason code, counted,
-  logged once per (reason, topic) burst and then acked: a poison message never blocks
-  the session. The source never crashes on input.
+  logged once per (reason, topic) burst and acked once the quarantine record is committed:
+  a poison message never blocks the session. The source never crashes on input. A record
+  that makes storing fail by itself (a bug, not an outbox error) is quarantined as
+  ``internal_error``; a quarantine record that cannot be written is retried, not dropped.
 - Backpressure: when the outbox refuses events (budget full) nothing is acked; the source
   waits until it accepts again and retries the same messages. The broker stops sending
-  once ``max_inflight_messages`` messages are unacked.
+  once ``max_inflight_messages`` messages are unacked; reading pauses at ``max_held``.
 - Connection failures (broker down, bad credentials, TLS verification) are logged with a
   clear reason and retried with capped exponential backoff and jitter inside ``run()``.
 

@@ -5,9 +5,9 @@ See ``edge.sources.mqtt`` for the contract. Data path inside one process::
     socket ─ loop_read ─ on_message ─▶ inbox (deque, bounded: reading pauses when full)
                                           │ processor: up to max_batch per loop turn
                                           ▼
-                  prepare (match topic, parse, map) ─▶ store task (submit + quarantines,
-                                          │            one group commit; retried on
-                                          │            backpressure / write errors)
+                  prepare (match topic, parse, map) ─▶ store task (one submit for the
+                                          │            events, plus quarantines; retried
+                                          │            until committed, see ``_store``)
                                           ▼
                   acker: awaits store tasks in FIFO order, then PUBACKs in arrival order
 
@@ -15,6 +15,14 @@ Up to ``_STORE_BATCHES`` store tasks run concurrently (they share the outbox's g
 commits), and reading pauses while the inbox is full: at most ``MqttSource.max_held``
 messages are in memory whatever the broker sends (some brokers do not enforce the
 client's Receive Maximum once acks flow).
+
+Storage order is arrival order (DESIGN invariant 4), also when a write fails: every submit
+names the source as its ``chain``, and the store tasks make their calls — first ones and
+re-submissions — in arrival order (``_Turn``). A failed write of any kind (budget full,
+storage fault, an earlier write of the chain failed) is never acked nor quarantined: the
+batch is retried with backoff while the broker keeps the messages. Only an exception that
+one record causes (a bug mapping or serialising it) turns that record into an
+``internal_error`` quarantine record; if even that cannot be written, it is retried too.
 """
 
 from __future__ import annotations
@@ -44,6 +52,7 @@ from edge.errors import (
     OutboxClosedError,
     OutboxError,
     OutboxFullError,
+    OutboxOrderError,
 )
 from edge.sources.mqtt import (
     CompiledTopic,
@@ -63,6 +72,8 @@ log = logging.getLogger("edge.sources.mqtt")
 _STORE_BATCHES = 4  # store tasks (batches) in flight at most
 _STABLE_S = 10.0  # a connection that lived this long resets the reconnect backoff
 _BURST_WINDOW_S = 60.0
+_RETRY_MIN_S = 0.5  # backoff of a failed write: doubles per failure, capped
+_RETRY_MAX_S = 30.0
 
 
 @dataclass(slots=True)
@@ -115,6 +126,78 @@ class _BurstLog:
         return None
 
 
+class _Turn:
+    """A store batch's place in the order of submit calls (arrival order).
+
+    The outbox commits the calls of one chain in the order they were made, and fails
+    every call made before a failure was reported (``OutboxOrderError``). So the source
+    only has to make its calls in arrival order, re-submissions included. The rule, for
+    every call of a batch: its predecessor (the batch that arrived just before) has made
+    all its calls and at least one newer than the predecessor call that preceded this
+    batch's previous call — or is committed (``done``).
+
+    In the normal path a batch calls right after its predecessor called: batches are in
+    flight together and share group commits. After a failure the failed batch and every
+    batch behind it re-submit one after the other in arrival order: a batch waits until
+    its predecessor's re-submission was made (or its predecessor committed), never on a
+    timer of its own, so a later batch can neither commit first nor be left out.
+
+    Known gap: a first call made in the same instant the outbox reports a predecessor's
+    failure, before the predecessor's task has seen it, is not failed by the outbox and
+    may commit first. Closing it needs the outbox to fail calls by the failures their
+    caller has seen rather than by enqueue time.
+    """
+
+    __slots__ = ("abandoned", "after", "changed", "done", "made", "pending", "prev")
+
+    def __init__(self, prev: _Turn | None) -> None:
+        self.prev = prev
+        self.made = 0  # submit calls made
+        self.pending = True  # a call is still to be made (new batch, or its last one failed)
+        self.done = False  # every call committed (or there was nothing to submit)
+        self.abandoned = False  # the task ended without committing (shutdown)
+        self.after = 0  # the predecessor's ``made`` when this batch last called
+        self.changed = asyncio.Event()  # one waiter: the successor
+
+    def _ready(self) -> bool:
+        p = self.prev
+        if p is None or p.done:
+            return True
+        if p.abandoned:
+            raise OutboxClosedError("an earlier batch of this source was not stored")
+        return not p.pending and p.made > self.after
+
+    async def wait(self) -> None:
+        """Return once this batch may make its next submit call."""
+        while not self._ready():
+            p = self.prev
+            assert p is not None
+            p.changed.clear()
+            await p.changed.wait()
+
+    def calling(self, last: bool) -> None:
+        """Right before a call; ``last`` is False while more calls of this batch follow."""
+        self.after = self.prev.made if self.prev is not None else 0
+        self.made += 1
+        self.pending = not last
+        self.changed.set()
+
+    def failed(self) -> None:
+        self.pending = True
+        self.changed.set()
+
+    def finish(self) -> None:
+        self.done = True
+        self.pending = False
+        self.prev = None  # committed: what came before does not matter any more
+        self.changed.set()
+
+    def abandon(self) -> None:
+        if not self.done:
+            self.abandoned = True
+            self.changed.set()
+
+
 class MqttSource:
     """``type: mqtt`` at run time; built by ``edge.sources.mqtt._factory`` (no I/O)."""
 
@@ -147,12 +230,21 @@ class MqttSource:
         # reading at _inbox_max (+ what one socket read delivers) and at most
         # _STORE_BATCHES batches are being stored.
         self.max_held = self._inbox_max + MAX_PACKETS_PER_WAKE + _STORE_BATCHES * cfg.max_batch
+        # How far back a redelivered copy's content hash is looked for (DESIGN invariant
+        # 3). Acks go out in arrival order, so when a message is unacked every message
+        # stored after it is unacked and held too: at a crash or a lost connection its
+        # first copy is among the newest max_held keys of this source. Twice that covers
+        # what else can come between the two copies: PUBACKs handed to paho or the kernel
+        # but lost with the socket (a killed process's unsent data is discarded), and the
+        # messages the next connection stores before the broker's resends reach a batch.
+        self.redelivery_horizon = 2 * self.max_held
         self._wake = asyncio.Event()
         self._in_store = 0  # messages in _pending
         self._room = asyncio.Event()  # set when a store task leaves _pending
         # store tasks in arrival order, awaited by the acker
         self._pending: deque[tuple[list[_Inbound], asyncio.Task[None]]] = deque()
         self._pending_added = asyncio.Event()
+        self._last_turn: _Turn | None = None  # the newest store batch's turn
         self._granted: dict[str, int | None] = {}
         self._stopping = False
         self.counts = {"received": 0, "stored": 0, "duplicates": 0, "quarantined": 0,
@@ -195,6 +287,7 @@ class MqttSource:
         target = await self._target()
         self._inbox.clear()
         self._wake.clear()
+        self._last_turn = None
         tasks = [
             asyncio.create_task(self._processor(), name=f"mqtt-{self.id}-processor"),
             asyncio.create_task(self._acker(), name=f"mqtt-{self.id}-acker"),
@@ -355,7 +448,11 @@ class MqttSource:
                 items = [self._inbox.popleft() for _ in range(n)]
                 prepared = [self._prepare(m) for m in items]
                 self._in_store += n
-                task = asyncio.create_task(self._store(prepared), name=f"mqtt-{self.id}-store")
+                turn = None  # a batch without events takes no part in the submit order
+                if any(p.submission is not None for p in prepared):
+                    turn = self._last_turn = _Turn(self._last_turn)
+                task = asyncio.create_task(self._store(turn, prepared),
+                                           name=f"mqtt-{self.id}-store")
                 self._pending.append((items, task))
                 self._pending_added.set()
                 conn = self._conn
@@ -396,11 +493,17 @@ class MqttSource:
             return self._reject(out, err.reason, err.detail, payload)
         except Exception as err:  # noqa: BLE001 - hostile input must never stop the source
             return self._reject(out, "invalid_data", f"cannot map: {err!r}", payload)
-        if key is None:
-            key = hashlib.sha256(msg._topic + b"\x00" + payload).hexdigest()
-        else:
+        if key is not None:  # a station-assigned identity: matched within the window
             out.default_key = False
-        out.submission = Submission(event, key)
+            out.submission = Submission(event, key)
+            return out
+        # Content hash: matched only for a copy the broker flags as a resend (DUP), or a
+        # retained message replayed by a (re)subscription, so a device that repeats a
+        # payload on purpose gets an event each time (DESIGN invariant 3).
+        out.submission = Submission(
+            event, hashlib.sha256(msg._topic + b"\x00" + payload).hexdigest(),
+            redelivery_only=True, redelivered=bool(msg.dup or msg.retain),
+            redelivery_horizon=self.redelivery_horizon)
         return out
 
     def _reject(self, out: _Prepared, reason: str, detail: str, raw: bytes | bytearray
@@ -420,82 +523,123 @@ class MqttSource:
 
     # ------------------------------------------------------------------ store
 
-    async def _store(self, prepared: list[_Prepared]) -> None:
-        """Commit a batch (events + quarantines); retry until committed. See module doc."""
-        jobs: list[list[_Prepared]] = []
-        good = [p for p in prepared if p.submission is not None]
-        if good:
-            jobs.append(good)
-        jobs.extend([p] for p in prepared if p.submission is None)
-        delay = 0.5
-        while jobs:
-            results = await asyncio.gather(*(self._run_job(j) for j in jobs),
-                                           return_exceptions=True)
-            retry: list[list[_Prepared]] = []
-            errors: list[BaseException] = []
-            for job, res in zip(jobs, results, strict=True):
-                if res is None:
-                    continue
-                if isinstance(res, asyncio.CancelledError):
-                    raise res
-                if isinstance(res, OutboxError):
-                    retry.append(job)
-                    errors.append(res)
-                elif len(job) > 1 and job[0].submission is not None:
-                    retry.extend([p] for p in job)  # isolate the record that breaks the batch
-                    errors.append(res)
-                elif job[0].submission is not None:
-                    p = job[0]
-                    p.submission = None
-                    self._reject(p, "internal_error", f"cannot store: {res!r}",
-                                 p.inbound.msg.payload)
-                    retry.append(job)
-                else:  # even the quarantine record cannot be stored: a bug; count it
-                    p = job[0]
-                    self.ctx.metrics.source_dropped.labels(self.id, "unstorable").inc()
-                    log_event(log, logging.ERROR, "MQTT message could neither be stored nor "
-                              "quarantined; acked to keep the session flowing",
-                              source=self.id, topic=p.topic, error=repr(res))
-            jobs = retry
-            if any(isinstance(e, OutboxClosedError) for e in errors):
-                raise OutboxClosedError("the outbox is closed")
-            if any(isinstance(e, OutboxFullError) for e in errors):
-                self._note("backpressure", "outbox", logging.WARNING,
-                           "outbox refuses events (budget full): not acknowledging MQTT "
-                           "messages; the broker keeps them")
-                await self.ingest.wait_accepting()
-            elif errors and any(isinstance(e, OutboxError) for e in errors):
-                self._errors.labels(self.id, "outbox_write").inc()
-                self._note("outbox_write", "outbox", logging.ERROR,
-                           f"outbox write failed, retrying: {errors[0]}")
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 30.0)
+    async def _store(self, turn: _Turn | None, prepared: list[_Prepared]) -> None:
+        """Commit a batch: its events in one submit (in ``turn`` order), its quarantine
+        records beside it; return once all are committed, retrying until then.
 
-    async def _run_job(self, job: list[_Prepared]) -> None:
-        if job[0].submission is None:
-            p = job[0]
-            await self.ingest.quarantine(self.id, p.reason, p.raw, p.meta, p.detail)
-            self.counts["quarantined"] += 1
-            suppressed = self._bursts.hit((p.reason, p.topic))
-            if suppressed is not None:
-                log_event(log, logging.WARNING, "MQTT message quarantined and acked",
-                          source=self.id, reason=p.reason, topic=p.topic,
-                          detail=p.detail[:200], suppressed_since_last=suppressed)
-            return
-        subs = [p.submission for p in job if p.submission is not None]
-        ids = await self.ingest.submit(subs)
-        for p, sub, eid in zip(job, subs, ids, strict=True):
-            if eid == sub.event.id:
+        Raises only OutboxClosedError (shutdown) and CancelledError: then nothing of the
+        batch, nor of any later batch, may be acked.
+        """
+        events = [p for p in prepared if p.submission is not None]
+        rejects = [p for p in prepared if p.submission is None]
+        try:
+            if not rejects and turn is not None:
+                await self._store_events(turn, events)
+            else:
+                async with asyncio.TaskGroup() as tg:
+                    for p in rejects:
+                        tg.create_task(self._quarantine(p))
+                    if turn is not None:
+                        await self._store_events(turn, events)
+        except BaseExceptionGroup as group:  # the first error of the TaskGroup
+            raise group.exceptions[0] from None
+        finally:
+            if turn is not None:
+                turn.abandon()
+
+    async def _store_events(self, turn: _Turn, events: list[_Prepared]) -> None:
+        """Submit ``events`` (chain: this source) until committed; see the module doc.
+
+        A non-outbox exception of a batch splits it into single records, submitted one
+        after the other; the single record that still raises is quarantined instead
+        (``internal_error``). Any OutboxError is retried with backoff, never acked.
+        """
+        calls = [events] if events else []
+        delay = _RETRY_MIN_S
+        while calls:
+            job = calls[0]
+            await turn.wait()
+            turn.calling(last=len(calls) == 1)
+            try:
+                ids = await self.ingest.submit(
+                    [p.submission for p in job if p.submission is not None], chain=self.id)
+            except OutboxClosedError:
+                raise
+            except OutboxError as err:
+                turn.failed()
+                await self._write_failed(err, delay)
+                delay = min(delay * 2, _RETRY_MAX_S)
+                continue
+            except Exception as err:  # noqa: BLE001 - a bug must not lose or block the rest
+                turn.failed()
+                if len(job) > 1:
+                    calls[0:1] = [[p] for p in job]  # find the record that causes it
+                    continue
+                p = calls.pop(0)[0]
+                p.submission = None
+                self._reject(p, "internal_error", f"cannot store: {err!r}", p.inbound.msg.payload)
+                await self._quarantine(p)
+                continue
+            calls.pop(0)
+            delay = _RETRY_MIN_S
+            self._count_stored(job, ids)
+        turn.finish()
+
+    async def _write_failed(self, err: OutboxError, delay: float) -> None:
+        """After a failed write of events or a quarantine record: wait before retrying."""
+        if isinstance(err, OutboxFullError):
+            self._note("backpressure", "outbox", logging.WARNING,
+                       "outbox refuses events (budget full): not acknowledging MQTT "
+                       "messages; the broker keeps them")
+            await self.ingest.wait_accepting()
+        elif isinstance(err, OutboxOrderError):
+            pass  # an earlier batch failed (counted there); the turn order paces the retry
+        else:
+            self._errors.labels(self.id, "outbox_write").inc()
+            self._note("outbox_write", "outbox", logging.ERROR,
+                       f"outbox write failed: not acknowledging MQTT messages (the broker "
+                       f"keeps them), retrying in {delay:g} s: {err}")
+            await asyncio.sleep(delay)
+
+    async def _quarantine(self, p: _Prepared) -> None:
+        """Commit ``p``'s quarantine record, retrying until it is committed: an unusable
+        message is acked only once its evidence is stored."""
+        delay = _RETRY_MIN_S
+        while True:
+            try:
+                await self.ingest.quarantine(self.id, p.reason, p.raw, p.meta, p.detail)
+            except OutboxClosedError:
+                raise
+            except OutboxError as err:
+                await self._write_failed(err, delay)
+            except Exception as err:  # noqa: BLE001 - keep the message with the broker
+                self._errors.labels(self.id, "quarantine_write").inc()
+                self._note("quarantine_write", p.topic, logging.ERROR,
+                           f"cannot write a quarantine record ({p.reason}): not acknowledging "
+                           f"the message (the broker keeps it), retrying in {delay:g} s: "
+                           f"{err!r}")
+                await asyncio.sleep(delay)
+            else:
+                break
+            delay = min(delay * 2, _RETRY_MAX_S)
+        self.counts["quarantined"] += 1
+        suppressed = self._bursts.hit((p.reason, p.topic))
+        if suppressed is not None:
+            log_event(log, logging.WARNING, "MQTT message quarantined and acked",
+                      source=self.id, reason=p.reason, topic=p.topic,
+                      detail=p.detail[:200], suppressed_since_last=suppressed)
+
+    def _count_stored(self, job: list[_Prepared], ids: list[str]) -> None:
+        for p, eid in zip(job, ids, strict=True):
+            if p.submission is not None and eid == p.submission.event.id:
                 self.counts["stored"] += 1
                 continue
             self.counts["duplicates"] += 1
-            if not p.inbound.msg.dup:
-                why = ("same topic and payload" if p.default_key else "same dedupe_key")
-                self._note("identical", p.topic, logging.INFO,
-                           f"a message not flagged as redelivered matched an event stored "
-                           f"earlier ({why}) and was not stored again; add a timestamp or "
-                           f"sequence to payloads or configure dedupe_key if devices repeat "
-                           f"identical messages")
+            if not p.default_key and not p.inbound.msg.dup:
+                self._note("repeated_key", p.topic, logging.INFO,
+                           "a message not flagged as redelivered had the dedupe_key of an "
+                           "event stored within outbox.dedupe_window_s and was not stored "
+                           "again (dedupe_key must name what identifies one record)")
 
     def _note(self, code: str, topic: str, level: int, message: str) -> None:
         suppressed = self._bursts.hit((code, topic))
@@ -519,6 +663,9 @@ class MqttSource:
                 # OutboxClosedError: shutting down. Nothing after it may be acked either;
                 # the broker redelivers and the outbox dedupe maps copies to their events.
                 self._stopping = True
+                err = None if task.cancelled() else task.exception()
+                if err is not None and not isinstance(err, OutboxClosedError):
+                    raise err  # a bug: let the supervisor restart the source
             elif not self._stopping:
                 self._ack(items)
 

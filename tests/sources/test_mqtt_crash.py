@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -27,6 +28,7 @@ from tests.fixtures.mosquitto import (
     message_ids,
     mqtt_source_yaml,
     start_publisher,
+    wait_until,
 )
 
 pytestmark = pytest.mark.mqtt
@@ -37,15 +39,17 @@ REPO = Path(__file__).resolve().parents[2]
 class GatewayProcess:
     """The gateway as a child process; stderr is collected line by line."""
 
-    def __init__(self, config: Path) -> None:
+    def __init__(self, config: Path, python_args: tuple[str, ...] = ("-m", "edge")) -> None:
         self.config = config
+        self.python_args = python_args  # how the interpreter starts the gateway's CLI
         self.lines: list[str] = []
         self.proc: subprocess.Popen[bytes] | None = None
         self._cond = threading.Condition()
 
     def start(self) -> GatewayProcess:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        self.proc = subprocess.Popen([sys.executable, "-m", "edge", "run", "-c", str(self.config)],
+        self.proc = subprocess.Popen([sys.executable, *self.python_args, "run", "-c",
+                                      str(self.config)],
                                      cwd=REPO, env=env, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.PIPE)
         threading.Thread(target=self._read, args=(self.proc,), daemon=True).start()
@@ -132,3 +136,52 @@ async def test_kill_9_with_messages_in_flight_loses_nothing(
         gw.stop()
     assert "Traceback" not in "\n".join(gw.lines)
 
+
+
+# The gateway's CLI with PUBACKs switched off: every message is committed and never acked,
+# so a kill -9 lands exactly between commit and PUBACK for all of them.
+NO_ACK = ("import sys\n"
+          "from edge.sources import mqtt_conn\n"
+          "mqtt_conn.Connection.ack = lambda self, mid: None\n"
+          "from edge.cli.main import main\n"
+          "sys.exit(main(sys.argv[1:]))\n")
+
+
+@pytest.mark.parametrize("protocol", ["3.1.1", "5"])
+async def test_a_redelivery_after_a_crash_between_commit_and_puback_maps_to_the_first_id(
+        protocol: str, mosquitto: Broker, erp: ErpReceiver, gateways: Any,
+        tmp_path: Path) -> None:
+    """Invariant 3: the broker resends (DUP) what was committed but not acked; each copy
+    maps to its first event id. Payloads repeated on purpose stay separate events."""
+    state = tmp_path / "state"
+    body = mqtt_source_yaml(mosquitto.url, protocol=protocol) + "sinks:\n" + \
+        http_sink_yaml(erp.url)
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(f"site: test-site\nstate_dir: {state}\napi: {{enabled: false}}\n" + body)
+    gw = GatewayProcess(cfg, python_args=("-c", NO_ACK)).start()
+    try:
+        gw.wait_line("MQTT connected")
+        pub = await start_publisher(mosquitto.url, protocol=protocol)
+        ids = [f"k{i:02d}" for i in range(10)]
+        for i in ids:
+            pub.publish(*inspection(i), i)
+        for n in range(3):  # the same reading three times, on purpose (no DUP)
+            pub.publish(*inspection("rep"), f"rep-{n}")
+        assert await asyncio.to_thread(pub.wait_acked, 15)
+        pub.stop()
+        # every message committed (the ERP got it from the outbox), none acked
+        await erp.wait_for(lambda e: sum(len(v) for v in message_ids(e.events).values()) == 13,
+                           20)
+        await asyncio.to_thread(gw.kill9)
+    finally:
+        gw.stop()
+    assert "Traceback" not in "\n".join(gw.lines)
+    before = message_ids(erp.events)
+    assert len(before["rep"]) == 3
+
+    gw2 = await gateways(body, state_dir=state)
+    src = gw2.sources["line1"]
+    await wait_until(lambda: src.status()["acked"] == 13, 20, "the redelivered copies acked")
+    assert src.counts["duplicates"] == 13 and src.counts["stored"] == 0
+    await asyncio.sleep(0.5)  # anything new would be on its way to the ERP by now
+    assert message_ids(erp.events) == before  # no message under a second id

@@ -162,6 +162,21 @@ def test_default_dedupe_key_identifies_a_redelivery(source: MqttSource) -> None:
     assert first.submission.dedupe_key == again.submission.dedupe_key
     assert first.submission.dedupe_key != other.submission.dedupe_key
     assert first.submission.event.id != again.submission.event.id  # the outbox maps it back
+    # a content hash is matched only for a copy flagged as a resend, within the horizon
+    assert first.submission.redelivery_only and again.submission.redelivery_only
+    assert (first.submission.redelivered, again.submission.redelivered) == (False, True)
+    assert first.submission.redelivery_horizon == 2 * source.max_held > 0
+    retained = message(b"fuzz/d1/x", payload)
+    retained.retain = True  # a retained message replayed by a (re)subscription
+    replay = source._prepare(_Inbound(None, retained, 0))  # type: ignore[arg-type]
+    assert replay.submission and replay.submission.redelivered
+
+
+def test_a_configured_dedupe_key_is_an_identity(source: MqttSource) -> None:
+    keyed = source._prepare(_Inbound(None, message(b"keyed/st1", b'{"n": 3, "sn": "A1"}'), 0))  # type: ignore[arg-type]
+    assert keyed.submission is not None
+    assert keyed.submission.dedupe_key == "st1:A1"
+    assert not keyed.submission.redelivery_only and not keyed.default_key
 
 
 # --------------------------------------------------------------------------- through a broker

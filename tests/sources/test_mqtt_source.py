@@ -355,3 +355,48 @@ async def test_outbox_full_stops_acking_and_resumes_without_loss(
     got = message_ids(erp.events)
     assert set(got) == set(ids) and all(len(v) == 1 for v in got.values())
     pub.stop()
+
+
+async def test_a_payload_repeated_on_purpose_is_stored_each_time(
+        mosquitto: Broker, erp: ErpReceiver, gateways: Gateways) -> None:
+    """Invariant 3: only redeliveries are matched. A device that publishes the same state
+    three times (no DUP flag) gets three events."""
+    gw = await gateways(config(mosquitto.url, erp))
+    await wait_connected(gw)
+    pub = await start_publisher(mosquitto.url)
+    await publish(pub, [("raw/press1", b'{"value": 1, "state": "running"}')] * 3
+                  + [inspection("same")] * 3)
+    pub.stop()
+    await erp.wait_for(lambda e: len(e.events) == 6)
+    src = gw.sources["line1"]
+    await wait_until(lambda: src.status()["acked"] == 6, what="all acked")
+    assert len({e["id"] for e in erp.events}) == 6
+    assert message_ids(erp.events)["same"] and len(message_ids(erp.events)["same"]) == 3
+    assert src.counts["stored"] == 6 and src.counts["duplicates"] == 0
+    assert metric(gw, "edge_events_deduplicated_total", source="line1") == 0
+
+
+async def test_a_configured_dedupe_key_matches_a_repeat_without_dup(
+        mosquitto: Broker, erp: ErpReceiver, gateways: Gateways) -> None:
+    """A station-assigned message id (``dedupe_key``) is an identity: a second message
+    with the same id is the same record, flag or not."""
+    import textwrap
+
+    subs = textwrap.dedent("""\
+        - topic: plant/{site}/line/{line}/station/{station}/inspection
+          event: inspection.result
+          dedupe_key: "{station}:{message_id}"
+          fields: {lot_id: lot, serial: sn, result: result, message_id: msg_id}
+        """)
+    gw = await gateways(mqtt_source_yaml(mosquitto.url, subscriptions=subs)
+                        + "sinks:\n" + http_sink_yaml(erp.url))
+    await wait_connected(gw)
+    pub = await start_publisher(mosquitto.url)
+    await publish(pub, [inspection("id1"), inspection("id1", result="NOK"), inspection("id2")])
+    pub.stop()
+    await delivered(erp, {"id1", "id2"})
+    src = gw.sources["line1"]
+    await wait_until(lambda: src.status()["acked"] == 3, what="all acked")
+    assert src.counts["stored"] == 2 and src.counts["duplicates"] == 1
+    await asyncio.sleep(0.3)
+    assert {k: len(v) for k, v in message_ids(erp.events).items()} == {"id1": 1, "id2": 1}
