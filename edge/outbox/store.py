@@ -116,6 +116,7 @@ class Outbox:
         self._gone_order: deque[int] = deque()
         self._not_before: dict[int, float] = {}  # seq → earliest resend (outcome unsaved)
         self._horizons: dict[str, int] = {}  # source → redelivery horizon (messages)
+        self._prune_log: dict[str, tuple[float, int]] = {}  # table → (last line, since)
         self._new_rows: dict[str, asyncio.Event] = {}
         self._lease_locks: dict[str, asyncio.Lock] = {}
         self._quarantine_log: dict[tuple[str, str], tuple[float, int]] = {}
@@ -507,9 +508,7 @@ class Outbox:
             self.metrics.audit_pruned.labels("budget").inc(removed)
             self._alarm("audit_pruned", "disk budget: oldest audit history of delivered events "
                         "was removed early")
-            log_event(log, logging.WARNING,
-                      "disk budget: removed oldest audit rows of events no longer queued",
-                      count=removed, oldest_kept=oldest)
+            self._log_prune("audit", removed, oldest_kept=oldest)
         return int(removed)
 
     async def _prune_bookkeeping_for_space(self, bytes_to_free: int) -> int:
@@ -522,10 +521,25 @@ class Outbox:
                         "twice)")
         if removed["quarantine"]:
             self.metrics.quarantine_pruned.inc(removed["quarantine"])
-        if removed["dedupe"] or removed["quarantine"]:
-            log_event(log, logging.WARNING, "disk budget: removed oldest bookkeeping rows",
-                      **removed)
+        for table, n in removed.items():
+            if n:
+                self._log_prune(table, n)
         return int(removed["dedupe"] + removed["quarantine"])
+
+    def _log_prune(self, table: str, n: int, **detail: Any) -> None:
+        """One line per table and minute with the rows removed since the last line: under
+        a small budget this runs every maintenance tick."""
+        now = time.monotonic()
+        last, pending = self._prune_log.get(table, (-1e9, 0))
+        pending += n
+        if now - last >= 60.0:
+            log_event(log, logging.WARNING, f"disk budget: removed oldest {table} rows of "
+                      "events no longer queued" if table == "audit" else
+                      f"disk budget: removed oldest {table} rows", table=table, count=pending,
+                      **detail)
+            self._prune_log[table] = (now, 0)
+        else:
+            self._prune_log[table] = (last, pending)
 
     async def prune_redelivery_horizon(self) -> int:
         """Keep only each source's newest redelivery-horizon content keys."""

@@ -102,11 +102,10 @@ async def test_a_small_budget_carries_an_endless_stream_while_the_sink_keeps_up(
     ob = Outbox(tmp_path, cfg, router=lambda ev: ["erp"], maintenance_interval_s=0.05)
     await ob.open()
     delivered = 0
-    done = asyncio.Event()
 
     async def sink() -> None:
         nonlocal delivered
-        while not done.is_set() or await ob.lease("erp", 1):
+        while True:
             batch = await ob.lease("erp", 500)
             if not batch:
                 await asyncio.sleep(0.01)
@@ -123,8 +122,9 @@ async def test_a_small_budget_carries_an_endless_stream_while_the_sink_keeps_up(
                 await ob.submit(batch)
             except OutboxFullError:
                 pytest.fail(f"backpressure after {i * 100} events with the sink keeping up")
-            await asyncio.sleep(0.005)  # a stream, not one burst
-        done.set()
+            async with asyncio.timeout(30):  # a stream the sink keeps up with: <= 500 queued
+                while delivered < (i + 1) * 100 - 500:
+                    await asyncio.sleep(0.005)
         async with asyncio.timeout(30):
             while delivered < 20_000:
                 await asyncio.sleep(0.05)
@@ -132,7 +132,6 @@ async def test_a_small_budget_carries_an_endless_stream_while_the_sink_keeps_up(
         assert ob.metrics.events_expired.labels("low")._value.get() == 0  # none given up
         assert await _count(ob, "SELECT COUNT(*) FROM dedupe") <= 20_000 // 4
     finally:
-        done.set()
         forwarder.cancel()
         await asyncio.gather(forwarder, return_exceptions=True)
         await ob.close()
