@@ -8,6 +8,8 @@ Contract:
   cancelled; anything not yet committed is not acked, so the upstream redelivers), then
   let forwarders finish in-flight sends within ``shutdown_grace_s``, close sinks, flush
   the writer and close the database. Idempotent.
+- ``await gw.resume_sink(id, actor=..., reason=...)`` lifts a sink's pause (dead-letter
+  storm guard, refused credentials); audited as ``sink_resumed``.
 - A source that raises ``FatalStartupError`` is stopped and shown as failed; any other
   error restarts it with capped exponential backoff. The daemon never exits because one
   component fails.
@@ -307,8 +309,11 @@ class Gateway:
         """The ``/status`` document (no secrets: config values are not included)."""
         stats = await self.outbox.stats()
         for sid, fwd in self.forwarders.items():
-            self.status[sid].connected = fwd.breaker.state == "closed"
-            if fwd.breaker.state != "closed":
+            up = fwd.breaker.state == "closed" and fwd.pause is None
+            self.status[sid].connected = up
+            if fwd.pause is not None:
+                self.status[sid].error = f"paused: {fwd.pause.reason}"
+            elif not up:
                 self.status[sid].error = fwd.last_error
         configured = set(self.sinks)
         sinks_out: dict[str, Any] = {}
@@ -343,6 +348,27 @@ class Gateway:
             "sinks": sinks_out,
             "alarms": stats["alarms"],
         }
+
+    # ------------------------------------------------------------------ operator actions
+
+    async def resume_sink(self, sink_id: str, *, actor: str, reason: str) -> bool:
+        """Lift a pause of ``sink_id`` (dead-letter storm guard, or refused credentials).
+
+        Written to the audit trail (``sink_resumed`` with ``actor`` and ``reason``) before
+        the sink sends again. Returns True when the sink was paused and now sends (an auth
+        pause: probes at once), False when it was not paused. Raises KeyError for a sink
+        that is not configured, and what ``Outbox.audit`` raises (``OutboxError``) when the
+        audit row cannot be written; the sink then stays paused.
+        """
+        fwd = self.forwarders[sink_id]
+        pause = fwd.pause
+        if pause is None:
+            return False
+        await self.outbox.audit("sink_resumed", actor=actor, reason=reason, detail={
+            "sink": sink_id, "pause": pause.code, "paused_since": utc_iso(pause.since),
+            "pause_reason": pause.reason})
+        fwd.resume(by=actor, reason=reason)
+        return True
 
 
 def _sink_config(cfg: Any) -> SinkConfigBase:

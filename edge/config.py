@@ -50,6 +50,7 @@ __all__ = [
     "SecretFile",
     "SinkConfigBase",
     "SourceConfigBase",
+    "StormGuardConfig",
     "StrictModel",
     "load_config",
     "load_config_text",
@@ -134,6 +135,30 @@ class CircuitBreakerConfig(StrictModel):
     max_open_s: float = Field(120.0, gt=0, description="cap when probes keep failing")
 
 
+class StormGuardConfig(StrictModel):
+    """Dead-letter storm guard: when most recent answers of a sink are the same dead-letter
+    status (a wrong base URL → 404 for everything, a removed API version → 410), the sink
+    pauses with an alarm instead of dead-lettering its backlog (``edge sink resume``)."""
+
+    enabled: bool = Field(True, description="pause the sink on a dead-letter storm")
+    window_outcomes: int = Field(
+        20, ge=2, le=10_000, description="judge the last N answers of the sink, one per event"
+    )
+    min_share: float = Field(
+        0.9, gt=0, le=1, description="share of those answers that are one dead-letter status"
+    )
+    min_events: int = Field(
+        10, ge=1, description="distinct events among them (one event replayed is no storm)"
+    )
+
+    @model_validator(mode="after")
+    def _events_fit(self) -> StormGuardConfig:
+        if self.min_events > self.window_outcomes:
+            raise ValueError(f"min_events ({self.min_events}) must not exceed "
+                             f"window_outcomes ({self.window_outcomes})")
+        return self
+
+
 class SinkConfigBase(ComponentConfigBase):
     """Keys every sink has; the forwarder reads them. Subclasses set ``type``."""
 
@@ -147,6 +172,7 @@ class SinkConfigBase(ComponentConfigBase):
     )
     retry: RetryConfig = RetryConfig()
     circuit_breaker: CircuitBreakerConfig = CircuitBreakerConfig()
+    storm_guard: StormGuardConfig = StormGuardConfig()
     shutdown_grace_s: float = Field(5.0, ge=0, description="finish in-flight sends on stop")
     on_dead_letter: Literal["park", "continue"] = Field(
         "park",

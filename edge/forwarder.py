@@ -3,13 +3,30 @@
 Contract:
 - Runs ``max_in_flight`` lanes; each lane leases a batch (``edge.outbox.lease`` rules:
   priority, per-key FIFO, live-first), checks each event's payload SHA-256 against the one
-  taken at ingest (mismatch → dead letter), waits for the drain rate limit, calls
-  ``sink.send`` and records every outcome in one outbox transaction.
-- Retry timing: capped exponential backoff with full jitter, never earlier than the
-  receiver's ``Retry-After``; a ``Retry-After`` also pauses the whole sink that long.
-  ``retry.max_attempts`` (optional) turns the last retry into a dead letter.
-- Circuit breaker: after ``failure_threshold`` consecutive failed batches the sink is
-  "down": nothing is sent (events keep being stored) until a one-event probe succeeds.
+  taken at ingest (mismatch → dead letter, never sent; with ``on_dead_letter: park`` the
+  later events of its key in that lease are not sent either), waits for the drain rate
+  limit, calls ``sink.send`` and records every outcome in one outbox transaction.
+- Outcomes: ``delivered``/``duplicate`` remove the row; ``dead_letter`` moves it to the
+  dead-letter table; ``retry`` keeps it with capped exponential backoff and full jitter,
+  never earlier than the receiver's ``Retry-After`` (which also pauses the whole sink that
+  long), and ``retry.max_attempts`` (optional) turns the last retry into a dead letter.
+  ``sink_fault`` (the receiver, not the event, is at fault: 3xx, 401/403, an unlisted
+  status) keeps the row like a retry but never turns it into a dead letter; it raises an
+  alarm (``status()["alarm"]``, code ``auth`` for 401/403, else ``sink_fault``, cleared by
+  the next delivery), counts ``edge_sink_faults_total`` and logs one line a minute.
+- Circuit breaker (``edge.retry.CircuitBreaker``): a batch with a delivery is a success;
+  a batch with a retry or sink fault and no delivery is a failure; a batch of dead letters
+  only is neither (a receiver that refuses everything is not "up"). After
+  ``failure_threshold`` failures the sink is "down": nothing is sent (events keep being
+  stored) until a one-event probe, ``open_s`` later, succeeds. Only the probe's own
+  failure doubles the wait; requests in flight when the circuit opened do not.
+- Pauses (``status()["paused"]``, ``edge_sink_paused``): 401/403 opens the circuit at once
+  and pauses the sink with an ``auth`` alarm; it probes with backoff and a delivery ends
+  it. The dead-letter storm guard (``storm_guard``, ``edge.retry.StormGuard``) pauses the
+  sink when most of its recent answers are dead letters with one status: nothing is sent
+  until an operator calls ``resume()`` (``edge sink resume``); the dead letters with that
+  status that arrive from requests still in flight are kept as rows, not dead-lettered.
+  Both pauses are written to the audit trail (``sink_paused``). A pause never drops rows.
 - ``stop()``: no new leases; in-flight sends get ``shutdown_grace_s`` to finish and record
   their outcome; what is still running then is cancelled and its rows simply stay queued.
 """
@@ -21,22 +38,26 @@ import contextlib
 import hashlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Hashable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from edge.audit import utc_iso
 from edge.components import Outcome, OutcomeKind, Sink, StoredEvent
 from edge.config import SinkConfigBase
 from edge.outbox import Outbox, Resolution
-from edge.retry import CircuitBreaker, TokenBucket, backoff_s
+from edge.retry import CircuitBreaker, StormGuard, TokenBucket, backoff_s
 from edge.telemetry import Metrics, log_event
 
-__all__ = ["Forwarder", "blocks_key", "send_in_key_order"]
+__all__ = ["Alarm", "Forwarder", "Pause", "blocks_key", "send_in_key_order"]
 
 log = logging.getLogger(__name__)
 
 IDLE_POLL_S = 0.25
 UNROUTED_RECHECK_S = 300.0
+FAULT_LOG_EVERY_S = 60.0
+AUTH_STATUSES = frozenset({401, 403})
+_ALARM_RANK = {"sink_fault": 1, "auth": 2, "storm_guard": 3}  # a higher one is not replaced
 
 
 SendRequest = Callable[[list[StoredEvent]], Awaitable[list[Outcome]]]
@@ -110,6 +131,32 @@ def blocks_key(outcome: Outcome, dead_letter_blocks: bool = True) -> bool:
     return True
 
 
+@dataclass(slots=True)
+class Alarm:
+    """Why a sink needs a person: ``auth`` (credentials refused), ``sink_fault`` (answers
+    that fault the sink, not the event) or ``storm_guard`` (paused on a dead-letter storm)."""
+
+    code: str
+    message: str
+    since: float  # epoch seconds of the first fault of this kind in a row
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"code": self.code, "message": self.message, "since": utc_iso(self.since)}
+
+
+@dataclass(slots=True)
+class Pause:
+    """The sink sends nothing (``storm_guard``: until resumed) or only probes (``auth``)."""
+
+    code: str  # storm_guard | auth
+    reason: str
+    since: float  # epoch seconds
+    key: Hashable | None = None  # storm_guard: the dead-letter status (or reason) it holds
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"code": self.code, "reason": self.reason, "since": utc_iso(self.since)}
+
+
 class Forwarder:
     def __init__(
         self,
@@ -130,19 +177,28 @@ class Forwarder:
             config.circuit_breaker.open_s,
             config.circuit_breaker.max_open_s,
         )
+        guard = config.storm_guard
+        self.guard = (StormGuard(guard.window_outcomes, guard.min_share, guard.min_events)
+                      if guard.enabled else None)
         self.bucket = TokenBucket(config.rate_limit_per_s) if config.rate_limit_per_s else None
         self.paused_until = 0.0  # wall clock; set by Retry-After
+        self.pause: Pause | None = None
+        self.alarm: Alarm | None = None
         self.last_delivery_at: float | None = None
         self.last_error: str | None = None
         self.down_since: float | None = None  # when the circuit opened
         self._retried = 0
         self._retry_logged_at = -1e9
         self._down_logged_at = -1e9
+        self._faults = 0
+        self._fault_logged_at = -1e9
         self.delivered = 0
         self._stopping = asyncio.Event()
+        self._wakeup = asyncio.Event()  # replaced by resume(); set for good by stop()
         self._tasks: set[asyncio.Task[None]] = set()
         metrics.sink_up.labels(sink.id).set(1)
         metrics.sink_circuit_open.labels(sink.id).set(0)
+        metrics.sink_paused.labels(sink.id).set(0)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -169,15 +225,45 @@ class Forwarder:
 
     def stop(self) -> None:
         self._stopping.set()
+        self._wakeup.set()
         stop_new = getattr(self.sink, "stop_new_requests", None)
         if stop_new is not None:
             stop_new()
         self.outbox.new_rows(self.sink.id).set()  # wake idle lanes
 
+    def resume(self, *, by: str = "", reason: str = "") -> bool:
+        """Lift a pause (an operator's decision; ``Gateway.resume_sink`` audits it).
+
+        A storm-guard pause ends: sending starts again and the guard needs a full fresh
+        window to fire again. An auth pause sends its next probe now. True when the sink
+        was paused; False when it was not.
+        """
+        pause = self.pause
+        if pause is None:
+            return False
+        self.pause = None
+        self.metrics.sink_paused.labels(self.sink.id).set(0)
+        if self.guard is not None:
+            self.guard.reset()
+        if self.alarm is not None and self.alarm.code == pause.code:
+            self.alarm = None
+        if pause.code == "auth":
+            self.breaker.probe_now()
+        log_event(log, logging.INFO, "sink resumed by an operator", sink=self.sink.id,
+                  pause=pause.code, paused_for_s=round(self.clock() - pause.since), by=by,
+                  reason=reason[:200])
+        wakeup, self._wakeup = self._wakeup, asyncio.Event()
+        if self._stopping.is_set():
+            self._wakeup.set()
+        wakeup.set()
+        return True
+
     def status(self) -> dict[str, Any]:
         return {
             "circuit": self.breaker.state,
-            "up": self.breaker.state == "closed",
+            "up": self.breaker.state == "closed" and self.pause is None,
+            "paused": self.pause.to_dict() if self.pause else None,
+            "alarm": self.alarm.to_dict() if self.alarm else None,
             "paused_for_s": round(max(0.0, self.paused_until - self.clock()), 1),
             "last_delivery": _iso(self.last_delivery_at),
             "last_error": self.last_error,
@@ -190,38 +276,43 @@ class Forwarder:
     async def _lane(self, index: int) -> None:
         new_rows = self.outbox.new_rows(self.sink.id)
         while not self._stopping.is_set():
+            if self.pause is not None and self.pause.code == "storm_guard":
+                await self._sleep(60.0)  # until resume() or stop()
+                continue
             wait = max(self.paused_until - self.clock(), self.breaker.wait_s())
             if wait > 0:
                 await self._sleep(wait)
                 continue
             probing = self.breaker.state == "half_open"
-            if probing:
-                if self.breaker.probing or index != 0:
-                    await self._sleep(0.2)
-                    continue
-                self.breaker.probing = True
+            if probing and (index != 0 or not self.breaker.start_probe()):
+                await self._sleep(0.2)  # one lane probes; the others wait for its verdict
+                continue
             limit = 1 if probing else self._lease_size()
             live = 0 if probing else int(limit * self.config.live_share)
             try:
-                batch = await self.outbox.lease(self.sink.id, limit, live_limit=live)
+                batch = await self.outbox.lease(self.sink.id, limit, live_limit=live,
+                                                park=self.config.on_dead_letter == "park")
             except Exception as err:  # noqa: BLE001 - a failing read must not kill the lane
                 log_event(log, logging.ERROR, "lease failed", sink=self.sink.id, error=repr(err))
-                self.breaker.probing = False
+                if probing:
+                    self.breaker.probing = False
                 await self._sleep(1.0)
                 continue
             if not batch:
-                self.breaker.probing = False
+                if probing:
+                    self.breaker.probing = False
                 new_rows.clear()
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(IDLE_POLL_S):
                         await new_rows.wait()
                 continue
             try:
-                await self._forward(batch)
+                await self._forward(batch, probe=probing)
             finally:
                 # a probe that reached no verdict (e.g. nothing was sendable) must not
                 # leave the other lanes waiting for it
-                self.breaker.probing = False
+                if probing:
+                    self.breaker.probing = False
 
     def _lease_size(self) -> int:
         size = self.config.lease_batch
@@ -230,28 +321,36 @@ class Forwarder:
         return size
 
     async def _sleep(self, seconds: float) -> None:
+        """Up to ``seconds`` (at most 1 s, so waits are re-checked), or until stop/resume."""
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(min(seconds, 1.0)):
-                await self._stopping.wait()
+                await self._wakeup.wait()
 
-    async def _forward(self, batch: list[StoredEvent]) -> None:
+    async def _forward(self, batch: list[StoredEvent], *, probe: bool = False) -> None:
         resolutions: list[Resolution] = []
         sendable: list[StoredEvent] = []
-        for ev in batch:
-            if _integrity_ok(ev):
+        parked: set[str] = set()  # keys whose earlier event in this lease was dead-lettered
+        park = self.config.on_dead_letter == "park"
+        for ev in batch:  # in seq order: per key, earlier events come first
+            if ev.ordering_key is not None and ev.ordering_key in parked:
+                resolutions.append(self._resolution(ev, Outcome.not_attempted(), False))
+            elif _integrity_ok(ev):
                 sendable.append(ev)
             else:
                 resolutions.append(self._resolution(ev, Outcome.dead_letter(
                     "integrity: stored event differs from its SHA-256 taken at ingest"), False))
+                if park and ev.ordering_key is not None:
+                    parked.add(ev.ordering_key)
+        paused: Pause | None = None
         try:
             if sendable:
                 if self.bucket is not None:
                     await self.bucket.acquire(len(sendable))
                 outcomes = await self._send(sendable)
+                outcomes, paused = self._account(sendable, outcomes, probe)
                 resolutions.extend(
                     self._resolution(ev, o, True) for ev, o in zip(sendable, outcomes, strict=True)
                 )
-                self._account(outcomes)
         except asyncio.CancelledError:
             self.outbox.release(self.sink.id, [ev.seq for ev in batch])
             raise
@@ -260,6 +359,8 @@ class Forwarder:
         except Exception as err:  # noqa: BLE001 - outcome not recorded: rows are resent later
             log_event(log, logging.ERROR, "could not record delivery results; will resend",
                       sink=self.sink.id, error=repr(err), events=len(resolutions))
+        if paused is not None:
+            await self._audit_pause(paused)
         now = self.clock()
         for r in resolutions:
             if r.kind in ("delivered", "duplicate"):
@@ -285,60 +386,176 @@ class Forwarder:
             return [Outcome.retry("sink returned a wrong outcome count")] * len(batch)
         return outcomes
 
-    def _account(self, outcomes: list[Outcome]) -> None:
+    # ------------------------------------------------------------------ judging outcomes
+
+    def _account(self, events: list[StoredEvent], outcomes: list[Outcome], probe: bool
+                 ) -> tuple[list[Outcome], Pause | None]:
+        """Metrics, breaker, alarms and pauses for one sent batch. Returns the outcomes to
+        record (dead letters held by the storm guard become sink faults: the row stays)
+        and the pause this batch started, if any (the caller audits it)."""
         attempted = [o for o in outcomes if o.attempted]
         for o in attempted:
             self.metrics.delivery_attempts.labels(self.sink.id, o.kind.value).inc()
         if not attempted:
-            self.breaker.probing = False
-            return
-        ok = any(o.kind in (OutcomeKind.delivered, OutcomeKind.duplicate,
-                            OutcomeKind.dead_letter) for o in attempted)
-        pause = max((o.retry_after_s or 0.0) for o in attempted)
-        if pause > 0:
-            self.paused_until = max(self.paused_until, self.clock() + pause)
-        if ok:
-            if self.breaker.state != "closed":
-                log_event(log, logging.INFO, "sink is back; circuit closed", sink=self.sink.id)
-            self.breaker.record_success()
-            self.down_since = None
-            self.metrics.sink_up.labels(self.sink.id).set(1)
-            self.metrics.sink_circuit_open.labels(self.sink.id).set(0)
-            return
-        first = next(o for o in attempted if o.kind is OutcomeKind.retry)
+            return outcomes, None
+        started = self._watch_storm(events, outcomes)
+        delivered = any(o.kind in (OutcomeKind.delivered, OutcomeKind.duplicate)
+                        for o in attempted)
+        faults = [o for o in attempted if o.kind is OutcomeKind.sink_fault]
+        failures = [o for o in attempted if o.kind in (OutcomeKind.retry, OutcomeKind.sink_fault)]
+        pause_s = max((o.retry_after_s or 0.0) for o in attempted)
+        if pause_s > 0:
+            self.paused_until = max(self.paused_until, self.clock() + pause_s)
+        auth = None
+        if faults:
+            auth = self._sink_faults(faults, delivered)
+            started = started or auth
+        if delivered:
+            self._up()
+        elif failures:
+            self._failed(failures, probe, trip=auth is not None)
+        elif probe:  # dead letters only: says nothing about the receiver being up
+            self.breaker.record_no_verdict()
+        if self.pause is not None and self.pause.code == "storm_guard":
+            outcomes = [self._hold(o, self.pause) for o in outcomes]
+        return outcomes, started
+
+    def _up(self) -> None:
+        if self.breaker.state != "closed":
+            log_event(log, logging.INFO, "sink is back; circuit closed", sink=self.sink.id)
+        self.breaker.record_success()
+        self.down_since = None
+        self.metrics.sink_up.labels(self.sink.id).set(1)
+        self.metrics.sink_circuit_open.labels(self.sink.id).set(0)
+        if self.alarm is not None and self.alarm.code != "storm_guard":
+            log_event(log, logging.INFO, "sink fault cleared by a delivery", sink=self.sink.id,
+                      alarm=self.alarm.code, faults_since_last_line=self._faults)
+            self.alarm = None
+            self._faults = 0
+        if self.pause is not None and self.pause.code == "auth":
+            self.pause = None
+            self.metrics.sink_paused.labels(self.sink.id).set(0)
+
+    def _failed(self, failures: list[Outcome], probe: bool, *, trip: bool) -> None:
+        first = failures[0]
         self.last_error = first.reason
-        self._retried += len(attempted)
         now = time.monotonic()
-        if now - self._retry_logged_at >= 10.0:  # one line per 10 s, with the count since
-            log_event(log, logging.WARNING, "delivery failed; events stay queued for retry",
-                      sink=self.sink.id, error=first.reason[:200], status=first.status,
-                      retried_since_last_line=self._retried)
-            self._retry_logged_at, self._retried = now, 0
-        if self.breaker.record_failure():
-            opened = self.down_since is None
-            if self.down_since is None:
-                self.down_since = self.clock()
-            down_for_s = self.clock() - self.down_since
-            self.metrics.sink_up.labels(self.sink.id).set(0)
-            self.metrics.sink_circuit_open.labels(self.sink.id).set(1)
-            # one line when the sink goes down, then one a minute: a failed probe every
-            # few seconds is the breaker working, not news
-            if opened or now - self._down_logged_at >= 60.0:
-                log_event(log, logging.WARNING,
-                          "sink failing; circuit open, events keep being stored" if opened
-                          else "sink still down; events keep being stored",
-                          sink=self.sink.id, down_for_s=round(down_for_s),
-                          probe_in_s=round(self.breaker.wait_s(), 1), error=self.last_error)
-                self._down_logged_at = now
+        retries = [o for o in failures if o.kind is OutcomeKind.retry]
+        if retries:
+            self._retried += len(retries)
+            if now - self._retry_logged_at >= 10.0:  # one line per 10 s, with the count since
+                log_event(log, logging.WARNING, "delivery failed; events stay queued for retry",
+                          sink=self.sink.id, error=retries[0].reason[:200],
+                          status=retries[0].status, retried_since_last_line=self._retried)
+                self._retry_logged_at, self._retried = now, 0
+        opened = self.breaker.record_failure(probe=probe)
+        if trip:  # refused credentials: no point in waiting for the threshold
+            opened = self.breaker.trip() or opened
+        if not opened:
+            return
+        first_open = self.down_since is None
+        if first_open:
+            self.down_since = self.clock()
+        down_for_s = self.clock() - (self.down_since or self.clock())
+        self.metrics.sink_up.labels(self.sink.id).set(0)
+        self.metrics.sink_circuit_open.labels(self.sink.id).set(1)
+        # one line when the sink goes down, then one a minute: a failed probe every
+        # few seconds is the breaker working, not news
+        if first_open or now - self._down_logged_at >= 60.0:
+            log_event(log, logging.WARNING,
+                      "sink failing; circuit open, events keep being stored" if first_open
+                      else "sink still down; events keep being stored",
+                      sink=self.sink.id, down_for_s=round(down_for_s),
+                      probe_in_s=round(self.breaker.wait_s(), 1), error=self.last_error)
+            self._down_logged_at = now
+
+    def _sink_faults(self, faults: list[Outcome], delivered: bool) -> Pause | None:
+        """Alarm, count and log answers that fault the sink; 401/403 without a delivery in
+        the same batch pauses it (returned, to be audited)."""
+        for o in faults:
+            self.metrics.sink_faults.labels(self.sink.id,
+                                            str(o.status) if o.status else "none").inc()
+        auth = next((o for o in faults if o.status in AUTH_STATUSES), None)
+        first = auth or faults[0]
+        code = "auth" if auth is not None else "sink_fault"
+        message = (f"the receiver refuses the gateway's credentials ({first.reason[:200]}); "
+                   "events are kept, the sink is paused and probes with backoff"
+                   if code == "auth" else
+                   f"the receiver, not the event, is at fault ({first.reason[:200]}); "
+                   "events are kept and retried")
+        if self.alarm is None or _ALARM_RANK[code] > _ALARM_RANK[self.alarm.code]:
+            self.alarm = Alarm(code, message, self.clock())
+            self._fault_logged_at = -1e9  # a new alarm is news: log it now
+        elif self.alarm.code == code:
+            self.alarm.message = message
+        self._faults += len(faults)
+        now = time.monotonic()
+        if now - self._fault_logged_at >= FAULT_LOG_EVERY_S:
+            log_event(log, logging.ERROR if code == "auth" else logging.WARNING,
+                      "sink fault: " + message, sink=self.sink.id, alarm=code,
+                      status=first.status, faults_since_last_line=self._faults)
+            self._fault_logged_at, self._faults = now, 0
+        if auth is None or delivered or self.pause is not None:
+            return None
+        self.pause = Pause("auth", message, self.clock())
+        self.metrics.sink_paused.labels(self.sink.id).set(1)
+        return self.pause
+
+    def _watch_storm(self, events: list[StoredEvent], outcomes: list[Outcome]
+                     ) -> Pause | None:
+        """Feed the storm guard; pause the sink when it fires (returned, to be audited)."""
+        if self.guard is None:
+            return None
+        fired: Hashable | None = None
+        for ev, o in zip(events, outcomes, strict=True):
+            if not o.attempted:
+                continue
+            hit = self.guard.observe(_storm_key(o), ev.id)
+            if hit is not None and fired is None:
+                fired = hit
+        if fired is None or (self.pause is not None and self.pause.code == "storm_guard"):
+            return None
+        cfg = self.config.storm_guard
+        what = f"HTTP {fired}" if isinstance(fired, int) else repr(fired)
+        reason = (f"dead-letter storm: {what} for at least {self.guard.needed} of the last "
+                  f"{cfg.window_outcomes} events; nothing is sent and no event is "
+                  f"dead-lettered until an operator runs `edge sink resume {self.sink.id} "
+                  f"--reason ...`")
+        self.pause = Pause("storm_guard", reason, self.clock(), key=fired)
+        self.alarm = Alarm("storm_guard", reason, self.pause.since)
+        self.metrics.sink_paused.labels(self.sink.id).set(1)
+        log_event(log, logging.ERROR, "sink paused: " + reason, sink=self.sink.id,
+                  status=fired if isinstance(fired, int) else None)
+        return self.pause
+
+    def _hold(self, o: Outcome, pause: Pause) -> Outcome:
+        """A dead letter with the status the storm guard paused on stays a row."""
+        if o.kind is not OutcomeKind.dead_letter or _storm_key(o) != pause.key:
+            return o
+        return Outcome(OutcomeKind.sink_fault, o.status,
+                       f"held by the dead-letter storm guard: {o.reason}", o.body,
+                       attempted=o.attempted)
+
+    async def _audit_pause(self, pause: Pause) -> None:
+        detail: dict[str, Any] = {"sink": self.sink.id, "pause": pause.code}
+        if pause.key is not None:
+            detail["status" if isinstance(pause.key, int) else "dead_letter_reason"] = pause.key
+        try:
+            await self.outbox.audit("sink_paused", reason=pause.reason, detail=detail)
+        except Exception as err:  # noqa: BLE001 - the pause holds; the log line has it too
+            log_event(log, logging.ERROR, "could not audit the sink pause", sink=self.sink.id,
+                      error=repr(err))
 
     def _resolution(self, ev: StoredEvent, o: Outcome, sent: bool) -> Resolution:
-        r = Resolution(ev.seq, ev.id, o.kind.value, o.status, o.reason, o.body,
+        kind = "retry" if o.kind is OutcomeKind.sink_fault else o.kind.value
+        r = Resolution(ev.seq, ev.id, kind, o.status, o.reason, o.body,
                        attempted=o.attempted and sent, event_class=int(ev.event_class),
                        ordering_key=ev.ordering_key, type=ev.type)
-        if o.kind is OutcomeKind.retry:
+        if o.kind in (OutcomeKind.retry, OutcomeKind.sink_fault):
             attempts = ev.attempts + (1 if r.attempted else 0)
             retry = self.config.retry
-            if r.attempted and retry.max_attempts is not None and attempts >= retry.max_attempts:
+            if (o.kind is OutcomeKind.retry and r.attempted and retry.max_attempts is not None
+                    and attempts >= retry.max_attempts):
                 r.kind = "dead_letter"
                 r.reason = f"gave up after {attempts} attempts: {o.reason}"
                 return r
@@ -351,6 +568,15 @@ class Forwarder:
         elif o.kind is OutcomeKind.unrouted:
             r.next_at = self.clock() + UNROUTED_RECHECK_S
         return r
+
+
+def _storm_key(o: Outcome) -> Hashable | None:
+    """What makes dead letters "the same" for the storm guard: the receiver's status, or
+    the reason when there is none (a refused MQTT publish, a route that cannot be filled);
+    None for anything that is not a dead letter."""
+    if o.kind is not OutcomeKind.dead_letter:
+        return None
+    return o.status if o.status is not None else o.reason
 
 
 def _integrity_ok(ev: StoredEvent) -> bool:

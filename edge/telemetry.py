@@ -152,6 +152,19 @@ class Metrics:
         self.sink_circuit_open = Gauge(
             "edge_sink_circuit_open", "1 while the circuit breaker is open", ["sink"], registry=r
         )
+        self.sink_faults = Counter(
+            "edge_sink_faults_total",
+            "Answers that fault the sink, not the event (3xx, 401/403, unlisted statuses), "
+            "by status ('none' without one); the events stay queued",
+            ["sink", "code"],
+            registry=r,
+        )
+        self.sink_paused = Gauge(
+            "edge_sink_paused",
+            "1 while the sink is paused (dead-letter storm guard or refused credentials)",
+            ["sink"],
+            registry=r,
+        )
 
 
 class _TextFormatter(logging.Formatter):
