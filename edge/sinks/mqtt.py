@@ -16,15 +16,22 @@ stops even while the ERP is unreachable::
 Contract: an event counts as delivered when the broker acknowledged it (PUBACK, QoS 1) or,
 with ``qos: 0``, when it was written to the socket. Payload: the canonical envelope (or
 only its ``data`` with ``body: data``). Routes and topic templates apply at send time. A
-broker that is down or refuses the connection makes every event of the batch ``retry``
-(the circuit breaker then probes); a topic template that cannot be filled dead-letters
-the event. Per-key order holds (one request per event, keys in parallel, in order within
-a key). Delivery is at-least-once: a PUBACK lost with the connection means a resend.
+broker that is down makes every event of the batch ``retry`` (the circuit breaker then
+probes); a broker that refuses the gateway's credentials makes it ``sink_fault`` (the
+events are kept, never dead-lettered by ``retry.max_attempts``; the sink alarms). A topic
+template that cannot be filled dead-letters the event, and so does a value rendered into
+the topic that is empty or contains ``/``, ``+``, ``#`` or NUL (reason "unsafe topic
+value: …"; it would change the topic's levels or be refused by the broker): such an event
+is never published. A message the broker refuses (PUBACK reason code) is a dead letter.
+Per-key order holds (one request per event, keys in parallel, in order within a key; a
+dead letter holds its key unless ``on_dead_letter: continue``). Delivery is at-least-once:
+a PUBACK lost with the connection means a resend.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import re
 from collections.abc import Sequence
@@ -40,7 +47,7 @@ from edge.forwarder import send_in_key_order
 from edge.registry import ComponentType
 from edge.sources.mqtt import MqttConnectionConfig, mqtt_ssl_context
 from edge.telemetry import log_event
-from edge.transforms.map import render_template, template_fields
+from edge.transforms.map import get_path, render_template, template_fields
 
 if TYPE_CHECKING:
     from edge.sources.mqtt_conn import Connection
@@ -51,6 +58,8 @@ log = logging.getLogger(__name__)
 
 _TEMPLATE_ROOTS = {"id", "type", "site", "source", "ordering_key", "class", "correlation_id",
                    "data"}
+_UNSAFE_TOPIC_VALUE = re.compile(r"[/+#\x00]")
+MAX_TOPIC_BYTES = 65_535  # an MQTT string is at most this long
 
 
 class MqttRouteConfig(StrictModel):
@@ -151,6 +160,8 @@ class MqttSink:
         try:
             conn = await self._connection()
         except ConnectError as err:
+            if err.code == "auth":  # the broker refuses the gateway, not the events
+                return [Outcome.sink_fault(f"auth: {err.message}")] * len(batch)
             return [Outcome.retry(f"connection: {err.message}")] * len(batch)
 
         async def publish(events: list[StoredEvent]) -> list[Outcome]:
@@ -158,7 +169,8 @@ class MqttSink:
 
         by_seq = await send_in_key_order(
             [[ev] for ev in batch], publish, self.config.max_concurrent_requests,
-            stopping=lambda: self._stopping)
+            stopping=lambda: self._stopping,
+            dead_letter_blocks=self.config.on_dead_letter != "continue")
         return [by_seq[ev.seq] for ev in batch]
 
     async def _publish(self, conn: Connection, ev: StoredEvent) -> Outcome:
@@ -168,11 +180,11 @@ class MqttSink:
         if route is None:
             return Outcome.unrouted(f"no route of sink {self.id} matches {ev.type}")
         try:
-            topic = render_template(route.topic, {**ev.doc, "data": ev.data})
+            topic = _render_topic(route.topic, {**ev.doc, "data": ev.data})
         except InputError as err:
+            if err.reason == "unsafe_topic_value":
+                return Outcome.dead_letter(f"unsafe topic value: {err.detail}")
             return Outcome.dead_letter(f"route topic: {err.detail}")
-        if re.search(r"[+#\x00]", topic):
-            return Outcome.dead_letter(f"route topic {topic!r}: a value contains + # or NUL")
         payload = orjson.dumps(ev.data) if route.body == "data" else ev.body
         try:
             async with asyncio.timeout(self.config.publish_timeout_s):
@@ -184,6 +196,39 @@ class MqttSink:
                 return Outcome.dead_letter(err.message)
             return Outcome.retry(f"connection: {err.message}")
         return Outcome.delivered()
+
+
+@functools.lru_cache(maxsize=256)  # templates come from config: a handful
+def _fields(template: str) -> tuple[str, ...]:
+    return tuple(template_fields(template))
+
+
+def _render_topic(template: str, values: dict[str, Any]) -> str:
+    """The topic for one event. Every rendered value must be one non-empty topic level:
+    InputError ``unsafe_topic_value`` for an empty value or one with ``/ + #`` or NUL (the
+    template's own text was checked at load), ``missing_field`` for a missing one."""
+    for name in _fields(template):
+        value = get_path(values, name)
+        if value is not None and str(value) == "":
+            raise InputError("unsafe_topic_value", f"{{{name}}} is empty")
+
+    def level(value: str, safe: str = "") -> str:
+        bad = _UNSAFE_TOPIC_VALUE.search(value)
+        if bad:
+            shown = value if len(value) <= 80 else value[:77] + "..."
+            raise InputError("unsafe_topic_value",
+                             f"{shown!r} contains {bad.group()!r} (one topic level may not "
+                             "contain / + # or NUL)")
+        return value
+
+    topic = render_template(template, values, quote=level)
+    try:
+        size = len(topic.encode("utf-8"))
+    except UnicodeEncodeError as err:
+        raise InputError("unsafe_topic_value", "the topic is not valid UTF-8") from err
+    if size > MAX_TOPIC_BYTES:
+        raise InputError("unsafe_topic_value", f"the topic is longer than {MAX_TOPIC_BYTES} bytes")
+    return topic
 
 
 def _factory(config: MqttSinkConfig, ctx: ComponentContext) -> MqttSink:

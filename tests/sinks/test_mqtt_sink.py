@@ -16,6 +16,8 @@ from edge.components import Submission
 from edge.config import load_config_text
 from edge.errors import ConfigError
 from edge.events import make_event
+from edge.outbox import queries
+from tests.api.support import eventually
 from tests.fixtures.mosquitto import wait_until
 from tests.sinks.helpers import sink_yaml
 
@@ -113,3 +115,81 @@ def test_topic_templates_and_qos_are_validated():
     text = str(err.value)
     assert "sinks[0].routes[0].topic: must be a topic without wildcards" in text
     assert "sinks[0].routes[0].qos: must be 0 or 1, got 2" in text
+
+
+class Everything:
+    """Collects every message on the broker (``#``), raw, from its own thread."""
+
+    def __init__(self, port: int) -> None:
+        self.messages: list[tuple[str, bytes]] = []
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="everything")
+        self.client.on_message = lambda c, u, m: self.messages.append((m.topic, m.payload))
+        subscribed = threading.Event()
+        self.client.on_subscribe = lambda *a: subscribed.set()
+        self.client.on_connect = lambda c, *a: c.subscribe("#", qos=1)
+        self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+        assert subscribed.wait(10)
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+def _hold(lot: str) -> Submission:
+    return Submission(make_event(type="quality.hold", site="test-site", source="qc",
+                                 data={"lot_id": lot, "reason": "SPC rule 1"},
+                                 ordering_key=f"lot:{lot}"))
+
+
+async def test_unsafe_topic_values_are_dead_lettered_and_never_published(gateways, mosquitto):
+    """A lot id that is empty or holds ``/``, ``+``, ``#`` or NUL would change the topic's
+    levels (``a/b`` published to ``.../lot/a/b/hold``) or be refused by the broker. Before,
+    ``a/b`` was published to the wrong topic and the others were dead-lettered with
+    reasons that did not say which value was unsafe."""
+    everything = Everything(mosquitto.port)
+    try:
+        gw = await gateways("sinks:\n" + _hold_sink(mosquitto.url))
+        unsafe = ["a/b", "+", "#", "", "x\x00y", "L/+/#"]
+        ids = await gw.pipeline.submit([_hold(v) for v in unsafe])
+        [safe] = await gw.pipeline.submit([_hold("L1")])
+        await wait_until(lambda: any(b"L1" in p for _, p in everything.messages),
+                         what="the safe hold")
+        dead = await eventually(lambda: _all_dead(gw, len(unsafe)))
+        await asyncio.sleep(0.5)  # anything wrongly published would have arrived by now
+        assert [t for t, _ in everything.messages] == ["plant/test-site/lot/L1/hold"]
+        by_id = {d["event_id"]: d["reason"] for d in dead}
+        assert set(by_id) == set(ids) and safe not in by_id
+        for event_id in ids:
+            assert by_id[event_id].startswith("unsafe topic value: "), by_id[event_id]
+        assert "'a/b' contains '/'" in by_id[ids[0]]
+        assert "{data.lot_id} is empty" in by_id[ids[3]]
+    finally:
+        everything.close()
+
+
+async def _all_dead(gw, n: int) -> list[dict[str, Any]] | None:
+    dead = await gw.outbox.read(lambda c: queries.dlq_list(c, limit=100))
+    return dead if len(dead) == n else None
+
+
+async def test_a_broker_that_refuses_the_credentials_faults_the_sink_not_the_events(
+        gateways, mosquitto_factory, tmp_path):
+    """Wrong password: every event stays queued (even with ``max_attempts: 1``) and the sink
+    raises a ``sink_fault`` alarm. Before, each try was a plain retry, so ``max_attempts``
+    dead-lettered the events for a fault of the gateway's own configuration."""
+    broker = mosquitto_factory(users={"gateway": "right"})
+    (tmp_path / "mqtt.pw").write_text("wrong\n")
+    sink = _hold_sink(broker.url).replace(
+        "retry: {initial_backoff_s: 0.05, max_backoff_s: 0.3}",
+        "retry: {initial_backoff_s: 0.05, max_backoff_s: 0.3, max_attempts: 1}\n"
+        "    username: gateway\n    password_file: mqtt.pw")
+    gw = await gateways("sinks:\n" + sink)
+    await gw.pipeline.submit([_hold("L1"), _hold("L2")])
+    fwd = gw.forwarders["line"]
+    await wait_until(lambda: fwd.status()["alarm"] is not None, what="the alarm")
+    assert fwd.status()["alarm"]["code"] == "sink_fault"
+    assert "refused the connection" in fwd.status()["alarm"]["message"]
+    await asyncio.sleep(1.0)
+    st = await gw.outbox.stats()
+    assert st["dead_letters"] == 0 and st["events"] == 2
