@@ -193,3 +193,29 @@ async def test_a_broker_that_refuses_the_credentials_faults_the_sink_not_the_eve
     await asyncio.sleep(1.0)
     st = await gw.outbox.stats()
     assert st["dead_letters"] == 0 and st["events"] == 2
+
+
+async def test_on_dead_letter_continue_lets_the_key_flow_on_and_park_holds_it(
+        gateways, mosquitto, tmp_path):
+    """Two holds with one ordering key, the first one a dead letter. ``continue``: the
+    second is published; ``park`` (default): it waits behind the dead letter."""
+    def same_key(lot: str) -> Submission:
+        return Submission(make_event(type="quality.hold", site="test-site", source="qc",
+                                     data={"lot_id": lot, "reason": "SPC"},
+                                     ordering_key="lot:K"))
+
+    everything = Everything(mosquitto.port)
+    try:
+        flowing = await gateways("sinks:\n" + _hold_sink(mosquitto.url).replace(
+            "    routes:", "    on_dead_letter: continue\n    routes:"))
+        await flowing.pipeline.submit([same_key("+"), same_key("K2")])
+        await wait_until(lambda: any(t.endswith("/K2/hold") for t, _ in everything.messages),
+                         what="the second hold")
+        parking = await gateways("sinks:\n" + _hold_sink(mosquitto.url).replace(
+            "edge-test-holds", "edge-test-holds-2"), state_dir=tmp_path / "state-2")
+        await parking.pipeline.submit([same_key("#"), same_key("K3")])
+        await eventually(lambda: _all_dead(parking, 1))
+        await asyncio.sleep(0.5)
+        assert not any(t.endswith("/K3/hold") for t, _ in everything.messages)
+    finally:
+        everything.close()
