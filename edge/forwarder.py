@@ -550,7 +550,8 @@ class Forwarder:
         kind = "retry" if o.kind is OutcomeKind.sink_fault else o.kind.value
         r = Resolution(ev.seq, ev.id, kind, o.status, o.reason, o.body,
                        attempted=o.attempted and sent, event_class=int(ev.event_class),
-                       ordering_key=ev.ordering_key, type=ev.type)
+                       ordering_key=ev.ordering_key, type=ev.type,
+                       counts_attempt=o.kind is not OutcomeKind.sink_fault)
         if o.kind in (OutcomeKind.retry, OutcomeKind.sink_fault):
             attempts = ev.attempts + (1 if r.attempted else 0)
             retry = self.config.retry

@@ -170,7 +170,7 @@ def scan_lease(
     max_scan: int = 20_000,
 ) -> list[LeasedRow]:
     """Pick up to ``limit`` deliverable rows of ``sink`` and load their events."""
-    parked = parked_key_set(conn, sink) if park else frozenset()
+    parked: set[str] | frozenset[str] = parked_key_set(conn, sink) if park else frozenset()
     picker = _Picker(conn, sink, limit - live_limit if live_limit > 0 else limit,
                      set(inflight), now, parked, not_before)
     budget = [max_scan]

@@ -324,7 +324,8 @@ def apply_resolutions(
             cur = conn.execute(
                 "UPDATE deliveries SET next_at = ?, attempts = attempts + ?, last_error = ? "
                 "WHERE seq = ? AND sink = ?",
-                (r.next_at, 1 if r.attempted else 0, r.reason[:500] or None, r.seq, sink))
+                (r.next_at, 1 if r.attempted and r.counts_attempt else 0,
+                 r.reason[:500] or None, r.seq, sink))
             if r.attempted and cur.rowcount:
                 au_rows.append(audit.audit_row(
                     "retry", event_id=r.event_id, sink=sink, ts=ts, reason=r.reason[:500],

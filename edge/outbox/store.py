@@ -76,6 +76,9 @@ class Resolution:
     body: str | None = None
     next_at: float = 0.0
     attempted: bool = True
+    # False for a sink fault: the attempt says nothing about the event, so it does not
+    # count towards ``retry.max_attempts``
+    counts_attempt: bool = True
     event_class: int = 0
     ordering_key: str | None = None
     type: str = ""

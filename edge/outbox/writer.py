@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from edge.errors import (
     OutboxClosedError,
@@ -151,7 +151,7 @@ def _run_transaction(conn: sqlite3.Connection, ops: list[_Op]) -> list[tuple[boo
             ok, value = (False, None) if any(o.chain in broken for o in group if o.chain) \
                 else _in_savepoint(conn, partial(_call_merger, op.merge, payloads))
             if ok:
-                results.extend((True, v) for v in value)
+                results.extend((True, v) for v in cast(list[Any], value))
             else:  # find the op that fails, keep the others (in order, chains honoured)
                 results.extend(alone(o) for o in group)
             i = j

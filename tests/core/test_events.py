@@ -51,7 +51,7 @@ def test_an_event_about_a_lot_is_ordered_by_its_lot_unless_a_key_is_configured()
 
 
 def test_a_mapped_mqtt_result_without_a_configured_key_gets_the_lot_key():
-    from edge.transforms.map import MappingConfig, Mapper
+    from edge.transforms.map import Mapper, MappingConfig
 
     cfg = MappingConfig.model_validate({"event": "inspection.result",
                                         "fields": {"lot_id": "lot", "result": "r"}})
