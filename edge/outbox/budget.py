@@ -4,6 +4,10 @@ Thresholds (``outbox`` config): above ``alarm_at_percent`` health is degraded wi
 time-to-full forecast; above ``expire_at_percent`` the oldest ``low`` rows are expired down
 to 5 points below that threshold; at 100 % with nothing expirable new events are refused
 (backpressure) until usage falls under 97 %.
+
+The WAL counts: for backpressure all of it, for the alarm and expiry up to its size limit
+(a tenth of the budget). Deletes (expiry, pruning) grow the WAL until the next checkpoint
+folds it back, so expiring events because of a swollen WAL would only swell it further.
 """
 
 from __future__ import annotations
@@ -41,8 +45,14 @@ class Budget:
         self._samples: deque[tuple[float, int]] = deque()
         metrics.outbox_budget_bytes.set(self.budget_bytes)
 
-    def observe(self, used: int, now: float | None = None) -> BudgetState:
+    def observe(self, used: int, now: float | None = None, *, total: int | None = None
+                ) -> BudgetState:
+        """``used``: bytes that expiry or pruning can act on (the WAL counted up to its
+        size limit); ``total``: everything on disk now (default ``used``), which decides
+        backpressure. A WAL grown past its limit by deletes is folded back by the next
+        checkpoint; expiring events for it would only grow it further."""
         now = time.monotonic() if now is None else now
+        total = used if total is None else total
         self.used_bytes = used
         self.metrics.outbox_size_bytes.set(used)
         self._samples.append((now, used))
@@ -61,8 +71,8 @@ class Budget:
             percent=pct,
             alarm=alarm,
             expire_needed=pct >= self.config.expire_at_percent,
-            full=pct >= 100.0,
-            may_resume=pct < _RESUME_PERCENT,
+            full=100.0 * total / self.budget_bytes >= 100.0,
+            may_resume=100.0 * total / self.budget_bytes < _RESUME_PERCENT,
             message=message,
         )
 

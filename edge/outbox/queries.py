@@ -368,7 +368,8 @@ def apply_resolutions(
 # --------------------------------------------------------------------------- budget
 
 
-def used_bytes(conn: sqlite3.Connection, path: str) -> int:
+def used_parts(conn: sqlite3.Connection, path: str) -> tuple[int, int]:
+    """(bytes of database pages in use, bytes of the WAL file)."""
     page_size = conn.execute("PRAGMA page_size").fetchone()[0]
     pages = conn.execute("PRAGMA page_count").fetchone()[0]
     free = conn.execute("PRAGMA freelist_count").fetchone()[0]
@@ -376,7 +377,13 @@ def used_bytes(conn: sqlite3.Connection, path: str) -> int:
         wal = os.path.getsize(path + "-wal")
     except OSError:
         wal = 0
-    return int((pages - free) * page_size + wal)
+    return int((pages - free) * page_size), int(wal)
+
+
+def used_bytes(conn: sqlite3.Connection, path: str) -> int:
+    """Bytes the outbox occupies on disk (pages in use and the WAL)."""
+    db, wal = used_parts(conn, path)
+    return db + wal
 
 
 def expire_low(conn: sqlite3.Connection, limit: int,

@@ -49,7 +49,7 @@ from edge.config import OutboxConfig
 from edge.errors import OutboxClosedError, OutboxFullError, OutboxOpenError
 from edge.events import Event, EventClass
 from edge.outbox import queries
-from edge.outbox.budget import Budget
+from edge.outbox.budget import Budget, BudgetState
 from edge.outbox.dbthread import DbThread, connect
 from edge.outbox.integrity import EarlyCheck, open_checked
 from edge.outbox.lease import scan_lease
@@ -126,6 +126,7 @@ class Outbox:
         self._alarms: dict[str, _Alarm] = {}
         self._maintenance: asyncio.Task[None] | None = None
         self._maintenance_interval_s = maintenance_interval_s
+        self._wal_limit = 64 << 20
         self.budget = Budget(self.config, self.metrics)
         self._accepting = asyncio.Event()
         self._accepting.set()
@@ -156,7 +157,8 @@ class Outbox:
                                   ) from err
         # The WAL counts against the budget: checkpoint and truncate it at a tenth of the
         # budget (SQLite's defaults, 4 MB and no size limit, suit multi-GB budgets only).
-        wal_limit = int(min(64 << 20, max(64 << 10, self.budget.budget_bytes // 10)))
+        wal_limit = self._wal_limit = int(min(64 << 20, max(64 << 10,
+                                                            self.budget.budget_bytes // 10)))
         await self._wdb.run(lambda c: queries.set_wal_limits(c, wal_limit))
         self._rdb = DbThread(lambda: connect(self.path, synchronous=sync), "outbox-reader")
         await self._rdb.open()
@@ -414,17 +416,21 @@ class Outbox:
             except (sqlite3.Error, OSError) as err:
                 log_event(log, logging.ERROR, "outbox maintenance failed", error=str(err))
 
+    async def _observe_budget(self) -> tuple[int, BudgetState]:
+        """Measure the file: (bytes expiry can act on, the budget's verdict)."""
+        db, wal = await self.read(queries.used_parts, self.path)
+        used = db + min(wal, self._wal_limit)
+        return used, self.budget.observe(used, total=db + wal)
+
     async def _check_budget(self) -> None:
-        used = await self.read(queries.used_bytes, self.path)
-        state = self.budget.observe(used)
+        used, state = await self._observe_budget()
         if (state.expire_needed or not self._accepting.is_set()) and self._wdb is not None:
             # The WAL counts against the budget and can outgrow its limit while readers
             # hold snapshots; and refusing new events means few commits, so it would stay
             # at its high-water mark and keep us "full" after everything drained: fold it
             # back before deciding to expire or refuse anything.
             await self._wdb.run(queries.wal_checkpoint)
-            used = await self.read(queries.used_bytes, self.path)
-            state = self.budget.observe(used)
+            used, state = await self._observe_budget()
         if state.expire_needed:
             # Bookkeeping first (DESIGN invariant 2: with the sinks up, a small budget
             # carries an endless stream): the oldest history of events that already left
@@ -435,13 +441,11 @@ class Outbox:
             if pruned and self._wdb is not None:
                 # the deletes went to the WAL first: fold it back, then measure
                 await self._wdb.run(queries.wal_checkpoint)
-                used = await self.read(queries.used_bytes, self.path)
-                state = self.budget.observe(used)
+                used, state = await self._observe_budget()
         if state.expire_needed:
             expired = await self.expire_low(self.budget.bytes_to_free(used))
             if expired:
-                used = await self.read(queries.used_bytes, self.path)
-                state = self.budget.observe(used)
+                used, state = await self._observe_budget()
         if state.alarm:
             self._alarm("outbox_budget", state.message)
         else:
