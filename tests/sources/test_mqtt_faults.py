@@ -232,6 +232,40 @@ async def test_a_storage_fault_stops_acking_until_the_outbox_recovers(
         assert source.counts["stored"] == 40 and source.counts["duplicates"] == 0
 
 
+async def test_a_corrupt_page_inside_the_outbox_is_not_quarantined_and_acked(
+        mosquitto: Broker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same through the real outbox: SQLite reports a corrupt page in the middle of
+    the events insert. Before, the writer treated it as that op's own failure, the source
+    quarantined every message as ``internal_error`` and acked it; now the transaction
+    fails as a storage fault, nothing is acked or quarantined, and once the page reads
+    again every message is stored once, in order."""
+    real = queries.insert_event_batches
+    corrupt = {"on": True}
+
+    def insert_event_batches(conn: sqlite3.Connection, payloads: list[Any]) -> Any:
+        if corrupt["on"]:
+            raise sqlite3.DatabaseError("database disk image is malformed")
+        return real(conn, payloads)
+
+    monkeypatch.setattr(queries, "insert_event_batches", insert_event_batches)
+    ids = [f"c{i:03d}" for i in range(30)]
+    async with running_source(mosquitto, tmp_path / "state") as (
+            source, ingest, acks, outbox):
+        pub = await start_publisher(mosquitto.url)
+        for i in ids:
+            pub.publish(*inspection(i, lot="L1"), i)
+        assert await asyncio.to_thread(pub.wait_acked, 15)
+        pub.stop()
+        await wait_until(lambda: outbox.storage_fault is not None, what="the storage fault")
+        await asyncio.sleep(1.0)  # several retries while the page stays unreadable
+        assert acks.acked == [] and quarantine_count(outbox) == 0
+        corrupt["on"] = False
+        await wait_until(lambda: source.counts["acked"] == len(ids), timeout=40,
+                         what="every message stored and acked")
+        assert stored_message_ids(outbox) == ids and quarantine_count(outbox) == 0
+        assert acks.acked == ids and not acks.early
+
+
 async def test_a_quarantine_record_that_cannot_be_written_is_neither_acked_nor_dropped(
         mosquitto: Broker, tmp_path: Path) -> None:
     """An unusable message is acked only once its quarantine record is committed: when
