@@ -1,7 +1,8 @@
 """Disk budget of the outbox: alarm, forecast, when to expire, when to refuse.
 
-Thresholds (``outbox`` config): above ``alarm_at_percent`` health is degraded with a
-time-to-full forecast; above ``expire_at_percent`` the oldest ``low`` rows are expired down
+Thresholds (``outbox`` config): from 10 points below ``alarm_at_percent`` bookkeeping of
+finished events (audit history, old dedupe keys, quarantine) is given up down to half the
+budget; above ``alarm_at_percent`` health is degraded with a time-to-full forecast; above ``expire_at_percent`` the oldest ``low`` rows are expired down
 to 5 points below that threshold; at 100 % with nothing expirable new events are refused
 (backpressure) until usage falls under 97 %.
 
@@ -42,6 +43,9 @@ class Budget:
         self.metrics = metrics
         self.budget_bytes = int(config.max_size_mb * 1024 * 1024)
         self.used_bytes = 0
+        self.last_percent = 0.0
+        # bookkeeping of finished events is given up from here on, down to half the budget
+        self.bookkeeping_percent = max(10.0, config.alarm_at_percent - 10)
         self._samples: deque[tuple[float, int]] = deque()
         metrics.outbox_budget_bytes.set(self.budget_bytes)
 
@@ -59,6 +63,7 @@ class Budget:
         while self._samples and now - self._samples[0][0] > _WINDOW_S:
             self._samples.popleft()
         pct = 100.0 * used / self.budget_bytes
+        self.last_percent = pct
         alarm = pct >= self.config.alarm_at_percent
         ttf = self.time_to_full_s()
         message = ""
@@ -79,6 +84,10 @@ class Budget:
     def bytes_to_free(self, used: int) -> int:
         target = self.budget_bytes * max(0.0, self.config.expire_at_percent - 5) / 100
         return max(0, int(used - target))
+
+    def bookkeeping_to_free(self, used: int) -> int:
+        """Bytes of bookkeeping to give up: down to half the budget."""
+        return max(0, int(used - self.budget_bytes * 0.5))
 
     def time_to_full_s(self) -> float | None:
         """Least-squares growth rate over the last 10 minutes → seconds until 100 %."""

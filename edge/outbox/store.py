@@ -403,7 +403,10 @@ class Outbox:
     async def _maintain(self) -> None:
         last_prune = time.monotonic()
         while True:
-            await asyncio.sleep(self._maintenance_interval_s)
+            # near the budget, look five times as often: a fast stream fills a small
+            # budget's headroom within one ordinary interval
+            near = self.budget.last_percent >= self.budget.bookkeeping_percent
+            await asyncio.sleep(self._maintenance_interval_s / (5 if near else 1))
             try:
                 await self.prune_redelivery_horizon()
                 await self._check_budget()
@@ -431,17 +434,23 @@ class Outbox:
             # back before deciding to expire or refuse anything.
             await self._wdb.run(queries.wal_checkpoint)
             used, state = await self._observe_budget()
-        if state.expire_needed:
-            # Bookkeeping first (DESIGN invariant 2: with the sinks up, a small budget
-            # carries an endless stream): the oldest history of events that already left
-            # the outbox, the oldest dedupe keys, the oldest quarantine records — so no
-            # event is expired or refused for the sake of history.
-            pruned = await self._prune_audit_for_space(self.budget.bytes_to_free(used))
-            pruned += await self._prune_bookkeeping_for_space(self.budget.bytes_to_free(used))
+        if state.percent >= self.budget.bookkeeping_percent:
+            # Bookkeeping first and early (DESIGN invariant 2: with the sinks up, a small
+            # budget carries an endless stream): the oldest history of events that already
+            # left the outbox, then the oldest dedupe keys and quarantine records, down to
+            # half the budget — so no event is expired or refused for the sake of history,
+            # and a fast stream does not outrun the next check.
+            pruned = await self._prune_audit_for_space(self.budget.bookkeeping_to_free(used))
             if pruned and self._wdb is not None:
                 # the deletes went to the WAL first: fold it back, then measure
                 await self._wdb.run(queries.wal_checkpoint)
                 used, state = await self._observe_budget()
+            if state.percent >= self.budget.bookkeeping_percent:
+                pruned = await self._prune_bookkeeping_for_space(
+                    self.budget.bookkeeping_to_free(used))
+                if pruned and self._wdb is not None:
+                    await self._wdb.run(queries.wal_checkpoint)
+                    used, state = await self._observe_budget()
         if state.expire_needed:
             expired = await self.expire_low(self.budget.bytes_to_free(used))
             if expired:
