@@ -638,7 +638,7 @@ class Outbox:
         if fault is not None:
             self._alarm("outbox_storage", f"outbox storage fault: {fault[1]} — writes fail, "
                         "sources do not acknowledge (the broker keeps the messages); check "
-                        "the disk and the file (edge outbox salvage)")
+                        "the disk; a restart checks the file and moves it aside if damaged")
         else:
             self._clear("outbox_storage")
 
