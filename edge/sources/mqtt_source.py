@@ -142,10 +142,13 @@ class _Turn:
     its predecessor's re-submission was made (or its predecessor committed), never on a
     timer of its own, so a later batch can neither commit first nor be left out.
 
-    Known gap: a first call made in the same instant the outbox reports a predecessor's
-    failure, before the predecessor's task has seen it, is not failed by the outbox and
-    may commit first. Closing it needs the outbox to fail calls by the failures their
-    caller has seen rather than by enqueue time.
+    Why a first call cannot slip in between the outbox reporting a predecessor's failure
+    and the predecessor seeing it: the report resolves the predecessor's future, which
+    queues its wake-up on the event loop before anything that runs after the report, and
+    a submit reaches the writer's queue without suspending (rules and the outbox's
+    preparation are synchronous). Only a full writer queue (20,000 ops) would suspend a
+    call before it is queued; the outbox would then have to fail calls by the failures
+    their caller has seen rather than by enqueue time.
     """
 
     __slots__ = ("abandoned", "after", "changed", "done", "made", "pending", "prev")
