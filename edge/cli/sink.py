@@ -19,7 +19,7 @@ import sys
 from typing import Any
 from urllib.parse import quote
 
-from edge.cli.status import DEFAULT_URL, _target
+from edge.cli.daemon_api import DEFAULT_URL, request, target
 
 
 def register(sub: Any) -> None:
@@ -46,38 +46,19 @@ def _login() -> str | None:
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
-    import httpx
-
     reason = args.reason.strip()
     if not reason:
         print("edge sink resume: --reason must say why", file=sys.stderr)
         return 2
-    url, token = _target(args)
-    headers = {"Content-Type": "application/json"}
-    if token:
-        headers["Authorization"] = f"Bearer {token}"
+    url, token = target(args, "sink resume")
     body: dict[str, str] = {"reason": reason}
     by = (args.by or "").strip() or _login()
     if by:
         body["by"] = by
-    endpoint = f"{url}/sinks/{quote(args.sink_id, safe='')}/resume"
-    try:
-        resp = httpx.post(endpoint, json=body, headers=headers, timeout=args.timeout,
-                          trust_env=False)
-    except httpx.ConnectError:
-        print(f"edge sink resume: the gateway is not running (nothing answers at {url})",
-              file=sys.stderr)
-        return 1
-    except httpx.TimeoutException:
-        print(f"edge sink resume: {url} did not answer within {args.timeout:g} s",
-              file=sys.stderr)
-        return 1
-    except httpx.HTTPError as err:
-        print(f"edge sink resume: cannot ask {url}: {err}", file=sys.stderr)
-        return 1
-    if resp.status_code == 401:
-        print(f"edge sink resume: {url} refused the token: give the config with its "
-              "api.token_file (-c FILE) or set EDGE_API_TOKEN", file=sys.stderr)
+    path = f"/sinks/{quote(args.sink_id, safe='')}/resume"
+    endpoint = f"{url}{path}"
+    resp = request("sink resume", "POST", url, path, token, timeout=args.timeout, json=body)
+    if resp is None:
         return 1
     if resp.status_code == 404:
         print(f"edge sink resume: the gateway has no sink {args.sink_id!r} "

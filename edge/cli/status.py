@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from typing import Any
 
-from edge.cli.common import load_or_exit
+from edge.cli.daemon_api import DEFAULT_URL, request, target
 
-DEFAULT_URL = "http://127.0.0.1:8080"
 CLASSES = ("critical", "high", "normal", "low")
 MB = 1024 * 1024  # outbox.max_size_mb counts in these
 
@@ -31,53 +29,10 @@ def register(sub: Any) -> None:
     p.set_defaults(handler=cmd_status)
 
 
-def _target(args: argparse.Namespace) -> tuple[str, str | None]:
-    """(base URL, token) from the arguments, the config file and the environment."""
-    from edge.api.auth import load_tokens
-    from edge.errors import FatalStartupError
-
-    url, token = args.url, os.environ.get("EDGE_API_TOKEN") or None
-    if args.config:
-        cfg = load_or_exit(args.config, check_files=False)
-        if not cfg.api.enabled and not url:
-            print(f"{args.config}: the local API is off (api.enabled: false); use "
-                  f"`edge outbox stats -c {args.config}` to read the outbox directly",
-                  file=sys.stderr)
-            raise SystemExit(1)
-        if url is None:
-            host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(cfg.api.host, cfg.api.host)
-            url = f"http://{f'[{host}]' if ':' in host else host}:{cfg.api.port}"
-        if cfg.api.token_file:
-            try:
-                token = load_tokens(cfg.api.token_file)[0].secret.decode()
-            except FatalStartupError as err:
-                print(f"edge status: {err}", file=sys.stderr)
-                raise SystemExit(1) from err
-    return (url or DEFAULT_URL).rstrip("/"), token
-
-
 def cmd_status(args: argparse.Namespace) -> int:
-    import httpx
-
-    url, token = _target(args)
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    try:
-        resp = httpx.get(f"{url}/status", headers=headers, timeout=args.timeout,
-                         trust_env=False)
-    except httpx.ConnectError:
-        print(f"edge status: the gateway is not running (nothing answers at {url})",
-              file=sys.stderr)
-        return 1
-    except httpx.TimeoutException:
-        print(f"edge status: {url} did not answer within {args.timeout:g} s "
-              "(the gateway may be overloaded or hung)", file=sys.stderr)
-        return 1
-    except httpx.HTTPError as err:
-        print(f"edge status: cannot ask {url}: {err}", file=sys.stderr)
-        return 1
-    if resp.status_code == 401:
-        print(f"edge status: {url} refused the token: give the config with its "
-              "api.token_file (-c FILE) or set EDGE_API_TOKEN", file=sys.stderr)
+    url, token = target(args, "status")
+    resp = request("status", "GET", url, "/status", token, timeout=args.timeout)
+    if resp is None:
         return 1
     if resp.status_code != 200:
         print(f"edge status: {url}/status answered {resp.status_code}: {resp.text[:300]}",
