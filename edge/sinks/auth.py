@@ -85,6 +85,15 @@ def check_url(url: str) -> None:
                              f"allowed inline, {_INLINE_HINT}")
 
 
+def check_http_url(url: str) -> str:
+    """``url`` when it is an http(s) URL without inline credentials, else ValueError
+    (credentials first: the scheme message repeats the URL)."""
+    check_url(url)
+    if not url.startswith(("http://", "https://")):
+        raise ValueError(f"must start with http:// or https://, got {url!r}")
+    return url
+
+
 class NoAuth(StrictModel):
     type: Literal["none"] = "none"
 
@@ -113,10 +122,7 @@ class OAuth2Auth(StrictModel):
     @field_validator("token_url")
     @classmethod
     def _url(cls, v: str) -> str:
-        check_url(v)  # first: the message below repeats the URL
-        if not v.startswith(("http://", "https://")):
-            raise ValueError(f"must start with http:// or https://, got {v!r}")
-        return v
+        return check_http_url(v)
 
 
 AuthConfig = Annotated[

@@ -59,6 +59,7 @@ from edge.sinks.auth import (
     build_auth,
     build_ssl_context,
     check_headers,
+    check_http_url,
     check_url,
 )
 from edge.sinks.http_request import (
@@ -164,10 +165,7 @@ class HttpSinkConfig(SinkConfigBase):
     @field_validator("url")
     @classmethod
     def _url(cls, v: str) -> str:
-        check_url(v)  # first: the message below repeats the URL
-        if not v.startswith(("http://", "https://")):
-            raise ValueError(f"must start with http:// or https://, got {v!r}")
-        return v.rstrip("/")
+        return check_http_url(v).rstrip("/")
 
     @field_validator("headers")
     @classmethod
