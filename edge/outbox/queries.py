@@ -493,7 +493,19 @@ def wal_checkpoint(conn: sqlite3.Connection) -> None:
 
 
 def stats(conn: sqlite3.Connection) -> dict[str, Any]:
-    """Depth per sink and class, oldest age, retrying, unrouted, dead letters, quarantine."""
+    """Depth per sink and class, oldest age, retrying, unrouted, dead letters, quarantine —
+    all from one snapshot (one read transaction), so a delivery committed meanwhile cannot
+    show up as both queued and dead-lettered."""
+    if conn.in_transaction:
+        return _stats(conn)
+    conn.execute("BEGIN")
+    try:
+        return _stats(conn)
+    finally:
+        conn.execute("COMMIT")
+
+
+def _stats(conn: sqlite3.Connection) -> dict[str, Any]:
     now = time.time()
     sinks: dict[str, dict[str, Any]] = {}
 
