@@ -558,10 +558,11 @@ class Outbox:
             self._prune_log[table] = (last, pending)
 
     async def prune_redelivery_horizon(self) -> int:
-        """Keep only each source's newest redelivery-horizon content keys."""
+        """Keep only each source's newest ``redelivery_horizon`` content keys (the source
+        sizes its horizon with its own slack; see ``Submission``)."""
         if not self._horizons:
             return 0
-        horizons = {src: 2 * n for src, n in self._horizons.items()}  # slack: late DUPs
+        horizons = dict(self._horizons)
         n: int = await self._write(lambda c: queries.prune_redelivery_horizon(c, horizons))
         if n:
             self.metrics.dedupe_pruned.labels("horizon").inc(n)

@@ -35,11 +35,8 @@ async def _count(ob: Outbox, sql: str) -> int:
 
 
 @pytest.fixture
-async def outbox(tmp_path: Path):
-    ob = Outbox(tmp_path, router=lambda ev: ["erp"], maintenance_interval_s=3600)
-    await ob.open()
-    yield ob
-    await ob.close()
+def outbox(erp_outbox: Outbox) -> Outbox:
+    return erp_outbox
 
 
 async def test_a_device_repeating_the_same_payload_gets_every_event_stored(outbox: Outbox):
@@ -62,15 +59,19 @@ async def test_an_identity_key_matches_any_later_copy_within_the_window(outbox: 
 
 
 async def test_only_the_newest_redelivery_horizon_of_content_keys_is_kept(outbox: Outbox):
-    for i in range(50):
-        await outbox.submit([message(f'{{"n":{i}}}', horizon=10)])
+    ids = [(await outbox.submit([message(f'{{"n":{i}}}', horizon=20)]))[0]
+           for i in range(50)]
     assert await _count(outbox, "SELECT COUNT(*) FROM dedupe") == 50
     await outbox.prune_redelivery_horizon()
-    assert await _count(outbox, "SELECT COUNT(*) FROM dedupe") == 20  # 2 x horizon
+    assert await _count(outbox, "SELECT COUNT(*) FROM dedupe") == 20  # the horizon
     # the newest still match a redelivery; the oldest no longer can (long acknowledged)
-    newest = await outbox.submit([message('{"n":49}', dup=True, horizon=10)])
+    newest = await outbox.submit([message('{"n":49}', dup=True, horizon=20)])
     assert await _count(outbox, "SELECT COUNT(*) FROM events") == 50
     assert newest != []
+    assert newest == [ids[49]]
+    oldest = await outbox.submit([message('{"n":0}', dup=True, horizon=20)])
+    assert oldest != [ids[0]]  # beyond the horizon: stored as a new event
+    assert await _count(outbox, "SELECT COUNT(*) FROM events") == 51
 
 
 async def test_a_derived_event_follows_its_cause(outbox: Outbox):

@@ -17,11 +17,8 @@ from tests.outbox.helpers import sub
 
 
 @pytest.fixture
-async def outbox(tmp_path: Path):
-    ob = Outbox(tmp_path, router=lambda ev: ["erp"], maintenance_interval_s=3600)
-    await ob.open()
-    yield ob
-    await ob.close()
+def outbox(erp_outbox: Outbox) -> Outbox:
+    return erp_outbox
 
 
 async def _seq_of(outbox: Outbox, event_id: str) -> int:
