@@ -11,7 +11,9 @@ is ever given twice; ``critical``/``high`` events are never expired; a redeliver
 message maps to the event its first copy made.
 
 ``EDGE_MODEL_EXAMPLES`` (default 25) and ``EDGE_MODEL_STEPS`` (default 30) size the run;
-CI runs the default, a long run sets e.g. 2000 and 60.
+CI runs the default. A long run lifts the suite's 300 s per-test timeout::
+
+    EDGE_MODEL_EXAMPLES=1000 EDGE_MODEL_STEPS=50 pytest --timeout 0 tests/outbox/test_model.py
 """
 
 from __future__ import annotations
