@@ -125,6 +125,7 @@ class Outbox:
         self._quarantine_log: dict[tuple[str, str], tuple[float, int]] = {}
         self._alarms: dict[str, _Alarm] = {}
         self._maintenance: asyncio.Task[None] | None = None
+        self._stop_maintenance = asyncio.Event()
         self._maintenance_interval_s = maintenance_interval_s
         self._wal_limit = 64 << 20
         self.budget = Budget(self.config, self.metrics)
@@ -188,7 +189,13 @@ class Outbox:
         self._closed = True
         self._accepting.set()  # wake waiters; they will see OutboxClosedError
         if self._maintenance is not None:
-            self._maintenance.cancel()
+            # Let a step in progress finish rather than cancel it: a cancelled await on the
+            # writer does not undo its commit, so the rows an expiry or prune removed would
+            # go uncounted in the metrics and alarms.
+            self._stop_maintenance.set()
+            done, _ = await asyncio.wait({self._maintenance}, timeout=30.0)
+            if not done:
+                self._maintenance.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._maintenance
         if self._writer is not None:
@@ -406,7 +413,11 @@ class Outbox:
             # near the budget, look five times as often: a fast stream fills a small
             # budget's headroom within one ordinary interval
             near = self.budget.last_percent >= self.budget.bookkeeping_percent
-            await asyncio.sleep(self._maintenance_interval_s / (5 if near else 1))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop_maintenance.wait(),
+                                       self._maintenance_interval_s / (5 if near else 1))
+            if self._stop_maintenance.is_set():
+                return
             try:
                 await self.prune_redelivery_horizon()
                 await self._check_budget()
