@@ -61,13 +61,30 @@ class ComponentStatus:
     error: str | None = None
     since: float = field(default_factory=time.time)
     restarts: int = 0
+    # code → (severity, message, since): lasting conditions a component reports itself
+    conditions: dict[str, tuple[str, str, float]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "id": self.id, "kind": self.kind, "type": self.type, "state": self.state,
             "connected": self.connected, "error": self.error, "since": utc_iso(self.since),
             "restarts": self.restarts,
+            "conditions": [
+                {"code": code, "severity": sev, "message": msg, "since": utc_iso(at)}
+                for code, (sev, msg, at) in sorted(self.conditions.items())
+            ],
         }
+
+    def set_condition(self, code: str, message: str | None, severity: str = "warning"
+                      ) -> None:
+        """Set (or with ``message=None`` clear) a named condition; ``since`` is kept
+        while the message only changes its wording."""
+        if message is None:
+            self.conditions.pop(code, None)
+            return
+        old = self.conditions.get(code)
+        since = old[2] if old is not None else time.time()
+        self.conditions[code] = (severity, message, since)
 
 
 class Gateway:
@@ -128,6 +145,7 @@ class Gateway:
             metrics=self.metrics,
             ingest=self.pipeline if kind == "source" else None,
             set_connected=set_connected,
+            set_condition=status.set_condition,
         )
 
     async def start(self) -> None:

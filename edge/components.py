@@ -133,6 +133,11 @@ class ComponentContext:
     metrics: Metrics
     ingest: Ingest | None = None
     set_connected: Callable[[bool], None] = field(default=lambda up: None)
+    # Name a lasting condition of the component for /status, the page and `edge status`
+    # (``severity`` "warning" or "critical"); ``message=None`` clears it. Call it on
+    # changes only: it is cheap but each call may log.
+    set_condition: Callable[[str, str | None, str], None] = field(
+        default=lambda code, message, severity="warning": None)
     extra: dict[str, Any] = field(default_factory=dict)
 
 

@@ -89,6 +89,13 @@ def overall(found: list[Problem]) -> str:
 
 def _component(comp: dict[str, Any]) -> list[Problem]:
     subject = f"{comp.get('kind', 'component')} {comp.get('id')}"
+    conditions = [Problem("critical" if c.get("severity") == "critical" else "warning",
+                          subject, str(c.get("message")), c.get("since"))
+                  for c in comp.get("conditions") or []]
+    return _component_state(comp, subject) + conditions
+
+
+def _component_state(comp: dict[str, Any], subject: str) -> list[Problem]:
     state, error = comp.get("state"), comp.get("error")
     if state == "failed":
         return [Problem("critical", subject, f"stopped: {error or 'failed'}", comp.get("since"))]
