@@ -196,6 +196,7 @@ class OpcUaSource(TriggersMixin, BackfillMixin):
                     f"{cfg.endpoint}: failed while checking nodes and subscribing: {err!r}"
                 ) from err
             self._set_connected(True)
+            self._recheck_triggers("connected")
             log_event(log, logging.INFO, "opcua connected", source=self.id,
                       endpoint=cfg.endpoint, security=security,
                       monitored=len(cfg.monitored), historizing=sum(self._history),
@@ -410,6 +411,7 @@ class OpcUaSource(TriggersMixin, BackfillMixin):
                           endpoint=self.cfg.endpoint, down_s=down)
                 await self._audit("reconnected", detail={"endpoint": self.cfg.endpoint,
                                                          "down_s": down})
+                self._recheck_triggers("reconnected")
             elif kind == "recreated":
                 which = args[0]
                 own_gap = self._sub_epoch[which] == self._loss_epoch
@@ -421,6 +423,8 @@ class OpcUaSource(TriggersMixin, BackfillMixin):
                 await self._audit("gap" if own_gap else "subscription_recreated",
                                   reason="subscription_recreated",
                                   detail={"subscription": which})
+                if which == "triggers":
+                    self._recheck_triggers("subscription_recreated")
 
     async def _audit(self, state: str, *, reason: str | None = None,
                      detail: dict[str, Any] | None = None) -> None:

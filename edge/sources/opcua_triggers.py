@@ -60,6 +60,11 @@ class TriggersMixin:
 
         def _status_change(self, which: str, ev: StatusChangeEvent) -> None: ...
 
+    def _recheck_triggers(self, why: str) -> None:
+        """Schedule a re-read of every trigger node (``why``: ``connected``,
+        ``reconnected``, ``subscription_recreated``); returns at once (called from the
+        source's control loop)."""
+
     def _dropped_trigger(self) -> None:
         self._m_dropped_trigger.inc()
         log_event(log, logging.ERROR, "opcua trigger queue full; oldest trigger dropped",
