@@ -108,6 +108,10 @@ class MonitoredItemConfig(StrictModel):
     backfill: bool = Field(
         True, description="recover a gap with HistoryRead where the node historizes"
     )
+    quarantine_status: Literal["none", "bad", "not_good"] = Field(
+        "none", description="samples that are quarantined instead of becoming events: none "
+        "(every sample is an event with its status), bad, or not_good (Bad and Uncertain)"
+    )
 
     @field_validator("node")
     @classmethod

@@ -11,16 +11,18 @@ from __future__ import annotations
 import asyncio
 import base64
 import dataclasses
+import hashlib
 import uuid
 from collections import deque
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
+import orjson
 from asyncua import ua
 
-__all__ = ["OVERFLOW_BITS", "Gap", "NotificationQueue", "iso", "jsonable", "source_ts",
-           "status_name"]
+__all__ = ["OVERFLOW_BITS", "Gap", "NotificationQueue", "iso", "jsonable",
+           "sample_key", "source_ts", "status_name"]
 
 OVERFLOW_BITS = 0x0480  # InfoType=DataValue + Overflow: the server's item queue dropped
 
@@ -138,6 +140,21 @@ def source_ts(dv: ua.DataValue) -> datetime:
     if ts is None:
         return datetime.now(UTC)
     return ts if ts.tzinfo else ts.replace(tzinfo=UTC)
+
+
+def sample_key(node: str, ts: datetime, value: Any, status: ua.StatusCode | None) -> str:
+    """Identity of one sample: ``<node>@<source timestamp>#<digest of value and status>``.
+
+    The timestamp alone is not enough: a server may report a second value in the same
+    clock tick, or a new status (``UncertainLastUsableValue``) with the old timestamp; those
+    are different samples. The same sample read live and again by HistoryRead gives the
+    same key (the status's InfoBits — Overflow — are left out: they describe the queue,
+    not the sample). ``value`` is the JSON-friendly form (``jsonable``)."""
+    code = 0 if status is None else status.value & 0xFFFF0000
+    digest = hashlib.blake2b(orjson.dumps([value, code], default=str,
+                                          option=orjson.OPT_SORT_KEYS),
+                             digest_size=6).hexdigest()
+    return f"{node}@{iso(ts)}#{digest}"
 
 
 def iso(ts: datetime) -> str:

@@ -24,8 +24,9 @@ Gaps: a connection loss (``connection_lost_callback``) and every subscription re
 drain task knows exactly which samples came before it; the first live sample of each node
 after the marker ends that node's gap, and where the node historizes the gap is read back
 with HistoryRead (events marked ``backfilled``, counted in ``edge_source_backfilled_total``).
-The dedupe key ``<node>@<source timestamp>`` makes overlaps between live and backfilled
-samples duplicates, never second events.
+The dedupe key ``<node>@<source timestamp>#<digest of value and status>`` (``sample_key``)
+makes overlaps between live and backfilled samples duplicates, never second events, while
+two values (or a new status) in one clock tick stay two events.
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ from edge.sources.opcua_queue import (
     NotificationQueue,
     iso,
     jsonable,
+    sample_key,
     source_ts,
     status_name,
 )
@@ -448,10 +450,14 @@ class OpcUaSource(TriggersMixin, BackfillMixin):
                 backfilled: bool = False) -> Submission:
         """One monitored sample → Submission; raises InputError (→ quarantine)."""
         item = self.cfg.monitored[idx]
-        payload = {"value": jsonable(value), "status": status_name(dv.StatusCode),
-                   "node": item.node}
+        status = status_name(dv.StatusCode)
+        if item.quarantine_status != "none" and not status.startswith("Good") and (
+                item.quarantine_status == "not_good" or status.startswith("Bad")):
+            raise InputError("bad_status", f"{item.node}: {status}")
+        data = jsonable(value)
+        payload = {"value": data, "status": status, "node": item.node}
         event, _ = self._mon_mappers[idx].map(payload, source_ts=ts, backfilled=backfilled)
-        return Submission(event, f"{item.node}@{iso(ts)}")
+        return Submission(event, sample_key(item.node, ts, data, dv.StatusCode))
 
     async def _drain_monitored(self) -> None:
         """Map notifications in arrival order, a chunk at a time, yielding to the event loop

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError, model_validator
 
 from edge.errors import InputError
 
@@ -57,7 +57,18 @@ class InspectionResult(_Data):
 
 
 class MachineReading(_Data):
-    value: float | int | bool | str
+    """A sample; ``value`` may be null only beside a non-Good ``status`` (a sensor that
+    reports a failure has no value, and that is worth knowing)."""
+
+    value: float | int | bool | str | None
+    status: str | None = None
+
+    @model_validator(mode="after")
+    def _value_or_bad_status(self) -> MachineReading:
+        if self.value is None and (self.status is None or self.status.startswith("Good")):
+            raise ValueError("value: a reading without a value needs a Bad or Uncertain "
+                             "status")
+        return self
 
 
 class ProductionCount(_Data):
@@ -104,4 +115,7 @@ def validate_data(event_type: str, data: dict[str, Any]) -> dict[str, Any]:
         raise InputError(
             "invalid_data", f"{event_type}: {where}: {first['msg']} (got {first.get('input')!r})"
         ) from err
-    return model.model_dump(exclude_none=True)
+    out = model.model_dump(exclude_none=True)
+    if schema is MachineReading and "value" not in out:
+        out["value"] = None  # a Bad sample says so explicitly: no value
+    return out

@@ -130,30 +130,6 @@ async def test_changes_under_the_deadband_produce_no_event(opcua_station, erp, g
     assert temps == [20.0, 21.0, 19.0]
 
 
-async def test_bad_quality_sample_is_quarantined_and_counted(opcua_station, erp, gateways):
-    st = await opcua_station()
-    gw = await gateways(body(f"""
-        sources:
-          - id: station7
-            type: opcua
-            endpoint: {st.endpoint}
-            publishing_ms: 50
-            monitored:
-              - {{node: "{st.node_id('Temperature')}", sampling_ms: 0, ordering_key: "t"}}
-    """, erp.url))
-    await wait_connected(gw, "station7")
-    await st.write("Temperature", None, status=0x808C0000)  # BadSensorFailure, no value
-    await st.write("Temperature", 23.0)
-    await erp.wait_for(lambda r: any(e["data"]["value"] == 23.0
-                                     for e in events_of(r, "machine.reading")), 30)
-    quarantined = gw.metrics.events_quarantined.labels("station7", "invalid_data")._value.get()
-    assert quarantined == 1
-    rows = await gw.outbox.read(lambda c: c.execute(
-        "SELECT reason, meta FROM quarantine WHERE source = 'station7'").fetchall())
-    assert len(rows) == 1 and "Temperature" in rows[0][1]
-    assert [e["data"]["status"] for e in events_of(erp, "machine.reading")] == ["Good", "Good"]
-
-
 async def test_trigger_ack_is_written_after_the_commit(opcua_station, erp, gateways):
     st = await opcua_station()
     ack = f"""    ack: {{node: "{st.node_id('ResultReady')}", value: false}}\n"""
