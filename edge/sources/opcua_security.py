@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from asyncua import Client, ua
@@ -36,7 +37,10 @@ from edge.config import read_secret
 from edge.errors import FatalStartupError, RetryableStartupError
 from edge.sources.opcua_config import OpcUaSourceConfig
 
-__all__ = ["application_uri_of", "configure", "load_certificate", "thumbprint"]
+__all__ = ["application_uri_of", "configure", "load_certificate", "security_warnings",
+           "thumbprint"]
+
+CERT_WARN_DAYS = 30  # a pinned or client certificate this close to its end is reported
 
 POLICY_CLASSES: dict[str, type[security_policies.SecurityPolicy]] = {
     "Basic256Sha256": security_policies.SecurityPolicyBasic256Sha256,
@@ -168,6 +172,40 @@ async def configure(client: Client, cfg: OpcUaSourceConfig) -> str:
             f"cannot use security.key_file {sec.key_file} with cert_file {sec.cert_file}: {err}"
         ) from err
     return f"{sec.policy}/{sec.mode} server {thumbprint(presented)[:16]}"
+
+
+def security_warnings(cfg: OpcUaSourceConfig, now: datetime | None = None) -> list[str]:
+    """What is allowed but unsafe or about to break, one sentence each (no I/O beyond
+    reading the configured files): a password sent without a secure channel, a key file
+    others can read, a pinned server certificate or the client certificate near its end."""
+    out: list[str] = []
+    sec = cfg.security
+    if cfg.username is not None and not sec.enabled:
+        out.append(f"user {cfg.username!r} logs in over security policy None: the password "
+                   "crosses the network unencrypted; configure security (edge certs)")
+    if sec.enabled and sec.key_file is not None:
+        try:
+            mode = Path(sec.key_file).stat().st_mode
+        except OSError:
+            mode = 0
+        if mode & 0o077:
+            out.append(f"security.key_file {sec.key_file} can be read by other users "
+                       f"(mode {mode & 0o777:o}); chmod 600 it")
+    when = now or datetime.now(UTC)
+    for what, path in (("security.server_cert_file", sec.server_cert_file),
+                       ("security.cert_file", sec.cert_file)):
+        if not sec.enabled or path is None:
+            continue
+        try:
+            cert = load_certificate(path)
+        except FatalStartupError:
+            continue  # reported where it is used
+        left = cert.not_valid_after_utc - when
+        if left < timedelta(days=CERT_WARN_DAYS):
+            state = "expired" if left.total_seconds() <= 0 else f"expires in {left.days} days"
+            out.append(f"{what} {path} {state} ({cert.not_valid_after_utc:%Y-%m-%d}); renew "
+                       "it before the station refuses the channel")
+    return out
 
 
 async def _find_endpoint(cfg: OpcUaSourceConfig) -> ua.EndpointDescription:

@@ -1,0 +1,81 @@
+"""A blip costs a blip, and a source that cannot get back says why: the link to a real
+asyncua station runs through a TCP relay on loopback that the test cuts and restores."""
+
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+
+from edge.sim.tcp_relay import TcpRelay
+from tests.fixtures.gateway import http_sink_yaml
+from tests.fixtures.opcua import events_of, wait_connected, wait_for
+
+pytestmark = pytest.mark.opcua
+
+
+@pytest.fixture
+async def relay_to():
+    made: list[TcpRelay] = []
+
+    async def make(port: int) -> TcpRelay:
+        made.append(await TcpRelay.start(port))
+        return made[-1]
+
+    try:
+        yield make
+    finally:
+        for r in made:
+            await r.close()
+
+
+def _body(endpoint: str, st, erp_url: str) -> str:
+    return textwrap.dedent(f"""\
+        sources:
+          - id: station7
+            type: opcua
+            endpoint: {endpoint}
+            publishing_ms: 50
+            watchdog_s: 0.5
+            connect_timeout_s: 1
+            monitored:
+              - {{node: "{st.node_id('Temperature')}", sampling_ms: 0, ordering_key: "t"}}
+        sinks:
+    """) + http_sink_yaml(erp_url)
+
+
+def _condition(gw) -> str:
+    found = [c["message"] for c in gw.status["station7"].to_dict()["conditions"]
+             if c["code"] == "reconnect"]
+    return found[0] if found else ""
+
+
+@pytest.mark.parametrize(("mode", "reason"), [
+    ("reset", "connection refused"),  # the far side closes: each attempt fails at once
+    ("blackhole", "no answer within 1 s"),  # nothing answers: each attempt is cut short
+])
+async def test_a_cut_link_says_why_and_the_source_is_back_when_the_link_is(
+    opcua_station, erp, gateways, relay_to, mode, reason
+):
+    st = await opcua_station()
+    relay = await relay_to(st.port)
+    gw = await gateways(_body(relay.url(), st, erp.url))
+    await wait_connected(gw, "station7")
+    await st.write("Temperature", 20.5)
+    await erp.wait_for(lambda r: any(e["data"]["value"] == 20.5
+                                     for e in events_of(r, "machine.reading")), 30)
+
+    await relay.cut(mode)
+    await wait_for(lambda: reason in _condition(gw), 60, f"the reason {reason!r} in /status")
+    assert not gw.status["station7"].connected
+    report = await gw.status_report()
+    shown = [c for comp in report["components"] if comp["id"] == "station7"
+             for c in comp["conditions"]]
+    assert shown and reason in shown[0]["message"]
+
+    await relay.restore()
+    await wait_connected(gw, "station7", timeout=60)
+    await wait_for(lambda: _condition(gw) == "", 30, "the reason to be cleared")
+    await st.write("Temperature", 21.5)
+    await erp.wait_for(lambda r: any(e["data"]["value"] == 21.5
+                                     for e in events_of(r, "machine.reading")), 30)
