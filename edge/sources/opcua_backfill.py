@@ -1,20 +1,47 @@
-"""Gap recovery for the ``opcua`` source: HistoryRead pages and persisted watermarks.
+"""Gap recovery for the ``opcua`` source: HistoryRead pages, persisted watermarks, order.
 
 ``history_pages`` reads the raw history of one node strictly between two timestamps, page
 by page, so a long gap never sits in memory at once. It follows continuation points and,
 for servers that truncate a page without one (asyncua does when NumValuesPerNode cuts the
-result), continues from the last timestamp it got. It stops after ``max_values``; an
-unfinished continuation point is released.
+result), continues from the last timestamp it got. It stops after ``max_values`` (one
+round; the caller continues in another round); an unfinished continuation point is
+released.
 
-``BackfillMixin`` is the gap half of ``OpcUaSource``: a ``Gap`` marker opens a gap per
-historizing node at its last live sample, the first live sample after the marker closes
-it, and one task reads each closed gap back (HistoryRead), submits the values as
-``backfilled`` events and audits the result.
+``BackfillMixin`` is the gap half of ``OpcUaSource``. A gap opens per historizing node at
+the newest sample taken before it, on:
 
-``Watermarks`` keeps, per monitored node, the source timestamp up to which samples are
-known to be stored (the start of an open gap while one is being backfilled), in
-``<state_dir>/opcua/<source id>.watermarks.json``. After a gateway restart the source
-backfills from there, so an update or reboot of the gateway loses no historized sample.
+- a ``Gap`` marker in the notification queue: subscription re-created, or a restore of the
+  subscriptions after a reconnect (the source wraps ``Subscription.restore`` so the
+  markers ``restore`` / ``restored`` bracket it in the queue);
+- a sample flagged Overflow by the server (its item queue dropped values before it);
+- a local drop (the notification queue was full): every historizing node, at the next
+  batch the drain takes (everything taken before the drop is older than what was dropped);
+- a (re)start of the source: from the per-node watermark, see below.
+
+The first sample of the node after the gap closes it; one task reads each closed gap back
+(HistoryRead) in rounds of at most ``backfill.max_values`` values (a longer gap continues
+in further rounds, audited ``backfill_round``), hands the values as ``backfilled`` events
+to the same ordered commit path as the live samples and audits the result
+(``backfilled``, ``backfill_truncated`` for the part older than ``max_gap_s``,
+``backfill_failed``).
+
+Order per node (``backfill.order``): ``strict`` (default) holds the live samples of a node
+newer than its open gap in memory until the gap's backfilled values are committed, so a
+receiver gets every node's values in source-time order; the hold is bounded (``queue_max``
+samples per node; beyond that the node's order is relaxed for that gap, audited
+``backfill_order_relaxed``). ``live_first`` commits live samples at once and the
+backfilled values after them (they carry their ``source_ts``). Values replayed by
+Republish after a reconnect are committed before the live values that arrived during the
+restore (``strict`` or not: the replay is short and bounded).
+
+``Watermarks`` keeps, per monitored node, the source timestamp up to which the node's
+samples are committed without a hole (never past an open gap), plus the open gaps
+themselves (start, and whether a backfill was running), in
+``<state_dir>/opcua/<source id>.watermarks.json``. After a kill -9, a gateway restart or a
+supervisor restart of the source, the source backfills from there, so no historized
+sample is lost; an interrupted backfill is audited ``backfill_resumed``. A file written
+for another endpoint is migrated (the node references are what count) and audited
+``watermarks_migrated``.
 """
 
 from __future__ import annotations
@@ -34,18 +61,25 @@ from asyncua import Client, ua
 
 from edge.components import ComponentContext, Submission
 from edge.errors import InputError
-from edge.sources.opcua_queue import Gap, iso, source_ts
+from edge.sources.opcua_queue import Gap, NotificationQueue, iso, source_ts
 from edge.telemetry import log_event
 
 if TYPE_CHECKING:
+    from asyncua.common.subscription import Subscription
     from prometheus_client import Counter
 
     from edge.sources.opcua_config import OpcUaSourceConfig
     from edge.sources.opcua_nodes import Resolved
 
-__all__ = ["BackfillMixin", "Watermarks", "history_pages"]
+__all__ = ["JOB_DONE", "BackfillMixin", "Watermarks", "history_pages"]
 
 log = logging.getLogger("edge.sources.opcua")
+
+# A mark without a Submission in the ordered commit path: "the backfill job of this node
+# is committed up to here" (never a real source timestamp).
+JOB_DONE = datetime(1, 1, 1, tzinfo=UTC)
+
+Mapped = tuple[list[Submission], list[tuple[int, datetime]]]
 
 
 async def history_pages(
@@ -57,9 +91,12 @@ async def history_pages(
     page_values: int,
     max_values: int,
     timeout_s: float,
+    more: list[bool] | None = None,
 ) -> AsyncIterator[list[ua.DataValue]]:
     """Yield lists of DataValues with start < SourceTimestamp < end, oldest first.
 
+    Stops after ``max_values`` values; ``more`` (if given) then gets ``True`` appended
+    when the range may hold further values (read on from the newest one yielded).
     Raises ``ua.UaStatusCodeError`` when the server refuses (e.g. BadHistoryOperation
     Unsupported) and network errors as they are.
     """
@@ -68,7 +105,11 @@ async def history_pages(
     continuation: bytes | None = None
     total = 0
     try:
-        while total < max_values:
+        while True:
+            if total >= max_values:
+                if more is not None:
+                    more.append(True)
+                return
             details = ua.ReadRawModifiedDetails()
             details.IsReadModified = False
             details.StartTime = cursor
@@ -88,6 +129,13 @@ async def history_pages(
             result.StatusCode.check()
             values = list(getattr(result.HistoryData, "DataValues", None) or [])
             continuation = result.ContinuationPoint or None
+            if len(values) > details.NumValuesPerNode:
+                # More than asked for (asyncua's server ignores NumValuesPerNode when both
+                # times are given): keep the page size, read on from the last one kept.
+                values = values[:details.NumValuesPerNode]
+                if continuation is not None:
+                    await _release(client, node_id, continuation, timeout_s)
+                    continuation = None
             total += len(values)
             page = []
             last = after
@@ -131,16 +179,23 @@ def _aware(ts: datetime | None) -> datetime | None:
 
 
 class Watermarks:
-    """Per-node "stored up to" timestamps, persisted atomically (write + rename)."""
+    """Per-node "committed up to" timestamps and open gaps, persisted atomically.
+
+    File: ``{"endpoint": ..., "nodes": {node: iso}, "gaps": {node: {"from": iso,
+    "state": "open" | "running"}}}``.
+    """
 
     def __init__(self, path: Path, endpoint: str) -> None:
         self.path = path
         self.endpoint = endpoint
         self.values: dict[str, datetime] = {}
-        self._saved: dict[str, datetime] = {}
+        self.gaps: dict[str, dict[str, str]] = {}
+        self.migrated_from: str | None = None  # set by load() for a foreign file
+        self._saved: tuple[dict[str, datetime], dict[str, dict[str, str]]] = ({}, {})
 
     def load(self) -> dict[str, datetime]:
-        """Read the file; a missing, foreign or damaged file yields {} (logged)."""
+        """Read the file → per node the timestamp to resume from (the older of the
+        watermark and an open gap's start); a missing or damaged file yields {} (logged)."""
         try:
             raw = self.path.read_bytes()
         except FileNotFoundError:
@@ -151,29 +206,41 @@ class Watermarks:
             return {}
         try:
             doc = orjson.loads(raw)
-            if doc.get("endpoint") != self.endpoint:
-                return {}
-            out = {k: datetime.fromisoformat(v) for k, v in doc.get("nodes", {}).items()}
-        except (orjson.JSONDecodeError, AttributeError, TypeError, ValueError) as err:
+            values = {k: _parse(v) for k, v in doc.get("nodes", {}).items()}
+            gaps = {k: {"from": iso(_parse(g["from"])), "state": str(g.get("state", "open"))}
+                    for k, g in (doc.get("gaps") or {}).items()}
+            endpoint = doc.get("endpoint")
+        except (orjson.JSONDecodeError, AttributeError, TypeError, ValueError, KeyError) as err:
             log_event(log, logging.WARNING, "damaged opcua watermarks ignored",
                       path=str(self.path), error=str(err))
             return {}
-        self.values = dict(out)
-        self._saved = dict(out)
+        if endpoint != self.endpoint:
+            self.migrated_from = str(endpoint)
+            log_event(log, logging.WARNING, "opcua watermarks were written for another "
+                      "endpoint; taken over for the same node references",
+                      path=str(self.path), was=str(endpoint), now=self.endpoint)
+        self.values = dict(values)
+        self.gaps = gaps
+        self._saved = (dict(values), {k: dict(v) for k, v in gaps.items()})
+        out = dict(values)
+        for node, gap in gaps.items():
+            start = _parse(gap["from"])
+            out[node] = min(out.get(node, start), start)
         return out
 
     def dirty(self) -> bool:
-        return self.values != self._saved
+        return (self.values, self.gaps) != self._saved
 
     async def save(self) -> None:
         """Write the file if anything changed (off the event loop)."""
         if not self.dirty():
             return
-        snapshot = dict(self.values)
+        values = dict(self.values)
+        gaps = {k: dict(v) for k, v in self.gaps.items()}
         doc = {"endpoint": self.endpoint,
-               "nodes": {k: v.isoformat() for k, v in snapshot.items()}}
+               "nodes": {k: v.isoformat() for k, v in values.items()}, "gaps": gaps}
         await asyncio.to_thread(self._write, orjson.dumps(doc))
-        self._saved = snapshot
+        self._saved = (values, gaps)
 
     def _write(self, data: bytes) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -185,8 +252,19 @@ class Watermarks:
         os.replace(tmp, self.path)
 
 
+def _parse(value: str) -> datetime:
+    ts = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    return ts if ts.tzinfo else ts.replace(tzinfo=UTC)
+
+
 class BackfillMixin:
-    """The gap half of ``OpcUaSource`` (state lives in ``OpcUaSource.__init__``)."""
+    """The gap half of ``OpcUaSource`` (state lives in ``OpcUaSource.__init__``).
+
+    Per monitored item index (all touched only on the event loop):
+    ``_gap_open`` gaps waiting for their first sample, ``_jobs`` closed gaps to read,
+    ``_running`` the gap being read (its start moves up as its values commit), ``_held``
+    live samples waiting for their node's backfill (``strict`` order).
+    """
 
     if TYPE_CHECKING:
         id: str
@@ -194,13 +272,30 @@ class BackfillMixin:
         ctx: ComponentContext
         _client: Client | None
         _resolved: Resolved | None
+        _mon_sub: Subscription | None
+        _mon_q: NotificationQueue
+        _mapped: asyncio.Queue[Mapped]
         _history: list[bool]
         _last_ts: dict[int, datetime]
         _gap_open: dict[int, tuple[datetime, float]]
         _jobs: dict[int, tuple[datetime, datetime]]
         _jobs_ready: asyncio.Event
         _watermarks: Watermarks
+        _watermarks_loaded: bool
         _m_backfilled: Counter
+        _running: dict[int, tuple[datetime, datetime]]
+        _held: dict[int, list[tuple[Submission, datetime]]]
+        _releasing: set[int]
+        _relaxed: set[int]
+        _job_done: dict[int, asyncio.Event]
+        _job_stats: dict[int, dict[str, Any]]
+        _put_lock: asyncio.Lock
+        _restoring: bool
+        _restore_held: list[Any]
+        _drop_pending: bool
+        _overflow_counts: dict[int, int]
+        _overflow_since: float
+        _pending_audits: list[tuple[str, str | None, dict[str, Any]]]
 
         async def _audit(self, state: str, *, reason: str | None = None,
                          detail: dict[str, Any] | None = None) -> None: ...
@@ -213,30 +308,273 @@ class BackfillMixin:
         async def _quarantine_sample(self, idx: int, dv: ua.DataValue, value: Any,
                                      ts: datetime, err: InputError) -> None: ...
 
+    # ------------------------------------------------------------------ gap state
+
+    def _strict(self) -> bool:
+        return self.cfg.backfill.order == "strict"
+
+    def _gap_floor(self, idx: int) -> datetime | None:
+        """The oldest start of the node's open, pending or running gaps (None: no gap)."""
+        starts = [s for s in (self._gap_open.get(idx, (None,))[0],
+                              self._jobs.get(idx, (None,))[0],
+                              self._running.get(idx, (None,))[0]) if s is not None]
+        return min(starts) if starts else None
+
+    def _sync_gap(self, idx: int) -> None:
+        """Mirror the node's gap into the watermarks file (written by the flush loop)."""
+        node = self.cfg.monitored[idx].node
+        floor = self._gap_floor(idx)
+        if floor is None:
+            self._watermarks.gaps.pop(node, None)
+        else:
+            self._watermarks.gaps[node] = {
+                "from": iso(floor), "state": "running" if idx in self._running else "open"}
+
     def _open_gap(self, mark: Gap) -> None:
+        if mark.reason == "restore":
+            self._restoring = True
         now = time.monotonic()
         starts = mark.starts if mark.starts is not None else self._last_ts
         for idx, ts in starts.items():
             if self._history[idx] and idx not in self._gap_open:
                 self._gap_open[idx] = (ts, now)
+                self._sync_gap(idx)
         self._jobs_ready.set()  # wake the loop so first-sample timeouts are tracked
 
     def _add_job(self, idx: int, start: datetime, end: datetime) -> None:
-        if end <= start:
-            return  # no change since the gap opened
-        old = self._jobs.get(idx)
-        if old is not None:
-            start, end = min(start, old[0]), max(end, old[1])
-        self._jobs[idx] = (start, end)
+        if end > start:
+            old = self._jobs.get(idx)
+            if old is not None:
+                start, end = min(start, old[0]), max(end, old[1])
+            self._jobs[idx] = (start, end)
+        self._sync_gap(idx)
         self._jobs_ready.set()
 
+    def _live_sample(self, idx: int, ts: datetime, *, ends_gap: bool = True) -> None:
+        """A live sample was taken from the queue: it ends the node's open gap (a sample
+        flagged Overflow does not: servers differ in which queued value carries the flag,
+        so the gap runs to the next sample)."""
+        gap = self._gap_open.pop(idx, None) if ends_gap else None
+        if gap is not None:
+            self._add_job(idx, gap[0], ts)
+        last = self._last_ts.get(idx)
+        if last is None or ts > last:
+            self._last_ts[idx] = ts
+
+    def _hold(self, idx: int, sub: Submission, ts: datetime
+              ) -> list[tuple[Submission, datetime]] | None:
+        """Hold a live sample behind its node's backfill (None), or return what to commit
+        now: the sample, after the held ones when the hold limit was reached."""
+        if not self._strict() or idx in self._relaxed:
+            return [(sub, ts)]
+        floor = self._gap_floor(idx)
+        if floor is None and idx not in self._releasing:
+            return [(sub, ts)]
+        if floor is not None and ts <= floor:
+            return [(sub, ts)]  # older than the gap: before the backfilled values
+        held = self._held.setdefault(idx, [])
+        if len(held) < self.cfg.queue_max:
+            held.append((sub, ts))
+            return None
+        self._relaxed.add(idx)
+        out = held[:] + [(sub, ts)]
+        held.clear()
+        node = self.cfg.monitored[idx].node
+        log_event(log, logging.WARNING, "opcua backfill slower than live data; live values "
+                  "of this node are committed before the rest of its gap", source=self.id,
+                  node=node, held=len(out))
+        self._pending_audits.append(("backfill_order_relaxed", "hold_limit", {
+            "node": node, "gap_from": iso(floor) if floor else None, "held": len(out)}))
+        return out
+
+    async def _put_ordered(self, subs: list[Submission], marks: list[tuple[int, datetime]]
+                           ) -> None:
+        """The one way into the commit path: puts keep the order they were asked in."""
+        async with self._put_lock:
+            await self._mapped.put((subs, marks))
+
+    def _committed(self, subs: Sequence[Submission], ids: Sequence[str],
+                   marks: Sequence[tuple[int, datetime]]) -> None:
+        """After COMMIT: watermarks, backfill progress, counts, job completions."""
+        k = 0
+        for idx, ts in marks:
+            if ts is JOB_DONE:
+                done = self._job_done.pop(idx, None)
+                if done is not None:
+                    done.set()
+                continue
+            sub = subs[k]
+            new = ids[k] == sub.event.id
+            k += 1
+            if sub.event.backfilled:
+                if new:
+                    self._m_backfilled.inc()
+                    stats = self._job_stats.get(idx)
+                    if stats is not None:
+                        stats["stored"] += 1
+                run = self._running.get(idx)
+                if run is not None and ts > run[0]:
+                    self._running[idx] = (ts, run[1])
+                    self._sync_gap(idx)
+            self._advance_watermark(idx, ts)
+
     def _advance_watermark(self, idx: int, ts: datetime) -> None:
+        """Committed: the watermark moves up, never past the start of an open gap."""
+        floor = self._gap_floor(idx)
+        if floor is not None and ts > floor:
+            ts = floor
         key = self.cfg.monitored[idx].node
-        if idx in self._gap_open or idx in self._jobs:
-            return  # keep the gap start until the backfill is done
         old = self._watermarks.values.get(key)
         if old is None or ts > old:
             self._watermarks.values[key] = ts
+
+    # ------------------------------------------------------------------ (re)start
+
+    def _restart_gaps(self) -> dict[int, datetime]:
+        """At every start of ``run``: resume from what is committed, not from what was
+        taken. Returns per historizing node the start of its gap (now open)."""
+        if not self._watermarks_loaded:
+            self._watermarks_loaded = True
+            loaded = self._watermarks.load()
+            if self._watermarks.migrated_from is not None:
+                self._pending_audits.append(("watermarks_migrated", "endpoint_changed", {
+                    "from_endpoint": self._watermarks.migrated_from,
+                    "to_endpoint": self.cfg.endpoint}))
+            for node, gap in self._watermarks.gaps.items():
+                self._pending_audits.append(("backfill_resumed", (
+                    "interrupted" if gap.get("state") == "running" else "gap_open"),
+                    {"node": node, "from": gap["from"]}))
+        else:  # the supervisor restarts run(): the same process, the same memory
+            loaded = dict(self._watermarks.values)
+            for node, gap in self._watermarks.gaps.items():
+                start = _parse(gap["from"])
+                loaded[node] = min(loaded.get(node, start), start)
+        self._gap_open.clear()
+        self._jobs.clear()
+        self._running.clear()
+        self._releasing.clear()
+        self._relaxed.clear()
+        self._job_done.clear()
+        self._job_stats.clear()
+        self._held.clear()  # taken, not committed: read back from the history
+        self._restoring = False
+        keys = {m.node: i for i, m in enumerate(self.cfg.monitored)}
+        starts: dict[int, datetime] = {}
+        now = time.monotonic()
+        for ref, ts in loaded.items():
+            idx = keys.get(ref)
+            if idx is None:
+                continue
+            if self._history[idx]:
+                starts[idx] = ts
+                self._last_ts[idx] = ts
+                self._gap_open[idx] = (ts, now)
+            else:
+                self._last_ts.setdefault(idx, ts)
+        for idx in range(len(self.cfg.monitored)):
+            self._sync_gap(idx)
+        # Chunks mapped by the previous run but not committed: the samples of nodes with a
+        # gap now wait behind its backfill (they are read back anyway), the rest commit.
+        keep: list[Mapped] = []
+        while not self._mapped.empty():
+            subs, marks = self._mapped.get_nowait()
+            k_subs: list[Submission] = []
+            k_marks: list[tuple[int, datetime]] = []
+            k = 0
+            for idx, ts in marks:
+                if ts is JOB_DONE:
+                    continue
+                sub = subs[k]
+                k += 1
+                floor = self._gap_floor(idx)
+                if floor is not None and ts > floor and self._strict():
+                    self._held.setdefault(idx, []).append((sub, ts))
+                else:
+                    k_subs.append(sub)
+                    k_marks.append((idx, ts))
+            if k_subs:
+                keep.append((k_subs, k_marks))
+        for chunk in keep:
+            self._mapped.put_nowait(chunk)
+        if starts:
+            self._jobs_ready.set()
+        return starts
+
+    def _watch_restore(self) -> None:
+        """Bracket asyncua's restore of the monitored subscription (transfer + Republish
+        after a reconnect) with markers in the queue: live notifications that arrive
+        meanwhile wait until the replayed ones are taken, so per node the older replayed
+        values are committed first."""
+        sub = self._mon_sub
+        if sub is None or getattr(sub, "_edge_restore_watched", False):
+            return
+        original = sub.restore
+        queue = self._mon_q
+
+        async def restore() -> None:
+            queue.put_nowait(Gap("restore"))
+            try:
+                await original()
+            finally:
+                queue.put_nowait(Gap("restored"))
+
+        sub.restore = restore  # type: ignore[method-assign]
+        sub._edge_restore_watched = True  # type: ignore[attr-defined]
+
+    def _end_restore(self) -> list[Any]:
+        self._restoring = False
+        held, self._restore_held = self._restore_held, []
+        return held
+
+    def _hold_for_restore(self, item: Any) -> bool:
+        """During a restore: keep a live (not replayed) notification for after it."""
+        if not self._restoring or getattr(item, "replayed", False):
+            return False
+        if len(self._restore_held) >= self.cfg.queue_max:
+            return False
+        self._restore_held.append(item)
+        return True
+
+    # ------------------------------------------------------------------ drops
+
+    def _local_drop_gap(self) -> None:
+        """The queue dropped notifications since the last batch: every historizing node
+        may have lost values newer than the ones taken so far."""
+        self._drop_pending = False
+        self._open_gap(Gap("queue_full"))
+
+    def _overflow_gap(self, idx: int) -> None:
+        """The server flagged Overflow on a sample: values before it were dropped."""
+        self._overflow_counts[idx] = self._overflow_counts.get(idx, 0) + 1
+        if not self._overflow_since:
+            self._overflow_since = time.monotonic()
+        last = self._last_ts.get(idx)
+        if self._history[idx] and last is not None and idx not in self._gap_open:
+            self._gap_open[idx] = (last, time.monotonic())
+            self._sync_gap(idx)
+
+    def _overflow_storm_over(self, seen_before: int) -> bool:
+        """True when overflows were counted and this batch added none (or a minute passed)."""
+        if not self._overflow_counts:
+            return False
+        total = sum(self._overflow_counts.values())
+        return total == seen_before or time.monotonic() - self._overflow_since > 60
+
+    def _overflow_audit(self) -> tuple[str, str | None, dict[str, Any]]:
+        nodes = {self.cfg.monitored[i].node: n for i, n in self._overflow_counts.items()}
+        backfill = [self.cfg.monitored[i].node for i in self._overflow_counts
+                    if self._history[i]]
+        self._overflow_counts = {}
+        self._overflow_since = 0.0
+        return ("dropped", "server_queue_overflow", {
+            "flagged": sum(nodes.values()), "nodes": nodes, "backfill": backfill})
+
+    async def _flush_audits(self) -> None:
+        while self._pending_audits:
+            state, reason, detail = self._pending_audits.pop(0)
+            await self._audit(state, reason=reason, detail=detail)
+
+    # ------------------------------------------------------------------ backfill
 
     async def _backfill_loop(self) -> None:
         if not any(self._history):
@@ -252,8 +590,13 @@ class BackfillMixin:
             if stale:
                 end = await self._server_time()
                 for idx in stale:
-                    start, _ = self._gap_open.pop(idx)
-                    self._add_job(idx, start, end)
+                    if idx in self._gap_open:
+                        start, _ = self._gap_open.pop(idx)
+                        self._add_job(idx, start, end)
+            for idx in [i for i, h in self._held.items()
+                        if h and self._gap_floor(i) is None and i not in self._releasing]:
+                self._releasing.add(idx)
+                await self._release_held(idx)
             while self._jobs:
                 idx = next(iter(self._jobs))
                 start, end = self._jobs.pop(idx)
@@ -270,9 +613,15 @@ class BackfillMixin:
             return datetime.now(UTC)
 
     async def _backfill(self, idx: int, start: datetime, end: datetime) -> None:
+        """One round of a gap: read, hand to the commit path; then another round, a retry
+        after the reconnect, or the end of the job (committed, audited, held released)."""
         assert self._client is not None and self._resolved is not None
         cfg = self.cfg
         node = cfg.monitored[idx].node
+        stats = self._job_stats.setdefault(
+            idx, {"from": start, "read": 0, "stored": 0, "rounds": 0})
+        self._running[idx] = (start, end)
+        self._sync_gap(idx)
         limit = end - timedelta(seconds=cfg.backfill.max_gap_s)
         if start < limit:
             log_event(log, logging.WARNING, "opcua gap longer than backfill.max_gap_s; "
@@ -282,31 +631,36 @@ class BackfillMixin:
                               detail={"node": node, "gap_start": iso(start),
                                       "read_from": iso(limit)})
             start = limit
-        read = stored = 0
+            self._running[idx] = (start, end)
+            stats["from"] = max(stats["from"], start)
+        read = 0
         newest = start
+        more: list[bool] = []
+        stats["rounds"] += 1
         try:
             async for page in history_pages(
                 self._client, self._resolved[node].node_id, start, end,
                 page_values=cfg.backfill.page_values, max_values=cfg.backfill.max_values,
-                timeout_s=cfg.timeout_s,
+                timeout_s=cfg.timeout_s, more=more,
             ):
                 subs: list[Submission] = []
+                marks: list[tuple[int, datetime]] = []
                 for dv in page:
                     ts = source_ts(dv)
                     value = dv.Value.Value if dv.Value is not None else None
                     try:
                         subs.append(self._sample(idx, dv, value, ts, backfilled=True))
+                        marks.append((idx, ts))
                     except InputError as err:
                         await self._quarantine_sample(idx, dv, value, ts, err)
                     newest = max(newest, ts)
                 read += len(page)
+                stats["read"] += len(page)
                 if subs:
-                    ids = await self._submit(subs)
-                    new = sum(1 for s, i in zip(subs, ids, strict=True) if i == s.event.id)
-                    stored += new
-                    self._m_backfilled.inc(new)
+                    await self._put_ordered(subs, marks)
         except (OSError, TimeoutError, ConnectionError) as err:
-            # Connection trouble: keep the unread rest for after the reconnect.
+            # Connection trouble: the gap stays open; the unread rest after the reconnect.
+            self._running.pop(idx, None)
             self._add_job(idx, newest, end)
             log_event(log, logging.WARNING, "opcua backfill interrupted; will resume",
                       source=self.id, node=node, error=repr(err))
@@ -316,16 +670,63 @@ class BackfillMixin:
             self.ctx.metrics.source_errors.labels(self.id, "history_read_failed").inc()
             log_event(log, logging.WARNING, "opcua backfill failed: the server refused "
                       "HistoryRead", source=self.id, node=node, error=repr(err))
+            await self._finish_job(idx)
             await self._audit("backfill_failed", reason=type(err).__name__,
-                              detail={"node": node, "from": iso(start), "to": iso(end)})
+                              detail={"node": node, "from": iso(start), "to": iso(end),
+                                      "read": stats["read"]})
             return
-        self._watermarks.values[node] = max(self._watermarks.values.get(node, end), end)
+        if more:
+            # max_values reached: this round is handed over; the rest is read in another
+            # round (after the other nodes' gaps had theirs), the gap stays open.
+            self._running.pop(idx, None)
+            self._add_job(idx, newest, end)
+            log_event(log, logging.INFO, "opcua backfill round done; gap continues",
+                      source=self.id, node=node, read=read, next_from=iso(newest),
+                      gap_to=iso(end))
+            await self._audit("backfill_round", reason="max_values", detail={
+                "node": node, "from": iso(start), "to": iso(end), "read": read,
+                "next_from": iso(newest), "max_values": cfg.backfill.max_values})
+            return
+        done = asyncio.Event()
+        self._job_done[idx] = done
+        await self._put_ordered([], [(idx, JOB_DONE)])
+        await done.wait()  # every value of the gap is committed
+        await self._finish_job(idx)
         log_event(log, logging.INFO, "opcua backfilled", source=self.id, node=node,
-                  read=read, stored=stored, duplicates=read - stored,
-                  gap_from=iso(start), gap_to=iso(end))
-        await self._audit("backfilled", detail={"node": node, "from": iso(start),
-                                                "to": iso(end), "read": read,
-                                                "stored": stored})
+                  read=stats["read"], stored=stats["stored"],
+                  duplicates=stats["read"] - stats["stored"], rounds=stats["rounds"],
+                  gap_from=iso(stats["from"]), gap_to=iso(end))
+        await self._audit("backfilled", detail={
+            "node": node, "from": iso(stats["from"]), "to": iso(end), "read": stats["read"],
+            "stored": stats["stored"], "rounds": stats["rounds"]})
+
+    async def _finish_job(self, idx: int) -> None:
+        """The running gap is done: forget it, then commit the live samples held for it."""
+        self._job_stats.pop(idx, None)
+        self._releasing.add(idx)  # before the gap goes: the drain keeps holding meanwhile
+        self._running.pop(idx, None)
+        if self._gap_floor(idx) is None:
+            self._relaxed.discard(idx)
+        self._sync_gap(idx)
+        await self._release_held(idx)
+
+    async def _release_held(self, idx: int) -> None:
+        """Commit the held samples older than the node's next gap (all, without one), in
+        the order taken; the caller has put ``idx`` into ``_releasing``."""
+        try:
+            while True:
+                floor = self._gap_floor(idx)
+                held = self._held.get(idx) or []
+                n = 0
+                while n < len(held) and (floor is None or held[n][1] <= floor):
+                    n += 1
+                if n == 0:
+                    break
+                chunk = held[:n]
+                del held[:n]
+                await self._put_ordered([s for s, _ in chunk], [(idx, ts) for _, ts in chunk])
+        finally:
+            self._releasing.discard(idx)  # no await since the last check: nothing slips by
 
     async def _flush_watermarks(self) -> None:
         if not any(self._history):

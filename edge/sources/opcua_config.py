@@ -240,16 +240,27 @@ class SecurityConfig(StrictModel):
 
 
 class BackfillConfig(StrictModel):
-    """HistoryRead after a gap (reconnect, subscription re-created, gateway restart)."""
+    """HistoryRead after a gap (reconnect, subscription re-created, queue overflow,
+    gateway or source restart)."""
 
     enabled: bool = True
     max_gap_s: float = Field(
-        86400, gt=0, description="older parts of a gap are not read (bounded catch-up)"
+        86400, gt=0, description="older parts of a gap are not read (bounded catch-up, "
+        "audited backfill_truncated)"
     )
-    max_values: int = Field(100000, ge=1, description="values read per node and gap, at most")
+    max_values: int = Field(
+        100000, ge=1, description="values read per node in one round; a longer gap is read "
+        "on in further rounds (audited backfill_round), other nodes' gaps in between"
+    )
     page_values: int = Field(1000, ge=1, le=100000, description="values per HistoryRead call")
     first_sample_wait_s: float = Field(
         10, gt=0, description="wait this long for the first live sample that ends a gap"
+    )
+    order: Literal["strict", "live_first"] = Field(
+        "strict", description="strict: a node's live values wait (in memory, bounded by "
+        "queue_max) until the backfilled values of its gap are committed, so every key "
+        "keeps source-time order; live_first: live values go at once, backfilled ones "
+        "after them"
     )
 
 
