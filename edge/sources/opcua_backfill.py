@@ -548,6 +548,12 @@ class BackfillMixin:
         self._overflow_counts[idx] = self._overflow_counts.get(idx, 0) + 1
         if not self._overflow_since:
             self._overflow_since = time.monotonic()
+            # a storm is audited when it starts (a steady overload may never end) and
+            # then with its counts when it ends, or once a minute while it lasts
+            node = self.cfg.monitored[idx].node
+            self._pending_audits.append(("dropped", "server_queue_overflow", {
+                "flagged": 1, "nodes": {node: 1}, "storm": "started",
+                "backfill": [node] if self._history[idx] else []}))
         last = self._last_ts.get(idx)
         if self._history[idx] and last is not None and idx not in self._gap_open:
             self._gap_open[idx] = (last, time.monotonic())

@@ -33,20 +33,22 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import asyncua
-from asyncua import Client
+from asyncua import Client, ua
 from asyncua.client import client as _client_module
+from asyncua.client.ua_session import UaSession
 from asyncua.common.subscription import Subscription
 from asyncua.ua.uaerrors import (
     BadCertificateInvalid,
     BadCertificateUntrusted,
+    BadMessageNotAvailable,
     BadSecurityChecksFailed,
     BadSecurityPolicyRejected,
 )
 
 from edge.errors import FatalStartupError
 
-__all__ = ["ASYNCUA_VERSION", "GatewayClient", "check_internals", "describe_failure",
-           "reconnect_delays"]
+__all__ = ["ASYNCUA_VERSION", "GatewayClient", "bound_republish", "check_internals",
+           "describe_failure", "reconnect_delays"]
 
 ASYNCUA_VERSION = "2.1.0"
 
@@ -61,6 +63,7 @@ _INTERNALS: dict[str, str] = {
     "Client._refresh_endpoints_quiet": "83be0104f620eed8",
     "Subscription._deliver": "1a45bd5c40c7f710",
     "Subscription.restore": "5de70c7ed4897873",
+    "Subscription._republish_gaps": "28db7477c7fd88af",
 }
 
 
@@ -192,3 +195,39 @@ class GatewayClient(Client):
             return False
         finally:
             _client_module._supervisor_owns_requests.reset(token)
+
+
+def bound_republish(sub: Subscription) -> None:
+    """Replace ``sub._republish_gaps`` (after a subscription transfer) by a bounded one.
+
+    asyncua asks for sequence numbers one after the other until the server answers
+    BadMessageNotAvailable. asyncua's own server answers an unknown number with an EMPTY
+    message instead, so that loop never ends: the reconnect never finishes and the health
+    probe never runs again (a second outage went unnoticed for as long as we watched).
+    Here only the numbers the server listed as available are asked for, each once; an
+    empty answer counts as not available. If not everything could be replayed, asyncua
+    re-creates the subscription, which the source treats as a gap (backfill)."""
+
+    async def republish_gaps(available: list[int]) -> bool:
+        if not isinstance(sub.server, UaSession) or sub.subscription_id is None:
+            return True
+        start = sub.last_sequence_number or 0
+        wanted = sorted(n for n in set(available) if n > start)
+        sub._replaying = True
+        try:
+            for seq in wanted:
+                try:
+                    msg = await sub.server.republish(sub.subscription_id, seq)
+                except BadMessageNotAvailable:
+                    continue
+                except Exception:  # noqa: BLE001 - as asyncua: give up, re-create
+                    return False
+                if not msg.NotificationData:
+                    continue
+                await sub.publish_callback(
+                    ua.PublishResult(sub.subscription_id, NotificationMessage=msg))
+        finally:
+            sub._replaying = False
+        return not wanted or (sub.last_sequence_number or 0) >= wanted[-1]
+
+    sub._republish_gaps = republish_gaps  # type: ignore[method-assign]

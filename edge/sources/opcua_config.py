@@ -281,6 +281,9 @@ class OpcUaSourceConfig(SourceConfigBase):
     timeout_s: float = Field(10, gt=0, description="per request to the server")
     watchdog_s: float = Field(1.0, gt=0, description="connection health probe interval")
     reconnect_max_delay_s: float = Field(30, gt=0, description="cap of the reconnect backoff")
+    connect_timeout_s: float = Field(
+        3.0, gt=0, description="per reconnect attempt (socket, hello, secure channel, "
+        "session): a link that is down is tried again soon instead of waited for")
     queue_max: int = Field(
         10000, ge=10, le=1_000_000,
         description="notifications buffered in the gateway; when full the oldest is dropped "

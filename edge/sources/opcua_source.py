@@ -56,7 +56,7 @@ from edge.errors import (
     OutboxFullError,
     RetryableStartupError,
 )
-from edge.sources import opcua_nodes, opcua_security
+from edge.sources import opcua_client, opcua_nodes, opcua_security
 from edge.sources.opcua_backfill import BackfillMixin, Watermarks
 from edge.sources.opcua_config import OpcUaSourceConfig
 from edge.sources.opcua_queue import (
@@ -153,7 +153,8 @@ class OpcUaSource(TriggersMixin, BackfillMixin):
         self._trig_q = NotificationQueue(max(100, cfg.queue_max // 10), self._dropped_trigger)
         self._mapped: asyncio.Queue[tuple[list[Submission], list[tuple[int, datetime]]]] = \
             asyncio.Queue(maxsize=max(2, 2 * cfg.batch_max // _CHUNK))
-        self._trig_out: asyncio.Queue[tuple[int, Submission]] = asyncio.Queue(maxsize=1000)
+        self._trig_out: asyncio.Queue[Any] = asyncio.Queue(maxsize=1000)  # served raises
+        self._init_trigger_state()  # handshake state per trigger (edge.sources.opcua_triggers)
         self._ctl: asyncio.Queue[tuple[Any, ...]] = asyncio.Queue(maxsize=1000)
         self._client: Client | None = None
         self._resolved: opcua_nodes.Resolved | None = None
@@ -168,9 +169,24 @@ class OpcUaSource(TriggersMixin, BackfillMixin):
         self._watermarks = Watermarks(
             Path(ctx.state_dir) / "opcua" / f"{cfg.id}.watermarks.json", cfg.endpoint)
         self._watermarks_loaded = False
+        # Backfill and order (edge.sources.opcua_backfill), per monitored item index.
+        self._running: dict[int, tuple[datetime, datetime]] = {}  # gap being read
+        self._held: dict[int, list[tuple[Submission, datetime]]] = {}  # behind a backfill
+        self._releasing: set[int] = set()
+        self._relaxed: set[int] = set()
+        self._job_done: dict[int, asyncio.Event] = {}
+        self._job_stats: dict[int, dict[str, Any]] = {}
+        self._put_lock = asyncio.Lock()  # the one ordered way into _mapped
+        self._restoring = False  # between the restore markers of a reconnect
+        self._restore_held: list[Any] = []
+        self._drop_pending = False
+        self._overflow_counts: dict[int, int] = {}
+        self._overflow_since = 0.0
+        self._pending_audits: list[tuple[str, str | None, dict[str, Any]]] = []
         self._storm_dropped = 0
         self._overflow_logged = 0.0
         self._lost_at: float | None = None
+        self._failure_reason: str | None = None  # last reconnect failure reported
         self._loss_epoch = 0
         self._sub_epoch = {"monitored": 0, "triggers": 0}
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -179,11 +195,20 @@ class OpcUaSource(TriggersMixin, BackfillMixin):
 
     async def run(self) -> None:
         cfg = self.cfg
-        client = Client(cfg.endpoint, timeout=cfg.timeout_s, watchdog_intervall=cfg.watchdog_s,
-                        auto_reconnect=True, reconnect_max_delay=cfg.reconnect_max_delay_s)
+        opcua_client.check_internals()
+        client = opcua_client.GatewayClient(
+            cfg.endpoint, timeout=cfg.timeout_s, watchdog_intervall=cfg.watchdog_s,
+            auto_reconnect=True, reconnect_max_delay=cfg.reconnect_max_delay_s,
+            attempt_timeout_s=min(cfg.connect_timeout_s, cfg.timeout_s),
+            on_attempt_failed=self._reconnect_failed)
         client.name = f"edge-gateway {self.ctx.site}/{cfg.id}"
         client.description = client.name
         client.product_uri = "urn:edge-gateway"
+        warnings = opcua_security.security_warnings(cfg)
+        for warning in warnings:
+            log_event(log, logging.WARNING, "opcua security warning", source=self.id,
+                      warning=warning)
+        self.ctx.set_condition("security", "; ".join(warnings) or None, "warning")
         security = await opcua_security.configure(client, cfg)
         client.uaclient.observer = _Observer(self)
         client.connection_lost_callback = self._on_connection_lost
@@ -288,6 +313,7 @@ class OpcUaSource(TriggersMixin, BackfillMixin):
         if not hasattr(sub, "_event_queue"):
             raise FatalStartupError("this asyncua version is not supported (no event queue)")
         sub._event_queue = queue  # type: ignore[assignment]  # see module docstring
+        opcua_client.bound_republish(sub)
         return sub
 
     async def _subscribe(self, client: Client, resolved: opcua_nodes.Resolved) -> None:
@@ -350,18 +376,11 @@ class OpcUaSource(TriggersMixin, BackfillMixin):
                                   f"item: {res.name}")
 
     def _open_start_gap(self) -> None:
-        """Before the monitored items exist: mark a gap since the last stored samples —
-        of this process (the supervisor restarted ``run``) or of the previous one."""
-        if not self._watermarks_loaded:
-            self._watermarks_loaded = True
-            stored = self._watermarks.load()
-            keys = {m.node: i for i, m in enumerate(self.cfg.monitored)}
-            for ref, ts in stored.items():
-                if ref in keys:
-                    self._last_ts.setdefault(keys[ref], ts)
-        starts = {i: ts for i, ts in self._last_ts.items() if self._history[i]}
-        if starts:
-            self._mon_q.put_nowait(Gap("start", starts))
+        """Before the monitored items exist: open a gap since the last COMMITTED samples
+        (watermarks and open gaps) — of this process (the supervisor restarted ``run``:
+        samples taken from the queue but not committed are read back too) or of the
+        previous one (kill -9, restart, update)."""
+        self._restart_gaps()
 
     # ------------------------------------------------------------------ asyncua signals
 
@@ -386,6 +405,19 @@ class OpcUaSource(TriggersMixin, BackfillMixin):
         self._set_connected(False)
         self._ctl_put(("lost", exc))
 
+    def _reconnect_failed(self, exc: BaseException) -> None:
+        """A reconnect attempt failed (called by the client's reconnect loop): log the
+        reason once per change, show it in ``/status`` until the source is back."""
+        reason, severity = opcua_client.describe_failure(exc, self.cfg)
+        if reason == self._failure_reason:
+            return
+        self._failure_reason = reason
+        log_event(log, logging.ERROR if severity == "critical" else logging.WARNING,
+                  "opcua reconnect failing", source=self.id, endpoint=self.cfg.endpoint,
+                  reason=reason)
+        self.ctx.set_condition("reconnect", f"cannot reconnect to {self.cfg.endpoint}: "
+                               f"{reason}", severity)
+
     def _ctl_put(self, item: tuple[Any, ...]) -> None:
         try:
             self._ctl.put_nowait(item)
@@ -409,6 +441,8 @@ class OpcUaSource(TriggersMixin, BackfillMixin):
                 down = round(time.monotonic() - self._lost_at, 1)
                 self._lost_at = None
                 self._set_connected(True)
+                self._failure_reason = None
+                self.ctx.set_condition("reconnect", None, "warning")
                 log_event(log, logging.INFO, "opcua reconnected", source=self.id,
                           endpoint=self.cfg.endpoint, down_s=down)
                 await self._audit("reconnected", detail={"endpoint": self.cfg.endpoint,
@@ -445,6 +479,7 @@ class OpcUaSource(TriggersMixin, BackfillMixin):
                       "opcua notification queue full; dropping the oldest notifications",
                       source=self.id, queue_max=self.cfg.queue_max)
         self._storm_dropped += 1
+        self._drop_pending = True  # the drain opens gaps (backfill) before its next batch
 
     def _sample(self, idx: int, dv: ua.DataValue, value: Any, ts: datetime,
                 backfilled: bool = False) -> Submission:
@@ -462,48 +497,81 @@ class OpcUaSource(TriggersMixin, BackfillMixin):
     async def _drain_monitored(self) -> None:
         """Map notifications in arrival order, a chunk at a time, yielding to the event loop
         between chunks so asyncua's publish loop keeps its pace (a starved publish loop
-        makes the SERVER drop values). Mapped chunks go to ``_commit_monitored``."""
+        makes the SERVER drop values). Mapped chunks go to ``_commit_monitored``; live
+        samples of a node whose gap is being backfilled wait behind it (``_hold``), live
+        notifications that arrive during a restore wait behind the replayed ones."""
         if not self.cfg.monitored:
             return
         q = self._mon_q
+        self._watch_restore()
+        await self._flush_audits()
+        carried = self._end_restore()  # held for a restore when the previous run ended
+
+        def take(item: DataChangeEvent, subs: list[Submission],
+                 marks: list[tuple[int, datetime]], bad: list[Any]) -> None:
+            mi = item.data.monitored_item
+            idx = mi.ClientHandle - 1
+            dv = mi.Value
+            ts = source_ts(dv)
+            flagged = dv.StatusCode is not None and \
+                dv.StatusCode.value & OVERFLOW_BITS == OVERFLOW_BITS
+            if flagged:
+                self._server_overflow(idx)
+            self._live_sample(idx, ts, ends_gap=not flagged)
+            try:
+                sub = self._sample(idx, dv, item.value, ts)
+            except InputError as err:
+                bad.append((idx, dv, item.value, ts, err))
+                return
+            now = self._hold(idx, sub, ts)
+            if now is not None:
+                for s, t in now:
+                    subs.append(s)
+                    marks.append((idx, t))
+
         while True:
-            batch = await q.get_batch(_CHUNK)
+            batch = carried or await q.get_batch(_CHUNK)
+            carried = []
+            if self._drop_pending:
+                self._local_drop_gap()
             subs: list[Submission] = []
             marks: list[tuple[int, datetime]] = []
+            bad: list[Any] = []
+            overflows = sum(self._overflow_counts.values())
+
             for item in batch:
                 if type(item) is DataChangeEvent:
-                    mi = item.data.monitored_item
-                    idx = mi.ClientHandle - 1
-                    dv = mi.Value
-                    ts = source_ts(dv)
-                    if dv.StatusCode is not None and dv.StatusCode.value & OVERFLOW_BITS == \
-                            OVERFLOW_BITS:
-                        self._server_overflow(idx)
-                    gap = self._gap_open.pop(idx, None)
-                    if gap is not None:
-                        self._add_job(idx, gap[0], ts)
-                    last = self._last_ts.get(idx)
-                    if last is None or ts > last:
-                        self._last_ts[idx] = ts
-                    try:
-                        subs.append(self._sample(idx, dv, item.value, ts))
-                        marks.append((idx, ts))
-                    except InputError as err:
-                        await self._quarantine_sample(idx, dv, item.value, ts, err)
+                    if not self._hold_for_restore(item):
+                        take(item, subs, marks, bad)
                 elif isinstance(item, Gap):
-                    self._open_gap(item)
+                    if item.reason == "restored":
+                        for held in self._end_restore():
+                            take(held, subs, marks, bad)
+                    else:
+                        self._open_gap(item)
                 elif isinstance(item, StatusChangeEvent):
                     self._status_change("monitored", item)
             if self._storm_dropped and q.qsize() < q.maxsize // 2:
                 log_event(log, logging.WARNING, "opcua notification storm over",
                           source=self.id, dropped=self._storm_dropped)
+                self._pending_audits.append(("dropped", "queue_full", {
+                    "count": self._storm_dropped, "queue_max": q.maxsize,
+                    "backfill": [m.node for i, m in enumerate(self.cfg.monitored)
+                                 if self._history[i]]}))
                 self._storm_dropped = 0
+            if self._overflow_storm_over(overflows):
+                self._pending_audits.append(self._overflow_audit())
             if subs:
-                await self._mapped.put((subs, marks))  # bounded: waits while commits lag
+                await self._put_ordered(subs, marks)  # bounded: waits while commits lag
+            for args in bad:  # after the chunk: an await here must not let a backfill in
+                await self._quarantine_sample(*args)
+            if self._pending_audits:
+                await self._flush_audits()
             await asyncio.sleep(0)
 
     async def _commit_monitored(self) -> None:
-        """One outbox commit at a time, merging the chunks mapped meanwhile (order kept)."""
+        """One outbox commit at a time, merging the chunks mapped meanwhile (order kept);
+        watermarks and backfill progress move only after the COMMIT."""
         if not self.cfg.monitored:
             return
         mapped = self._mapped
@@ -514,12 +582,14 @@ class OpcUaSource(TriggersMixin, BackfillMixin):
                 more, more_marks = mapped.get_nowait()
                 subs = subs + more
                 marks = marks + more_marks
-            await self._submit(subs)
-            for idx, ts in marks:
-                self._advance_watermark(idx, ts)
+            ids = await self._submit(subs) if subs else []
+            self._committed(subs, ids, marks)
 
     def _server_overflow(self, idx: int) -> None:
+        """The server's item queue dropped values before this one: counted, audited once
+        per storm, and where the node historizes its gap is backfilled."""
         self._m_dropped_server.inc()
+        self._overflow_gap(idx)
         now = time.monotonic()
         if now - self._overflow_logged > 60:
             self._overflow_logged = now
