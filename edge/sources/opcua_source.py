@@ -187,6 +187,7 @@ class OpcUaSource(TriggersMixin, BackfillMixin):
         self._overflow_logged = 0.0
         self._lost_at: float | None = None
         self._failure_reason: str | None = None  # last reconnect failure reported
+        self._unknown_kinds: set[str] = set()
         self._loss_epoch = 0
         self._sub_epoch = {"monitored": 0, "triggers": 0}
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -551,6 +552,8 @@ class OpcUaSource(TriggersMixin, BackfillMixin):
                         self._open_gap(item)
                 elif isinstance(item, StatusChangeEvent):
                     self._status_change("monitored", item)
+                else:
+                    self._unknown_item("monitored", item)
             if self._storm_dropped and q.qsize() < q.maxsize // 2:
                 log_event(log, logging.WARNING, "opcua notification storm over",
                           source=self.id, dropped=self._storm_dropped)
@@ -597,6 +600,17 @@ class OpcUaSource(TriggersMixin, BackfillMixin):
                       "opcua server queue overflow: the server dropped values between publishes "
                       "(raise queue_size or lower sampling)", source=self.id,
                       node=self.cfg.monitored[idx].node)
+
+    def _unknown_item(self, which: str, item: Any) -> None:
+        """Something asyncua put into a queue that this source does not know (a newer
+        asyncua, or an event subscription): counted, logged once per kind, never silent."""
+        self.ctx.metrics.source_errors.labels(self.id, "unknown_notification").inc()
+        kind = type(item).__name__
+        if kind not in self._unknown_kinds:
+            self._unknown_kinds.add(kind)
+            log_event(log, logging.ERROR, "opcua: unknown item in the notification queue "
+                      "(ignored; check the asyncua version)", source=self.id,
+                      subscription=which, kind=kind)
 
     def _status_change(self, which: str, ev: StatusChangeEvent) -> None:
         log_event(log, logging.WARNING, "opcua subscription status change", source=self.id,

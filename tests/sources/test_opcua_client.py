@@ -99,3 +99,35 @@ def test_security_warnings_name_what_is_unsafe(opcua_certs, tmp_path: Path):
     found = security_warnings(secure, now=soon)
     assert not any("other users" in w for w in found)
     assert any("server_cert_file" in w and "expired" in w for w in found)
+
+
+async def test_an_unknown_item_in_the_notification_queue_is_counted_and_logged(
+    opcua_station, erp, gateways, caplog
+):
+    """asyncua may one day put other things into the queue the source reads (its internals
+    are pinned, not promised): such an item is counted and logged, not silently skipped."""
+    import textwrap
+
+    from tests.fixtures.gateway import http_sink_yaml
+    from tests.fixtures.opcua import events_of, wait_connected, wait_for
+
+    st = await opcua_station()
+    gw = await gateways(textwrap.dedent(f"""\
+        sources:
+          - id: station7
+            type: opcua
+            endpoint: {st.endpoint}
+            publishing_ms: 50
+            monitored:
+              - {{node: "{st.node_id('Temperature')}", sampling_ms: 0}}
+        sinks:
+    """) + http_sink_yaml(erp.url))
+    await wait_connected(gw, "station7")
+    source = gw.sources["station7"]
+    source._mon_q.put_nowait(object())  # what asyncua's publish loop would hand over
+    counted = gw.metrics.source_errors.labels("station7", "unknown_notification")
+    await wait_for(lambda: counted._value.get() == 1, 30, "the unknown item to be counted")
+    assert "unknown item in the notification queue" in caplog.text
+    await st.write("Temperature", 25.0)  # and the source goes on
+    await erp.wait_for(lambda r: any(e["data"]["value"] == 25.0
+                                     for e in events_of(r, "machine.reading")), 30)
