@@ -66,6 +66,7 @@ bench: $(VENV)/.installed-test mosquitto
 	$(BIN)/python -m bench.bench_mqtt_ingest --messages 30000
 	$(BIN)/python -m bench.bench_latency
 	$(BIN)/python -m bench.bench_opcua --items 1000
+	$(BIN)/python -m bench.bench_opcua_blip --rounds 3
 
 schema: $(VENV)/.installed-run
 	$(BIN)/edge print-schema > config/edge.schema.json
