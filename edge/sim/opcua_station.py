@@ -24,6 +24,10 @@ Programmatic API (demo, tests)::
     station.node_id("Temperature")             # "ns=2;s=Station7.Temperature"
     await station.write("Temperature", 21.5)   # drive values by hand (auto=False)
     await station.publish_result(serial="S1", result="fail", measured=9.1)
+    await station.refuse_reads("Serial")       # faults: a Read including Serial fails …
+    await station.accept_reads("Serial")       # … until accepted again
+    await station.refuse_writes("ResultReady") # the ack write is refused (access denied)
+    await station.accept_writes("ResultReady")
     await station.stop()
 
 CLI: ``edge simulate opcua --port 4840 [--history-db FILE] [--items N]``.
@@ -80,6 +84,7 @@ class Station:
     lot: int = 1
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _ready_reset: asyncio.Event = field(default_factory=asyncio.Event)
+    _kept: dict[str, Any] = field(default_factory=dict)  # values held while reads are refused
 
     def node_id(self, variable: str) -> str:
         """NodeId string of a variable, e.g. ``ns=2;s=Station7.Temperature``."""
@@ -98,6 +103,7 @@ class Station:
         from asyncua import ua
 
         node = self.nodes[variable]
+        self._kept.pop(variable, None)  # a write ends refused reads (see refuse_reads)
         vtype = getattr(ua.VariantType, VARIABLES.get(variable, ("Double", 0))[0])
         ts = ts or datetime.now(UTC)
         variant = ua.Variant() if value is None else ua.Variant(value, vtype)
@@ -127,9 +133,43 @@ class Station:
             await self.write(name, value)
         await self.write("PartCounter", self.parts)
         if ready:
-            self._ready_reset.clear()
-            await self.write("ResultReady", True)
+            await self.raise_ready()
         return values
+
+    async def raise_ready(self) -> datetime:
+        """ResultReady=true: the result written before is ready (waits for the ack again
+        with ``handshake``); returns its SourceTimestamp."""
+        self._ready_reset.clear()
+        return await self.write("ResultReady", True)
+
+    async def refuse_reads(self, variable: str, status: str = "BadResourceUnavailable") -> None:
+        """Fail every Read that includes ``variable`` (the whole service call answers with a
+        ServiceFault ``status``), as a station whose data source is briefly unavailable
+        would; ``accept_reads`` ends it. The value is kept; writes in between end it too."""
+        from asyncua import ua
+
+        node = self.nodes[variable]
+        kept = self.server.read_attribute_value(node.nodeid)
+        self._kept[variable] = kept
+        error = getattr(ua.uaerrors, status)
+
+        def refuse(nodeid: Any, attr: Any) -> Any:
+            raise error()
+
+        self.server.set_attribute_value_callback(node.nodeid, refuse)
+
+    async def accept_reads(self, variable: str) -> None:
+        kept = self._kept.pop(variable, None)
+        if kept is not None:
+            await self.server.write_attribute_value(self.nodes[variable].nodeid, kept)
+
+    async def refuse_writes(self, variable: str = "ResultReady") -> None:
+        """Clients may no longer write ``variable`` (BadUserAccessDenied), e.g. the ack of a
+        handshake; ``accept_writes`` allows it again."""
+        await self.nodes[variable].set_writable(False)
+
+    async def accept_writes(self, variable: str = "ResultReady") -> None:
+        await self.nodes[variable].set_writable(True)
 
     async def wait_acknowledged(self) -> None:
         """With ``handshake``: return once a client wrote ResultReady=false (it stored the
