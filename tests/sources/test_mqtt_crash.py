@@ -10,11 +10,6 @@ not yet acked, and the outbox dedupe maps the copy to the first event.
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
-import subprocess
-import sys
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +17,7 @@ import pytest
 
 from edge.sim.erp import ErpReceiver
 from tests.fixtures.gateway import http_sink_yaml
+from tests.fixtures.gateway_process import GatewayProcess
 from tests.fixtures.mosquitto import (
     Broker,
     inspection,
@@ -33,56 +29,6 @@ from tests.fixtures.mosquitto import (
 
 pytestmark = pytest.mark.mqtt
 
-REPO = Path(__file__).resolve().parents[2]
-
-
-class GatewayProcess:
-    """The gateway as a child process; stderr is collected line by line."""
-
-    def __init__(self, config: Path, python_args: tuple[str, ...] = ("-m", "edge")) -> None:
-        self.config = config
-        self.python_args = python_args  # how the interpreter starts the gateway's CLI
-        self.lines: list[str] = []
-        self.proc: subprocess.Popen[bytes] | None = None
-        self._cond = threading.Condition()
-
-    def start(self) -> GatewayProcess:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        self.proc = subprocess.Popen([sys.executable, *self.python_args, "run", "-c",
-                                      str(self.config)],
-                                     cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE)
-        threading.Thread(target=self._read, args=(self.proc,), daemon=True).start()
-        return self
-
-    def _read(self, proc: subprocess.Popen[bytes]) -> None:
-        assert proc.stderr is not None
-        for raw in proc.stderr:
-            with self._cond:
-                self.lines.append(raw.decode(errors="replace").rstrip())
-                self._cond.notify_all()
-
-    def wait_line(self, text: str, timeout: float = 20.0, after: int = 0) -> None:
-        with self._cond:
-            ok = self._cond.wait_for(
-                lambda: any(text in line for line in self.lines[after:])
-                or (self.proc is not None and self.proc.poll() is not None), timeout)
-        if not ok or not any(text in line for line in self.lines[after:]):
-            raise AssertionError(f"gateway never logged {text!r}:\n" + "\n".join(self.lines[-30:]))
-
-    def kill9(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
 
 
 @pytest.mark.parametrize("protocol", ["3.1.1", "5"])

@@ -8,12 +8,7 @@ sample missing, none stored twice, and per ordering key in source-time order.
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
-import subprocess
-import sys
 import textwrap
-import threading
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -23,11 +18,11 @@ import pytest
 
 from edge.errors import OutboxStorageError
 from tests.fixtures.gateway import http_sink_yaml
+from tests.fixtures.gateway_process import GatewayProcess
 from tests.fixtures.opcua import events_of, wait_connected, wait_for
 
 pytestmark = pytest.mark.opcua
 
-REPO = Path(__file__).resolve().parents[2]
 
 
 def _dt(iso: str) -> datetime:
@@ -148,57 +143,6 @@ def _assert_source_time_order(erp: Any) -> None:
 # --------------------------------------------------------------------------- gateway process
 
 
-class GatewayProcess:
-    """``python -m edge run -c cfg.yaml`` as a child process; stderr kept line by line."""
-
-    def __init__(self, config: Path) -> None:
-        self.config = config
-        self.lines: list[str] = []
-        self.proc: subprocess.Popen[bytes] | None = None
-        self._cond = threading.Condition()
-
-    def start(self) -> GatewayProcess:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        self.proc = subprocess.Popen([sys.executable, "-m", "edge", "run", "-c",
-                                      str(self.config)], cwd=REPO, env=env,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        threading.Thread(target=self._read, args=(self.proc,), daemon=True).start()
-        return self
-
-    def _read(self, proc: subprocess.Popen[bytes]) -> None:
-        assert proc.stderr is not None
-        for raw in proc.stderr:
-            with self._cond:
-                self.lines.append(raw.decode(errors="replace").rstrip())
-                self._cond.notify_all()
-
-    async def wait_line(self, text: str, timeout: float = 60.0, after: int = 0) -> None:
-        def wait() -> bool:
-            with self._cond:
-                return self._cond.wait_for(
-                    lambda: any(text in line for line in self.lines[after:])
-                    or (self.proc is not None and self.proc.poll() is not None), timeout)
-
-        await asyncio.to_thread(wait)
-        if not any(text in line for line in self.lines[after:]):
-            raise AssertionError(f"gateway never logged {text!r}:\n"
-                                 + "\n".join(self.lines[-30:]))
-
-    def kill9(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-
 # --------------------------------------------------------------------------- tests
 
 
@@ -215,7 +159,7 @@ async def test_kill_9_during_a_long_backfill_then_restart_the_whole_gap_arrives(
     stop = asyncio.Event()
     gw = GatewayProcess(cfg).start()
     try:
-        await gw.wait_line("opcua connected")
+        await gw.await_line("opcua connected")
         await st.write("Temperature", 21.0)
         await erp.wait_for(lambda r: any(e["data"]["value"] == 21.0 for e in _readings(r)), 30)
         since = max(_received(erp))
@@ -225,7 +169,7 @@ async def test_kill_9_during_a_long_backfill_then_restart_the_whole_gap_arrives(
         _slow_history(st, 0.3)  # … taking 0.3 s each: the backfill runs for ~20 s
         mark = len(gw.lines)
         await asyncio.to_thread(gw.start)
-        await gw.wait_line("opcua connected", after=mark)
+        await gw.await_line("opcua connected", after=mark)
         ticker = asyncio.create_task(_ticker(st, stop))
         before = wm_file.read_bytes()
         # Kill once the backfill is under way and the watermarks were saved meanwhile.
@@ -236,7 +180,7 @@ async def test_kill_9_during_a_long_backfill_then_restart_the_whole_gap_arrives(
 
         mark = len(gw.lines)
         await asyncio.to_thread(gw.start)
-        await gw.wait_line("opcua connected", after=mark)
+        await gw.await_line("opcua connected", after=mark)
         history = await _historized(st, node)
         gap = [ts for ts in history if ts > since][:1500]
         await erp.wait_for(lambda r: set(gap) <= set(_received(r)), 120)
