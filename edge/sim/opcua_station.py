@@ -85,6 +85,8 @@ class Station:
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _ready_reset: asyncio.Event = field(default_factory=asyncio.Event)
     _kept: dict[str, Any] = field(default_factory=dict)  # values held while reads are refused
+    # username → password the server accepts (with ``users``); change it to refuse a login
+    users: dict[str, str] = field(default_factory=dict)
 
     def node_id(self, variable: str) -> str:
         """NodeId string of a variable, e.g. ``ns=2;s=Station7.Temperature``."""
@@ -230,8 +232,8 @@ async def start_station(
     if seed is not None:
         random.seed(seed)
     server = Server()
+    known = dict(users or {})
     if users is not None:
-        known = dict(users)
 
         class _Users(UserManager):
             def get_user(self, iserver: Any, username: str | None = None,
@@ -281,7 +283,7 @@ async def start_station(
         count=history_count)
     actual = server.bserver.port if server.bserver is not None else port
     station = Station(name=name, server=server, endpoint=f"opc.tcp://{_url_host(host)}:{actual}",
-                      namespace=namespace, ns=ns, nodes=nodes)
+                      namespace=namespace, ns=ns, nodes=nodes, users=known)
     await station.write("LotId", station.lot_id)
     if handshake:
         station._tasks.append(asyncio.create_task(_watch_ack(station), name="station-ack"))

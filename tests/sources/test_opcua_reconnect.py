@@ -82,3 +82,45 @@ async def test_a_cut_link_says_why_and_the_source_is_back_when_the_link_is(
         await st.write("Temperature", value)
         await erp.wait_for(lambda r, v=value: any(e["data"]["value"] == v
                                                   for e in events_of(r, "machine.reading")), 30)
+
+
+async def test_a_login_refused_on_reconnect_is_shown_as_critical_until_it_is_accepted(
+    opcua_station, opcua_certs, erp, gateways, relay_to, tmp_path
+):
+    """The station's administrator changes the gateway's password while the link is down:
+    the reconnect is refused, and /status says so (not just "reconnecting")."""
+    c = opcua_certs
+    st = await opcua_station(security=["Basic256Sha256"], cert_file=c.server_cert,
+                             key_file=c.server_key, users={"gw": "first-password-1"})
+    relay = await relay_to(st.port)
+    secret = tmp_path / "station7.pw"
+    secret.write_text("first-password-1")
+    secret.chmod(0o600)
+    body = _body(relay.url(), st, erp.url).replace(
+        "    publishing_ms: 50\n",
+        "    publishing_ms: 50\n"
+        "    username: gw\n"
+        f"    password_file: {secret}\n"
+        "    security: {policy: Basic256Sha256, mode: SignAndEncrypt, "
+        f"cert_file: {c.client_cert}, key_file: {c.client_key}, "
+        f"server_cert_file: {c.server_cert}}}\n")
+    gw = await gateways(body)
+    try:
+        await wait_connected(gw, "station7")
+    except AssertionError:
+        raise AssertionError(gw.status["station7"].error) from None
+
+    st.users["gw"] = "second-password-2"
+    await relay.cut("reset")
+    await relay.restore()
+    await wait_for(lambda: "refused the login of gw" in _condition(gw), 60,
+                   "the refused login in /status")
+    report = await gw.status_report()
+    shown = [c for comp in report["components"] if comp["id"] == "station7"
+             for c in comp["conditions"] if c["code"] == "reconnect"]
+    assert shown[0]["severity"] == "critical"
+    assert "second-password-2" not in str(report) and "first-password-1" not in str(report)
+
+    st.users["gw"] = "first-password-1"  # the administrator puts it back
+    await wait_connected(gw, "station7", timeout=60)
+    await wait_for(lambda: _condition(gw) == "", 30, "the reason to be cleared")
