@@ -8,6 +8,11 @@ Two kinds of cut, ``--rounds`` times each, ``--cut-s`` seconds long:
   blackhole  the relay keeps connections open and accepts new ones but forwards nothing
              (a link down behind a router): an attempt hears nothing until it gives up
 
+and ``handshake``: a station with a ResultReady/ack handshake raises a result while a
+``reset`` cut is on; the figure is the time from the link's return until the gateway has
+stored the result and written the ack (ResultReady false again) — how long the line
+waits for a part it produced during the blip.
+
 Measured for the gateway's reconnect (``GatewayClient``) and, in the same run against the
 same station, for asyncua 2.1's own reconnect loop (the baseline: ``Client``'s
 ``_reconnect_with_backoff``, 1 s doubling, each attempt bounded by the request timeout).
@@ -36,8 +41,20 @@ from edge.sim.opcua_station import start_station
 from edge.sim.tcp_relay import TcpRelay
 from edge.sources import opcua_client
 
+TRIGGER = """\
+    triggers:
+      - node: "{ready}"
+        when: true
+        event: inspection.result
+        ordering_key: "lot:{{lot_id}}"
+        sampling_ms: 0
+        read: {{lot_id: "{lot}", serial: "{serial}", result: "{result}"}}
+        ack: {{node: "{ready}", value: false}}
+"""
+
 
 async def _measure(mode: str, rounds: int, cut_s: float) -> list[float]:
+    handshake = mode == "handshake"
     station = await start_station(auto=False)
     relay = await TcpRelay.start(station.port)
     erp = ErpReceiver()
@@ -53,6 +70,12 @@ async def _measure(mode: str, rounds: int, cut_s: float) -> list[float]:
             endpoint: {relay.url()}
             monitored:
               - {{node: "{station.node_id('Temperature')}", sampling_ms: 0}}
+    """)
+    if handshake:
+        body += TRIGGER.format(
+            ready=station.node_id("ResultReady"), lot=station.node_id("LotId"),
+            serial=station.node_id("Serial"), result=station.node_id("Result"))
+    body += textwrap.dedent(f"""\
         sinks:
           - id: erp
             type: http
@@ -68,15 +91,21 @@ async def _measure(mode: str, rounds: int, cut_s: float) -> list[float]:
         while not status.connected:
             await asyncio.sleep(0.02)
         for _ in range(rounds):
-            await relay.cut(mode)  # type: ignore[arg-type]
+            await relay.cut("reset" if handshake else mode)  # type: ignore[arg-type]
             cut_at = time.monotonic()
             while status.connected and time.monotonic() - cut_at < cut_s:
                 await asyncio.sleep(0.02)
+            if handshake:
+                await station.publish_result()  # the part made during the blip
             await asyncio.sleep(max(0.0, cut_s - (time.monotonic() - cut_at)))
             await relay.restore()
             back = time.monotonic()
-            while not status.connected and time.monotonic() - back < 120:
-                await asyncio.sleep(0.02)
+            if handshake:
+                while await station.read("ResultReady") and time.monotonic() - back < 300:
+                    await asyncio.sleep(0.02)
+            else:
+                while not status.connected and time.monotonic() - back < 120:
+                    await asyncio.sleep(0.02)
             out.append(time.monotonic() - back)
             await asyncio.sleep(3.0)  # settle: subscriptions restored, keep-alives flowing
     finally:
@@ -90,9 +119,9 @@ async def _measure(mode: str, rounds: int, cut_s: float) -> list[float]:
 async def main(args: argparse.Namespace) -> None:
     print(machine_line())
     print(f"cut {args.cut_s:g} s, {args.rounds} rounds per kind; seconds from the link's "
-          "return to connected (median, max)")
+          "return to connected, or for handshake to the ack (median, max)")
     ours = opcua_client.GatewayClient._reconnect_with_backoff
-    for mode in ("reset", "blackhole"):
+    for mode in ("reset", "blackhole", "handshake"):
         opcua_client.GatewayClient._reconnect_with_backoff = (  # type: ignore[method-assign]
             Client._reconnect_with_backoff)
         base = await _measure(mode, args.rounds, args.cut_s)
