@@ -26,6 +26,10 @@ class TcpRelay:
         self._pipes: set[asyncio.Task[None]] = set()
         self._writers: set[asyncio.StreamWriter] = set()
         self.connections = 0
+        # while True, what the server sends is discarded and what the client sends still
+        # passes: responses lost on the way back (the client times out, the server thinks
+        # it answered)
+        self.drop_downstream = False
 
     @classmethod
     async def start(cls, target_port: int) -> TcpRelay:
@@ -52,16 +56,19 @@ class TcpRelay:
             writer.transport.abort()
             return
         self._writers.add(up_writer)
-        for src, dst in ((reader, up_writer), (up_reader, writer)):
-            task = asyncio.create_task(self._pipe(src, dst))
+        for src, dst, down in ((reader, up_writer, False), (up_reader, writer, True)):
+            task = asyncio.create_task(self._pipe(src, dst, down))
             self._pipes.add(task)
             task.add_done_callback(self._pipes.discard)
 
-    async def _pipe(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+    async def _pipe(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter,
+                    downstream: bool) -> None:
         try:
             while data := await src.read(65536):
                 if self.mode != "up":
                     return  # a cut: nothing more passes this pipe
+                if downstream and self.drop_downstream:
+                    continue
                 dst.write(data)
                 await dst.drain()
         except (ConnectionError, OSError):

@@ -3,6 +3,7 @@ asyncua station runs through a TCP relay on loopback that the test cuts and rest
 
 from __future__ import annotations
 
+import asyncio
 import textwrap
 
 import pytest
@@ -124,3 +125,39 @@ async def test_a_login_refused_on_reconnect_is_shown_as_critical_until_it_is_acc
     st.users["gw"] = "first-password-1"  # the administrator puts it back
     await wait_connected(gw, "station7", timeout=60)
     await wait_for(lambda: _condition(gw) == "", 30, "the reason to be cleared")
+
+
+async def test_values_lost_on_the_way_back_are_replayed_before_newer_ones(
+    opcua_station, erp, gateways, relay_to
+):
+    """Publish responses lost on the way back (the server sent them, the gateway never got
+    them) are asked for again after the reconnect (Republish on the transferred
+    subscription) and committed before the values the server queued meanwhile. The node
+    does not historize: the replay is the only way back for those values."""
+    st = await opcua_station()
+    relay = await relay_to(st.port)
+    body = _body(relay.url(), st, erp.url).replace(
+        f"node: \"{st.node_id('Temperature')}\"", f"node: \"{st.node_id('SpindleSpeed')}\"")
+    gw = await gateways(body)
+    await wait_connected(gw, "station7")
+    await st.write("SpindleSpeed", 1000.0)
+    await erp.wait_for(lambda r: any(e["data"]["value"] == 1000.0
+                                     for e in events_of(r, "machine.reading")), 30)
+
+    relay.drop_downstream = True
+    for v in (1001.0, 1002.0):
+        await st.write("SpindleSpeed", v)
+        await asyncio.sleep(0.3)  # a publish each: sent by the server, lost on the way
+    await relay.cut("reset")
+    relay.drop_downstream = False
+    await st.write("SpindleSpeed", 1003.0)  # queued on the server while the link is down
+    await relay.restore()
+    await wait_connected(gw, "station7", timeout=60)
+    await erp.wait_for(lambda r: any(e["data"]["value"] == 1003.0
+                                     for e in events_of(r, "machine.reading")), 30)
+    await st.write("SpindleSpeed", 1004.0)
+    await erp.wait_for(lambda r: any(e["data"]["value"] == 1004.0
+                                     for e in events_of(r, "machine.reading")), 30)
+    values = [e["data"]["value"] for e in events_of(erp, "machine.reading")]
+    assert values == [v for v in values if v >= 1000.0]  # nothing else on this node
+    assert values[-5:] == [1000.0, 1001.0, 1002.0, 1003.0, 1004.0], values
