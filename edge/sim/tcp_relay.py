@@ -30,6 +30,9 @@ class TcpRelay:
         # passes: responses lost on the way back (the client times out, the server thinks
         # it answered)
         self.drop_downstream = False
+        # while True, what the client sends is discarded and the server's data still
+        # passes: a link failing one way (a notification arrives, the Read after it not)
+        self.drop_upstream = False
 
     @classmethod
     async def start(cls, target_port: int) -> TcpRelay:
@@ -67,7 +70,7 @@ class TcpRelay:
             while data := await src.read(65536):
                 if self.mode != "up":
                     return  # a cut: nothing more passes this pipe
-                if downstream and self.drop_downstream:
+                if self.drop_downstream if downstream else self.drop_upstream:
                     continue
                 dst.write(data)
                 await dst.drain()
@@ -88,7 +91,9 @@ class TcpRelay:
             self._writers.clear()
 
     async def restore(self) -> None:
+        """End a cut and any one-way drop."""
         self.mode = "up"
+        self.drop_downstream = self.drop_upstream = False
         if self._server is None:
             self._server = await asyncio.start_server(self._accept, "127.0.0.1", self.port,
                                                       reuse_address=True)

@@ -5,7 +5,6 @@ way, and two parts shown faster than the gateway can read them are never one eve
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import textwrap
 from typing import Any
@@ -186,98 +185,11 @@ async def test_quarantined_result_is_acked_and_audited(opcua_station, erp, gatew
     assert quarantined == [(1,)]  # re-reads of the same result did not quarantine it again
 
 
-class _Relay:
-    """A loopback TCP relay the test can break: ``mute()`` lets the station's answers
-    through but swallows what the gateway sends (a link failing one way: the
-    notification arrives, the Read that follows it never does); ``cut()`` closes every
-    connection and refuses new ones; ``restore()`` ends either."""
-
-    def __init__(self, target_port: int) -> None:
-        self.target_port = target_port
-        self.up = True
-        self.muted = False
-        self.port = 0
-        self._server: asyncio.Server | None = None
-        self._writers: set[asyncio.StreamWriter] = set()
-        self._tasks: set[asyncio.Task[None]] = set()
-
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if not self.up:
-            writer.transport.abort()
-            return
-        try:
-            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
-        except OSError:
-            writer.transport.abort()
-            return
-        self._writers |= {writer, up_writer}
-        for src, dst, upstream in ((reader, up_writer, True), (up_reader, writer, False)):
-            task = asyncio.create_task(self._pipe(src, dst, upstream))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-
-    async def _pipe(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter,
-                    upstream: bool) -> None:
-        try:
-            while data := await src.read(65536):
-                if upstream and self.muted:
-                    continue
-                dst.write(data)
-                await dst.drain()
-        except (ConnectionError, OSError):
-            pass
-        finally:
-            dst.transport.abort()
-
-    def mute(self) -> None:
-        self.muted = True
-
-    def cut(self) -> None:
-        self.up = False
-        for w in list(self._writers):
-            w.transport.abort()
-        self._writers.clear()
-
-    def restore(self) -> None:
-        self.up = True
-        self.muted = False
-
-    async def close(self) -> None:
-        self.cut()
-        if self._server is not None:
-            self._server.close()
-        for t in list(self._tasks):
-            t.cancel()
-        with contextlib.suppress(Exception):
-            await asyncio.gather(*self._tasks, return_exceptions=True)
-
-
-@pytest.fixture
-async def relay():
-    made: list[_Relay] = []
-
-    async def make(target_port: int) -> _Relay:
-        r = _Relay(target_port)
-        await r.start()
-        made.append(r)
-        return r
-
-    try:
-        yield make
-    finally:
-        for r in made:
-            await r.close()
-
-
 async def test_result_raised_as_the_link_fails_is_read_after_the_reconnect(
-    opcua_station, erp, gateways, relay
+    opcua_station, erp, gateways, relay_to
 ):
     st = await opcua_station(handshake=True)
-    link = await relay(st.port)
+    link = await relay_to(st.port)
     gw = await gateways(_config(st, f"opc.tcp://127.0.0.1:{link.port}", erp.url))
     await wait_connected(gw, "station7")
     await st.publish_result(serial="S-1", lot_id="L-1", result="pass", measured=1.0)
@@ -287,12 +199,12 @@ async def test_result_raised_as_the_link_fails_is_read_after_the_reconnect(
     # The raise reaches the gateway, its Read does not reach the station: the link is
     # lost; after the reconnect the subscription is transferred without initial values,
     # so only a re-read finds the result still raised.
-    link.mute()
+    link.drop_upstream = True
     await st.publish_result(serial="S-2", lot_id="L-1", result="pass", measured=2.0)
     await wait_for(lambda: not gw.status["station7"].connected, 30, "the loss to be noticed")
-    link.cut()
+    await link.cut("reset")
     await asyncio.sleep(0.5)  # the outage goes on for a moment (not a timing assertion)
-    link.restore()
+    await link.restore()
     await wait_connected(gw, "station7", timeout=60)
     await _wait_acked(st)
     await erp.wait_for(lambda r: len(events_of(r, "inspection.result")) == 2, 30)
@@ -309,17 +221,17 @@ async def test_result_raised_as_the_link_fails_is_read_after_the_reconnect(
 
 
 async def test_result_raised_while_disconnected_is_read_after_the_reconnect(
-    opcua_station, erp, gateways, relay
+    opcua_station, erp, gateways, relay_to
 ):
     st = await opcua_station(handshake=True)
-    link = await relay(st.port)
+    link = await relay_to(st.port)
     gw = await gateways(_config(st, f"opc.tcp://127.0.0.1:{link.port}", erp.url))
     await wait_connected(gw, "station7")
-    link.cut()
+    await link.cut("reset")
     await wait_for(lambda: not gw.status["station7"].connected, 30, "the loss to be noticed")
     await st.publish_result(serial="S-1", lot_id="L-1", result="pass", measured=1.0)
     await asyncio.sleep(0.5)  # the outage goes on for a moment (not a timing assertion)
-    link.restore()
+    await link.restore()
     await wait_connected(gw, "station7", timeout=60)
     await _wait_acked(st)
     await st.publish_result(serial="S-2", lot_id="L-1", result="pass", measured=2.0)

@@ -8,26 +8,10 @@ import textwrap
 
 import pytest
 
-from edge.sim.tcp_relay import TcpRelay
 from tests.fixtures.gateway import http_sink_yaml
 from tests.fixtures.opcua import events_of, wait_connected, wait_for
 
 pytestmark = pytest.mark.opcua
-
-
-@pytest.fixture
-async def relay_to():
-    made: list[TcpRelay] = []
-
-    async def make(port: int) -> TcpRelay:
-        made.append(await TcpRelay.start(port))
-        return made[-1]
-
-    try:
-        yield make
-    finally:
-        for r in made:
-            await r.close()
 
 
 def _body(endpoint: str, st, erp_url: str) -> str:
