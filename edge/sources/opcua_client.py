@@ -113,7 +113,8 @@ def describe_failure(exc: BaseException, cfg: Any) -> tuple[str, str]:
                 "was renewed, check its thumbprint with its owner and update "
                 "security.server_cert_file or trust_dir"), "critical"
     if isinstance(exc, TimeoutError):
-        return (f"no answer within {cfg.connect_timeout_s:g} s (link down, or the server "
+        waited = min(cfg.connect_timeout_s, cfg.timeout_s)  # the attempt's bound
+        return (f"no answer within {waited:g} s (link down, or the server "
                 "is hung)"), "warning"
     if isinstance(exc, ConnectionRefusedError):
         return "connection refused (the server is down or not listening)", "warning"

@@ -42,7 +42,7 @@ def test_the_cap_applies_from_the_start_when_it_is_small():
     assert all(p <= 0.5 for _, p in _schedule(0.5, 120))
 
 
-CFG = SimpleNamespace(username="gw", connect_timeout_s=3.0)
+CFG = SimpleNamespace(username="gw", connect_timeout_s=3.0, timeout_s=10.0)
 
 
 @pytest.mark.parametrize(("exc", "says", "severity"), [
@@ -57,6 +57,11 @@ CFG = SimpleNamespace(username="gw", connect_timeout_s=3.0)
 def test_each_reconnect_failure_says_why(exc, says, severity):
     reason, sev = describe_failure(exc, CFG)
     assert says in reason and sev == severity
+
+
+def test_no_answer_names_the_bound_the_attempt_really_had():
+    short = SimpleNamespace(username=None, connect_timeout_s=3.0, timeout_s=2.0)
+    assert "no answer within 2 s" in describe_failure(TimeoutError(), short)[0]
 
 
 def test_the_installed_asyncua_is_the_one_the_source_was_written_against():
