@@ -15,6 +15,13 @@ arrived in order, and can be told to misbehave:
   tokens it issued (``expire_tokens()`` revokes them, as an ERP would at expiry)
 - ``conflict_on_repeat``       a repeated ``Idempotency-Key`` gets 409 (an ERP that says
                                  "already exists")
+- ``intercept``                an async ``(events, headers) -> Answer | None`` asked before
+                                 the events are applied: an ``Answer`` is sent instead (not
+                                 applied), None lets the request through (fault injection)
+
+Every request is recorded (``requests``) with its wall and monotonic arrival time, the
+``Retry-After`` it was given and, as monotonic time, when that allows the next attempt
+(``not_before_mono``), and whether its events were applied.
 
 ``record=False`` keeps only counters (for million-event benchmarks).
 """
@@ -26,7 +33,7 @@ import contextlib
 import socket
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs
@@ -39,8 +46,9 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from edge.httpserver import EmbeddedServer
+from edge.retry import parse_retry_after
 
-__all__ = ["ErpReceiver", "RequestRecord"]
+__all__ = ["Answer", "ErpReceiver", "RequestRecord"]
 
 
 @dataclass
@@ -51,6 +59,22 @@ class RequestRecord:
     events: list[dict[str, Any]]
     status: int
     at: float = field(default_factory=time.time)
+    mono: float = field(default_factory=time.monotonic)  # arrival, monotonic clock
+    answered_mono: float = 0.0
+    retry_after: str | None = None  # the header value given with the answer
+    not_before_mono: float | None = None  # when that Retry-After allows the next attempt
+    applied: bool = False
+    fault: str = ""  # the injected fault that shaped the answer, if any
+
+
+@dataclass
+class Answer:
+    """What ``intercept`` sends instead of applying the request."""
+
+    status: int
+    headers: dict[str, str] = field(default_factory=dict)
+    body: str = ""
+    fault: str = ""
 
 
 class ErpReceiver:
@@ -88,6 +112,8 @@ class ErpReceiver:
         self._server: EmbeddedServer | None = None
         self._task: asyncio.Task[None] | None = None
         self._changed = asyncio.Condition()
+        self.intercept: Callable[[list[dict[str, Any]], dict[str, str]],
+                                 Awaitable[Answer | None]] | None = None
 
     # ------------------------------------------------------------------ control
 
@@ -148,6 +174,7 @@ class ErpReceiver:
     # ------------------------------------------------------------------ server
 
     async def _handle(self, request: Request) -> Response:
+        arrived = time.time(), time.monotonic()
         raw = await request.body()
         self.request_count += 1
         if self.latency_s:
@@ -158,6 +185,12 @@ class ErpReceiver:
         except orjson.JSONDecodeError:
             return await self._done(request, headers, [], 400, None, "body is not JSON")
         events = doc if isinstance(doc, list) else [doc] if isinstance(doc, dict) else []
+        if self.intercept is not None:
+            answer = await self.intercept(events, headers)
+            if answer is not None:
+                return await self._done(request, headers, events, answer.status, None,
+                                        answer.body, extra=answer.headers, fault=answer.fault,
+                                        arrived=arrived)
         if not self._authorized(headers):
             return await self._done(request, headers, events, 401, None, "unauthorized")
         if self._outage is not None:
@@ -188,16 +221,30 @@ class ErpReceiver:
             for e in events:
                 self.accepted_ids[e.get("id", "")] += 1
         return await self._done(request, headers, events, 200, None,
-                                orjson.dumps({"accepted": len(events)}).decode())
+                                orjson.dumps({"accepted": len(events)}).decode(),
+                                applied=True, arrived=arrived)
 
     async def _done(self, request: Request, headers: dict[str, str], events: list[Any],
-                    status: int, retry_after: str | None, body: str) -> Response:
+                    status: int, retry_after: str | None, body: str, *,
+                    extra: dict[str, str] | None = None, fault: str = "",
+                    applied: bool = False,
+                    arrived: tuple[float, float] | None = None) -> Response:
+        extra = dict(extra or {})
+        if retry_after:
+            extra["Retry-After"] = retry_after
         if self.record:
-            self.requests.append(RequestRecord(request.method, request.url.path, headers,
-                                               events, status))
+            now_mono = time.monotonic()
+            given = next((v for k, v in extra.items() if k.lower() == "retry-after"), None)
+            delay = parse_retry_after(given)
+            rec = RequestRecord(request.method, request.url.path, headers, events, status,
+                                answered_mono=now_mono, retry_after=given,
+                                not_before_mono=None if delay is None else now_mono + delay,
+                                applied=applied, fault=fault)
+            if arrived is not None:
+                rec.at, rec.mono = arrived
+            self.requests.append(rec)
         async with self._changed:
             self._changed.notify_all()
-        extra = {"Retry-After": retry_after} if retry_after else {}
         return Response(body, status_code=status, headers=extra, media_type="application/json")
 
     async def start(self) -> ErpReceiver:

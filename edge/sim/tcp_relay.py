@@ -6,12 +6,19 @@ stops listening, so new ones are refused (the far end rebooting); ``cut("blackho
 keeps the sockets open but forwards nothing, and accepts new connections that then hear
 nothing (a link down behind a router: the slow kind). ``restore()`` ends the cut: new
 connections are forwarded again (blackholed ones stay dead, as they would).
+
+Faults per exchange, each a share (0–1) of the chunks it sees, drawn from ``rng``:
+``reset_share`` resets a connection when the client sends (the request never reaches the
+server); ``lose_response_share`` discards what the server answers and then resets the
+connection (the server did the work, the client never hears of it). ``http_url()`` is the
+relay's address for an HTTP client.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 from typing import Literal
 
 __all__ = ["TcpRelay"]
@@ -33,6 +40,10 @@ class TcpRelay:
         # while True, what the client sends is discarded and the server's data still
         # passes: a link failing one way (a notification arrives, the Read after it not)
         self.drop_upstream = False
+        self.reset_share = 0.0
+        self.lose_response_share = 0.0
+        self.rng = random.Random()
+        self.resets = 0  # connections reset by reset_share / lose_response_share
 
     @classmethod
     async def start(cls, target_port: int) -> TcpRelay:
@@ -43,6 +54,9 @@ class TcpRelay:
 
     def url(self, path: str = "") -> str:
         return f"opc.tcp://127.0.0.1:{self.port}{path}"
+
+    def http_url(self, path: str = "") -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
@@ -59,19 +73,26 @@ class TcpRelay:
             writer.transport.abort()
             return
         self._writers.add(up_writer)
-        for src, dst, down in ((reader, up_writer, False), (up_reader, writer, True)):
-            task = asyncio.create_task(self._pipe(src, dst, down))
+        for src, dst, back, down in ((reader, up_writer, writer, False),
+                                     (up_reader, writer, up_writer, True)):
+            task = asyncio.create_task(self._pipe(src, dst, down, back))
             self._pipes.add(task)
             task.add_done_callback(self._pipes.discard)
 
     async def _pipe(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter,
-                    downstream: bool) -> None:
+                    downstream: bool, back: asyncio.StreamWriter | None = None) -> None:
         try:
             while data := await src.read(65536):
                 if self.mode != "up":
                     return  # a cut: nothing more passes this pipe
                 if self.drop_downstream if downstream else self.drop_upstream:
                     continue
+                share = self.lose_response_share if downstream else self.reset_share
+                if share and self.rng.random() < share:
+                    self.resets += 1
+                    if back is not None:
+                        back.transport.abort()
+                    return  # the finally block resets dst
                 dst.write(data)
                 await dst.drain()
         except (ConnectionError, OSError):
