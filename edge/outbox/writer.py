@@ -10,8 +10,8 @@ Contract:
   fails alone (consecutive mergeable ops, e.g. submits, run as one call, and one by one if
   that call fails); a storage error (disk full, I/O) rolls the whole transaction back and
   fails every op in it (``OutboxFullError`` for SQLITE_FULL, ``OutboxStorageError`` for a
-  corrupt page, an I/O error or any other fault of the file rather than of one op; such a
-  fault also sets ``storage_fault`` until a later transaction commits).
+  corrupt page, an I/O error or any other fault of the file rather than of one op; either
+  kind also sets ``storage_fault`` until a later transaction commits).
 - Chains: ops given the same ``chain`` (a source's submits) commit in enqueue order. When
   one of them fails, every op of that chain enqueued before the failure was reported fails
   too, unexecuted, with ``OutboxOrderError`` — it would otherwise commit ahead of the
@@ -284,6 +284,8 @@ class GroupCommitWriter:
         except sqlite3.Error as err:
             if _is_full(err):
                 self.disk_full_until = time.monotonic() + 1.0
+                # readiness and the outbox_storage alarm name the disk, not the budget
+                self.storage_fault = (time.time(), f"disk full: {err}")
                 self._metrics.outbox_write_errors.labels("disk_full").inc()
                 log_event(log, logging.ERROR, "outbox write failed: disk full; not acked",
                           rows=rows)
