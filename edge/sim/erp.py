@@ -41,7 +41,7 @@ from urllib.parse import parse_qs
 import orjson
 import uvicorn
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
@@ -175,7 +175,10 @@ class ErpReceiver:
 
     async def _handle(self, request: Request) -> Response:
         arrived = time.time(), time.monotonic()
-        raw = await request.body()
+        try:
+            raw = await request.body()
+        except ClientDisconnect:  # the connection went before the body was complete
+            return Response(status_code=400)
         self.request_count += 1
         if self.latency_s:
             await asyncio.sleep(self.latency_s)

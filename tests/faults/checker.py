@@ -61,6 +61,7 @@ class Report:
     redeliveries: int = 0
     order_violations: list[str] = field(default_factory=list)
     early_retries: list[str] = field(default_factory=list)
+    early_retries_after_crash: list[str] = field(default_factory=list)
     missing_headers: list[str] = field(default_factory=list)
     dead_lettered: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
@@ -81,7 +82,8 @@ class Report:
                 f"requests [{statuses}]; derived {c.get('derived', 0)}; "
                 f"lost {len(self.lost)}, duplicates {len(self.duplicates)}, "
                 f"redeliveries {self.redeliveries}, order violations "
-                f"{len(self.order_violations)}, early retries {len(self.early_retries)}, "
+                f"{len(self.order_violations)}, early retries {len(self.early_retries)} "
+                f"(+{len(self.early_retries_after_crash)} after a crash), "
                 f"missing headers {len(self.missing_headers)}, dead-lettered "
                 f"{len(self.dead_lettered)}, unexpected {len(self.unexpected)}")
 
@@ -101,6 +103,7 @@ class Report:
             "lost": len(self.lost), "duplicates": len(self.duplicates),
             "redeliveries": self.redeliveries, "order_violations": len(self.order_violations),
             "early_retries": len(self.early_retries),
+            "early_retries_after_crash": len(self.early_retries_after_crash),
             "missing_headers": len(self.missing_headers),
             "dead_lettered": len(self.dead_lettered), "unexpected": len(self.unexpected),
             "counts": self.counts,
@@ -122,8 +125,17 @@ def _cause_of(event: dict[str, Any]) -> str | None:
 def check(expectations: Iterable[Expectation], erp: HasRequests | Sequence[RequestRecord], *,
           allow_dead_letter_types: Iterable[str] = (),
           identify: Callable[[dict[str, Any]], str | None] = default_identify,
-          derived_order: Sequence[str] = ("nonconformance", "quality.hold")) -> Report:
-    """Judge every request the ERP saw against ``expectations``; see the module docstring."""
+          derived_order: Sequence[str] = ("nonconformance", "quality.hold"),
+          crashes: Sequence[float] = (), crash_grace_s: float = 1.0) -> Report:
+    """Judge every request the ERP saw against ``expectations``; see the module docstring.
+
+    ``crashes``: monotonic times the gateway was killed (``kill -9``). A gateway killed
+    between receiving an answer and committing what it said cannot know the Retry-After
+    it was given: an early retry with a crash within ``crash_grace_s`` after that answer is
+    listed in ``early_retries_after_crash`` (shown, not a failure); so is one with a crash
+    shortly before the answer (the gateway never read it). A crash later than that excuses
+    nothing: the answer's outcome should have been committed by then.
+    """
     requests = list(erp if isinstance(erp, Sequence) else erp.requests)
     expected: dict[str, Expectation] = {}
     for exp in expectations:
@@ -132,7 +144,7 @@ def check(expectations: Iterable[Expectation], erp: HasRequests | Sequence[Reque
     report = Report()
 
     _check_headers(requests, report)
-    _check_retry_after(requests, report)
+    _check_retry_after(requests, report, sorted(crashes), crash_grace_s)
 
     applied = [(r, ev) for r in requests if r.applied for ev in r.events]
     first_seen: dict[str, tuple[int, dict[str, Any]]] = {}  # event id → (position, event)
@@ -235,17 +247,26 @@ def _check_headers(requests: list[RequestRecord], report: Report) -> None:
                     f"event id {eid}")
 
 
-def _check_retry_after(requests: list[RequestRecord], report: Report) -> None:
+def _check_retry_after(requests: list[RequestRecord], report: Report,
+                       crashes: list[float], grace_s: float) -> None:
     not_before: dict[str, tuple[float, int, str]] = {}  # event id → (time, request, value)
     for i, r in enumerate(requests):
         for ev in r.events:
             eid = str(ev.get("id"))
             earlier = not_before.get(eid)
             if earlier is not None and r.mono + EARLY_TOLERANCE_S < earlier[0]:
-                report.early_retries.append(
-                    f"request {i} {r.method} {r.path} sent {eid} "
-                    f"{earlier[0] - r.mono:.3f} s before the Retry-After "
-                    f"{earlier[2]!r} given to request {earlier[1]} allowed")
+                given = requests[earlier[1]]
+                excused = any(given.mono - grace_s <= t <= min(r.mono, given.answered_mono
+                                                                + grace_s)
+                              for t in crashes)
+                what = (f"request {i} {r.method} {r.path} sent {eid} "
+                        f"{earlier[0] - r.mono:.3f} s before the Retry-After "
+                        f"{earlier[2]!r} given to request {earlier[1]} allowed")
+                if excused:
+                    report.early_retries_after_crash.append(
+                        what + " (the gateway was killed right after that answer)")
+                else:
+                    report.early_retries.append(what)
         if r.not_before_mono is not None:
             for ev in r.events:
                 eid = str(ev.get("id"))

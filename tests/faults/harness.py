@@ -114,6 +114,8 @@ class Campaign:
         # it was dead-lettered by the integrity check): accounted for, not lost
         self.accounted: dict[str, str] = {}
         self.started = time.monotonic()
+        # (monotonic time, "start" | "kill9" | "sigstop" | "sigcont" | "stop") of the gateway
+        self.lifecycle: list[tuple[float, str]] = []
         self._stopped = False  # SIGSTOP in effect
         self._producer: asyncio.Task[None] | None = None
         self._stop_producing = asyncio.Event()
@@ -188,12 +190,14 @@ class Campaign:
                             ) -> None:
         """Start the gateway child and wait until it logs ``wait_for`` (after this start)."""
         mark = len(self.gateway.lines)
+        self.lifecycle.append((time.monotonic(), "start"))
         await asyncio.to_thread(self.gateway.start)
         self._stopped = False
         await self.gateway.await_line(wait_for, timeout, mark)
 
     async def kill9(self) -> None:
         if self.gateway.running:
+            self.lifecycle.append((time.monotonic(), "kill9"))
             await asyncio.to_thread(self.gateway.kill9)
         self._stopped = False
 
@@ -203,10 +207,12 @@ class Campaign:
         await asyncio.to_thread(self.gateway.stop)
 
     async def sigstop(self) -> None:
+        self.lifecycle.append((time.monotonic(), "sigstop"))
         self.gateway.signal(signal.SIGSTOP)
         self._stopped = True
 
     async def sigcont(self) -> None:
+        self.lifecycle.append((time.monotonic(), "sigcont"))
         self.gateway.signal(signal.SIGCONT)
         self._stopped = False
 
@@ -371,6 +377,7 @@ class Campaign:
                      allow_dead_letter_types: Iterable[str] = ()) -> Report:
         """Mend every fault, let everything confirmed arrive (or ``timeout_s``), check."""
         await self.stop_publishing()
+        t0 = time.monotonic()
         await self.erp.clear()
         if not self.broker.running:
             await asyncio.to_thread(self.broker.start)
@@ -380,6 +387,7 @@ class Campaign:
             await self.start_gateway()
         assert self.publisher is not None
         await asyncio.to_thread(self.publisher.wait_acked, 30.0)
+        t_acked = time.monotonic()
         replay = await self.replay_dead_letters()
         await self.resume_sink()
         expectations = self.expectations()
@@ -396,10 +404,12 @@ class Campaign:
                 await self.erp.wait_for(arrived, min(5.0, deadline - time.monotonic()))
             if not arrived(self.erp):
                 await self.resume_sink()
+        t_drained = time.monotonic()
         await asyncio.sleep(1.0)  # a late copy would show now
         await self.stop_gateway()
         report = check(self.expectations(), self.erp,
-                       allow_dead_letter_types=allow_dead_letter_types)
+                       allow_dead_letter_types=allow_dead_letter_types,
+                       crashes=[t for t, what in self.lifecycle if what == "kill9"])
         tracebacks = sum(1 for line in self.gateway.lines if "Traceback" in line)
         report.counts.update({
             "cycles": self.cycles, "gateway_starts": self.gateway.starts,
@@ -408,6 +418,7 @@ class Campaign:
             "accounted_for": dict(Counter(self.accounted.values())),
             "acknowledged": len(required),
             "duration_s": round(time.monotonic() - self.started, 1),
+            "finish_s": {"acked": round(t_acked - t0, 1), "drained": round(t_drained - t0, 1)},
             "gateway_tracebacks": tracebacks, "seed": self.seed,
             "dlq_replay": replay.strip().splitlines()[-1:] if replay.strip() else [],
         })
