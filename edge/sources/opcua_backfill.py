@@ -231,6 +231,12 @@ class Watermarks:
     def dirty(self) -> bool:
         return (self.values, self.gaps) != self._saved
 
+    def unsaved_nodes(self) -> bool:
+        """Does a node have a watermark the file does not name yet? Until it does, a
+        restart after kill -9 cannot tell where that node's committed samples end and would
+        start it live, losing what was written meanwhile without a word."""
+        return any(node not in self._saved[0] for node in self.values)
+
     async def save(self) -> None:
         """Write the file if anything changed (off the event loop)."""
         if not self.dirty():
@@ -250,6 +256,11 @@ class Watermarks:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.path)
+
+
+# A file up to this old only makes a restart read back more (deduplicated); a node missing
+# from it is saved at once instead (``Watermarks.unsaved_nodes``).
+WATERMARK_FLUSH_S = 5.0
 
 
 def _parse(value: str) -> datetime:
@@ -738,9 +749,13 @@ class BackfillMixin:
         if not any(self._history):
             return
         while True:
-            await asyncio.sleep(5.0)
-            try:
-                await self._watermarks.save()
-            except OSError as err:
-                log_event(log, logging.WARNING, "cannot save opcua watermarks",
-                          source=self.id, error=str(err))
+            await asyncio.sleep(WATERMARK_FLUSH_S)
+            await self._save_watermarks()
+
+    async def _save_watermarks(self) -> None:
+        """Write the watermarks file now (a failure is logged; the next flush retries)."""
+        try:
+            await self._watermarks.save()
+        except OSError as err:
+            log_event(log, logging.WARNING, "cannot save opcua watermarks",
+                      source=self.id, error=str(err))

@@ -587,6 +587,10 @@ class OpcUaSource(TriggersMixin, BackfillMixin):
                 marks = marks + more_marks
             ids = await self._submit(subs) if subs else []
             self._committed(subs, ids, marks)
+            if self._watermarks.unsaved_nodes():
+                # a node's first committed sample: on disk at once, not at the next flush,
+                # so a kill -9 right after the start still resumes from here
+                await self._save_watermarks()
 
     def _server_overflow(self, idx: int) -> None:
         """The server's item queue dropped values before this one: counted, audited once
