@@ -48,7 +48,19 @@ mosquitto:
 		exit 1; \
 	fi
 
-test: $(VENV)/.installed-test mosquitto
+.PHONY: faketime
+faketime:
+	@if [ -e /usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1 ] || \
+	    [ -e /usr/lib/aarch64-linux-gnu/faketime/libfaketime.so.1 ]; then :; \
+	elif [ "$$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "installing faketime (needed by the clock-step fault tests)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq faketime; \
+	else \
+		echo "faketime is not installed: the clock-step fault tests will be skipped."; \
+		echo "Install it with: sudo apt-get install faketime"; \
+	fi
+
+test: $(VENV)/.installed-test mosquitto faketime
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 soak: $(VENV)/.installed-test mosquitto

@@ -14,7 +14,20 @@ from collections.abc import Callable, Hashable
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 
-__all__ = ["CircuitBreaker", "StormGuard", "TokenBucket", "backoff_s", "parse_retry_after"]
+__all__ = ["CircuitBreaker", "StormGuard", "TokenBucket", "backoff_s", "parse_retry_after",
+           "steady_time"]
+
+_WALL_AT_MONOTONIC_ZERO = time.time() - time.monotonic()
+
+
+def steady_time() -> float:
+    """Epoch seconds for scheduling: the wall clock as read at start, advanced by the
+    monotonic clock. A step of the wall clock (NTP correcting a PC's clock, an operator)
+    does not move it, so a retry time or a ``Retry-After`` pause neither stalls for the
+    size of a step back nor comes due early after a step forward. Times stored with it
+    (``deliveries.next_at``) keep their meaning across a restart unless the wall clock was
+    stepped in between; audit and display times stay on the wall clock."""
+    return _WALL_AT_MONOTONIC_ZERO + time.monotonic()
 
 
 def backoff_s(
