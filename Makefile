@@ -7,12 +7,13 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: run test soak lint typecheck bench schema clean help
+.PHONY: run test soak faults lint typecheck bench schema clean help
 
 help:
 	@echo "make run     start the demo gateway (Ctrl-C to stop)"
 	@echo "make test    run the test suite (short soak form; EDGE_SOAK=1 for the long one)"
 	@echo "make soak    run only the long soak tests"
+	@echo "make faults  run the long fault campaign (500 kill -9 cycles, about an hour)"
 	@echo "make lint    ruff + mypy"
 	@echo "make bench   run the benchmarks (minutes; figures go to BENCHMARKS.md by hand)"
 	@echo "make schema  regenerate config/edge.schema.json"
@@ -65,6 +66,15 @@ test: $(VENV)/.installed-test mosquitto faketime
 
 soak: $(VENV)/.installed-test mosquitto
 	EDGE_SOAK=1 $(BIN)/python -m pytest -q -m slow $(PYTEST_ARGS)
+
+# the long fault campaign (tests/faults/README.md); the JSON summary goes to
+# EDGE_FAULT_REPORT (default fault-report.json), the seed is printed and can be replayed
+# with EDGE_FAULT_SEED
+EDGE_FAULT_CYCLES ?= 500
+EDGE_FAULT_REPORT ?= fault-report.json
+faults: $(VENV)/.installed-test mosquitto faketime
+	EDGE_FAULT_CYCLES=$(EDGE_FAULT_CYCLES) EDGE_FAULT_REPORT=$(EDGE_FAULT_REPORT) \
+		$(BIN)/python -m pytest -q -s -m faults_long --timeout 0 tests/faults $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check edge tests plugins bench

@@ -266,7 +266,11 @@ def _check_retry_after(requests: list[RequestRecord], report: Report,
                     report.early_retries_after_crash.append(
                         what + " (the gateway was killed right after that answer)")
                 else:
-                    report.early_retries.append(what)
+                    between = [f"+{t - given.answered_mono:.3f}" for t in crashes
+                               if given.mono - grace_s <= t <= r.mono]
+                    report.early_retries.append(
+                        what + (f" (kill -9 at {', '.join(between)} s after that answer)"
+                                if between else ""))
         if r.not_before_mono is not None:
             for ev in r.events:
                 eid = str(ev.get("id"))
