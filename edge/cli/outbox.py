@@ -1,7 +1,8 @@
-"""``edge outbox stats|reroute|discard`` — read or repair the outbox file directly.
+"""``edge outbox stats|reroute|discard|salvage`` — read or repair the outbox file directly.
 
 Works while the daemon runs (WAL readers never block it; repairs take the write lock
-briefly) and while it is stopped.
+briefly) and while it is stopped. ``salvage FILE`` re-queues what a moved-aside (corrupt)
+outbox file still holds (``edge.outbox.salvage``); exit 1 when FILE cannot be read at all.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import json
 import sqlite3
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +42,17 @@ def register(sub: Any) -> None:
     s.add_argument("--sink", required=True)
     s.add_argument("--reason", required=True, help="recorded in the audit trail")
     s.set_defaults(handler=cmd_discard)
+
+    s = osub.add_parser("salvage", help="re-queue the readable events of a moved-aside "
+                        "(corrupt) outbox file into the live outbox (audited)")
+    s.add_argument("file", metavar="FILE", help="the moved file (outbox.db.corrupt-<time>)")
+    s.add_argument("-c", "--config", metavar="CONFIG",
+                   help="the gateway's config: its outbox and its routes (needed where the "
+                        "delivery rows of an event are unreadable); without it the live "
+                        "outbox is outbox.db beside FILE")
+    s.add_argument("--dry-run", action="store_true", help="read and report, change nothing")
+    s.add_argument("--json", action="store_true", help="machine-readable summary")
+    s.set_defaults(handler=cmd_salvage)
 
 
 def open_db(cfg: Any, *, write: bool = False) -> sqlite3.Connection:
@@ -137,3 +150,112 @@ def cmd_discard(args: argparse.Namespace) -> int:
         conn.close()
     print(f"discarded {n} queued event(s) of sink {args.sink} at {time.strftime('%H:%M:%S')}")
     return 0
+
+
+def _router(cfg: Any) -> Callable[[str], list[str]]:
+    """Sinks whose routes accept an event type (the daemon's routing, from the config)."""
+    def route(event_type: str) -> list[str]:
+        return [s.id for s in cfg.sinks
+                if any(r.matches(event_type) for r in getattr(s, "routes", None) or [])]
+    return route
+
+
+def _live_path(file: Path, cfg: Any) -> Path:
+    if cfg is not None:
+        return Path(cfg.state_dir) / "outbox.db"
+    name = file.name.split(".corrupt-")[0] if ".corrupt-" in file.name else "outbox.db"
+    return file.parent / name
+
+
+def cmd_salvage(args: argparse.Namespace) -> int:
+    from edge.outbox.dbthread import connect
+    from edge.outbox.salvage import Salvage, SalvageError, open_reader
+    from edge.outbox.schema import SCHEMA_VERSION
+
+    file = Path(args.file)
+    cfg = load_or_exit(args.config, check_files=False) if args.config else None
+    live_path = _live_path(file, cfg)
+    if not file.is_file():
+        print(f"edge outbox salvage: no file {file}", file=sys.stderr)
+        return 2
+    if not live_path.exists():
+        print(f"edge outbox salvage: no live outbox at {live_path}: start the gateway once "
+              "(it creates a fresh outbox) or give its config with -c", file=sys.stderr)
+        return 2
+    if live_path.resolve() == file.resolve():
+        print(f"edge outbox salvage: {file} is the live outbox; salvage reads a file the "
+              "gateway moved aside (outbox.db.corrupt-<time>)", file=sys.stderr)
+        return 2
+    try:
+        reader, tmp = open_reader(str(file))
+    except SalvageError as err:
+        print(f"edge outbox salvage: {err}", file=sys.stderr)
+        return 1
+    live = connect(str(live_path), readonly=False, synchronous="FULL")
+    try:
+        version = live.execute("PRAGMA user_version").fetchone()[0]
+        if version != SCHEMA_VERSION:
+            print(f"edge outbox salvage: the live outbox {live_path} has schema version "
+                  f"{version}, this command writes version {SCHEMA_VERSION}", file=sys.stderr)
+            return 2
+        report = Salvage(reader, live, actor=actor(), dry_run=args.dry_run,
+                         router=_router(cfg) if cfg is not None else None).run()
+    finally:
+        live.close()
+        reader.conn.close()
+        tmp.cleanup()
+    if args.json:
+        json.dump(report.to_json(), sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return 0
+    for line in summary_lines(report, live_path):
+        print(line)
+    return 0
+
+
+def summary_lines(report: Any, live_path: Path) -> list[str]:
+    r = report.to_json()
+    un = r["unreadable"]
+    verb = "would re-queue" if r["dry_run"] else "re-queued"
+    out = [f"salvage of {r['file']} into {live_path}"
+           + (" (dry run: nothing changed)" if r["dry_run"] else ""),
+           f"  rows read:        {r['rows_read']} event(s)"
+           + (" (file header was destroyed and rebuilt on a copy)" if r["header_rebuilt"]
+              else ""),
+           f"  {verb + ':':<18}{r['requeued']} event(s), {r['deliveries']} delivery row(s)"
+           f" ({r['kept_seq']} under their own seq, {r['new_seq']} under new seqs)",
+           f"  already present:  {r['already_present']} (in the live outbox or salvaged "
+           f"before; {r['redelivered']} stored again from a broker redelivery)",
+           f"  dead letters:     {r['dead_letters_found']} found, "
+           f"{r['dead_letters_requeued']} {verb} to the dead-letter table "
+           "(see edge dlq list)"]
+    if r["nothing_to_deliver"]:
+        out.append(f"  nothing to do:    {r['nothing_to_deliver']} event(s) had no delivery "
+                   "left")
+    if r["routed_by_config"]:
+        out.append(f"  routed by config: {r['routed_by_config']} event(s) whose delivery rows "
+                   "were unreadable (a sink may get them again; it dedupes by id)")
+    if r["no_route"]:
+        out.append(f"  NOT re-queued:    {len(r['no_route'])} event(s) whose delivery rows "
+                   "were unreadable and no route is known (give -c CONFIG): "
+                   + ", ".join(r["no_route"][:20]))
+    if r["digest_mismatch"]:
+        out.append(f"  digest mismatch:  {len(r['digest_mismatch'])} event(s) whose body no "
+                   "longer matches its SHA-256, dead-lettered, never sent: "
+                   + ", ".join(r["digest_mismatch"][:20]))
+    if un["count"] or un["seq_ranges"]:
+        ranges = ", ".join(f"{a}-{b}" if a != b else str(a) for a, b in un["seq_ranges"])
+        out.append(f"  UNREADABLE:       {un['count']} event(s) lost in seq range(s) {ranges}"
+                   + (f" ({un['ids_unknown']} without a known id)" if un["ids_unknown"]
+                      else ""))
+        out.append("    their bodies are gone; ask the receiver whether these ids arrived:")
+        for eid in un["event_ids"][:50]:
+            out.append(f"    lost event {eid}")
+        if len(un["event_ids"]) > 50:
+            out.append(f"    ... {len(un['event_ids']) - 50} more (use --json)")
+    else:
+        out.append("  unreadable:       none")
+    for table, ranges in r["other_tables_lost"].items():
+        out.append(f"  {table}: rows lost in rowid range(s) "
+                   + ", ".join(f"{a}-{b}" for a, b in ranges))
+    return out

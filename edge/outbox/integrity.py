@@ -4,7 +4,10 @@
 about the file itself — the check's own findings, or SQLite saying the file is corrupt or
 "not a database" — moves it aside together with its ``-wal``/``-shm`` files to
 ``<path>.corrupt-<UTC time>`` (kept for forensics) so a fresh outbox can start; the caller
-raises the health alarm. Returns the new path of the moved file, or None when all is well.
+raises the health alarm (``salvage_hint`` gives its advice). The fresh outbox starts its
+seqs above the moved file's last seq where that can be read, so ``edge outbox salvage``
+can re-queue the moved file's events under their own seqs (``edge.outbox.salvage``).
+Returns the new path of the moved file, or None when all is well.
 
 Anything else that stops the check (a lock held by another process, a busy timeout, a
 permission problem, a ``-wal``/``-shm`` file that cannot be opened, an I/O error) says
@@ -23,7 +26,7 @@ import time
 from edge.errors import OutboxOpenError
 from edge.telemetry import log_event
 
-__all__ = ["EarlyCheck", "open_checked", "quick_check"]
+__all__ = ["EarlyCheck", "open_checked", "quick_check", "salvage_hint"]
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +128,46 @@ def open_checked(path: str, early: EarlyCheck | None = None) -> str | None:
     for suffix in ("", "-wal", "-shm"):
         if os.path.exists(path + suffix):
             os.replace(path + suffix, target + suffix)
+    last_seq, queued = _start_fresh_after(target, path)
+    _HINTS[target] = salvage_hint(target, queued)
     log_event(log, logging.ERROR, "outbox file is corrupt; moved aside, starting a fresh one",
-              problem=problem[:300], moved_to=target)
+              problem=problem[:300], moved_to=target, queued_rows=queued,
+              last_seq=last_seq, salvage=f"edge outbox salvage {target} -c CONFIG")
     return target
+
+
+_HINTS: dict[str, str] = {}
+
+
+def salvage_hint(target: str, queued: int | None = None) -> str:
+    """What the alarm tells an operator about a moved file: what it seemed to hold and the
+    command that re-queues its events."""
+    if queued is None and target in _HINTS:
+        return _HINTS[target]
+    held = ("it held an unknown number of queued delivery rows" if queued is None else
+            f"it held {queued} queued delivery row(s)")
+    return (f"{held}; re-queue what can be read with: edge outbox salvage {target} "
+            "-c <this gateway's config file>")
+
+
+def _start_fresh_after(moved: str, path: str) -> tuple[int | None, int | None]:
+    """Read the moved file's last seq and queued rows (cheap, read-only, None where
+    unreadable) and create the fresh outbox with its seqs above that last seq, so salvaged
+    events can keep their seqs and go before newer events of their key."""
+    from edge.outbox.dbthread import connect
+    from edge.outbox.queries import ensure_schema
+    from edge.outbox.salvage import SEQ_FLOOR_KEY, peek
+
+    last_seq, queued = peek(moved)
+    if not last_seq:
+        return last_seq, queued
+    conn = connect(path)
+    try:
+        ensure_schema(conn)
+        conn.execute("BEGIN IMMEDIATE")
+        conn.executemany("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)",
+                         [("last_seq", str(last_seq)), (SEQ_FLOOR_KEY, str(last_seq))])
+        conn.execute("COMMIT")
+    finally:
+        conn.close()
+    return last_seq, queued

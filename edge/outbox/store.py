@@ -51,7 +51,7 @@ from edge.events import Event, EventClass
 from edge.outbox import queries
 from edge.outbox.budget import Budget, BudgetState
 from edge.outbox.dbthread import DbThread, connect
-from edge.outbox.integrity import EarlyCheck, open_checked
+from edge.outbox.integrity import EarlyCheck, open_checked, salvage_hint
 from edge.outbox.lease import scan_lease
 from edge.outbox.writer import GroupCommitWriter, Merger
 from edge.telemetry import Metrics, log_event
@@ -143,7 +143,8 @@ class Outbox:
             self._alarm(
                 "outbox_corrupt",
                 f"the outbox file failed its integrity check and was moved to {quarantined}; "
-                "a fresh outbox was started (the old file is kept for forensics)",
+                "a fresh outbox was started (the old file is kept for forensics); "
+                + salvage_hint(quarantined),
             )
         sync = self.config.synchronous.upper()
         self._wdb = DbThread(lambda: connect(self.path, synchronous=sync), "outbox-writer")
