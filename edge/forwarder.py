@@ -46,7 +46,7 @@ from edge.audit import utc_iso
 from edge.components import Outcome, OutcomeKind, Sink, StoredEvent
 from edge.config import SinkConfigBase
 from edge.outbox import Outbox, Resolution
-from edge.retry import CircuitBreaker, StormGuard, TokenBucket, backoff_s
+from edge.retry import CircuitBreaker, StormGuard, TokenBucket, backoff_s, steady_time
 from edge.telemetry import Metrics, log_event
 
 __all__ = ["Alarm", "Forwarder", "Pause", "blocks_key", "send_in_key_order"]
@@ -165,7 +165,8 @@ class Forwarder:
         outbox: Outbox,
         metrics: Metrics,
         *,
-        clock: Callable[[], float] = time.time,
+        # retry times and pauses must not move with a step of the wall clock
+        clock: Callable[[], float] = steady_time,
     ) -> None:
         self.sink = sink
         self.config = config
@@ -181,7 +182,7 @@ class Forwarder:
         self.guard = (StormGuard(guard.window_outcomes, guard.min_share, guard.min_events)
                       if guard.enabled else None)
         self.bucket = TokenBucket(config.rate_limit_per_s) if config.rate_limit_per_s else None
-        self.paused_until = 0.0  # wall clock; set by Retry-After
+        self.paused_until = 0.0  # ``clock`` time; set by Retry-After
         self.pause: Pause | None = None
         self.alarm: Alarm | None = None
         self.last_delivery_at: float | None = None
@@ -276,43 +277,50 @@ class Forwarder:
     async def _lane(self, index: int) -> None:
         new_rows = self.outbox.new_rows(self.sink.id)
         while not self._stopping.is_set():
-            if self.pause is not None and self.pause.code == "storm_guard":
-                await self._sleep(60.0)  # until resume() or stop()
-                continue
-            wait = max(self.paused_until - self.clock(), self.breaker.wait_s())
-            if wait > 0:
-                await self._sleep(wait)
-                continue
-            probing = self.breaker.state == "half_open"
-            if probing and (index != 0 or not self.breaker.start_probe()):
-                await self._sleep(0.2)  # one lane probes; the others wait for its verdict
-                continue
-            limit = 1 if probing else self._lease_size()
-            live = 0 if probing else int(limit * self.config.live_share)
-            try:
-                batch = await self.outbox.lease(self.sink.id, limit, live_limit=live,
-                                                park=self.config.on_dead_letter == "park")
-            except Exception as err:  # noqa: BLE001 - a failing read must not kill the lane
-                log_event(log, logging.ERROR, "lease failed", sink=self.sink.id, error=repr(err))
-                if probing:
-                    self.breaker.probing = False
-                await self._sleep(1.0)
-                continue
-            if not batch:
-                if probing:
-                    self.breaker.probing = False
+            wait = await self.step(index)
+            if wait is None:
                 new_rows.clear()
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(IDLE_POLL_S):
                         await new_rows.wait()
-                continue
-            try:
-                await self._forward(batch, probe=probing)
-            finally:
-                # a probe that reached no verdict (e.g. nothing was sendable) must not
-                # leave the other lanes waiting for it
-                if probing:
-                    self.breaker.probing = False
+            elif wait > 0:
+                await self._sleep(wait)  # until resume() or stop() at the latest
+
+    async def step(self, index: int) -> float | None:
+        """One turn of lane ``index``: lease → check → send → record, unless a pause, the
+        circuit or another lane's probe says wait. Returns the seconds to wait before the
+        next turn (0: go on at once), or None when nothing was deliverable (wait for new
+        rows). The lanes run this in a loop; tests drive it with a controlled clock."""
+        if self.pause is not None and self.pause.code == "storm_guard":
+            return 60.0
+        wait = max(self.paused_until - self.clock(), self.breaker.wait_s())
+        if wait > 0:
+            return wait
+        probing = self.breaker.state == "half_open"
+        if probing and (index != 0 or not self.breaker.start_probe()):
+            return 0.2  # one lane probes; the others wait for its verdict
+        limit = 1 if probing else self._lease_size()
+        live = 0 if probing else int(limit * self.config.live_share)
+        try:
+            batch = await self.outbox.lease(self.sink.id, limit, live_limit=live,
+                                            park=self.config.on_dead_letter == "park")
+        except Exception as err:  # noqa: BLE001 - a failing read must not kill the lane
+            log_event(log, logging.ERROR, "lease failed", sink=self.sink.id, error=repr(err))
+            if probing:
+                self.breaker.probing = False
+            return 1.0
+        if not batch:
+            if probing:
+                self.breaker.probing = False
+            return None
+        try:
+            await self._forward(batch, probe=probing)
+        finally:
+            # a probe that reached no verdict (e.g. nothing was sendable) must not
+            # leave the other lanes waiting for it
+            if probing:
+                self.breaker.probing = False
+        return 0.0
 
     def _lease_size(self) -> int:
         size = self.config.lease_batch

@@ -54,6 +54,7 @@ from edge.outbox.dbthread import DbThread, connect
 from edge.outbox.integrity import EarlyCheck, open_checked, salvage_hint
 from edge.outbox.lease import scan_lease
 from edge.outbox.writer import GroupCommitWriter, Merger
+from edge.retry import steady_time
 from edge.telemetry import Metrics, log_event
 
 __all__ = ["Outbox", "Resolution"]
@@ -102,8 +103,12 @@ class Outbox:
         filename: str = "outbox.db",
         maintenance_interval_s: float = 1.0,
         early_check: EarlyCheck | None = None,
+        clock: Callable[[], float] = steady_time,
     ) -> None:
         self.early_check = early_check
+        # wall clock of the forwarding decisions (due retries, resend holds); the
+        # forwarder's ``next_at`` values come from the same kind of clock
+        self.clock = clock
         self.config = config or OutboxConfig()
         self.metrics = metrics or Metrics()
         self.path = str(Path(state_dir) / filename)
@@ -331,7 +336,7 @@ class Outbox:
         async with lock:
             with self._guard:
                 snapshot = frozenset(inflight)
-            now = time.time()
+            now = self.clock()
             not_before = self._due_not_before(now)
             rows = await self.read(
                 lambda c: scan_lease(c, sink, limit, live_limit=live_limit, inflight=snapshot,
@@ -372,7 +377,7 @@ class Outbox:
         try:
             await self._write(lambda c: queries.apply_resolutions(c, sink, res), rows=len(res))
         except BaseException:
-            hold = time.time() + 1.0
+            hold = self.clock() + 1.0
             for r in res:
                 if r.attempted or r.next_at:
                     self._not_before[r.seq] = max(hold, r.next_at)
