@@ -677,15 +677,25 @@ def queued_sinks(conn: sqlite3.Connection) -> list[str]:
 
 def reroute_sink(conn: sqlite3.Connection, *, from_sink: str, to_sink: str, actor: str,
                  reason: str) -> int:
-    """Move every queued row of ``from_sink`` (e.g. removed from config) to ``to_sink``."""
+    """Move every queued row of ``from_sink`` (e.g. removed from config) to ``to_sink``.
+
+    An event that already has a row at ``to_sink`` keeps it: a queued row stays queued, a
+    dead letter stays a dead letter (it is not queued a second time beside it; an
+    operator's replay decides). Every moved row is audited as ``rerouted``."""
+    if from_sink == to_sink:
+        # nothing to move; the insert below would be a no-op and the delete would drop
+        # every queued row of the sink
+        return 0
     rows = conn.execute(
         "SELECT d.seq, e.id FROM deliveries d JOIN events e ON e.seq = d.seq WHERE d.sink = ?",
         (from_sink,),
     ).fetchall()
     conn.execute(
         "INSERT OR IGNORE INTO deliveries(seq, sink, class, ordering_key) "
-        "SELECT seq, ?, class, ordering_key FROM deliveries WHERE sink = ?",
-        (to_sink, from_sink),
+        "SELECT seq, ?, class, ordering_key FROM deliveries WHERE sink = ? "
+        "AND NOT EXISTS (SELECT 1 FROM dead_letters x WHERE x.seq = deliveries.seq "
+        "AND x.sink = ?)",
+        (to_sink, from_sink, to_sink),
     )
     conn.execute("DELETE FROM deliveries WHERE sink = ?", (from_sink,))
     ts = audit.utc_iso()
