@@ -220,7 +220,7 @@ def summary_lines(report: Any, live_path: Path) -> list[str]:
     out = [f"salvage of {r['file']} into {live_path}"
            + (" (dry run: nothing changed)" if r["dry_run"] else ""),
            f"  rows read:        {r['rows_read']} event(s)"
-           + (" (file header was destroyed and rebuilt on a copy)" if r["header_rebuilt"]
+           + (" (the file header was unusable and was rebuilt on a copy)" if r["header_rebuilt"]
               else ""),
            f"  {verb + ':':<18}{r['requeued']} event(s), {r['deliveries']} delivery row(s)"
            f" ({r['kept_seq']} under their own seq, {r['new_seq']} under new seqs)",

@@ -53,8 +53,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import orjson
-
 from edge import audit
 from edge.errors import EdgeError
 from edge.events import EventClass
@@ -282,6 +280,13 @@ def walk(conn: sqlite3.Connection, table: str, cols: str,
         pos = nxt
 
 
+def _event(row: Sequence[Any]) -> OldEvent:
+    ev = OldEvent(*row)
+    if not isinstance(ev.body, bytes):  # a damaged record may change a column's type
+        ev.body = str(ev.body).encode()
+    return ev
+
+
 @dataclass
 class FileReader:
     """An opened copy of the moved file: events in seq order, their deliveries, the dead
@@ -309,8 +314,32 @@ class FileReader:
         return note
 
     def events(self) -> Iterator[list[OldEvent]]:
+        last = 0
         for rows in walk(self.conn, "events", _EVENT_COLS, self._lost_events):
-            yield [OldEvent(*r) for r in rows]
+            last = max(last, rows[-1][0])
+            yield [_event(r) for r in rows]
+        last = max([last, *(b for _, b in self.report.lost_ranges)])
+        top = self._highest_known_seq()
+        # the walk may end early (a truncated file: the b-tree looks complete but its right
+        # edge is gone) while other b-trees know higher seqs
+        if top > last and (again := self._lost_events(last + 1, top)):
+            yield [_event(r) for r in again]
+
+    def _highest_known_seq(self) -> int:
+        """The highest seq the id index, the delivery rows or the dead letters hold; the
+        last seq given (meta) only when none of them can be read."""
+        found: list[int] = [max(self.dead_letters, default=0)]
+        readable = False
+        for sql in ("SELECT MAX(rowid) FROM events INDEXED BY sqlite_autoindex_events_1",
+                    "SELECT MAX(seq) FROM deliveries"):
+            rows = _fetch(self.conn, sql, ())
+            if rows is not None:
+                readable = True
+                found.append(int(rows[0][0] or 0))
+        if not readable:
+            rows = _fetch(self.conn, "SELECT value FROM meta WHERE key = 'last_seq'", ())
+            found.extend(int(r[0]) for r in rows or [])
+        return max(found)
 
     def _lost_events(self, first: int, last: int) -> list[Any]:
         """Which events lived in ``first..last``: the id index, the delivery rows and the
