@@ -365,6 +365,23 @@ class Campaign:
             return False
         return resp.status_code == 200 and bool(resp.json().get("resumed"))
 
+    def keep_evidence(self) -> Path:
+        """Write every ERP request, the gateway's log and its lifecycle next to the state
+        directory, for the analysis of a failed check."""
+        out = self.dir / "evidence"
+        out.mkdir(exist_ok=True)
+        with (out / "erp-requests.jsonl").open("w") as f:
+            for r in self.erp.requests:
+                f.write(json.dumps({
+                    "mono": r.mono, "answered_mono": r.answered_mono, "method": r.method,
+                    "path": r.path, "status": r.status, "fault": r.fault,
+                    "applied": r.applied, "retry_after": r.retry_after,
+                    "headers": r.headers, "events": r.events}, default=str) + "\n")
+        (out / "gateway.log").write_text("\n".join(self.gateway.lines) + "\n")
+        (out / "lifecycle.json").write_text(json.dumps(
+            {"seed": self.seed, "started": self.started, "lifecycle": self.lifecycle}))
+        return out
+
     async def sink_status(self, sink_id: str = "erp") -> Any:
         """The sink's entry of the gateway's ``/status`` (None when it does not answer)."""
         try:
@@ -449,6 +466,8 @@ class Campaign:
         })
         if tracebacks:
             report.notes.append("gateway logged a traceback:\n" + _traceback(self.gateway.lines))
+        if not report.clean:
+            report.notes.append(f"evidence kept in {self.keep_evidence()}")
         path = os.environ.get("EDGE_FAULT_REPORT")
         if path:
             target = Path(path)

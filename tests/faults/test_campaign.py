@@ -42,6 +42,8 @@ async def run_campaign(tmp_path: Path, cycles: int) -> Report:
         report = await c.finish(timeout_s=180)
     print(f"seed {c.seed}: {report.summary()}")
     print(f"faults applied: {dict(c.faults)}; counts: {report.counts}")
+    for note in report.notes:
+        print(note)
     return report
 
 
