@@ -459,6 +459,7 @@ class Salvage:
         row = live.execute("SELECT value FROM meta WHERE key = ?", (SEQ_FLOOR_KEY,)).fetchone()
         self.floor = int(row[0]) if row else 0
         self.renumber = False  # once one event needs a new seq, all later ones do (order)
+        self._skipped: tuple[int, str | None] | None = None  # last event stored again
 
     def run(self) -> SalvageReport:
         for chunk in self.reader.events():
@@ -494,9 +495,13 @@ class Salvage:
         dels = self.reader.deliveries([e.seq for e in chunk])
         todo = []
         for ev in chunk:
+            if self._derived_from_skipped(ev):
+                redelivered.add(ev.id)
             if ev.id in known or ev.id in redelivered:
                 rep.already_present += 1
                 rep.redelivered += int(ev.id in redelivered and ev.id not in known)
+                if ev.id in redelivered:
+                    self._skipped = (ev.seq, ev.ordering_key)
                 continue
             rows = dels[ev.seq]
             if rows == [] and ev.seq not in self.reader.dead_letters:
@@ -504,6 +509,15 @@ class Salvage:
                 continue
             todo.append((ev, rows))
         return todo
+
+    def _derived_from_skipped(self, ev: OldEvent) -> bool:
+        """A rule's derived events are stored right after their cause (next seqs, same key)
+        without a dedupe key of their own: when the cause was stored again from a
+        redelivery, so were they (the daemon drops them with a matched cause)."""
+        if self._skipped is None:
+            return False
+        seq, key = self._skipped
+        return ev.seq == seq + 1 and ev.ordering_key == key and ev.id not in self.reader.dedupe
 
     def _stored_again(self, conn: sqlite3.Connection, chunk: list[OldEvent]) -> set[str]:
         """Ids of ``chunk`` whose source dedupe key the live outbox holds under another id."""

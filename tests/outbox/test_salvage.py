@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from edge.cli.main import main
+from edge.components import Submission
 from edge.outbox import Outbox
 from edge.outbox.store import Resolution
 from tests.outbox.helpers import sub
@@ -215,22 +216,34 @@ async def test_running_twice_stores_nothing_twice_even_after_delivery(tmp_path: 
 
 async def test_a_redelivered_message_stored_again_after_the_restart_is_not_queued_twice(
         tmp_path: Path):
+    def part_with_nonconformance() -> list[Submission]:
+        return [sub(key="lot:X", n=5000, dedupe="x5000"),
+                Submission(sub("nonconformance", key="lot:X", n=5000, source="rules").event,
+                           derived=True)]
+
     await _fill(tmp_path, n=300)
-    db = tmp_path / "outbox.db"
-    _scribble(db, _leaf_pages(db)[-1])
-    moved, _ = await _restart(tmp_path)
-    # the broker redelivers message m5 after the crash: the fresh outbox stores it anew
     async with Outbox(tmp_path, router=lambda ev: ["erp"], maintenance_interval_s=3600) as ob:
-        [again] = await ob.submit([sub(key="lot:5", n=5, dedupe="m5")])
+        await ob.submit(part_with_nonconformance())
+        await ob.submit([sub(key="lot:X", n=5001, dedupe="x5001")])
+    db = tmp_path / "outbox.db"
+    _scribble(db, _leaf_pages(db)[3])
+    moved, _ = await _restart(tmp_path)
+    # the broker redelivers message x5000 after the crash: the fresh outbox stores it anew,
+    # with the nonconformance the rule derives from it
+    async with Outbox(tmp_path, router=lambda ev: ["erp"], maintenance_interval_s=3600) as ob:
+        again = await ob.submit(part_with_nonconformance())
     rc, rep, _ = _salvage(moved, _config(tmp_path))
-    assert rc == 0 and rep["redelivered"] == 1
+    assert rc == 0 and rep["redelivered"] == 2
     conn = sqlite3.connect(tmp_path / "outbox.db")
     try:
-        n5 = conn.execute("SELECT count(*) FROM events WHERE json_extract(CAST(body AS TEXT), "
-                          "'$.data.n') = 5").fetchone()[0]
+        n5 = conn.execute("SELECT type, id FROM events WHERE json_extract(CAST(body AS TEXT), "
+                          "'$.data.n') = 5000").fetchall()
     finally:
         conn.close()
-    assert n5 == 1 and again in _live(tmp_path)
+    assert sorted(n5) == sorted(zip(["inspection.result", "nonconformance"], again,
+                                    strict=True))
+    # the part after it (same key, a dedupe key of its own) is back
+    assert any(v[4] and b'"n":5001' in v[4] for v in _live(tmp_path).values())
 
 
 async def test_a_body_that_no_longer_matches_its_digest_is_dead_lettered_not_sent(
