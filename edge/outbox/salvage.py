@@ -53,6 +53,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 from edge import audit
 from edge.errors import EdgeError
 from edge.events import EventClass
@@ -459,7 +461,7 @@ class Salvage:
         row = live.execute("SELECT value FROM meta WHERE key = ?", (SEQ_FLOOR_KEY,)).fetchone()
         self.floor = int(row[0]) if row else 0
         self.renumber = False  # once one event needs a new seq, all later ones do (order)
-        self._skipped: tuple[int, str | None] | None = None  # last event stored again
+        self._skipped: tuple[int, str | None, float] | None = None  # last one stored again
 
     def run(self) -> SalvageReport:
         for chunk in self.reader.events():
@@ -501,7 +503,7 @@ class Salvage:
                 rep.already_present += 1
                 rep.redelivered += int(ev.id in redelivered and ev.id not in known)
                 if ev.id in redelivered:
-                    self._skipped = (ev.seq, ev.ordering_key)
+                    self._skipped = (ev.seq, ev.ordering_key, ev.received_at)
                 continue
             rows = dels[ev.seq]
             if rows == [] and ev.seq not in self.reader.dead_letters:
@@ -511,16 +513,19 @@ class Salvage:
         return todo
 
     def _derived_from_skipped(self, ev: OldEvent) -> bool:
-        """A rule's derived events are stored right after their cause (next seqs, same key)
-        without a dedupe key of their own: when the cause was stored again from a
-        redelivery, so were they (the daemon drops them with a matched cause)."""
+        """A rule's derived events are stored right after their cause (next seqs, same key,
+        same transaction): when the cause was stored again from a redelivery, so were they
+        (the daemon drops them with a matched cause)."""
         if self._skipped is None:
             return False
-        seq, key = self._skipped
-        return ev.seq == seq + 1 and ev.ordering_key == key and ev.id not in self.reader.dedupe
+        seq, key, at = self._skipped
+        return ev.seq == seq + 1 and ev.ordering_key == key and ev.received_at == at
 
     def _stored_again(self, conn: sqlite3.Connection, chunk: list[OldEvent]) -> set[str]:
-        """Ids of ``chunk`` whose source dedupe key the live outbox holds under another id."""
+        """Ids of ``chunk`` the live outbox stored again under another id: its source's
+        dedupe key is there, and it is a content hash (matched only for a redelivery of the
+        same bytes) or an identity key of an event with the same data (a per-lot key like
+        a hold's names the lot, not the message: another part's hold is not this one)."""
         out: set[str] = set()
         for ev in chunk:
             d = self.reader.dedupe.get(ev.id)
@@ -528,7 +533,9 @@ class Salvage:
                 continue
             row = conn.execute("SELECT event_id FROM dedupe WHERE source = ? AND key = ?",
                                (d[0], d[1])).fetchone()
-            if row is not None and row[0] != ev.id:
+            if row is None or row[0] == ev.id:
+                continue
+            if int(d[4]) == 0 or _data_sha(ev.body) == _live_data_sha(conn, row[0]):
                 out.add(ev.id)
         return out
 
@@ -611,6 +618,29 @@ class Salvage:
                                   "created_at, scope) VALUES (?,?,?,?,?)", key)
             audit.insert_audit(self.live, au)
             rep.requeued += 1
+
+
+def _data_sha(body: bytes) -> str | None:
+    """The SHA-256 of an event's data taken at ingest (in its stored envelope)."""
+    try:
+        sha = orjson.loads(body).get("payload_sha256")
+    except (orjson.JSONDecodeError, AttributeError):
+        return None
+    return str(sha) if sha else None
+
+
+def _live_data_sha(conn: sqlite3.Connection, event_id: str) -> str | None:
+    """The data SHA-256 of a live event: from its body, or from its ``stored`` audit row
+    once it was delivered."""
+    row = conn.execute("SELECT body FROM events WHERE id = ?", (event_id,)).fetchone()
+    if row is not None:
+        return _data_sha(row[0])
+    row = conn.execute("SELECT detail FROM audit WHERE event_id = ? AND state = 'stored'",
+                       (event_id,)).fetchone()
+    if row is None or not row[0]:
+        return None
+    sha = orjson.loads(row[0]).get("sha256")
+    return str(sha) if sha else None
 
 
 def _class_name(cls: int) -> str:

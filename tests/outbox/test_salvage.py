@@ -340,3 +340,24 @@ async def test_the_summary_names_the_lost_rows_for_an_operator(tmp_path: Path, d
     text = out.getvalue()
     assert ("would re-queue:" if dry else "re-queued:") in text
     assert "UNREADABLE:" in text and "lost event " in text
+
+
+async def test_a_per_lot_key_of_another_part_does_not_hide_this_parts_hold(tmp_path: Path):
+    """A hold's dedupe key names the lot: after the restart another failing part of the lot
+    got a hold of its own in the fresh outbox; the moved file's hold (of the lot's first
+    failing part) is still re-queued."""
+    def hold(part: int) -> Submission:
+        return Submission(sub("quality.hold", key="lot:X", lot_id="X", part=part,
+                              source="rules").event, dedupe_key="hold:X", derived=True)
+
+    await _fill(tmp_path, n=300)
+    async with Outbox(tmp_path, router=lambda ev: ["erp"], maintenance_interval_s=3600) as ob:
+        [first] = await ob.submit([hold(1)])
+    db = tmp_path / "outbox.db"
+    _scribble(db, _leaf_pages(db)[3])
+    moved, _ = await _restart(tmp_path)
+    async with Outbox(tmp_path, router=lambda ev: ["erp"], maintenance_interval_s=3600) as ob:
+        [other] = await ob.submit([hold(2)])
+    rc, rep, _ = _salvage(moved, _config(tmp_path))
+    assert rc == 0 and rep["redelivered"] == 0
+    assert {first, other} <= set(_live(tmp_path))
