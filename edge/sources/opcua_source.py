@@ -78,20 +78,26 @@ __all__ = ["OpcUaSource"]
 log = logging.getLogger("edge.sources.opcua")
 
 
+# what asyncua's publish loop fails with when the server went away or is going away
+_SERVER_GONE = (ConnectionError, OSError, TimeoutError, ua.uaerrors.BadSessionClosed,
+                ua.uaerrors.BadShutdown, ua.uaerrors.BadServerHalted)
+
+
 class _OutageNoise(logging.Filter):
     """Drop asyncua records that only repeat what the source already logged once.
 
     While a server is down asyncua logs a traceback every second from its publish loop
-    (``Publish iteration crashed`` with a ConnectionError) and a warning per reconnect
-    attempt; the source logs ``connection lost`` / ``reconnected`` instead. Other asyncua
-    records (a protocol error, a security error on reconnect) stay visible.
+    (``Publish iteration crashed`` with a ConnectionError, or the status a server answers
+    while it shuts down: ``BadSessionClosed`` from a server stopped cleanly) and a warning
+    per reconnect attempt; the source logs ``connection lost`` / ``reconnected`` instead.
+    Other asyncua records (a protocol error, a security error on reconnect) stay visible.
     """
 
     def filter(self, record: logging.LogRecord) -> bool:
         msg = record.msg if isinstance(record.msg, str) else ""
         if msg.startswith("Publish iteration crashed"):
             exc = record.exc_info[1] if record.exc_info else None
-            return not isinstance(exc, (ConnectionError, OSError, TimeoutError))
+            return not isinstance(exc, _SERVER_GONE)
         return not msg.startswith(("Reconnect attempt failed", "Requested session timeout"))
 
 
