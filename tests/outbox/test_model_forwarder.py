@@ -64,6 +64,7 @@ from typing import Any
 import orjson
 from hypothesis import event, settings
 from hypothesis import strategies as st
+from hypothesis.errors import InvalidArgument
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from edge.components import Outcome, OutcomeKind, StoredEvent, Submission
@@ -96,16 +97,24 @@ ANSWERS: dict[str, Outcome] = {
     "429_90": Outcome.retry("too many requests", 429, retry_after_s=90.0),
     "400": Outcome.dead_letter("bad request", 400, body='{"error":"bad"}'),
     "422": Outcome.dead_letter("unprocessable", 422),
+    "404": Outcome.dead_letter("not found", 404),
     "302": Outcome.sink_fault("redirect not followed", 302),
     "401": Outcome.sink_fault("credentials refused", 401),
 }
 ANSWER_NAMES = sorted(ANSWERS)
-# half of the requests get one answer for every event (a receiver in one mood: storms,
-# outages), the others a mix
+# a third of the requests get one answer for every event (a receiver in one mood: an
+# outage), a third a mix, a third 404 for everything (a wrong base URL: the storm guard)
 SCRIPTS = st.one_of(st.sampled_from(ANSWER_NAMES).map(lambda n: [n] * 4),
-                    st.lists(st.sampled_from(ANSWER_NAMES), min_size=4, max_size=4))
+                    st.lists(st.sampled_from(ANSWER_NAMES), min_size=4, max_size=4),
+                    st.just(["404"] * 4))
 QUEUED = {"pending", "inflight"}
 FINAL = {"delivered", "expired", "discarded", "rerouted"}
+
+
+def _note(what: str) -> None:
+    """Count a case in hypothesis' statistics (``--hypothesis-show-statistics``)."""
+    with contextlib.suppress(InvalidArgument):  # outside a test run
+        event(what)
 
 
 def sink_config(sink: str) -> SinkConfigBase:
@@ -238,13 +247,14 @@ class ForwarderMachine(RuleBasedStateMachine):
         self.max_audit_seq = 0
         self.first_of_message: dict[tuple[str, int], str] = {}  # (source, payload) → id
         self.busy: dict[tuple[str, int], tuple[asyncio.Task[Any], Call]] = {}
-        self.hold: dict[str, float] = {s: 0.0 for s in SINKS}  # Retry-After of the sink
-        self.storm: dict[str, bool] = {s: False for s in SINKS}
+        self.hold: dict[str, float] = dict.fromkeys(SINKS, 0.0)  # Retry-After of the sink
+        self.storm: dict[str, bool] = dict.fromkeys(SINKS, False)
         self.delivered: dict[tuple[str, str], list[tuple[int, bool]]] = {}
         self.audit_pruned = False
         self.squeezed = False
         self.expiry_seen = 0  # audit seq of the last expiry the model took in
         self.n = 0
+        self.sends = 0
         self.outbox: Outbox
         self.sinks: dict[str, ScriptedSink] = {}
         self.fwds: dict[str, Forwarder] = {}
@@ -290,6 +300,7 @@ class ForwarderMachine(RuleBasedStateMachine):
                     row.state = "pending"
 
     def teardown(self) -> None:
+        _note(f"sends {min(self.sends // 5 * 5, 30)}+")
         with contextlib.suppress(Exception):
             self._crash()
         self.loop.close()
@@ -381,7 +392,7 @@ class ForwarderMachine(RuleBasedStateMachine):
             return
         first = self.first_of_message.get((source, payload))
         if dup and first is not None:
-            event("redelivery matched")
+            _note("redelivery matched")
             assert ids[0] == first, "a redelivery must map to the stored copy"
             assert all(i == "" for i in ids[1:]), "a redelivery's derived event was stored"
             return
@@ -425,7 +436,8 @@ class ForwarderMachine(RuleBasedStateMachine):
             assert len(sink.calls) == before
             return
         call = sink.calls[-1]
-        event(f"send while {circuit}" + (f", paused {paused.code}" if paused else ""))
+        self.sends += 1
+        _note(f"send while {circuit}" + (f", paused {paused.code}" if paused else ""))
         self.busy[(sink_id, lane)] = (task, call)
         self._check_send(sink_id, call, circuit, paused)
 
@@ -489,10 +501,10 @@ class ForwarderMachine(RuleBasedStateMachine):
             outcomes = call.returned
         storm = fwd.pause if fwd.pause is not None and fwd.pause.code == "storm_guard" else None
         if storm is not None:
-            event("storm guard pause")
+            _note("storm guard pause")
             self.storm[sink] = True
         if fwd.pause is not None and fwd.pause.code == "auth":
-            event("auth pause")
+            _note("auth pause")
         after = max((o.retry_after_s or 0.0) for o in outcomes if o.attempted) \
             if any(o.attempted for o in outcomes) else 0.0
         if after:
@@ -577,9 +589,9 @@ class ForwarderMachine(RuleBasedStateMachine):
         expired = {eid for _, eid in found}
         self.expiry_seen = max([self.expiry_seen, *(seq for seq, _ in found)])
         if expired:
-            event("low expired")
+            _note("low expired")
         if not self.outbox.accepting:
-            event("backpressure")
+            _note("backpressure")
         for eid in expired:
             m = self.events[eid]
             assert m.cls == "low", f"a {m.cls} event was expired"
@@ -621,8 +633,8 @@ class ForwarderMachine(RuleBasedStateMachine):
                 if row is not None and row.state == "pending":
                     row.state = "discarded"
                     row.log.append("discarded")
-        self.hold = {s: 0.0 for s in SINKS}
-        self.storm = {s: False for s in SINKS}
+        self.hold = dict.fromkeys(SINKS, 0.0)
+        self.storm = dict.fromkeys(SINKS, False)
         self._start()
 
     def _cli(self, fn: Any) -> None:
@@ -647,7 +659,7 @@ class ForwarderMachine(RuleBasedStateMachine):
             row.log.append("rerouted_out")
             target = m.rows.get(to)
             if target is not None and target.state in ("pending", "dead"):
-                event(f"reroute into a {target.state} row")
+                _note(f"reroute into a {target.state} row")
                 target.log.append("rerouted_in")
                 continue
             if target is None:
