@@ -3,6 +3,7 @@
 //
 // Usage: node server.js --port 4841 --pki DIR [--user name:password] [--items N]
 //                       [--period-ms 100] [--result-period-ms 300] [--strict] [--handshake]
+//                       [--journal FILE]
 // --strict: unknown client certificates are rejected (kept in DIR/rejected) until an
 // administrator moves them to DIR/trusted/certs, as on a real plant server.
 //
@@ -15,7 +16,14 @@
 // Every result period: LotId (new lot every 5 parts), Serial, Result (every tenth part
 // "fail"), Measured, then ResultReady=true; half a period later ResultReady=false (with
 // --handshake it stays true until a client writes false; only then comes the next part).
+// --journal FILE: append one JSON line per part ({"k":"part",...}), per acknowledged part
+// ({"k":"acked","part":n}: a client wrote ResultReady=false) and per Temperature sample
+// ({"k":"sample","ts":...,"value":...}), written synchronously so a kill -9 keeps them; at
+// start the station resumes from the file as one that keeps its state would: numbering
+// goes on, and a part raised but never acknowledged is raised again with the same values.
 "use strict";
+
+const fs = require("fs");
 
 const {
     OPCUAServer, OPCUACertificateManager, SecurityPolicy, MessageSecurityMode, DataType,
@@ -37,6 +45,38 @@ const items = parseInt(arg("items", "0"), 10);
 const periodMs = parseFloat(arg("period-ms", "100"));
 const resultPeriodMs = parseFloat(arg("result-period-ms", "300"));
 const NAME = "Station7";
+const journalFile = arg("journal", null);
+
+function journal(rec) {
+    if (journalFile) {
+        fs.appendFileSync(journalFile, JSON.stringify(rec) + "\n");
+    }
+}
+
+// What an earlier run of this station wrote: the last part, whether it was acknowledged,
+// the last Temperature step.
+function resume() {
+    const past = { last: null, acked: new Set(), n: 0 };
+    if (!journalFile || !fs.existsSync(journalFile)) {
+        return past;
+    }
+    for (const line of fs.readFileSync(journalFile, "utf8").split("\n")) {
+        let rec;
+        try {
+            rec = JSON.parse(line);
+        } catch (err) {
+            continue;  // empty, or cut by a kill -9
+        }
+        if (rec.k === "part") {
+            past.last = rec;
+        } else if (rec.k === "acked") {
+            past.acked.add(rec.part);
+        } else if (rec.k === "sample") {
+            past.n = Math.max(past.n, Math.round((rec.value - 20.0) * 100));
+        }
+    }
+    return past;
+}
 
 async function main() {
     const certificateManager = new OPCUACertificateManager({
@@ -98,6 +138,22 @@ async function main() {
         Measured: variable("Measured", DataType.Double, 0.0),
         ResultReady: variable("ResultReady", DataType.Boolean, false, true),
     };
+    const past = resume();
+    let n = past.n;
+    function tick() {
+        n += 1;
+        const value = 20.0 + n / 100;
+        const now = new Date();
+        v.Temperature.setValueFromSource(new Variant({ dataType: DataType.Double, value }),
+            StatusCodes.Good, now);
+        journal({ k: "sample", ts: now.toISOString(), value });
+        set(v.SpindleSpeed, DataType.Double, 12000.0 + (n % 7));
+    }
+    if (journalFile) {
+        // the history starts with the current value: make it one the journal has
+        journal({ k: "start", at: new Date().toISOString(), history: "memory" });
+        tick();
+    }
     addressSpace.installHistoricalDataNode(v.Temperature, { maxOnlineValues: 100000 });
     const sensors = [];
     for (let i = 0; i < items; i++) {
@@ -108,25 +164,42 @@ async function main() {
         node.setValueFromSource(new Variant({ dataType, value }), StatusCodes.Good, new Date());
     }
 
-    let n = 0;
-    setInterval(() => {
-        n += 1;
-        set(v.Temperature, DataType.Double, 20.0 + n / 100);
-        set(v.SpindleSpeed, DataType.Double, 12000.0 + (n % 7));
-    }, periodMs);
+    setInterval(tick, periodMs);
 
-    let part = 0;
+    let part = past.last ? past.last.part : 0;
+    let again = past.last && !past.acked.has(past.last.part) ? past.last : null;
+    let raised = null;  // the part waiting for its ack (with --handshake)
+    v.ResultReady.on("value_changed", (dv) => {
+        if (raised !== null && dv.value.value === false) {
+            journal({ k: "acked", part: raised });  // only a client writes false
+            raised = null;
+        }
+    });
     setInterval(() => {
         if (handshake && v.ResultReady.readValue().value.value === true) {
             return;  // the previous result is not acknowledged yet
         }
-        part += 1;
-        const lot = `LNODE-${String(Math.floor((part - 1) / 5) + 1).padStart(4, "0")}`;
-        set(v.LotId, DataType.String, lot);
-        set(v.Serial, DataType.String, `${NAME}-N${String(part).padStart(6, "0")}`);
-        set(v.Result, DataType.String, part % 10 === 0 ? "fail" : "pass");
-        set(v.Measured, DataType.Double, 10.0 + (part % 5) / 100);
-        set(v.PartCounter, DataType.UInt32, part);
+        let rec = again;
+        again = null;
+        if (rec === null) {
+            part += 1;
+            rec = {
+                k: "part", part,
+                serial: `${NAME}-N${String(part).padStart(6, "0")}`,
+                lot: `LNODE-${String(Math.floor((part - 1) / 5) + 1).padStart(4, "0")}`,
+                result: part % 10 === 0 ? "fail" : "pass",
+                measured: 10.0 + (part % 5) / 100,
+            };
+            journal(rec);
+        }
+        set(v.LotId, DataType.String, rec.lot);
+        set(v.Serial, DataType.String, rec.serial);
+        set(v.Result, DataType.String, rec.result);
+        set(v.Measured, DataType.Double, rec.measured);
+        set(v.PartCounter, DataType.UInt32, rec.part);
+        if (handshake) {
+            raised = rec.part;
+        }
         set(v.ResultReady, DataType.Boolean, true);
         if (!handshake) {
             setTimeout(() => set(v.ResultReady, DataType.Boolean, false), resultPeriodMs / 2);
