@@ -33,12 +33,13 @@ CAMPAIGN_FAULTS = [*ERP_FAULTS, "sigstop", "broker_restart"]
 # --------------------------------------------------------------------------- the campaign
 
 
-async def run_campaign(tmp_path: Path, cycles: int) -> Report:
+async def run_campaign(tmp_path: Path, cycles: int,
+                       cycle_s: tuple[float, float] = (0.5, 2.0)) -> Report:
     # 100 parts/s: the gateway drains what piled up during a fault between two kills, so
     # the check at the end waits seconds, not minutes, on these two noisy cores
     async with Campaign(tmp_path, rate=100.0) as c:
         await c.start_gateway()
-        await c.run_cycles(cycles, faults=CAMPAIGN_FAULTS)
+        await c.run_cycles(cycles, faults=CAMPAIGN_FAULTS, cycle_s=cycle_s)
         report = await c.finish(timeout_s=180)
     print(f"seed {c.seed}: {report.summary()}")
     print(f"faults applied: {dict(c.faults)}; counts: {report.counts}")
@@ -55,7 +56,7 @@ async def test_kill_9_cycles_with_erp_and_process_faults_keep_every_promise(
     its headers."""
     if find_mosquitto() is None:
         pytest.skip("mosquitto is not installed")
-    report = await run_campaign(tmp_path, 20)
+    report = await run_campaign(tmp_path, 20, cycle_s=(0.3, 1.5))  # ~60 s here
     report.assert_clean()
     assert report.counts["acknowledged"] > 0 and report.counts["cycles"] == 20
 
