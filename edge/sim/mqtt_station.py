@@ -33,6 +33,7 @@ import ssl
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -54,11 +55,19 @@ class Publisher:
     paho holds at most 65,535 unconfirmed QoS 1 messages (one per packet id): beyond that,
     e.g. after an hour of broker outage at 20 msg/s, ``publish`` is refused and counted in
     ``refused`` (the station would have to buffer or drop; it is never tracked as sent).
+
+    ``ordered=True`` keeps each topic's publish order across reconnects: at most one QoS 1
+    message per topic is unconfirmed, the next waits here and goes out on the PUBACK of
+    the one before. Without it paho (2.2) can reorder a topic: it resends unconfirmed
+    messages only after the CONNACK, and a message published between its CONNECT and that
+    CONNACK goes out at once, ahead of them (MQTT asks a client to resend in the original
+    order, but not to hold new messages behind the resends).
     """
 
     def __init__(self, url: str, *, client_id: str | None = None, protocol: str = "5",
                  username: str | None = None, password: str | None = None,
-                 ca_file: str | None = None, max_inflight: int = 100) -> None:
+                 ca_file: str | None = None, max_inflight: int = 100,
+                 ordered: bool = False) -> None:
         import paho.mqtt.client as mqtt
         from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 
@@ -91,6 +100,18 @@ class Publisher:
         self.acked: set[str] = set()
         self.published = 0
         self.refused = 0
+        # ordered mode: topic → messages waiting behind the topic's unconfirmed one (the
+        # topic is present while it has one), the packet id of each unconfirmed one, and
+        # the messages released by a PUBACK for the sender thread (paho's callbacks must
+        # not call paho)
+        self.ordered = ordered
+        self._waiting: dict[str, deque[tuple[bytes, str, int]]] = {}
+        self._topic_of: dict[int, str] = {}
+        self._held = 0  # accepted, not yet handed to paho
+        self._ready: deque[tuple[str, bytes, str, int]] = deque()
+        self._ready_cv = threading.Condition(self._lock)
+        self._sender: threading.Thread | None = None
+        self._stopping = False
         self.connected = threading.Event()
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
@@ -113,11 +134,41 @@ class Publisher:
             key = self._keys.pop(mid, None)
             if key is None:
                 self._early[mid] = ok  # PUBACK before publish() returned its mid
-            elif ok:
+                return
+            if ok:
                 self.acked.add(key)
+            topic = self._topic_of.pop(mid, None)
+            if topic is not None:
+                self._release(topic)
+
+    def _release(self, topic: str) -> None:
+        """The topic's unconfirmed message is settled: hand its next one to the sender.
+        Called with ``self._lock`` held."""
+        waiting = self._waiting.get(topic)
+        if waiting:
+            payload, key, qos = waiting.popleft()
+            self._ready.append((topic, payload, key, qos))
+            self._ready_cv.notify()
+        else:
+            self._waiting.pop(topic, None)
+
+    def _send_released(self) -> None:
+        """Sender thread of ordered mode: publish what a PUBACK released."""
+        while True:
+            with self._ready_cv:
+                while not self._ready and not self._stopping:
+                    self._ready_cv.wait()
+                if self._stopping:
+                    return
+                topic, payload, key, qos = self._ready.popleft()
+            self._send(topic, payload, key, qos, held=True)
 
     def start(self, timeout: float = 10.0) -> Publisher:
         """Connect (blocking, up to ``timeout``) and start paho's network thread."""
+        if self.ordered and self._sender is None:
+            self._sender = threading.Thread(target=self._send_released, daemon=True,
+                                            name="publisher-ordered")
+            self._sender.start()
         self.client.connect_async(self.host, self.port, keepalive=30)
         self.client.loop_start()
         if not self.connected.wait(timeout):
@@ -127,24 +178,47 @@ class Publisher:
         return self
 
     def publish(self, topic: str, payload: bytes, key: str, qos: int = 1) -> None:
+        if self.ordered and qos > 0:
+            with self._lock:
+                waiting = self._waiting.get(topic)
+                if waiting is not None:  # the topic has an unconfirmed message: wait
+                    waiting.append((payload, key, qos))
+                    self._held += 1
+                    return
+                self._waiting[topic] = deque()
+        self._send(topic, payload, key, qos)
+
+    def _send(self, topic: str, payload: bytes, key: str, qos: int, *,
+              held: bool = False) -> None:
         # paho's lock is taken inside publish(); ours only afterwards (no lock inversion).
         info = self.client.publish(topic, payload, qos=qos)
-        if info.rc == self._queue_full:  # every packet id is held by an unacked message
-            with self._lock:
-                self.refused += 1
-            return
+        ordered = self.ordered and qos > 0
         with self._lock:
+            if held:
+                self._held -= 1
+            if info.rc == self._queue_full:  # every packet id is held by an unacked message
+                self.refused += 1
+                if ordered:
+                    self._release(topic)
+                return
             self.published += 1
             early = self._early.pop(info.mid, None)
             if qos == 0 or early:
                 self.acked.add(key)
             elif early is None:
                 self._keys[info.mid] = key
+                if ordered:
+                    self._topic_of[info.mid] = topic
+                    return
+            if ordered:  # settled before publish() returned
+                self._release(topic)
 
     @property
     def unacked(self) -> int:
+        """Messages published and not confirmed yet (in ordered mode, also those waiting
+        behind an unconfirmed one of their topic)."""
         with self._lock:
-            return len(self._keys)
+            return len(self._keys) + self._held
 
     def wait_acked(self, timeout: float) -> bool:
         """Wait until every published message was confirmed (or ``timeout``)."""
@@ -156,6 +230,11 @@ class Publisher:
         return self.unacked == 0
 
     def stop(self) -> None:
+        with self._ready_cv:
+            self._stopping = True
+            self._ready_cv.notify_all()
+        if self._sender is not None:
+            self._sender.join(5)
         with contextlib.suppress(Exception):
             self.client.disconnect()
         self.client.loop_stop()

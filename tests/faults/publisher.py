@@ -1,9 +1,13 @@
 """``RecordingPublisher``: inspection results of numbered parts per lot, and which the broker
 confirmed.
 
-Each lot is published on its own station topic, so the broker keeps its messages in
-publish order; ``seq`` numbers the parts of a lot from 1. A part out of spec (measured
-above the rule's upper limit) must make the gateway derive a nonconformance.
+Each lot is published on its own station topic and ``seq`` numbers the parts of a lot from
+1, in publish order. The broker receives a lot's parts in that order also across its
+restarts: the publisher keeps at most one part per lot unconfirmed (``ordered`` mode of
+``edge.sim.mqtt_station.Publisher``), so a part published while paho reconnects cannot
+overtake the parts paho resends. The gateway promises the order the broker delivers;
+this is what makes publish order that order. A part out of spec (measured above the
+rule's upper limit) must make the gateway derive a nonconformance.
 """
 
 from __future__ import annotations
@@ -57,9 +61,11 @@ def subscription_yaml() -> str:
 
 
 class RecordingPublisher(Publisher):
-    """A QoS 1 publisher that records every part it sent and which ones got a PUBACK."""
+    """A QoS 1 publisher that records every part it sent and which ones got a PUBACK;
+    each lot's parts reach the broker in publish order (one unconfirmed part per lot)."""
 
     def __init__(self, url: str, **options: object) -> None:
+        options.setdefault("ordered", True)
         super().__init__(url, **options)  # type: ignore[arg-type]
         self.parts: dict[str, Part] = {}  # message id → part, in publish order
         self._next: dict[str, int] = {}
