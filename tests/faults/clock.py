@@ -6,11 +6,26 @@ that ``step()`` rewrites while the gateway runs; the monotonic clocks are left a
 (``FAKETIME_DONT_FAKE_MONOTONIC=1``), as on a PC whose NTP daemon steps the clock. Nothing
 else on the machine sees the step.
 
-libfaketime 0.9.10 (Debian 12) breaks Python 3.11's ``time.sleep`` when monotonic time is
-not faked (``clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME)`` gets a realtime deadline and
-fails with EINVAL; upstream issue #426). The environment therefore also puts a
-``sitecustomize`` module on the child's path that replaces ``time.sleep`` with a wait on an
-event that is never set (a monotonic timed wait, unaffected).
+libfaketime 0.9.10 (Debian 12) breaks two kinds of monotonic waits when monotonic time is
+not faked, and the environment works around both:
+
+- ``pthread_cond_timedwait`` on a condition variable set to ``CLOCK_MONOTONIC`` returns
+  ETIMEDOUT at once, whatever the offset (0 included): the package is built with its
+  "forced monotonic fix", which converts the deadline against the faked clock (upstream
+  pull request #503 describes the same conversion). CPython's GIL waits exactly like
+  that, so every thread waiting for the GIL forced a hand-over at once: the gateway (event
+  loop, SQLite writer and reader threads) used about three times the CPU and delivered
+  nothing for seconds at a time, which is how a +1 h step looked like a hang (the retry
+  drain after the step never finished in time). ``FAKETIME_FORCE_MONOTONIC_FIX=0``
+  switches that conversion off; the wall clock is still faked and stepped. Guarded by
+  ``test_the_stepped_clock_moves_only_the_wall_clock_and_keeps_waits_whole``.
+- ``time.sleep`` (``clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME)`` gets a realtime
+  deadline and fails with EINVAL; upstream issue #426): a ``sitecustomize`` module on the
+  child's path replaces ``time.sleep`` with a wait on an event that is never set (a
+  semaphore wait with a monotonic deadline, unaffected).
+
+Timed waits of the event loop (epoll, uvloop), ``threading`` and ``queue`` are not touched
+by the offset: checked before and after steps of +/-1 h.
 """
 
 from __future__ import annotations
@@ -81,6 +96,8 @@ class SteppedClock:
             "FAKETIME_TIMESTAMP_FILE": str(self.file),
             "FAKETIME_CACHE_DURATION": "1",  # re-read the file each second: a step applies within 1 s
             "FAKETIME_DONT_FAKE_MONOTONIC": "1",
+            # 0.9.10's forced fix cuts CLOCK_MONOTONIC condvar waits (the GIL's) short
+            "FAKETIME_FORCE_MONOTONIC_FIX": "0",
             "NO_FAKE_STAT": "1",  # file times stay real (SQLite stats its files constantly)
             "PYTHONPATH": os.pathsep.join(path),
         }
