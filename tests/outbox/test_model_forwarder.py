@@ -41,7 +41,8 @@ Invariants, after every step:
   circuit sends nothing, a half-open one or an auth pause sends one event (the probe).
 
 ``EDGE_MODEL_EXAMPLES`` and ``EDGE_MODEL_STEPS`` size the run (the same variables as
-``test_model.py``; defaults below keep ``make test`` short). A long run::
+``test_model.py``); the default, 60 sequences of 40 steps, takes about 15 s here. A
+long run (shrinking a failure found there can take minutes)::
 
     EDGE_MODEL_EXAMPLES=500 EDGE_MODEL_STEPS=50 pytest --timeout 0 \\
         tests/outbox/test_model_forwarder.py
@@ -75,8 +76,8 @@ from edge.forwarder import Forwarder, send_in_key_order
 from edge.outbox import Outbox, queries
 from edge.telemetry import Metrics
 
-EXAMPLES = int(os.environ.get("EDGE_MODEL_EXAMPLES", "15"))
-STEPS = int(os.environ.get("EDGE_MODEL_STEPS", "30"))
+EXAMPLES = int(os.environ.get("EDGE_MODEL_EXAMPLES", "60"))
+STEPS = int(os.environ.get("EDGE_MODEL_STEPS", "40"))
 
 SINKS = ("erp", "qms")
 TYPES = {"quality.hold": "critical", "inspection.result": "high",
@@ -536,9 +537,13 @@ class ForwarderMachine(RuleBasedStateMachine):
                 row.state = "dead"
                 row.log.append("dead_lettered")
                 continue
+            assert m.seq in db, f"{sink} {m.seq}: {o.kind.value} {o.status}, expected " \
+                "the row to stay queued, it is gone"
+            assert db[m.seq][1] == row.attempts, f"{sink} {m.seq}: attempts " \
+                f"{db[m.seq][1]}, model {row.attempts}"
             if kind is OutcomeKind.sink_fault or (kind is OutcomeKind.retry and o.attempted):
                 row.log.append("retry")
-                next_at, attempts = db[m.seq]
+                next_at, _ = db[m.seq]
                 ra = o.retry_after_s or 0.0
                 assert t + ra <= next_at + 1e-6, f"{sink} {m.seq}: retry before Retry-After"
                 assert next_at <= t + max(MAX_BACKOFF_S, ra) + 1e-6, \
