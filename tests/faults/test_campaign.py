@@ -57,7 +57,7 @@ async def test_kill_9_cycles_with_erp_and_process_faults_keep_every_promise(
     its headers."""
     if find_mosquitto() is None:
         pytest.skip("mosquitto is not installed")
-    report = await run_campaign(tmp_path, 20, cycle_s=(0.3, 1.5))  # ~60 s here
+    report = await run_campaign(tmp_path, 20, cycle_s=(0.2, 1.0))  # ~50 s here
     report.assert_clean()
     assert report.counts["acknowledged"] > 0 and report.counts["cycles"] == 20
 
