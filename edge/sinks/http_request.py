@@ -16,9 +16,12 @@ refused batch is split to find the events the receiver judged.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import random
 from collections.abc import Collection, Sequence
+from datetime import UTC
+from email.utils import parsedate_to_datetime
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
@@ -41,6 +44,7 @@ __all__ = [
     "judge_response",
     "request_body",
     "request_headers",
+    "retry_after_s",
     "should_split",
 ]
 
@@ -107,7 +111,7 @@ def judge_response(resp: httpx.Response, duplicate_statuses: Collection[int]) ->
         return Outcome.duplicate(status)
     body = resp.text[:MAX_ERROR_BODY]
     what = f"HTTP {status} {resp.reason_phrase}".strip()
-    retry_after = parse_retry_after(resp.headers.get("Retry-After"))
+    retry_after = retry_after_s(resp)
     if status in RETRY_STATUSES:
         return Outcome.retry(what, status, body=body, retry_after_s=retry_after)
     if status in REFRESH_STATUSES:
@@ -121,6 +125,18 @@ def judge_response(resp: httpx.Response, duplicate_statuses: Collection[int]) ->
     return Outcome.sink_fault(what, status, body, retry_after_s=retry_after)
 
 
+def retry_after_s(resp: httpx.Response) -> float | None:
+    """The answer's ``Retry-After`` in seconds. An HTTP-date is on the receiver's clock, so
+    it is measured from the answer's own ``Date`` when there is one: a gateway whose wall
+    clock is off or was stepped (NTP) then neither retries early nor pauses for the size
+    of the error. Without a usable ``Date`` the local wall clock is the only reference."""
+    sent_at = None
+    with contextlib.suppress(TypeError, ValueError, IndexError, OverflowError):
+        date = parsedate_to_datetime(resp.headers.get("Date", ""))
+        sent_at = date.replace(tzinfo=date.tzinfo or UTC).timestamp()
+    return parse_retry_after(resp.headers.get("Retry-After"), now=sent_at)
+
+
 def judge_error(err: Exception) -> Outcome:
     """A request that got no answer from the receiver → Outcome.
 
@@ -131,8 +147,8 @@ def judge_error(err: Exception) -> Outcome:
     if isinstance(err, httpx.HTTPStatusError):
         status = err.response.status_code
         if status in RETRY_STATUSES:
-            return Outcome.retry(f"auth: {err}", status, retry_after_s=parse_retry_after(
-                err.response.headers.get("Retry-After")))
+            return Outcome.retry(f"auth: {err}", status,
+                                 retry_after_s=retry_after_s(err.response))
         return Outcome.sink_fault(f"auth: {err}", status)
     if isinstance(err, httpx.TimeoutException):
         return Outcome.retry(f"timeout: {type(err).__name__}")

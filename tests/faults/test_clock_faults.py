@@ -142,9 +142,11 @@ async def test_a_clock_step_neither_stalls_nor_hurries_retries(step_s: int,
         await c.start_gateway()
         await c.publish_for(0.5)
         for _ in range(_rounds()):
-            # 503s (backoff, circuit breaker) and 429 + Retry-After (a sink-wide pause)
+            # 503s (backoff, circuit breaker) and 429 + Retry-After (a sink-wide pause), in
+            # seconds and as an HTTP-date (the ERP's clock is right, the gateway's stepped)
             await _retrying_across_a_step(c, clock, step_s, "5xx")
             await _retrying_across_a_step(c, clock, step_s, "429_seconds", retry_after_s=3)
+            await _retrying_across_a_step(c, clock, step_s, "429_date", retry_after_s=3)
         # an hour-long stall would show as lost events: 30 s is far above any backoff here
         report = await c.finish(30)
     print(f"clock steps {clock.steps}: {report.summary()}")
@@ -152,3 +154,4 @@ async def test_a_clock_step_neither_stalls_nor_hurries_retries(step_s: int,
         print("\n".join(line[:300] for line in c.gateway.lines[-40:]))
     report.assert_clean()
     assert report.counts["statuses"].get(429) and report.counts["statuses"].get(503)
+    assert report.counts["faults"].get("429_date")
