@@ -1,15 +1,11 @@
-"""Storage faults of the fault campaign: a full disk, an outbox corrupted at start, a payload
-bit-flipped on disk. Each runs real traffic through a gateway child and ends in the checker.
+"""A full disk in the fault campaign: real traffic through a gateway child whose outbox
+lives on a small file system filled at run time; it ends in the checker.
 
-Promises (DESIGN invariants 1, 2, 7, 8):
-- disk full: the gateway stops acknowledging MQTT while it cannot commit, says why
-  (log, metric, ``/readyz``) and resumes once space returns; nothing acknowledged is lost;
-- outbox corrupt at start: the file is moved aside and kept, a fresh outbox starts, an
-  alarm and an audit row say so; what was queued in the moved file is accounted for by
-  that quarantine (it stays in the kept file), everything else arrives;
-- bit flip: a stored event whose bytes no longer match the SHA-256 taken at ingest is
-  dead-lettered with an integrity reason and never sent; the other events of its key
-  still arrive, in order, once an operator has discarded it.
+Promise (DESIGN invariants 1, 2, 7): the gateway stops acknowledging MQTT while it cannot
+commit, says why (log, metric, ``/readyz``) and resumes once space returns; nothing
+acknowledged is lost. The other storage faults have their own files:
+``test_corruption_faults.py`` (outbox corrupted at start, then salvaged) and
+``test_integrity_faults.py`` (a payload bit-flipped on disk).
 
 Short forms run in ``make test``; ``EDGE_FAULT_CYCLES`` (``make faults``) lengthens them.
 """
