@@ -375,14 +375,15 @@ class Gateway:
         Written to the audit trail (``sink_resumed`` with ``actor`` and ``reason``) before
         the sink sends again. Returns True when the sink was paused and now sends (an auth
         pause: probes at once), False when it was not paused. Raises KeyError for a sink
-        that is not configured, and what ``Outbox.audit`` raises (``OutboxError``) when the
-        audit row cannot be written; the sink then stays paused.
+        that is not configured, and what ``Outbox.sink_resumed`` raises (``OutboxError``)
+        when the audit row (written with the removal of the stored pause) cannot be written;
+        the sink then stays paused.
         """
         fwd = self.forwarders[sink_id]
         pause = fwd.pause
         if pause is None:
             return False
-        await self.outbox.audit("sink_resumed", actor=actor, reason=reason, detail={
+        await self.outbox.sink_resumed(sink_id, actor=actor, reason=reason, detail={
             "sink": sink_id, "pause": pause.code, "paused_since": utc_iso(pause.since),
             "pause_reason": pause.reason})
         fwd.resume(by=actor, reason=reason)

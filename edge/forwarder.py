@@ -27,6 +27,14 @@ Contract:
   until an operator calls ``resume()`` (``edge sink resume``); the dead letters with that
   status that arrive from requests still in flight are kept as rows, not dead-lettered.
   Both pauses are written to the audit trail (``sink_paused``). A pause never drops rows.
+- Pauses that outlive a restart (``edge.outbox.pauses``): a storm-guard pause is stored
+  in the transaction of its ``sink_paused`` audit row and removed in the one of the
+  operator's ``sink_resumed`` (``Outbox.sink_resumed``); a Retry-After pause's end is stored
+  with the outcomes that carried it and removed once it has passed. A forwarder built on
+  the same outbox restores both: the storm-guard pause with its reason, ``since`` and
+  alarm as before the restart, until resumed; the Retry-After pause until its end. An
+  auth pause is not stored: after a restart the sink simply probes the receiver again,
+  which refuses the credentials at once if they are still wrong.
 - ``stop()``: no new leases; in-flight sends get ``shutdown_grace_s`` to finish and record
   their outcome; what is still running then is cancelled and its rows simply stay queued.
 """
@@ -183,6 +191,8 @@ class Forwarder:
                       if guard.enabled else None)
         self.bucket = TokenBucket(config.rate_limit_per_s) if config.rate_limit_per_s else None
         self.paused_until = 0.0  # ``clock`` time; set by Retry-After
+        self._paused_for_s = 0.0  # the Retry-After delay that set ``paused_until``
+        self._stored_until = 0.0  # the Retry-After end the outbox holds for this sink
         self.pause: Pause | None = None
         self.alarm: Alarm | None = None
         self.last_delivery_at: float | None = None
@@ -200,6 +210,29 @@ class Forwarder:
         metrics.sink_up.labels(sink.id).set(1)
         metrics.sink_circuit_open.labels(sink.id).set(0)
         metrics.sink_paused.labels(sink.id).set(0)
+        self._restore(outbox.stored_pauses.get(sink.id, {}))
+
+    def _restore(self, stored: dict[str, Any]) -> None:
+        """Take up the pauses the last run stored (the outbox read them at open; a
+        Retry-After end that has passed is gone by then)."""
+        retry_after = stored.get("retry_after")
+        if retry_after:
+            self.paused_until = self._stored_until = float(retry_after["until"])
+            self._paused_for_s = float(retry_after.get("for_s", 0.0))
+            log_event(log, logging.INFO, "sink still paused by the receiver's Retry-After "
+                      "(kept across the restart)", sink=self.sink.id,
+                      paused_for_s=round(max(0.0, self.paused_until - self.clock()), 1))
+        guard = stored.get("storm_guard")
+        if guard:
+            since = float(guard.get("since") or self.clock())
+            reason = str(guard.get("reason") or "dead-letter storm: nothing is sent until an "
+                         f"operator runs `edge sink resume {self.sink.id} --reason ...`")
+            self.pause = Pause("storm_guard", reason, since, key=guard.get("key"))
+            self.alarm = Alarm("storm_guard", reason, since)
+            self.metrics.sink_paused.labels(self.sink.id).set(1)
+            log_event(log, logging.ERROR, "sink still paused by the dead-letter storm guard "
+                      "(kept across the restart): " + reason, sink=self.sink.id,
+                      since=utc_iso(since))
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -233,7 +266,8 @@ class Forwarder:
         self.outbox.new_rows(self.sink.id).set()  # wake idle lanes
 
     def resume(self, *, by: str = "", reason: str = "") -> bool:
-        """Lift a pause (an operator's decision; ``Gateway.resume_sink`` audits it).
+        """Lift a pause (an operator's decision; ``Gateway.resume_sink`` audits it and
+        removes the stored pause first, with ``Outbox.sink_resumed``).
 
         A storm-guard pause ends: sending starts again and the guard needs a full fresh
         window to fire again. An auth pause sends its next probe now. True when the sink
@@ -362,11 +396,16 @@ class Forwarder:
         except asyncio.CancelledError:
             self.outbox.release(self.sink.id, [ev.seq for ev in batch])
             raise
+        retry_after = self._retry_after_to_store()
         try:
-            await self.outbox.complete(self.sink.id, resolutions)
+            await self.outbox.complete(self.sink.id, resolutions, retry_after=retry_after)
         except Exception as err:  # noqa: BLE001 - outcome not recorded: rows are resent later
             log_event(log, logging.ERROR, "could not record delivery results; will resend",
                       sink=self.sink.id, error=repr(err), events=len(resolutions))
+        else:
+            if retry_after is not None:
+                self._stored_until = max(self._stored_until, retry_after[0]) \
+                    if retry_after[0] > self.clock() else 0.0
         if paused is not None:
             await self._audit_pause(paused)
         now = self.clock()
@@ -378,6 +417,15 @@ class Forwarder:
         for ev, r in zip(sendable, resolutions[len(batch) - len(sendable):], strict=False):
             if r.kind in ("delivered", "duplicate") and ev.received_at:
                 latency.observe(max(0.0, now - ev.received_at))
+
+    def _retry_after_to_store(self) -> tuple[float, float] | None:
+        """What the next ``complete`` stores of the Retry-After pause: its (end, delay)
+        when it ends later than what is stored, or when what is stored has passed (to
+        remove it); None when the stored end is still right."""
+        if self.paused_until > self._stored_until or (
+                0.0 < self._stored_until <= self.clock()):
+            return self.paused_until, self._paused_for_s
+        return None
 
     async def _send(self, batch: list[StoredEvent]) -> list[Outcome]:
         try:
@@ -412,8 +460,9 @@ class Forwarder:
         faults = [o for o in attempted if o.kind is OutcomeKind.sink_fault]
         failures = [o for o in attempted if o.kind in (OutcomeKind.retry, OutcomeKind.sink_fault)]
         pause_s = max((o.retry_after_s or 0.0) for o in attempted)
-        if pause_s > 0:
-            self.paused_until = max(self.paused_until, self.clock() + pause_s)
+        if pause_s > 0 and self.clock() + pause_s > self.paused_until:
+            self.paused_until = self.clock() + pause_s
+            self._paused_for_s = pause_s
         auth = None
         if faults:
             auth = self._sink_faults(faults, delivered)
@@ -545,11 +594,19 @@ class Forwarder:
                        attempted=o.attempted)
 
     async def _audit_pause(self, pause: Pause) -> None:
+        """Audit the pause; a storm-guard pause is stored with it (survives a restart)."""
         detail: dict[str, Any] = {"sink": self.sink.id, "pause": pause.code}
         if pause.key is not None:
             detail["status" if isinstance(pause.key, int) else "dead_letter_reason"] = pause.key
+        keep = None
+        # not when an operator resumed it while its outcomes were being recorded: that
+        # resume's write is queued before this one and must stay the last word
+        if pause.code == "storm_guard" and self.pause is pause:
+            keep = {"code": pause.code, "reason": pause.reason, "since": pause.since,
+                    "key": pause.key}
         try:
-            await self.outbox.audit("sink_paused", reason=pause.reason, detail=detail)
+            await self.outbox.sink_paused(self.sink.id, reason=pause.reason, detail=detail,
+                                          keep=keep)
         except Exception as err:  # noqa: BLE001 - the pause holds; the log line has it too
             log_event(log, logging.ERROR, "could not audit the sink pause", sink=self.sink.id,
                       error=repr(err))

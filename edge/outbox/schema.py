@@ -19,7 +19,9 @@ Tables:
                     ``last_seq`` — events take ``seq`` above it, so a seq freed by a
                     delivery or expiry is never given to another event (a lease completing
                     late can only ever touch its own rows). Dead-letter ids never repeat
-                    either (AUTOINCREMENT).
+                    either (AUTOINCREMENT). ``sink_pause:<sink>`` and
+                    ``sink_retry_after:<sink>`` — a sink's pauses that outlive a restart
+                    (``edge.outbox.pauses``).
 
 Leases are not stored: they live in memory in ``Outbox`` and vanish with the process, so a
 crash can never leave rows stuck as "in flight".

@@ -23,6 +23,10 @@ Contract (DESIGN invariants 1–8):
   why (readiness fails) until a later write commits.
 - At open, ``PRAGMA quick_check``; a corrupt file is moved aside and a fresh one started,
   with an alarm in ``alarms`` (never a crash loop).
+- Sink pauses that outlive the process (``edge.outbox.pauses``): ``sink_paused`` stores a
+  storm-guard pause with its audit row, ``sink_resumed`` removes it with its audit row,
+  ``complete`` stores a Retry-After end with the outcomes that carried it. ``open`` reads
+  them into ``stored_pauses`` for the forwarders.
 """
 
 from __future__ import annotations
@@ -48,7 +52,7 @@ from edge.components import StoredEvent, Submission
 from edge.config import OutboxConfig
 from edge.errors import OutboxClosedError, OutboxFullError, OutboxOpenError
 from edge.events import Event, EventClass
-from edge.outbox import queries
+from edge.outbox import pauses, queries
 from edge.outbox.budget import Budget, BudgetState
 from edge.outbox.dbthread import DbThread, connect
 from edge.outbox.integrity import EarlyCheck, open_checked, salvage_hint
@@ -138,6 +142,8 @@ class Outbox:
         self._accepting.set()
         self._closed = True
         self.opened_at = 0.0
+        # sink → the pauses stored by the last run (``edge.outbox.pauses``), read at open
+        self.stored_pauses: dict[str, dict[str, Any]] = {}
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -167,6 +173,7 @@ class Outbox:
         wal_limit = self._wal_limit = int(min(64 << 20, max(64 << 10,
                                                             self.budget.budget_bytes // 10)))
         await self._wdb.run(lambda c: queries.set_wal_limits(c, wal_limit))
+        self.stored_pauses = await self._wdb.run(_restore_pauses, self.clock())
         self._rdb = DbThread(lambda: connect(self.path, synchronous=sync), "outbox-reader")
         await self._rdb.open()
         self._writer = GroupCommitWriter(
@@ -313,6 +320,31 @@ class Outbox:
         row = audit.audit_row(state, actor=actor, reason=reason, detail=d)
         await self._write(lambda c: audit.insert_audit(c, [row]))
 
+    async def sink_paused(self, sink: str, *, reason: str, detail: dict[str, Any],
+                          keep: dict[str, Any] | None = None) -> None:
+        """Audit a sink's pause (``sink_paused``); ``keep``: the pause to store with it, in
+        the same transaction, so it survives a restart (``edge.outbox.pauses``)."""
+        row = audit.audit_row("sink_paused", reason=reason, detail=detail)
+
+        def write(c: sqlite3.Connection) -> None:
+            audit.insert_audit(c, [row])
+            if keep is not None:
+                pauses.store_pause(c, sink, keep)
+
+        await self._write(write)
+
+    async def sink_resumed(self, sink: str, *, actor: str, reason: str,
+                           detail: dict[str, Any]) -> None:
+        """Audit an operator's resume (``sink_resumed``) and remove the sink's stored pause
+        in the same transaction: once this returns, a restart no longer pauses the sink."""
+        row = audit.audit_row("sink_resumed", actor=actor, reason=reason, detail=detail)
+
+        def write(c: sqlite3.Connection) -> None:
+            audit.insert_audit(c, [row])
+            pauses.clear_pause(c, sink)
+
+        await self._write(write)
+
     # ------------------------------------------------------------------ forwarding
 
     def new_rows(self, sink: str) -> asyncio.Event:
@@ -364,8 +396,13 @@ class Outbox:
             self._not_before = {s: t for s, t in self._not_before.items() if t > now}
         return dict(self._not_before)
 
-    async def complete(self, sink: str, resolutions: Sequence[Resolution]) -> None:
+    async def complete(self, sink: str, resolutions: Sequence[Resolution], *,
+                       retry_after: tuple[float, float] | None = None) -> None:
         """Apply delivery results in one transaction (ack, retry, dead-letter, audit).
+
+        ``retry_after``: the sink's Retry-After pause as (end, seconds the receiver asked
+        for), stored in the same transaction (or removed once its end has passed; see
+        ``edge.outbox.pauses.keep_retry_after``).
 
         If that transaction fails, the rows stay queued as they were and are resent, but
         never before the backoff their outcome asked for (at least one second): the
@@ -374,8 +411,15 @@ class Outbox:
         if not resolutions:
             return
         res = list(resolutions)
+        now = self.clock()
+
+        def write(c: sqlite3.Connection) -> None:
+            queries.apply_resolutions(c, sink, res)
+            if retry_after is not None:
+                pauses.keep_retry_after(c, sink, *retry_after, now=now)
+
         try:
-            await self._write(lambda c: queries.apply_resolutions(c, sink, res), rows=len(res))
+            await self._write(write, rows=len(res))
         except BaseException:
             hold = self.clock() + 1.0
             for r in res:
@@ -669,6 +713,14 @@ class Outbox:
     def writable(self) -> bool:
         """Open and not refusing for space (a storage fault shows in ``storage_fault``)."""
         return not self._closed and self._writer is not None and self.accepting
+
+
+def _restore_pauses(conn: sqlite3.Connection, now: float) -> dict[str, dict[str, Any]]:
+    """At open: settle the stored Retry-After pauses (over, or stepped clock), return what
+    is still stored."""
+    with queries.transaction(conn):
+        pauses.settle_retry_after(conn, now)
+    return pauses.load_pauses(conn)
 
 
 def _file_size(path: str) -> int:
