@@ -15,9 +15,11 @@ messages with and without the DUP flag); a lane's turn (``erp`` parks dead lette
 503 retry, 429 with Retry-After, 400/422 dead letter, 302/401 sink fault, or ``send``
 raising); the clock moving on; budget pressure (a squeezed disk budget: audit pruning,
 ``low`` expiry, backpressure) and its relief; a crash and restart (leases dropped without
-completing) with a config change (``qms`` removed or added back, ``erp``'s route for
-``production.count`` removed or added back) and, while stopped, the CLI's reroute or
-discard of a sink's rows; operator replay and discard of dead letters; sink resume.
+completing; a storm-guard pause and a Retry-After pause are kept) with a config change
+(``qms`` removed or added back, ``erp``'s route for ``production.count`` removed or added
+back) and, while stopped, the CLI's reroute or discard of a sink's rows; operator replay
+and discard of dead letters; sink resume (as ``Gateway.resume_sink``); a receiver answering 404 to
+everything for a while (the storm guard).
 
 Invariants, after every step:
 - every (event, sink) is in exactly one state (pending, in flight, delivered,
@@ -38,7 +40,11 @@ Invariants, after every step:
 - ``critical``/``high`` (and ``normal``) events are never expired; an expired event was
   neither in flight nor dead-lettered;
 - a sink paused by the dead-letter storm guard sends nothing until resumed; an open
-  circuit sends nothing, a half-open one or an auth pause sends one event (the probe).
+  circuit sends nothing, a half-open one or an auth pause sends one event (the probe);
+- both pauses outlive a restart: the outbox stores a storm-guard pause exactly while the
+  model has one (a sink no longer configured included) and a Retry-After end no earlier
+  than the model's; a restarted forwarder is paused by the storm guard exactly when the
+  model says, with its ``since`` and alarm as before, and not before the Retry-After end.
 
 ``EDGE_MODEL_EXAMPLES`` and ``EDGE_MODEL_STEPS`` size the run (the same variables as
 ``test_model.py``); the default, 60 sequences of 40 steps, takes about 15 s here. A
@@ -73,7 +79,7 @@ from edge.config import OutboxConfig, SinkConfigBase
 from edge.errors import OutboxFullError
 from edge.events import Event, make_event
 from edge.forwarder import Forwarder, send_in_key_order
-from edge.outbox import Outbox, queries
+from edge.outbox import Outbox, pauses, queries
 from edge.telemetry import Metrics
 
 EXAMPLES = int(os.environ.get("EDGE_MODEL_EXAMPLES", "60"))
@@ -250,6 +256,7 @@ class ForwarderMachine(RuleBasedStateMachine):
         self.busy: dict[tuple[str, int], tuple[asyncio.Task[Any], Call]] = {}
         self.hold: dict[str, float] = dict.fromkeys(SINKS, 0.0)  # Retry-After of the sink
         self.storm: dict[str, bool] = dict.fromkeys(SINKS, False)
+        self.storm_since: dict[str, float] = {}  # when the storm guard paused the sink
         self.delivered: dict[tuple[str, str], list[tuple[int, bool]]] = {}
         self.audit_pruned = False
         self.squeezed = False
@@ -442,6 +449,34 @@ class ForwarderMachine(RuleBasedStateMachine):
         self.busy[(sink_id, lane)] = (task, call)
         self._check_send(sink_id, call, circuit, paused)
 
+    @precondition(lambda self: not any(self.storm.values()))
+    @rule(sink=st.sampled_from(SINKS))
+    def wrong_base_url(self, sink: str) -> None:
+        """A receiver that answers 404 to everything for a while (a wrong base URL): fresh
+        events without a key for ``sink``, and its lanes' turns answered with 404 until the
+        storm guard pauses it or nothing more is sent (circuit open, nothing due). Built
+        from the turn and answer rules, so a storm, and a restart while it holds, are
+        reached in most runs."""
+        if sink not in self.fwds:
+            return
+        items = [Submission(make_event(type="inspection.result", site="s", source="line1",
+                                       data=self._body("inspection.result")))
+                 for _ in range(6)]
+        ids = self._submit(items)
+        if ids is None:
+            return
+        self._stored(ids, items)
+        for _ in range(6):
+            lanes = self._free_lanes()
+            mine = [i for i, (s, _) in enumerate(lanes) if s == sink]
+            if self.storm[sink] or not mine:
+                return
+            lane = lanes[mine[0]]
+            self._turn(mine[0])
+            if lane not in self.busy:
+                return  # nothing was sent
+            self._answer(sorted(self.busy).index(lane), ["404"] * 4, 1)
+
     def _check_send(self, sink: str, call: Call, circuit: str, paused: Any) -> None:
         batch = call.batch
         assert batch, "an empty send"
@@ -503,6 +538,8 @@ class ForwarderMachine(RuleBasedStateMachine):
         storm = fwd.pause if fwd.pause is not None and fwd.pause.code == "storm_guard" else None
         if storm is not None:
             _note("storm guard pause")
+            if not self.storm[sink]:
+                self.storm_since[sink] = storm.since
             self.storm[sink] = True
         if fwd.pause is not None and fwd.pause.code == "auth":
             _note("auth pause")
@@ -614,10 +651,14 @@ class ForwarderMachine(RuleBasedStateMachine):
           op=st.sampled_from(["none", "reroute", "discard"]),
           frm=st.sampled_from(SINKS), to=st.sampled_from(SINKS))
     def crash_and_restart(self, change: str, op: str, frm: str, to: str) -> None:
-        """The process dies (leases vanish, pauses and Retry-After holds are memory only);
-        it starts again with a changed config, maybe after an operator's reroute or
+        """The process dies (leases vanish; a storm-guard pause and a Retry-After hold are
+        stored and stay, an auth pause and the circuit do not); it starts again with a changed config, maybe after an operator's reroute or
         discard of a sink's rows (``edge outbox reroute|discard``, gateway stopped)."""
         self._crash()
+        if any(self.storm.values()):
+            _note("restart while paused by the storm guard")
+        if any(h > self.now for h in self.hold.values()):
+            _note("restart within a Retry-After")
         if change == "drop_qms" and "qms" in self.configured:
             self.configured.remove("qms")
         elif change == "add_qms" and "qms" not in self.configured:
@@ -638,8 +679,6 @@ class ForwarderMachine(RuleBasedStateMachine):
                 if row is not None and row.state == "pending":
                     row.state = "discarded"
                     row.log.append("discarded")
-        self.hold = dict.fromkeys(SINKS, 0.0)
-        self.storm = dict.fromkeys(SINKS, False)
         self._start()
 
     def _cli(self, fn: Any) -> None:
@@ -701,10 +740,11 @@ class ForwarderMachine(RuleBasedStateMachine):
         paused = [s for s, f in self.fwds.items() if f.pause is not None]
         sink = paused[pick % len(paused)]
         fwd = self.fwds[sink]
-        self._run(self.outbox.audit("sink_resumed", actor="op", reason="fixed", detail={
+        self._run(self.outbox.sink_resumed(sink, actor="op", reason="fixed", detail={
             "sink": sink, "pause": fwd.pause.code if fwd.pause else None}))
         assert fwd.resume(by="op", reason="fixed")
         self.storm[sink] = False
+        self.storm_since.pop(sink, None)
 
     # ------------------------------------------------------------------ invariants
 
@@ -783,6 +823,35 @@ class ForwarderMachine(RuleBasedStateMachine):
                 want = {"pending": "queued", "inflight": "queued", "dead": "dead"}.get(
                     row.state, "done")
                 assert end == want, f"{m.id}/{sink}: audit path ends {end}, model {row.state}"
+
+    @invariant()
+    def pauses_are_kept(self) -> None:
+        stored = self._run(self.outbox.read(pauses.load_pauses))
+        for sink in SINKS:
+            mine = stored.get(sink, {})
+            guard = mine.get("storm_guard")
+            assert (guard is not None) == self.storm[sink], \
+                f"{sink}: stored storm-guard pause {guard}, model {self.storm[sink]}"
+            if guard is not None:
+                assert guard["since"] == self.storm_since[sink], f"{sink}: stored since moved"
+            if self.hold[sink] > self.now:
+                until = pauses.retry_after_until(mine.get("retry_after"))
+                assert until >= self.hold[sink], \
+                    f"{sink}: stored Retry-After end {until}, model {self.hold[sink]}"
+        for sink, fwd in self.fwds.items():
+            pause = fwd.pause if fwd.pause is not None and fwd.pause.code == "storm_guard" \
+                else None
+            assert (pause is not None) == self.storm[sink], \
+                f"{sink}: storm-guard pause {pause}, model {self.storm[sink]}"
+            if pause is not None:
+                since = self.storm_since[sink]
+                assert pause.since == since, f"{sink}: pause since {pause.since} != {since}"
+                assert fwd.alarm is not None and fwd.alarm.code == "storm_guard" \
+                    and fwd.alarm.since == since, f"{sink}: alarm {fwd.alarm}"
+                assert fwd.metrics.sink_paused.labels(sink)._value.get() == 1
+            if self.hold[sink] > self.now:
+                assert fwd.paused_until >= self.hold[sink], \
+                    f"{sink}: paused until {fwd.paused_until}, model {self.hold[sink]}"
 
     @invariant()
     def each_key_is_delivered_in_ingest_order(self) -> None:
