@@ -74,6 +74,12 @@ def cmd_resume(args: argparse.Namespace) -> int:
         with _gateway_stopped(cfg.state_dir) as stopped:
             if stopped:
                 return _resume_stopped(args, cfg, reason, (args.by or "").strip())
+        if not cfg.api.enabled and not args.url:
+            print(f"edge sink resume: the gateway runs with its local API off "
+                  f"(api.enabled: false in {args.config}): stop it, run this command again "
+                  "(it then resumes the sink in the outbox file), and start it",
+                  file=sys.stderr)
+            return 1
     url, token = target(args, "sink resume")
     body: dict[str, str] = {"reason": reason}
     if by:
@@ -143,17 +149,20 @@ def _resume_stopped(args: argparse.Namespace, cfg: Any, reason: str, by: str) ->
     from edge.outbox import pauses, queries
 
     who = f"{actor()} by {by}" if by else actor()
-    conn = open_db(cfg, write=True)
+    conn = None
     try:
+        conn = open_db(cfg, write=True)
         with queries.transaction(conn):
             lifted = pauses.resume_stopped(conn, args.sink_id, actor=who, reason=reason)
             left = pauses.load_pauses(conn).get(args.sink_id, {})
     except sqlite3.Error as err:
         print(f"edge sink resume: cannot write the outbox of the stopped gateway "
-              f"({cfg.state_dir}): {err}", file=sys.stderr)
+              f"({cfg.state_dir}): {err} (run it as a user that may write outbox.db)",
+              file=sys.stderr)
         return 1
     finally:
-        conn.close()
+        if conn is not None:
+            conn.close()
     if lifted is None:
         if args.sink_id not in {s.id for s in cfg.sinks}:
             print(f"edge sink resume: {args.config} has no sink {args.sink_id!r} "

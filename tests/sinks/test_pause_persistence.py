@@ -131,6 +131,10 @@ async def test_a_stopped_gateways_sink_is_resumed_in_its_outbox_file(gateways, e
     assert actor == f"cli:{getpass.getuser()}" and reason == "base URL fixed (ticket 4711)"
     assert detail["sink"] == "erp" and detail["pause"] == "storm_guard"
     assert detail["paused_since"] == before["paused"]["since"]
+    # running with its API off: the command says how, and touches nothing
+    rc, _, err = await edge("sink", "resume", "erp", "-c", str(cfg), "--reason", "x",
+                            cwd=tmp_path)
+    assert rc == 1 and "local API off" in err and "stop it" in err
 
 
 async def test_a_retry_after_pause_holds_across_a_restart(gateways, erp):
