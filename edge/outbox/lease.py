@@ -169,7 +169,38 @@ def scan_lease(
     not_before: dict[int, float] | None = None,
     max_scan: int = 20_000,
 ) -> list[LeasedRow]:
-    """Pick up to ``limit`` deliverable rows of ``sink`` and load their events."""
+    """Pick up to ``limit`` deliverable rows of ``sink`` and load their events.
+
+    The scan reads one snapshot of the database (one read transaction): its statements
+    must agree with each other and with the in-flight set the caller took before it. In
+    autocommit each statement would see the latest commit: a dead letter committed
+    between the parked-key query and the chain walk was neither a parked key (too early)
+    nor a row of the chain (already moved out of ``deliveries``), so the walk started
+    after it and the key's next event was sent past its dead letter.
+    """
+    own = not conn.in_transaction
+    if own:
+        conn.execute("BEGIN")
+    try:
+        return _scan(conn, sink, limit, live_limit=live_limit, inflight=inflight, now=now,
+                     park=park, not_before=not_before, max_scan=max_scan)
+    finally:
+        if own:
+            conn.execute("COMMIT")
+
+
+def _scan(
+    conn: sqlite3.Connection,
+    sink: str,
+    limit: int,
+    *,
+    live_limit: int,
+    inflight: set[int] | frozenset[int],
+    now: float,
+    park: bool,
+    not_before: dict[int, float] | None,
+    max_scan: int,
+) -> list[LeasedRow]:
     parked: set[str] | frozenset[str] = parked_key_set(conn, sink) if park else frozenset()
     picker = _Picker(conn, sink, limit - live_limit if live_limit > 0 else limit,
                      set(inflight), now, parked, not_before)

@@ -83,3 +83,34 @@ async def test_events_without_key_are_independent(outbox: Outbox):
     await outbox.complete("erp", [Resolution(first.seq, first.id, "retry", 503, "x",
                                              next_at=time.time() + 60)])
     assert [e.id for e in await outbox.lease("erp", 10)] == ids[1:]
+
+
+async def test_a_dead_letter_committed_during_the_scan_still_holds_its_key(
+        outbox: Outbox, monkeypatch: pytest.MonkeyPatch):
+    """Found by the fault campaign (2 order violations in 500 kill -9 cycles): another
+    lane's answer committed the head's dead letter between the scan's statements; the scan
+    saw no parked key yet and no head row any more, and leased the key's next event."""
+    import edge.outbox.lease as lease
+    from edge.outbox.dbthread import connect
+    from edge.outbox.queries import apply_resolutions
+
+    a = await outbox.submit([sub(key="lot:A") for _ in range(2)])
+    [head] = await outbox.lease("erp", 1)  # in flight in "another lane"
+    parked_key_set = lease.parked_key_set
+
+    def parked_then_the_answer_commits(conn, sink):  # type: ignore[no-untyped-def]
+        keys = parked_key_set(conn, sink)
+        other = connect(outbox.path)
+        other.execute("BEGIN IMMEDIATE")
+        apply_resolutions(other, "erp", [Resolution(head.seq, head.id, "dead_letter", 422,
+                                                    "HTTP 422", ordering_key="lot:A")])
+        other.execute("COMMIT")
+        other.close()
+        return keys
+
+    monkeypatch.setattr(lease, "parked_key_set", parked_then_the_answer_commits)
+    got = await outbox.lease("erp", 10)
+    assert a[1] not in {e.id for e in got}
+    monkeypatch.undo()
+    outbox.release("erp", [head.seq])  # the lane records its answer
+    assert a[1] not in {e.id for e in await outbox.lease("erp", 10)}  # parked now
