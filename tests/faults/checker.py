@@ -249,34 +249,44 @@ def _check_headers(requests: list[RequestRecord], report: Report) -> None:
 
 def _check_retry_after(requests: list[RequestRecord], report: Report,
                        crashes: list[float], grace_s: float) -> None:
-    not_before: dict[str, tuple[float, int, str]] = {}  # event id → (time, request, value)
+    """An event sent again after an answer with a Retry-After, before it allowed.
+
+    Records are kept in the order their answers went out; a request is judged by when it
+    arrived (``mono``) against the answers given before that moment (``answered_mono``). A
+    slow request of a killed gateway can arrive before an answer and be recorded after it:
+    it was no reaction to that answer.
+    """
+    answers: dict[str, list[tuple[float, float, int, str]]] = {}  # id → (answered, nb, i, value)
+    for i, r in enumerate(requests):
+        if r.not_before_mono is not None:
+            for ev in r.events:
+                answers.setdefault(str(ev.get("id")), []).append(
+                    (r.answered_mono if r.answered_mono is not None else r.mono,
+                     r.not_before_mono, i, r.retry_after or ""))
     for i, r in enumerate(requests):
         for ev in r.events:
             eid = str(ev.get("id"))
-            earlier = not_before.get(eid)
-            if earlier is not None and r.mono + EARLY_TOLERANCE_S < earlier[0]:
-                given = requests[earlier[1]]
-                excused = any(given.mono - grace_s <= t <= min(r.mono, given.answered_mono
-                                                                + grace_s)
-                              for t in crashes)
-                what = (f"request {i} {r.method} {r.path} sent {eid} "
-                        f"{earlier[0] - r.mono:.3f} s before the Retry-After "
-                        f"{earlier[2]!r} given to request {earlier[1]} allowed")
-                if excused:
-                    report.early_retries_after_crash.append(
-                        what + " (the gateway was killed right after that answer)")
-                else:
-                    between = [f"+{t - given.answered_mono:.3f}" for t in crashes
-                               if given.mono - grace_s <= t <= r.mono]
-                    report.early_retries.append(
-                        what + (f" (kill -9 at {', '.join(between)} s after that answer)"
-                                if between else ""))
-        if r.not_before_mono is not None:
-            for ev in r.events:
-                eid = str(ev.get("id"))
-                prev = not_before.get(eid)
-                if prev is None or r.not_before_mono > prev[0]:
-                    not_before[eid] = (r.not_before_mono, i, r.retry_after or "")
+            due = [a for a in answers.get(eid, ()) if a[2] != i and a[0] <= r.mono
+                   and r.mono + EARLY_TOLERANCE_S < a[1]]
+            if not due:
+                continue
+            _, nb, gi, value = max(due, key=lambda a: a[1])
+            given = requests[gi]
+            excused = any(given.mono - grace_s <= t <= min(r.mono, given.answered_mono
+                                                            + grace_s)
+                          for t in crashes)
+            what = (f"request {i} {r.method} {r.path} sent {eid} "
+                    f"{nb - r.mono:.3f} s before the Retry-After "
+                    f"{value!r} given to request {gi} allowed")
+            if excused:
+                report.early_retries_after_crash.append(
+                    what + " (the gateway was killed right after that answer)")
+            else:
+                between = [f"+{t - given.answered_mono:.3f}" for t in crashes
+                           if given.mono - grace_s <= t <= r.mono]
+                report.early_retries.append(
+                    what + (f" (kill -9 at {', '.join(between)} s after that answer)"
+                            if between else ""))
 
 
 def _check_order(expected: dict[str, Expectation],

@@ -376,6 +376,7 @@ class Campaign:
                     "mono": r.mono, "answered_mono": r.answered_mono, "method": r.method,
                     "path": r.path, "status": r.status, "fault": r.fault,
                     "applied": r.applied, "retry_after": r.retry_after,
+                    "not_before_mono": r.not_before_mono,
                     "headers": r.headers, "events": r.events}, default=str) + "\n")
         (out / "gateway.log").write_text("\n".join(self.gateway.lines) + "\n")
         (out / "lifecycle.json").write_text(json.dumps(

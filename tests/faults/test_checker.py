@@ -184,6 +184,20 @@ def test_a_retry_after_the_retry_after_elapsed_is_not_early() -> None:
     check(lot(1), records).assert_clean()
 
 
+def test_a_request_that_arrived_before_the_answer_is_no_early_retry() -> None:
+    """Found in the 500-cycle campaign: a slow request of a killed gateway arrived 1.8 s
+    before the restarted gateway's copy got its 429, and was recorded after it (records are
+    kept in answer order). It was no reaction to that answer; one sent after it is."""
+    c = Clock()
+    r1 = result("L1-1")
+    orphan = c.request([r1])
+    answer = c.request([r1], 429, retry_after_s=2.0, gap=1.8)
+    orphan.answered_mono = answer.answered_mono + 0.1  # answered late, recorded last
+    check(lot(1), [answer, orphan]).assert_clean()
+    early = c.request([r1], gap=0.5)
+    assert len(check(lot(1), [answer, orphan, early]).early_retries) == 1
+
+
 def test_an_event_of_a_refused_batch_sent_early_in_another_batch_is_early() -> None:
     c = Clock()
     r1, r2 = result("L1-1"), result("L1-2")
