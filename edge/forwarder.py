@@ -87,10 +87,14 @@ async def send_in_key_order(
     ``dead_letter_blocks`` is False, the sink's ``on_dead_letter: continue``), later events
     of that key are not sent (``Outcome.not_attempted``) and are removed from the requests
     they were in. Once ``stopping()`` is true (shutdown) no new request starts: its events
-    are not attempted. Returns the outcome of every event by ``seq``.
+    are not attempted. Once the receiver answered with a ``Retry-After`` (429, 503 …) no
+    new request starts either: it asked this client to wait, and the forwarder pauses the
+    sink that long; requests already on the wire finish. Returns the outcome of every
+    event by ``seq``.
     """
     outcomes: dict[int, Outcome] = {}
     blocked: set[str] = set()
+    asked_to_wait: list[float] = []  # Retry-After seconds the receiver gave in this call
     last_for_key: dict[str, asyncio.Event] = {}
     sem = asyncio.Semaphore(concurrency)
 
@@ -109,10 +113,15 @@ async def send_in_key_order(
                 async with sem:
                     if stopping():
                         results = [Outcome.not_attempted("gateway stopping")] * len(todo)
+                    elif asked_to_wait:
+                        results = [Outcome.not_attempted(
+                            "the receiver asked to wait (Retry-After)")] * len(todo)
                     else:
                         results = await send_request(todo)
                 for ev, outcome in zip(todo, results, strict=True):
                     outcomes[ev.seq] = outcome
+                    if outcome.retry_after_s and outcome.kind is not OutcomeKind.delivered:
+                        asked_to_wait.append(outcome.retry_after_s)
                     if ev.ordering_key is not None and blocks_key(outcome, dead_letter_blocks):
                         blocked.add(ev.ordering_key)
         finally:

@@ -156,3 +156,16 @@ async def test_an_outage_is_logged_once_when_it_starts_and_once_when_it_ends(gat
     assert sum("circuit open" in m for m in lines) == 1
     assert sum("still down" in m for m in lines) == 0  # reminders come once a minute
     assert sum("circuit closed" in m for m in lines) == 1
+
+
+async def test_after_a_retry_after_no_new_request_of_the_lease_starts(gateways, erp):
+    """A 429 with Retry-After asks the client to wait: the other requests of the same lease
+    (other lots, not retries) are not sent meanwhile; they go once the pause is over."""
+    gw = await gateways(sink_yaml(erp.url, extra="max_concurrent_requests: 1\n"))
+    erp.fail_next(1, 429, retry_after="2")
+    await gw.pipeline.submit([result(f"L{i}") for i in range(8)])
+    await erp.wait_for(lambda e: len(e.events) == 8, within_s=20)
+    refused = erp.requests[0]
+    assert refused.status == 429
+    during = [r for r in erp.requests[1:] if r.at < refused.at + 2.0]
+    assert not during, f"{len(during)} request(s) sent while the receiver asked to wait"
