@@ -75,13 +75,14 @@ def readiness(gateway: Any) -> list[dict[str, str]]:
     """
     reasons = []
     outbox = gateway.outbox
+    fault = getattr(outbox, "storage_fault", None)
     if _closed(outbox):
         reasons.append({"code": "outbox_closed", "message": "the outbox is closed"})
-    elif not outbox.writable():
+    elif not outbox.writable() and not fault:
+        # refusing with a storage fault (a full disk) is said below, not blamed on the budget
         reasons.append({"code": "backpressure", "message":
                         "the outbox budget is used by events that may not be expired; "
                         "new events are refused"})
-    fault = getattr(outbox, "storage_fault", None)
     if fault:
         reasons.append({"code": "outbox_storage", "message":
                         f"outbox writes fail ({fault}); nothing is acknowledged upstream "

@@ -308,7 +308,10 @@ class GroupCommitWriter:
                 self._fail(op, OutboxClosedError(f"writer stopped: {err!r}"))
             raise
         self.last_commit_s = time.monotonic() - started
-        self.storage_fault = None
+        if time.monotonic() >= self.disk_full_until:
+            # a commit within the second after SQLITE_FULL may have fit into the file's
+            # free pages: the disk is still full for anything that grows the file
+            self.storage_fault = None
         self._metrics.outbox_commits.inc()
         self._metrics.outbox_commit_rows.observe(rows)
         for op, (ok, value) in zip(batch, results, strict=True):

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from edge.errors import OutboxFullError
 from edge.outbox.dbthread import DbThread, connect
 from edge.outbox.writer import GroupCommitWriter
 from edge.telemetry import Metrics
@@ -140,3 +141,30 @@ async def test_a_storage_fault_fails_the_whole_transaction_and_is_reported(write
     assert w.storage_fault is not None and "malformed" in w.storage_fault[1]
     await w.execute_merged(insert_names, "ab")
     assert w.storage_fault is None
+
+
+async def test_a_small_commit_right_after_a_full_disk_does_not_clear_the_fault(
+        tmp_path: Path) -> None:
+    """Found by the long disk-full campaign: a small commit can fit into the file's free
+    pages while the disk is still full; it used to clear the fault, and /readyz then blamed
+    the budget instead of the disk. The fault holds for the disk-full second, and a commit
+    after it clears it."""
+    path = str(tmp_path / "w.db")
+    setup = sqlite3.connect(path)
+    setup.execute("CREATE TABLE t(name TEXT)")
+    setup.close()
+    db = DbThread(lambda: connect(path), "test-writer")
+    await db.open()
+    w = GroupCommitWriter(db, Metrics(), interval_s=0.0, max_rows=1)
+    w.start()
+    try:
+        with pytest.raises(OutboxFullError):
+            await w.execute_merged(insert_or_full, "full", chain="s")
+        await w.execute_merged(insert_or_full, "small", chain="other")
+        assert w.storage_fault is not None and "disk full" in w.storage_fault[1]
+        w.disk_full_until = 0.0  # the second has passed
+        await w.execute_merged(insert_or_full, "later", chain="other")
+        assert w.storage_fault is None
+    finally:
+        await w.close()
+        await db.close()
