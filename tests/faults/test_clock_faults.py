@@ -147,8 +147,9 @@ async def test_a_clock_step_neither_stalls_nor_hurries_retries(step_s: int,
             await _retrying_across_a_step(c, clock, step_s, "5xx")
             await _retrying_across_a_step(c, clock, step_s, "429_seconds", retry_after_s=3)
             await _retrying_across_a_step(c, clock, step_s, "429_date", retry_after_s=3)
-        # an hour-long stall would show as lost events: 30 s is far above any backoff here
-        report = await c.finish(30)
+        # an hour-long stall would show as lost events: 30 s a round is far above any
+        # backoff here, and the long form's backlog of 25 rounds drains well within an hour
+        report = await c.finish(30 * _rounds())
     print(f"clock steps {clock.steps}: {report.summary()}")
     if not report.clean:
         print("\n".join(line[:300] for line in c.gateway.lines[-40:]))

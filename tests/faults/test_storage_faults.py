@@ -118,9 +118,13 @@ async def test_disk_full_stops_acks_says_why_and_loses_nothing(tmp_path: Path) -
                 assert ready.status_code == 503 and "disk full" in ready.text, ready.text
                 assert "outbox_storage" in {a["code"] for a in status["alarms"]}, status
                 assert 'edge_outbox_write_errors_total{reason="disk_full"}' in metrics
-                # resumes once space returns
+                # resumes once space returns: at the source's next retry of the refused
+                # batch, whose backoff (0.5 s doubling, at most 30 s) grew while full
+                deadline = asyncio.get_running_loop().time() + 40
                 await c.publish_for(1.0)
-                assert await _stored(c) > after
+                while await _stored(c) <= after:
+                    assert asyncio.get_running_loop().time() < deadline, "never resumed"
+                    await c.publish_for(0.5)
             report = await c.finish(60)
     print(report.summary())
     report.assert_clean()
