@@ -170,8 +170,11 @@ class Outbox:
                                   ) from err
         # The WAL counts against the budget: checkpoint and truncate it at a tenth of the
         # budget (SQLite's defaults, 4 MB and no size limit, suit multi-GB budgets only).
-        wal_limit = self._wal_limit = int(min(64 << 20, max(64 << 10,
-                                                            self.budget.budget_bytes // 10)))
+        # And at a quarter of the file system's free space: on a disk smaller than the
+        # budget the WAL, never reaching its limit, grew into all free space, and once the
+        # disk was full no checkpoint could fold it back (found by the long disk-full run).
+        wal_limit = self._wal_limit = int(min(64 << 20, max(64 << 10, min(
+            self.budget.budget_bytes // 10, _free_bytes(self.path) // 4))))
         await self._wdb.run(lambda c: queries.set_wal_limits(c, wal_limit))
         self.stored_pauses = await self._wdb.run(_restore_pauses, self.clock())
         self._rdb = DbThread(lambda: connect(self.path, synchronous=sync), "outbox-reader")
@@ -713,6 +716,15 @@ class Outbox:
     def writable(self) -> bool:
         """Open and not refusing for space (a storage fault shows in ``storage_fault``)."""
         return not self._closed and self._writer is not None and self.accepting
+
+
+def _free_bytes(path: str) -> int:
+    """Free space of the file system holding ``path`` (unknown: no limit from it)."""
+    try:
+        st = os.statvfs(os.path.dirname(path) or ".")
+    except OSError:
+        return 1 << 62
+    return st.f_bavail * st.f_frsize
 
 
 def _restore_pauses(conn: sqlite3.Connection, now: float) -> dict[str, dict[str, Any]]:

@@ -94,3 +94,26 @@ async def test_accepting_again_after_space_is_freed(tmp_path: Path):
         await ob.submit([sub("quality.hold", lot_id="again", reason="ok")])
     finally:
         await ob.close()
+
+
+async def test_the_wal_is_checkpointed_well_before_it_could_fill_a_small_disk(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Found by the long disk-full campaign: on a 16 MB file system with the default
+    budget, the WAL (checkpointed at 64 MB) grew into all free space and no checkpoint
+    could fold it back once the disk was full. It is now checkpointed and truncated at a
+    quarter of the free space the outbox finds at start."""
+    import edge.outbox.store as store
+
+    monkeypatch.setattr(store, "_free_bytes", lambda path: 8 << 20)
+    ob = Outbox(tmp_path, router=lambda ev: ["erp"])  # default budget: 64 MB WAL limit
+    await ob.open()
+    wal = tmp_path / "outbox.db-wal"
+    try:
+        for _ in range(6):
+            await ob.submit([sub() for _ in range(1000)])
+        written = _count(ob.path, "SELECT COUNT(*) FROM events")
+        assert written == 6000
+        # checkpointed at a quarter of 8 MB (one commit may overshoot it); 7.5 MB before
+        assert wal.stat().st_size <= 4 << 20, wal.stat().st_size
+    finally:
+        await ob.close()
