@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -22,23 +25,31 @@ def insert_names(conn: sqlite3.Connection, payloads: list[str]) -> list[int]:
     return [len(p) for p in payloads]
 
 
-@pytest.fixture
-async def writer(tmp_path: Path):
+@contextlib.asynccontextmanager
+async def started_writer(tmp_path: Path, **options: Any) -> AsyncIterator[
+        tuple[GroupCommitWriter, str, Metrics]]:
+    """A writer over a one-table database ``t(name)``; closed at the end."""
     path = str(tmp_path / "w.db")
     setup = sqlite3.connect(path)
     setup.execute("CREATE TABLE t(name TEXT)")
     setup.close()
     db = DbThread(lambda: connect(path), "test-writer")
     await db.open()
-    # a long interval: every op queued below lands in one transaction
     metrics = Metrics()
-    w = GroupCommitWriter(db, metrics, interval_s=0.2, max_rows=1000)
+    w = GroupCommitWriter(db, metrics, **options)
     w.start()
     try:
         yield w, path, metrics
     finally:
         await w.close()
         await db.close()
+
+
+@pytest.fixture
+async def writer(tmp_path: Path):
+    # a long interval: every op queued below lands in one transaction
+    async with started_writer(tmp_path, interval_s=0.2, max_rows=1000) as made:
+        yield made
 
 
 async def test_a_failing_merged_op_fails_alone_and_the_others_commit(writer) -> None:
@@ -99,15 +110,7 @@ async def test_ops_of_a_chain_queued_before_a_failed_transaction_do_not_commit(
     after the failure was reported (the re-submit) commits."""
     from edge.errors import OutboxFullError, OutboxOrderError
 
-    path = str(tmp_path / "w.db")
-    setup = sqlite3.connect(path)
-    setup.execute("CREATE TABLE t(name TEXT)")
-    setup.close()
-    db = DbThread(lambda: connect(path), "test-writer")
-    await db.open()
-    w = GroupCommitWriter(db, Metrics(), interval_s=0.0, max_rows=1)  # one op a transaction
-    w.start()
-    try:
+    async with started_writer(tmp_path, interval_s=0.0, max_rows=1) as (w, path, _):
         results = await asyncio.gather(
             w.execute_merged(insert_or_full, "full", chain="s"),
             w.execute_merged(insert_or_full, "b2", chain="s"),
@@ -117,9 +120,6 @@ async def test_ops_of_a_chain_queued_before_a_failed_transaction_do_not_commit(
         assert _names(path) == []
         await w.execute_merged(insert_or_full, "b1", chain="s")
         await w.execute_merged(insert_or_full, "b2", chain="s")
-    finally:
-        await w.close()
-        await db.close()
     assert _names(path) == ["b1", "b2"]
 
 
@@ -149,15 +149,7 @@ async def test_a_small_commit_right_after_a_full_disk_does_not_clear_the_fault(
     pages while the disk is still full; it used to clear the fault, and /readyz then blamed
     the budget instead of the disk. The fault holds for the disk-full second, and a commit
     after it clears it."""
-    path = str(tmp_path / "w.db")
-    setup = sqlite3.connect(path)
-    setup.execute("CREATE TABLE t(name TEXT)")
-    setup.close()
-    db = DbThread(lambda: connect(path), "test-writer")
-    await db.open()
-    w = GroupCommitWriter(db, Metrics(), interval_s=0.0, max_rows=1)
-    w.start()
-    try:
+    async with started_writer(tmp_path, interval_s=0.0, max_rows=1) as (w, _, _):
         with pytest.raises(OutboxFullError):
             await w.execute_merged(insert_or_full, "full", chain="s")
         await w.execute_merged(insert_or_full, "small", chain="other")
@@ -165,6 +157,3 @@ async def test_a_small_commit_right_after_a_full_disk_does_not_clear_the_fault(
         w.disk_full_until = 0.0  # the second has passed
         await w.execute_merged(insert_or_full, "later", chain="other")
         assert w.storage_fault is None
-    finally:
-        await w.close()
-        await db.close()
