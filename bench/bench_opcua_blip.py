@@ -39,7 +39,7 @@ from edge.config import load_config_text
 from edge.sim.erp import ErpReceiver
 from edge.sim.opcua_station import start_station
 from edge.sim.tcp_relay import TcpRelay
-from edge.sources import opcua_client
+from edge.sources.opcua import client as opcua_client
 
 TRIGGER = """\
     triggers:

@@ -25,12 +25,11 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import event_row, machine_line, work_dir, workload
-from edge import audit
 from edge.cli.common import run_async
 from edge.components import Submission
 from edge.config import OutboxConfig
 from edge.events import Event, EventClass
-from edge.outbox import Outbox
+from edge.outbox import Outbox, audit
 from edge.outbox.dbthread import connect
 from edge.outbox.queries import ensure_schema
 

@@ -31,13 +31,13 @@ from pathlib import Path
 from typing import Any
 
 from edge import systemd
-from edge.audit import utc_iso
 from edge.components import ComponentContext, Sink, Source
 from edge.config import GatewayConfig, SinkConfigBase
 from edge.errors import FatalStartupError
 from edge.events import Event, EventClass
 from edge.forwarder import Forwarder
 from edge.outbox import Outbox
+from edge.outbox.audit import utc_iso
 from edge.outbox.integrity import EarlyCheck
 from edge.pipeline import Pipeline
 from edge.registry import Registry, default_registry

@@ -50,10 +50,10 @@ from collections.abc import Awaitable, Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from edge.audit import utc_iso
 from edge.components import Outcome, OutcomeKind, Sink, StoredEvent
 from edge.config import SinkConfigBase
 from edge.outbox import Outbox, Resolution
+from edge.outbox.audit import utc_iso
 from edge.retry import CircuitBreaker, StormGuard, TokenBucket, backoff_s, steady_time
 from edge.telemetry import Metrics, log_event
 

@@ -37,14 +37,6 @@ GROUPS: dict[Kind, str] = {
     "transform": "edge.transforms",
 }
 
-# Built-ins, so a source checkout works even before `pip install` wrote entry points.
-BUILTINS: dict[Kind, dict[str, str]] = {
-    "source": {"mqtt": "edge.sources.mqtt:COMPONENT", "opcua": "edge.sources.opcua:COMPONENT"},
-    "sink": {"http": "edge.sinks.http:COMPONENT", "mqtt": "edge.sinks.mqtt:COMPONENT"},
-    "transform": {},
-}
-
-
 @dataclass(frozen=True)
 class ComponentType:
     """A registrable component: its kind, ``type`` name, config model and factory.
@@ -85,15 +77,12 @@ class Registry:
     def types(self, kind: Kind) -> dict[str, ComponentType]:
         return dict(self._types[kind])
 
-    def load_builtins_and_entry_points(self) -> None:
+    def load_entry_points(self) -> None:
+        """Register every component the installed distributions name in the entry-point
+        groups, the gateway's own built-ins included (``pyproject.toml``)."""
         for kind, group in GROUPS.items():
-            seen: set[str] = set()
             for ep in entry_points(group=group):
-                seen.add(ep.name)
                 self._register_ref(kind, ep.name, ep.value)
-            for name, ref in BUILTINS[kind].items():
-                if name not in seen:
-                    self._register_ref(kind, name, ref)
 
     def _register_ref(self, kind: Kind, name: str, ref: str) -> None:
         module_name, _, attr = ref.partition(":")
@@ -161,5 +150,5 @@ def default_registry() -> Registry:
     global _default
     if _default is None:
         _default = Registry()
-        _default.load_builtins_and_entry_points()
+        _default.load_entry_points()
     return _default

@@ -18,8 +18,7 @@ import sqlite3
 from collections.abc import Iterator
 from typing import Any
 
-from edge import audit
-from edge.outbox import queries
+from edge.outbox import audit, queries
 
 __all__ = ["format_timeline", "trace_event", "trace_key"]
 

@@ -111,7 +111,7 @@ def create_client_certificate(
 
 
 def describe(path: Path) -> dict[str, str]:
-    from edge.sources.opcua_security import application_uri_of, load_certificate, thumbprint
+    from edge.sources.opcua.security import application_uri_of, load_certificate, thumbprint
 
     cert = load_certificate(path)
     from cryptography.hazmat.primitives.serialization import Encoding

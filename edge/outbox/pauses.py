@@ -26,7 +26,7 @@ from typing import Any
 
 import orjson
 
-from edge import audit
+from edge.outbox import audit
 
 __all__ = ["clear_pause", "keep_retry_after", "load_pauses", "resume_stopped",
            "retry_after_until", "settle_retry_after", "store_pause"]

@@ -20,9 +20,9 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from edge import audit
 from edge.components import Submission
 from edge.events import EventClass, payload_sha256
+from edge.outbox import audit
 from edge.outbox.schema import DDL, DEAD_LETTERS_TABLE, SCHEMA_VERSION
 from edge.outbox.sqlutil import in_chunks, in_list, insert_rows
 

@@ -55,9 +55,9 @@ from typing import Any
 
 import orjson
 
-from edge import audit
 from edge.errors import EdgeError
 from edge.events import EventClass
+from edge.outbox import audit
 from edge.outbox.schema import SCHEMA_VERSION
 from edge.outbox.sqlutil import in_chunks, in_list, insert_rows
 

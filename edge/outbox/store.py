@@ -47,12 +47,11 @@ from typing import Any
 
 import orjson
 
-from edge import audit
 from edge.components import StoredEvent, Submission
 from edge.config import OutboxConfig
 from edge.errors import OutboxClosedError, OutboxFullError, OutboxOpenError
 from edge.events import Event, EventClass
-from edge.outbox import pauses, queries
+from edge.outbox import audit, pauses, queries
 from edge.outbox.budget import Budget, BudgetState
 from edge.outbox.dbthread import DbThread, connect
 from edge.outbox.integrity import EarlyCheck, open_checked, salvage_hint

@@ -8,8 +8,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from edge import audit
-from edge.outbox import Outbox, Resolution, queries
+from edge.outbox import Outbox, Resolution, audit, queries
 from tests.outbox.helpers import sub
 
 

@@ -181,8 +181,8 @@ async def test_tls_without_the_private_ca_is_refused_and_retried(gateways, pki):
 
 
 def test_ssl_context_is_built_with_the_client_chain(pki):
-    from edge.sinks.auth import TlsConfig, build_ssl_context
+    from edge.tls import TlsConfig, client_context
 
-    ctx = build_ssl_context(TlsConfig(ca_file=pki["ca.pem"], cert_file=pki["client.pem"],
-                                      key_file=pki["client.key"]))
+    ctx = client_context(TlsConfig(ca_file=pki["ca.pem"], cert_file=pki["client.pem"],
+                                      key_file=pki["client.key"]), "sink 'erp'")
     assert ctx.verify_mode == ssl.CERT_REQUIRED and ctx.check_hostname

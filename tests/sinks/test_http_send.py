@@ -20,7 +20,7 @@ from edge.components import ComponentContext, OutcomeKind, StoredEvent
 from edge.config import load_config_text
 from edge.events import Event, make_event
 from edge.forwarder import blocks_key
-from edge.sinks.http import HttpSink
+from edge.sinks.http.sink import HttpSink
 from edge.telemetry import Metrics
 from tests.sinks.helpers import sink_yaml
 

@@ -8,7 +8,7 @@ import pytest
 
 from edge.config import load_config_text
 from edge.errors import ConfigError
-from edge.sources.mqtt import CompiledTopic, TopicTemplate
+from edge.mqtt.topics import CompiledTopic, TopicTemplate
 
 INSPECTION = "plant/{site}/line/{line}/station/{station}/inspection"
 

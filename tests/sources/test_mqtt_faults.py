@@ -26,7 +26,7 @@ from edge.config import load_config_text
 from edge.errors import OutboxStorageError
 from edge.outbox import Outbox, queries
 from edge.pipeline import Pipeline
-from edge.sources.mqtt_source import MqttSource, _Inbound
+from edge.sources.mqtt.source import MqttSource, _Inbound
 from edge.telemetry import Metrics
 from tests.fixtures.mosquitto import (
     Broker,

@@ -26,7 +26,7 @@ from edge.events import Event
 from edge.outbox import Outbox
 from edge.pipeline import Pipeline
 from edge.sim.erp import ErpReceiver
-from edge.sources.mqtt_source import MqttSource, _Inbound
+from edge.sources.mqtt.source import MqttSource, _Inbound
 from edge.telemetry import Metrics
 from tests.fixtures.gateway import http_sink_yaml
 from tests.fixtures.mosquitto import Broker, mqtt_source_yaml, start_publisher, wait_connected

@@ -12,8 +12,8 @@ import pytest
 from asyncua import ua
 
 from edge.errors import FatalStartupError
-from edge.sources import opcua_client
-from edge.sources.opcua_client import describe_failure, reconnect_delays
+from edge.sources.opcua import client as opcua_client
+from edge.sources.opcua.client import describe_failure, reconnect_delays
 
 
 def _schedule(max_delay_s: float, until_s: float) -> list[tuple[float, float]]:
@@ -76,8 +76,8 @@ def test_a_moved_internal_stops_the_source_with_a_clear_message(monkeypatch):
 
 
 def test_security_warnings_name_what_is_unsafe(opcua_certs, tmp_path: Path):
-    from edge.sources.opcua_config import OpcUaSourceConfig
-    from edge.sources.opcua_security import security_warnings
+    from edge.sources.opcua.config import OpcUaSourceConfig
+    from edge.sources.opcua.security import security_warnings
 
     (tmp_path / "pw").write_text("a-long-enough-password")
     (tmp_path / "pw").chmod(0o600)

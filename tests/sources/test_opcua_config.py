@@ -15,8 +15,8 @@ from asyncua import ua
 from edge.cli.main import main
 from edge.config import load_config_text
 from edge.errors import ConfigError
-from edge.sources.opcua_queue import Gap, NotificationQueue, jsonable, status_name
-from edge.sources.opcua_security import application_uri_of, load_certificate, thumbprint
+from edge.sources.opcua.queue import Gap, NotificationQueue, jsonable, status_name
+from edge.sources.opcua.security import application_uri_of, load_certificate, thumbprint
 
 SINK = """
 sinks:
@@ -242,7 +242,7 @@ def test_edge_certs_takes_site_and_state_dir_from_the_config(tmp_path, capsys):
 def test_asyncua_outage_noise_is_filtered_but_real_errors_stay():
     import logging
 
-    from edge.sources.opcua_source import _OutageNoise
+    from edge.sources.opcua.source import _OutageNoise
 
     def record(msg: str, exc: BaseException | None = None) -> logging.LogRecord:
         info = (type(exc), exc, None) if exc else None

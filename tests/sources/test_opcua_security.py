@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from edge.sources.opcua_security import load_certificate, thumbprint
+from edge.sources.opcua.security import load_certificate, thumbprint
 from tests.fixtures.gateway import http_sink_yaml
 from tests.fixtures.opcua import events_of, wait_connected, wait_failed, wait_for
 

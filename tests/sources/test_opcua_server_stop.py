@@ -12,7 +12,7 @@ import logging
 import pytest
 from asyncua import ua
 
-import edge.sources.opcua_source  # noqa: F401 - installs the filter on asyncua's loggers
+import edge.sources.opcua.source  # noqa: F401 - installs the filter on asyncua's loggers
 
 SESSION_LOG = "asyncua.client.ua_session.UaSession"
 

@@ -41,7 +41,7 @@ def _values(erp) -> set[float]:
 async def test_first_committed_sample_is_on_disk_before_the_periodic_flush(
         opcua_station, erp, gateways, tmp_path, monkeypatch):
     # The periodic flush does not come within the test: only the first-sample save can.
-    monkeypatch.setattr("edge.sources.opcua_backfill.WATERMARK_FLUSH_S", 3600.0)
+    monkeypatch.setattr("edge.sources.opcua.backfill.WATERMARK_FLUSH_S", 3600.0)
     st = await opcua_station()
     node = st.node_id("Temperature")
     state = tmp_path / "gw-state"

@@ -1,32 +1,4 @@
-"""``type: mqtt`` — publish events to an MQTT broker (e.g. holds for the line, locally).
-
-The typical use is the local half of an edge quality decision: route ``quality.hold`` (from
-``edge.rules``) to a topic the line controller or an andon board subscribes to, so the lot
-stops even while the ERP is unreachable::
-
-    sinks:
-      - id: line-holds
-        type: mqtt
-        url: mqtt://127.0.0.1:1883
-        client_id: edge-plant-01-holds
-        routes:
-          - {events: [quality.hold, quality.release], topic: "plant/{site}/lot/{data.lot_id}/hold",
-             qos: 1, retain: true}
-
-Contract: an event counts as delivered when the broker acknowledged it (PUBACK, QoS 1) or,
-with ``qos: 0``, when it was written to the socket. Payload: the canonical envelope (or
-only its ``data`` with ``body: data``). Routes and topic templates apply at send time. A
-broker that is down makes every event of the batch ``retry`` (the circuit breaker then
-probes); a broker that refuses the gateway's credentials makes it ``sink_fault`` (the
-events are kept, never dead-lettered by ``retry.max_attempts``; the sink alarms). A topic
-template that cannot be filled dead-letters the event, and so does a value rendered into
-the topic that is empty or contains ``/``, ``+``, ``#`` or NUL (reason "unsafe topic
-value: …"; it would change the topic's levels or be refused by the broker): such an event
-is never published. A message the broker refuses (PUBACK reason code) is a dead letter.
-Per-key order holds (one request per event, keys in parallel, in order within a key; a
-dead letter holds its key unless ``on_dead_letter: continue``). Delivery is at-least-once:
-a PUBACK lost with the connection means a resend.
-"""
+"""The ``mqtt`` sink at run time; see ``README.md`` beside this file for the contract."""
 
 from __future__ import annotations
 
@@ -35,70 +7,26 @@ import functools
 import logging
 import re
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import orjson
-from pydantic import Field, field_validator
 
 from edge.components import ComponentContext, Outcome, StoredEvent
-from edge.config import SinkConfigBase, StrictModel, read_secret
+from edge.config import read_secret
 from edge.errors import ConfigError, FatalStartupError, InputError
 from edge.forwarder import send_in_key_order
-from edge.registry import ComponentType
-from edge.sources.mqtt import MqttConnectionConfig, mqtt_ssl_context
+from edge.mqtt.config import ssl_context
+from edge.sinks.mqtt.config import MAX_TOPIC_BYTES, MqttSinkConfig
 from edge.telemetry import log_event
 from edge.transforms.map import get_path, render_template, template_fields
 
 if TYPE_CHECKING:
-    from edge.sources.mqtt_conn import Connection
+    from edge.mqtt.connection import Connection
 
-__all__ = ["COMPONENT", "MqttRouteConfig", "MqttSink", "MqttSinkConfig"]
+__all__ = ["MqttSink"]
 
-log = logging.getLogger(__name__)
-
-_TEMPLATE_ROOTS = {"id", "type", "site", "source", "ordering_key", "class", "correlation_id",
-                   "data"}
+log = logging.getLogger("edge.sinks.mqtt")
 _UNSAFE_TOPIC_VALUE = re.compile(r"[/+#\x00]")
-MAX_TOPIC_BYTES = 65_535  # an MQTT string is at most this long
-
-
-class MqttRouteConfig(StrictModel):
-    events: list[str] = Field(min_length=1, description="event types; '*' all, 'a.*' prefix")
-    topic: str = Field(description="template, e.g. plant/{site}/lot/{data.lot_id}/hold")
-    qos: int = Field(1, description="1: delivered on PUBACK; 0: once written")
-    retain: bool = Field(False, description="the broker keeps the last message per topic")
-    body: Literal["envelope", "data"] = "envelope"
-
-    @field_validator("qos")
-    @classmethod
-    def _qos(cls, v: int) -> int:
-        if v not in (0, 1):
-            raise ValueError(f"must be 0 or 1, got {v}")
-        return v
-
-    @field_validator("topic")
-    @classmethod
-    def _topic(cls, v: str) -> str:
-        if not v or re.search(r"[+#\x00]", v):
-            raise ValueError(f"must be a topic without wildcards, got {v!r}")
-        for name in template_fields(v):
-            if name.split(".")[0] not in _TEMPLATE_ROOTS:
-                raise ValueError(f"unknown template field {{{name}}}; use data.<field>, "
-                                 f"{', '.join(sorted(_TEMPLATE_ROOTS - {'data'}))}")
-        return v
-
-    def matches(self, event_type: str) -> bool:
-        return any(p == "*" or p == event_type or (p.endswith(".*") and
-                                                   event_type.startswith(p[:-1]))
-                   for p in self.events)
-
-
-class MqttSinkConfig(SinkConfigBase, MqttConnectionConfig):
-    type: Literal["mqtt"]
-    routes: list[MqttRouteConfig] = Field(min_length=1)
-    publish_timeout_s: float = Field(10.0, gt=0, description="wait for PUBACK at most")
-    max_concurrent_requests: int = Field(8, ge=1, le=256, description="publishes per batch")
-
 
 class MqttSink:
     def __init__(self, config: MqttSinkConfig, ctx: ComponentContext) -> None:
@@ -119,7 +47,7 @@ class MqttSink:
         # secrets and certificates are read now: a bad file is a clear start-up error
         try:
             self._password = await asyncio.to_thread(read_secret, self.config.password_file)
-            self._ssl = await asyncio.to_thread(mqtt_ssl_context, self.config,
+            self._ssl = await asyncio.to_thread(ssl_context, self.config,
                                                 f"sink {self.id!r}")
         except ConfigError as err:
             raise FatalStartupError(str(err)) from err
@@ -134,7 +62,7 @@ class MqttSink:
 
     async def _connection(self) -> Connection:
         """The current connection, (re)connecting on demand; raises ConnectError."""
-        from edge.sources.mqtt_conn import BrokerTarget, Connection
+        from edge.mqtt.connection import BrokerTarget, Connection
 
         async with self._connect_lock:
             conn = self._conn
@@ -155,7 +83,7 @@ class MqttSink:
             return conn
 
     async def send(self, batch: Sequence[StoredEvent]) -> list[Outcome]:
-        from edge.sources.mqtt_conn import ConnectError
+        from edge.mqtt.connection import ConnectError
 
         try:
             conn = await self._connection()
@@ -174,7 +102,7 @@ class MqttSink:
         return [by_seq[ev.seq] for ev in batch]
 
     async def _publish(self, conn: Connection, ev: StoredEvent) -> Outcome:
-        from edge.sources.mqtt_conn import ConnectError
+        from edge.mqtt.connection import ConnectError
 
         route = next((r for r in self.config.routes if r.matches(ev.type)), None)
         if route is None:
@@ -229,16 +157,3 @@ def _render_topic(template: str, values: dict[str, Any]) -> str:
     if size > MAX_TOPIC_BYTES:
         raise InputError("unsafe_topic_value", f"the topic is longer than {MAX_TOPIC_BYTES} bytes")
     return topic
-
-
-def _factory(config: MqttSinkConfig, ctx: ComponentContext) -> MqttSink:
-    return MqttSink(config, ctx)
-
-
-COMPONENT = ComponentType(
-    kind="sink",
-    type="mqtt",
-    config_model=MqttSinkConfig,
-    factory=_factory,
-    description="publish events to an MQTT broker (local hold publication, bridges)",
-)

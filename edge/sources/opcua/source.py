@@ -56,10 +56,12 @@ from edge.errors import (
     OutboxFullError,
     RetryableStartupError,
 )
-from edge.sources import opcua_client, opcua_nodes, opcua_security
-from edge.sources.opcua_backfill import BackfillMixin, Watermarks
-from edge.sources.opcua_config import OpcUaSourceConfig
-from edge.sources.opcua_queue import (
+from edge.sources.opcua import client as opcua_client
+from edge.sources.opcua import nodes as opcua_nodes
+from edge.sources.opcua import security as opcua_security
+from edge.sources.opcua.backfill import BackfillMixin, Watermarks
+from edge.sources.opcua.config import OpcUaSourceConfig
+from edge.sources.opcua.queue import (
     OVERFLOW_BITS,
     Gap,
     NotificationQueue,
@@ -69,7 +71,7 @@ from edge.sources.opcua_queue import (
     source_ts,
     status_name,
 )
-from edge.sources.opcua_triggers import TriggersMixin
+from edge.sources.opcua.triggers import TriggersMixin
 from edge.telemetry import log_event
 from edge.transforms.map import Mapper
 
@@ -160,7 +162,7 @@ class OpcUaSource(TriggersMixin, BackfillMixin):
         self._mapped: asyncio.Queue[tuple[list[Submission], list[tuple[int, datetime]]]] = \
             asyncio.Queue(maxsize=max(2, 2 * cfg.batch_max // _CHUNK))
         self._trig_out: asyncio.Queue[Any] = asyncio.Queue(maxsize=1000)  # served raises
-        self._init_trigger_state()  # handshake state per trigger (edge.sources.opcua_triggers)
+        self._init_trigger_state()  # handshake state per trigger (edge.sources.opcua.triggers)
         self._ctl: asyncio.Queue[tuple[Any, ...]] = asyncio.Queue(maxsize=1000)
         self._client: Client | None = None
         self._resolved: opcua_nodes.Resolved | None = None
@@ -175,7 +177,7 @@ class OpcUaSource(TriggersMixin, BackfillMixin):
         self._watermarks = Watermarks(
             Path(ctx.state_dir) / "opcua" / f"{cfg.id}.watermarks.json", cfg.endpoint)
         self._watermarks_loaded = False
-        # Backfill and order (edge.sources.opcua_backfill), per monitored item index.
+        # Backfill and order (edge.sources.opcua.backfill), per monitored item index.
         self._running: dict[int, tuple[datetime, datetime]] = {}  # gap being read
         self._held: dict[int, list[tuple[Submission, datetime]]] = {}  # behind a backfill
         self._releasing: set[int] = set()

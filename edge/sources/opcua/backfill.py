@@ -61,15 +61,15 @@ from asyncua import Client, ua
 
 from edge.components import ComponentContext, Submission
 from edge.errors import InputError
-from edge.sources.opcua_queue import Gap, NotificationQueue, iso, source_ts
+from edge.sources.opcua.queue import Gap, NotificationQueue, iso, source_ts
 from edge.telemetry import log_event
 
 if TYPE_CHECKING:
     from asyncua.common.subscription import Subscription
     from prometheus_client import Counter
 
-    from edge.sources.opcua_config import OpcUaSourceConfig
-    from edge.sources.opcua_nodes import Resolved
+    from edge.sources.opcua.config import OpcUaSourceConfig
+    from edge.sources.opcua.nodes import Resolved
 
 __all__ = ["JOB_DONE", "BackfillMixin", "Watermarks", "history_pages"]
 

@@ -54,14 +54,10 @@ from edge.errors import (
     OutboxFullError,
     OutboxOrderError,
 )
-from edge.sources.mqtt import (
-    CompiledTopic,
-    MqttSourceConfig,
-    SubscriptionConfig,
-    TopicTemplate,
-    mqtt_ssl_context,
-)
-from edge.sources.mqtt_conn import MAX_PACKETS_PER_WAKE, BrokerTarget, ConnectError, Connection
+from edge.mqtt.config import ssl_context
+from edge.mqtt.connection import MAX_PACKETS_PER_WAKE, BrokerTarget, ConnectError, Connection
+from edge.mqtt.topics import CompiledTopic, TopicTemplate
+from edge.sources.mqtt.config import MqttSourceConfig, SubscriptionConfig
 from edge.telemetry import log_event
 from edge.transforms.map import Mapper
 
@@ -327,7 +323,7 @@ class MqttSource:
         )
 
     def _ssl_context(self) -> ssl.SSLContext | None:
-        return mqtt_ssl_context(self.cfg, f"source {self.id!r}")
+        return ssl_context(self.cfg, f"source {self.id!r}")
 
     # ------------------------------------------------------------------ connection
 
@@ -706,6 +702,6 @@ class MqttSource:
 def _iso(ts: float | None) -> str | None:
     if ts is None:
         return None
-    from edge.audit import utc_iso
+    from edge.outbox.audit import utc_iso
 
     return utc_iso(ts)

@@ -35,7 +35,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from edge.config import read_secret
 from edge.errors import FatalStartupError, RetryableStartupError
-from edge.sources.opcua_config import OpcUaSourceConfig
+from edge.sources.opcua.config import OpcUaSourceConfig
 
 __all__ = ["application_uri_of", "configure", "load_certificate", "security_warnings",
            "thumbprint"]

@@ -1,15 +1,15 @@
 """``opcua`` source: OPC UA data changes and triggered reads → canonical events.
 
-Registered as ``edge.sources.opcua:COMPONENT``. Importing this module is cheap (config
+Registered as ``edge.sources.opcua:COMPONENT``. Importing this package is cheap (config
 model only); asyncua is imported by the factory. The bundle:
 
-- ``opcua_config``   config model, validated at load with located messages
-- ``opcua_security`` secure channel, pinned / trusted server certificate, user login
-- ``opcua_nodes``    resolves NodeIds and browse paths, checks them on the server
-- ``opcua_source``   the running source: connection, subscriptions, monitored items
-- ``opcua_queue``    the bounded notification queue, value and status conversion
-- ``opcua_triggers`` trigger edges, the group Read, the ack after commit
-- ``opcua_backfill`` gaps: HistoryRead paging, backfill, persisted watermarks
+- ``config``         config model, validated at load with located messages
+- ``security``       secure channel, pinned / trusted server certificate, user login
+- ``nodes``          resolves NodeIds and browse paths, checks them on the server
+- ``source``         the running source: connection, subscriptions, monitored items
+- ``queue``          the bounded notification queue, value and status conversion
+- ``triggers``       trigger edges, the group Read, the ack after commit
+- ``backfill``       gaps: HistoryRead paging, backfill, persisted watermarks
 
 Contract (see ``edge.components``): ``factory(cfg, ctx)`` does no I/O; ``run()``
 connects and serves until cancelled. Every event is submitted to the outbox and counted
@@ -30,14 +30,14 @@ from typing import Any
 
 from edge.components import ComponentContext
 from edge.registry import ComponentType
-from edge.sources.opcua_config import OpcUaSourceConfig
+from edge.sources.opcua.config import OpcUaSourceConfig
 
 __all__ = ["COMPONENT", "OpcUaSourceConfig", "factory"]
 
 
 def factory(cfg: OpcUaSourceConfig, ctx: ComponentContext) -> Any:
     """Build the source (compiles the mappings; no I/O)."""
-    from edge.sources.opcua_source import OpcUaSource
+    from edge.sources.opcua.source import OpcUaSource
 
     return OpcUaSource(cfg, ctx)
 

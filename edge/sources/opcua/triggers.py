@@ -50,14 +50,14 @@ from asyncua.common.subscription import DataChangeEvent, StatusChangeEvent
 
 from edge.components import ComponentContext, Ingest, Submission
 from edge.errors import InputError, OutboxFullError
-from edge.sources.opcua_queue import Gap, NotificationQueue, iso, jsonable, source_ts, status_name
+from edge.sources.opcua.queue import Gap, NotificationQueue, iso, jsonable, source_ts, status_name
 from edge.telemetry import log_event
 
 if TYPE_CHECKING:
     from prometheus_client import Counter
 
-    from edge.sources.opcua_config import OpcUaSourceConfig, TriggerConfig
-    from edge.sources.opcua_nodes import Resolved
+    from edge.sources.opcua.config import OpcUaSourceConfig, TriggerConfig
+    from edge.sources.opcua.nodes import Resolved
     from edge.transforms.map import Mapper
 
 __all__ = ["TriggersMixin"]

@@ -23,7 +23,7 @@ from typing import Any
 from asyncua import Client, ua
 
 from edge.errors import FatalStartupError
-from edge.sources.opcua_config import OpcUaSourceConfig
+from edge.sources.opcua.config import OpcUaSourceConfig
 
 __all__ = ["NodeInfo", "Resolved", "resolve", "value_kind"]
 

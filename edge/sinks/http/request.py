@@ -10,7 +10,7 @@ What it carries (DESIGN invariant 3):
 - ``X-Correlation-ID`` and a W3C ``traceparent`` whose trace id is the correlation id.
 
 What its answer means: ``judge_response`` and ``judge_error`` implement the response
-policy table in the module docstring of ``edge.sinks.http``; ``should_split`` says when a
+policy table in ``edge/sinks/http/README.md``; ``should_split`` says when a
 refused batch is split to find the events the receiver judged.
 """
 
@@ -30,10 +30,10 @@ import orjson
 
 from edge.components import Outcome, OutcomeKind, StoredEvent
 from edge.retry import parse_retry_after
-from edge.sinks.auth import REFRESH_STATUSES
+from edge.sinks.http.auth import REFRESH_STATUSES
 
 if TYPE_CHECKING:
-    from edge.sinks.http import RouteConfig
+    from edge.sinks.http.config import RouteConfig
 
 __all__ = [
     "MAX_ERROR_BODY",
@@ -62,7 +62,6 @@ SINK_FAULT_4XX = frozenset({
     421,  # Misdirected Request: the connection reached the wrong server
     426,  # Upgrade Required: the protocol
 })
-RESERVED_HEADERS = frozenset({"idempotency-key", "x-correlation-id", "traceparent"})
 
 
 def request_body(route: RouteConfig, events: Sequence[StoredEvent]) -> bytes:

@@ -1,185 +1,35 @@
-"""``type: http`` — deliver events to an ERP/QMS REST API.
+"""The ``http`` sink at run time: plans requests in outbox order and sends them.
 
-Routes are matched at send time (first match wins), so a stored backlog follows a changed
-API version after a restart. What each request carries (body, ``Idempotency-Key``,
-``X-Correlation-ID``, ``traceparent``) is in ``edge.sinks.http_request``.
-
-``send`` contract (``edge.components`` Sink): one Outcome per event, never raising for a
-per-event failure. It plans requests in outbox order, then sends them with
-``edge.forwarder.send_in_key_order``:
-- An event with no route is ``unrouted``; one whose path cannot be rendered safely (a path
-  value missing, empty, ``.``, ``..``) is a dead letter "unsafe path value: …", never sent.
-  Each value in a path is exactly one percent-encoded segment.
-- Per-key order across routes (DESIGN invariant 4): an event joins an open batch only if no
-  request created after that batch already carries its key; otherwise it starts a new
-  request. Requests sharing a key go one after the other, in the order they were planned.
-- Once an event of a key is not delivered (retry, sink fault, unrouted, and a dead letter
-  unless ``on_dead_letter: continue``), the later events of that key in this call are not
-  sent (``Outcome.not_attempted``): at planning, between requests, and between the halves
-  of a split batch.
-
-Response policy (DESIGN.md):
-  2xx → delivered; 409 and ``duplicate_statuses`` → duplicate (delivered, noted);
-  408 425 429 500 502 503 504, timeouts, connection errors → retry, never before
-  ``Retry-After`` (seconds or HTTP-date);
-  400 404 410 413 422 and every other 4xx that judges the event → dead letter with status
-  and body;
-  401 / 403 after one credential refresh (``edge.sinks.auth``) → sink fault (the rows stay;
-  the forwarder pauses and alarms);
-  3xx (redirects are not followed), 405 406 407 411 415 417 421 426 (the request's form or
-  channel, the same for every event), 501 505 507 511 520–524 and any other status →
-  sink fault with status and body; the OAuth2 token endpoint refusing the client → sink
-  fault.
-A batch of several answered with a dead-letter or duplicate status (413 included) is split
-in halves until the judged events stand alone; a batch answered with a retry or sink fault
-is never split.
+See ``README.md`` beside this file for the response policy and the send contract.
 """
 
 from __future__ import annotations
 
 import logging
-import string
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
 
 import httpx
-from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from edge.components import ComponentContext, Outcome, StoredEvent
-from edge.config import SinkConfigBase, StrictModel
 from edge.errors import InputError
 from edge.forwarder import blocks_key, send_in_key_order
-from edge.registry import ComponentType
-from edge.sinks.auth import (
-    AuthConfig,
-    NoAuth,
-    TlsConfig,
-    build_auth,
-    build_ssl_context,
-    check_headers,
-    check_http_url,
-    check_url,
-)
-from edge.sinks.http_request import (
-    RESERVED_HEADERS,
+from edge.sinks.http.auth import build_auth
+from edge.sinks.http.config import HttpSinkConfig, RouteConfig
+from edge.sinks.http.request import (
     judge_error,
     judge_response,
     request_body,
     request_headers,
     should_split,
 )
-from edge.transforms.map import render_template, template_fields
+from edge.tls import client_context
+from edge.transforms.map import render_template
 
-__all__ = ["COMPONENT", "HttpSink", "HttpSinkConfig", "RouteConfig"]
+__all__ = ["HttpSink"]
 
-log = logging.getLogger(__name__)
-
-_TEMPLATE_ROOTS = {"id", "type", "site", "source", "ordering_key", "class", "correlation_id",
-                   "data"}
-
-
-class RouteConfig(StrictModel):
-    events: list[str] = Field(
-        description="event types this route carries; '*' = all, 'inspection.*' = a prefix",
-        min_length=1,
-    )
-    method: Literal["POST", "PUT", "PATCH"] = "POST"
-    path: str = Field(description="appended to url; template, e.g. /lots/{data.lot_id}/status")
-    batch_max: int = Field(1, ge=1, le=10_000, description="> 1 sends JSON arrays")
-    body: Literal["envelope", "data"] = Field(
-        "envelope", description="send the whole canonical envelope or only its data"
-    )
-    headers: dict[str, str] = Field(default_factory=dict)
-
-    @field_validator("method", mode="before")
-    @classmethod
-    def _method_upper(cls, v: Any) -> Any:
-        return v.upper() if isinstance(v, str) and v.upper() in ("POST", "PUT", "PATCH") else v
-
-    @field_validator("path")
-    @classmethod
-    def _path(cls, v: str) -> str:
-        path, _, query = v.partition("?")
-        if query:
-            check_url("/?" + query)  # first: the messages below repeat the path
-        if not v.startswith("/"):
-            raise ValueError(f"must start with '/', got {v!r}")
-        for name in template_fields(v):
-            if name.split(".")[0] not in _TEMPLATE_ROOTS:
-                allowed = ", ".join(sorted(_TEMPLATE_ROOTS))
-                raise ValueError(f"unknown template field {{{name}}}; use {allowed} or data.<field>")
-        # the template's own segments (each value is one more, checked per event at send)
-        filled = "".join(literal + ("x" if name else "")
-                         for literal, name, _, _ in string.Formatter().parse(path))
-        segments = filled.split("/")[1:]
-        if any(seg in (".", "..") for seg in segments) or "" in segments[:-1]:
-            raise ValueError(f"must not have '.', '..' or empty segments, got {v!r}")
-        return v
-
-    @field_validator("headers")
-    @classmethod
-    def _headers(cls, v: dict[str, str]) -> dict[str, str]:
-        _check_headers(v)
-        return v
-
-    @field_validator("body")
-    @classmethod
-    def _batch_body(cls, v: str, info: ValidationInfo) -> str:
-        if v == "data" and info.data.get("batch_max", 1) > 1:
-            raise ValueError("a batched route (batch_max > 1) must send the envelope so every "
-                             "element carries its id")
-        return v
-
-    @model_validator(mode="after")
-    def _batch_path(self) -> RouteConfig:
-        if self.batch_max > 1 and any(f.startswith("data") for f in template_fields(self.path)):
-            raise ValueError("a batched route (batch_max > 1) needs a path without data fields")
-        return self
-
-    def matches(self, event_type: str) -> bool:
-        for pattern in self.events:
-            if pattern == "*" or pattern == event_type:
-                return True
-            if pattern.endswith(".*") and event_type.startswith(pattern[:-1]):
-                return True
-        return False
-
-
-class HttpSinkConfig(SinkConfigBase):
-    type: Literal["http"]
-    url: str = Field(description="base URL, e.g. https://erp.example.com/api/v1")
-    routes: list[RouteConfig] = Field(min_length=1)
-    auth: AuthConfig = Field(default_factory=NoAuth)
-    tls: TlsConfig | None = None
-    headers: dict[str, str] = Field(default_factory=dict, description="sent on every request")
-    timeout_s: float = Field(10.0, gt=0, description="whole-request timeout")
-    connect_timeout_s: float = Field(5.0, gt=0)
-    max_connections: int = Field(8, ge=1, le=256)
-    max_concurrent_requests: int = Field(8, ge=1, le=256, description="per leased batch")
-    duplicate_statuses: list[int] = Field(
-        default_factory=lambda: [409], description="statuses that mean 'already exists'"
-    )
-
-    @field_validator("url")
-    @classmethod
-    def _url(cls, v: str) -> str:
-        return check_http_url(v).rstrip("/")
-
-    @field_validator("headers")
-    @classmethod
-    def _headers(cls, v: dict[str, str]) -> dict[str, str]:
-        _check_headers(v)
-        return v
-
-
-def _check_headers(headers: dict[str, str]) -> None:
-    """Not the headers the sink sets on every request itself, and no inline secrets."""
-    for name in headers:
-        if name.lower() in RESERVED_HEADERS:
-            raise ValueError(f"{name}: set by the gateway on every request; remove it")
-    check_headers(headers)
+log = logging.getLogger("edge.sinks.http")
 
 
 @dataclass(slots=True)
@@ -208,7 +58,7 @@ class HttpSink:
 
     async def start(self) -> None:
         cfg = self.config
-        verify = build_ssl_context(cfg.tls)
+        verify = client_context(cfg.tls, f"sink {cfg.id!r}")
         self._client = httpx.AsyncClient(
             base_url=cfg.url,
             verify=verify,
@@ -346,16 +196,3 @@ def _version() -> str:
     from edge import __version__
 
     return __version__
-
-
-def _factory(config: HttpSinkConfig, ctx: ComponentContext) -> HttpSink:
-    return HttpSink(config, ctx)
-
-
-COMPONENT = ComponentType(
-    kind="sink",
-    type="http",
-    config_model=HttpSinkConfig,
-    factory=_factory,
-    description="ERP/QMS REST API over HTTP(S)",
-)

@@ -3,7 +3,7 @@
 Everything that can be checked without the server is checked here, with the location of
 the offending key (``sources[1].monitored[3].deadband: ...``). What needs the server (does
 the node exist, is it a Variable, is its type numeric for a deadband) is checked when the
-source connects, by ``edge.sources.opcua_nodes``.
+source connects, by ``edge.sources.opcua.nodes``.
 """
 
 from __future__ import annotations

@@ -1,0 +1,234 @@
+"""Config model of the ``http`` sink: base URL, routes, auth, TLS, limits.
+
+Cheap to import (no httpx). Secrets are read at start from ``*_file`` paths and never
+logged; ``check_headers`` and ``check_url`` refuse secrets written inline (header names and
+URL query parameters that look like credentials, user:password in a URL) at config load.
+
+Auth (discriminated on ``type``):
+- ``none``
+- ``api_key``   header (default ``X-API-Key``) from ``key_file``
+- ``bearer``    ``Authorization: Bearer`` from ``token_file``
+- ``oauth2_client_credentials``   token from ``token_url`` cached until ``expires_in`` minus
+  ``expiry_skew_s``, fetched under a lock (one fetch for many concurrent requests).
+"""
+
+from __future__ import annotations
+
+import string
+from collections.abc import Iterable
+from typing import Annotated, Any, Literal
+from urllib.parse import parse_qsl, urlsplit
+
+from pydantic import Field, ValidationInfo, field_validator, model_validator
+
+from edge.config import SecretFile, SinkConfigBase, StrictModel
+from edge.tls import TlsConfig
+from edge.transforms.map import template_fields
+
+__all__ = [
+    "RESERVED_HEADERS",
+    "ApiKeyAuth",
+    "AuthConfig",
+    "BearerAuth",
+    "HttpSinkConfig",
+    "NoAuth",
+    "OAuth2Auth",
+    "RouteConfig",
+    "check_headers",
+    "check_http_url",
+    "check_url",
+    "looks_secret",
+]
+
+# Set by the sink on every request; a configured header of these names is refused.
+RESERVED_HEADERS = frozenset({"idempotency-key", "x-correlation-id", "traceparent"})
+
+# Names (headers, query parameters) that carry a credential. Compared lower-case with "-"
+# read as "_": a name that is one of _SECRET_NAMES, ends in "_key" or contains a word.
+_SECRET_NAMES = frozenset({"key", "sig", "pwd", "auth"})
+_SECRET_WORDS = ("token", "secret", "password", "passwd", "apikey", "api_key", "signature",
+                 "credential", "authorization", "cookie")
+_INLINE_HINT = "use auth (api_key, bearer, oauth2_client_credentials) with a *_file"
+
+
+def looks_secret(name: str) -> bool:
+    """True for a header or query parameter name that carries a credential
+    (``Authorization``, ``X-API-Key``, ``X-Auth-Token``, ``api_key``, ``sig`` …)."""
+    n = name.strip().lower().replace("-", "_")
+    return n in _SECRET_NAMES or n.endswith("_key") or any(w in n for w in _SECRET_WORDS)
+
+
+def check_headers(headers: Iterable[str]) -> None:
+    """ValueError naming the first header that would carry a secret inline."""
+    for name in headers:
+        if looks_secret(name):
+            raise ValueError(f"{name}: secrets are not allowed inline; {_INLINE_HINT}")
+
+
+def check_url(url: str) -> None:
+    """ValueError when ``url`` carries a credential: ``user:password@`` (or a user name)
+    before the host, or a query parameter that looks like a secret. The message never
+    repeats the secret."""
+    parts = urlsplit(url)
+    if "@" in parts.netloc:
+        raise ValueError(f"credentials are not allowed inline in a URL; {_INLINE_HINT}")
+    for name, _ in parse_qsl(parts.query, keep_blank_values=True):
+        if looks_secret(name):
+            raise ValueError(f"query parameter {name!r} looks like a secret; secrets are not "
+                             f"allowed inline, {_INLINE_HINT}")
+
+
+def check_http_url(url: str) -> str:
+    """``url`` when it is an http(s) URL without inline credentials, else ValueError
+    (credentials first: the scheme message repeats the URL)."""
+    check_url(url)
+    if not url.startswith(("http://", "https://")):
+        raise ValueError(f"must start with http:// or https://, got {url!r}")
+    return url
+
+
+class NoAuth(StrictModel):
+    type: Literal["none"] = "none"
+
+
+class ApiKeyAuth(StrictModel):
+    type: Literal["api_key"]
+    header: str = Field("X-API-Key", description="header that carries the key")
+    key_file: SecretFile
+
+
+class BearerAuth(StrictModel):
+    type: Literal["bearer"]
+    token_file: SecretFile
+
+
+class OAuth2Auth(StrictModel):
+    type: Literal["oauth2_client_credentials"]
+    token_url: str
+    client_id: str
+    client_secret_file: SecretFile
+    scope: str | None = None
+    audience: str | None = None
+    expiry_skew_s: float = Field(30.0, ge=0, description="refresh this long before expiry")
+    timeout_s: float = Field(10.0, gt=0)
+
+    @field_validator("token_url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        return check_http_url(v)
+
+
+AuthConfig = Annotated[
+    NoAuth | ApiKeyAuth | BearerAuth | OAuth2Auth, Field(discriminator="type")
+]
+
+
+AuthConfig = Annotated[
+    NoAuth | ApiKeyAuth | BearerAuth | OAuth2Auth, Field(discriminator="type")
+]
+
+
+_TEMPLATE_ROOTS = {"id", "type", "site", "source", "ordering_key", "class", "correlation_id",
+                   "data"}
+
+
+class RouteConfig(StrictModel):
+    events: list[str] = Field(
+        description="event types this route carries; '*' = all, 'inspection.*' = a prefix",
+        min_length=1,
+    )
+    method: Literal["POST", "PUT", "PATCH"] = "POST"
+    path: str = Field(description="appended to url; template, e.g. /lots/{data.lot_id}/status")
+    batch_max: int = Field(1, ge=1, le=10_000, description="> 1 sends JSON arrays")
+    body: Literal["envelope", "data"] = Field(
+        "envelope", description="send the whole canonical envelope or only its data"
+    )
+    headers: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("method", mode="before")
+    @classmethod
+    def _method_upper(cls, v: Any) -> Any:
+        return v.upper() if isinstance(v, str) and v.upper() in ("POST", "PUT", "PATCH") else v
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, v: str) -> str:
+        path, _, query = v.partition("?")
+        if query:
+            check_url("/?" + query)  # first: the messages below repeat the path
+        if not v.startswith("/"):
+            raise ValueError(f"must start with '/', got {v!r}")
+        for name in template_fields(v):
+            if name.split(".")[0] not in _TEMPLATE_ROOTS:
+                allowed = ", ".join(sorted(_TEMPLATE_ROOTS))
+                raise ValueError(f"unknown template field {{{name}}}; use {allowed} or data.<field>")
+        # the template's own segments (each value is one more, checked per event at send)
+        filled = "".join(literal + ("x" if name else "")
+                         for literal, name, _, _ in string.Formatter().parse(path))
+        segments = filled.split("/")[1:]
+        if any(seg in (".", "..") for seg in segments) or "" in segments[:-1]:
+            raise ValueError(f"must not have '.', '..' or empty segments, got {v!r}")
+        return v
+
+    @field_validator("headers")
+    @classmethod
+    def _headers(cls, v: dict[str, str]) -> dict[str, str]:
+        _check_headers(v)
+        return v
+
+    @field_validator("body")
+    @classmethod
+    def _batch_body(cls, v: str, info: ValidationInfo) -> str:
+        if v == "data" and info.data.get("batch_max", 1) > 1:
+            raise ValueError("a batched route (batch_max > 1) must send the envelope so every "
+                             "element carries its id")
+        return v
+
+    @model_validator(mode="after")
+    def _batch_path(self) -> RouteConfig:
+        if self.batch_max > 1 and any(f.startswith("data") for f in template_fields(self.path)):
+            raise ValueError("a batched route (batch_max > 1) needs a path without data fields")
+        return self
+
+    def matches(self, event_type: str) -> bool:
+        for pattern in self.events:
+            if pattern == "*" or pattern == event_type:
+                return True
+            if pattern.endswith(".*") and event_type.startswith(pattern[:-1]):
+                return True
+        return False
+
+
+class HttpSinkConfig(SinkConfigBase):
+    type: Literal["http"]
+    url: str = Field(description="base URL, e.g. https://erp.example.com/api/v1")
+    routes: list[RouteConfig] = Field(min_length=1)
+    auth: AuthConfig = Field(default_factory=NoAuth)
+    tls: TlsConfig | None = None
+    headers: dict[str, str] = Field(default_factory=dict, description="sent on every request")
+    timeout_s: float = Field(10.0, gt=0, description="whole-request timeout")
+    connect_timeout_s: float = Field(5.0, gt=0)
+    max_connections: int = Field(8, ge=1, le=256)
+    max_concurrent_requests: int = Field(8, ge=1, le=256, description="per leased batch")
+    duplicate_statuses: list[int] = Field(
+        default_factory=lambda: [409], description="statuses that mean 'already exists'"
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        return check_http_url(v).rstrip("/")
+
+    @field_validator("headers")
+    @classmethod
+    def _headers(cls, v: dict[str, str]) -> dict[str, str]:
+        _check_headers(v)
+        return v
+
+
+def _check_headers(headers: dict[str, str]) -> None:
+    """Not the headers the sink sets on every request itself, and no inline secrets."""
+    for name in headers:
+        if name.lower() in RESERVED_HEADERS:
+            raise ValueError(f"{name}: set by the gateway on every request; remove it")
+    check_headers(headers)
