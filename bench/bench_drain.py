@@ -47,7 +47,7 @@ from bench.common import (
 @dataclass
 class DrainResult:
     events: int
-    batch_max: int
+    max_batch: int
     accepted: int
     seconds: float
     peak_rss_kib: int
@@ -62,13 +62,13 @@ class DrainResult:
         return self.events / self.seconds if self.seconds else 0.0
 
 
-def drain_once(root: Path, cache: Path, receiver: ReceiverProcess, n: int, batch_max: int,
+def drain_once(root: Path, cache: Path, receiver: ReceiverProcess, n: int, max_batch: int,
                *, lease_batch: int, timeout_s: float) -> DrainResult:
-    run = root / f"run-{n}-{batch_max}"
+    run = root / f"run-{n}-{max_batch}"
     shutil.rmtree(run, ignore_errors=True)
     prefilled_copy(cache, n, run / "state", log=lambda s: print(s, flush=True))
     cfg = run / "gateway.yaml"
-    cfg.write_text(gateway_yaml(run / "state", receiver.url, batch_max=batch_max,
+    cfg.write_text(gateway_yaml(run / "state", receiver.url, max_batch=max_batch,
                                 lease_batch=lease_batch))
     time.sleep(0.2)  # let the receiver's counters settle
     base = receiver.accepted
@@ -95,7 +95,7 @@ def drain_once(root: Path, cache: Path, receiver: ReceiverProcess, n: int, batch
         print(f"  !! timeout after {timeout_s:.0f} s: {accepted:,} of {n:,} arrived")
     marks = tuple(sampler.at_fraction(first, end, f) for f in (0.1, 0.5, 0.9))
     shutil.rmtree(run, ignore_errors=True)
-    return DrainResult(n, batch_max, accepted, end - first, sampler.peak_kib, sampler.hwm_kib,
+    return DrainResult(n, max_batch, accepted, end - first, sampler.peak_kib, sampler.hwm_kib,
                        marks, cpu, problems, ready - daemon.started_at)  # type: ignore[arg-type]
 
 
@@ -142,7 +142,7 @@ def idle_rss(root: Path, receiver: ReceiverProcess, seconds: float = 3.0) -> int
     shutil.rmtree(run, ignore_errors=True)
     cfg = run / "gateway.yaml"
     run.mkdir(parents=True)
-    cfg.write_text(gateway_yaml(run / "state", receiver.url, batch_max=100))
+    cfg.write_text(gateway_yaml(run / "state", receiver.url, max_batch=100))
     daemon = Daemon(cfg).start()
     sampler = RssSampler(daemon.pid).start()
     try:
@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> None:
                    help="backlog sizes, comma separated (e.g. 100000,300000,1000000)")
     p.add_argument("--batch-max", default="100,500", help="batched route sizes to run")
     p.add_argument("--per-event-events", type=int, default=20_000,
-                   help="backlog for the per-event (batch_max=1) run; 0 skips it")
+                   help="backlog for the per-event (max_batch=1) run; 0 skips it")
     p.add_argument("--lease-batch", type=int, default=500, help="sink lease_batch")
     p.add_argument("--dir", help="scratch folder on the disk under test (default: temp dir)")
     p.add_argument("--cache", help="folder for the pre-filled outbox files (reused if present)")
@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
 
     sizes = [int(x) for x in args.events.split(",") if x]
-    batches = [int(x) for x in args.batch_max.split(",") if x]
+    batches = [int(x) for x in args.max_batch.split(",") if x]
     root = work_dir(args.dir, "drain")
     cache = Path(args.cache) if args.cache else root / "cache"
     cache.mkdir(parents=True, exist_ok=True)
@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"idle daemon, empty outbox (RSS baseline): {mib(idle_kib):.1f} MiB")
         for n in sizes:
             for bm in batches:
-                print(f"drain {n:,} events, batch_max {bm} ...", flush=True)
+                print(f"drain {n:,} events, max_batch {bm} ...", flush=True)
                 r = drain_once(root, cache, receiver, n, bm, lease_batch=args.lease_batch,
                                timeout_s=args.timeout)
                 results.append(r)
@@ -232,9 +232,9 @@ def main(argv: list[str] | None = None) -> None:
           f"{'target':>8} {'peak RSS':>9} {'VmHWM':>7} {'RSS 10/50/90 %':>15} {'CPU s':>6} "
           f"{'ready s':>7} {'dup':>4} {'warn':>4}")
     for r in results:
-        cap = capacity[r.batch_max]
-        route = "per-event" if r.batch_max == 1 else f"batch {r.batch_max}"
-        target = ">=0.8 cap" if r.batch_max == 1 else ">=20,000"
+        cap = capacity[r.max_batch]
+        route = "per-event" if r.max_batch == 1 else f"batch {r.max_batch}"
+        target = ">=0.8 cap" if r.max_batch == 1 else ">=20,000"
         marks = "/".join(f"{mib(k):.0f}" for k in r.rss_marks)
         sto = f"{storage[r.events]:,.0f}" if r.events in storage else "-"
         print(f"{r.events:>9,} {route:>10} {r.eps:>9,.0f} {cap:>14,.0f} {r.eps / cap:>6.2f} "

@@ -124,7 +124,7 @@ async def run_gateway(port: int, protocol: str, rate: float, seconds: float
           - id: erp
             type: http
             url: {erp.url}
-            routes: [{{events: ["*"], method: POST, path: /events, batch_max: 100}}]
+            routes: [{{events: ["*"], method: POST, path: /events, max_batch: 100}}]
         sources:
           - id: line1
             type: mqtt

@@ -195,7 +195,7 @@ async def _consume_gateway(port: int, client_id: str, protocol: str, n: int) -> 
             type: http
             url: http://127.0.0.1:{dead}
             circuit_breaker: {{failure_threshold: 1, open_s: 60, max_open_s: 60}}
-            routes: [{{events: ["*"], method: POST, path: /events, batch_max: 100}}]
+            routes: [{{events: ["*"], method: POST, path: /events, max_batch: 100}}]
         sources:
           - id: line1
             type: mqtt

@@ -167,7 +167,7 @@ sources:
     publishing_ms: {period_ms}
     timeout_s: 30
     queue_max: 200000
-    batch_max: 5000
+    max_batch: 5000
     backfill: {{enabled: false}}
     monitored:
 {items}
@@ -177,7 +177,7 @@ sinks:
     url: http://127.0.0.1:{dead}
     circuit_breaker: {{failure_threshold: 1, open_s: 60, max_open_s: 60}}
     routes:
-      - {{events: ["*"], method: POST, path: /events, batch_max: 500}}
+      - {{events: ["*"], method: POST, path: /events, max_batch: 500}}
 """
     gw = Gateway(load_config_text(text))
     await gw.start()

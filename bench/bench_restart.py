@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> None:
     api_port = free_port() if importlib.util.find_spec("edge.api.server") else None
     closed_port = free_port()  # nothing listens there: the sink fails, nothing drains
     cfg = root / "gateway.yaml"
-    cfg.write_text(gateway_yaml(state, f"http://127.0.0.1:{closed_port}", batch_max=100,
+    cfg.write_text(gateway_yaml(state, f"http://127.0.0.1:{closed_port}", max_batch=100,
                                 api=f"127.0.0.1:{api_port}" if api_port else None))
     print(f"readiness: {'GET /readyz and ' if api_port else ''}the 'gateway started' log line")
 

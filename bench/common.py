@@ -423,7 +423,7 @@ def httpx_capacity(url: str, bodies: Sequence[bytes], per_request: int, *,
 # --------------------------------------------------------------------------- gateway daemon
 
 
-def gateway_yaml(state_dir: Path, url: str, *, batch_max: int, lease_batch: int = 500,
+def gateway_yaml(state_dir: Path, url: str, *, max_batch: int, lease_batch: int = 500,
                  max_in_flight: int = 4, api: str | None = None,
                  extra_sink: str = "") -> str:
     api_block = f"api: {{listen: '{api}'}}" if api else "api: {enabled: false}"
@@ -442,7 +442,7 @@ def gateway_yaml(state_dir: Path, url: str, *, batch_max: int, lease_batch: int 
             lease_batch: {lease_batch}
             retry: {{initial_backoff_s: 0.2, max_backoff_s: 2}}
             routes:
-              - {{events: ["*"], method: POST, path: /events, batch_max: {batch_max}}}
+              - {{events: ["*"], method: POST, path: /events, max_batch: {max_batch}}}
         """) + extra_sink
 
 

@@ -19,13 +19,15 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union, cast
+from typing import Annotated, Any, ClassVar, Literal, Union, cast
 
 import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    ModelWrapValidatorHandler,
+    PrivateAttr,
     TypeAdapter,
     ValidationError,
     ValidationInfo,
@@ -52,6 +54,7 @@ __all__ = [
     "SourceConfigBase",
     "StormGuardConfig",
     "StrictModel",
+    "deprecations",
     "load_config",
     "load_config_text",
     "read_secret",
@@ -59,9 +62,36 @@ __all__ = [
 
 
 class StrictModel(BaseModel):
-    """Base of every config model: unknown keys are errors."""
+    """Base of every config model: unknown keys are errors.
+
+    ``renamed_keys`` maps an option's old name to its new one: the old name keeps working
+    for one release (moved to the new key before validation) and ``deprecations(cfg)``
+    reports it, located, so ``check-config`` and ``edge run`` name the new key. Giving
+    both names is an error.
+    """
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    renamed_keys: ClassVar[dict[str, str]] = {}
+    _deprecated_keys: list[tuple[str, str]] = PrivateAttr(default_factory=list)
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _accept_renamed_keys(cls, data: Any, handler: ModelWrapValidatorHandler[Any]) -> Any:
+        moved: list[tuple[str, str]] = []
+        if cls.renamed_keys and isinstance(data, dict):
+            data = dict(data)
+            for old, new in cls.renamed_keys.items():
+                if old not in data:
+                    continue
+                if new in data:
+                    raise ValueError(f"{old} and {new} are the same option; keep {new} "
+                                     f"({old} is its deprecated name)")
+                data[new] = data.pop(old)
+                moved.append((old, new))
+        model = handler(data)
+        if moved and isinstance(model, StrictModel):
+            model._deprecated_keys = moved
+        return model
 
 
 def _existing(kind: Literal["file", "directory"]) -> Any:
@@ -165,7 +195,8 @@ class SinkConfigBase(ComponentConfigBase):
     rate_limit_per_s: float | None = Field(
         None, gt=0, description="max events/s sent (drain limit); null = unlimited"
     )
-    max_in_flight: int = Field(4, ge=1, le=256, description="concurrent requests")
+    max_in_flight: int = Field(4, ge=1, le=256, description="leased batches sent concurrently "
+                               "(each may send up to the sink's max_in_flight_requests)")
     lease_batch: int = Field(500, ge=1, le=10000, description="rows leased per outbox read")
     live_share: float = Field(
         0.2, ge=0, le=1, description="share of each lease taken from the newest rows"
@@ -418,6 +449,31 @@ def load_config_text(
         return model.model_validate(raw, context=context)
     except ValidationError as err:
         raise ConfigError(format_validation_error(err, model, raw)) from err
+
+
+def deprecations(cfg: BaseModel) -> list[ConfigIssue]:
+    """Every option given under its deprecated name, located like config errors
+    (``sinks[erp].routes[0].max_batch``), with the name to use instead."""
+    out: list[ConfigIssue] = []
+
+    def walk(value: Any, where: str) -> None:
+        if isinstance(value, StrictModel):
+            for old, new in value._deprecated_keys:
+                loc = f"{where}.{old}" if where else old
+                out.append(ConfigIssue(loc, f"deprecated name: use {new} (the old name is "
+                                            "accepted until the next release)"))
+            for name in type(value).model_fields:
+                walk(getattr(value, name), f"{where}.{name}" if where else name)
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                ident = getattr(item, "id", None)
+                walk(item, f"{where}[{ident if isinstance(ident, str) else i}]")
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                walk(item, f"{where}.{key}")
+
+    walk(cfg, "")
+    return out
 
 
 def json_schema(registry: Registry | None = None) -> dict[str, Any]:

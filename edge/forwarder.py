@@ -46,7 +46,7 @@ import contextlib
 import hashlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,7 +57,7 @@ from edge.outbox.audit import utc_iso
 from edge.retry import CircuitBreaker, StormGuard, TokenBucket, backoff_s, steady_time
 from edge.telemetry import Metrics, log_event
 
-__all__ = ["Alarm", "Forwarder", "Pause", "blocks_key", "send_in_key_order"]
+__all__ = ["Alarm", "Forwarder", "Pause"]
 
 log = logging.getLogger(__name__)
 
@@ -66,86 +66,6 @@ UNROUTED_RECHECK_S = 300.0
 FAULT_LOG_EVERY_S = 60.0
 AUTH_STATUSES = frozenset({401, 403})
 _ALARM_RANK = {"sink_fault": 1, "auth": 2, "storm_guard": 3}  # a higher one is not replaced
-
-
-SendRequest = Callable[[list[StoredEvent]], Awaitable[list[Outcome]]]
-
-
-async def send_in_key_order(
-    requests: Sequence[list[StoredEvent]],
-    send_request: SendRequest,
-    concurrency: int,
-    stopping: Callable[[], bool] = lambda: False,
-    *,
-    dead_letter_blocks: bool = True,
-) -> dict[int, Outcome]:
-    """Send requests (each one event or a batch) concurrently while keeping per-key order.
-
-    ``requests`` come in outbox order (by their first event). A request waits for every
-    earlier request that shares an ordering key with it. Once an event of a key was not
-    delivered (``blocks_key``: retry, sink fault, unrouted, and a dead letter unless
-    ``dead_letter_blocks`` is False, the sink's ``on_dead_letter: continue``), later events
-    of that key are not sent (``Outcome.not_attempted``) and are removed from the requests
-    they were in. Once ``stopping()`` is true (shutdown) no new request starts: its events
-    are not attempted. Once the receiver answered with a ``Retry-After`` (429, 503 …) no
-    new request starts either: it asked this client to wait, and the forwarder pauses the
-    sink that long; requests already on the wire finish. Returns the outcome of every
-    event by ``seq``.
-    """
-    outcomes: dict[int, Outcome] = {}
-    blocked: set[str] = set()
-    asked_to_wait: list[float] = []  # Retry-After seconds the receiver gave in this call
-    last_for_key: dict[str, asyncio.Event] = {}
-    sem = asyncio.Semaphore(concurrency)
-
-    async def run(events: list[StoredEvent], after: list[asyncio.Event],
-                  done: asyncio.Event) -> None:
-        try:
-            for dep in after:
-                await dep.wait()
-            todo = []
-            for ev in events:
-                if ev.ordering_key is not None and ev.ordering_key in blocked:
-                    outcomes[ev.seq] = Outcome.not_attempted()
-                else:
-                    todo.append(ev)
-            if todo:
-                async with sem:
-                    if stopping():
-                        results = [Outcome.not_attempted("gateway stopping")] * len(todo)
-                    elif asked_to_wait:
-                        results = [Outcome.not_attempted(
-                            "the receiver asked to wait (Retry-After)")] * len(todo)
-                    else:
-                        results = await send_request(todo)
-                for ev, outcome in zip(todo, results, strict=True):
-                    outcomes[ev.seq] = outcome
-                    if outcome.retry_after_s and outcome.kind is not OutcomeKind.delivered:
-                        asked_to_wait.append(outcome.retry_after_s)
-                    if ev.ordering_key is not None and blocks_key(outcome, dead_letter_blocks):
-                        blocked.add(ev.ordering_key)
-        finally:
-            done.set()
-
-    async with asyncio.TaskGroup() as tg:
-        for events in requests:
-            done = asyncio.Event()
-            keys = {ev.ordering_key for ev in events if ev.ordering_key is not None}
-            after = [last_for_key[k] for k in keys if k in last_for_key]
-            for k in keys:
-                last_for_key[k] = done
-            tg.create_task(run(events, after, done))
-    return outcomes
-
-
-def blocks_key(outcome: Outcome, dead_letter_blocks: bool = True) -> bool:
-    """True when later events of the same ordering key must wait after ``outcome``
-    (DESIGN invariant 4: only a delivered event lets its key move on)."""
-    if outcome.kind in (OutcomeKind.delivered, OutcomeKind.duplicate):
-        return False
-    if outcome.kind is OutcomeKind.dead_letter:
-        return dead_letter_blocks
-    return True
 
 
 @dataclass(slots=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 from typing import Any
@@ -41,10 +42,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     early = EarlyCheck(str(Path(state_dir) / "outbox.db")) if state_dir else None
 
     from edge.app import Gateway
+    from edge.config import deprecations
     from edge.telemetry import setup_logging
 
     cfg = load_or_exit(args.config)
     setup_logging(args.log_level or cfg.logging.level, cfg.logging.format)
+    for issue in deprecations(cfg):
+        logging.getLogger("edge.config").warning("%s", issue)
 
     async def main() -> None:
         await Gateway(cfg, config_path=args.config, early_check=early).run()
@@ -61,7 +65,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
+    from edge.config import deprecations
+
     cfg = load_or_exit(args.file, check_files=not args.skip_files)
+    for issue in deprecations(cfg):
+        print(f"warning: {issue}", file=sys.stderr)
     print(f"OK: site {cfg.site}, {len(cfg.sources)} source(s), {len(cfg.sinks)} sink(s)")
     return 0
 

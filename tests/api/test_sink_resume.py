@@ -6,8 +6,8 @@ import httpx
 import pytest
 
 from edge.app import Gateway
-from tests.api.support import api_yaml, eventually, free_port, submission
 from tests.fixtures.gateway import http_sink_yaml
+from tests.support import api_yaml, eventually, free_port, submission
 
 TOKEN = "s3cr3t-7b21e4c0ffee"
 BEARER = {"Authorization": f"Bearer {TOKEN}"}

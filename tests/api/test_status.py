@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import httpx
 
-from tests.api.support import api_yaml, eventually, free_port, submission
 from tests.fixtures.gateway import http_sink_yaml
+from tests.support import api_yaml, eventually, free_port, submission
 
 
 async def _gateway(gateways, erp, extra: str = ""):

@@ -10,8 +10,8 @@ import sys
 from pathlib import Path
 
 from edge.outbox import queries
-from tests.api.support import api_yaml, eventually, free_port
 from tests.sinks.helpers import result, sink_yaml
+from tests.support import api_yaml, eventually, free_port
 
 
 async def edge(*args: str, cwd: Path, env: dict[str, str] | None = None

@@ -101,7 +101,7 @@ def test_yaml_syntax_error_has_a_line_number():
 
 def test_batched_route_cannot_use_data_fields_in_its_path():
     body = SINK.replace('{events: ["*"], method: GET, path: /events}',
-                        '{events: ["*"], path: "/lots/{data.lot_id}", batch_max: 10}')
+                        '{events: ["*"], path: "/lots/{data.lot_id}", max_batch: 10}')
     [issue] = _issues("site: p\n" + body)
     assert issue.startswith("sinks[0].routes[1]: ")
 

@@ -16,7 +16,7 @@ import orjson
 
 from edge.outbox import Outbox, queries
 from tests.sinks.helpers import result, sink_yaml
-from tests.sinks.test_http_policy import _until
+from tests.sinks.http.test_policy import _until
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -101,7 +101,7 @@ async def test_edge_run_forwards_and_stops_cleanly_on_sigterm(erp, tmp_path: Pat
     erp.latency_s = 0.05  # slow ERP: SIGTERM arrives with requests in flight
     cfg = tmp_path / "edge.yaml"
     cfg.write_text(f"site: test-site\nstate_dir: {state}\napi: {{enabled: false}}\n"
-                   + sink_yaml(erp.url, batch_max=5, extra="shutdown_grace_s: 5"))
+                   + sink_yaml(erp.url, max_batch=5, extra="shutdown_grace_s: 5"))
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "edge", "run", "-c", str(cfg), cwd=ROOT,
         stderr=asyncio.subprocess.PIPE)

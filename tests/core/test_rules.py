@@ -11,7 +11,7 @@ from edge.config import load_config_text
 from edge.errors import ConfigError
 from edge.events import make_event
 from tests.sinks.helpers import sink_yaml
-from tests.sinks.test_http_policy import _until
+from tests.sinks.http.test_policy import _until
 
 RULES = """\
 rules:

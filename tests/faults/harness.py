@@ -159,7 +159,7 @@ class Campaign:
                 routes:
                   - {{events: [quality.hold], method: PUT, path: "/lots/{{data.lot_id}}/hold"}}
                   - {{events: [nonconformance], method: POST, path: /nonconformances}}
-                  - {{events: ["*"], method: POST, path: /events, batch_max: 20}}
+                  - {{events: ["*"], method: POST, path: /events, max_batch: 20}}
             """)
         sink += textwrap.indent(textwrap.dedent(self.sink_extra), " " * 4)
         return (

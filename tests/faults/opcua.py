@@ -364,7 +364,7 @@ class _StationProcess:
               publishing_ms: 100
               timeout_s: 3
               watchdog_s: 0.5
-              reconnect_max_delay_s: 1
+              reconnect_max_s: 1
               backfill: {{first_sample_wait_s: 5}}
             {{extra}}
               monitored:

@@ -76,9 +76,10 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from edge.components import Outcome, OutcomeKind, StoredEvent, Submission
 from edge.config import OutboxConfig, SinkConfigBase
+from edge.delivery import send_in_key_order
 from edge.errors import OutboxFullError
 from edge.events import Event, make_event
-from edge.forwarder import Forwarder, send_in_key_order
+from edge.forwarder import Forwarder
 from edge.outbox import Outbox, pauses, queries
 from edge.telemetry import Metrics
 

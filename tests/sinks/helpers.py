@@ -9,9 +9,9 @@ from edge.components import Submission
 from edge.events import make_event
 
 
-def sink_yaml(url: str, *, batch_max: int = 1, extra: str = "", routes: str | None = None,
+def sink_yaml(url: str, *, max_batch: int = 1, extra: str = "", routes: str | None = None,
               sink_id: str = "erp") -> str:
-    routes = routes or f'[{{events: ["*"], method: POST, path: /events, batch_max: {batch_max}}}]'
+    routes = routes or f'[{{events: ["*"], method: POST, path: /events, max_batch: {max_batch}}}]'
     return textwrap.dedent(f"""\
         sinks:
           - id: {sink_id}

@@ -123,23 +123,20 @@ AuthConfig = Annotated[
 ]
 
 
-AuthConfig = Annotated[
-    NoAuth | ApiKeyAuth | BearerAuth | OAuth2Auth, Field(discriminator="type")
-]
-
-
 _TEMPLATE_ROOTS = {"id", "type", "site", "source", "ordering_key", "class", "correlation_id",
                    "data"}
 
 
 class RouteConfig(StrictModel):
+    renamed_keys = {"batch_max": "max_batch"}
+
     events: list[str] = Field(
         description="event types this route carries; '*' = all, 'inspection.*' = a prefix",
         min_length=1,
     )
     method: Literal["POST", "PUT", "PATCH"] = "POST"
     path: str = Field(description="appended to url; template, e.g. /lots/{data.lot_id}/status")
-    batch_max: int = Field(1, ge=1, le=10_000, description="> 1 sends JSON arrays")
+    max_batch: int = Field(1, ge=1, le=10_000, description="> 1 sends JSON arrays")
     body: Literal["envelope", "data"] = Field(
         "envelope", description="send the whole canonical envelope or only its data"
     )
@@ -179,15 +176,15 @@ class RouteConfig(StrictModel):
     @field_validator("body")
     @classmethod
     def _batch_body(cls, v: str, info: ValidationInfo) -> str:
-        if v == "data" and info.data.get("batch_max", 1) > 1:
-            raise ValueError("a batched route (batch_max > 1) must send the envelope so every "
+        if v == "data" and info.data.get("max_batch", 1) > 1:
+            raise ValueError("a batched route (max_batch > 1) must send the envelope so every "
                              "element carries its id")
         return v
 
     @model_validator(mode="after")
     def _batch_path(self) -> RouteConfig:
-        if self.batch_max > 1 and any(f.startswith("data") for f in template_fields(self.path)):
-            raise ValueError("a batched route (batch_max > 1) needs a path without data fields")
+        if self.max_batch > 1 and any(f.startswith("data") for f in template_fields(self.path)):
+            raise ValueError("a batched route (max_batch > 1) needs a path without data fields")
         return self
 
     def matches(self, event_type: str) -> bool:
@@ -200,6 +197,8 @@ class RouteConfig(StrictModel):
 
 
 class HttpSinkConfig(SinkConfigBase):
+    renamed_keys = {"max_concurrent_requests": "max_in_flight_requests"}
+
     type: Literal["http"]
     url: str = Field(description="base URL, e.g. https://erp.example.com/api/v1")
     routes: list[RouteConfig] = Field(min_length=1)
@@ -209,7 +208,7 @@ class HttpSinkConfig(SinkConfigBase):
     timeout_s: float = Field(10.0, gt=0, description="whole-request timeout")
     connect_timeout_s: float = Field(5.0, gt=0)
     max_connections: int = Field(8, ge=1, le=256)
-    max_concurrent_requests: int = Field(8, ge=1, le=256, description="per leased batch")
+    max_in_flight_requests: int = Field(8, ge=1, le=256, description="per leased batch")
     duplicate_statuses: list[int] = Field(
         default_factory=lambda: [409], description="statuses that mean 'already exists'"
     )

@@ -2,7 +2,7 @@
 
 What it carries (DESIGN invariant 3):
 - the body: one event's envelope (or its ``data`` with ``body: data``), or on a batched
-  route (``batch_max > 1``) a JSON array of envelopes — every element carries its ``id``,
+  route (``max_batch > 1``) a JSON array of envelopes — every element carries its ``id``,
   however the batch was cut or split (``body: data`` on a batched route is a config error);
 - ``Idempotency-Key``: the event id when the request carries one event, also on a batched
   route (a live event, a split half of one, a probe); for several events a stable hash of
@@ -69,7 +69,7 @@ def request_body(route: RouteConfig, events: Sequence[StoredEvent]) -> bytes:
         items = [orjson.dumps(ev.data) for ev in events]
     else:
         items = [ev.body for ev in events]
-    if route.batch_max == 1:
+    if route.max_batch == 1:
         return items[0]
     return b"[" + b",".join(items) + b"]"
 

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 import httpx
 
 from edge.components import ComponentContext, Outcome, StoredEvent
+from edge.delivery import blocks_key, send_in_key_order
 from edge.errors import InputError
-from edge.forwarder import blocks_key, send_in_key_order
 from edge.sinks.http.auth import build_auth
 from edge.sinks.http.config import HttpSinkConfig, RouteConfig
 from edge.sinks.http.request import (
@@ -95,7 +95,7 @@ class HttpSink:
             return await self._send_split(route, path, events)
 
         plan.outcomes.update(await send_in_key_order(
-            plan.requests, send_request, self.config.max_concurrent_requests,
+            plan.requests, send_request, self.config.max_in_flight_requests,
             stopping=lambda: self._stopping, dead_letter_blocks=self.dead_letter_blocks,
         ))
         return [plan.outcomes[ev.seq] for ev in batch]
@@ -111,8 +111,8 @@ class HttpSink:
         blocked: set[str] = set()  # keys with an event decided undeliverable here
         newest: dict[str, int] = {}  # key → index of the newest request carrying it
         open_batches: dict[tuple[int, str, int], int] = {}  # (route, path, group) → index
-        largest = max(r.batch_max for r in self.config.routes)
-        groups = max(1, min(self.config.max_concurrent_requests, -(-len(batch) // largest)))
+        largest = max(r.max_batch for r in self.config.routes)
+        groups = max(1, min(self.config.max_in_flight_requests, -(-len(batch) // largest)))
         unkeyed = 0
         for ev in batch:
             key = ev.ordering_key
@@ -128,14 +128,14 @@ class HttpSink:
             plan.targets[ev.seq] = target
             route, path = target
             index = -1  # a new request, unless the event may join an open batch
-            if route.batch_max > 1:
+            if route.max_batch > 1:
                 if key is None:
                     group, unkeyed = unkeyed % groups, unkeyed + 1
                 else:
                     group = zlib.crc32(key.encode()) % groups
                 slot = (id(route), path, group)
                 index = open_batches.get(slot, -1)
-                if index >= 0 and (len(plan.requests[index]) >= route.batch_max or (
+                if index >= 0 and (len(plan.requests[index]) >= route.max_batch or (
                         key is not None and newest.get(key, -1) > index)):
                     index = -1  # full, or a later request already carries this key
                 if index < 0:

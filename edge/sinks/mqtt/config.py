@@ -50,7 +50,9 @@ class MqttRouteConfig(StrictModel):
 
 
 class MqttSinkConfig(SinkConfigBase, MqttConnectionConfig):
+    renamed_keys = {"max_concurrent_requests": "max_in_flight_requests"}
+
     type: Literal["mqtt"]
     routes: list[MqttRouteConfig] = Field(min_length=1)
     publish_timeout_s: float = Field(10.0, gt=0, description="wait for PUBACK at most")
-    max_concurrent_requests: int = Field(8, ge=1, le=256, description="publishes per batch")
+    max_in_flight_requests: int = Field(8, ge=1, le=256, description="publishes per batch")

@@ -13,8 +13,8 @@ import orjson
 
 from edge.components import ComponentContext, Outcome, StoredEvent
 from edge.config import read_secret
+from edge.delivery import send_in_key_order
 from edge.errors import ConfigError, FatalStartupError, InputError
-from edge.forwarder import send_in_key_order
 from edge.mqtt.config import ssl_context
 from edge.sinks.mqtt.config import MAX_TOPIC_BYTES, MqttSinkConfig
 from edge.telemetry import log_event
@@ -72,7 +72,7 @@ class MqttSink:
             target = BrokerTarget(
                 host=cfg.host, port=cfg.port, protocol=cfg.protocol, client_id=self.client_id,
                 keepalive_s=cfg.keepalive_s, connect_timeout_s=cfg.connect_timeout_s,
-                session_expiry_s=0, receive_maximum=max(1, cfg.max_concurrent_requests),
+                session_expiry_s=0, receive_maximum=max(1, cfg.max_in_flight_requests),
                 ssl_context=self._ssl, username=cfg.username, password=self._password,
             )
             conn = Connection(target, lambda _c, _m: None)
@@ -96,7 +96,7 @@ class MqttSink:
             return [await self._publish(conn, events[0])]
 
         by_seq = await send_in_key_order(
-            [[ev] for ev in batch], publish, self.config.max_concurrent_requests,
+            [[ev] for ev in batch], publish, self.config.max_in_flight_requests,
             stopping=lambda: self._stopping,
             dead_letter_blocks=self.config.on_dead_letter != "continue")
         return [by_seq[ev.seq] for ev in batch]

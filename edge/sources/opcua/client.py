@@ -9,7 +9,7 @@ logs the reason of a failed attempt only as a warning that the source filters ou
 ``GatewayClient`` replaces only the reconnect loop (``_reconnect_with_backoff``):
 
 - attempts follow ``reconnect_delays``: 0.1 s, doubling, at most 1 s apart during the
-  first minute of an outage (a blip costs a blip), then up to ``reconnect_max_delay_s``;
+  first minute of an outage (a blip costs a blip), then up to ``reconnect_max_s``;
   with jitter (half to full delay) so a fleet does not reconnect in lock step after a
   switch reboot;
 - each attempt (socket, hello, secure channel, session) is bounded by ``attempt_timeout_s``

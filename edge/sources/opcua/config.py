@@ -265,6 +265,8 @@ class BackfillConfig(StrictModel):
 
 
 class OpcUaSourceConfig(SourceConfigBase):
+    renamed_keys = {"batch_max": "max_batch", "reconnect_max_delay_s": "reconnect_max_s"}
+
     type: Literal["opcua"]
     endpoint: str = Field(description="opc.tcp://host:port[/path]")
     security: SecurityConfig = SecurityConfig()
@@ -280,7 +282,7 @@ class OpcUaSourceConfig(SourceConfigBase):
     )
     timeout_s: float = Field(10, gt=0, description="per request to the server")
     watchdog_s: float = Field(1.0, gt=0, description="connection health probe interval")
-    reconnect_max_delay_s: float = Field(30, gt=0, description="cap of the reconnect backoff")
+    reconnect_max_s: float = Field(30, gt=0, description="cap of the reconnect backoff")
     connect_timeout_s: float = Field(
         3.0, gt=0, description="per reconnect attempt (socket, hello, secure channel, "
         "session): a link that is down is tried again soon instead of waited for")
@@ -289,7 +291,7 @@ class OpcUaSourceConfig(SourceConfigBase):
         description="notifications buffered in the gateway; when full the oldest is dropped "
                     "(counted in edge_source_dropped_total)",
     )
-    batch_max: int = Field(
+    max_batch: int = Field(
         5000, ge=1, le=100000,
         description="events per outbox commit at most (larger batches sustain higher rates; "
                     "at low rates a commit holds what arrived meanwhile)",

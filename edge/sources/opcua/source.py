@@ -160,7 +160,7 @@ class OpcUaSource(TriggersMixin, BackfillMixin):
         self._mon_q = NotificationQueue(cfg.queue_max, self._dropped_notification)
         self._trig_q = NotificationQueue(max(100, cfg.queue_max // 10), self._dropped_trigger)
         self._mapped: asyncio.Queue[tuple[list[Submission], list[tuple[int, datetime]]]] = \
-            asyncio.Queue(maxsize=max(2, 2 * cfg.batch_max // _CHUNK))
+            asyncio.Queue(maxsize=max(2, 2 * cfg.max_batch // _CHUNK))
         self._trig_out: asyncio.Queue[Any] = asyncio.Queue(maxsize=1000)  # served raises
         self._init_trigger_state()  # handshake state per trigger (edge.sources.opcua.triggers)
         self._ctl: asyncio.Queue[tuple[Any, ...]] = asyncio.Queue(maxsize=1000)
@@ -207,7 +207,7 @@ class OpcUaSource(TriggersMixin, BackfillMixin):
         opcua_client.check_internals()
         client = opcua_client.GatewayClient(
             cfg.endpoint, timeout=cfg.timeout_s, watchdog_intervall=cfg.watchdog_s,
-            auto_reconnect=True, reconnect_max_delay=cfg.reconnect_max_delay_s,
+            auto_reconnect=True, reconnect_max_delay=cfg.reconnect_max_s,
             attempt_timeout_s=min(cfg.connect_timeout_s, cfg.timeout_s),
             on_attempt_failed=self._reconnect_failed)
         client.name = f"edge-gateway {self.ctx.site}/{cfg.id}"
@@ -586,7 +586,7 @@ class OpcUaSource(TriggersMixin, BackfillMixin):
         if not self.cfg.monitored:
             return
         mapped = self._mapped
-        limit = self.cfg.batch_max
+        limit = self.cfg.max_batch
         while True:
             subs, marks = await mapped.get()
             while len(subs) < limit and not mapped.empty():

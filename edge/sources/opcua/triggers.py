@@ -16,7 +16,7 @@ Nothing stalls a station:
 - After a failed Read, a failed ack write, a local queue overflow and on every
   (re)connect or subscription re-creation the trigger nodes are read again; a trigger
   that still shows ``when`` is served again: read, commit (same id), ack. Retries back
-  off (0.5 s doubling up to ``reconnect_max_delay_s``); while one is pending, a named
+  off (0.5 s doubling up to ``reconnect_max_s``); while one is pending, a named
   condition of the source says so in ``/status``.
 - A quarantined result is acknowledged too (it is kept in the quarantine table).
 - Two raises within one publishing interval are never one part stored twice: a raise
@@ -167,7 +167,7 @@ class TriggersMixin:
     def _retry_later(self, idx: int, failures: int) -> float:
         """Re-read trigger ``idx`` after a backoff; returns the delay."""
         delay = min(_FIRST_RETRY_S * 2 ** min(failures - 1, 16),
-                    max(_FIRST_RETRY_S, self.cfg.reconnect_max_delay_s))
+                    max(_FIRST_RETRY_S, self.cfg.reconnect_max_s))
         st = self._hs[idx]
         if st.retry is not None:
             st.retry.cancel()

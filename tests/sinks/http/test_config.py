@@ -13,7 +13,7 @@ from edge.errors import ConfigError
 
 def _sink(url: str = "https://erp.example.com/api/v1", *, routes: str | None = None,
           extra: str = "") -> str:
-    routes = routes or '[{events: ["*"], method: POST, path: /events, batch_max: 100}]'
+    routes = routes or '[{events: ["*"], method: POST, path: /events, max_batch: 100}]'
     return textwrap.dedent(f"""\
         site: p
         sinks:
@@ -122,9 +122,9 @@ def test_oauth2_token_url_without_secrets_is_fine():
 def test_a_batched_route_must_send_the_envelope():
     """``body: data`` drops the event id: a receiver could not dedupe a split batch."""
     routes = ('[{events: [quality.hold], method: PUT, path: "/lots/{data.lot_id}", body: data}, '
-              '{events: ["*"], path: /events, batch_max: 100, body: data}]')
+              '{events: ["*"], path: /events, max_batch: 100, body: data}]')
     assert _issues(_sink(routes=routes)) == [
-        "sinks[0].routes[1].body: a batched route (batch_max > 1) must send the envelope "
+        "sinks[0].routes[1].body: a batched route (max_batch > 1) must send the envelope "
         "so every element carries its id"]
 
 

@@ -18,7 +18,8 @@ import pytest
 
 from edge.components import Outcome, OutcomeKind, StoredEvent
 from edge.config import SinkConfigBase
-from edge.forwarder import Forwarder, send_in_key_order
+from edge.delivery import send_in_key_order
+from edge.forwarder import Forwarder
 from edge.outbox import Outbox, queries
 from tests.sinks.helpers import reading, result
 
@@ -325,7 +326,7 @@ async def test_a_captive_portal_in_front_of_the_erp_dead_letters_nothing(gateway
     portal is gone."""
     from tests.sinks.helpers import sink_yaml
 
-    gw = await gateways(sink_yaml(erp.url, batch_max=20, extra="""\
+    gw = await gateways(sink_yaml(erp.url, max_batch=20, extra="""\
         retry: {initial_backoff_s: 0.05, max_backoff_s: 0.5, max_attempts: 3}
         circuit_breaker: {failure_threshold: 3, open_s: 0.3, max_open_s: 1}
         """))

@@ -7,7 +7,7 @@ import time
 from collections import defaultdict
 
 from tests.sinks.helpers import reading, result, sink_yaml
-from tests.sinks.test_http_policy import _until
+from tests.sinks.http.test_policy import _until
 
 
 def _per_key(events: list[dict]) -> dict[str, list[int]]:
@@ -33,7 +33,7 @@ async def test_per_key_order_kept_while_another_key_retries(gateways, erp):
 
 
 async def test_per_key_order_in_batches_with_a_failing_batch(gateways, erp):
-    gw = await gateways(sink_yaml(erp.url, batch_max=10))
+    gw = await gateways(sink_yaml(erp.url, max_batch=10))
     erp.fail_next(3, 502)
     items = [result(f"L{n % 3}", n) for n in range(60)]
     await gw.pipeline.submit(items)
@@ -45,7 +45,7 @@ async def test_per_key_order_in_batches_with_a_failing_batch(gateways, erp):
 async def test_a_long_outage_drains_with_zero_loss_and_order_kept(gateways, erp):
     """Ten minutes of production at 10 events/s (6,000 events), compressed: the ERP is down
     while they are produced, then comes back; every event arrives once, in order per lot."""
-    gw = await gateways(sink_yaml(erp.url, batch_max=100))
+    gw = await gateways(sink_yaml(erp.url, max_batch=100))
     erp.outage(True)
     produced: list[str] = []
     for minute in range(10):
@@ -80,7 +80,7 @@ async def test_retry_after_pauses_the_whole_sink(gateways, erp):
 
 
 async def test_critical_events_overtake_a_telemetry_backlog(gateways, erp):
-    gw = await gateways(sink_yaml(erp.url, batch_max=20,
+    gw = await gateways(sink_yaml(erp.url, max_batch=20,
                                   extra="lease_batch: 20\nmax_in_flight: 1"))
     erp.outage(True)
     await gw.pipeline.submit([reading(n) for n in range(400)])
@@ -99,7 +99,7 @@ async def test_critical_events_overtake_a_telemetry_backlog(gateways, erp):
 
 
 async def test_drain_rate_limit_spreads_a_backlog(gateways, erp):
-    gw = await gateways(sink_yaml(erp.url, batch_max=50, extra="rate_limit_per_s: 100"))
+    gw = await gateways(sink_yaml(erp.url, max_batch=50, extra="rate_limit_per_s: 100"))
     erp.outage(True)
     await gw.pipeline.submit([reading(n) for n in range(300)])
     await _until(lambda: gw.forwarders["erp"].breaker.state != "closed")

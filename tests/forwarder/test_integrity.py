@@ -13,8 +13,8 @@ import sqlite3
 import orjson
 
 from edge.outbox import queries
-from tests.api.support import eventually
 from tests.sinks.helpers import result, sink_yaml
+from tests.support import eventually
 
 
 def _tamper(event_id: str):

@@ -12,8 +12,8 @@ import pytest
 
 from edge.components import OutcomeKind
 from edge.sim.erp import ErpReceiver
-from tests.sinks.test_http_paths import RawReceiver
-from tests.sinks.test_http_send import event, open_sink, stored
+from tests.sinks.http.test_paths import RawReceiver
+from tests.sinks.http.test_send import event, open_sink, stored
 
 
 def _one(n: int = 0):
@@ -84,7 +84,7 @@ async def test_a_redirect_is_not_followed_and_its_target_is_named_without_a_quer
 async def test_a_batch_answered_with_a_sink_fault_is_not_split(erp):
     erp.fail_next(1, 520)
     lease = stored([event("inspection.result", lot, n) for n, lot in enumerate("ABCDE")])
-    async with open_sink(erp.url, batch_max=100) as sink:
+    async with open_sink(erp.url, max_batch=100) as sink:
         outcomes = await sink.send(lease)
     assert [o.kind for o in outcomes] == [OutcomeKind.sink_fault] * 5
     assert [len(r.events) for r in erp.requests] == [5]
@@ -195,7 +195,7 @@ async def test_a_413_batch_is_split_down_to_the_event_that_is_too_large(erp):
     erp.reject(lambda e: e["data"].get("huge"), 413)
     lease = stored([event("inspection.result", lot, n, huge=(n == 2))
                     for n, lot in enumerate("ABCD")])
-    async with open_sink(erp.url, batch_max=100) as sink:
+    async with open_sink(erp.url, max_batch=100) as sink:
         outcomes = await sink.send(lease)
     assert [o.kind for o in outcomes] == [OutcomeKind.delivered, OutcomeKind.delivered,
                                           OutcomeKind.dead_letter, OutcomeKind.delivered]

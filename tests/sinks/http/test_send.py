@@ -18,22 +18,22 @@ import pytest
 
 from edge.components import ComponentContext, OutcomeKind, StoredEvent
 from edge.config import load_config_text
+from edge.delivery import blocks_key
 from edge.events import Event, make_event
-from edge.forwarder import blocks_key
 from edge.sinks.http.sink import HttpSink
 from edge.telemetry import Metrics
 from tests.sinks.helpers import sink_yaml
 
 HOLD_AND_EVENTS = ('[{events: [lot.status, quality.hold], method: PUT, '
                    'path: "/lots/{data.lot_id}/status"}, '
-                   '{events: ["*"], method: POST, path: /events, batch_max: 100}]')
+                   '{events: ["*"], method: POST, path: /events, max_batch: 100}]')
 
 
 @asynccontextmanager
-async def open_sink(url: str, *, routes: str | None = None, batch_max: int = 1,
+async def open_sink(url: str, *, routes: str | None = None, max_batch: int = 1,
                     extra: str = "", base_dir: Path | None = None) -> AsyncIterator[HttpSink]:
     """A started ``HttpSink`` built from a config block through the config loader."""
-    text = "site: test-site\n" + sink_yaml(url, batch_max=batch_max, routes=routes, extra=extra)
+    text = "site: test-site\n" + sink_yaml(url, max_batch=max_batch, routes=routes, extra=extra)
     cfg = load_config_text(text, base_dir=base_dir)
     sink = HttpSink(cfg.sinks[0], ComponentContext(site="test-site", state_dir=".",
                                                    metrics=Metrics()))
@@ -93,7 +93,7 @@ async def test_a_dead_letter_in_a_split_batch_parks_the_rest_of_its_key(erp):
     """Splitting a refused batch: once an element of a key is not delivered, later elements
     of that key in the batch are not sent. Before, only a retry stopped them."""
     erp.reject(lambda e: e["data"].get("bad"), 422)
-    async with open_sink(erp.url, batch_max=100) as sink:
+    async with open_sink(erp.url, max_batch=100) as sink:
         outcomes = await sink.send(stored([
             event("inspection.result", "A", 1, bad=True), event("inspection.result", "A", 2),
             event("inspection.result", "B", 3), event("inspection.result", "B", 4)]))
@@ -105,7 +105,7 @@ async def test_a_dead_letter_in_a_split_batch_parks_the_rest_of_its_key(erp):
 
 async def test_on_dead_letter_continue_lets_the_key_flow_past_a_dead_letter(erp):
     erp.reject(lambda e: e["data"].get("bad"), 422)
-    async with open_sink(erp.url, batch_max=100, extra="on_dead_letter: continue") as sink:
+    async with open_sink(erp.url, max_batch=100, extra="on_dead_letter: continue") as sink:
         outcomes = await sink.send(stored([
             event("inspection.result", "A", 1, bad=True), event("inspection.result", "A", 2)]))
     assert [o.kind for o in outcomes] == [OutcomeKind.dead_letter, OutcomeKind.delivered]
@@ -114,8 +114,8 @@ async def test_on_dead_letter_continue_lets_the_key_flow_past_a_dead_letter(erp)
 
 MIXED_ROUTES = ('[{events: [lot.status, quality.hold], method: PUT, '
                 'path: "/lots/{data.lot_id}/status"}, '
-                '{events: [nonconformance.*], method: POST, path: /ncs, batch_max: 3}, '
-                '{events: [inspection.*, machine.*], method: POST, path: /events, batch_max: 4}]')
+                '{events: [nonconformance.*], method: POST, path: /ncs, max_batch: 3}, '
+                '{events: [inspection.*, machine.*], method: POST, path: /events, max_batch: 4}]')
 TYPES = ["inspection.result"] * 6 + ["quality.hold", "lot.status", "nonconformance.opened",
                                      "nonconformance.opened", "machine.reading", "other.note"]
 
@@ -151,7 +151,7 @@ async def test_generated_leases_keep_each_keys_order_whatever_routes_and_failure
     kinds: set[OutcomeKind] = set()
     async with open_sink(erp.url, routes=MIXED_ROUTES,
                          extra=f"on_dead_letter: {on_dead_letter}\n"
-                               "max_concurrent_requests: 4") as sink:
+                               "max_in_flight_requests: 4") as sink:
         for seed in range(25):
             rng = random.Random(seed)
             lease = stored(_generated_lease(rng, rng.randint(1, 60)))
@@ -185,7 +185,7 @@ async def test_generated_leases_keep_each_keys_order_whatever_routes_and_failure
 
 async def test_one_event_on_a_batched_route_carries_its_event_id(erp):
     """A batch of one (a live event, a probe) is keyed by its event id, not a batch hash."""
-    async with open_sink(erp.url, batch_max=100) as sink:
+    async with open_sink(erp.url, max_batch=100) as sink:
         [only] = stored([event("inspection.result", "A", 1)])
         await sink.send([only])
     [req] = erp.requests
@@ -198,7 +198,7 @@ async def test_split_halves_keep_ids_and_a_batch_keeps_its_key_across_attempts(e
     erp.reject(lambda e: e["data"].get("bad"), 422)
     lease = stored([event("inspection.result", lot, n, bad=(n == 3))
                     for n, lot in enumerate("ABCD")])
-    async with open_sink(erp.url, batch_max=100) as sink:
+    async with open_sink(erp.url, max_batch=100) as sink:
         first = await sink.send(lease)
         assert {o.kind for o in first} == {OutcomeKind.retry}
         await sink.send(lease)
@@ -215,7 +215,7 @@ async def test_split_halves_keep_ids_and_a_batch_keeps_its_key_across_attempts(e
 async def test_batch_key_is_stable_for_the_same_events(erp):
     lease = stored([event("inspection.result", "A", n) for n in range(3)])
     for _ in range(2):  # a restart in between: a new sink, the same events
-        async with open_sink(erp.url, batch_max=10) as sink:
+        async with open_sink(erp.url, max_batch=10) as sink:
             await sink.send(lease)
     a, b = (r.headers["idempotency-key"] for r in erp.requests)
     assert a == b and a.startswith("batch-")

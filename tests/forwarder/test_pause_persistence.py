@@ -19,8 +19,8 @@ from pathlib import Path
 import orjson
 
 from edge.outbox import queries
-from tests.api.support import api_yaml, eventually, free_port
 from tests.sinks.helpers import result, sink_yaml
+from tests.support import api_yaml, eventually, free_port
 
 STORM = "storm_guard: {window_outcomes: 10, min_share: 0.8, min_events: 5}"
 

@@ -28,7 +28,7 @@ def _body(endpoint: str, node: str, erp_url: str) -> str:
             endpoint: {endpoint}
             publishing_ms: 100
             watchdog_s: 0.5
-            reconnect_max_delay_s: 2
+            reconnect_max_s: 2
             backfill: {{first_sample_wait_s: 5}}
             monitored:
               - {{node: "{node}", sampling_ms: 0, queue_size: 100, ordering_key: "t"}}

@@ -89,8 +89,8 @@ async def test_409_counts_as_delivered_duplicate(gateways, erp):
 
 async def test_batch_split_isolates_one_bad_event(gateways, erp):
     # `continue`: the later events of the bad event's lot flow on (with the default `park`
-    # they wait for the operator; tests/sinks/test_http_send.py covers that)
-    gw = await gateways(sink_yaml(erp.url, batch_max=50, extra="on_dead_letter: continue"))
+    # they wait for the operator; tests/sinks/http/test_send.py covers that)
+    gw = await gateways(sink_yaml(erp.url, max_batch=50, extra="on_dead_letter: continue"))
     items = [result(f"L{i % 4}", i, bad=(i == 13)) for i in range(30)]
     erp.reject(lambda e: e["data"].get("bad"), 422)
     ids = await gw.pipeline.submit(items)
@@ -161,7 +161,7 @@ async def test_an_outage_is_logged_once_when_it_starts_and_once_when_it_ends(gat
 async def test_after_a_retry_after_no_new_request_of_the_lease_starts(gateways, erp):
     """A 429 with Retry-After asks the client to wait: the other requests of the same lease
     (other lots, not retries) are not sent meanwhile; they go once the pause is over."""
-    gw = await gateways(sink_yaml(erp.url, extra="max_concurrent_requests: 1\n"))
+    gw = await gateways(sink_yaml(erp.url, extra="max_in_flight_requests: 1\n"))
     erp.fail_next(1, 429, retry_after="2")
     await gw.pipeline.submit([result(f"L{i}") for i in range(8)])
     await erp.wait_for(lambda e: len(e.events) == 8, within_s=20)

@@ -1,4 +1,8 @@
-"""Helpers for tests that talk to the gateway's local API over loopback."""
+"""Test support in one place: waiting for a condition, reading a metric, ports, builders.
+
+Tests import helpers from here (or from ``tests/fixtures``), never from another test
+module. Wait for the condition a user relies on (``eventually``); never sleep-then-assert.
+"""
 
 from __future__ import annotations
 
@@ -42,3 +46,18 @@ async def eventually(check: Callable[[], Any], *, timeout: float = 20.0) -> Any:
             if result:
                 return result
             await asyncio.sleep(0.05)
+
+
+def metric(collector: Any, *labels: str) -> float:
+    """The current value of a prometheus counter or gauge (``labels`` in declaration order).
+
+    Reads through the public collection API, so a test does not depend on the client's
+    private fields: ``metric(gw.metrics.sink_paused, "erp")``.
+    """
+    child = collector.labels(*labels) if labels else collector
+    for family in child.collect():
+        for sample in family.samples:
+            if sample.name.endswith(("_created",)):
+                continue
+            return float(sample.value)
+    raise AssertionError(f"no sample in {collector!r} for labels {labels!r}")

@@ -38,7 +38,7 @@ def _source(endpoint: str, node: str, *, backfill: str = "", extra: str = "",
             endpoint: {endpoint}
             publishing_ms: 100
             watchdog_s: 0.5
-            reconnect_max_delay_s: 2
+            reconnect_max_s: 2
             backfill: {{first_sample_wait_s: 5{backfill}}}
         {textwrap.indent(extra, "    ")}
             monitored:

@@ -13,8 +13,8 @@ import orjson
 import pytest
 
 from edge.outbox import queries
-from tests.api.support import eventually
 from tests.sinks.helpers import result, sink_yaml
+from tests.support import eventually
 
 
 async def _audit(gw, state: str) -> list[tuple[str, str, dict]]:

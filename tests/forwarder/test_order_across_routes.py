@@ -49,7 +49,7 @@ def gateway_yaml(broker_url: str, erp_url: str) -> str:
             routes:
               - {{events: [quality.hold], method: PUT, path: "/lots/{{data.lot_id}}/hold"}}
               - {{events: [nonconformance], method: POST, path: /nonconformances}}
-              - {{events: ["*"], method: POST, path: /events, batch_max: 50}}
+              - {{events: ["*"], method: POST, path: /events, max_batch: 50}}
         """)
 
 

@@ -15,7 +15,7 @@ from cryptography.x509.oid import NameOID
 from edge.outbox import queries
 from edge.sim.erp import ErpReceiver
 from tests.sinks.helpers import result, sink_yaml
-from tests.sinks.test_http_policy import _until
+from tests.sinks.http.test_policy import _until
 
 
 async def test_api_key_header_from_file(gateways, tmp_path: Path):

@@ -13,7 +13,7 @@ from typing import Any
 
 from edge.components import OutcomeKind
 from edge.events import Event, make_event
-from tests.sinks.test_http_send import open_sink, stored
+from tests.sinks.http.test_send import open_sink, stored
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
 

@@ -17,9 +17,9 @@ from edge.config import load_config_text
 from edge.errors import ConfigError
 from edge.events import make_event
 from edge.outbox import queries
-from tests.api.support import eventually
 from tests.fixtures.mosquitto import wait_until
 from tests.sinks.helpers import sink_yaml
+from tests.support import eventually
 
 pytestmark = pytest.mark.mqtt
 

@@ -29,7 +29,7 @@ def _config(st: Any, endpoint: str, erp_url: str, *, ack: bool = True,
             endpoint: {endpoint}
             timeout_s: 3
             watchdog_s: 0.5
-            reconnect_max_delay_s: 1
+            reconnect_max_s: 1
             {extra}
             triggers:
               - node: "{st.node_id('ResultReady')}"

@@ -1,0 +1,108 @@
+"""What every sink needs to keep DESIGN invariant 4 (per-key order) and route events.
+
+- ``send_in_key_order``  send requests concurrently, keys in parallel, one key in order
+- ``blocks_key``         whether an outcome holds the later events of its key
+- ``event_matches``      the event-type patterns of routes: ``*``, an exact type, ``a.*``
+
+Public through ``edge.plugin``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+
+from edge.components import Outcome, OutcomeKind, StoredEvent
+
+__all__ = ["SendRequest", "blocks_key", "event_matches", "send_in_key_order"]
+
+
+def event_matches(patterns: Iterable[str], event_type: str) -> bool:
+    """True when ``event_type`` matches one of ``patterns``: ``*`` (every type), the exact
+    type, or a prefix pattern ``inspection.*`` (``inspection.result``, not ``inspection``)."""
+    for pattern in patterns:
+        if pattern == "*" or pattern == event_type:
+            return True
+        if pattern.endswith(".*") and event_type.startswith(pattern[:-1]):
+            return True
+    return False
+
+
+SendRequest = Callable[[list[StoredEvent]], Awaitable[list[Outcome]]]
+
+
+async def send_in_key_order(
+    requests: Sequence[list[StoredEvent]],
+    send_request: SendRequest,
+    concurrency: int,
+    stopping: Callable[[], bool] = lambda: False,
+    *,
+    dead_letter_blocks: bool = True,
+) -> dict[int, Outcome]:
+    """Send requests (each one event or a batch) concurrently while keeping per-key order.
+
+    ``requests`` come in outbox order (by their first event). A request waits for every
+    earlier request that shares an ordering key with it. Once an event of a key was not
+    delivered (``blocks_key``: retry, sink fault, unrouted, and a dead letter unless
+    ``dead_letter_blocks`` is False, the sink's ``on_dead_letter: continue``), later events
+    of that key are not sent (``Outcome.not_attempted``) and are removed from the requests
+    they were in. Once ``stopping()`` is true (shutdown) no new request starts: its events
+    are not attempted. Once the receiver answered with a ``Retry-After`` (429, 503 …) no
+    new request starts either: it asked this client to wait, and the forwarder pauses the
+    sink that long; requests already on the wire finish. Returns the outcome of every
+    event by ``seq``.
+    """
+    outcomes: dict[int, Outcome] = {}
+    blocked: set[str] = set()
+    asked_to_wait: list[float] = []  # Retry-After seconds the receiver gave in this call
+    last_for_key: dict[str, asyncio.Event] = {}
+    sem = asyncio.Semaphore(concurrency)
+
+    async def run(events: list[StoredEvent], after: list[asyncio.Event],
+                  done: asyncio.Event) -> None:
+        try:
+            for dep in after:
+                await dep.wait()
+            todo = []
+            for ev in events:
+                if ev.ordering_key is not None and ev.ordering_key in blocked:
+                    outcomes[ev.seq] = Outcome.not_attempted()
+                else:
+                    todo.append(ev)
+            if todo:
+                async with sem:
+                    if stopping():
+                        results = [Outcome.not_attempted("gateway stopping")] * len(todo)
+                    elif asked_to_wait:
+                        results = [Outcome.not_attempted(
+                            "the receiver asked to wait (Retry-After)")] * len(todo)
+                    else:
+                        results = await send_request(todo)
+                for ev, outcome in zip(todo, results, strict=True):
+                    outcomes[ev.seq] = outcome
+                    if outcome.retry_after_s and outcome.kind is not OutcomeKind.delivered:
+                        asked_to_wait.append(outcome.retry_after_s)
+                    if ev.ordering_key is not None and blocks_key(outcome, dead_letter_blocks):
+                        blocked.add(ev.ordering_key)
+        finally:
+            done.set()
+
+    async with asyncio.TaskGroup() as tg:
+        for events in requests:
+            done = asyncio.Event()
+            keys = {ev.ordering_key for ev in events if ev.ordering_key is not None}
+            after = [last_for_key[k] for k in keys if k in last_for_key]
+            for k in keys:
+                last_for_key[k] = done
+            tg.create_task(run(events, after, done))
+    return outcomes
+
+
+def blocks_key(outcome: Outcome, dead_letter_blocks: bool = True) -> bool:
+    """True when later events of the same ordering key must wait after ``outcome``
+    (DESIGN invariant 4: only a delivered event lets its key move on)."""
+    if outcome.kind in (OutcomeKind.delivered, OutcomeKind.duplicate):
+        return False
+    if outcome.kind is OutcomeKind.dead_letter:
+        return dead_letter_blocks
+    return True

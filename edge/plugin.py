@@ -1,0 +1,106 @@
+"""The public plugin SDK: everything a source or sink needs, and nothing else.
+
+A component is one folder (a package) with a config model, a factory and a
+``COMPONENT = ComponentType(...)`` in its ``__init__.py``, registered by one entry point in
+the distribution that ships it::
+
+    [project.entry-points."edge.sources"]
+    labfile = "my_plant_plugins.labfile:COMPONENT"
+
+The gateway's own sources and sinks (``edge/sources/*``, ``edge/sinks/*``) are built on
+exactly this module and register the same way. ``plugins/README.md`` walks through a
+source in 30 lines.
+
+Contracts (the full text is in ``edge.components``):
+
+- ``factory(config, ctx)`` validates and builds the component without I/O. Importing a
+  component's package stays cheap: heavy client libraries are imported in the factory.
+- A source commits through ``ctx.ingest.submit(...)`` and acknowledges upstream only after
+  it returned (DESIGN invariant 1). ``OutboxFullError``: do not ack, ``await
+  ctx.ingest.wait_accepting()`` and retry the same records.
+- A sink's ``send(events)`` returns one ``Outcome`` per event, in order, and never raises for
+  one event's failure; ``send_in_key_order`` keeps per-key order (invariant 4).
+
+Names not exported here are internal and may change in any release.
+"""
+
+from __future__ import annotations
+
+from edge.components import (
+    ComponentContext,
+    Ingest,
+    Outcome,
+    OutcomeKind,
+    Sink,
+    Source,
+    StoredEvent,
+    Submission,
+)
+from edge.config import (
+    SecretFile,
+    SinkConfigBase,
+    SourceConfigBase,
+    StrictModel,
+    read_secret,
+)
+from edge.delivery import blocks_key, event_matches, send_in_key_order
+from edge.errors import (
+    ConfigError,
+    FatalStartupError,
+    InputError,
+    OutboxClosedError,
+    OutboxError,
+    OutboxFullError,
+    OutboxOrderError,
+    RetryableStartupError,
+)
+from edge.events import Event, EventClass, make_event
+from edge.registry import ComponentType
+from edge.telemetry import log_event
+from edge.tls import TlsConfig, client_context
+from edge.transforms.map import (
+    Mapper,
+    MappingConfig,
+    get_path,
+    render_template,
+    template_fields,
+)
+
+__all__ = [
+    "ComponentContext",
+    "ComponentType",
+    "ConfigError",
+    "Event",
+    "EventClass",
+    "FatalStartupError",
+    "Ingest",
+    "InputError",
+    "Mapper",
+    "MappingConfig",
+    "Outcome",
+    "OutcomeKind",
+    "OutboxClosedError",
+    "OutboxError",
+    "OutboxFullError",
+    "OutboxOrderError",
+    "RetryableStartupError",
+    "SecretFile",
+    "Sink",
+    "SinkConfigBase",
+    "Source",
+    "SourceConfigBase",
+    "StoredEvent",
+    "StrictModel",
+    "Submission",
+    "TlsConfig",
+    "blocks_key",
+    "client_context",
+    "event_matches",
+    "get_path",
+    "log_event",
+    "make_event",
+    "read_secret",
+    "render_template",
+    "send_in_key_order",
+    "template_fields",
+]
