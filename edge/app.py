@@ -37,12 +37,12 @@ from edge.errors import FatalStartupError
 from edge.events import Event, EventClass
 from edge.forwarder import Forwarder
 from edge.outbox import Outbox
-from edge.outbox.audit import utc_iso
 from edge.outbox.integrity import EarlyCheck
 from edge.pipeline import Pipeline
 from edge.registry import Registry, default_registry
 from edge.rules import build_rules
 from edge.telemetry import Metrics, log_event
+from edge.timefmt import utc_iso
 
 __all__ = ["ComponentStatus", "Gateway"]
 

@@ -24,6 +24,8 @@ from typing import Any
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from edge.timefmt import iso_z
+
 __all__ = [
     "DEFAULT_CLASS_BY_TYPE",
     "Event",
@@ -196,11 +198,7 @@ def _construct(**values: Any) -> Event:
 
 
 def _iso(ts: datetime | None) -> str | None:
-    if ts is None:
-        return None
-    if ts.tzinfo is None:
-        ts = ts.replace(tzinfo=UTC)
-    return ts.astimezone(UTC).isoformat().replace("+00:00", "Z")
+    return iso_z(ts) if ts is not None else None
 
 
 def default_ordering_key(data: dict[str, Any]) -> str | None:

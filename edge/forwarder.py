@@ -53,9 +53,9 @@ from typing import Any
 from edge.components import Outcome, OutcomeKind, Sink, StoredEvent
 from edge.config import SinkConfigBase
 from edge.outbox import Outbox, Resolution
-from edge.outbox.audit import utc_iso
 from edge.retry import CircuitBreaker, StormGuard, TokenBucket, backoff_s, steady_time
 from edge.telemetry import Metrics, log_event
+from edge.timefmt import utc_iso
 
 __all__ = ["Alarm", "Forwarder", "Pause"]
 

@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from edge.outbox import audit, queries
+from edge.timefmt import utc_iso
 
 __all__ = ["format_timeline", "trace_event", "trace_key"]
 
@@ -42,7 +43,7 @@ def _dead_letters(conn: sqlite3.Connection, event_id: str) -> list[dict[str, Any
         "SELECT id, sink, status, reason, attempts, dead_at FROM dead_letters "
         "WHERE event_id = ? ORDER BY id", (event_id,)).fetchall()
     return [{"id": i, "sink": s, "status": st, "reason": r, "attempts": a,
-             "dead_at": audit.utc_iso(t)} for i, s, st, r, a, t in rows]
+             "dead_at": utc_iso(t)} for i, s, st, r, a, t in rows]
 
 
 def _document(conn: sqlite3.Connection, event_id: str, rows: list[dict[str, Any]]

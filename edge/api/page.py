@@ -13,7 +13,8 @@ import time
 from typing import Any
 from urllib.parse import quote
 
-from edge.api.summary import ago, duration, overall, parked_key_text, problems
+from edge.api.summary import overall, parked_key_text, problems
+from edge.timefmt import ago, duration
 
 __all__ = ["REFRESH_S", "render"]
 

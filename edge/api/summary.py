@@ -6,12 +6,12 @@ functions over the ``Gateway.status_report()`` dict (no web framework imported h
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any
 
-__all__ = ["OLD_BACKLOG_S", "Problem", "ago", "duration", "overall", "parked_key_text",
+from edge.timefmt import ago, duration
+
+__all__ = ["OLD_BACKLOG_S", "Problem", "overall", "parked_key_text",
            "problems"]
 
 OLD_BACKLOG_S = 300.0  # an undelivered event older than this is worth a line
@@ -27,36 +27,6 @@ class Problem:
     def to_dict(self) -> dict[str, Any]:
         return {"severity": self.severity, "subject": self.subject, "message": self.message,
                 "since": self.since}
-
-
-def duration(seconds: float | None) -> str:
-    """``42 s``, ``12 min``, ``3.4 h``, ``2.1 d``; ``-`` when unknown."""
-    if seconds is None:
-        return "-"
-    if seconds < 120:
-        return f"{seconds:.0f} s"
-    if seconds < 7200:
-        return f"{seconds / 60:.0f} min"
-    if seconds < 172800:
-        return f"{seconds / 3600:.1f} h"
-    return f"{seconds / 86400:.1f} d"
-
-
-def _epoch(iso: str | None) -> float | None:
-    if not iso:
-        return None
-    try:
-        return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
-    except ValueError:
-        return None
-
-
-def ago(iso: str | None, now: float | None = None) -> str:
-    """``12 min ago`` for a UTC ISO time; ``never`` when there is none."""
-    ts = _epoch(iso)
-    if ts is None:
-        return "never"
-    return f"{duration(max(0.0, (now or time.time()) - ts))} ago"
 
 
 def problems(report: dict[str, Any]) -> list[Problem]:

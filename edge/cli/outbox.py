@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from edge.cli.common import load_or_exit
+from edge.timefmt import duration
 
 
 def register(sub: Any) -> None:
@@ -101,23 +102,13 @@ def cmd_stats(args: argparse.Namespace) -> int:
         age = e["oldest_age_s"]
         name = sid if e["configured"] else f"{sid} (removed)"
         print(f"{name:<16}{d['critical']:>9}{d['high']:>9}{d['normal']:>9}{d['low']:>9}"
-              f"{e['total']:>9}{e['retrying']:>10}{_age(age):>10}{e['dead_letters']:>7}")
+              f"{e['total']:>9}{e['retrying']:>10}{duration(age):>10}{e['dead_letters']:>7}")
     if not st["sinks"]:
         print("(empty: nothing queued, no dead letters)")
     if st["quarantine"]:
         q = ", ".join(f"{k}={v}" for k, v in sorted(st["quarantine"].items()))
         print(f"quarantined inbound records: {q}")
     return 0
-
-
-def _age(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    if seconds < 120:
-        return f"{seconds:.0f}s"
-    if seconds < 7200:
-        return f"{seconds / 60:.0f}m"
-    return f"{seconds / 3600:.1f}h"
 
 
 def cmd_reroute(args: argparse.Namespace) -> int:

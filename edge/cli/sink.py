@@ -146,7 +146,7 @@ def _resume_stopped(args: argparse.Namespace, cfg: Any, reason: str, by: str) ->
     """Lift the stored storm-guard pause in the outbox file of a stopped gateway."""
     from edge.cli.outbox import actor, open_db
     from edge.outbox import pauses, queries
-    from edge.outbox.audit import utc_iso
+    from edge.timefmt import utc_iso
 
     who = f"{actor()} by {by}" if by else actor()
     conn = None

@@ -49,7 +49,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def format_report(report: dict[str, Any]) -> list[str]:
     """The report as the few lines an operator reads first."""
-    from edge.api.summary import ago, duration, overall, problems
+    from edge.api.summary import overall, problems
+    from edge.timefmt import ago, duration
 
     found = problems(report)
     state = {"ok": "OK", "degraded": "NEEDS ATTENTION", "critical": "PROBLEM"}[overall(found)]

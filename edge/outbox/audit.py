@@ -26,21 +26,16 @@ longer.
 from __future__ import annotations
 
 import sqlite3
-from datetime import UTC, datetime
 from typing import Any
 
 import orjson
 
 from edge.outbox.sqlutil import insert_rows
+from edge.timefmt import utc_iso
 
-__all__ = ["AuditRow", "audit_row", "insert_audit", "trace_event", "trace_key", "utc_iso"]
+__all__ = ["AuditRow", "audit_row", "insert_audit", "trace_event", "trace_key"]
 
 AuditRow = tuple[str, str | None, str | None, str, str, str | None, str | None, str | None]
-
-
-def utc_iso(ts: float | None = None) -> str:
-    dt = datetime.now(UTC) if ts is None else datetime.fromtimestamp(ts, UTC)
-    return dt.isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
 def audit_row(

@@ -20,6 +20,7 @@ from typing import Any
 
 from edge.config import OutboxConfig
 from edge.telemetry import Metrics
+from edge.timefmt import duration
 
 __all__ = ["Budget", "BudgetState"]
 
@@ -70,7 +71,7 @@ class Budget:
         if alarm:
             message = (
                 f"outbox at {pct:.0f}% of its {self.config.max_size_mb:g} MB budget"
-                + (f"; full in about {_human(ttf)} at the current rate" if ttf else "")
+                + (f"; full in about {duration(ttf)} at the current rate" if ttf else "")
             )
         return BudgetState(
             percent=pct,
@@ -114,13 +115,3 @@ class Budget:
             "percent": round(100.0 * self.used_bytes / self.budget_bytes, 2),
             "time_to_full_s": round(ttf, 1) if ttf is not None else None,
         }
-
-
-def _human(seconds: float | None) -> str:
-    if seconds is None:
-        return "unknown"
-    if seconds < 120:
-        return f"{seconds:.0f} s"
-    if seconds < 7200:
-        return f"{seconds / 60:.0f} min"
-    return f"{seconds / 3600:.1f} h"

@@ -27,6 +27,7 @@ from typing import Any
 import orjson
 
 from edge.outbox import audit
+from edge.timefmt import utc_iso
 
 __all__ = ["clear_pause", "keep_retry_after", "load_pauses", "resume_stopped",
            "retry_after_until", "settle_retry_after", "store_pause"]
@@ -152,7 +153,7 @@ def resume_stopped(conn: sqlite3.Connection, sink: str, *, actor: str, reason: s
     detail: dict[str, Any] = {"sink": sink, "pause": pause.get("code", "storm_guard"),
                               "gateway": "stopped"}
     if isinstance(pause.get("since"), int | float):
-        detail["paused_since"] = audit.utc_iso(float(pause["since"]))
+        detail["paused_since"] = utc_iso(float(pause["since"]))
     if pause.get("reason"):
         detail["pause_reason"] = pause["reason"]
     audit.insert_audit(conn, [audit.audit_row("sink_resumed", actor=actor, reason=reason,

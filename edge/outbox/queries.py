@@ -25,6 +25,7 @@ from edge.events import EventClass, payload_sha256
 from edge.outbox import audit
 from edge.outbox.schema import DDL, DEAD_LETTERS_TABLE, SCHEMA_VERSION
 from edge.outbox.sqlutil import in_chunks, in_list, insert_rows
+from edge.timefmt import utc_iso
 
 if TYPE_CHECKING:
     from edge.outbox.store import Resolution
@@ -46,7 +47,7 @@ def ensure_schema(conn: sqlite3.Connection) -> None:
         _migrate_1_to_2(conn)
     conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
     conn.execute(
-        "INSERT OR IGNORE INTO meta(key, value) VALUES ('created_at', ?)", (audit.utc_iso(),)
+        "INSERT OR IGNORE INTO meta(key, value) VALUES ('created_at', ?)", (utc_iso(),)
     )
 
 
@@ -199,7 +200,7 @@ def insert_events(
     in the result is ``""``). Every new event takes a seq above ``meta.last_seq``.
     """
     now = time.time()
-    ts = audit.utc_iso(now)
+    ts = utc_iso(now)
     result = SubmitResult()
     next_seq = _last_seq(conn) + 1
     ev_rows: list[tuple[Any, ...]] = []
@@ -311,7 +312,7 @@ def apply_resolutions(
     """Record a lease's outcomes. Only rows that still exist change: a row an operator
     discarded meanwhile is not resurrected, and since a seq is never reused, a completion
     can only ever touch the rows its lease held (DESIGN invariant 2)."""
-    ts = audit.utc_iso()
+    ts = utc_iso()
     now = time.time()
     done: dict[int, Resolution] = {}
     au_rows: list[audit.AuditRow] = []
@@ -329,7 +330,7 @@ def apply_resolutions(
             if r.attempted and cur.rowcount:
                 au_rows.append(audit.audit_row(
                     "retry", event_id=r.event_id, sink=sink, ts=ts, reason=r.reason[:500],
-                    detail={"status": r.status, "next_attempt": audit.utc_iso(r.next_at)}))
+                    detail={"status": r.status, "next_attempt": utc_iso(r.next_at)}))
         elif r.kind == "dead_letter":
             cur = conn.execute(
                 "INSERT INTO dead_letters(seq, sink, event_id, type, class, ordering_key, status,"
@@ -406,7 +407,7 @@ def expire_low(conn: sqlite3.Connection, limit: int,
         return 0
     conn.executemany("DELETE FROM deliveries WHERE seq = ?", [(r[0],) for r in rows])
     conn.executemany("DELETE FROM events WHERE seq = ?", [(r[0],) for r in rows])
-    ts = audit.utc_iso()
+    ts = utc_iso()
     audit.insert_audit(conn, [
         audit.audit_row("expired", event_id=r[1], ts=ts, reason="disk budget: class low",
                         ordering_key=None)
@@ -582,7 +583,7 @@ def parked_keys(conn: sqlite3.Connection, sink: str, *, limit: int) -> list[dict
             "SELECT COUNT(*) FROM deliveries WHERE sink = ? AND ordering_key = ?",
             (sink, key)).fetchone()[0]
         out.append({"key": key, "dead_letter_id": dl_id, "event_id": event_id,
-                    "since": audit.utc_iso(dead_at), "waiting": waiting})
+                    "since": utc_iso(dead_at), "waiting": waiting})
     return out
 
 
@@ -593,7 +594,7 @@ _DLQ_COLS = ("id", "seq", "sink", "event_id", "type", "class", "ordering_key", "
 def _dlq_dict(row: tuple[Any, ...]) -> dict[str, Any]:
     d = dict(zip(_DLQ_COLS, row, strict=True))
     d["class"] = EventClass(d["class"]).name
-    d["dead_at"] = audit.utc_iso(d["dead_at"])
+    d["dead_at"] = utc_iso(d["dead_at"])
     return d
 
 
@@ -644,7 +645,7 @@ def dlq_replay(conn: sqlite3.Connection, *, ids: Sequence[int] | None, sink: str
                actor: str, reason: str) -> int:
     """Move dead letters back to the queue (attempts reset), audited with actor and reason."""
     rows = _select_dlq(conn, ids, sink)
-    ts = audit.utc_iso()
+    ts = utc_iso()
     for dl_id, seq, dl_sink, _event_id, cls, key in rows:
         conn.execute(
             "INSERT OR IGNORE INTO deliveries(seq, sink, class, ordering_key) VALUES (?,?,?,?)",
@@ -661,7 +662,7 @@ def dlq_replay(conn: sqlite3.Connection, *, ids: Sequence[int] | None, sink: str
 def dlq_discard(conn: sqlite3.Connection, *, ids: Sequence[int] | None, sink: str | None,
                 actor: str, reason: str) -> int:
     rows = _select_dlq(conn, ids, sink)
-    ts = audit.utc_iso()
+    ts = utc_iso()
     conn.executemany("DELETE FROM dead_letters WHERE id = ?", [(r[0],) for r in rows])
     _gc_events(conn, [r[1] for r in rows])
     audit.insert_audit(conn, [
@@ -698,7 +699,7 @@ def reroute_sink(conn: sqlite3.Connection, *, from_sink: str, to_sink: str, acto
         (to_sink, from_sink, to_sink),
     )
     conn.execute("DELETE FROM deliveries WHERE sink = ?", (from_sink,))
-    ts = audit.utc_iso()
+    ts = utc_iso()
     audit.insert_audit(conn, [
         audit.audit_row("rerouted", event_id=eid, sink=to_sink, actor=actor, reason=reason,
                         ts=ts, detail={"from": from_sink})
@@ -715,7 +716,7 @@ def discard_sink(conn: sqlite3.Connection, *, sink: str, actor: str, reason: str
     ).fetchall()
     conn.execute("DELETE FROM deliveries WHERE sink = ?", (sink,))
     _gc_events(conn, [r[0] for r in rows])
-    ts = audit.utc_iso()
+    ts = utc_iso()
     audit.insert_audit(conn, [
         audit.audit_row("discarded", event_id=eid, sink=sink, actor=actor, reason=reason, ts=ts)
         for _, eid in rows
@@ -728,7 +729,7 @@ def event_by_id(conn: sqlite3.Connection, event_id: str) -> dict[str, Any] | Non
     if row is None:
         return None
     pending = [
-        {"sink": s, "attempts": a, "next_at": audit.utc_iso(n) if n else None, "last_error": e}
+        {"sink": s, "attempts": a, "next_at": utc_iso(n) if n else None, "last_error": e}
         for s, a, n, e in conn.execute(
             "SELECT sink, attempts, next_at, last_error FROM deliveries WHERE seq = ?", (row[0],)
         )

@@ -60,6 +60,7 @@ from edge.events import EventClass
 from edge.outbox import audit
 from edge.outbox.schema import SCHEMA_VERSION
 from edge.outbox.sqlutil import in_chunks, in_list, insert_rows
+from edge.timefmt import utc_iso
 
 __all__ = ["SEQ_FLOOR_KEY", "SalvageError", "SalvageReport", "Salvage", "peek", "read_file"]
 
@@ -553,7 +554,7 @@ class Salvage:
 
     def _apply(self, chunk: list[OldEvent]) -> None:
         rep = self.report
-        ts = audit.utc_iso()
+        ts = utc_iso()
         now = time.time()
         for ev, rows in self._plan(chunk, self.live):
             sinks: list[tuple[str, int, str | None]]

@@ -59,6 +59,7 @@ from edge.outbox.lease import scan_lease
 from edge.outbox.writer import GroupCommitWriter, Merger
 from edge.retry import steady_time
 from edge.telemetry import Metrics, log_event
+from edge.timefmt import utc_iso
 
 __all__ = ["Outbox", "Resolution"]
 
@@ -455,7 +456,7 @@ class Outbox:
     @property
     def alarms(self) -> list[dict[str, Any]]:
         return [
-            {"code": a.code, "message": a.message, "since": audit.utc_iso(a.since)}
+            {"code": a.code, "message": a.message, "since": utc_iso(a.since)}
             for a in self._alarms.values()
         ]
 
@@ -642,7 +643,7 @@ class Outbox:
                 lambda c: queries.prune(
                     c,
                     dedupe_before=now - self.config.dedupe_window_s,
-                    audit_before=audit.utc_iso(now - self.config.audit_retention_days * 86400),
+                    audit_before=utc_iso(now - self.config.audit_retention_days * 86400),
                     quarantine_max_rows=self.config.quarantine_max_rows,
                     limit=limit,
                 )

@@ -702,6 +702,6 @@ class MqttSource:
 def _iso(ts: float | None) -> str | None:
     if ts is None:
         return None
-    from edge.outbox.audit import utc_iso
+    from edge.timefmt import utc_iso
 
     return utc_iso(ts)
