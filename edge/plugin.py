@@ -21,11 +21,13 @@ Contracts (the full text is in ``edge.components``):
 - A sink's ``send(events)`` returns one ``Outcome`` per event, in order, and never raises for
   one event's failure; ``send_in_key_order`` keeps per-key order (invariant 4).
 
-Names not exported here are internal and may change in any release.
+Names not exported here are internal and may change in any release. ``__version__`` is
+the gateway's version: the SDK is released with it.
 """
 
 from __future__ import annotations
 
+from edge import __version__
 from edge.components import (
     ComponentContext,
     Ingest,
@@ -37,6 +39,7 @@ from edge.components import (
     Submission,
 )
 from edge.config import (
+    ConfigDir,
     SecretFile,
     SinkConfigBase,
     SourceConfigBase,
@@ -56,6 +59,7 @@ from edge.errors import (
 )
 from edge.events import Event, EventClass, make_event
 from edge.registry import ComponentType
+from edge.retry import parse_retry_after
 from edge.telemetry import log_event
 from edge.tls import TlsConfig, client_context
 from edge.transforms.map import (
@@ -67,8 +71,10 @@ from edge.transforms.map import (
 )
 
 __all__ = [
+    "__version__",
     "ComponentContext",
     "ComponentType",
+    "ConfigDir",
     "ConfigError",
     "Event",
     "EventClass",
@@ -99,6 +105,7 @@ __all__ = [
     "get_path",
     "log_event",
     "make_event",
+    "parse_retry_after",
     "read_secret",
     "render_template",
     "send_in_key_order",
