@@ -16,16 +16,9 @@ from typing import Any
 import pytest
 
 from edge.sim.erp import ErpReceiver
-from tests.fixtures.gateway import http_sink_yaml
 from tests.fixtures.gateway_process import GatewayProcess
-from tests.fixtures.mosquitto import (
-    Broker,
-    inspection,
-    message_ids,
-    mqtt_source_yaml,
-    start_publisher,
-    wait_until,
-)
+from tests.fixtures.mosquitto import Broker, inspection, message_ids, start_publisher, wait_until
+from tests.support import http_sink_yaml, mqtt_source_yaml
 
 pytestmark = pytest.mark.mqtt
 
@@ -87,7 +80,7 @@ async def test_kill_9_with_messages_in_flight_loses_nothing(
 # The gateway's CLI with PUBACKs switched off: every message is committed and never acked,
 # so a kill -9 lands exactly between commit and PUBACK for all of them.
 NO_ACK = ("import sys\n"
-          "from edge.sources import mqtt_conn\n"
+          "from edge.mqtt import connection as mqtt_conn\n"
           "mqtt_conn.Connection.ack = lambda self, mid: None\n"
           "from edge.cli.main import main\n"
           "sys.exit(main(sys.argv[1:]))\n")
