@@ -2,14 +2,16 @@
 
 Contract:
 - Runs ``max_in_flight`` lanes; each lane leases a batch (``edge.outbox.lease`` rules:
-  priority, per-key FIFO, live-first), checks each event's payload SHA-256 against the one
-  taken at ingest (mismatch → dead letter, never sent; with ``on_dead_letter: park`` the
-  later events of its key in that lease are not sent either), waits for the drain rate
-  limit, calls ``sink.send`` and records every outcome in one outbox transaction.
+  priority, per-key FIFO, live-first), checks each stored envelope against the SHA-256
+  taken of it at ingest (mismatch → dead letter, never sent; with ``on_dead_letter: park``
+  the later events of its key in that lease are not sent either), waits for the drain rate
+  limit, calls ``sink.send`` and records every outcome in one outbox transaction
+  (``Outbox.complete`` with one ``Resolution`` per event, its ``kind`` the outcome's).
 - Outcomes: ``delivered``/``duplicate`` remove the row; ``dead_letter`` moves it to the
   dead-letter table; ``retry`` keeps it with capped exponential backoff and full jitter,
   never earlier than the receiver's ``Retry-After`` (which also pauses the whole sink that
-  long), and ``retry.max_attempts`` (optional) turns the last retry into a dead letter.
+  long), and ``retry.max_attempts`` (optional) turns the last retry into a dead letter;
+  ``unrouted`` keeps it and looks again ``UNROUTED_RECHECK_S`` later.
   ``sink_fault`` (the receiver, not the event, is at fault: 3xx, 401/403, an unlisted
   status) keeps the row like a retry but never turns it into a dead letter; it raises an
   alarm (``status()["alarm"]``, code ``auth`` for 401/403, else ``sink_fault``, cleared by
@@ -66,6 +68,7 @@ UNROUTED_RECHECK_S = 300.0
 FAULT_LOG_EVERY_S = 60.0
 AUTH_STATUSES = frozenset({401, 403})
 _ALARM_RANK = {"sink_fault": 1, "auth": 2, "storm_guard": 3}  # a higher one is not replaced
+_DELIVERED = frozenset({OutcomeKind.delivered, OutcomeKind.duplicate})  # the row leaves
 
 
 @dataclass(slots=True)
@@ -339,12 +342,12 @@ class Forwarder:
             await self._audit_pause(paused)
         now = self.clock()
         for r in resolutions:
-            if r.kind in ("delivered", "duplicate"):
+            if r.kind in _DELIVERED:
                 self.delivered += 1
                 self.last_delivery_at = now
         latency = self.metrics.delivery_latency.labels(self.sink.id)
         for ev, r in zip(sendable, resolutions[len(batch) - len(sendable):], strict=False):
-            if r.kind in ("delivered", "duplicate") and ev.received_at:
+            if r.kind in _DELIVERED and ev.received_at:
                 latency.observe(max(0.0, now - ev.received_at))
 
     def _retry_after_to_store(self) -> tuple[float, float] | None:
@@ -384,8 +387,7 @@ class Forwarder:
         if not attempted:
             return outcomes, None
         started = self._watch_storm(events, outcomes)
-        delivered = any(o.kind in (OutcomeKind.delivered, OutcomeKind.duplicate)
-                        for o in attempted)
+        delivered = any(o.kind in _DELIVERED for o in attempted)
         faults = [o for o in attempted if o.kind is OutcomeKind.sink_fault]
         failures = [o for o in attempted if o.kind in (OutcomeKind.retry, OutcomeKind.sink_fault)]
         pause_s = max((o.retry_after_s or 0.0) for o in attempted)
@@ -541,17 +543,15 @@ class Forwarder:
                       error=repr(err))
 
     def _resolution(self, ev: StoredEvent, o: Outcome, sent: bool) -> Resolution:
-        kind = "retry" if o.kind is OutcomeKind.sink_fault else o.kind.value
-        r = Resolution(ev.seq, ev.id, kind, o.status, o.reason, o.body,
+        r = Resolution(ev.seq, ev.id, o.kind, o.status, o.reason, o.body,
                        attempted=o.attempted and sent, event_class=int(ev.event_class),
-                       ordering_key=ev.ordering_key, type=ev.type,
-                       counts_attempt=o.kind is not OutcomeKind.sink_fault)
+                       ordering_key=ev.ordering_key, type=ev.type)
         if o.kind in (OutcomeKind.retry, OutcomeKind.sink_fault):
             attempts = ev.attempts + (1 if r.attempted else 0)
             retry = self.config.retry
             if (o.kind is OutcomeKind.retry and r.attempted and retry.max_attempts is not None
                     and attempts >= retry.max_attempts):
-                r.kind = "dead_letter"
+                r.kind = OutcomeKind.dead_letter
                 r.reason = f"gave up after {attempts} attempts: {o.reason}"
                 return r
             if r.attempted:

@@ -1,5 +1,6 @@
 """The durable SQLite outbox (see ``edge.outbox.store.Outbox``)."""
 
-from edge.outbox.store import Outbox, Resolution
+from edge.outbox.queries import Resolution
+from edge.outbox.store import Outbox
 
 __all__ = ["Outbox", "Resolution"]

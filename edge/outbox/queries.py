@@ -16,19 +16,16 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, assert_never
 
 import orjson
 
-from edge.components import Submission
+from edge.components import OutcomeKind, Submission
 from edge.events import EventClass, payload_sha256
 from edge.outbox import audit
 from edge.outbox.schema import DDL, DEAD_LETTERS_TABLE, SCHEMA_VERSION
 from edge.outbox.sqlutil import in_chunks, in_list, insert_rows
 from edge.timefmt import utc_iso
-
-if TYPE_CHECKING:
-    from edge.outbox.store import Resolution
 
 MAX_BODY_CHARS = 65_536
 
@@ -283,6 +280,38 @@ def insert_quarantine(conn: sqlite3.Connection, row: tuple[Any, ...]) -> None:
 # --------------------------------------------------------------------------- delivery
 
 
+@dataclass(slots=True)
+class Resolution:
+    """What happened to one leased row, for ``apply_resolutions``; the forwarder builds it
+    from the sink's ``Outcome`` (``kind`` is the outcome's kind; its name, e.g.
+    ``"delivered"``, is accepted too).
+
+    - ``delivered`` / ``duplicate``: the row leaves, audited ``delivered``.
+    - ``retry``: the row stays until ``next_at``; an attempted one counts an attempt and is
+      audited ``retry``; one never attempted (``attempted=False``, ``next_at`` 0) is left
+      as it is.
+    - ``sink_fault``: like ``retry``, but the attempt does not count towards
+      ``retry.max_attempts`` (it says nothing about the event).
+    - ``dead_letter``: the row moves to the dead-letter table, audited ``dead_lettered``.
+    - ``unrouted``: the row stays until ``next_at`` with the reason as its last error.
+    """
+
+    seq: int
+    event_id: str
+    kind: OutcomeKind
+    status: int | None = None
+    reason: str = ""
+    body: str | None = None
+    next_at: float = 0.0
+    attempted: bool = True
+    event_class: int = 0
+    ordering_key: str | None = None
+    type: str = ""
+
+    def __post_init__(self) -> None:
+        self.kind = OutcomeKind(self.kind)  # ValueError for a name that is no kind
+
+
 def _gc_events(conn: sqlite3.Connection, seqs: Sequence[int]) -> None:
     """Delete events no delivery row and no dead letter references any more."""
     for chunk in in_chunks(seqs):
@@ -317,21 +346,22 @@ def apply_resolutions(
     done: dict[int, Resolution] = {}
     au_rows: list[audit.AuditRow] = []
     for r in resolutions:
-        if r.kind in ("delivered", "duplicate"):
+        kind = r.kind
+        if kind is OutcomeKind.delivered or kind is OutcomeKind.duplicate:
             done[r.seq] = r
-        elif r.kind == "retry":
+        elif kind is OutcomeKind.retry or kind is OutcomeKind.sink_fault:
             if not r.attempted and not r.next_at:
                 continue  # never sent (shutdown, key blocked): nothing changes for the row
+            counts = r.attempted and kind is OutcomeKind.retry
             cur = conn.execute(
                 "UPDATE deliveries SET next_at = ?, attempts = attempts + ?, last_error = ? "
                 "WHERE seq = ? AND sink = ?",
-                (r.next_at, 1 if r.attempted and r.counts_attempt else 0,
-                 r.reason[:500] or None, r.seq, sink))
+                (r.next_at, 1 if counts else 0, r.reason[:500] or None, r.seq, sink))
             if r.attempted and cur.rowcount:
                 au_rows.append(audit.audit_row(
                     "retry", event_id=r.event_id, sink=sink, ts=ts, reason=r.reason[:500],
                     detail={"status": r.status, "next_attempt": utc_iso(r.next_at)}))
-        elif r.kind == "dead_letter":
+        elif kind is OutcomeKind.dead_letter:
             cur = conn.execute(
                 "INSERT INTO dead_letters(seq, sink, event_id, type, class, ordering_key, status,"
                 " reason, response_body, attempts, dead_at) "
@@ -347,13 +377,13 @@ def apply_resolutions(
                     "dead_lettered", event_id=r.event_id, sink=sink, ts=ts,
                     reason=r.reason[:2000], ordering_key=r.ordering_key,
                     detail={"status": r.status}))
-        elif r.kind == "unrouted":
+        elif kind is OutcomeKind.unrouted:
             conn.execute(
                 "UPDATE deliveries SET next_at = ?, last_error = ? WHERE seq = ? AND sink = ?",
                 (r.next_at, ("unrouted: " + r.reason)[:500], r.seq, sink),
             )
         else:
-            raise ValueError(f"unknown resolution kind {r.kind!r}")
+            assert_never(kind)
     if done:
         removed = _delete_deliveries(conn, sink, list(done))
         for seq in removed:
@@ -361,7 +391,7 @@ def apply_resolutions(
             au_rows.append(audit.audit_row(
                 "delivered", event_id=r.event_id, sink=sink, ts=ts,
                 detail={"status": r.status},
-                reason="duplicate: " + r.reason if r.kind == "duplicate" else None))
+                reason="duplicate: " + r.reason if r.kind is OutcomeKind.duplicate else None))
         _gc_events(conn, removed)
     audit.insert_audit(conn, au_rows)
 
@@ -670,10 +700,6 @@ def dlq_discard(conn: sqlite3.Connection, *, ids: Sequence[int] | None, sink: st
         for r in rows
     ])
     return len(rows)
-
-
-def queued_sinks(conn: sqlite3.Connection) -> list[str]:
-    return [r[0] for r in conn.execute("SELECT DISTINCT sink FROM deliveries")]
 
 
 def reroute_sink(conn: sqlite3.Connection, *, from_sink: str, to_sink: str, actor: str,

@@ -47,7 +47,7 @@ from typing import Any
 
 import orjson
 
-from edge.components import StoredEvent, Submission
+from edge.components import OutcomeKind, StoredEvent, Submission
 from edge.config import OutboxConfig
 from edge.errors import OutboxClosedError, OutboxFullError, OutboxOpenError
 from edge.events import Event, EventClass
@@ -56,37 +56,18 @@ from edge.outbox.budget import Budget, BudgetState
 from edge.outbox.dbthread import DbThread, connect
 from edge.outbox.integrity import EarlyCheck, open_checked, salvage_hint
 from edge.outbox.lease import scan_lease
+from edge.outbox.queries import Resolution
 from edge.outbox.writer import GroupCommitWriter, Merger
 from edge.retry import steady_time
 from edge.telemetry import Metrics, log_event
 from edge.timefmt import utc_iso
 
-__all__ = ["Outbox", "Resolution"]
+__all__ = ["Outbox"]
 
 log = logging.getLogger(__name__)
 
 Router = Callable[[Event], list[str]]
 _CLASSES = tuple(EventClass)  # index = stored class number
-
-
-@dataclass(slots=True)
-class Resolution:
-    """What happened to one leased row; built by the forwarder from a sink Outcome."""
-
-    seq: int
-    event_id: str
-    kind: str  # delivered | duplicate | retry | dead_letter | unrouted
-    status: int | None = None
-    reason: str = ""
-    body: str | None = None
-    next_at: float = 0.0
-    attempted: bool = True
-    # False for a sink fault: the attempt says nothing about the event, so it does not
-    # count towards ``retry.max_attempts``
-    counts_attempt: bool = True
-    event_class: int = 0
-    ordering_key: str | None = None
-    type: str = ""
 
 
 @dataclass
@@ -141,7 +122,6 @@ class Outbox:
         self._accepting = asyncio.Event()
         self._accepting.set()
         self._closed = True
-        self.opened_at = 0.0
         # sink → the pauses stored by the last run (``edge.outbox.pauses``), read at open
         self.stored_pauses: dict[str, dict[str, Any]] = {}
 
@@ -187,7 +167,6 @@ class Outbox:
         )
         self._writer.start()
         self._closed = False
-        self.opened_at = time.time()
         if quarantined:
             await self._write(
                 lambda c: audit.insert_audit(
@@ -432,11 +411,11 @@ class Outbox:
         finally:
             self.release(sink, [r.seq for r in res])
         for r in res:
-            if r.kind in ("delivered", "duplicate"):
+            if r.kind is OutcomeKind.delivered or r.kind is OutcomeKind.duplicate:
                 self.metrics.events_delivered.labels(sink).inc()
-                if r.kind == "duplicate":
+                if r.kind is OutcomeKind.duplicate:
                     self.metrics.events_duplicate.labels(sink).inc()
-            elif r.kind == "dead_letter":
+            elif r.kind is OutcomeKind.dead_letter:
                 self.metrics.events_dead_lettered.labels(sink).inc()
                 log_event(log, logging.WARNING, "event dead-lettered", sink=sink,
                           event_id=r.event_id, status=r.status, reason=r.reason[:200])
