@@ -60,7 +60,7 @@ from edge.errors import (
 from edge.events import Event, EventClass, make_event
 from edge.registry import ComponentType
 from edge.retry import parse_retry_after
-from edge.telemetry import log_event
+from edge.telemetry import Metrics, log_event
 from edge.tls import TlsConfig, client_context
 from edge.transforms.map import (
     Mapper,
@@ -83,6 +83,7 @@ __all__ = [
     "InputError",
     "Mapper",
     "MappingConfig",
+    "Metrics",
     "Outcome",
     "OutcomeKind",
     "OutboxClosedError",
