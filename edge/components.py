@@ -20,7 +20,6 @@ Sink lifecycle::
     sink.accepts(event_type) -> bool    # at ingest: queue a delivery row for this sink?
     await sink.start()                  # open long-lived clients
     outcomes = await sink.send(batch)   # batch: StoredEvent list; one Outcome per event
-    await sink.healthcheck() -> bool    # optional probe while the circuit is open
     sink.stop_new_requests()            # optional: shutdown began; finish, start nothing new
     await sink.close()
 
@@ -29,8 +28,10 @@ routes allow and returns one ``Outcome`` per event, never raising for a per-even
 Per-key order is the sink's duty inside one call: an event must not be sent once an earlier
 event with the same ``ordering_key`` in the batch was not delivered (retry, sink fault,
 unrouted, and a dead letter unless the sink's ``on_dead_letter`` is ``continue``) — return
-``Outcome.not_attempted()`` for it (``edge.forwarder.send_in_key_order`` does this).
-An exception escaping ``send`` is a retryable failure of the whole batch.
+``Outcome.not_attempted()`` for it (``edge.delivery.send_in_key_order`` does this).
+An exception escaping ``send`` is a retryable failure of the whole batch. There is no
+separate health probe: while its circuit is open the forwarder probes a sink with a
+``send`` of one event.
 """
 
 from __future__ import annotations

@@ -16,20 +16,23 @@ The tree::
     │                                 fails validation): quarantined, counted, acked
     ├── OutboxError                   the local store
     │   ├── OutboxFullError           budget exhausted by protected rows: backpressure,
-    │                                 do NOT ack upstream, wait for ``Outbox.accepting``
+    │   │                             do NOT ack upstream, wait for ``Outbox.accepting``
     │   ├── OutboxClosedError         the writer stopped (shutdown): do not ack
     │   ├── OutboxStorageError        a storage fault at run time (corrupt page, I/O
     │   │                             error): do not ack, health failing, retry later
-    │   ├── OutboxOrderError          an earlier submit of the same chain failed: re-submit
-    │   │                             in the original order, do not ack
-    │   └── OutboxCorruptError        ``quick_check`` failed; the file is moved aside
-    └── DeliveryError                 raised inside sinks only; the forwarder turns it into
-        ├── RetryableDeliveryError    retry with the same Idempotency-Key
-        └── PermanentDeliveryError    dead-letter with status, reason and body
+    │   └── OutboxOrderError          an earlier submit of the same chain failed: re-submit
+    │                                 in the original order, do not ack
+    └── SalvageError                  ``edge outbox salvage``: the file cannot be read at
+                                      all (defined in ``edge.outbox.salvage``)
 
 Sources classify broker/server failures as Retryable/Fatal startup errors; the supervisor in
 ``edge.app`` retries the former with capped backoff and stops the component on the latter
 (health shows it), never the whole daemon.
+
+Sinks raise nothing per event: a failed delivery is an ``Outcome`` (``edge.components``),
+and an exception escaping ``Sink.send`` is a retryable failure of the whole batch. A file
+that fails ``quick_check`` at open raises nothing either: it is moved aside, a fresh outbox
+starts, and an alarm says so.
 """
 
 from __future__ import annotations
@@ -39,19 +42,15 @@ from dataclasses import dataclass
 __all__ = [
     "ConfigError",
     "ConfigIssue",
-    "DeliveryError",
     "EdgeError",
     "FatalStartupError",
     "InputError",
     "OutboxClosedError",
-    "OutboxCorruptError",
     "OutboxError",
     "OutboxFullError",
     "OutboxOpenError",
     "OutboxOrderError",
     "OutboxStorageError",
-    "PermanentDeliveryError",
-    "RetryableDeliveryError",
     "RetryableStartupError",
     "StartupError",
 ]
@@ -128,38 +127,3 @@ class OutboxStorageError(OutboxError):
 class OutboxOrderError(OutboxError):
     """An earlier submit of the same chain failed, so this one was not stored either (it
     would have committed ahead of it): re-submit in the original order."""
-
-
-class OutboxCorruptError(OutboxError):
-    """The database file failed ``PRAGMA quick_check``."""
-
-
-class DeliveryError(EdgeError):
-    """A sink could not deliver; subclasses decide retry vs dead-letter."""
-
-    def __init__(
-        self, reason: str, *, status: int | None = None, body: str | None = None
-    ) -> None:
-        self.reason = reason
-        self.status = status
-        self.body = body
-        super().__init__(reason)
-
-
-class RetryableDeliveryError(DeliveryError):
-    """Transient; ``retry_after_s`` is the receiver's lower bound (Retry-After) if given."""
-
-    def __init__(
-        self,
-        reason: str,
-        *,
-        status: int | None = None,
-        body: str | None = None,
-        retry_after_s: float | None = None,
-    ) -> None:
-        super().__init__(reason, status=status, body=body)
-        self.retry_after_s = retry_after_s
-
-
-class PermanentDeliveryError(DeliveryError):
-    """The receiver refused the event for good: dead-letter it."""
