@@ -1,8 +1,10 @@
 """Component registry: ``type`` name → config model + factory.
 
-Built-ins register through the same entry-point groups third-party packages use
-(``edge.sources``, ``edge.sinks``, ``edge.transforms``); drop-in packages in the configured
-``plugins_dir`` are imported with a warning. Each entry point names a ``ComponentType``.
+Two kinds of components register here: sources and sinks. Built-ins register through the
+same entry-point groups third-party packages use (``edge.sources``, ``edge.sinks``);
+drop-in packages in the configured ``plugins_dir`` are imported with a warning. Each entry
+point names a ``ComponentType``. (Mapping a record to an event, ``edge.transforms.map``, is
+part of a source's config, not a component of its own.)
 
 Contract for component modules: importing the module must be cheap (config model only);
 heavy client libraries are imported inside the factory, so start-up stays fast and a
@@ -30,12 +32,12 @@ __all__ = ["ComponentType", "Registry", "default_registry"]
 
 log = logging.getLogger(__name__)
 
-Kind = Literal["source", "sink", "transform"]
+Kind = Literal["source", "sink"]
 GROUPS: dict[Kind, str] = {
     "source": "edge.sources",
     "sink": "edge.sinks",
-    "transform": "edge.transforms",
 }
+
 
 @dataclass(frozen=True)
 class ComponentType:
