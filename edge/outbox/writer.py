@@ -181,7 +181,6 @@ class GroupCommitWriter:
         self._task: asyncio.Task[None] | None = None
         self._closing = False
         self.disk_full_until = 0.0  # monotonic time until which the last SQLITE_FULL holds
-        self.last_commit_s = 0.0
         # (wall time, message) of the last storage fault; cleared by the next commit
         self.storage_fault: tuple[float, str] | None = None
         self._chain_epoch: dict[str, int] = {}
@@ -278,7 +277,6 @@ class GroupCommitWriter:
             batch = [op for op in batch if not self._stale(op)]
             if not batch:
                 return
-        started = time.monotonic()
         try:
             results = await self._db.run(_run_transaction, batch)
         except sqlite3.Error as err:
@@ -307,7 +305,6 @@ class GroupCommitWriter:
             for op in batch:
                 self._fail(op, OutboxClosedError(f"writer stopped: {err!r}"))
             raise
-        self.last_commit_s = time.monotonic() - started
         if time.monotonic() >= self.disk_full_until:
             # a commit within the second after SQLITE_FULL may have fit into the file's
             # free pages: the disk is still full for anything that grows the file

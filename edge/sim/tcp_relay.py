@@ -43,7 +43,6 @@ class TcpRelay:
         self.reset_share = 0.0
         self.lose_response_share = 0.0
         self.rng = random.Random()
-        self.resets = 0  # connections reset by reset_share / lose_response_share
 
     @classmethod
     async def start(cls, target_port: int) -> TcpRelay:
@@ -89,7 +88,6 @@ class TcpRelay:
                     continue
                 share = self.lose_response_share if downstream else self.reset_share
                 if share and self.rng.random() < share:
-                    self.resets += 1
                     if back is not None:
                         back.transport.abort()
                     return  # the finally block resets dst
