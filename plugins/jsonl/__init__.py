@@ -7,8 +7,7 @@ events count as delivered. A crash between write and commit can repeat lines: re
 dedupe by the envelope's ``id``.
 
 Loaded from the config's ``plugins_dir`` like any third-party plugin: it uses only the
-public component API (``edge.registry.ComponentType``, ``edge.config.SinkConfigBase``,
-``edge.components.Outcome``).
+public plugin SDK, ``edge.plugin``.
 """
 
 from __future__ import annotations
@@ -22,9 +21,14 @@ from typing import Literal
 
 from pydantic import Field
 
-from edge.components import ComponentContext, Outcome, StoredEvent
-from edge.config import SinkConfigBase
-from edge.registry import ComponentType
+from edge.plugin import (
+    ComponentContext,
+    ComponentType,
+    Outcome,
+    SinkConfigBase,
+    StoredEvent,
+    event_matches,
+)
 
 __all__ = ["COMPONENT", "JsonlSink", "JsonlSinkConfig"]
 
@@ -47,9 +51,7 @@ class JsonlSink:
         self.directory = directory if directory.is_absolute() else Path(ctx.state_dir) / directory
 
     def accepts(self, event_type: str) -> bool:
-        return any(p == "*" or p == event_type or (p.endswith(".*") and
-                                                   event_type.startswith(p[:-1]))
-                   for p in self.config.events)
+        return event_matches(self.config.events, event_type)
 
     async def start(self) -> None:
         await asyncio.to_thread(self.directory.mkdir, parents=True, exist_ok=True)

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 
 import orjson
 
-from edge.components import Submission
-from edge.events import make_event
+from edge.plugin import Submission, make_event
+from tests.support import eventually
 
 PLUGINS = Path(__file__).resolve().parents[1]
 
@@ -34,10 +33,7 @@ async def test_events_land_in_daily_files_once_each(gateways, tmp_path: Path):
         return [orjson.loads(line) for f in sorted(history.glob("*.jsonl"))
                 for line in f.read_bytes().splitlines()]
 
-    for _ in range(200):
-        if len(lines()) >= 25:
-            break
-        await asyncio.sleep(0.05)
+    await eventually(lambda: len(lines()) >= 25)
     assert [e["id"] for e in lines()] == ids
     assert all(f.name.startswith("test-site-") for f in history.glob("*.jsonl"))
 
@@ -55,9 +51,6 @@ async def test_write_error_keeps_events_queued(gateways, tmp_path: Path):
     target.rmdir()
     target.write_text("the export medium was swapped for something else")
     await gw.pipeline.submit([_result("A")])
-    for _ in range(100):
-        if gw.forwarders["history"].last_error:
-            break
-        await asyncio.sleep(0.05)
+    await eventually(lambda: gw.forwarders["history"].last_error)
     assert "write failed" in gw.forwarders["history"].last_error
     assert (await gw.outbox.stats())["sinks"]["history"]["total"] == 1

@@ -46,8 +46,8 @@ def _module_name(path: Path) -> str:
 
 
 def _imported(tree: ast.AST, module: str, is_package: bool) -> list[tuple[int, str]]:
-    """Every module a file imports (``from x import y`` may name submodule ``x.y``),
-    relative imports resolved against ``module``."""
+    """Every module a file imports, relative imports resolved against ``module``;
+    ``from edge import x`` counts as ``edge.x``."""
     package = module if is_package else module.rpartition(".")[0]
     found: list[tuple[int, str]] = []
     for node in ast.walk(tree):
@@ -59,7 +59,10 @@ def _imported(tree: ast.AST, module: str, is_package: bool) -> list[tuple[int, s
                 anchor = package.split(".")
                 anchor = anchor[: len(anchor) - (node.level - 1)]
                 base = ".".join([*anchor, base] if base else anchor)
-            found.append((node.lineno, base))
+            if base == "edge":
+                found.extend((node.lineno, f"edge.{alias.name}") for alias in node.names)
+            else:
+                found.append((node.lineno, base))
     return found
 
 
@@ -90,6 +93,19 @@ def violations() -> list[str]:
 def test_components_import_only_the_sdk_their_package_and_shared_protocol_code():
     found = violations()
     assert not found, ("component modules reach past edge.plugin:\n  " + "\n  ".join(found))
+
+
+def test_the_example_plugins_import_only_the_sdk():
+    """What plugins/ teaches is what a third party can do: import ``edge.plugin``."""
+    found = []
+    for path in sorted((ROOT / "plugins").rglob("*.py")):
+        if path.name.startswith("test_"):
+            continue
+        rel = str(path.relative_to(ROOT))
+        for lineno, imported in _imported(ast.parse(path.read_text()), "plugin", False):
+            if imported.split(".")[0] == "edge" and imported != "edge.plugin":
+                found.append(f"{rel}:{lineno} imports {imported}")
+    assert not found
 
 
 def test_the_allow_list_names_imports_that_exist():
