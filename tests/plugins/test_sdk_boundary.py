@@ -30,6 +30,13 @@ SHARED = ("edge.plugin", "edge.mqtt", "edge.timefmt")
 # (module path relative to the repository, imported edge module) → why it is allowed.
 INTERNAL_BY_NATURE: dict[tuple[str, str], str] = {}
 
+# The other direction: (module path, imported component module) → why the core needs it.
+CORE_USES_OF_COMPONENTS: dict[tuple[str, str], str] = {
+    ("edge/cli/certs.py", "edge.sources.opcua.security"):
+        "`edge certs` makes and inspects the OPC UA source's client certificate "
+        "(imported inside the command)",
+}
+
 # Libraries a component imports in its factory, never through the SDK.
 HEAVY = ("asyncua", "paho", "httpx", "httpcore", "anyio", "starlette", "uvicorn",
          "aiosqlite", "sqlite3", "cryptography", "amqtt")
@@ -95,6 +102,21 @@ def test_components_import_only_the_sdk_their_package_and_shared_protocol_code()
     assert not found, ("component modules reach past edge.plugin:\n  " + "\n  ".join(found))
 
 
+def test_the_core_never_imports_a_component():
+    """The registry finds components by entry point; nothing else names one."""
+    found = []
+    for path in sorted(EDGE.rglob("*.py")):
+        rel = str(path.relative_to(ROOT))
+        if rel.startswith(("edge/sources/", "edge/sinks/")):
+            continue
+        tree = ast.parse(path.read_text())
+        for lineno, imported in _imported(tree, _module_name(path), path.name == "__init__.py"):
+            if imported.startswith(("edge.sources.", "edge.sinks.")) and (
+                    rel, imported) not in CORE_USES_OF_COMPONENTS:
+                found.append(f"{rel}:{lineno} imports {imported}")
+    assert not found
+
+
 def test_the_example_plugins_import_only_the_sdk():
     """What plugins/ teaches is what a third party can do: import ``edge.plugin``."""
     found = []
@@ -118,6 +140,10 @@ def test_the_allow_list_names_imports_that_exist():
             rel = str(path.relative_to(ROOT))
             used |= {(rel, m) for _, m in _imported(tree, module, path.name == "__init__.py")}
     assert set(INTERNAL_BY_NATURE) <= used, set(INTERNAL_BY_NATURE) - used
+    for rel, imported in CORE_USES_OF_COMPONENTS:
+        path = ROOT / rel
+        tree = ast.parse(path.read_text())
+        assert imported in {m for _, m in _imported(tree, _module_name(path), False)}, rel
 
 
 def test_bundles_are_found():
