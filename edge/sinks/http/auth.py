@@ -17,8 +17,7 @@ from collections.abc import AsyncGenerator
 
 import httpx
 
-from edge.config import read_secret
-from edge.errors import ConfigError
+from edge.plugin import ConfigError, read_secret
 from edge.sinks.http.config import ApiKeyAuth, BearerAuth, NoAuth, OAuth2Auth
 
 __all__ = ["REFRESH_STATUSES", "build_auth"]
@@ -57,7 +56,6 @@ class _OAuth2ClientCredentials(httpx.Auth):
         self.verify = verify
         self.token: str | None = None
         self.expires_at = 0.0
-        self.fetches = 0
         self._lock = asyncio.Lock()
 
     async def _token(self, force: bool = False, stale: str | None = None) -> str:
@@ -75,7 +73,6 @@ class _OAuth2ClientCredentials(httpx.Auth):
                 data["audience"] = self.cfg.audience
             async with httpx.AsyncClient(verify=self.verify, timeout=self.cfg.timeout_s) as c:
                 resp = await c.post(self.cfg.token_url, data=data)
-            self.fetches += 1
             if resp.status_code != 200:
                 raise httpx.HTTPStatusError(
                     f"token endpoint answered {resp.status_code}", request=resp.request,

@@ -21,9 +21,14 @@ from urllib.parse import parse_qsl, urlsplit
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
-from edge.config import SecretFile, SinkConfigBase, StrictModel
-from edge.tls import TlsConfig
-from edge.transforms.map import template_fields
+from edge.plugin import (
+    SecretFile,
+    SinkConfigBase,
+    StrictModel,
+    TlsConfig,
+    event_matches,
+    template_fields,
+)
 
 __all__ = [
     "RESERVED_HEADERS",
@@ -188,12 +193,7 @@ class RouteConfig(StrictModel):
         return self
 
     def matches(self, event_type: str) -> bool:
-        for pattern in self.events:
-            if pattern == "*" or pattern == event_type:
-                return True
-            if pattern.endswith(".*") and event_type.startswith(pattern[:-1]):
-                return True
-        return False
+        return event_matches(self.events, event_type)
 
 
 class HttpSinkConfig(SinkConfigBase):

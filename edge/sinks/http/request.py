@@ -28,8 +28,7 @@ from urllib.parse import urlsplit
 import httpx
 import orjson
 
-from edge.components import Outcome, OutcomeKind, StoredEvent
-from edge.retry import parse_retry_after
+from edge.plugin import Outcome, OutcomeKind, StoredEvent, parse_retry_after
 from edge.sinks.http.auth import REFRESH_STATUSES
 
 if TYPE_CHECKING:

@@ -5,16 +5,23 @@ See ``README.md`` beside this file for the response policy and the send contract
 
 from __future__ import annotations
 
-import logging
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import httpx
 
-from edge.components import ComponentContext, Outcome, StoredEvent
-from edge.delivery import blocks_key, send_in_key_order
-from edge.errors import InputError
+from edge.plugin import (
+    ComponentContext,
+    InputError,
+    Outcome,
+    StoredEvent,
+    __version__,
+    blocks_key,
+    client_context,
+    render_template,
+    send_in_key_order,
+)
 from edge.sinks.http.auth import build_auth
 from edge.sinks.http.config import HttpSinkConfig, RouteConfig
 from edge.sinks.http.request import (
@@ -24,12 +31,8 @@ from edge.sinks.http.request import (
     request_headers,
     should_split,
 )
-from edge.tls import client_context
-from edge.transforms.map import render_template
 
 __all__ = ["HttpSink"]
-
-log = logging.getLogger("edge.sinks.http")
 
 
 @dataclass(slots=True)
@@ -45,10 +48,9 @@ class HttpSink:
     def __init__(self, config: HttpSinkConfig, ctx: ComponentContext) -> None:
         self.config = config
         self.id = config.id
-        self.ctx = ctx
         self._client: httpx.AsyncClient | None = None
         self._stopping = False
-        self._user_agent = f"edge-gateway/{_version()} ({ctx.site})"
+        self._user_agent = f"edge-gateway/{__version__} ({ctx.site})"
 
     def accepts(self, event_type: str) -> bool:
         return any(r.matches(event_type) for r in self.config.routes)
@@ -191,8 +193,3 @@ class HttpSink:
             return judge_error(err)
         return judge_response(resp, self.config.duplicate_statuses)
 
-
-def _version() -> str:
-    from edge import __version__
-
-    return __version__
