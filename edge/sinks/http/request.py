@@ -138,7 +138,8 @@ def retry_after_s(resp: httpx.Response) -> float | None:
 def judge_error(err: Exception) -> Outcome:
     """A request that got no answer from the receiver → Outcome.
 
-    Timeouts and connection errors are retried. The OAuth2 token endpoint's refusal
+    Timeouts (httpx's per phase, ``TimeoutError`` for the sink's whole-request deadline)
+    and connection errors are retried. The OAuth2 token endpoint's refusal
     (``httpx.HTTPStatusError`` from the auth flow) is a sink fault — the sink's credential,
     not the event — unless its status is one that is retried.
     """
@@ -150,6 +151,8 @@ def judge_error(err: Exception) -> Outcome:
         return Outcome.sink_fault(f"auth: {err}", status)
     if isinstance(err, httpx.TimeoutException):
         return Outcome.retry(f"timeout: {type(err).__name__}")
+    if isinstance(err, TimeoutError):
+        return Outcome.retry("timeout: no complete answer within timeout_s")
     if isinstance(err, (httpx.TransportError, OSError)):
         return Outcome.retry(f"connection: {type(err).__name__}: {err}")
     return Outcome.retry(f"request: {type(err).__name__}: {err}")

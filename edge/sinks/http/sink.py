@@ -5,6 +5,7 @@ See ``README.md`` beside this file for the response policy and the send contract
 
 from __future__ import annotations
 
+import asyncio
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -185,11 +186,14 @@ class HttpSink:
                        ) -> Outcome:
         assert self._client is not None, "sink not started"
         try:
-            resp = await self._client.request(
-                route.method, path, content=request_body(route, events),
-                headers=request_headers(route, events),
-            )
-        except (httpx.HTTPError, OSError) as err:
+            # httpx bounds each phase (connect, pool, every read); this bounds the whole
+            # request, so a receiver that trickles its answer cannot hold a lane
+            async with asyncio.timeout(self.config.timeout_s):
+                resp = await self._client.request(
+                    route.method, path, content=request_body(route, events),
+                    headers=request_headers(route, events),
+                )
+        except (httpx.HTTPError, OSError) as err:  # OSError includes TimeoutError
             return judge_error(err)
         return judge_response(resp, self.config.duplicate_statuses)
 
