@@ -8,8 +8,7 @@ import httpx
 import pytest
 
 from edge.errors import FatalStartupError
-from tests.fixtures.gateway import http_sink_yaml
-from tests.support import api_yaml, eventually, free_port, submission
+from tests.support import api_yaml, eventually, free_port, http_sink_yaml, submission
 
 TOKEN = "s3cr3t-7b21e4c0ffee"
 OTHER = "0th3r-token-for-the-mes-team"

@@ -11,8 +11,7 @@ import pytest
 
 from edge.config import load_config_text
 from edge.errors import ConfigError
-from tests.fixtures.gateway import http_sink_yaml
-from tests.support import api_yaml, eventually, free_port, submission
+from tests.support import api_yaml, eventually, free_port, http_sink_yaml, submission
 
 TOKEN = "s3cr3t-7b21e4c0ffee"
 EVIL = "http://evil.example"

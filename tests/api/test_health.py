@@ -9,8 +9,7 @@ import httpx
 import pytest
 
 from edge.errors import FatalStartupError
-from tests.fixtures.gateway import http_sink_yaml
-from tests.support import api_yaml, free_port, submission
+from tests.support import api_yaml, free_port, http_sink_yaml, submission
 
 
 async def test_alive_and_ready_with_a_sink(gateways, erp):

@@ -9,8 +9,7 @@ import pytest
 
 from edge.api import page
 from edge.api.summary import problems
-from tests.fixtures.gateway import http_sink_yaml
-from tests.support import api_yaml, eventually, free_port, submission
+from tests.support import api_yaml, eventually, free_port, http_sink_yaml, submission
 
 SINCE = "2026-03-02T06:40:11Z"
 

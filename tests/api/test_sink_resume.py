@@ -6,8 +6,7 @@ import httpx
 import pytest
 
 from edge.app import Gateway
-from tests.fixtures.gateway import http_sink_yaml
-from tests.support import api_yaml, eventually, free_port, submission
+from tests.support import api_yaml, eventually, free_port, http_sink_yaml, submission
 
 TOKEN = "s3cr3t-7b21e4c0ffee"
 BEARER = {"Authorization": f"Bearer {TOKEN}"}

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import httpx
 
-from tests.fixtures.gateway import http_sink_yaml
-from tests.support import api_yaml, eventually, free_port, submission
+from tests.support import api_yaml, eventually, free_port, http_sink_yaml, submission
 
 
 async def _gateway(gateways, erp, extra: str = ""):

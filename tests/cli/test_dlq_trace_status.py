@@ -10,8 +10,7 @@ import sys
 from pathlib import Path
 
 from edge.outbox import queries
-from tests.fixtures.gateway import http_sink_yaml
-from tests.support import api_yaml, eventually, free_port, submission
+from tests.support import api_yaml, eventually, free_port, http_sink_yaml, submission
 
 
 async def edge(*args: str, cwd: Path) -> tuple[int, str, str]:

@@ -10,8 +10,7 @@ import sys
 from pathlib import Path
 
 from edge.outbox import queries
-from tests.sinks.helpers import result, sink_yaml
-from tests.support import api_yaml, eventually, free_port
+from tests.support import api_yaml, eventually, free_port, result, sink_yaml
 
 
 async def edge(*args: str, cwd: Path, env: dict[str, str] | None = None

@@ -15,8 +15,8 @@ from pathlib import Path
 import orjson
 
 from edge.outbox import Outbox, queries
-from tests.sinks.helpers import result, sink_yaml
 from tests.sinks.http.test_policy import _until
+from tests.support import result, sink_yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 

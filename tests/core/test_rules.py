@@ -10,8 +10,8 @@ from edge.components import Submission
 from edge.config import load_config_text
 from edge.errors import ConfigError
 from edge.events import make_event
-from tests.sinks.helpers import sink_yaml
 from tests.sinks.http.test_policy import _until
+from tests.support import sink_yaml
 
 RULES = """\
 rules:

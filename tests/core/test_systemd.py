@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from edge import systemd
-from tests.sinks.helpers import sink_yaml
+from tests.support import sink_yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 

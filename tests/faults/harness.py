@@ -35,7 +35,8 @@ from tests.faults.checker import DEAD_LETTER_STATUSES, Expectation, Report, chec
 from tests.faults.erp import FAULTS, FaultyErp
 from tests.faults.publisher import UPPER_LIMIT, RecordingPublisher, subscription_yaml
 from tests.fixtures.gateway_process import REPO, GatewayProcess
-from tests.fixtures.mosquitto import Broker, free_port
+from tests.fixtures.mosquitto import Broker
+from tests.support import free_port
 
 __all__ = ["Campaign", "Fault", "GatewayChild"]
 

@@ -21,7 +21,7 @@ from edge.config import SinkConfigBase
 from edge.delivery import send_in_key_order
 from edge.forwarder import Forwarder
 from edge.outbox import Outbox, queries
-from tests.sinks.helpers import reading, result
+from tests.support import reading, result
 
 Answer = Callable[[StoredEvent], Outcome]
 
@@ -324,7 +324,7 @@ async def test_a_captive_portal_in_front_of_the_erp_dead_letters_nothing(gateway
     unlisted 5xx, then 401, while results keep arriving at 100 events/s. Before, 2,497 of
     2,500 results ended in the dead-letter queue; now none does, and all arrive once the
     portal is gone."""
-    from tests.sinks.helpers import sink_yaml
+    from tests.support import sink_yaml
 
     gw = await gateways(sink_yaml(erp.url, max_batch=20, extra="""\
         retry: {initial_backoff_s: 0.05, max_backoff_s: 0.5, max_attempts: 3}

@@ -13,8 +13,7 @@ import sqlite3
 import orjson
 
 from edge.outbox import queries
-from tests.sinks.helpers import result, sink_yaml
-from tests.support import eventually
+from tests.support import eventually, result, sink_yaml
 
 
 def _tamper(event_id: str):

@@ -21,13 +21,8 @@ from typing import Any
 import pytest
 
 from edge.sim.erp import ErpReceiver
-from tests.fixtures.mosquitto import (
-    Broker,
-    inspection,
-    mqtt_source_yaml,
-    start_publisher,
-    wait_connected,
-)
+from tests.fixtures.mosquitto import Broker, inspection, start_publisher, wait_connected
+from tests.support import mqtt_source_yaml
 
 pytestmark = pytest.mark.mqtt
 

@@ -6,8 +6,8 @@ import asyncio
 import time
 from collections import defaultdict
 
-from tests.sinks.helpers import reading, result, sink_yaml
 from tests.sinks.http.test_policy import _until
+from tests.support import reading, result, sink_yaml
 
 
 def _per_key(events: list[dict]) -> dict[str, list[int]]:

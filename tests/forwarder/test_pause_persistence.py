@@ -19,8 +19,7 @@ from pathlib import Path
 import orjson
 
 from edge.outbox import queries
-from tests.sinks.helpers import result, sink_yaml
-from tests.support import api_yaml, eventually, free_port
+from tests.support import api_yaml, eventually, free_port, result, sink_yaml
 
 STORM = "storm_guard: {window_outcomes: 10, min_share: 0.8, min_events: 5}"
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-from tests.sinks.helpers import result, sink_yaml
+from tests.support import result, sink_yaml
 
 OPEN_S = 2.0
 

@@ -13,8 +13,7 @@ import orjson
 import pytest
 
 from edge.outbox import queries
-from tests.sinks.helpers import result, sink_yaml
-from tests.support import eventually
+from tests.support import eventually, result, sink_yaml
 
 
 async def _audit(gw, state: str) -> list[tuple[str, str, dict]]:

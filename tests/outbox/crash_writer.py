@@ -6,7 +6,7 @@ import asyncio
 import sys
 
 from edge.outbox import Outbox
-from tests.outbox.helpers import sub
+from tests.support import sub
 
 
 async def main(state_dir: str) -> None:

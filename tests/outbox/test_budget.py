@@ -11,7 +11,7 @@ import pytest
 from edge.config import OutboxConfig
 from edge.errors import OutboxFullError
 from edge.outbox import Outbox
-from tests.outbox.helpers import sub
+from tests.support import sub
 
 PAD = "x" * 600
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from edge.outbox import Outbox
-from tests.outbox.helpers import sub
+from tests.support import sub
 
 ROOT = Path(__file__).resolve().parents[2]
 

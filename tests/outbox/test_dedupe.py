@@ -19,7 +19,7 @@ from edge.components import Submission
 from edge.config import OutboxConfig
 from edge.errors import OutboxFullError
 from edge.outbox import Outbox, Resolution
-from tests.outbox.helpers import sub
+from tests.support import sub
 
 
 def message(payload: str, *, dup: bool = False, horizon: int = 100) -> Submission:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from edge.outbox import Outbox, Resolution, queries
-from tests.outbox.helpers import sub
+from tests.support import sub
 
 
 @pytest.fixture

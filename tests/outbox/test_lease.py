@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from edge.outbox import Outbox, Resolution
-from tests.outbox.helpers import sub
+from tests.support import sub
 
 
 @pytest.fixture

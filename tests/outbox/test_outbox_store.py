@@ -9,7 +9,7 @@ import orjson
 import pytest
 
 from edge.outbox import Outbox, Resolution, audit, queries
-from tests.outbox.helpers import sub
+from tests.support import sub
 
 
 @pytest.fixture

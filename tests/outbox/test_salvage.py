@@ -20,7 +20,7 @@ from edge.cli.main import main
 from edge.components import Submission
 from edge.outbox import Outbox
 from edge.outbox.store import Resolution
-from tests.outbox.helpers import sub
+from tests.support import sub
 
 PAGE = 4096
 KEYS = 7

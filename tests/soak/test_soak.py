@@ -13,15 +13,14 @@ import time
 
 import pytest
 
-from tests.fixtures.gateway import http_sink_yaml
 from tests.fixtures.mosquitto import (
     inspection,
     message_ids,
-    mqtt_source_yaml,
     start_publisher,
     wait_connected,
     wait_until,
 )
+from tests.support import http_sink_yaml, mqtt_source_yaml
 
 LONG_RUN = os.environ.get("EDGE_SOAK") == "1"
 MINUTES = float(os.environ.get("EDGE_SOAK_MINUTES", "10")) if LONG_RUN else 1.0

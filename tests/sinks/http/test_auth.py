@@ -14,8 +14,8 @@ from cryptography.x509.oid import NameOID
 
 from edge.outbox import queries
 from edge.sim.erp import ErpReceiver
-from tests.sinks.helpers import result, sink_yaml
 from tests.sinks.http.test_policy import _until
+from tests.support import result, sink_yaml
 
 
 async def test_api_key_header_from_file(gateways, tmp_path: Path):

@@ -10,7 +10,7 @@ from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 
 from edge.outbox import queries
-from tests.sinks.helpers import result, sink_yaml
+from tests.support import result, sink_yaml
 
 
 async def test_same_idempotency_key_on_every_attempt_across_5xx(gateways, erp):

@@ -22,7 +22,7 @@ from edge.delivery import blocks_key
 from edge.events import Event, make_event
 from edge.sinks.http.sink import HttpSink
 from edge.telemetry import Metrics
-from tests.sinks.helpers import sink_yaml
+from tests.support import sink_yaml
 
 HOLD_AND_EVENTS = ('[{events: [lot.status, quality.hold], method: PUT, '
                    'path: "/lots/{data.lot_id}/status"}, '

@@ -18,8 +18,7 @@ from edge.errors import ConfigError
 from edge.events import make_event
 from edge.outbox import queries
 from tests.fixtures.mosquitto import wait_until
-from tests.sinks.helpers import sink_yaml
-from tests.support import eventually
+from tests.support import eventually, sink_yaml
 
 pytestmark = pytest.mark.mqtt
 

@@ -20,14 +20,8 @@ import orjson
 import pytest
 
 from edge.sim.erp import ErpReceiver
-from tests.fixtures.gateway import http_sink_yaml
-from tests.fixtures.mosquitto import (
-    Broker,
-    metric,
-    mqtt_source_yaml,
-    start_publisher,
-    wait_connected,
-)
+from tests.fixtures.mosquitto import Broker, metric, start_publisher, wait_connected
+from tests.support import http_sink_yaml, mqtt_source_yaml
 
 pytestmark = pytest.mark.mqtt
 

@@ -28,13 +28,8 @@ from edge.outbox import Outbox, queries
 from edge.pipeline import Pipeline
 from edge.sources.mqtt.source import MqttSource, _Inbound
 from edge.telemetry import Metrics
-from tests.fixtures.mosquitto import (
-    Broker,
-    inspection,
-    mqtt_source_yaml,
-    start_publisher,
-    wait_until,
-)
+from tests.fixtures.mosquitto import Broker, inspection, start_publisher, wait_until
+from tests.support import mqtt_source_yaml
 
 pytestmark = pytest.mark.mqtt
 

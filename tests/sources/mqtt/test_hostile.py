@@ -28,8 +28,8 @@ from edge.pipeline import Pipeline
 from edge.sim.erp import ErpReceiver
 from edge.sources.mqtt.source import MqttSource, _Inbound
 from edge.telemetry import Metrics
-from tests.fixtures.gateway import http_sink_yaml
-from tests.fixtures.mosquitto import Broker, mqtt_source_yaml, start_publisher, wait_connected
+from tests.fixtures.mosquitto import Broker, start_publisher, wait_connected
+from tests.support import http_sink_yaml, mqtt_source_yaml
 
 pytestmark = pytest.mark.mqtt
 

@@ -17,17 +17,16 @@ import orjson
 import pytest
 
 from edge.sim.erp import ErpReceiver
-from tests.fixtures.gateway import http_sink_yaml
 from tests.fixtures.mosquitto import (
     Broker,
     inspection,
     message_ids,
     metric,
-    mqtt_source_yaml,
     start_publisher,
     wait_connected,
     wait_until,
 )
+from tests.support import http_sink_yaml, mqtt_source_yaml
 
 pytestmark = pytest.mark.mqtt
 

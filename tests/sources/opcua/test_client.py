@@ -113,8 +113,8 @@ async def test_an_unknown_item_in_the_notification_queue_is_counted_and_logged(
     are pinned, not promised): such an item is counted and logged, not silently skipped."""
     import textwrap
 
-    from tests.fixtures.gateway import http_sink_yaml
     from tests.fixtures.opcua import events_of, wait_connected, wait_for
+    from tests.support import http_sink_yaml
 
     st = await opcua_station()
     gw = await gateways(textwrap.dedent(f"""\

@@ -17,9 +17,9 @@ import orjson
 import pytest
 
 from edge.errors import OutboxStorageError
-from tests.fixtures.gateway import http_sink_yaml
 from tests.fixtures.gateway_process import GatewayProcess
 from tests.fixtures.opcua import events_of, wait_connected, wait_for
+from tests.support import http_sink_yaml
 
 pytestmark = pytest.mark.opcua
 

@@ -10,8 +10,8 @@ from datetime import UTC, datetime
 
 import pytest
 
-from tests.fixtures.gateway import http_sink_yaml
 from tests.fixtures.opcua import events_of, wait_connected
+from tests.support import http_sink_yaml
 
 pytestmark = pytest.mark.opcua
 

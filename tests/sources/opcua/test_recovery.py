@@ -10,8 +10,8 @@ from datetime import UTC, datetime
 import pytest
 from asyncua import Client
 
-from tests.fixtures.gateway import http_sink_yaml
-from tests.fixtures.opcua import events_of, free_port, wait_connected, wait_for
+from tests.fixtures.opcua import events_of, wait_connected, wait_for
+from tests.support import free_port, http_sink_yaml
 
 pytestmark = pytest.mark.opcua
 

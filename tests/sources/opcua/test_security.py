@@ -7,8 +7,8 @@ import shutil
 import pytest
 
 from edge.sources.opcua.security import load_certificate, thumbprint
-from tests.fixtures.gateway import http_sink_yaml
 from tests.fixtures.opcua import events_of, wait_connected, wait_failed, wait_for
+from tests.support import http_sink_yaml
 
 pytestmark = pytest.mark.opcua
 

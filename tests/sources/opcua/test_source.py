@@ -8,8 +8,8 @@ from datetime import datetime
 
 import pytest
 
-from tests.fixtures.gateway import http_sink_yaml
 from tests.fixtures.opcua import events_of, wait_connected, wait_failed, wait_for
+from tests.support import http_sink_yaml
 
 pytestmark = pytest.mark.opcua
 

@@ -13,8 +13,8 @@ from datetime import UTC, datetime
 import orjson
 import pytest
 
-from tests.fixtures.gateway import http_sink_yaml
 from tests.fixtures.opcua import events_of, wait_connected, wait_for
+from tests.support import http_sink_yaml
 
 pytestmark = pytest.mark.opcua
 
