@@ -2,14 +2,9 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
-
-def fault_cycles(default: int) -> int:
-    """``EDGE_FAULT_CYCLES`` when set (the long form), else ``default``."""
-    return int(os.environ.get("EDGE_FAULT_CYCLES") or default)
+from tests.faults.harness import fault_cycles
 
 
 @pytest.fixture

@@ -38,9 +38,14 @@ from tests.fixtures.gateway_process import REPO, GatewayProcess
 from tests.fixtures.mosquitto import Broker
 from tests.support import free_port
 
-__all__ = ["Campaign", "Fault", "GatewayChild"]
+__all__ = ["Campaign", "Fault", "GatewayChild", "fault_cycles", "write_report"]
 
 CampaignStep = Callable[["Campaign"], Awaitable[None]]
+
+
+def fault_cycles(default: int) -> int:
+    """``EDGE_FAULT_CYCLES`` when set (the long form), else ``default``."""
+    return int(os.environ.get("EDGE_FAULT_CYCLES") or default)
 
 
 @dataclass(frozen=True)

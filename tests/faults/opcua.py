@@ -44,7 +44,6 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -54,6 +53,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+from tests.support import free_port, stop_async_process
 
 __all__ = [
     "AsyncuaStation",
@@ -69,12 +70,6 @@ __all__ = [
 REPO = Path(__file__).resolve().parents[2]
 NODE_DIR = REPO / "tests" / "opcua_node"
 READY_NODE = "ResultReady"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def parse_ts(text: str) -> datetime:
@@ -325,13 +320,8 @@ class _StationProcess:
 
     async def stop(self) -> None:
         """SIGTERM: the server closes its sessions (a clean restart, an update)."""
-        if self.proc is not None and self.proc.returncode is None:
-            self.proc.terminate()
-            try:
-                async with asyncio.timeout(15):
-                    await self.proc.wait()
-            except TimeoutError:
-                await self.kill9()
+        if self.proc is not None:
+            await stop_async_process(self.proc, 15)
         await self._end_pump()
 
     async def _end_pump(self) -> None:

@@ -20,9 +20,8 @@ import httpx
 import pytest
 
 from tests.faults.checker import Expectation, Report, check
-from tests.faults.conftest import fault_cycles
 from tests.faults.erp import FaultyErp
-from tests.faults.harness import Campaign
+from tests.faults.harness import Campaign, fault_cycles
 from tests.fixtures.mosquitto import find_mosquitto
 
 ERP_FAULTS = ["5xx", "429_seconds", "429_date", "slow", "reset", "lost_after_apply", "down",

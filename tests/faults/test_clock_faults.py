@@ -30,8 +30,7 @@ import httpx
 import pytest
 
 from tests.faults.clock import SteppedClock, faketime_missing
-from tests.faults.conftest import fault_cycles
-from tests.faults.harness import Campaign
+from tests.faults.harness import Campaign, fault_cycles
 
 pytestmark = pytest.mark.skipif(faketime_missing() is not None,
                                 reason=faketime_missing() or "")

@@ -25,8 +25,7 @@ from typing import Any
 import pytest
 
 from tests.faults.checker import Expectation, Report
-from tests.faults.conftest import fault_cycles
-from tests.faults.harness import Campaign, write_report
+from tests.faults.harness import Campaign, fault_cycles, write_report
 from tests.faults.opcua import (
     AsyncuaStation,
     Journal,

@@ -24,7 +24,8 @@ import orjson
 import pytest
 
 from tests.faults.publisher import RecordingPublisher, topic
-from tests.fixtures.mosquitto import Broker, find_mosquitto, wait_until
+from tests.fixtures.mosquitto import Broker, find_mosquitto
+from tests.support import eventually
 
 pytestmark = pytest.mark.mqtt
 
@@ -76,19 +77,21 @@ async def test_a_part_published_while_the_publisher_reconnects_waits_for_the_res
         for _ in range(3):
             pub.publish_part(lot, fails=False)
         await asyncio.to_thread(broker.kill)  # the broker dies with them unconfirmed
-        await wait_until(lambda: not pub.connected.is_set(), 10, "the publisher to notice")
+        await eventually(lambda: not pub.connected.is_set(), timeout=10,
+                         what="the publisher to notice")
         await asyncio.to_thread(broker.start)  # same port, nothing of the old state
         watcher = Subscriber(broker.port, topic(lot))
-        await wait_until(watcher.subscribed.is_set, 10, "the subscription")
+        await eventually(watcher.subscribed.is_set, timeout=10, what="the subscription")
 
         connect_sent.clear()
         broker.proc.send_signal(signal.SIGSTOP)
-        await wait_until(connect_sent.is_set, 10, "the publisher's CONNECT")
+        await eventually(connect_sent.is_set, timeout=10, what="the publisher's CONNECT")
         pub.publish_part(lot, fails=False)  # #7: between CONNECT and CONNACK
         broker.proc.send_signal(signal.SIGCONT)
 
         assert await asyncio.to_thread(pub.wait_acked, 10)
-        await wait_until(lambda: len(set(watcher.received)) >= 4, 10, "parts #4-#7")
+        await eventually(lambda: len(set(watcher.received)) >= 4, timeout=10,
+                         what="parts #4-#7")
         seqs = [int(mid.rsplit("-", 1)[1]) for mid in watcher.received]
         first = sorted(set(seqs), key=seqs.index)  # first arrival of each part
         assert first == [4, 5, 6, 7], f"the broker received the lot's parts as {seqs}"

@@ -16,17 +16,14 @@ import asyncio
 import contextlib
 import os
 import sqlite3
-import sys
 from pathlib import Path
 
 import httpx
 import orjson
 import pytest
 
-from tests.faults.conftest import fault_cycles
 from tests.faults.disk import SmallDisk
-from tests.faults.harness import Campaign
-from tests.fixtures.gateway_process import REPO
+from tests.faults.harness import Campaign, fault_cycles
 
 pytestmark = pytest.mark.mqtt
 
@@ -63,15 +60,6 @@ def _queued(db: Path) -> dict[str, tuple[str, str]]:
         mid = orjson.loads(body)["data"]["message_id"]
         out[mid] = (eid, key)
     return out
-
-
-async def _edge(*args: str) -> str:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "edge", *args, cwd=REPO,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
-    out, _ = await proc.communicate()
-    assert proc.returncode == 0, out.decode(errors="replace")
-    return out.decode(errors="replace")
 
 
 # ---------------------------------------------------------------------------- disk full
