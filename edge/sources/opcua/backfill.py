@@ -7,12 +7,13 @@ result), continues from the last timestamp it got. It stops after ``max_values``
 round; the caller continues in another round); an unfinished continuation point is
 released.
 
-``BackfillMixin`` is the gap half of ``OpcUaSource``. A gap opens per historizing node at
+``Backfill`` is the part of ``OpcUaSource`` that does this (its contract in its
+docstring). A gap opens per historizing node at
 the newest sample taken before it, on:
 
 - a ``Gap`` marker in the notification queue: subscription re-created, or a restore of the
-  subscriptions after a reconnect (the source wraps ``Subscription.restore`` so the
-  markers ``restore`` / ``restored`` bracket it in the queue);
+  subscriptions after a reconnect (``watch_restore`` wraps ``Subscription.restore`` so
+  the markers ``restore`` / ``restored`` bracket it in the queue);
 - a sample flagged Overflow by the server (its item queue dropped values before it);
 - a local drop (the notification queue was full): every historizing node, at the next
   batch the drain takes (everything taken before the drop is older than what was dropped);
@@ -51,7 +52,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -59,19 +60,18 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from asyncua import Client, ua
 
-from edge.components import ComponentContext, Submission
-from edge.errors import InputError
-from edge.sources.opcua.queue import Gap, NotificationQueue, iso, source_ts
-from edge.telemetry import log_event
+from edge.plugin import ComponentContext, InputError, Submission, log_event
+from edge.sources.opcua.queue import Gap, NotificationQueue
+from edge.sources.opcua.values import source_ts
+from edge.timefmt import iso_z
 
 if TYPE_CHECKING:
     from asyncua.common.subscription import Subscription
-    from prometheus_client import Counter
 
     from edge.sources.opcua.config import OpcUaSourceConfig
     from edge.sources.opcua.nodes import Resolved
 
-__all__ = ["JOB_DONE", "BackfillMixin", "Watermarks", "history_pages"]
+__all__ = ["JOB_DONE", "Backfill", "Watermarks", "history_pages"]
 
 log = logging.getLogger("edge.sources.opcua")
 
@@ -207,7 +207,7 @@ class Watermarks:
         try:
             doc = orjson.loads(raw)
             values = {k: _parse(v) for k, v in doc.get("nodes", {}).items()}
-            gaps = {k: {"from": iso(_parse(g["from"])), "state": str(g.get("state", "open"))}
+            gaps = {k: {"from": iso_z(_parse(g["from"])), "state": str(g.get("state", "open"))}
                     for k, g in (doc.get("gaps") or {}).items()}
             endpoint = doc.get("endpoint")
         except (orjson.JSONDecodeError, AttributeError, TypeError, ValueError, KeyError) as err:
@@ -268,56 +268,103 @@ def _parse(value: str) -> datetime:
     return ts if ts.tzinfo else ts.replace(tzinfo=UTC)
 
 
-class BackfillMixin:
-    """The gap half of ``OpcUaSource`` (state lives in ``OpcUaSource.__init__``).
+class Backfill:
+    """The gaps of one ``opcua`` source: where they open and end, the backfill, the order
+    of live and backfilled values, the watermarks (module docstring). Owned by
+    ``OpcUaSource``.
 
-    Per monitored item index (all touched only on the event loop):
-    ``_gap_open`` gaps waiting for their first sample, ``_jobs`` closed gaps to read,
-    ``_running`` the gap being read (its start moves up as its values commit), ``_held``
-    live samples waiting for their node's backfill (``strict`` order).
+    What the source hands in: ``connection()`` returns ``(client, resolved)`` while a
+    session is up (None otherwise); ``queue`` is the monitored notification queue (the
+    restore markers go into it); ``mapped`` is the ordered commit path the source's commit
+    task drains, and ``put_ordered`` the only way into it (the source's drain task and the
+    backfill share it, so puts keep the order they were asked in); ``sample`` maps one
+    DataValue of a monitored item to a Submission (raises ``InputError``) and
+    ``quarantine`` keeps one that cannot be mapped; ``audit`` writes a component audit row
+    at once, ``note_audit`` queues one that the drain task writes between two batches
+    (for calls that must not await); ``watermarks`` is the persisted state.
+
+    The source calls, from its drain task, in arrival order: ``open_gap`` for a ``Gap``
+    marker, ``live_sample`` and ``hold`` for each sample taken, ``server_overflow`` for a
+    sample flagged Overflow, ``open_local_drop_gap`` before each batch; from its commit
+    task ``committed`` after each COMMIT; at every start of its session ``start(history)``
+    before the monitored items exist and ``watch_restore(sub)``. It runs ``loop()`` (the
+    backfill) and ``flush_loop()`` (the periodic watermark save) as tasks of its session;
+    both return at once when no monitored node historizes.
+
+    State, per monitored item index, touched only on the event loop: ``_gap_open`` gaps
+    waiting for their first sample, ``_jobs`` closed gaps to read, ``_running`` the gap
+    being read (its start moves up as its values commit), ``_held`` live samples waiting
+    for their node's backfill (``strict`` order).
     """
 
-    if TYPE_CHECKING:
-        id: str
-        cfg: OpcUaSourceConfig
-        ctx: ComponentContext
-        _client: Client | None
-        _resolved: Resolved | None
-        _mon_sub: Subscription | None
-        _mon_q: NotificationQueue
-        _mapped: asyncio.Queue[Mapped]
-        _history: list[bool]
-        _last_ts: dict[int, datetime]
-        _gap_open: dict[int, tuple[datetime, float]]
-        _jobs: dict[int, tuple[datetime, datetime]]
-        _jobs_ready: asyncio.Event
-        _watermarks: Watermarks
-        _watermarks_loaded: bool
-        _m_backfilled: Counter
-        _running: dict[int, tuple[datetime, datetime]]
-        _held: dict[int, list[tuple[Submission, datetime]]]
-        _releasing: set[int]
-        _relaxed: set[int]
-        _job_done: dict[int, asyncio.Event]
-        _job_stats: dict[int, dict[str, Any]]
-        _put_lock: asyncio.Lock
-        _restoring: bool
-        _restore_held: list[Any]
-        _drop_pending: bool
-        _overflow_counts: dict[int, int]
-        _overflow_since: float
-        _pending_audits: list[tuple[str, str | None, dict[str, Any]]]
+    def __init__(
+        self,
+        cfg: OpcUaSourceConfig,
+        ctx: ComponentContext,
+        *,
+        connection: Callable[[], tuple[Client, Resolved] | None],
+        queue: NotificationQueue,
+        mapped: asyncio.Queue[Mapped],
+        sample: Callable[..., Submission],
+        quarantine: Callable[[int, ua.DataValue, Any, datetime, InputError], Awaitable[None]],
+        audit: Callable[..., Awaitable[None]],
+        note_audit: Callable[[str, str | None, dict[str, Any]], None],
+        watermarks: Watermarks,
+    ) -> None:
+        self.id = cfg.id
+        self.cfg = cfg
+        self.ctx = ctx
+        self._connection = connection
+        self._queue = queue
+        self._mapped = mapped
+        self._sample = sample
+        self._quarantine = quarantine
+        self._audit = audit
+        self._note_audit = note_audit
+        self.watermarks = watermarks
+        self._m_backfilled = ctx.metrics.source_backfilled.labels(cfg.id)
+        self.history: list[bool] = [False] * len(cfg.monitored)  # set by start()
+        self._loaded = False  # the watermarks file was read (once per process)
+        self._last_ts: dict[int, datetime] = {}  # newest live sample taken from the queue
+        self._gap_open: dict[int, tuple[datetime, float]] = {}  # start, monotonic opened
+        self._jobs: dict[int, tuple[datetime, datetime]] = {}  # backfill start, end
+        self._jobs_ready = asyncio.Event()
+        self._running: dict[int, tuple[datetime, datetime]] = {}  # gap being read
+        self._held: dict[int, list[tuple[Submission, datetime]]] = {}  # behind a backfill
+        self._releasing: set[int] = set()
+        self._relaxed: set[int] = set()
+        self._job_done: dict[int, asyncio.Event] = {}
+        self._job_stats: dict[int, dict[str, Any]] = {}
+        self._put_lock = asyncio.Lock()  # the one ordered way into mapped
+        self._restoring = False  # between the restore markers of a reconnect
+        self._restore_held: list[Any] = []
+        self._drop_pending = False
+        self._overflow_counts: dict[int, int] = {}
+        self._overflow_since = 0.0
 
-        async def _audit(self, state: str, *, reason: str | None = None,
-                         detail: dict[str, Any] | None = None) -> None: ...
+    # ------------------------------------------------------------------ what the source sees
 
-        async def _submit(self, subs: Sequence[Submission]) -> list[str]: ...
+    def start(self, history: list[bool]) -> None:
+        """At every start of the session, before the monitored items exist: ``history``
+        per monitored item, does its gap get read back (backfill on, node historizes).
+        Opens a gap since the last COMMITTED samples (watermarks and open gaps) — of this
+        process (the supervisor restarted the source: samples taken from the queue but not
+        committed are read back too) or of the previous one (kill -9, restart, update)."""
+        self.history = history
+        self._restart_gaps()
 
-        def _sample(self, idx: int, dv: ua.DataValue, value: Any, ts: datetime,
-                    backfilled: bool = False) -> Submission: ...
+    def open_gaps(self) -> dict[str, str]:
+        """Per node with a gap (open, waiting or being read): its start (ISO-8601)."""
+        out = {}
+        for idx, item in enumerate(self.cfg.monitored):
+            floor = self._gap_floor(idx)
+            if floor is not None:
+                out[item.node] = iso_z(floor)
+        return out
 
-        async def _quarantine_sample(self, idx: int, dv: ua.DataValue, value: Any,
-                                     ts: datetime, err: InputError) -> None: ...
+    def running(self) -> list[str]:
+        """The nodes whose gap is being read back right now."""
+        return [self.cfg.monitored[idx].node for idx in self._running]
 
     # ------------------------------------------------------------------ gap state
 
@@ -336,18 +383,18 @@ class BackfillMixin:
         node = self.cfg.monitored[idx].node
         floor = self._gap_floor(idx)
         if floor is None:
-            self._watermarks.gaps.pop(node, None)
+            self.watermarks.gaps.pop(node, None)
         else:
-            self._watermarks.gaps[node] = {
-                "from": iso(floor), "state": "running" if idx in self._running else "open"}
+            self.watermarks.gaps[node] = {
+                "from": iso_z(floor), "state": "running" if idx in self._running else "open"}
 
-    def _open_gap(self, mark: Gap) -> None:
+    def open_gap(self, mark: Gap) -> None:
         if mark.reason == "restore":
             self._restoring = True
         now = time.monotonic()
         starts = mark.starts if mark.starts is not None else self._last_ts
         for idx, ts in starts.items():
-            if self._history[idx] and idx not in self._gap_open:
+            if self.history[idx] and idx not in self._gap_open:
                 self._gap_open[idx] = (ts, now)
                 self._sync_gap(idx)
         self._jobs_ready.set()  # wake the loop so first-sample timeouts are tracked
@@ -361,7 +408,7 @@ class BackfillMixin:
         self._sync_gap(idx)
         self._jobs_ready.set()
 
-    def _live_sample(self, idx: int, ts: datetime, *, ends_gap: bool = True) -> None:
+    def live_sample(self, idx: int, ts: datetime, *, ends_gap: bool = True) -> None:
         """A live sample was taken from the queue: it ends the node's open gap (a sample
         flagged Overflow does not: servers differ in which queued value carries the flag,
         so the gap runs to the next sample)."""
@@ -372,7 +419,7 @@ class BackfillMixin:
         if last is None or ts > last:
             self._last_ts[idx] = ts
 
-    def _hold(self, idx: int, sub: Submission, ts: datetime
+    def hold(self, idx: int, sub: Submission, ts: datetime
               ) -> list[tuple[Submission, datetime]] | None:
         """Hold a live sample behind its node's backfill (None), or return what to commit
         now: the sample, after the held ones when the hold limit was reached."""
@@ -394,19 +441,28 @@ class BackfillMixin:
         log_event(log, logging.WARNING, "opcua backfill slower than live data; live values "
                   "of this node are committed before the rest of its gap", source=self.id,
                   node=node, held=len(out))
-        self._pending_audits.append(("backfill_order_relaxed", "hold_limit", {
-            "node": node, "gap_from": iso(floor) if floor else None, "held": len(out)}))
+        self._note_audit("backfill_order_relaxed", "hold_limit", {
+            "node": node, "gap_from": iso_z(floor) if floor else None, "held": len(out)})
         return out
 
-    async def _put_ordered(self, subs: list[Submission], marks: list[tuple[int, datetime]]
-                           ) -> None:
+    async def put_ordered(self, subs: list[Submission], marks: list[tuple[int, datetime]]
+                          ) -> None:
         """The one way into the commit path: puts keep the order they were asked in."""
         async with self._put_lock:
             await self._mapped.put((subs, marks))
 
+    async def committed(self, subs: Sequence[Submission], ids: Sequence[str],
+                        marks: Sequence[tuple[int, datetime]]) -> None:
+        """After COMMIT (``ids`` as the outbox returned them): watermarks, backfill
+        progress, counts, job completions; a node's first watermark is saved at once."""
+        self._committed(subs, ids, marks)
+        if self.watermarks.unsaved_nodes():
+            # a node's first committed sample: on disk at once, not at the next flush,
+            # so a kill -9 right after the start still resumes from here
+            await self.save_watermarks()
+
     def _committed(self, subs: Sequence[Submission], ids: Sequence[str],
                    marks: Sequence[tuple[int, datetime]]) -> None:
-        """After COMMIT: watermarks, backfill progress, counts, job completions."""
         k = 0
         for idx, ts in marks:
             if ts is JOB_DONE:
@@ -435,29 +491,29 @@ class BackfillMixin:
         if floor is not None and ts > floor:
             ts = floor
         key = self.cfg.monitored[idx].node
-        old = self._watermarks.values.get(key)
+        old = self.watermarks.values.get(key)
         if old is None or ts > old:
-            self._watermarks.values[key] = ts
+            self.watermarks.values[key] = ts
 
     # ------------------------------------------------------------------ (re)start
 
     def _restart_gaps(self) -> dict[int, datetime]:
         """At every start of ``run``: resume from what is committed, not from what was
         taken. Returns per historizing node the start of its gap (now open)."""
-        if not self._watermarks_loaded:
-            self._watermarks_loaded = True
-            loaded = self._watermarks.load()
-            if self._watermarks.migrated_from is not None:
-                self._pending_audits.append(("watermarks_migrated", "endpoint_changed", {
-                    "from_endpoint": self._watermarks.migrated_from,
-                    "to_endpoint": self.cfg.endpoint}))
-            for node, gap in self._watermarks.gaps.items():
-                self._pending_audits.append(("backfill_resumed", (
+        if not self._loaded:
+            self._loaded = True
+            loaded = self.watermarks.load()
+            if self.watermarks.migrated_from is not None:
+                self._note_audit("watermarks_migrated", "endpoint_changed", {
+                    "from_endpoint": self.watermarks.migrated_from,
+                    "to_endpoint": self.cfg.endpoint})
+            for node, gap in self.watermarks.gaps.items():
+                self._note_audit("backfill_resumed", (
                     "interrupted" if gap.get("state") == "running" else "gap_open"),
-                    {"node": node, "from": gap["from"]}))
+                    {"node": node, "from": gap["from"]})
         else:  # the supervisor restarts run(): the same process, the same memory
-            loaded = dict(self._watermarks.values)
-            for node, gap in self._watermarks.gaps.items():
+            loaded = dict(self.watermarks.values)
+            for node, gap in self.watermarks.gaps.items():
                 start = _parse(gap["from"])
                 loaded[node] = min(loaded.get(node, start), start)
         self._gap_open.clear()
@@ -476,7 +532,7 @@ class BackfillMixin:
             idx = keys.get(ref)
             if idx is None:
                 continue
-            if self._history[idx]:
+            if self.history[idx]:
                 starts[idx] = ts
                 self._last_ts[idx] = ts
                 self._gap_open[idx] = (ts, now)
@@ -511,16 +567,15 @@ class BackfillMixin:
             self._jobs_ready.set()
         return starts
 
-    def _watch_restore(self) -> None:
+    def watch_restore(self, sub: Subscription | None) -> None:
         """Bracket asyncua's restore of the monitored subscription (transfer + Republish
         after a reconnect) with markers in the queue: live notifications that arrive
         meanwhile wait until the replayed ones are taken, so per node the older replayed
         values are committed first."""
-        sub = self._mon_sub
         if sub is None or getattr(sub, "_edge_restore_watched", False):
             return
         original = sub.restore
-        queue = self._mon_q
+        queue = self._queue
 
         async def restore() -> None:
             queue.put_nowait(Gap("restore"))
@@ -532,12 +587,13 @@ class BackfillMixin:
         sub.restore = restore  # type: ignore[method-assign]
         sub._edge_restore_watched = True  # type: ignore[attr-defined]
 
-    def _end_restore(self) -> list[Any]:
+    def end_restore(self) -> list[Any]:
+        """The ``restored`` marker was taken: the live notifications held meanwhile."""
         self._restoring = False
         held, self._restore_held = self._restore_held, []
         return held
 
-    def _hold_for_restore(self, item: Any) -> bool:
+    def hold_for_restore(self, item: Any) -> bool:
         """During a restore: keep a live (not replayed) notification for after it."""
         if not self._restoring or getattr(item, "replayed", False):
             return False
@@ -548,13 +604,20 @@ class BackfillMixin:
 
     # ------------------------------------------------------------------ drops
 
-    def _local_drop_gap(self) -> None:
-        """The queue dropped notifications since the last batch: every historizing node
-        may have lost values newer than the ones taken so far."""
-        self._drop_pending = False
-        self._open_gap(Gap("queue_full"))
+    def note_local_drop(self) -> None:
+        """The notification queue dropped one (called inside asyncua's publish callback):
+        the drain opens the gap before its next batch (``open_local_drop_gap``)."""
+        self._drop_pending = True
 
-    def _overflow_gap(self, idx: int) -> None:
+    def open_local_drop_gap(self) -> None:
+        """Before a batch: if the queue dropped notifications since the last one, every
+        historizing node may have lost values newer than the ones taken so far."""
+        if not self._drop_pending:
+            return
+        self._drop_pending = False
+        self.open_gap(Gap("queue_full"))
+
+    def server_overflow(self, idx: int) -> None:
         """The server flagged Overflow on a sample: values before it were dropped."""
         self._overflow_counts[idx] = self._overflow_counts.get(idx, 0) + 1
         if not self._overflow_since:
@@ -562,39 +625,41 @@ class BackfillMixin:
             # a storm is audited when it starts (a steady overload may never end) and
             # then with its counts when it ends, or once a minute while it lasts
             node = self.cfg.monitored[idx].node
-            self._pending_audits.append(("dropped", "server_queue_overflow", {
+            self._note_audit("dropped", "server_queue_overflow", {
                 "flagged": 1, "nodes": {node: 1}, "storm": "started",
-                "backfill": [node] if self._history[idx] else []}))
+                "backfill": [node] if self.history[idx] else []})
         last = self._last_ts.get(idx)
-        if self._history[idx] and last is not None and idx not in self._gap_open:
+        if self.history[idx] and last is not None and idx not in self._gap_open:
             self._gap_open[idx] = (last, time.monotonic())
             self._sync_gap(idx)
 
-    def _overflow_storm_over(self, seen_before: int) -> bool:
+    def overflow_count(self) -> int:
+        """Samples flagged Overflow in the current storm (0: none)."""
+        return sum(self._overflow_counts.values())
+
+    def overflow_storm_over(self, seen_before: int) -> bool:
         """True when overflows were counted and this batch added none (or a minute passed)."""
         if not self._overflow_counts:
             return False
         total = sum(self._overflow_counts.values())
         return total == seen_before or time.monotonic() - self._overflow_since > 60
 
-    def _overflow_audit(self) -> tuple[str, str | None, dict[str, Any]]:
+    def overflow_audit(self) -> tuple[str, str | None, dict[str, Any]]:
+        """The audit row of the storm that is over (``state, reason, detail``); resets it."""
         nodes = {self.cfg.monitored[i].node: n for i, n in self._overflow_counts.items()}
         backfill = [self.cfg.monitored[i].node for i in self._overflow_counts
-                    if self._history[i]]
+                    if self.history[i]]
         self._overflow_counts = {}
         self._overflow_since = 0.0
         return ("dropped", "server_queue_overflow", {
             "flagged": sum(nodes.values()), "nodes": nodes, "backfill": backfill})
 
-    async def _flush_audits(self) -> None:
-        while self._pending_audits:
-            state, reason, detail = self._pending_audits.pop(0)
-            await self._audit(state, reason=reason, detail=detail)
-
     # ------------------------------------------------------------------ backfill
 
-    async def _backfill_loop(self) -> None:
-        if not any(self._history):
+    async def loop(self) -> None:
+        """Close gaps that waited too long for their first sample, release held samples,
+        read the closed gaps back, one round at a time (runs for the session)."""
+        if not any(self.history):
             return
         wait_s = self.cfg.backfill.first_sample_wait_s
         while True:
@@ -605,7 +670,7 @@ class BackfillMixin:
             stale = [i for i, (_, at) in self._gap_open.items()
                      if time.monotonic() - at > wait_s]
             if stale:
-                end = await self._server_time()
+                end = await self.server_time()
                 for idx in stale:
                     if idx in self._gap_open:
                         start, _ = self._gap_open.pop(idx)
@@ -619,11 +684,14 @@ class BackfillMixin:
                 start, end = self._jobs.pop(idx)
                 await self._backfill(idx, start, end)
 
-    async def _server_time(self) -> datetime:
-        assert self._client is not None
+    async def server_time(self) -> datetime:
+        """The server's clock (the end of a gap without a live sample); ours if unread."""
+        conn = self._connection()
+        assert conn is not None
+        client = conn[0]
         try:
             async with asyncio.timeout(self.cfg.timeout_s):
-                ts = await self._client.get_node(
+                ts = await client.get_node(
                     ua.NodeId(ua.Int32(ua.ObjectIds.Server_ServerStatus_CurrentTime))).read_value()
             return ts if ts.tzinfo else ts.replace(tzinfo=UTC)
         except (OSError, TimeoutError, ua.UaError, ConnectionError):
@@ -632,7 +700,9 @@ class BackfillMixin:
     async def _backfill(self, idx: int, start: datetime, end: datetime) -> None:
         """One round of a gap: read, hand to the commit path; then another round, a retry
         after the reconnect, or the end of the job (committed, audited, held released)."""
-        assert self._client is not None and self._resolved is not None
+        conn = self._connection()
+        assert conn is not None
+        client, resolved = conn
         cfg = self.cfg
         node = cfg.monitored[idx].node
         stats = self._job_stats.setdefault(
@@ -643,10 +713,10 @@ class BackfillMixin:
         if start < limit:
             log_event(log, logging.WARNING, "opcua gap longer than backfill.max_gap_s; "
                       "reading only its newest part", source=self.id, node=node,
-                      gap_start=iso(start), read_from=iso(limit))
+                      gap_start=iso_z(start), read_from=iso_z(limit))
             await self._audit("backfill_truncated", reason="max_gap_s",
-                              detail={"node": node, "gap_start": iso(start),
-                                      "read_from": iso(limit)})
+                              detail={"node": node, "gap_start": iso_z(start),
+                                      "read_from": iso_z(limit)})
             start = limit
             self._running[idx] = (start, end)
             stats["from"] = max(stats["from"], start)
@@ -656,7 +726,7 @@ class BackfillMixin:
         stats["rounds"] += 1
         try:
             async for page in history_pages(
-                self._client, self._resolved[node].node_id, start, end,
+                client, resolved[node].node_id, start, end,
                 page_values=cfg.backfill.page_values, max_values=cfg.backfill.max_values,
                 timeout_s=cfg.timeout_s, more=more,
             ):
@@ -669,12 +739,12 @@ class BackfillMixin:
                         subs.append(self._sample(idx, dv, value, ts, backfilled=True))
                         marks.append((idx, ts))
                     except InputError as err:
-                        await self._quarantine_sample(idx, dv, value, ts, err)
+                        await self._quarantine(idx, dv, value, ts, err)
                     newest = max(newest, ts)
                 read += len(page)
                 stats["read"] += len(page)
                 if subs:
-                    await self._put_ordered(subs, marks)
+                    await self.put_ordered(subs, marks)
         except (OSError, TimeoutError, ConnectionError) as err:
             # Connection trouble: the gap stays open; the unread rest after the reconnect.
             self._running.pop(idx, None)
@@ -689,7 +759,7 @@ class BackfillMixin:
                       "HistoryRead", source=self.id, node=node, error=repr(err))
             await self._finish_job(idx)
             await self._audit("backfill_failed", reason=type(err).__name__,
-                              detail={"node": node, "from": iso(start), "to": iso(end),
+                              detail={"node": node, "from": iso_z(start), "to": iso_z(end),
                                       "read": stats["read"]})
             return
         if more:
@@ -698,23 +768,23 @@ class BackfillMixin:
             self._running.pop(idx, None)
             self._add_job(idx, newest, end)
             log_event(log, logging.INFO, "opcua backfill round done; gap continues",
-                      source=self.id, node=node, read=read, next_from=iso(newest),
-                      gap_to=iso(end))
+                      source=self.id, node=node, read=read, next_from=iso_z(newest),
+                      gap_to=iso_z(end))
             await self._audit("backfill_round", reason="max_values", detail={
-                "node": node, "from": iso(start), "to": iso(end), "read": read,
-                "next_from": iso(newest), "max_values": cfg.backfill.max_values})
+                "node": node, "from": iso_z(start), "to": iso_z(end), "read": read,
+                "next_from": iso_z(newest), "max_values": cfg.backfill.max_values})
             return
         done = asyncio.Event()
         self._job_done[idx] = done
-        await self._put_ordered([], [(idx, JOB_DONE)])
+        await self.put_ordered([], [(idx, JOB_DONE)])
         await done.wait()  # every value of the gap is committed
         await self._finish_job(idx)
         log_event(log, logging.INFO, "opcua backfilled", source=self.id, node=node,
                   read=stats["read"], stored=stats["stored"],
                   duplicates=stats["read"] - stats["stored"], rounds=stats["rounds"],
-                  gap_from=iso(stats["from"]), gap_to=iso(end))
+                  gap_from=iso_z(stats["from"]), gap_to=iso_z(end))
         await self._audit("backfilled", detail={
-            "node": node, "from": iso(stats["from"]), "to": iso(end), "read": stats["read"],
+            "node": node, "from": iso_z(stats["from"]), "to": iso_z(end), "read": stats["read"],
             "stored": stats["stored"], "rounds": stats["rounds"]})
 
     async def _finish_job(self, idx: int) -> None:
@@ -741,21 +811,22 @@ class BackfillMixin:
                     break
                 chunk = held[:n]
                 del held[:n]
-                await self._put_ordered([s for s, _ in chunk], [(idx, ts) for _, ts in chunk])
+                await self.put_ordered([s for s, _ in chunk], [(idx, ts) for _, ts in chunk])
         finally:
             self._releasing.discard(idx)  # no await since the last check: nothing slips by
 
-    async def _flush_watermarks(self) -> None:
-        if not any(self._history):
+    async def flush_loop(self) -> None:
+        """Save the watermarks every ``WATERMARK_FLUSH_S`` (runs for the session)."""
+        if not any(self.history):
             return
         while True:
             await asyncio.sleep(WATERMARK_FLUSH_S)
-            await self._save_watermarks()
+            await self.save_watermarks()
 
-    async def _save_watermarks(self) -> None:
+    async def save_watermarks(self) -> None:
         """Write the watermarks file now (a failure is logged; the next flush retries)."""
         try:
-            await self._watermarks.save()
+            await self.watermarks.save()
         except OSError as err:
             log_event(log, logging.WARNING, "cannot save opcua watermarks",
                       source=self.id, error=str(err))

@@ -7,6 +7,12 @@ Data path::
         trigger subscription   ──► trigger task: edge detect → ONE Read → map ──►
                                    bounded queue (blocking) ──► submit → optional ack write
 
+The source owns two parts, each a small object with its contract in its docstring:
+``self.triggers`` (``Triggers``: edge detection, the group Read, commit, ack) and
+``self.backfill`` (``Backfill``: gaps, HistoryRead, the order of live and backfilled
+values, watermarks). It hands them what they share (the client, the ordered commit path,
+the audit call); they never reach into the source.
+
 Why these queues: asyncua's handler mode spawns a task per notification and its iterator
 mode drops the oldest notification silently. The source creates iterator-mode
 subscriptions and gives them its own ``NotificationQueue`` (the one place where asyncua
@@ -48,32 +54,27 @@ from asyncua.client.ua_client import UaClientState
 from asyncua.common.subscription import DataChangeEvent, StatusChangeEvent, Subscription
 from asyncua.observer import Observer, SubscriptionEvent
 
-from edge.components import ComponentContext, Ingest, Submission
-from edge.errors import (
+from edge.plugin import (
+    ComponentContext,
     FatalStartupError,
+    Ingest,
     InputError,
+    Mapper,
     OutboxClosedError,
     OutboxFullError,
     RetryableStartupError,
+    Submission,
+    log_event,
 )
 from edge.sources.opcua import client as opcua_client
 from edge.sources.opcua import nodes as opcua_nodes
 from edge.sources.opcua import security as opcua_security
-from edge.sources.opcua.backfill import BackfillMixin, Watermarks
+from edge.sources.opcua.backfill import Backfill, Watermarks
 from edge.sources.opcua.config import OpcUaSourceConfig
-from edge.sources.opcua.queue import (
-    OVERFLOW_BITS,
-    Gap,
-    NotificationQueue,
-    iso,
-    jsonable,
-    sample_key,
-    source_ts,
-    status_name,
-)
-from edge.sources.opcua.triggers import TriggersMixin
-from edge.telemetry import log_event
-from edge.transforms.map import Mapper
+from edge.sources.opcua.queue import Gap, NotificationQueue
+from edge.sources.opcua.triggers import Triggers
+from edge.sources.opcua.values import OVERFLOW_BITS, jsonable, sample_key, source_ts, status_name
+from edge.timefmt import iso_z
 
 __all__ = ["OpcUaSource"]
 
@@ -132,7 +133,7 @@ class _Observer(Observer):
         self._source._on_subscription_event(subscription_id, event)
 
 
-class OpcUaSource(TriggersMixin, BackfillMixin):
+class OpcUaSource:
     """One OPC UA server connection: monitored items and triggers → events.
 
     ``run()`` connects (security checked first), resolves and checks every node, creates
@@ -151,58 +152,82 @@ class OpcUaSource(TriggersMixin, BackfillMixin):
         m = ctx.metrics
         self._m_dropped_queue = m.source_dropped.labels(cfg.id, "queue_full")
         self._m_dropped_server = m.source_dropped.labels(cfg.id, "server_queue_overflow")
-        self._m_dropped_trigger = m.source_dropped.labels(cfg.id, "trigger_queue_full")
         self._m_gaps = m.source_gaps.labels(cfg.id)
-        self._m_backfilled = m.source_backfilled.labels(cfg.id)
         self._mon_mappers = [Mapper(i.mapping(), site=ctx.site, source=cfg.id)
                              for i in cfg.monitored]
-        self._trig_mappers = [Mapper(t, site=ctx.site, source=cfg.id) for t in cfg.triggers]
         self._mon_q = NotificationQueue(cfg.queue_max, self._dropped_notification)
-        self._trig_q = NotificationQueue(max(100, cfg.queue_max // 10), self._dropped_trigger)
+        # The ordered commit path of the monitored items: the drain task and the backfill
+        # put mapped chunks in (through ``Backfill.put_ordered``), the commit task drains it.
         self._mapped: asyncio.Queue[tuple[list[Submission], list[tuple[int, datetime]]]] = \
             asyncio.Queue(maxsize=max(2, 2 * cfg.max_batch // _CHUNK))
-        self._trig_out: asyncio.Queue[Any] = asyncio.Queue(maxsize=1000)  # served raises
-        self._init_trigger_state()  # handshake state per trigger (edge.sources.opcua.triggers)
         self._ctl: asyncio.Queue[tuple[Any, ...]] = asyncio.Queue(maxsize=1000)
         self._client: Client | None = None
         self._resolved: opcua_nodes.Resolved | None = None
         self._mon_sub: Subscription | None = None
         self._trig_sub: Subscription | None = None
-        self._history: list[bool] = [False] * len(cfg.monitored)
-        # Gap bookkeeping, all per monitored item index (touched only on the event loop).
-        self._last_ts: dict[int, datetime] = {}  # newest live sample taken from the queue
-        self._gap_open: dict[int, tuple[datetime, float]] = {}  # start, monotonic opened
-        self._jobs: dict[int, tuple[datetime, datetime]] = {}  # backfill start, end
-        self._jobs_ready = asyncio.Event()
-        self._watermarks = Watermarks(
-            Path(ctx.state_dir) / "opcua" / f"{cfg.id}.watermarks.json", cfg.endpoint)
-        self._watermarks_loaded = False
-        # Backfill and order (edge.sources.opcua.backfill), per monitored item index.
-        self._running: dict[int, tuple[datetime, datetime]] = {}  # gap being read
-        self._held: dict[int, list[tuple[Submission, datetime]]] = {}  # behind a backfill
-        self._releasing: set[int] = set()
-        self._relaxed: set[int] = set()
-        self._job_done: dict[int, asyncio.Event] = {}
-        self._job_stats: dict[int, dict[str, Any]] = {}
-        self._put_lock = asyncio.Lock()  # the one ordered way into _mapped
-        self._restoring = False  # between the restore markers of a reconnect
-        self._restore_held: list[Any] = []
-        self._drop_pending = False
-        self._overflow_counts: dict[int, int] = {}
-        self._overflow_since = 0.0
         self._pending_audits: list[tuple[str, str | None, dict[str, Any]]] = []
         self._storm_dropped = 0
         self._overflow_logged = 0.0
         self._lost_at: float | None = None
         self._failure_reason: str | None = None  # last reconnect failure reported
+        self._connected = False  # as last told to ctx.set_connected
+        self._last_error: str | None = None  # why not connected now (status())
         self._unknown_kinds: set[str] = set()
         self._loss_epoch = 0
         self._sub_epoch = {"monitored": 0, "triggers": 0}
         self._tasks: set[asyncio.Task[Any]] = set()
+        self.triggers = Triggers(
+            cfg, ctx, ingest=self.ingest, connection=self._connection, submit=self._submit,
+            audit=self._audit, status_change=self._status_change,
+            unknown_item=self._unknown_item)
+        self.backfill = Backfill(
+            cfg, ctx, connection=self._connection, queue=self._mon_q, mapped=self._mapped,
+            sample=self._sample, quarantine=self._quarantine_sample, audit=self._audit,
+            note_audit=self._note_audit,
+            watermarks=Watermarks(
+                Path(ctx.state_dir) / "opcua" / f"{cfg.id}.watermarks.json", cfg.endpoint))
+
+    def status(self) -> dict[str, Any]:
+        """What the source is doing, for the demo and for operators (JSON-friendly):
+        ``connected``, ``endpoint``, ``last_error`` (why it is not connected: the failed
+        start or the last reconnect failure; None while connected), ``open_gaps`` (node → gap start, for gaps open, waiting
+        or being read back), ``backfill_running`` (nodes being read back now),
+        ``monitored`` and ``triggers`` (configured items), ``historizing`` (monitored
+        items whose gaps are read back)."""
+        return {
+            "connected": self._connected,
+            "endpoint": self.cfg.endpoint,
+            "last_error": self._last_error,
+            "open_gaps": self.backfill.open_gaps(),
+            "backfill_running": self.backfill.running(),
+            "monitored": len(self.cfg.monitored),
+            "triggers": len(self.cfg.triggers),
+            "historizing": sum(self.backfill.history),
+        }
+
+    def _connection(self) -> tuple[Client, opcua_nodes.Resolved] | None:
+        """The session's client and resolved nodes; None while not connected."""
+        if self._client is None or self._resolved is None:
+            return None
+        return self._client, self._resolved
+
+    def _note_audit(self, state: str, reason: str | None, detail: dict[str, Any]) -> None:
+        """Queue an audit row for the drain task to write between two batches (for code
+        that must not await: asyncua callbacks, the middle of a batch)."""
+        self._pending_audits.append((state, reason, detail))
 
     # ------------------------------------------------------------------ lifecycle
 
     async def run(self) -> None:
+        try:
+            await self._session()
+        except (RetryableStartupError, FatalStartupError) as err:
+            self._last_error = str(err)
+            raise
+
+    async def _session(self) -> None:
+        """One client session: connect, check the nodes, subscribe, serve until cancelled
+        (asyncua reconnects inside it)."""
         cfg = self.cfg
         opcua_client.check_internals()
         client = opcua_client.GatewayClient(
@@ -232,15 +257,15 @@ class OpcUaSource(TriggersMixin, BackfillMixin):
                     f"{cfg.endpoint}: failed while checking nodes and subscribing: {err!r}"
                 ) from err
             self._set_connected(True)
-            self._recheck_triggers("connected")
+            self.triggers.recheck("connected")
             log_event(log, logging.INFO, "opcua connected", source=self.id,
                       endpoint=cfg.endpoint, security=security,
-                      monitored=len(cfg.monitored), historizing=sum(self._history),
+                      monitored=len(cfg.monitored), historizing=sum(self.backfill.history),
                       triggers=len(cfg.triggers))
             await _run_all([
-                self._drain_monitored(), self._commit_monitored(), self._run_triggers(),
-                self._submit_triggers(),
-                self._control(), self._backfill_loop(), self._flush_watermarks(),
+                self._drain_monitored(), self._commit_monitored(), self.triggers.read_loop(),
+                self.triggers.commit_loop(),
+                self._control(), self.backfill.loop(), self.backfill.flush_loop(),
             ])
         finally:
             self._set_connected(False)
@@ -289,7 +314,7 @@ class OpcUaSource(TriggersMixin, BackfillMixin):
 
     async def _close(self, client: Client) -> None:
         with contextlib.suppress(Exception):
-            await self._watermarks.save()
+            await self.backfill.watermarks.save()
         try:
             async with asyncio.timeout(self.cfg.timeout_s + 1):
                 await client.disconnect()
@@ -300,6 +325,9 @@ class OpcUaSource(TriggersMixin, BackfillMixin):
         self._client = None
 
     def _set_connected(self, up: bool) -> None:
+        self._connected = up
+        if up:
+            self._last_error = None
         self.ctx.set_connected(up)
 
     # ------------------------------------------------------------------ subscriptions
@@ -330,9 +358,8 @@ class OpcUaSource(TriggersMixin, BackfillMixin):
         where = f"sources[{self.id}]"
         issues: list[str] = []
         if cfg.monitored:
-            self._history = [cfg.backfill.enabled and m.backfill and resolved[m.node].historizes
-                             for m in cfg.monitored]
-            self._open_start_gap()
+            self.backfill.start([cfg.backfill.enabled and m.backfill
+                                 and resolved[m.node].historizes for m in cfg.monitored])
             self._mon_sub = await self._new_subscription(client, cfg.publishing_ms, self._mon_q)
             requests = [self._item_request(i + 1, resolved[m.node].node_id, m.sampling_ms,
                                            m.queue_size, m.deadband)
@@ -341,7 +368,7 @@ class OpcUaSource(TriggersMixin, BackfillMixin):
         if cfg.triggers:
             publishing = min(t.sampling_ms for t in cfg.triggers) or 100
             self._trig_sub = await self._new_subscription(client, max(publishing, 50),
-                                                           self._trig_q)
+                                                           self.triggers.queue)
             requests = [self._item_request(i + 1, resolved[t.node].node_id, t.sampling_ms,
                                            t.queue_size, None)
                         for i, t in enumerate(cfg.triggers)]
@@ -384,13 +411,6 @@ class OpcUaSource(TriggersMixin, BackfillMixin):
                     issues.append(f"{where}[{start + k}]: the server refused the monitored "
                                   f"item: {res.name}")
 
-    def _open_start_gap(self) -> None:
-        """Before the monitored items exist: open a gap since the last COMMITTED samples
-        (watermarks and open gaps) — of this process (the supervisor restarted ``run``:
-        samples taken from the queue but not committed are read back too) or of the
-        previous one (kill -9, restart, update)."""
-        self._restart_gaps()
-
     # ------------------------------------------------------------------ asyncua signals
 
     def _on_state(self, state: UaClientState) -> None:
@@ -406,18 +426,20 @@ class OpcUaSource(TriggersMixin, BackfillMixin):
             self._mon_q.put_nowait(Gap("recreated"))
             self._ctl_put(("recreated", "monitored"))
         elif self._trig_sub is not None and sid == self._trig_sub.subscription_id:
-            self._trig_q.put_nowait(Gap("recreated"))
+            self.triggers.queue.put_nowait(Gap("recreated"))
             self._ctl_put(("recreated", "triggers"))
 
     async def _on_connection_lost(self, exc: Exception) -> None:
         # asyncua awaits this before reconnecting: only record and return.
         self._set_connected(False)
+        self._last_error = f"connection lost: {exc!r}"
         self._ctl_put(("lost", exc))
 
     def _reconnect_failed(self, exc: BaseException) -> None:
         """A reconnect attempt failed (called by the client's reconnect loop): log the
         reason once per change, show it in ``/status`` until the source is back."""
         reason, severity = opcua_client.describe_failure(exc, self.cfg)
+        self._last_error = reason
         if reason == self._failure_reason:
             return
         self._failure_reason = reason
@@ -456,7 +478,7 @@ class OpcUaSource(TriggersMixin, BackfillMixin):
                           endpoint=self.cfg.endpoint, down_s=down)
                 await self._audit("reconnected", detail={"endpoint": self.cfg.endpoint,
                                                          "down_s": down})
-                self._recheck_triggers("reconnected")
+                self.triggers.recheck("reconnected")
             elif kind == "recreated":
                 which = args[0]
                 own_gap = self._sub_epoch[which] == self._loss_epoch
@@ -469,7 +491,7 @@ class OpcUaSource(TriggersMixin, BackfillMixin):
                                   reason="subscription_recreated",
                                   detail={"subscription": which})
                 if which == "triggers":
-                    self._recheck_triggers("subscription_recreated")
+                    self.triggers.recheck("subscription_recreated")
 
     async def _audit(self, state: str, *, reason: str | None = None,
                      detail: dict[str, Any] | None = None) -> None:
@@ -488,7 +510,7 @@ class OpcUaSource(TriggersMixin, BackfillMixin):
                       "opcua notification queue full; dropping the oldest notifications",
                       source=self.id, queue_max=self.cfg.queue_max)
         self._storm_dropped += 1
-        self._drop_pending = True  # the drain opens gaps (backfill) before its next batch
+        self.backfill.note_local_drop()  # the drain opens gaps before its next batch
 
     def _sample(self, idx: int, dv: ua.DataValue, value: Any, ts: datetime,
                 backfilled: bool = False) -> Submission:
@@ -507,14 +529,15 @@ class OpcUaSource(TriggersMixin, BackfillMixin):
         """Map notifications in arrival order, a chunk at a time, yielding to the event loop
         between chunks so asyncua's publish loop keeps its pace (a starved publish loop
         makes the SERVER drop values). Mapped chunks go to ``_commit_monitored``; live
-        samples of a node whose gap is being backfilled wait behind it (``_hold``), live
-        notifications that arrive during a restore wait behind the replayed ones."""
+        samples of a node whose gap is being backfilled wait behind it (``Backfill.hold``),
+        live notifications that arrive during a restore wait behind the replayed ones."""
         if not self.cfg.monitored:
             return
         q = self._mon_q
-        self._watch_restore()
+        backfill = self.backfill
+        backfill.watch_restore(self._mon_sub)
         await self._flush_audits()
-        carried = self._end_restore()  # held for a restore when the previous run ended
+        carried = backfill.end_restore()  # held for a restore when the previous run ended
 
         def take(item: DataChangeEvent, subs: list[Submission],
                  marks: list[tuple[int, datetime]], bad: list[Any]) -> None:
@@ -526,13 +549,13 @@ class OpcUaSource(TriggersMixin, BackfillMixin):
                 dv.StatusCode.value & OVERFLOW_BITS == OVERFLOW_BITS
             if flagged:
                 self._server_overflow(idx)
-            self._live_sample(idx, ts, ends_gap=not flagged)
+            backfill.live_sample(idx, ts, ends_gap=not flagged)
             try:
                 sub = self._sample(idx, dv, item.value, ts)
             except InputError as err:
                 bad.append((idx, dv, item.value, ts, err))
                 return
-            now = self._hold(idx, sub, ts)
+            now = backfill.hold(idx, sub, ts)
             if now is not None:
                 for s, t in now:
                     subs.append(s)
@@ -541,23 +564,22 @@ class OpcUaSource(TriggersMixin, BackfillMixin):
         while True:
             batch = carried or await q.get_batch(_CHUNK)
             carried = []
-            if self._drop_pending:
-                self._local_drop_gap()
+            backfill.open_local_drop_gap()
             subs: list[Submission] = []
             marks: list[tuple[int, datetime]] = []
             bad: list[Any] = []
-            overflows = sum(self._overflow_counts.values())
+            overflows = backfill.overflow_count()
 
             for item in batch:
                 if type(item) is DataChangeEvent:
-                    if not self._hold_for_restore(item):
+                    if not backfill.hold_for_restore(item):
                         take(item, subs, marks, bad)
                 elif isinstance(item, Gap):
                     if item.reason == "restored":
-                        for held in self._end_restore():
+                        for held in backfill.end_restore():
                             take(held, subs, marks, bad)
                     else:
-                        self._open_gap(item)
+                        backfill.open_gap(item)
                 elif isinstance(item, StatusChangeEvent):
                     self._status_change("monitored", item)
                 else:
@@ -568,12 +590,12 @@ class OpcUaSource(TriggersMixin, BackfillMixin):
                 self._pending_audits.append(("dropped", "queue_full", {
                     "count": self._storm_dropped, "queue_max": q.maxsize,
                     "backfill": [m.node for i, m in enumerate(self.cfg.monitored)
-                                 if self._history[i]]}))
+                                 if backfill.history[i]]}))
                 self._storm_dropped = 0
-            if self._overflow_storm_over(overflows):
-                self._pending_audits.append(self._overflow_audit())
+            if backfill.overflow_storm_over(overflows):
+                self._pending_audits.append(backfill.overflow_audit())
             if subs:
-                await self._put_ordered(subs, marks)  # bounded: waits while commits lag
+                await backfill.put_ordered(subs, marks)  # bounded: waits while commits lag
             for args in bad:  # after the chunk: an await here must not let a backfill in
                 await self._quarantine_sample(*args)
             if self._pending_audits:
@@ -594,17 +616,19 @@ class OpcUaSource(TriggersMixin, BackfillMixin):
                 subs = subs + more
                 marks = marks + more_marks
             ids = await self._submit(subs) if subs else []
-            self._committed(subs, ids, marks)
-            if self._watermarks.unsaved_nodes():
-                # a node's first committed sample: on disk at once, not at the next flush,
-                # so a kill -9 right after the start still resumes from here
-                await self._save_watermarks()
+            await self.backfill.committed(subs, ids, marks)
+
+    async def _flush_audits(self) -> None:
+        """Write the audit rows noted meanwhile (``_note_audit``), oldest first."""
+        while self._pending_audits:
+            state, reason, detail = self._pending_audits.pop(0)
+            await self._audit(state, reason=reason, detail=detail)
 
     def _server_overflow(self, idx: int) -> None:
         """The server's item queue dropped values before this one: counted, audited once
         per storm, and where the node historizes its gap is backfilled."""
         self._m_dropped_server.inc()
-        self._overflow_gap(idx)
+        self.backfill.server_overflow(idx)
         now = time.monotonic()
         if now - self._overflow_logged > 60:
             self._overflow_logged = now
@@ -634,7 +658,7 @@ class OpcUaSource(TriggersMixin, BackfillMixin):
         raw = orjson.dumps({"value": jsonable(value), "status": status_name(dv.StatusCode)},
                            default=str)
         await self.ingest.quarantine(self.id, err.reason, raw,
-                                     {"node": node, "source_ts": iso(ts)}, err.detail)
+                                     {"node": node, "source_ts": iso_z(ts)}, err.detail)
 
     async def _submit(self, subs: Sequence[Submission]) -> list[str]:
         """Commit; under backpressure wait until the outbox accepts again (never drops)."""
@@ -650,7 +674,7 @@ class OpcUaSource(TriggersMixin, BackfillMixin):
                               source=self.id, events=len(subs))
                 await self.ingest.wait_accepting()
 
-    # ------------------------------------------------------------------ gaps and backfill
+
 async def _run_all(coros: list[Coroutine[Any, Any, None]]) -> None:
     """Run the loops together; the first failure cancels the rest and is raised as is
     (not as an ExceptionGroup, so the supervisor classifies it)."""

@@ -32,6 +32,8 @@ Every outcome other than "stored and acknowledged at once" is audited: ``trigger
 (the station took the result back before the ack could be written),
 ``trigger_quarantined``, ``trigger_missed``, ``trigger_dropped`` (local queue overflow).
 All state lives on the event loop; the Read task and the commit task share it.
+
+``Triggers`` is the part of ``OpcUaSource`` that does this (its contract in its docstring).
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -48,19 +50,27 @@ import orjson
 from asyncua import Client, ua
 from asyncua.common.subscription import DataChangeEvent, StatusChangeEvent
 
-from edge.components import ComponentContext, Ingest, Submission
-from edge.errors import InputError, OutboxFullError
-from edge.sources.opcua.queue import Gap, NotificationQueue, iso, jsonable, source_ts, status_name
-from edge.telemetry import log_event
+from edge.plugin import (
+    ComponentContext,
+    Ingest,
+    InputError,
+    Mapper,
+    OutboxFullError,
+    Submission,
+    log_event,
+)
+from edge.sources.opcua.queue import Gap, NotificationQueue
+from edge.sources.opcua.values import jsonable, source_ts, status_name
+from edge.timefmt import iso_z
 
 if TYPE_CHECKING:
-    from prometheus_client import Counter
-
     from edge.sources.opcua.config import OpcUaSourceConfig, TriggerConfig
     from edge.sources.opcua.nodes import Resolved
-    from edge.transforms.map import Mapper
 
-__all__ = ["TriggersMixin"]
+__all__ = ["Triggers"]
+
+# The source's audit call: ``await audit(state, reason=..., detail=...)``.
+Audit = Callable[..., Awaitable[None]]
 
 log = logging.getLogger("edge.sources.opcua")
 
@@ -117,44 +127,57 @@ class _Out:
     again: bool = False  # the raise in hand, served again (after a failed ack / restart)
 
 
-class TriggersMixin:
-    """The trigger half of ``OpcUaSource`` (state created by ``_init_trigger_state``,
-    called from ``OpcUaSource.__init__``)."""
+class Triggers:
+    """The triggers of one ``opcua`` source: edge detection, the group Read, the commit,
+    the ack (module docstring: what a station can rely on). Owned by ``OpcUaSource``.
 
-    if TYPE_CHECKING:
-        id: str
-        cfg: OpcUaSourceConfig
-        ctx: ComponentContext
-        ingest: Ingest
-        _client: Client | None
-        _resolved: Resolved | None
-        _trig_q: NotificationQueue
-        _trig_out: asyncio.Queue[Any]
-        _trig_mappers: list[Mapper]
-        _m_dropped_trigger: Counter
-        _hs: list[_Handshake]
-        _recheck_queued: bool
-        _trig_drops: int
-        _drop_marker_queued: bool
+    The source hands in what it shares: ``connection()`` returns ``(client, resolved)``
+    while a session is up, else None (every Read and ack write then fails as "not
+    connected" and is retried); ``ingest`` commits and quarantines; ``submit`` commits
+    and waits while the outbox refuses (backpressure); ``audit`` writes a component
+    audit row; ``status_change`` and ``unknown_item`` report what asyncua put into the
+    queue besides data changes.
 
-        async def _audit(self, state: str, *, reason: str | None = None,
-                         detail: dict[str, Any] | None = None) -> None: ...
+    The source feeds ``queue`` (the trigger subscription's notification queue) and calls
+    ``recheck(why)`` on (re)connect and subscription re-creation; it runs ``read_loop()``
+    and ``commit_loop()`` as two tasks of its session. Both return at once when no
+    trigger is configured. Everything runs on the event loop; ``_dropped`` is called by
+    the queue inside asyncua's publish callback and only counts and schedules.
+    """
 
-        async def _submit(self, subs: Sequence[Submission]) -> list[str]: ...
-
-        def _status_change(self, which: str, ev: StatusChangeEvent) -> None: ...
-
-        def _unknown_item(self, which: str, item: Any) -> None: ...
-
-    def _init_trigger_state(self) -> None:
-        self._hs = [_Handshake() for _ in self.cfg.triggers]
+    def __init__(
+        self,
+        cfg: OpcUaSourceConfig,
+        ctx: ComponentContext,
+        *,
+        ingest: Ingest,
+        connection: Callable[[], tuple[Client, Resolved] | None],
+        submit: Callable[[Sequence[Submission]], Awaitable[list[str]]],
+        audit: Audit,
+        status_change: Callable[[str, StatusChangeEvent], None],
+        unknown_item: Callable[[str, Any], None],
+    ) -> None:
+        self.id = cfg.id
+        self.cfg = cfg
+        self.ctx = ctx
+        self._ingest = ingest
+        self._connection = connection
+        self._submit = submit
+        self._audit = audit
+        self._status_change = status_change
+        self._unknown_item = unknown_item
+        self._m_dropped = ctx.metrics.source_dropped.labels(cfg.id, "trigger_queue_full")
+        self._mappers = [Mapper(t, site=ctx.site, source=cfg.id) for t in cfg.triggers]
+        self.queue = NotificationQueue(max(100, cfg.queue_max // 10), self._dropped)
+        self._out: asyncio.Queue[_Out] = asyncio.Queue(maxsize=1000)  # served raises
+        self._hs = [_Handshake() for _ in cfg.triggers]
         self._recheck_queued = False
-        self._trig_drops = 0  # dropped since the last trigger_dropped audit row
+        self._drops = 0  # dropped since the last trigger_dropped audit row
         self._drop_marker_queued = False
 
     # ------------------------------------------------------------------ scheduling
 
-    def _recheck_triggers(self, why: str) -> None:
+    def recheck(self, why: str) -> None:
         """Schedule a re-read of every trigger node (``why``: ``connected``,
         ``reconnected``, ``subscription_recreated``); returns at once (called from the
         source's control loop). Handled in order with the notifications by the trigger
@@ -162,7 +185,7 @@ class TriggersMixin:
         if not self.cfg.triggers or self._recheck_queued:
             return
         self._recheck_queued = True
-        self._trig_q.put_nowait(_Recheck(why))
+        self.queue.put_nowait(_Recheck(why))
 
     def _retry_later(self, idx: int, failures: int) -> float:
         """Re-read trigger ``idx`` after a backoff; returns the delay."""
@@ -176,30 +199,30 @@ class TriggersMixin:
 
     def _retry_due(self, idx: int) -> None:
         self._hs[idx].retry = None
-        self._trig_q.put_nowait(_Recheck("retry", idx))
+        self.queue.put_nowait(_Recheck("retry", idx))
 
-    def _dropped_trigger(self) -> None:
+    def _dropped(self) -> None:
         """Called by the trigger queue (inside asyncua's publish callback) per dropped
         notification: count now; the trigger task audits the drops and re-reads every
         trigger (a dropped notification may have been a raise)."""
-        self._m_dropped_trigger.inc()
-        self._trig_drops += 1
+        self._m_dropped.inc()
+        self._drops += 1
         if not self._drop_marker_queued:
             self._drop_marker_queued = True
             log_event(log, logging.ERROR, "opcua trigger queue full; oldest trigger "
                       "notifications dropped (the triggers are read again)", source=self.id)
             # not from inside the queue's own put_nowait: queue the marker right after
-            asyncio.get_running_loop().call_soon(self._trig_q.put_nowait, _Dropped("dropped"))
+            asyncio.get_running_loop().call_soon(self.queue.put_nowait, _Dropped("dropped"))
 
     # ------------------------------------------------------------------ the Read task
 
-    async def _run_triggers(self) -> None:
+    async def read_loop(self) -> None:
         """Edge detection in arrival order; the Read happens right at the edge."""
         if not self.cfg.triggers:
             return
         prev: dict[int, Any] = {}
         unknown = object()
-        q = self._trig_q
+        q = self.queue
         try:
             while True:
                 batch = await q.get_batch(q.maxsize)
@@ -287,22 +310,22 @@ class TriggersMixin:
                                           and (trig.ack is None or st.acked == key)):
                 return  # on its way, or served completely
             if st.outcome == "quarantined":
-                await self._trig_out.put(_Out(idx, key, again=True))  # the ack only
+                await self._out.put(_Out(idx, key, again=True))  # the ack only
             else:
-                await self._trig_out.put(self._result(idx, key, dvs, again=True))
+                await self._out.put(self._result(idx, key, dvs, again=True))
             return
         if st.sig is not None and sig == st.sig:
             # The same Read as for the raise in hand: one part shown twice, the other
             # part missed. Stored once; this raise is acknowledged like the first.
             self._missed(idx, key, "same_values")
             st.key = key
-            await self._trig_out.put(_Out(idx, key))
+            await self._out.put(_Out(idx, key))
             return
         st.served.append(key)
         out = self._result(idx, key, dvs)
         st.key, st.sig, st.outcome = key, sig, "queued"
         st.event_id = st.quarantine_reason = None
-        await self._trig_out.put(out)
+        await self._out.put(out)
 
     async def _read_group(self, idx: int) -> tuple[Any, datetime, list[ua.DataValue]] | None:
         """ONE Read of the trigger node and its group: (trigger value, its SourceTimestamp,
@@ -310,14 +333,16 @@ class TriggersMixin:
         st = self._hs[idx]
         trig = self.cfg.triggers[idx]
         try:
-            if self._client is None or self._resolved is None:
+            conn = self._connection()
+            if conn is None:
                 raise ConnectionError("not connected")
+            client, resolved = conn
             params = ua.ReadParameters()
             for ref in (trig.node, *trig.read.values()):
                 params.NodesToRead.append(ua.ReadValueId(
-                    NodeId=self._resolved[ref].node_id, AttributeId=ua.AttributeIds.Value))
+                    NodeId=resolved[ref].node_id, AttributeId=ua.AttributeIds.Value))
             async with asyncio.timeout(self.cfg.timeout_s):
-                values = await self._client.uaclient.read(params)
+                values = await client.uaclient.read(params)
             head = values[0]
             if head.StatusCode is not None and not head.StatusCode.is_good():
                 raise ua.UaStatusCodeError(head.StatusCode.value)
@@ -339,7 +364,7 @@ class TriggersMixin:
         st.read_failures += 1
         self.ctx.metrics.source_errors.labels(self.id, "trigger_read_failed").inc()
         delay = self._retry_later(idx, st.read_failures)
-        raised = iso(st.pending) if st.pending is not None else None
+        raised = iso_z(st.pending) if st.pending is not None else None
         if st.read_failures == 1:
             log_event(log, logging.WARNING, "opcua trigger read failed; reading it again",
                       source=self.id, trigger=trig.node, trigger_ts=raised, error=repr(err),
@@ -359,7 +384,7 @@ class TriggersMixin:
         trig = self.cfg.triggers[idx]
         if st.ack_failures and st.key is not None and st.acked != st.key:
             await self._audit("trigger_ack_skipped", reason="station_reset", detail={
-                "trigger": trig.node, "trigger_ts": iso(st.key), "event_id": st.event_id,
+                "trigger": trig.node, "trigger_ts": iso_z(st.key), "event_id": st.event_id,
                 "failed_acks": st.ack_failures})
             log_event(log, logging.INFO, "opcua trigger no longer raised; its ack is not "
                       "needed any more", source=self.id, trigger=trig.node,
@@ -382,17 +407,17 @@ class TriggersMixin:
                 bad[name] = status_name(dv.StatusCode)
             else:
                 payload[name] = jsonable(dv.Value.Value if dv.Value is not None else None)
-        meta = {"trigger": trig.node, "trigger_ts": iso(key)}
+        meta = {"trigger": trig.node, "trigger_ts": iso_z(key)}
         raw = orjson.dumps({"read": payload, "bad": bad}, default=str)
         if bad:
             detail = ", ".join(f"{k}: {v}" for k, v in bad.items())
             return _Out(idx, key, quarantine=("bad_status", raw, meta, detail), again=again)
         try:
-            event, dedupe = self._trig_mappers[idx].map(
+            event, dedupe = self._mappers[idx].map(
                 payload, source_ts=None if trig.source_ts else key)
         except InputError as err:
             return _Out(idx, key, quarantine=(err.reason, raw, meta, err.detail), again=again)
-        return _Out(idx, key, Submission(event, dedupe or f"trigger:{trig.node}@{iso(key)}"),
+        return _Out(idx, key, Submission(event, dedupe or f"trigger:{trig.node}@{iso_z(key)}"),
                     again=again)
 
     def _missed(self, idx: int, raised: datetime, why: str, *, read: bool = False) -> None:
@@ -416,28 +441,28 @@ class TriggersMixin:
             trig = self.cfg.triggers[idx]
             log_event(log, logging.WARNING, "opcua station raised results faster than they "
                       "could be read; parts missed", source=self.id, trigger=trig.node,
-                      missed=len(missed), first=iso(missed[0][0]))
+                      missed=len(missed), first=iso_z(missed[0][0]))
             for why in dict.fromkeys(w for _, w in missed):
                 times = [ts for ts, w in missed if w == why]
                 await self._audit("trigger_missed", reason=why, detail={
-                    "trigger": trig.node, "trigger_ts": iso(times[0]), "count": len(times),
-                    "raised_at": [iso(t) for t in times[:_MISSED_LISTED]]})
+                    "trigger": trig.node, "trigger_ts": iso_z(times[0]), "count": len(times),
+                    "raised_at": [iso_z(t) for t in times[:_MISSED_LISTED]]})
 
     async def _audit_drops(self) -> None:
         self._drop_marker_queued = False
-        dropped, self._trig_drops = self._trig_drops, 0
+        dropped, self._drops = self._drops, 0
         if dropped:
             await self._audit("trigger_dropped", reason="trigger_queue_full", detail={
-                "dropped": dropped, "queue_max": self._trig_q.maxsize,
+                "dropped": dropped, "queue_max": self.queue.maxsize,
                 "triggers": [t.node for t in self.cfg.triggers]})
 
     # ------------------------------------------------------------------ the commit task
 
-    async def _submit_triggers(self) -> None:
+    async def commit_loop(self) -> None:
         if not self.cfg.triggers:
             return
         while True:
-            out = await self._trig_out.get()
+            out = await self._out.get()
             st = self._hs[out.idx]
             try:
                 await self._store(out)
@@ -461,12 +486,12 @@ class TriggersMixin:
                 st.event_id, st.outcome = event_id, "stored"
         elif out.quarantine is not None:
             reason, raw, meta, detail = out.quarantine
-            await self.ingest.quarantine(self.id, reason, raw, meta, detail)
+            await self._ingest.quarantine(self.id, reason, raw, meta, detail)
             if st.key == out.key:
                 st.outcome, st.quarantine_reason = "quarantined", reason
             if trig.ack is None:
                 await self._audit("trigger_quarantined", reason=reason, detail={
-                    "trigger": trig.node, "trigger_ts": iso(out.key),
+                    "trigger": trig.node, "trigger_ts": iso_z(out.key),
                     "quarantine_reason": reason, "detail": detail, "acked": False})
 
     async def _commit(self, idx: int, sub: Submission) -> list[str]:
@@ -474,7 +499,7 @@ class TriggersMixin:
         trig = self.cfg.triggers[idx]
         code = f"trigger_waiting:{trig.node}"
         try:
-            return await self.ingest.submit([sub])
+            return await self._ingest.submit([sub])
         except OutboxFullError:
             log_event(log, logging.WARNING, "opcua trigger result waits for the outbox "
                       "(full); the station is not acknowledged meanwhile", source=self.id,
@@ -496,10 +521,12 @@ class TriggersMixin:
             return  # written already for this raise (never twice: the next may be raised)
         code = f"trigger_ack_failed:{trig.node}"
         try:
-            if self._client is None or self._resolved is None:
+            conn = self._connection()
+            if conn is None:
                 raise ConnectionError("not connected")
-            node = self._client.get_node(self._resolved[ack.node].node_id)
-            vtype = self._resolved[ack.node].variant_type
+            client, resolved = conn
+            node = client.get_node(resolved[ack.node].node_id)
+            vtype = resolved[ack.node].variant_type
             variant = ua.Variant(ack.value, vtype) if vtype not in (None, ua.VariantType.Null) \
                 else ua.Variant(ack.value)
             async with asyncio.timeout(self.cfg.timeout_s):
@@ -514,10 +541,10 @@ class TriggersMixin:
                           event_id=st.event_id, error=repr(err), retry_in_s=delay)
                 self.ctx.set_condition(
                     code, f"trigger {trig.node}: the station waits for its ack (the result "
-                    f"raised at {iso(out.key)} is kept); writing {ack.node} failed "
+                    f"raised at {iso_z(out.key)} is kept); writing {ack.node} failed "
                     f"({type(err).__name__}), writing it again with backoff", "warning")
                 await self._audit("trigger_ack_failed", reason="write_failed", detail={
-                    "trigger": trig.node, "trigger_ts": iso(out.key), "ack_node": ack.node,
+                    "trigger": trig.node, "trigger_ts": iso_z(out.key), "ack_node": ack.node,
                     "event_id": st.event_id, "error": repr(err), "retry_in_s": delay})
             return
         st.acked = out.key
@@ -525,7 +552,7 @@ class TriggersMixin:
             log_event(log, logging.INFO, "opcua ack written after failures", source=self.id,
                       ack_node=ack.node, failed=st.ack_failures)
             await self._audit("trigger_acked", reason="after_retries", detail={
-                "trigger": trig.node, "trigger_ts": iso(out.key), "ack_node": ack.node,
+                "trigger": trig.node, "trigger_ts": iso_z(out.key), "ack_node": ack.node,
                 "event_id": st.event_id, "attempts": st.ack_failures + 1})
             st.ack_failures = 0
         if st.retry is not None and not st.read_failures:
@@ -535,7 +562,7 @@ class TriggersMixin:
         if out.quarantine is not None or (out.again and st.outcome == "quarantined"):
             reason = out.quarantine[0] if out.quarantine else st.quarantine_reason
             await self._audit("trigger_quarantined", reason=reason, detail={
-                "trigger": trig.node, "trigger_ts": iso(out.key),
+                "trigger": trig.node, "trigger_ts": iso_z(out.key),
                 "quarantine_reason": reason,
                 "detail": out.quarantine[3] if out.quarantine else None, "acked": True})
 

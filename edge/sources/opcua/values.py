@@ -1,92 +1,37 @@
-"""The bounded notification queue of the ``opcua`` source and value conversions.
+"""OPC UA values and statuses as the ``opcua`` source stores them.
 
-``NotificationQueue`` sits between asyncua's publish loop and one consumer task. Its
-``put_nowait`` never blocks and never raises (asyncua's publish loop also carries the
-keep-alives): when full it drops the OLDEST notification and reports it, never a ``Gap``
-marker and never asyncua's end-of-subscription ``None``.
+- ``jsonable(v)``        a variant's value → JSON-friendly data (arrays, structures, texts,
+                         ids, bytes, DateTime as ISO-8601 with ``Z``)
+- ``status_name(code)``  a StatusCode → ``Good``, ``BadSensorFailure``, ``Good|Overflow``
+- ``source_ts(dv)``      a DataValue's SourceTimestamp (else ServerTimestamp, else now),
+                         always timezone-aware UTC
+- ``sample_key(...)``    the dedupe key of one monitored sample
+
+Timestamps are written with ``edge.timefmt.iso_z``. Its output is part of every dedupe key
+(``sample_key``, the trigger key ``trigger:<node>@<raise>``) and must never change: a
+sample read live before an upgrade and again from history after it would be stored twice.
+Every timestamp the source formats is timezone-aware UTC (asyncua decodes DateTime as
+such; ``source_ts`` and the watermark parser make naive ones UTC), for which ``iso_z`` is
+byte for byte what the source wrote before (tests/sources/opcua/test_values.py).
 """
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import dataclasses
 import hashlib
 import uuid
-from collections import deque
-from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
 import orjson
 from asyncua import ua
 
-__all__ = ["OVERFLOW_BITS", "Gap", "NotificationQueue", "iso", "jsonable",
-           "sample_key", "source_ts", "status_name"]
+from edge.timefmt import iso_z
+
+__all__ = ["OVERFLOW_BITS", "jsonable", "sample_key", "source_ts", "status_name"]
 
 OVERFLOW_BITS = 0x0480  # InfoType=DataValue + Overflow: the server's item queue dropped
-
-
-class Gap:
-    """Marker in a notification queue: a subscription was (re)created at this point."""
-
-    __slots__ = ("reason", "starts")
-
-    def __init__(self, reason: str, starts: dict[int, datetime] | None = None) -> None:
-        self.reason = reason
-        self.starts = starts  # explicit gap starts (restart); None: the last live samples
-
-
-class NotificationQueue:
-    """Bounded FIFO from asyncua's publish callback to one consumer task.
-
-    ``put_nowait`` never blocks and never raises: when full it drops the oldest
-    notification (never a ``Gap`` marker) and calls ``on_drop()``. Duck-types the parts
-    of ``asyncio.Queue`` asyncua uses (``put_nowait``, ``get_nowait``, ``get``).
-    """
-
-    def __init__(self, maxsize: int, on_drop: Callable[[], None]) -> None:
-        self.maxsize = maxsize
-        self._items: deque[Any] = deque()
-        self._ready = asyncio.Event()
-        self._on_drop = on_drop
-        self.dropped = 0
-
-    def qsize(self) -> int:
-        return len(self._items)
-
-    def put_nowait(self, item: Any) -> None:
-        if len(self._items) >= self.maxsize:
-            self._drop_oldest()
-        self._items.append(item)
-        self._ready.set()
-
-    def _drop_oldest(self) -> None:
-        for i, old in enumerate(self._items):
-            if old is not None and not isinstance(old, Gap):
-                del self._items[i]
-                self.dropped += 1
-                self._on_drop()
-                return
-
-    def get_nowait(self) -> Any:
-        if not self._items:
-            raise asyncio.QueueEmpty
-        return self._items.popleft()
-
-    async def get(self) -> Any:
-        while not self._items:
-            self._ready.clear()
-            await self._ready.wait()
-        return self._items.popleft()
-
-    async def get_batch(self, limit: int) -> list[Any]:
-        first = await self.get()
-        items = [first]
-        pop = self._items.popleft
-        while self._items and len(items) < limit:
-            items.append(pop())
-        return items
 
 
 def jsonable(v: Any) -> Any:
@@ -97,7 +42,7 @@ def jsonable(v: Any) -> Any:
     if isinstance(v, (bool, int, float, str)):
         return v
     if isinstance(v, datetime):
-        return (v if v.tzinfo else v.replace(tzinfo=UTC)).isoformat().replace("+00:00", "Z")
+        return iso_z(v)
     if isinstance(v, (bytes, bytearray)):
         return base64.b64encode(bytes(v)).decode()
     if isinstance(v, (list, tuple)):
@@ -154,10 +99,4 @@ def sample_key(node: str, ts: datetime, value: Any, status: ua.StatusCode | None
     digest = hashlib.blake2b(orjson.dumps([value, code], default=str,
                                           option=orjson.OPT_SORT_KEYS),
                              digest_size=6).hexdigest()
-    return f"{node}@{iso(ts)}#{digest}"
-
-
-def iso(ts: datetime) -> str:
-    """ISO-8601 with ``Z``, as in the event envelope (also part of dedupe keys)."""
-    return ts.isoformat().replace("+00:00", "Z")
-
+    return f"{node}@{iso_z(ts)}#{digest}"

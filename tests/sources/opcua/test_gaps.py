@@ -241,7 +241,7 @@ async def test_a_gap_longer_than_max_values_is_read_in_rounds_and_the_watermark_
     deadline = loop.time() + 90
     while not set(gap) <= set(_received(erp)):
         assert loop.time() < deadline, "the gap never arrived completely"
-        wm = src._watermarks.values.get(node)
+        wm = src.backfill.watermarks.values.get(node)
         if wm is not None:
             have = await stored()
             passed = [ts for ts in history if ts <= wm and ts not in have]
@@ -320,13 +320,13 @@ async def test_a_server_queue_overflow_is_backfilled_and_audited(node_opcua_stat
     await wait_connected(gw, "station7")
     source = gw.sources["station7"]
     taken: list[tuple[datetime, bool]] = []  # (source ts, flagged) as the gateway takes them
-    live_sample = source._live_sample
+    live_sample = source.backfill.live_sample
 
     def spy(idx: int, ts: datetime, *, ends_gap: bool = True) -> None:
         taken.append((ts, not ends_gap))
         live_sample(idx, ts, ends_gap=ends_gap)
 
-    source._live_sample = spy
+    source.backfill.live_sample = spy
 
     def steps() -> set[int]:
         return {round((e["data"]["value"] - 20.0) * 100) for e in _readings(erp)}

@@ -99,7 +99,7 @@ async def test_quarantine_status_keeps_such_samples_out_of_the_events(
 def test_the_same_sample_read_live_or_from_history_has_one_key():
     from asyncua import ua
 
-    from edge.sources.opcua.queue import OVERFLOW_BITS, sample_key
+    from edge.sources.opcua.values import OVERFLOW_BITS, sample_key
 
     tick = datetime(2026, 3, 1, 8, 0, 0, tzinfo=UTC)
     live = sample_key("ns=2;s=T", tick, 21.0, ua.StatusCode(ua.UInt32(OVERFLOW_BITS)))

@@ -113,7 +113,7 @@ async def test_gateway_restart_backfills_from_its_watermark(opcua_station, erp, 
     gw2 = await gateways(_body(st.endpoint, node, erp.url), state_dir=state)
     await wait_connected(gw2, "station7")
     # The end of a gap without a live sample falls back to the server's clock.
-    server_now = await gw2.sources["station7"]._server_time()
+    server_now = await gw2.sources["station7"].backfill.server_time()
     assert abs((server_now - datetime.now(UTC)).total_seconds()) < 5
     await erp.wait_for(lambda r: {22.0, 22.5, 23.0} <= {e["data"]["value"] for e in
                                                        events_of(r, "machine.reading")}, 30)
