@@ -28,8 +28,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from edge.components import ComponentContext
-from edge.registry import ComponentType
+from edge.plugin import ComponentContext, ComponentType
 from edge.sources.opcua.config import OpcUaSourceConfig
 
 __all__ = ["COMPONENT", "OpcUaSourceConfig", "factory"]

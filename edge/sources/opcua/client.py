@@ -45,7 +45,7 @@ from asyncua.ua.uaerrors import (
     BadSecurityPolicyRejected,
 )
 
-from edge.errors import FatalStartupError
+from edge.plugin import FatalStartupError
 
 __all__ = ["ASYNCUA_VERSION", "GatewayClient", "bound_republish", "check_internals",
            "describe_failure", "reconnect_delays"]

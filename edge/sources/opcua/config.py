@@ -14,9 +14,15 @@ from urllib.parse import urlparse
 
 from pydantic import Field, field_validator, model_validator
 
-from edge.config import ConfigDir, SecretFile, SourceConfigBase, StrictModel
-from edge.events import EventClass
-from edge.transforms.map import MappingConfig, template_fields
+from edge.config import ConfigDir  # the one core name edge.plugin does not export
+from edge.plugin import (
+    EventClass,
+    MappingConfig,
+    SecretFile,
+    SourceConfigBase,
+    StrictModel,
+    template_fields,
+)
 
 __all__ = [
     "BackfillConfig",

@@ -22,7 +22,7 @@ from typing import Any
 
 from asyncua import Client, ua
 
-from edge.errors import FatalStartupError
+from edge.plugin import FatalStartupError
 from edge.sources.opcua.config import OpcUaSourceConfig
 
 __all__ = ["NodeInfo", "Resolved", "resolve", "value_kind"]

@@ -33,8 +33,7 @@ from asyncua.crypto.validator import CertificateValidator, CertificateValidatorO
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from edge.config import read_secret
-from edge.errors import FatalStartupError, RetryableStartupError
+from edge.plugin import FatalStartupError, RetryableStartupError, read_secret
 from edge.sources.opcua.config import OpcUaSourceConfig
 
 __all__ = ["application_uri_of", "configure", "load_certificate", "security_warnings",
