@@ -9,8 +9,7 @@ from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator, model_validator
 
-from edge.config import SecretFile, StrictModel
-from edge.tls import TlsConfig, client_context
+from edge.plugin import SecretFile, StrictModel, TlsConfig, client_context
 
 __all__ = ["MqttConnectionConfig", "ssl_context"]
 
@@ -84,6 +83,10 @@ class MqttConnectionConfig(StrictModel):
             raise ValueError("password_file needs a username")
         return self
 
+    def client_id_for(self, site: str, component_id: str) -> str:
+        """``client_id``, or the stable default ``edge-<site>-<id>``."""
+        return self.client_id or f"edge-{site}-{component_id}"
+
     @property
     def scheme(self) -> str:
         return urlsplit(self.url).scheme
@@ -95,8 +98,6 @@ class MqttConnectionConfig(StrictModel):
     @property
     def port(self) -> int:
         return urlsplit(self.url).port or (8883 if self.scheme == "mqtts" else 1883)
-
-
 
 
 def ssl_context(cfg: MqttConnectionConfig, who: str) -> ssl.SSLContext | None:

@@ -26,17 +26,20 @@ is never published. A message the broker refuses (PUBACK reason code) is a dead 
 Per-key order holds (one request per event, keys in parallel, in order within a key; a
 dead letter holds its key unless ``on_dead_letter: continue``). Delivery is at-least-once:
 a PUBACK lost with the connection means a resend.
+
+Every option, the outcomes and an example: ``README.md`` beside this file; a complete
+commented sink: ``sample.yaml``.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from edge.registry import ComponentType
+from edge.plugin import ComponentType
 from edge.sinks.mqtt.config import MqttRouteConfig, MqttSinkConfig
 
 if TYPE_CHECKING:
-    from edge.components import ComponentContext
+    from edge.plugin import ComponentContext
     from edge.sinks.mqtt.sink import MqttSink
 
 __all__ = ["COMPONENT", "MqttRouteConfig", "MqttSinkConfig"]

@@ -7,9 +7,8 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from edge.config import SinkConfigBase, StrictModel
 from edge.mqtt.config import MqttConnectionConfig
-from edge.transforms.map import template_fields
+from edge.plugin import SinkConfigBase, StrictModel, event_matches, template_fields
 
 __all__ = ["MAX_TOPIC_BYTES", "MqttRouteConfig", "MqttSinkConfig"]
 
@@ -44,9 +43,7 @@ class MqttRouteConfig(StrictModel):
         return v
 
     def matches(self, event_type: str) -> bool:
-        return any(p == "*" or p == event_type or (p.endswith(".*") and
-                                                   event_type.startswith(p[:-1]))
-                   for p in self.events)
+        return event_matches(self.events, event_type)
 
 
 class MqttSinkConfig(SinkConfigBase, MqttConnectionConfig):

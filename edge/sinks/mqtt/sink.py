@@ -7,86 +7,67 @@ import functools
 import logging
 import re
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import orjson
 
-from edge.components import ComponentContext, Outcome, StoredEvent
-from edge.config import read_secret
-from edge.delivery import send_in_key_order
-from edge.errors import ConfigError, FatalStartupError, InputError
-from edge.mqtt.config import ssl_context
+from edge.mqtt.connection import ConnectError, Connection
+from edge.mqtt.supervisor import Supervisor, broker_target
+from edge.plugin import (
+    ComponentContext,
+    InputError,
+    Outcome,
+    StoredEvent,
+    get_path,
+    log_event,
+    render_template,
+    send_in_key_order,
+    template_fields,
+)
 from edge.sinks.mqtt.config import MAX_TOPIC_BYTES, MqttSinkConfig
-from edge.telemetry import log_event
-from edge.transforms.map import get_path, render_template, template_fields
-
-if TYPE_CHECKING:
-    from edge.mqtt.connection import Connection
 
 __all__ = ["MqttSink"]
 
 log = logging.getLogger("edge.sinks.mqtt")
 _UNSAFE_TOPIC_VALUE = re.compile(r"[/+#\x00]")
 
+
 class MqttSink:
     def __init__(self, config: MqttSinkConfig, ctx: ComponentContext) -> None:
         self.config = config
         self.id = config.id
         self.ctx = ctx
-        self.client_id = config.client_id or f"edge-{ctx.site}-{config.id}"
-        self._conn: Connection | None = None
-        self._connect_lock = asyncio.Lock()
+        self.client_id = config.client_id_for(ctx.site, config.id)
+        self._link: Supervisor | None = None  # made by start(), once the secrets are read
         self._stopping = False
-        self._password: str | None = None
-        self._ssl: Any = None
 
     def accepts(self, event_type: str) -> bool:
         return any(r.matches(event_type) for r in self.config.routes)
 
     async def start(self) -> None:
-        # secrets and certificates are read now: a bad file is a clear start-up error
-        try:
-            self._password = await asyncio.to_thread(read_secret, self.config.password_file)
-            self._ssl = await asyncio.to_thread(ssl_context, self.config,
-                                                f"sink {self.id!r}")
-        except ConfigError as err:
-            raise FatalStartupError(str(err)) from err
+        """Read secrets and certificates now: a bad file is a clear start-up error
+        (FatalStartupError). Connecting waits for the first ``send``."""
+        cfg = self.config
+        target = await broker_target(
+            cfg, who=f"sink {self.id!r}", client_id=self.client_id, session_expiry_s=0,
+            receive_maximum=max(1, cfg.max_in_flight_requests))
+        self._link = Supervisor(target)
 
     def stop_new_requests(self) -> None:
         self._stopping = True
 
     async def close(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
+        if self._link is not None:
+            self._link.close()
 
-    async def _connection(self) -> Connection:
-        """The current connection, (re)connecting on demand; raises ConnectError."""
-        from edge.mqtt.connection import BrokerTarget, Connection
-
-        async with self._connect_lock:
-            conn = self._conn
-            if conn is not None and conn.connected:
-                return conn
-            cfg = self.config
-            target = BrokerTarget(
-                host=cfg.host, port=cfg.port, protocol=cfg.protocol, client_id=self.client_id,
-                keepalive_s=cfg.keepalive_s, connect_timeout_s=cfg.connect_timeout_s,
-                session_expiry_s=0, receive_maximum=max(1, cfg.max_in_flight_requests),
-                ssl_context=self._ssl, username=cfg.username, password=self._password,
-            )
-            conn = Connection(target, lambda _c, _m: None)
-            await conn.open()
-            self._conn = conn
-            log_event(log, logging.INFO, "MQTT sink connected", sink=self.id,
-                      broker=target.address, client_id=self.client_id)
-            return conn
+    def _connected(self, conn: Connection) -> None:
+        log_event(log, logging.INFO, "MQTT sink connected", sink=self.id,
+                  broker=conn.target.address, client_id=self.client_id)
 
     async def send(self, batch: Sequence[StoredEvent]) -> list[Outcome]:
-        from edge.mqtt.connection import ConnectError
-
+        assert self._link is not None, "send before start"
         try:
-            conn = await self._connection()
+            conn = await self._link.ensure(self._connected)
         except ConnectError as err:
             if err.code == "auth":  # the broker refuses the gateway, not the events
                 return [Outcome.sink_fault(f"auth: {err.message}")] * len(batch)
@@ -102,8 +83,6 @@ class MqttSink:
         return [by_seq[ev.seq] for ev in batch]
 
     async def _publish(self, conn: Connection, ev: StoredEvent) -> Outcome:
-        from edge.mqtt.connection import ConnectError
-
         route = next((r for r in self.config.routes if r.matches(ev.type)), None)
         if route is None:
             return Outcome.unrouted(f"no route of sink {self.id} matches {ev.type}")

@@ -36,19 +36,20 @@ not a wildcard: it is replaced by the gateway's ``site``, so gateways of several
 can share a broker without reading each other's data (capture a plant level under any
 other name, e.g. ``{plant}``).
 
-This module holds the config model only (cheap to import); the client (paho-mqtt) is
-loaded by the factory.
+Every option, an example and the operator-facing guarantees: ``README.md`` beside this
+file; a complete commented source: ``sample.yaml``. This module holds the config model
+only (cheap to import); the client (paho-mqtt) is loaded by the factory.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from edge.registry import ComponentType
+from edge.plugin import ComponentType
 from edge.sources.mqtt.config import MqttSourceConfig, SubscriptionConfig
 
 if TYPE_CHECKING:
-    from edge.components import ComponentContext, Source
+    from edge.plugin import ComponentContext, Source
 
 __all__ = ["COMPONENT", "MqttSourceConfig", "SubscriptionConfig"]
 

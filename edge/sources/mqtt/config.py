@@ -6,10 +6,9 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from edge.config import SourceConfigBase
 from edge.mqtt.config import MqttConnectionConfig
 from edge.mqtt.topics import TopicTemplate
-from edge.transforms.map import MappingConfig, template_fields
+from edge.plugin import MappingConfig, SourceConfigBase, template_fields
 
 __all__ = ["MqttSourceConfig", "SubscriptionConfig"]
 

@@ -32,8 +32,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import random
-import ssl
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass
@@ -43,30 +41,30 @@ from typing import Any
 import orjson
 import paho.mqtt.client as mqtt
 
-from edge.components import ComponentContext, Ingest, Submission
-from edge.config import read_secret
-from edge.errors import (
+from edge.mqtt.connection import MAX_PACKETS_PER_WAKE, Connection
+from edge.mqtt.supervisor import Backoff, Failure, Supervisor, broker_target
+from edge.mqtt.topics import CompiledTopic, TopicTemplate
+from edge.plugin import (
+    ComponentContext,
     ConfigError,
-    FatalStartupError,
+    Ingest,
     InputError,
+    Mapper,
     OutboxClosedError,
     OutboxError,
     OutboxFullError,
     OutboxOrderError,
+    Submission,
+    log_event,
 )
-from edge.mqtt.config import ssl_context
-from edge.mqtt.connection import MAX_PACKETS_PER_WAKE, BrokerTarget, ConnectError, Connection
-from edge.mqtt.topics import CompiledTopic, TopicTemplate
 from edge.sources.mqtt.config import MqttSourceConfig, SubscriptionConfig
-from edge.telemetry import log_event
-from edge.transforms.map import Mapper
+from edge.timefmt import utc_iso
 
 __all__ = ["MqttSource"]
 
 log = logging.getLogger("edge.sources.mqtt")
 
 _STORE_BATCHES = 4  # store tasks (batches) in flight at most
-_STABLE_S = 10.0  # a connection that lived this long resets the reconnect backoff
 _BURST_WINDOW_S = 60.0
 _RETRY_MIN_S = 0.5  # backoff of a failed write: doubles per failure, capped
 _RETRY_MAX_S = 30.0
@@ -207,7 +205,7 @@ class MqttSource:
         self.cfg = cfg
         self.ctx = ctx
         self.ingest: Ingest = ctx.ingest
-        self.client_id = cfg.client_id or f"edge-{ctx.site}-{cfg.id}"
+        self.client_id = cfg.client_id_for(ctx.site, cfg.id)
         for i, sub in enumerate(cfg.subscriptions):
             if "{site}" in TopicTemplate.parse(sub.topic).levels and (
                     not ctx.site or any(c in ctx.site for c in "/+#\x00")):
@@ -222,7 +220,8 @@ class MqttSource:
         m = ctx.metrics
         self._errors = m.source_errors
         self._bursts = _BurstLog()
-        self._conn: Connection | None = None
+        self._link: Supervisor | None = None  # made by run(), once the secrets are read
+        self._expect_session = False
         self._inbox: deque[_Inbound] = deque()
         self._inbox_max = max(4 * cfg.max_batch, 2 * cfg.max_inflight_messages)
         # Messages held in memory at most, whatever the broker sends: the inbox pauses
@@ -249,16 +248,20 @@ class MqttSource:
         self.counts = {"received": 0, "stored": 0, "duplicates": 0, "quarantined": 0,
                        "acked": 0}
         self.last_message_at: float | None = None
-        self.last_error: str | None = None
-        self.reconnects = 0
         self.session_present = False
+
+    @property
+    def _conn(self) -> Connection | None:
+        """The newest connection (also while it opens), None before ``run``."""
+        return self._link.conn if self._link is not None else None
 
     # ------------------------------------------------------------------ status
 
     def status(self) -> dict[str, Any]:
         """For ``/status``: connection, subscriptions, unacked messages (no secrets)."""
-        conn = self._conn
+        conn, link = self._conn, self._link
         in_store = self._in_store
+        last = self.last_message_at
         return {
             "connected": bool(conn and conn.connected),
             "broker": f"{self.cfg.scheme}://{self.cfg.host}:{self.cfg.port}",
@@ -270,9 +273,9 @@ class MqttSource:
                  "granted_qos": self._granted.get(s.topic.filter)} for s in self.subs
             ],
             "unacked": len(self._inbox) + in_store,
-            "last_message_at": _iso(self.last_message_at),
-            "reconnects": self.reconnects,
-            "last_error": self.last_error,
+            "last_message_at": utc_iso(last) if last is not None else None,
+            "reconnects": link.reconnects if link is not None else 0,
+            "last_error": link.last_error if link is not None else None,
             **self.counts,
         }
 
@@ -283,14 +286,22 @@ class MqttSource:
 
         Raises FatalStartupError only when a secret or certificate file cannot be used.
         """
-        target = await self._target()
+        cfg = self.cfg
+        target = await broker_target(
+            cfg, who=f"source {self.id!r}", client_id=self.client_id,
+            session_expiry_s=cfg.session_expiry_s, receive_maximum=cfg.max_inflight_messages)
+        link = Supervisor(target, self._on_message,
+                          [(s.topic.filter, s.config.qos) for s in self.subs])
+        if self._link is not None:  # restarted after a bug: /status keeps counting
+            link.reconnects = self._link.reconnects
+        self._link = link
         self._inbox.clear()
         self._wake.clear()
         self._last_turn = None
         tasks = [
             asyncio.create_task(self._processor(), name=f"mqtt-{self.id}-processor"),
             asyncio.create_task(self._acker(), name=f"mqtt-{self.id}-acker"),
-            asyncio.create_task(self._connection_loop(target), name=f"mqtt-{self.id}-conn"),
+            asyncio.create_task(self._connection_loop(link), name=f"mqtt-{self.id}-conn"),
         ]
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
@@ -304,77 +315,32 @@ class MqttSource:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
             self._drop_pending()
-            if self._conn is not None:
-                self._conn.close()
+            link.close()
             self.ctx.set_connected(False)
-
-    async def _target(self) -> BrokerTarget:
-        cfg = self.cfg
-        try:
-            password = await asyncio.to_thread(read_secret, cfg.password_file)
-            ssl_context = await asyncio.to_thread(self._ssl_context)
-        except ConfigError as err:
-            raise FatalStartupError(str(err)) from err
-        return BrokerTarget(
-            host=cfg.host, port=cfg.port, protocol=cfg.protocol, client_id=self.client_id,
-            keepalive_s=cfg.keepalive_s, connect_timeout_s=cfg.connect_timeout_s,
-            session_expiry_s=cfg.session_expiry_s, receive_maximum=cfg.max_inflight_messages,
-            ssl_context=ssl_context, username=cfg.username, password=password,
-        )
-
-    def _ssl_context(self) -> ssl.SSLContext | None:
-        return ssl_context(self.cfg, f"source {self.id!r}")
 
     # ------------------------------------------------------------------ connection
 
-    async def _connection_loop(self, target: BrokerTarget) -> None:
-        attempt = 0
-        expect_session = await asyncio.to_thread(self._session_marker_matches)
-        filters = [(s.topic.filter, s.config.qos) for s in self.subs]
-        while True:
-            conn = Connection(target, self._on_message)
-            self._conn = conn
-            try:
-                session_present = await conn.open()
-                granted = await conn.subscribe(filters)
-                if all(g is None for g in granted):
-                    raise ConnectError("subscribe_refused", "the MQTT broker refused every "
-                                       "subscription (check the broker's ACL for this user)")
-            except ConnectError as err:
-                conn.abort()
-                delay = self._backoff(attempt)
-                attempt += 1
-                self._failed(err.code, err.message, delay, attempt)
-                await asyncio.sleep(delay)
-                continue
-            up_since = time.monotonic()
-            await self._connected(target, session_present, granted, expect_session)
-            expect_session = True
-            reason = await conn.lost
-            self.ctx.set_connected(False)
-            self.reconnects += 1
-            if time.monotonic() - up_since >= _STABLE_S:
-                attempt = 0
-            delay = self._backoff(attempt)
-            attempt += 1
-            self._failed("connection_lost", f"MQTT connection lost: {reason}", delay, attempt)
-            await asyncio.sleep(delay)
+    async def _connection_loop(self, link: Supervisor) -> None:
+        self._expect_session = await asyncio.to_thread(self._session_marker_matches)
+        backoff = Backoff(self.cfg.reconnect_initial_s, self.cfg.reconnect_max_s)
+        await link.run(backoff, self._connected, self._disconnected)
 
-    def _backoff(self, attempt: int) -> float:
-        cap = min(self.cfg.reconnect_max_s, self.cfg.reconnect_initial_s * 2 ** min(attempt, 30))
-        return cap / 2 + random.random() * cap / 2
+    def _disconnected(self, failure: Failure) -> None:
+        if failure.lost:
+            self.ctx.set_connected(False)
+        self._failed(failure.code, failure.message, failure.retry_in_s, failure.attempt)
 
     def _failed(self, code: str, message: str, delay: float, attempt: int) -> None:
-        self.last_error = message
         self._errors.labels(self.id, code).inc()
         level = logging.ERROR if code in ("auth", "tls_verify", "tls") else logging.WARNING
         log_event(log, level, message, source=self.id, code=code, attempt=attempt,
                   retry_in_s=round(delay, 2))
 
-    async def _connected(self, target: BrokerTarget, session_present: bool,
-                         granted: list[int | None], expect_session: bool) -> None:
-        self.session_present = session_present
-        self.last_error = None
+    async def _connected(self, conn: Connection) -> None:
+        assert self._link is not None
+        target, granted = conn.target, self._link.granted
+        session_present = self.session_present = conn.session_present
+        expect_session, self._expect_session = self._expect_session, True
         self._granted = {s.topic.filter: g for s, g in zip(self.subs, granted, strict=True)}
         for s, g in zip(self.subs, granted, strict=True):
             if g is None:
@@ -698,10 +664,3 @@ class MqttSource:
         self._inbox.clear()
         self._stopping = False
 
-
-def _iso(ts: float | None) -> str | None:
-    if ts is None:
-        return None
-    from edge.timefmt import utc_iso
-
-    return utc_iso(ts)
