@@ -1,4 +1,4 @@
-"""MQTT source config: validated at load with located messages; topic templates."""
+"""MQTT source config: validated at load with located messages (topic templates: tests/mqtt)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import pytest
 
 from edge.config import load_config_text
 from edge.errors import ConfigError
-from edge.mqtt.topics import CompiledTopic, TopicTemplate
 
 INSPECTION = "plant/{site}/line/{line}/station/{station}/inspection"
 
@@ -104,52 +103,12 @@ def test_ordering_key_must_name_a_known_field() -> None:
     load(source(sub_extra='dedupe_key: "{station}:{serial}:{site}"\n'))
 
 
-@pytest.mark.parametrize(("template", "fragment"), [
-    ("plant/st-{station}/x", "must be a whole topic level"),
-    ("plant/#/x", "'#' must be the last level"),
-    ("plant/{a}/{a}", "used twice"),
-    ("plant/{9x}", "not a valid {name}"),
-    ("", "must not be empty"),
-])
-def test_bad_topic_templates(template: str, fragment: str) -> None:
-    with pytest.raises(ValueError, match=fragment.replace("{", r"\{").replace("}", r"\}")):
-        TopicTemplate.parse(template)
-
-
 def test_duplicate_topics_are_refused() -> None:
     body = source() + textwrap.indent(textwrap.dedent(f"""\
           - topic: {INSPECTION}
             event: machine.reading
         """), "    ")
     assert any("repeats subscriptions[0]" in f for f in issues(body))
-
-
-def test_site_is_filled_from_the_gateway_and_names_are_captured() -> None:
-    t = CompiledTopic.build(TopicTemplate.parse(INSPECTION), "plant-01")
-    assert t.filter == "plant/plant-01/line/+/station/+/inspection"
-    assert t.match("plant/plant-01/line/3/station/st7/inspection") == {"line": "3",
-                                                                      "station": "st7"}
-    assert t.match("plant/plant-02/line/3/station/st7/inspection") is None
-    assert t.match("plant/plant-01/line/3/station/st7") is None
-    assert t.match("plant/plant-01/line/3/station/st7/inspection/x") is None
-
-
-def test_plus_and_hash_match_without_capturing() -> None:
-    t = CompiledTopic.build(TopicTemplate.parse("a/+/{b}/#"), "s")
-    assert t.filter == "a/+/+/#"
-    assert t.match("a/x/y") == {"b": "y"}
-    assert t.match("a/x/y/z/w") == {"b": "y"}
-    assert t.match("$SYS/x/y") is None
-
-
-def test_hash_also_matches_the_parent_level_and_sites_are_literal() -> None:
-    t = CompiledTopic.build(TopicTemplate.parse("a/{b}/#"), "s")
-    assert t.match("a/x") == {"b": "x"}
-    assert t.match("a") is None
-    assert CompiledTopic.build(TopicTemplate.parse("#"), "s").match("$SYS/x") is None
-    dotted = CompiledTopic.build(TopicTemplate.parse("p/{site}/x"), "plant.01")
-    assert dotted.match("p/plant.01/x") == {} and dotted.match("p/plantX01/x") is None
-    assert dotted.match("p/plant.01/x\n") is None
 
 
 def test_a_site_that_cannot_be_a_topic_level_is_refused() -> None:
