@@ -1,0 +1,82 @@
+"""The ``mqtt`` source's bundle agrees with its code: every option of the config model (the
+nested subscription and TLS models included) is documented in ``README.md``, and
+``sample.yaml`` and the README's example load as a gateway config.
+
+A README that drifts from the code is a defect: these tests fail when an option is added
+without documenting it, or when the sample stops loading or leaves an option out.
+"""
+
+from __future__ import annotations
+
+import re
+import typing
+from pathlib import Path
+
+import pytest
+from pydantic import BaseModel
+
+import edge.sources.mqtt
+from edge.config import SourceConfigBase, deprecations, load_config_text
+from edge.sources.mqtt import MqttSourceConfig, SubscriptionConfig
+
+BUNDLE = Path(edge.sources.mqtt.__file__).parent
+README = (BUNDLE / "README.md").read_text()
+ENV = {"CREDENTIALS_DIRECTORY": "/run/credentials/edge-gateway.service"}
+
+
+def _models(model: type[BaseModel], found: dict[str, type[BaseModel]]) -> None:
+    """``model`` and every config model reachable through its fields, by name."""
+    found[model.__name__] = model
+    pending = [f.annotation for f in model.model_fields.values()]
+    while pending:
+        tp = pending.pop()
+        if isinstance(tp, type) and issubclass(tp, BaseModel):
+            if tp.__name__ not in found:
+                _models(tp, found)
+        else:
+            pending.extend(typing.get_args(tp))
+
+
+MODELS: dict[str, type[BaseModel]] = {}
+_models(MqttSourceConfig, MODELS)
+OPTIONS = sorted({(name, field.alias or option) for name, model in MODELS.items()
+                  for option, field in model.model_fields.items()})
+
+
+def test_the_walk_reaches_every_nested_model() -> None:
+    assert {"MqttSourceConfig", "SubscriptionConfig", "TlsConfig"} <= set(MODELS)
+
+
+@pytest.mark.parametrize(("model", "option"), OPTIONS)
+def test_every_option_is_in_the_readme(model: str, option: str) -> None:
+    assert f"`{option}`" in README, f"{model}.{option} is not documented in {BUNDLE}/README.md"
+
+
+@pytest.mark.parametrize("old", sorted(
+    old for model in MODELS.values() for old in getattr(model, "renamed_keys", {})))
+def test_every_deprecated_name_is_in_the_readme(old: str) -> None:
+    assert f"`{old}`" in README
+
+
+def _load(sources_block: str) -> typing.Any:
+    return load_config_text("site: plant-01\n" + sources_block, env=ENV, check_files=False)
+
+
+def test_the_sample_is_a_complete_source() -> None:
+    cfg = _load((BUNDLE / "sample.yaml").read_text())
+    assert deprecations(cfg) == []
+    [src] = cfg.sources
+    assert isinstance(src, MqttSourceConfig)
+    assert src.password_file == ENV["CREDENTIALS_DIRECTORY"] + "/mqtt"
+    assert src.tls is not None and src.tls.ca_file
+    # every key of the source is set, and every subscription key in some subscription
+    own = set(MqttSourceConfig.model_fields) - set(SourceConfigBase.model_fields)
+    assert own - src.model_fields_set == set()
+    used = set().union(*(s.model_fields_set for s in src.subscriptions))
+    assert set(SubscriptionConfig.model_fields) - used == set()
+
+
+def test_the_readme_example_loads() -> None:
+    [example] = re.findall(r"```yaml\n(.*?)```", README, flags=re.S)
+    [src] = _load(example).sources
+    assert isinstance(src, MqttSourceConfig)
