@@ -113,8 +113,8 @@ async def test_an_unknown_item_in_the_notification_queue_is_counted_and_logged(
     are pinned, not promised): such an item is counted and logged, not silently skipped."""
     import textwrap
 
-    from tests.fixtures.opcua import events_of, wait_connected, wait_for
-    from tests.support import http_sink_yaml
+    from tests.fixtures.opcua import events_of, wait_connected
+    from tests.support import eventually, http_sink_yaml, metric
 
     st = await opcua_station()
     gw = await gateways(textwrap.dedent(f"""\
@@ -130,8 +130,9 @@ async def test_an_unknown_item_in_the_notification_queue_is_counted_and_logged(
     await wait_connected(gw, "station7")
     source = gw.sources["station7"]
     source._mon_q.put_nowait(object())  # what asyncua's publish loop would hand over
-    counted = gw.metrics.source_errors.labels("station7", "unknown_notification")
-    await wait_for(lambda: counted._value.get() == 1, 30, "the unknown item to be counted")
+    await eventually(lambda: metric(gw.metrics.source_errors, "station7",
+                                    "unknown_notification") == 1,
+                     timeout=30, what="the unknown item to be counted")
     assert "unknown item in the notification queue" in caplog.text
     await st.write("Temperature", 25.0)  # and the source goes on
     await erp.wait_for(lambda r: any(e["data"]["value"] == 25.0

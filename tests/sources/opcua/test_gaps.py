@@ -18,8 +18,8 @@ import pytest
 
 from edge.errors import OutboxStorageError
 from tests.fixtures.gateway_process import GatewayProcess
-from tests.fixtures.opcua import events_of, wait_connected, wait_for
-from tests.support import http_sink_yaml
+from tests.fixtures.opcua import events_of, wait_connected
+from tests.support import eventually, http_sink_yaml, metric
 
 pytestmark = pytest.mark.opcua
 
@@ -114,13 +114,13 @@ async def _audit(gw: Any) -> list[tuple[str, str | None, dict[str, Any]]]:
 async def _audit_rows(gw: Any, state: str, timeout: float = 30.0
                       ) -> list[tuple[str | None, dict[str, Any]]]:
     """The audit rows of ``state`` (waits until there is at least one)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        rows = [(r, d) for s, r, d in await _audit(gw) if s == state]
-        if rows or loop.time() > deadline:
-            return rows
-        await asyncio.sleep(0.1)
+
+    async def rows() -> list[tuple[str | None, dict[str, Any]]]:
+        return [(r, d) for s, r, d in await _audit(gw) if s == state]
+
+    found: list[tuple[str | None, dict[str, Any]]] = await eventually(
+        rows, timeout=timeout, what=f"a {state!r} audit row")
+    return found
 
 
 def _assert_complete(erp: Any, history: list[datetime], since: datetime) -> None:
@@ -174,7 +174,8 @@ async def test_kill_9_during_a_long_backfill_then_restart_the_whole_gap_arrives(
         before = wm_file.read_bytes()
         # Kill once the backfill is under way and the watermarks were saved meanwhile.
         await erp.wait_for(lambda r: any(e["backfilled"] for e in _readings(r)), 60)
-        await wait_for(lambda: wm_file.read_bytes() != before, 30, "a watermark save")
+        await eventually(lambda: wm_file.read_bytes() != before, timeout=30,
+                         what="a watermark save")
         assert sum(e["backfilled"] for e in _readings(erp)) < 1500, "backfill already done"
         await asyncio.to_thread(gw.kill9)
 
@@ -280,8 +281,8 @@ async def test_a_supervisor_restart_after_samples_taken_but_not_committed_loses_
     monkeypatch.setattr(ingest, "submit", failing_once)
     await st.write("Temperature", 31.0)
     await st.write("Temperature", 31.5)
-    await wait_for(lambda: failed and gw.status["station7"].restarts >= 1, 30,
-                   "the supervisor to restart the source")
+    await eventually(lambda: failed and gw.status["station7"].restarts >= 1, timeout=30,
+                     what="the supervisor to restart the source")
     await wait_connected(gw, "station7", timeout=60)
     await st.write("Temperature", 32.0)
     await erp.wait_for(lambda r: any(e["data"]["value"] == 32.0 for e in _readings(r)), 60)
@@ -302,8 +303,8 @@ async def test_a_local_queue_overflow_is_backfilled_and_audited(opcua_station, e
     await erp.wait_for(lambda r: any(e["data"]["value"] == 21.0 for e in _readings(r)), 30)
     since = max(_received(erp))
     burst = await _write_gap(st, 300, 100.0, since)  # one publish: far more than queue_max
-    await wait_for(lambda: gw.metrics.source_dropped.labels("station7", "queue_full")
-                   ._value.get() > 0, 30, "a local drop")
+    await eventually(lambda: metric(gw.metrics.source_dropped, "station7", "queue_full") > 0,
+                     timeout=30, what="a local drop")
     await erp.wait_for(lambda r: set(burst) <= set(_received(r)), 60)
     _assert_complete(erp, await _historized(st, node), since)
     _assert_source_time_order(erp)
@@ -331,9 +332,9 @@ async def test_a_server_queue_overflow_is_backfilled_and_audited(node_opcua_stat
     def steps() -> set[int]:
         return {round((e["data"]["value"] - 20.0) * 100) for e in _readings(erp)}
 
-    await wait_for(lambda: len(steps()) >= 600, 60, "600 readings")
-    assert gw.metrics.source_dropped.labels("station7", "server_queue_overflow") \
-        ._value.get() > 0, "the server did not overflow"
+    await eventually(lambda: len(steps()) >= 600, timeout=60, what="600 readings")
+    assert metric(gw.metrics.source_dropped, "station7", "server_queue_overflow") > 0, \
+        "the server did not overflow"
     # Every window the server flagged is filled: a flagged value says values around it
     # were dropped, and the gateway reads from the live value before it to the live
     # value after it. The flags are seen where the gateway takes samples from its queue
@@ -356,7 +357,8 @@ async def test_a_server_queue_overflow_is_backfilled_and_audited(node_opcua_stat
 
     assert sum(flagged for _, flagged in taken) >= 3, "the server flagged too few overflows"
     try:
-        await wait_for(lambda: not unfilled(), 60, "every flagged window to be filled")
+        await eventually(lambda: not unfilled(), timeout=60,
+                         what="every flagged window to be filled")
     except AssertionError:
         raise AssertionError(f"not backfilled: {unfilled()[:30]}") from None
     assert not [ts for ts, ids in _received(erp).items() if len(ids) > 1]

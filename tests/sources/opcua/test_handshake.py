@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from tests.fixtures.opcua import events_of, wait_connected, wait_for
-from tests.support import http_sink_yaml
+from tests.fixtures.opcua import events_of, wait_connected
+from tests.support import eventually, http_sink_yaml, metric
 
 pytestmark = pytest.mark.opcua
 
@@ -50,7 +50,7 @@ def _config(st: Any, endpoint: str, erp_url: str, *, ack: bool = True,
 
 
 def _counter(gw: Any, name: str, *labels: str) -> float:
-    return float(getattr(gw.metrics, name).labels(*labels)._value.get())
+    return metric(getattr(gw.metrics, name), *labels)
 
 
 async def _audit(gw: Any) -> list[tuple[str, str | None, dict[str, Any]]]:
@@ -62,16 +62,12 @@ async def _audit(gw: Any) -> list[tuple[str, str | None, dict[str, Any]]]:
 
 
 async def _wait_audit(gw: Any, state: str, timeout: float = 60) -> list[dict[str, Any]]:
-    found: list[dict[str, Any]] = []
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        found = [d for s, _, d in await _audit(gw) if s == state]
-        if found:
-            return found
-        if loop.time() > deadline:
-            raise AssertionError(f"no {state!r} audit row: {await _audit(gw)}")
-        await asyncio.sleep(0.1)
+    async def rows() -> list[dict[str, Any]]:
+        return [d for s, _, d in await _audit(gw) if s == state]
+
+    found: list[dict[str, Any]] = await eventually(rows, timeout=timeout,
+                                                   what=f"a {state!r} audit row")
+    return found
 
 
 async def _wait_acked(st: Any, timeout: float = 60) -> None:
@@ -105,19 +101,22 @@ async def test_failed_group_read_is_retried_then_stored_and_acked(opcua_station,
     await st.refuse_reads("Serial")  # every Read of the group fails (a ServiceFault)
     await st.raise_ready()
     failed = ("source_errors", "station7", "trigger_read_failed")
-    await wait_for(lambda: _counter(gw, *failed) >= 2, 60, "the read to fail and be retried")
+    await eventually(lambda: _counter(gw, *failed) >= 2, timeout=60,
+                     what="the read to fail and be retried")
     assert await st.read("ResultReady") is True  # not acknowledged: nothing was stored
     assert not events_of(erp, "inspection.result")
     rows = await _wait_audit(gw, "trigger_read_failed")
     assert rows[0]["trigger"] == st.node_id("ResultReady") and "retry_in_s" in rows[0]
-    await wait_for(lambda: _handshake_condition(gw) is not None, 30, "the /status condition")
+    await eventually(lambda: _handshake_condition(gw) is not None, timeout=30,
+                     what="the /status condition")
     assert "read" in (_handshake_condition(gw) or "")
 
     await st.accept_reads("Serial")
     await _wait_acked(st)
     await erp.wait_for(lambda r: len(events_of(r, "inspection.result")) == 1, 30)
     assert _serials(erp) == ["S-1"]
-    await wait_for(lambda: _handshake_condition(gw) is None, 30, "the condition to clear")
+    await eventually(lambda: _handshake_condition(gw) is None, timeout=30,
+                     what="the condition to clear")
     assert "trigger_lost" not in [s for s, _, _ in await _audit(gw)]
 
     await st.publish_result(serial="S-2", lot_id="L-1", result="pass", measured=2.0)
@@ -135,21 +134,23 @@ async def test_failed_ack_is_retried_with_backoff_until_it_lands(opcua_station, 
 
     await st.publish_result(serial="S-1", lot_id="L-1", result="pass", measured=1.0)
     failed = ("source_errors", "station7", "ack_failed")
-    await wait_for(lambda: _counter(gw, *failed) >= 3, 90, "the ack to be retried")
+    await eventually(lambda: _counter(gw, *failed) >= 3, timeout=90, what="the ack to be retried")
     assert await st.read("ResultReady") is True
     await erp.wait_for(lambda r: len(events_of(r, "inspection.result")) == 1, 30)
     # Every retry re-read the still raised result and committed it again: one event.
     assert _counter(gw, "events_received", "station7") == 1
     rows = await _wait_audit(gw, "trigger_ack_failed")
     assert rows[0]["ack_node"] == st.node_id("ResultReady") and rows[0]["event_id"]
-    await wait_for(lambda: _handshake_condition(gw) is not None, 30, "the /status condition")
+    await eventually(lambda: _handshake_condition(gw) is not None, timeout=30,
+                     what="the /status condition")
     assert "ack" in (_handshake_condition(gw) or "")
 
     await st.accept_writes("ResultReady")
     await _wait_acked(st)
     acked = await _wait_audit(gw, "trigger_acked")
     assert acked[0]["attempts"] >= 4 and acked[0]["event_id"] == rows[0]["event_id"]
-    await wait_for(lambda: _handshake_condition(gw) is None, 30, "the condition to clear")
+    await eventually(lambda: _handshake_condition(gw) is None, timeout=30,
+                     what="the condition to clear")
 
     await st.publish_result(serial="S-2", lot_id="L-1", result="pass", measured=2.0)
     await _wait_acked(st)
@@ -201,7 +202,8 @@ async def test_result_raised_as_the_link_fails_is_read_after_the_reconnect(
     # so only a re-read finds the result still raised.
     link.drop_upstream = True
     await st.publish_result(serial="S-2", lot_id="L-1", result="pass", measured=2.0)
-    await wait_for(lambda: not gw.status["station7"].connected, 30, "the loss to be noticed")
+    await eventually(lambda: not gw.status["station7"].connected, timeout=30,
+                     what="the loss to be noticed")
     await link.cut("reset")
     await asyncio.sleep(0.5)  # the outage goes on for a moment (not a timing assertion)
     await link.restore()
@@ -228,7 +230,8 @@ async def test_result_raised_while_disconnected_is_read_after_the_reconnect(
     gw = await gateways(_config(st, f"opc.tcp://127.0.0.1:{link.port}", erp.url))
     await wait_connected(gw, "station7")
     await link.cut("reset")
-    await wait_for(lambda: not gw.status["station7"].connected, 30, "the loss to be noticed")
+    await eventually(lambda: not gw.status["station7"].connected, timeout=30,
+                     what="the loss to be noticed")
     await st.publish_result(serial="S-1", lot_id="L-1", result="pass", measured=1.0)
     await asyncio.sleep(0.5)  # the outage goes on for a moment (not a timing assertion)
     await link.restore()
@@ -257,7 +260,7 @@ async def test_two_raises_within_one_publishing_interval_are_never_one_part(
     assert raised["Serial"] == "S-1"
     await st.write("ResultReady", False)
     await st.publish_result(serial="S-2", lot_id="L-1", result="pass", measured=1.2)
-    await wait_for(lambda: "S-2" in _serials(erp), 60, "part 2 to be stored")
+    await eventually(lambda: "S-2" in _serials(erp), timeout=60, what="part 2 to be stored")
 
     # The same with the trigger already down again when the gateway reads.
     await st.write("ResultReady", False)
@@ -265,7 +268,7 @@ async def test_two_raises_within_one_publishing_interval_are_never_one_part(
     await st.write("ResultReady", False)
     await st.publish_result(serial="S-4", lot_id="L-1", result="pass", measured=1.4)
     await st.write("ResultReady", False)
-    await wait_for(lambda: "S-4" in _serials(erp), 60, "part 4 to be stored")
+    await eventually(lambda: "S-4" in _serials(erp), timeout=60, what="part 4 to be stored")
 
     # A sentinel after everything (same ordering key: FIFO), then compare.
     await st.publish_result(serial="S-5", lot_id="L-1", result="pass", measured=1.5)
@@ -296,7 +299,8 @@ async def test_the_same_serial_raised_twice_is_stored_once_and_counted(
     # The station shows part S-1 again (a corrected value, the same serial): one part.
     await st.publish_result(serial="S-1", lot_id="L-1", result="pass", measured=1.05)
     missed = ("source_dropped", "station7", "trigger_missed")
-    await wait_for(lambda: _counter(gw, *missed) == 1, 60, "the repeat to be counted")
+    await eventually(lambda: _counter(gw, *missed) == 1, timeout=60,
+                     what="the repeat to be counted")
     await _wait_audit(gw, "trigger_missed")
     rows = [(r, d) for s, r, d in await _audit(gw) if s == "trigger_missed"]
     assert [r for r, _ in rows] == ["same_result"] and rows[0][1]["count"] == 1
@@ -322,7 +326,7 @@ async def test_trigger_queue_overflow_is_audited_and_the_station_still_served(
         await st.write("ResultReady", False)
     await st.raise_ready()
     dropped = ("source_dropped", "station7", "trigger_queue_full")
-    await wait_for(lambda: _counter(gw, *dropped) > 0, 60, "the overflow")
+    await eventually(lambda: _counter(gw, *dropped) > 0, timeout=60, what="the overflow")
     await _wait_acked(st)  # the raise after the storm is served all the same
     await erp.wait_for(lambda r: "S-1" in _serials(r), 30)
     await _wait_audit(gw, "trigger_dropped")

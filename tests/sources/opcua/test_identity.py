@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 import pytest
 
 from tests.fixtures.opcua import events_of, wait_connected
-from tests.support import http_sink_yaml
+from tests.support import http_sink_yaml, metric
 
 pytestmark = pytest.mark.opcua
 
@@ -70,7 +70,7 @@ async def test_a_bad_sample_is_an_event_with_its_status(opcua_station, erp, gate
     readings = [e["data"] for e in events_of(erp, "machine.reading")]
     assert {"value": None, "status": "BadSensorFailure"}.items() <= readings[-2].items()
     assert readings[-1]["status"] == "Good"
-    assert gw.metrics.events_quarantined.labels("station7", "bad_status")._value.get() == 0
+    assert metric(gw.metrics.events_quarantined, "station7", "bad_status") == 0
 
 
 @pytest.mark.parametrize(("setting", "quarantined_statuses"), [

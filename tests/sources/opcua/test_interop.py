@@ -13,8 +13,8 @@ import textwrap
 
 import pytest
 
-from tests.fixtures.opcua import events_of, wait_connected, wait_for
-from tests.support import http_sink_yaml
+from tests.fixtures.opcua import events_of, wait_connected
+from tests.support import eventually, http_sink_yaml, metric
 
 pytestmark = pytest.mark.opcua
 
@@ -108,15 +108,14 @@ async def test_node_opcua_history_fills_a_gateway_restart(node_opcua_station, er
     await asyncio.sleep(1.5)  # ~15 samples the gateway does not see live
     gw2 = await gateways(_body(st, erp.url), state_dir=state)
     await wait_connected(gw2, "node7")
-    backfilled = gw2.metrics.source_backfilled.labels("node7")
-    await erp.wait_for(lambda r: backfilled._value.get() >= 10, 60)
+    await erp.wait_for(lambda r: metric(gw2.metrics.source_backfilled, "node7") >= 10, 60)
     seen = len(_steps(erp))
     await erp.wait_for(lambda r: len(_steps(r)) >= seen + 5, 60)
     steps = sorted(_steps(erp))
     assert len(steps) == len(set(steps)), "a sample was stored twice"
     assert steps == list(range(steps[0], steps[0] + len(steps))), f"samples skipped: {steps}"
     assert sum(e["backfilled"] for e in events_of(erp, "machine.reading")) == \
-        backfilled._value.get()
+        metric(gw2.metrics.source_backfilled, "node7")
 
 
 async def test_node_opcua_onboarding_untrusted_gateway_until_trusted(
@@ -132,8 +131,8 @@ async def test_node_opcua_onboarding_untrusted_gateway_until_trusted(
                  f" key_file: {c.client_key}, server_cert_file: {st.server_cert}}}"))
     status = gw.status["node7"]
     rejected = st.pki / "rejected"
-    await wait_for(lambda: status.state == "retrying" and any(rejected.glob("*")), 60,
-                   "the server to reject the gateway certificate")
+    await eventually(lambda: status.state == "retrying" and any(rejected.glob("*")), timeout=60,
+                     what="the server to reject the gateway certificate")
     assert "trust its certificate" in (status.error or "")
     assert str(c.client_cert) in (status.error or "")
     for f in rejected.glob("*"):  # what the administrator does

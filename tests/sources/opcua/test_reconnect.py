@@ -8,8 +8,8 @@ import textwrap
 
 import pytest
 
-from tests.fixtures.opcua import events_of, wait_connected, wait_for
-from tests.support import http_sink_yaml
+from tests.fixtures.opcua import events_of, wait_connected
+from tests.support import eventually, http_sink_yaml
 
 pytestmark = pytest.mark.opcua
 
@@ -52,8 +52,8 @@ async def test_a_cut_link_says_why_and_the_source_is_back_when_the_link_is(
 
     for round_ in (1, 2):  # the second outage must be noticed like the first
         await relay.cut(mode)
-        await wait_for(lambda: reason in _condition(gw), 60,
-                       f"the reason {reason!r} in /status (outage {round_})")
+        await eventually(lambda: reason in _condition(gw), timeout=60,
+                         what=f"the reason {reason!r} in /status (outage {round_})")
         assert not gw.status["station7"].connected
         report = await gw.status_report()
         shown = [c for comp in report["components"] if comp["id"] == "station7"
@@ -62,7 +62,7 @@ async def test_a_cut_link_says_why_and_the_source_is_back_when_the_link_is(
 
         await relay.restore()
         await wait_connected(gw, "station7", timeout=60)
-        await wait_for(lambda: _condition(gw) == "", 30, "the reason to be cleared")
+        await eventually(lambda: _condition(gw) == "", timeout=30, what="the reason to be cleared")
         value = 21.5 + round_
         await st.write("Temperature", value)
         await erp.wait_for(lambda r, v=value: any(e["data"]["value"] == v
@@ -98,8 +98,8 @@ async def test_a_login_refused_on_reconnect_is_shown_as_critical_until_it_is_acc
     st.users["gw"] = "second-password-2"
     await relay.cut("reset")
     await relay.restore()
-    await wait_for(lambda: "refused the login of gw" in _condition(gw), 60,
-                   "the refused login in /status")
+    await eventually(lambda: "refused the login of gw" in _condition(gw), timeout=60,
+                     what="the refused login in /status")
     report = await gw.status_report()
     shown = [c for comp in report["components"] if comp["id"] == "station7"
              for c in comp["conditions"] if c["code"] == "reconnect"]
@@ -108,7 +108,7 @@ async def test_a_login_refused_on_reconnect_is_shown_as_critical_until_it_is_acc
 
     st.users["gw"] = "first-password-1"  # the administrator puts it back
     await wait_connected(gw, "station7", timeout=60)
-    await wait_for(lambda: _condition(gw) == "", 30, "the reason to be cleared")
+    await eventually(lambda: _condition(gw) == "", timeout=30, what="the reason to be cleared")
 
 
 async def test_values_lost_on_the_way_back_are_replayed_before_newer_ones(

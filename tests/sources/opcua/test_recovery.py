@@ -10,8 +10,8 @@ from datetime import UTC, datetime
 import pytest
 from asyncua import Client
 
-from tests.fixtures.opcua import events_of, wait_connected, wait_for
-from tests.support import free_port, http_sink_yaml
+from tests.fixtures.opcua import events_of, wait_connected
+from tests.support import eventually, free_port, http_sink_yaml, metric
 
 pytestmark = pytest.mark.opcua
 
@@ -63,17 +63,22 @@ async def test_station_killed_and_restarted_gap_is_backfilled(
 
     await station.kill()
     killed_at = datetime.now(UTC)
-    await wait_for(lambda: not gw.status["station7"].connected, 30, "the loss to be noticed")
-    await asyncio.sleep(1.0)
+    await eventually(lambda: not gw.status["station7"].connected, timeout=30,
+                     what="the loss to be noticed")
+    await asyncio.sleep(1.0)  # the station stays down for a while (samples to recover)
     await station.start()  # same port, same history file
     await wait_connected(gw, "station7", timeout=60)
-    backfilled = gw.metrics.source_backfilled.labels("station7")
-    await wait_for(lambda: backfilled._value.get() > 0, 60, "the backfill")
-    # Let live data flow on, then compare with everything the station historized.
+
+    async def gap_read_back() -> bool:
+        return "backfilled" in await _audit_states(gw)  # audited after its last COMMIT
+
+    await eventually(gap_read_back, timeout=60, what="the backfill")
+    await erp.wait_for(lambda r: sum(e["backfilled"] for e in events_of(r, "machine.reading"))
+                       == metric(gw.metrics.source_backfilled, "station7"), 30)
+    # Live data flows on after the gap; then compare with everything the station historized.
     resumed = datetime.now(UTC)
     await erp.wait_for(lambda r: any(_dt(e["source_ts"]) > resumed
                                      for e in events_of(r, "machine.reading")), 30)
-    await asyncio.sleep(0.5)
     readings = events_of(erp, "machine.reading")
     received = [_dt(e["source_ts"]) for e in readings]
     assert len(received) == len(set(received)), "a sample was stored twice"
@@ -84,11 +89,11 @@ async def test_station_killed_and_restarted_gap_is_backfilled(
 
     recovered = [e for e in readings if e["backfilled"]]
     assert recovered, "nothing was marked backfilled"
-    assert len(recovered) == backfilled._value.get()
+    assert len(recovered) == metric(gw.metrics.source_backfilled, "station7")
     last_live_before = max(_dt(e["source_ts"]) for e in readings
                            if not e["backfilled"] and _dt(e["source_ts"]) < killed_at)
     assert all(_dt(e["source_ts"]) > last_live_before for e in recovered)
-    assert gw.metrics.source_gaps.labels("station7")._value.get() >= 1
+    assert metric(gw.metrics.source_gaps, "station7") >= 1
     states = await _audit_states(gw)
     for state in ("gap", "reconnected", "subscription_recreated", "backfilled"):
         assert state in states, f"no {state!r} row in the audit trail: {states}"

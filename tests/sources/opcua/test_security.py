@@ -7,8 +7,8 @@ import shutil
 import pytest
 
 from edge.sources.opcua.security import load_certificate, thumbprint
-from tests.fixtures.opcua import events_of, wait_connected, wait_failed, wait_for
-from tests.support import http_sink_yaml
+from tests.fixtures.opcua import events_of, wait_connected, wait_failed
+from tests.support import eventually, http_sink_yaml, metric
 
 pytestmark = pytest.mark.opcua
 
@@ -87,7 +87,7 @@ async def test_wrong_pinned_server_certificate_is_refused_clearly(
     assert _der_thumb(c.server_cert) in error  # what the server presents
     assert _der_thumb(c.wrong_cert) in error  # what the config pins
     assert gw.status["station7"].restarts == 0
-    assert gw.metrics.source_connected.labels("station7")._value.get() == 0
+    assert metric(gw.metrics.source_connected, "station7") == 0
     assert not erp.events
 
 
@@ -131,6 +131,6 @@ async def test_wrong_password_is_retried_with_a_clear_error(opcua_station, opcua
                f"key_file: {c.client_key}, server_cert_file: {c.server_cert}}}",
         erp.url, login=True))
     status = gw.status["station7"]
-    await wait_for(lambda: status.state == "retrying", 30, "the login to be refused")
+    await eventually(lambda: status.state == "retrying", timeout=30, what="the login to be refused")
     assert "refused the login of gateway" in (status.error or "")
     assert "wrong" not in (status.error or "")  # the password never shows

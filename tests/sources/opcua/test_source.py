@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import textwrap
 from datetime import datetime
 
 import pytest
 
-from tests.fixtures.opcua import events_of, wait_connected, wait_failed, wait_for
-from tests.support import http_sink_yaml
+from tests.fixtures.opcua import events_of, wait_connected, wait_failed
+from tests.support import eventually, http_sink_yaml, metric
 
 pytestmark = pytest.mark.opcua
 
@@ -141,14 +140,14 @@ async def test_trigger_ack_is_written_after_the_commit(opcua_station, erp, gatew
     """, erp.url, extra=_trigger_yaml(st, ack=ack)))
     await wait_connected(gw, "station7")
     await st.publish_result(serial="S-9", lot_id="L-9", result="pass", measured=1.0)
-    await wait_for(lambda: gw.metrics.events_received.labels("station7")._value.get() >= 1,
-                   30, "the result to be stored")
-    for _ in range(600):
-        if not await st.read("ResultReady"):
-            break
-        await asyncio.sleep(0.05)
-    else:
-        pytest.fail("the gateway did not acknowledge the result (ResultReady still true)")
+    await eventually(lambda: metric(gw.metrics.events_received, "station7") >= 1,
+                     timeout=30, what="the result to be stored")
+
+    async def acknowledged() -> bool:
+        return not await st.read("ResultReady")
+
+    await eventually(acknowledged, timeout=30,
+                     what="the gateway to acknowledge the result (ResultReady false)")
     await erp.wait_for(lambda r: len(events_of(r, "inspection.result")) == 1, 30)
 
 

@@ -13,8 +13,8 @@ from datetime import UTC, datetime
 import orjson
 import pytest
 
-from tests.fixtures.opcua import events_of, wait_connected, wait_for
-from tests.support import http_sink_yaml
+from tests.fixtures.opcua import events_of, wait_connected
+from tests.support import eventually, http_sink_yaml
 
 pytestmark = pytest.mark.opcua
 
@@ -57,7 +57,7 @@ async def test_first_committed_sample_is_on_disk_before_the_periodic_flush(
         except (FileNotFoundError, ValueError, KeyError):
             return False
 
-    await wait_for(names_node, 30, "the watermarks file to name the node")
+    await eventually(names_node, timeout=30, what="the watermarks file to name the node")
     on_disk = wm_file.read_bytes()  # what a kill -9 now would leave behind
     await gw1.stop()
     wm_file.write_bytes(on_disk)  # as if killed: no orderly save on the way out
