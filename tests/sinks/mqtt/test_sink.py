@@ -18,7 +18,7 @@ from edge.errors import ConfigError
 from edge.events import make_event
 from edge.outbox import queries
 from tests.fixtures.mosquitto import wait_until
-from tests.support import eventually, sink_yaml
+from tests.support import eventually, metric, sink_yaml
 
 pytestmark = pytest.mark.mqtt
 
@@ -97,7 +97,7 @@ async def test_hold_published_before_the_broker_came_up_is_retained(
     await wait_until(lambda: gw.forwarders["line"].last_error is not None, what="a failure")
     assert gw.forwarders["line"].last_error.startswith("connection")
     broker.start()
-    await wait_until(lambda: gw.metrics.events_delivered.labels("line")._value.get() == 1,
+    await wait_until(lambda: metric(gw.metrics.events_delivered, "line") == 1,
                      timeout=30, what="the hold delivered")
     sub = Subscriber("127.0.0.1", broker.port, "plant/+/lot/+/hold")
     try:  # a controller that connects later still gets the hold (retained)
@@ -155,8 +155,13 @@ async def test_unsafe_topic_values_are_dead_lettered_and_never_published(gateway
         await wait_until(lambda: any(b"L1" in p for _, p in everything.messages),
                          what="the safe hold")
         dead = await eventually(lambda: _all_dead(gw, len(unsafe)))
-        await asyncio.sleep(0.5)  # anything wrongly published would have arrived by now
-        assert [t for t, _ in everything.messages] == ["plant/test-site/lot/L1/hold"]
+        # A hold sent after every unsafe one was judged: anything wrongly published went
+        # through the broker before it (one connection, in order), so it arrives first.
+        await gw.pipeline.submit([_hold("L2")])
+        await wait_until(lambda: any(b"L2" in p for _, p in everything.messages),
+                         what="the hold after them")
+        assert [t for t, _ in everything.messages] == ["plant/test-site/lot/L1/hold",
+                                                       "plant/test-site/lot/L2/hold"]
         by_id = {d["event_id"]: d["reason"] for d in dead}
         assert set(by_id) == set(ids) and safe not in by_id
         for event_id in ids:
@@ -189,7 +194,9 @@ async def test_a_broker_that_refuses_the_credentials_faults_the_sink_not_the_eve
     await wait_until(lambda: fwd.status()["alarm"] is not None, what="the alarm")
     assert fwd.status()["alarm"]["code"] == "sink_fault"
     assert "refused the connection" in fwd.status()["alarm"]["message"]
-    await asyncio.sleep(1.0)
+    # two rounds for both events: a plain retry would have dead-lettered them after one
+    await wait_until(lambda: metric(gw.metrics.delivery_attempts, "line", "sink_fault") >= 4,
+                     what="a second round of attempts")
     st = await gw.outbox.stats()
     assert st["dead_letters"] == 0 and st["events"] == 2
 
@@ -210,11 +217,18 @@ async def test_on_dead_letter_continue_lets_the_key_flow_on_and_park_holds_it(
         await flowing.pipeline.submit([same_key("+"), same_key("K2")])
         await wait_until(lambda: any(t.endswith("/K2/hold") for t, _ in everything.messages),
                          what="the second hold")
+        # one lane, one publish at a time: events go out in outbox order
         parking = await gateways("sinks:\n" + _hold_sink(mosquitto.url).replace(
-            "edge-test-holds", "edge-test-holds-2"), state_dir=tmp_path / "state-2")
+            "edge-test-holds", "edge-test-holds-2").replace(
+            "    routes:", "    max_in_flight: 1\n    max_in_flight_requests: 1\n    routes:"),
+            state_dir=tmp_path / "state-2")
         await parking.pipeline.submit([same_key("#"), same_key("K3")])
         await eventually(lambda: _all_dead(parking, 1))
-        await asyncio.sleep(0.5)
+        # A hold of another lot, stored after K3: had K3 not been parked it would be
+        # published first, so once this one is in, K3 would be too.
+        await parking.pipeline.submit([_hold("M1")])
+        await wait_until(lambda: any(t.endswith("/M1/hold") for t, _ in everything.messages),
+                         what="the other lot's hold")
         assert not any(t.endswith("/K3/hold") for t, _ in everything.messages)
     finally:
         everything.close()

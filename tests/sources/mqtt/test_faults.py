@@ -29,7 +29,7 @@ from edge.pipeline import Pipeline
 from edge.sources.mqtt.source import MqttSource, _Inbound
 from edge.telemetry import Metrics
 from tests.fixtures.mosquitto import Broker, inspection, start_publisher, wait_until
-from tests.support import mqtt_source_yaml
+from tests.support import metric, mqtt_source_yaml
 
 pytestmark = pytest.mark.mqtt
 
@@ -208,10 +208,9 @@ async def test_a_storage_fault_stops_acking_until_the_outbox_recovers(
             pub.publish(topic, payload, ids[n])
         assert await asyncio.to_thread(pub.wait_acked, 15)  # the broker has them all
         pub.stop()
-        metrics = source.ctx.metrics.registry
-        await wait_until(lambda: (metrics.get_sample_value(
-            "edge_source_errors_total", {"source": "line1", "code": "outbox_write"}) or 0) >= 3,
-            what="repeated write attempts")
+        errors = source.ctx.metrics.source_errors
+        await wait_until(lambda: metric(errors, "line1", "outbox_write") >= 3,
+                         what="repeated write attempts")
         assert source.counts["received"] == 41
         assert acks.acked == [] and source.counts["acked"] == 0
         assert source.counts["quarantined"] == 0 and quarantine_count(outbox) == 0
@@ -252,7 +251,9 @@ async def test_a_corrupt_page_inside_the_outbox_is_not_quarantined_and_acked(
         assert await asyncio.to_thread(pub.wait_acked, 15)
         pub.stop()
         await wait_until(lambda: outbox.storage_fault is not None, what="the storage fault")
-        await asyncio.sleep(1.0)  # several retries while the page stays unreadable
+        errors = source.ctx.metrics.source_errors
+        await wait_until(lambda: metric(errors, "line1", "outbox_write") >= 3,
+                         what="several retries while the page stays unreadable")
         assert acks.acked == [] and quarantine_count(outbox) == 0
         corrupt["on"] = False
         await wait_until(lambda: source.counts["acked"] == len(ids), timeout=40,
@@ -285,11 +286,9 @@ async def test_a_quarantine_record_that_cannot_be_written_is_neither_acked_nor_d
                          what="quarantined after the retries, then acked")
         assert ingest.refused == 3 and quarantine_count(outbox) == 1
         assert acks.acked == ["not json", "after"] and not acks.early
-        dropped = source.ctx.metrics.registry.get_sample_value(
-            "edge_source_dropped_total", {"source": "line1", "reason": "unstorable"})
-        assert not dropped
-        assert source.ctx.metrics.registry.get_sample_value(
-            "edge_source_errors_total", {"source": "line1", "code": "quarantine_write"}) == 2
+        metrics = source.ctx.metrics
+        assert metric(metrics.source_dropped, "line1", "unstorable") == 0
+        assert metric(metrics.source_errors, "line1", "quarantine_write") == 2
 
 
 async def test_a_record_that_breaks_its_batch_is_quarantined_alone_in_order(
