@@ -5,21 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import sys
 from pathlib import Path
 
 from edge.outbox import queries
-from tests.support import api_yaml, eventually, free_port, http_sink_yaml, submission
-
-
-async def edge(*args: str, cwd: Path) -> tuple[int, str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "EDGE_API_TOKEN"}
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "edge", *args, cwd=cwd, env=env,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    out, err = await proc.communicate()
-    return proc.returncode or 0, out.decode(), err.decode()
+from tests.support import api_yaml, eventually, free_port, http_sink_yaml, run_edge, submission
 
 
 def write_config(tmp_path: Path, body: str) -> str:
@@ -40,25 +29,25 @@ async def test_dead_letter_replayed_from_the_cli_while_stopped_then_delivered(
     await gw.stop()
     cfg = write_config(tmp_path, "api: {enabled: false}\n" + body)
 
-    rc, out, _ = await edge("dlq", "list", "-c", cfg, "--json", cwd=tmp_path)
+    rc, out, _ = await run_edge("dlq", "list", "-c", cfg, "--json", cwd=tmp_path)
     [dl] = json.loads(out)
     assert (rc, dl["event_id"], dl["status"], dl["ordering_key"]) == (0, event_id, 422, "lot:L7")
-    rc, out, _ = await edge("dlq", "list", "-c", cfg, cwd=tmp_path)
+    rc, out, _ = await run_edge("dlq", "list", "-c", cfg, cwd=tmp_path)
     assert rc == 0 and "422" in out and "lot:L7" in out
-    rc, out, _ = await edge("dlq", "show", str(dl["id"]), "-c", cfg, cwd=tmp_path)
+    rc, out, _ = await run_edge("dlq", "show", str(dl["id"]), "-c", cfg, cwd=tmp_path)
     assert rc == 0 and "unknown material M-17" in out and event_id in out
 
-    rc, _, err = await edge("dlq", "replay", str(dl["id"]), "-c", cfg, cwd=tmp_path)
+    rc, _, err = await run_edge("dlq", "replay", str(dl["id"]), "-c", cfg, cwd=tmp_path)
     assert rc == 2 and "--reason" in err
-    rc, _, err = await edge("dlq", "replay", "-c", cfg, "--reason", "x", cwd=tmp_path)
+    rc, _, err = await run_edge("dlq", "replay", "-c", cfg, "--reason", "x", cwd=tmp_path)
     assert rc == 2 and "ids or --sink" in err
-    rc, out, _ = await edge("dlq", "replay", str(dl["id"]), "-c", cfg,
+    rc, out, _ = await run_edge("dlq", "replay", str(dl["id"]), "-c", cfg,
                             "--reason", "material M-17 created in ERP", cwd=tmp_path)
     assert rc == 0 and "replayed 1" in out
-    rc, out, _ = await edge("dlq", "list", "-c", cfg, "--json", cwd=tmp_path)
+    rc, out, _ = await run_edge("dlq", "list", "-c", cfg, "--json", cwd=tmp_path)
     assert json.loads(out) == []
 
-    rc, out, _ = await edge("trace", event_id, "-c", cfg, cwd=tmp_path)
+    rc, out, _ = await run_edge("trace", event_id, "-c", cfg, cwd=tmp_path)
     assert rc == 0
     assert "dead-lettered: HTTP 422" in out
     assert 'replayed by cli:' in out and "material M-17 created in ERP" in out
@@ -70,14 +59,14 @@ async def test_dead_letter_replayed_from_the_cli_while_stopped_then_delivered(
     await eventually(lambda: _no_pending(gw2, event_id))
     await gw2.stop()
 
-    rc, out, _ = await edge("trace", event_id, "-c", cfg, "--json", cwd=tmp_path)
+    rc, out, _ = await run_edge("trace", event_id, "-c", cfg, "--json", cwd=tmp_path)
     doc = json.loads(out)
     states = [r["state"] for r in doc["audit"]]
     assert states == ["stored", "dead_lettered", "replayed", "delivered"]
     assert doc["audit"][2]["actor"].startswith("cli:")
-    rc, out, _ = await edge("trace", "--key", "lot:L7", "-c", cfg, cwd=tmp_path)
+    rc, out, _ = await run_edge("trace", "--key", "lot:L7", "-c", cfg, cwd=tmp_path)
     assert rc == 0 and event_id in out and "now: erp: delivered" in out
-    rc, _, err = await edge("trace", "0190-no-such-event", "-c", cfg, cwd=tmp_path)
+    rc, _, err = await run_edge("trace", "0190-no-such-event", "-c", cfg, cwd=tmp_path)
     assert rc == 1 and "no trace" in err
 
 
@@ -93,14 +82,14 @@ async def test_discard_from_the_cli_with_the_daemon_running(gateways, erp, tmp_p
     await eventually(lambda: gw.outbox.read(queries.dlq_list))
     cfg = write_config(tmp_path, "api: {enabled: false}\n" + body)
 
-    rc, out, _ = await edge("dlq", "discard", "--sink", "erp", "-c", cfg,
+    rc, out, _ = await run_edge("dlq", "discard", "--sink", "erp", "-c", cfg,
                             "--reason", "test lot", cwd=tmp_path)
     assert rc == 0 and "discarded 1" in out
     assert await gw.outbox.read(queries.dlq_list) == []
-    rc, out, _ = await edge("dlq", "discard", "--sink", "erp", "-c", cfg,
+    rc, out, _ = await run_edge("dlq", "discard", "--sink", "erp", "-c", cfg,
                             "--reason", "again", cwd=tmp_path)
     assert rc == 1
-    rc, out, _ = await edge("trace", event_id, "-c", cfg, cwd=tmp_path)
+    rc, out, _ = await run_edge("trace", event_id, "-c", cfg, cwd=tmp_path)
     assert 'discarded by cli:' in out and "test lot" in out
 
 
@@ -113,18 +102,18 @@ async def test_status_asks_the_running_daemon_with_its_token(gateways, erp, tmp_
     await gw.pipeline.submit([submission("L1"), submission("L2", type="quality.hold")])
     cfg = write_config(tmp_path, body)
 
-    rc, out, _ = await edge("status", "-c", cfg, cwd=tmp_path)
+    rc, out, _ = await run_edge("status", "-c", cfg, cwd=tmp_path)
     assert rc == 0 and "test-site" in out
     erp_line = next(line for line in out.splitlines() if line.startswith("erp "))
     assert erp_line.split()[2:7] == ["1", "1", "0", "0", "2"]  # critical high normal low total
-    rc, out, _ = await edge("status", "-c", cfg, "--json", cwd=tmp_path)
+    rc, out, _ = await run_edge("status", "-c", cfg, "--json", cwd=tmp_path)
     assert rc == 0 and json.loads(out)["sinks"]["erp"]["total"] == 2
 
-    rc, _, err = await edge("status", "--url", f"http://127.0.0.1:{port}", cwd=tmp_path)
+    rc, _, err = await run_edge("status", "--url", f"http://127.0.0.1:{port}", cwd=tmp_path)
     assert rc == 1 and "refused the token" in err
 
     await gw.stop()
-    rc, _, err = await edge("status", "-c", cfg, cwd=tmp_path)
+    rc, _, err = await run_edge("status", "-c", cfg, cwd=tmp_path)
     assert rc == 1 and "not running" in err
 
 
@@ -149,7 +138,7 @@ async def test_a_dead_letter_parks_its_lot_until_the_operator_replays_it(
     assert erp.accepted_ids[second] == 0
 
     cfg = write_config(tmp_path, body)
-    rc, out, _ = await edge("status", "-c", cfg, cwd=tmp_path)
+    rc, out, _ = await run_edge("status", "-c", cfg, cwd=tmp_path)
     assert rc == 0 and "parked keys: 1" in out
     assert any("lot:L7" in line and "1 waiting" in line for line in out.splitlines())
     import httpx
@@ -163,7 +152,7 @@ async def test_a_dead_letter_parks_its_lot_until_the_operator_replays_it(
 
     refusing["on"] = False
     [dl] = await gw.outbox.read(queries.dlq_list)
-    rc, out, _ = await edge("dlq", "replay", str(dl["id"]), "-c", cfg,
+    rc, out, _ = await run_edge("dlq", "replay", str(dl["id"]), "-c", cfg,
                             "--reason", "material M-17 created in ERP", cwd=tmp_path)
     assert rc == 0 and "replayed 1" in out
     await erp.wait_for(lambda r: r.accepted_ids[second] >= 1)

@@ -3,24 +3,10 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
-import os
-import sys
-from pathlib import Path
 
 from edge.outbox import queries
-from tests.support import api_yaml, eventually, free_port, result, sink_yaml
-
-
-async def edge(*args: str, cwd: Path, env: dict[str, str] | None = None
-               ) -> tuple[int, str, str]:
-    base = {k: v for k, v in os.environ.items() if k != "EDGE_API_TOKEN"}
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "edge", *args, cwd=cwd, env={**base, **(env or {})},
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    out, err = await proc.communicate()
-    return proc.returncode or 0, out.decode(), err.decode()
+from tests.support import api_yaml, eventually, free_port, result, run_edge, sink_yaml
 
 
 async def test_resume_lifts_a_storm_guard_pause_and_is_audited(gateways, erp, tmp_path):
@@ -34,21 +20,21 @@ async def test_resume_lifts_a_storm_guard_pause_and_is_audited(gateways, erp, tm
     ids = await gw.pipeline.submit([result(f"L{n}", n) for n in range(100)])
     await eventually(lambda: gw.forwarders["erp"].status()["paused"])
 
-    rc, _, err = await edge("sink", "resume", "erp", "-c", str(cfg), cwd=tmp_path)
+    rc, _, err = await run_edge("sink", "resume", "erp", "-c", str(cfg), cwd=tmp_path)
     assert rc == 2 and "--reason" in err  # argparse: the reason is required
-    rc, _, err = await edge("sink", "resume", "erp", "-c", str(cfg), "--reason", "  ",
+    rc, _, err = await run_edge("sink", "resume", "erp", "-c", str(cfg), "--reason", "  ",
                             cwd=tmp_path)
     assert rc == 2 and "must say why" in err
-    rc, _, err = await edge("sink", "resume", "mes", "-c", str(cfg), "--reason", "x",
+    rc, _, err = await run_edge("sink", "resume", "mes", "-c", str(cfg), "--reason", "x",
                             cwd=tmp_path)
     assert rc == 1 and "no sink 'mes'" in err
-    rc, _, err = await edge("sink", "resume", "erp", "--url", f"http://127.0.0.1:{port}",
+    rc, _, err = await run_edge("sink", "resume", "erp", "--url", f"http://127.0.0.1:{port}",
                             "--reason", "x", cwd=tmp_path, env={"EDGE_API_TOKEN": "wrong"})
     assert rc == 1 and "refused the token" in err
     assert gw.forwarders["erp"].status()["paused"] is not None  # nothing changed so far
 
     erp.clear_rejects()  # the ERP team restored the API version
-    rc, out, err = await edge("sink", "resume", "erp", "-c", str(cfg), "--reason",
+    rc, out, err = await run_edge("sink", "resume", "erp", "-c", str(cfg), "--reason",
                               "v1 restored by the ERP team", "--by", "J. Doe", cwd=tmp_path)
     assert rc == 0, err
     assert "sink erp resumed by J. Doe: v1 restored by the ERP team" in out
@@ -61,12 +47,12 @@ async def test_resume_lifts_a_storm_guard_pause_and_is_audited(gateways, erp, tm
     assert (actor, reason) == ("api:ops by J. Doe", "v1 restored by the ERP team")
     assert json.loads(detail)["sink"] == "erp"
 
-    rc, _, err = await edge("sink", "resume", "erp", "-c", str(cfg), "--reason", "again",
+    rc, _, err = await run_edge("sink", "resume", "erp", "-c", str(cfg), "--reason", "again",
                             cwd=tmp_path)
     assert rc == 1 and "not paused" in err
 
 
 async def test_resume_says_when_no_gateway_answers(tmp_path):
-    rc, _, err = await edge("sink", "resume", "erp", "--url", f"http://127.0.0.1:{free_port()}",
+    rc, _, err = await run_edge("sink", "resume", "erp", "--url", f"http://127.0.0.1:{free_port()}",
                             "--reason", "x", cwd=tmp_path)
     assert rc == 1 and "not running" in err
