@@ -2,7 +2,7 @@
 the circuit breaker; refused credentials pause the sink and probe with backoff.
 
 A real outbox and a real forwarder; the sink answers what the test scripts (the HTTP
-sink's own mapping of statuses to outcomes is tested in ``test_http_faults.py``).
+sink's own mapping of statuses to outcomes is tested in ``tests/sinks/http/``).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from edge.config import SinkConfigBase
 from edge.delivery import send_in_key_order
 from edge.forwarder import Forwarder
 from edge.outbox import Outbox, queries
-from tests.support import reading, result
+from tests.support import eventually, metric, reading, result, sink_yaml
 
 Answer = Callable[[StoredEvent], Outcome]
 
@@ -118,21 +118,8 @@ async def rig(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
             await r.outbox.close()
 
 
-async def until(predicate: Callable[[], Any], timeout: float = 15.0, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what or predicate}")
-        await asyncio.sleep(0.02)
-
-
 def faults_total(r: Rig, code: str) -> float:
-    return r.metrics.sink_faults.labels(r.sink.id, code)._value.get()
+    return metric(r.metrics.sink_faults, r.sink.id, code)
 
 
 # --------------------------------------------------------------------------- sink faults
@@ -154,7 +141,7 @@ async def test_sink_faults_keep_every_row_alarm_and_never_become_dead_letters(ri
                                                "max_attempts": 2})
     ids = await r.outbox.submit([result(f"L{n}", n) for n in range(10)])
     # faults count against the breaker: three failed batches open it
-    await until(lambda: r.forwarder.breaker.state != "closed", what="the circuit to open")
+    await eventually(lambda: r.forwarder.breaker.state != "closed", what="the circuit to open")
     assert faults_total(r, "501") >= 3
     status = r.forwarder.status()
     assert status["alarm"]["code"] == "sink_fault"
@@ -167,9 +154,9 @@ async def test_sink_faults_keep_every_row_alarm_and_never_become_dead_letters(ri
     assert faults_total(r, "301") + faults_total(r, "501") + faults_total(r, "520") >= 3
     assert await r.dead_letters() == []
     portal["on"] = False
-    await until(lambda: len(set(r.sink.delivered)) == 10, what="all delivered")
+    await eventually(lambda: len(set(r.sink.delivered)) == 10, what="all delivered")
     assert sorted(set(r.sink.delivered)) == sorted(ids)
-    await until(r.drained, what="every row recorded as delivered")
+    await eventually(r.drained, what="every row recorded as delivered")
     assert await r.dead_letters() == []
     assert r.forwarder.status()["alarm"] is None
     assert r.forwarder.status()["up"] is True
@@ -198,15 +185,16 @@ async def test_a_captive_portal_does_not_empty_the_backlog_into_the_dead_letter_
         if step == 15:
             phase["now"] = "login"
         produced += await r.outbox.submit([result(f"L{step}-{i}", i) for i in range(5)])
-        await asyncio.sleep(0.05)
-    assert r.forwarder.status()["paused"]["code"] == "auth"
+        await asyncio.sleep(0.05)  # production's pace
+    await eventually(lambda: (r.forwarder.status()["paused"] or {}).get("code") == "auth",
+                     what="the auth pause")
     assert r.forwarder.status()["alarm"]["code"] == "auth"
     requests_while_faulted = len(r.sink.requests)
     assert requests_while_faulted < len(produced)  # not every event was tried even once
     phase["now"] = "up"
-    await until(lambda: len(set(r.sink.delivered)) == len(produced), timeout=30,
+    await eventually(lambda: len(set(r.sink.delivered)) == len(produced), timeout=30,
                 what="every event delivered")
-    await until(r.drained, what="every row recorded as delivered")
+    await eventually(r.drained, what="every row recorded as delivered")
     assert await r.dead_letters() == []
     assert sorted(set(r.sink.delivered)) == sorted(produced)
     assert r.forwarder.status()["paused"] is None and r.forwarder.status()["alarm"] is None
@@ -228,9 +216,9 @@ async def test_dead_letters_do_not_keep_the_circuit_closed(rig):
                   retry={"initial_backoff_s": 60, "max_backoff_s": 60},
                   storm_guard={"enabled": False})
     await r.outbox.submit([reading(n) for n in range(400)])
-    await until(lambda: r.forwarder.breaker.state != "closed", timeout=10,
+    await eventually(lambda: r.forwarder.breaker.state != "closed", timeout=10,
                 what="the circuit to open")
-    assert r.metrics.sink_circuit_open.labels("erp")._value.get() == 1
+    assert metric(r.metrics.sink_circuit_open, "erp") == 1
     # three failed batches of ten, not the whole backlog of 400 first
     assert len(r.sink.requests) <= 40, len(r.sink.requests)
 
@@ -249,10 +237,10 @@ async def test_a_probe_answered_by_a_dead_letter_does_not_close_the_circuit(rig)
     r = await rig(ScriptedSink(answer), storm_guard={"enabled": False},
                   circuit_breaker={"failure_threshold": 1, "open_s": 0.3, "max_open_s": 1})
     await r.outbox.submit([reading(n) for n in range(100)])
-    await until(lambda: r.forwarder.breaker.state == "open", what="the circuit to open")
+    await eventually(lambda: r.forwarder.breaker.state == "open", what="the circuit to open")
     phase["now"] = "portal"
-    await until(r.dead_letters, what="a probe dead-lettered")
-    await asyncio.sleep(1.0)
+    await eventually(r.dead_letters, what="a probe dead-lettered")
+    await asyncio.sleep(1.0)  # a window in which the circuit must not close
     assert r.forwarder.breaker.state != "closed"
     assert len(await r.dead_letters()) <= 6  # one per probe interval, not the backlog
 
@@ -276,27 +264,28 @@ async def test_refused_credentials_pause_the_sink_probe_with_backoff_and_a_deliv
                   circuit_breaker={"failure_threshold": 5, "open_s": 0.2, "max_open_s": 0.8},
                   retry={"initial_backoff_s": 0.01, "max_backoff_s": 0.02, "max_attempts": 1})
     ids = await r.outbox.submit([result(f"L{n}", n) for n in range(40)])
-    await until(lambda: r.forwarder.status()["paused"], what="the auth pause")
+    await eventually(lambda: r.forwarder.status()["paused"], what="the auth pause")
     paused = r.forwarder.status()["paused"]
     assert paused["code"] == "auth" and "credentials" in paused["reason"]
     assert r.forwarder.status()["alarm"]["code"] == "auth"
     assert r.forwarder.status()["up"] is False
-    assert r.metrics.sink_paused.labels("erp")._value.get() == 1
-    await until(lambda: len(r.sink.requests) >= 10, timeout=10, what="probes")
+    assert metric(r.metrics.sink_paused, "erp") == 1
+    await eventually(lambda: len(r.sink.requests) >= 10, timeout=10, what="probes")
     first_after = len(r.sink.requests)
-    await asyncio.sleep(1.5)
+    await asyncio.sleep(1.5)  # a window in which the probes must not become a stream
     probes = r.sink.requests[first_after:]
-    assert 1 <= len(probes) <= 4  # one probe per wait (0.8 s at most), not a stream
+    assert len(probes) <= 4  # one probe per wait (0.8 s at most), not a stream
+    await eventually(lambda: len(r.sink.requests) > first_after, what="the next probe")
     [audit] = await r.audit("sink_paused")
     assert audit[0] == "gateway" and "credentials" in audit[1] and '"auth"' in audit[2]
     assert await r.dead_letters() == [] and await r.queued() == 40
     assert faults_total(r, "401") >= 1
     refused["on"] = False
-    await until(lambda: len(set(r.sink.delivered)) == 40, timeout=15, what="delivery")
+    await eventually(lambda: len(set(r.sink.delivered)) == 40, timeout=15, what="delivery")
     assert sorted(set(r.sink.delivered)) == sorted(ids)
     status = r.forwarder.status()
     assert status["paused"] is None and status["alarm"] is None and status["up"] is True
-    assert r.metrics.sink_paused.labels("erp")._value.get() == 0
+    assert metric(r.metrics.sink_paused, "erp") == 0
 
 
 async def test_resume_lets_an_auth_paused_sink_probe_at_once(rig):
@@ -309,13 +298,13 @@ async def test_resume_lets_an_auth_paused_sink_probe_at_once(rig):
     r = await rig(ScriptedSink(answer),
                   circuit_breaker={"failure_threshold": 5, "open_s": 30, "max_open_s": 60})
     await r.outbox.submit([result("L1")])
-    await until(lambda: r.forwarder.status()["paused"], what="the auth pause")
+    await eventually(lambda: r.forwarder.status()["paused"], what="the auth pause")
     refused["on"] = False
     await asyncio.sleep(0.5)
     assert r.sink.delivered == []  # the next probe is 30 s away
     assert r.forwarder.resume(by="ops", reason="client secret rotated") is True
     assert r.forwarder.resume() is False
-    await until(lambda: r.sink.delivered, timeout=5, what="the probe after resume")
+    await eventually(lambda: r.sink.delivered, timeout=5, what="the probe after resume")
     assert r.forwarder.status()["paused"] is None
 
 
@@ -324,8 +313,6 @@ async def test_a_captive_portal_in_front_of_the_erp_dead_letters_nothing(gateway
     unlisted 5xx, then 401, while results keep arriving at 100 events/s. Before, 2,497 of
     2,500 results ended in the dead-letter queue; now none does, and all arrive once the
     portal is gone."""
-    from tests.support import sink_yaml
-
     gw = await gateways(sink_yaml(erp.url, max_batch=20, extra="""\
         retry: {initial_backoff_s: 0.05, max_backoff_s: 0.5, max_attempts: 3}
         circuit_breaker: {failure_threshold: 3, open_s: 0.3, max_open_s: 1}
@@ -334,14 +321,15 @@ async def test_a_captive_portal_in_front_of_the_erp_dead_letters_nothing(gateway
     for step, status in enumerate([301] * 5 + [501] * 5 + [520] * 5 + [401] * 10):
         erp.outage(True, status=status)
         produced += await gw.pipeline.submit([result(f"L{step}-{i}", i) for i in range(10)])
-        await asyncio.sleep(0.1)
+        await asyncio.sleep(0.1)  # production's pace
     fwd = gw.forwarders["erp"]
+    await eventually(lambda: (fwd.status()["paused"] or {}).get("code") == "auth",
+                     what="the auth pause")
     assert fwd.status()["alarm"]["code"] == "auth"
-    assert fwd.status()["paused"]["code"] == "auth"
     assert (await gw.outbox.stats())["dead_letters"] == 0
     erp.outage(False)
     await erp.wait_for(lambda e: set(e.ids()) == set(produced), within_s=30)
-    await until(lambda: fwd.status()["alarm"] is None, what="the alarm cleared")
+    await eventually(lambda: fwd.status()["alarm"] is None, what="the alarm cleared")
     st = await gw.outbox.stats()
     assert st["dead_letters"] == 0
     assert {r.status for r in erp.requests} >= {301, 401, 200}  # the breaker skipped some

@@ -42,7 +42,7 @@ async def test_later_events_of_a_changed_events_key_are_not_sent_in_the_same_lea
     await erp.wait_for(lambda e: b3 in e.ids(), within_s=15)
     [dl] = await eventually(lambda: gw.outbox.read(queries.dlq_list))
     assert dl["event_id"] == a0 and dl["reason"].startswith("integrity")
-    await asyncio.sleep(1.0)
+    await asyncio.sleep(1.0)  # a window in which the parked events must not be sent
     assert a1 not in erp.ids() and a2 not in erp.ids()  # parked behind the dead letter
     assert a0 not in erp.ids()
     assert (await gw.outbox.stats())["events"] >= 2  # A1 and A2 are kept

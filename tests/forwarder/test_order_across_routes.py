@@ -12,6 +12,7 @@ then ``PUT [2]``, and derived events landed after the rest of their MQTT batch.
 
 from __future__ import annotations
 
+import asyncio
 import random
 import textwrap
 from collections import defaultdict
@@ -93,7 +94,7 @@ async def test_each_lot_arrives_in_ingest_order_across_routes_under_5xx(
             topic, payload = inspection(mid, lot=f"L{lot}", value=10.2 if bad else 10.01)
             pub.publish(topic, payload, mid)
             publish_order[f"L{lot}"].append(mid)
-    assert await __import__("asyncio").to_thread(pub.wait_acked, 30)
+    assert await asyncio.to_thread(pub.wait_acked, 30)
     total = LOTS * PER_LOT
     await erp.wait_for(lambda r: sum(1 for e in r.events if e["type"] == "inspection.result"
                                      and r.accepted_ids[e["id"]]) >= total, 60)

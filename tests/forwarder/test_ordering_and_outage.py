@@ -6,8 +6,7 @@ import asyncio
 import time
 from collections import defaultdict
 
-from tests.sinks.http.test_policy import _until
-from tests.support import reading, result, sink_yaml
+from tests.support import eventually, metric, reading, result, sink_yaml
 
 
 def _per_key(events: list[dict]) -> dict[str, list[int]]:
@@ -52,13 +51,13 @@ async def test_a_long_outage_drains_with_zero_loss_and_order_kept(gateways, erp)
         batch = [result(f"L{(minute * 600 + i) // 50}", minute * 600 + i) for i in range(600)]
         for i in range(0, 600, 60):
             produced += await gw.pipeline.submit(batch[i:i + 60])
-            await asyncio.sleep(0.01)
-    await _until(lambda: gw.forwarders["erp"].breaker.state != "closed")
-    assert gw.metrics.sink_circuit_open.labels("erp")._value.get() == 1
+            await asyncio.sleep(0.01)  # production's pace
+    await eventually(lambda: gw.forwarders["erp"].breaker.state != "closed")
+    assert metric(gw.metrics.sink_circuit_open, "erp") == 1
     requests_during_outage = len(erp.requests)
     erp.outage(False)
     await erp.wait_for(lambda e: len(e.events) >= 6000, within_s=60)
-    await _until(lambda: gw.outbox.inflight("erp") == set())
+    await eventually(lambda: gw.outbox.inflight("erp") == set())
     assert sorted(erp.ids()) == sorted(produced)  # nothing lost, nothing doubled
     for key, ns in _per_key(erp.events).items():
         assert ns == sorted(ns), key
@@ -84,7 +83,7 @@ async def test_critical_events_overtake_a_telemetry_backlog(gateways, erp):
                                   extra="lease_batch: 20\nmax_in_flight: 1"))
     erp.outage(True)
     await gw.pipeline.submit([reading(n) for n in range(400)])
-    await _until(lambda: gw.forwarders["erp"].breaker.state != "closed")
+    await eventually(lambda: gw.forwarders["erp"].breaker.state != "closed")
     from edge.components import Submission
     from edge.events import make_event
 
@@ -102,7 +101,7 @@ async def test_drain_rate_limit_spreads_a_backlog(gateways, erp):
     gw = await gateways(sink_yaml(erp.url, max_batch=50, extra="rate_limit_per_s: 100"))
     erp.outage(True)
     await gw.pipeline.submit([reading(n) for n in range(300)])
-    await _until(lambda: gw.forwarders["erp"].breaker.state != "closed")
+    await eventually(lambda: gw.forwarders["erp"].breaker.state != "closed")
     erp.outage(False)
     start = time.monotonic()
     await erp.wait_for(lambda e: len(e.events) == 300, within_s=30)

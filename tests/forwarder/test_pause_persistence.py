@@ -11,26 +11,15 @@ from __future__ import annotations
 
 import asyncio
 import getpass
-import os
 import sqlite3
-import sys
 from pathlib import Path
 
 import orjson
 
 from edge.outbox import queries
-from tests.support import api_yaml, eventually, free_port, result, sink_yaml
+from tests.support import api_yaml, eventually, free_port, metric, result, run_edge, sink_yaml
 
 STORM = "storm_guard: {window_outcomes: 10, min_share: 0.8, min_events: 5}"
-
-
-async def edge(*args: str, cwd: Path) -> tuple[int, str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "EDGE_API_TOKEN"}
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "edge", *args, cwd=cwd, env=env,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    out, err = await proc.communicate()
-    return proc.returncode or 0, out.decode(), err.decode()
 
 
 async def _audit(gw, state: str) -> list[tuple[str, str, dict]]:
@@ -81,11 +70,11 @@ async def test_a_storm_guard_pause_holds_across_a_restart_until_edge_sink_resume
     assert report["paused"] == before["paused"]  # code, reason and since as before
     assert report["alarm"] == before["alarm"] and report["alarm"]["code"] == "storm_guard"
     assert report["up"] is False
-    assert gw.metrics.sink_paused.labels("erp")._value.get() == 1
-    await asyncio.sleep(1.0)
+    assert metric(gw.metrics.sink_paused, "erp") == 1
+    await asyncio.sleep(1.0)  # a window in which nothing may be sent
     assert erp.request_count == sent, "the restarted gateway sent while paused"
 
-    rc, out, err = await edge("sink", "resume", "erp", "-c", str(cfg), "--reason",
+    rc, out, err = await run_edge("sink", "resume", "erp", "-c", str(cfg), "--reason",
                               "base URL fixed", "--by", "J. Doe", cwd=tmp_path)
     assert rc == 0, err
     assert "sink erp resumed by J. Doe: base URL fixed" in out
@@ -111,15 +100,15 @@ async def test_a_stopped_gateways_sink_is_resumed_in_its_outbox_file(gateways, e
                    "api: {enabled: false}\n" + body)
     before, ids, dead = await _paused_by_a_storm(gateways, erp, body, 40)
 
-    rc, _, err = await edge("sink", "resume", "mes", "-c", str(cfg), "--reason", "x",
+    rc, _, err = await run_edge("sink", "resume", "mes", "-c", str(cfg), "--reason", "x",
                             cwd=tmp_path)
     assert rc == 1 and "no sink 'mes'" in err
-    rc, out, err = await edge("sink", "resume", "erp", "-c", str(cfg), "--reason",
+    rc, out, err = await run_edge("sink", "resume", "erp", "-c", str(cfg), "--reason",
                               "base URL fixed (ticket 4711)", cwd=tmp_path)
     assert rc == 0, err
     assert "sink erp resumed" in out and "gateway is stopped" in out
     assert before["paused"]["since"] in out
-    rc, _, err = await edge("sink", "resume", "erp", "-c", str(cfg), "--reason", "again",
+    rc, _, err = await run_edge("sink", "resume", "erp", "-c", str(cfg), "--reason", "again",
                             cwd=tmp_path)
     assert rc == 1 and "not paused" in err
 
@@ -131,7 +120,7 @@ async def test_a_stopped_gateways_sink_is_resumed_in_its_outbox_file(gateways, e
     assert detail["sink"] == "erp" and detail["pause"] == "storm_guard"
     assert detail["paused_since"] == before["paused"]["since"]
     # running with its API off: the command says how, and touches nothing
-    rc, _, err = await edge("sink", "resume", "erp", "-c", str(cfg), "--reason", "x",
+    rc, _, err = await run_edge("sink", "resume", "erp", "-c", str(cfg), "--reason", "x",
                             cwd=tmp_path)
     assert rc == 1 and "local API off" in err and "stop it" in err
 

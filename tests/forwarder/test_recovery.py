@@ -6,10 +6,9 @@ Real gateway, real HTTP sink, real loopback ERP.
 
 from __future__ import annotations
 
-import asyncio
 import time
 
-from tests.support import result, sink_yaml
+from tests.support import eventually, result, sink_yaml
 
 OPEN_S = 2.0
 
@@ -31,7 +30,8 @@ async def test_delivery_resumes_within_one_probe_interval_after_the_erp_is_back(
     await gw.pipeline.submit([result(f"L{n}", n) for n in range(40)])
     fwd = gw.forwarders["erp"]
     await erp.wait_for(lambda e: len(e.requests) >= 20, within_s=10)  # 4 lanes x 5 events
-    await asyncio.sleep(0.2)  # ... and their failures have reached the forwarder
+    # ... and their failures have reached the forwarder
+    await eventually(lambda: not gw.outbox.inflight("erp"), what="the failures recorded")
     assert fwd.breaker.state == "open"
     erp.outage(False)
     back = time.monotonic()

@@ -13,7 +13,7 @@ import orjson
 import pytest
 
 from edge.outbox import queries
-from tests.support import eventually, result, sink_yaml
+from tests.support import eventually, metric, result, sink_yaml
 
 
 async def _audit(gw, state: str) -> list[tuple[str, str, dict]]:
@@ -41,13 +41,14 @@ async def test_a_wrong_base_url_pauses_the_sink_instead_of_dead_lettering_the_ba
     assert paused["since"] and "edge sink resume erp" in paused["reason"]
     assert report["sinks"]["erp"]["alarm"]["code"] == "storm_guard"
     assert report["sinks"]["erp"]["up"] is False
-    assert gw.metrics.sink_paused.labels("erp")._value.get() == 1
-    await asyncio.sleep(0.5)  # in-flight requests finish and record their outcome
+    assert metric(gw.metrics.sink_paused, "erp") == 1
+    await eventually(lambda: not gw.outbox.inflight("erp"),
+                     what="the requests in flight to record their outcome")
     dead = await _dead_letters(gw)
     assert len(dead) < 20  # at most what the guard needed to see, not the backlog
     assert (await gw.outbox.stats())["events"] == 300 - len(dead)  # the rest kept
     sent = erp.request_count
-    await asyncio.sleep(1.0)
+    await asyncio.sleep(1.0)  # a window in which nothing may be sent
     assert erp.request_count == sent  # paused: nothing is sent
     [(actor, reason, detail)] = await _audit(gw, "sink_paused")
     assert actor == "gateway" and "HTTP 404" in reason
@@ -64,7 +65,7 @@ async def test_a_wrong_base_url_pauses_the_sink_instead_of_dead_lettering_the_ba
     [(actor, reason, detail)] = await _audit(gw, "sink_resumed")
     assert (actor, reason) == ("api by J. Doe", "base URL fixed")
     assert detail["sink"] == "erp" and detail["pause"] == "storm_guard"
-    assert gw.metrics.sink_paused.labels("erp")._value.get() == 0
+    assert metric(gw.metrics.sink_paused, "erp") == 0
 
 
 async def test_occasional_dead_letters_of_different_statuses_do_not_pause(gateways, erp):
