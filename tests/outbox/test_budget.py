@@ -11,15 +11,9 @@ import pytest
 from edge.config import OutboxConfig
 from edge.errors import OutboxFullError
 from edge.outbox import Outbox
-from tests.support import sub
+from tests.support import eventually, metric, sub
 
 PAD = "x" * 600
-
-
-async def _until(predicate, within_s: float = 10.0) -> None:
-    async with asyncio.timeout(within_s):
-        while not predicate():
-            await asyncio.sleep(0.02)
 
 
 def _count(path: str, sql: str) -> int:
@@ -44,22 +38,22 @@ async def test_low_expired_and_counted_critical_kept_then_backpressure(tmp_path:
                 await ob.submit([sub("machine.reading", pad=PAD) for _ in range(50)])
             except OutboxFullError:
                 break
-        await _until(lambda: ob.metrics.events_expired.labels("low")._value.get() > 0)
+        await eventually(lambda: metric(ob.metrics.events_expired, "low") > 0, timeout=10)
         # keep adding protected events: low rows go first, then the outbox refuses
         with pytest.raises(OutboxFullError):
             for i in range(100_000):
                 critical_ids += await ob.submit(
                     [sub("quality.hold", lot_id=f"M{i}", reason=PAD) for _ in range(20)])
                 await asyncio.sleep(0.01)  # let maintenance run, as real time would
-        assert ob.metrics.outbox_backpressure._value.get() == 1
+        assert metric(ob.metrics.outbox_backpressure) == 1
         assert not ob.accepting
         assert any(a["code"] == "outbox_budget" for a in ob.alarms)
     finally:
         await ob.close()
     # read after close: maintenance may expire or prune until then
-    expired = ob.metrics.events_expired.labels("low")._value.get()
+    expired = metric(ob.metrics.events_expired, "low")
     assert expired > 0
-    pruned = ob.metrics.audit_pruned.labels("budget")._value.get()
+    pruned = metric(ob.metrics.audit_pruned, "budget")
     db = str(tmp_path / "outbox.db")
     # every committed critical event is still there; only low rows were expired
     assert _count(db, "SELECT COUNT(*) FROM events WHERE class = 0") == len(critical_ids)
@@ -82,9 +76,9 @@ async def test_accepting_again_after_space_is_freed(tmp_path: Path):
             for i in range(10_000):
                 await ob.submit([sub("quality.hold", lot_id=f"L{i}", reason=PAD)
                                  for _ in range(20)])
-                await asyncio.sleep(0.01)
+                await asyncio.sleep(0.01)  # let maintenance run, as real time would
         waiter = asyncio.create_task(ob.wait_accepting())
-        await asyncio.sleep(0.2)
+        await asyncio.sleep(0.2)  # a window in which the outbox must keep refusing
         assert not waiter.done()
         # deliver everything: rows leave, pages are freed, intake resumes
         while batch := await ob.lease("erp", 500):

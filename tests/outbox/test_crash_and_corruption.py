@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from edge.outbox import Outbox
-from tests.support import sub
+from tests.support import stop_process, sub
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -110,8 +110,7 @@ def test_edge_run_quarantines_a_corrupt_file_found_by_its_early_check(tmp_path: 
         assert any("outbox file is corrupt" in line for line in lines), lines
         assert len(list(state.glob("outbox.db.corrupt-*"))) == 1
     finally:
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(30) == 0
+        assert stop_process(proc) == 0
 
 
 def _hold_exclusive_lock(path: Path) -> sqlite3.Connection:

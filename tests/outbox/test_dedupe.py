@@ -19,7 +19,7 @@ from edge.components import Submission
 from edge.config import OutboxConfig
 from edge.errors import OutboxFullError
 from edge.outbox import Outbox, Resolution
-from tests.support import sub
+from tests.support import eventually, metric, sub
 
 
 def message(payload: str, *, dup: bool = False, horizon: int = 100) -> Submission:
@@ -123,14 +123,12 @@ async def test_a_small_budget_carries_an_endless_stream_while_the_sink_keeps_up(
                 await ob.submit(batch)
             except OutboxFullError:
                 pytest.fail(f"backpressure after {i * 100} events with the sink keeping up")
-            async with asyncio.timeout(30):  # a stream the sink keeps up with: <= 500 queued
-                while delivered < (i + 1) * 100 - 500:
-                    await asyncio.sleep(0.005)
-        async with asyncio.timeout(30):
-            while delivered < 20_000:
-                await asyncio.sleep(0.05)
-        assert ob.metrics.outbox_backpressure._value.get() == 0
-        assert ob.metrics.events_expired.labels("low")._value.get() == 0  # none given up
+            # a stream the sink keeps up with: <= 500 queued
+            await eventually(lambda: delivered >= (i + 1) * 100 - 500,  # noqa: B023
+                             timeout=30, interval=0.005)
+        await eventually(lambda: delivered >= 20_000, timeout=30)
+        assert metric(ob.metrics.outbox_backpressure) == 0
+        assert metric(ob.metrics.events_expired, "low") == 0  # none given up
         assert await _count(ob, "SELECT COUNT(*) FROM dedupe") <= 20_000 // 4
     finally:
         forwarder.cancel()

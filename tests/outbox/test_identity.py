@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from edge.outbox import Outbox, Resolution, queries
-from tests.support import sub
+from tests.support import eventually, sub
 
 
 @pytest.fixture
@@ -39,11 +39,18 @@ async def test_expiry_never_takes_a_row_in_flight(outbox: Outbox):
     """Rows leased while the expiry waits for the writer are in flight when it runs: an
     older build decided on a snapshot taken before waiting and expired them."""
     ids = await outbox.submit([sub("machine.reading") for _ in range(5)])
-    gate = threading.Event()
-    busy = asyncio.create_task(outbox._write(lambda c: gate.wait(10)))  # the writer is busy
-    await asyncio.sleep(0.1)
+    gate, writing = threading.Event(), threading.Event()
+
+    def hold_the_writer(conn: sqlite3.Connection) -> None:
+        writing.set()
+        gate.wait(10)
+
+    busy = asyncio.create_task(outbox._write(hold_the_writer))  # the writer is busy
+    await eventually(writing.is_set, what="the busy write to start")
+    queued = outbox._writer.queued
     expiry = asyncio.create_task(outbox.expire_low(10 << 20))
-    await asyncio.sleep(0.1)  # the expiry is queued behind the busy write
+    await eventually(lambda: outbox._writer.queued > queued,
+                     what="the expiry to queue behind the busy write")
     leased = await outbox.lease("erp", 2)  # the reader is free: two rows go in flight
     gate.set()
     await busy

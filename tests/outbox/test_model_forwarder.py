@@ -82,6 +82,7 @@ from edge.events import Event, make_event
 from edge.forwarder import Forwarder
 from edge.outbox import Outbox, pauses, queries
 from edge.telemetry import Metrics
+from tests.support import metric
 
 EXAMPLES = int(os.environ.get("EDGE_MODEL_EXAMPLES", "60"))
 STEPS = int(os.environ.get("EDGE_MODEL_STEPS", "40"))
@@ -623,9 +624,9 @@ class ForwarderMachine(RuleBasedStateMachine):
         assert self.outbox.accepting, "still refusing with the budget back"
 
     def _check_budget(self) -> None:
-        pruned = self.outbox.metrics.audit_pruned.labels("budget")._value.get()
+        pruned = metric(self.outbox.metrics.audit_pruned, "budget")
         self._run(self.outbox._check_budget())
-        if self.outbox.metrics.audit_pruned.labels("budget")._value.get() > pruned:
+        if metric(self.outbox.metrics.audit_pruned, "budget") > pruned:
             self.audit_pruned = True
         found = self._db("SELECT seq, event_id FROM audit WHERE state = 'expired' AND seq > ?",
                          (self.expiry_seen,))
@@ -849,7 +850,7 @@ class ForwarderMachine(RuleBasedStateMachine):
                 assert pause.since == since, f"{sink}: pause since {pause.since} != {since}"
                 assert fwd.alarm is not None and fwd.alarm.code == "storm_guard" \
                     and fwd.alarm.since == since, f"{sink}: alarm {fwd.alarm}"
-                assert fwd.metrics.sink_paused.labels(sink)._value.get() == 1
+                assert metric(fwd.metrics.sink_paused, sink) == 1
             if self.hold[sink] > self.now:
                 assert fwd.paused_until >= self.hold[sink], \
                     f"{sink}: paused until {fwd.paused_until}, model {self.hold[sink]}"

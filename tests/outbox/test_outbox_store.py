@@ -9,7 +9,7 @@ import orjson
 import pytest
 
 from edge.outbox import Outbox, Resolution, audit, queries
-from tests.support import sub
+from tests.support import metric, sub
 
 
 @pytest.fixture
@@ -55,7 +55,7 @@ async def test_redelivered_record_maps_to_the_first_event_id(outbox: Outbox):
     again = await outbox.submit([sub(dedupe="msg-1"), sub(dedupe="msg-2")])
     assert again[0] == first[0]
     assert len(_rows(outbox.path, "SELECT id FROM events")) == 2
-    assert outbox.metrics.events_deduplicated.labels("line1")._value.get() == 1
+    assert metric(outbox.metrics.events_deduplicated, "line1") == 1
     # same key from another source is a different record
     other = await outbox.submit([sub(dedupe="msg-1", source="line2")])
     assert other[0] != first[0]
@@ -79,7 +79,7 @@ async def test_dedupe_survives_delivery_of_the_first_copy(outbox: Outbox):
 async def test_event_without_any_sink_route_is_counted_and_audited_not_stored(tmp_path: Path):
     async with Outbox(tmp_path, router=lambda ev: []) as ob:
         [eid] = await ob.submit([sub("custom.thing", note="x")])
-        assert ob.metrics.events_unrouted.labels("custom.thing")._value.get() == 1
+        assert metric(ob.metrics.events_unrouted, "custom.thing") == 1
     assert _rows(str(tmp_path / "outbox.db"), "SELECT COUNT(*) FROM events") == [(0,)]
     assert _rows(str(tmp_path / "outbox.db"),
                  f"SELECT state FROM audit WHERE event_id = '{eid}'") == [("unrouted",)]

@@ -293,7 +293,7 @@ async def test_salvage_while_the_gateway_runs_and_stores_new_events(tmp_path: Pa
     task = asyncio.create_task(ingest())
     try:
         rc, rep, _ = await asyncio.to_thread(_salvage, moved, _config(tmp_path))
-        await asyncio.sleep(0.1)
+        await asyncio.sleep(0.1)  # ingest goes on a little after the salvage
         stop.set()
         await task
         # the forwarder's view: per key, the salvaged (older) events come first
