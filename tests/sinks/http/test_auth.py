@@ -14,8 +14,7 @@ from cryptography.x509.oid import NameOID
 
 from edge.outbox import queries
 from edge.sim.erp import ErpReceiver
-from tests.sinks.http.test_policy import _until
-from tests.support import result, sink_yaml
+from tests.support import eventually, metric, result, sink_yaml
 
 
 async def test_api_key_header_from_file(gateways, tmp_path: Path):
@@ -59,7 +58,7 @@ async def test_bad_credentials_fault_the_sink_and_keep_the_event(gateways, tmp_p
         await gw.pipeline.submit([result("A")])
         await erp.wait_for(lambda e: len(e.requests) >= 2)
         assert {r.status for r in erp.requests} == {401}
-        assert gw.metrics.events_dead_lettered.labels("erp")._value.get() == 0
+        assert metric(gw.metrics.events_dead_lettered, "erp") == 0
         assert (await gw.outbox.stats())["events"] == 1
         assert await gw.outbox.read(queries.dlq_list) == []
     finally:
@@ -102,9 +101,9 @@ async def test_oauth2_wrong_secret_faults_the_sink_and_keeps_the_event(gateways,
               client_secret_file: secret
             """))
         await gw.pipeline.submit([result("A")])
-        await _until(lambda: gw.forwarders["erp"].last_error is not None)
+        await eventually(lambda: gw.forwarders["erp"].last_error is not None)
         assert "token endpoint answered 401" in gw.forwarders["erp"].last_error
-        assert gw.metrics.events_dead_lettered.labels("erp")._value.get() == 0
+        assert metric(gw.metrics.events_dead_lettered, "erp") == 0
         assert (await gw.outbox.stats())["events"] == 1  # kept for when the secret is fixed
     finally:
         await erp.stop()
@@ -172,7 +171,7 @@ async def test_tls_without_the_private_ca_is_refused_and_retried(gateways, pki):
     try:
         gw = await gateways(sink_yaml(erp.url))  # system CAs only: the server is not trusted
         await gw.pipeline.submit([result("A")])
-        await _until(lambda: gw.forwarders["erp"].last_error is not None)
+        await eventually(lambda: gw.forwarders["erp"].last_error is not None)
         assert "CERTIFICATE_VERIFY_FAILED" in gw.forwarders["erp"].last_error
         assert erp.events == []
         assert (await gw.outbox.stats())["events"] == 1

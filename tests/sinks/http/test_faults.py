@@ -6,14 +6,14 @@ alarms); it never dead-letters and never splits a batch.
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
 
 from edge.components import OutcomeKind
 from edge.sim.erp import ErpReceiver
-from tests.sinks.http.test_paths import RawReceiver
-from tests.sinks.http.test_send import event, open_sink, stored
+from tests.sinks.http.support import RawReceiver, event, open_sink, stored
 
 
 def _one(n: int = 0):
@@ -189,6 +189,22 @@ async def test_timeout_and_refused_connection_are_retried():
     async with open_sink(f"http://127.0.0.1:{port}") as sink:
         [outcome] = await sink.send(_one())
     assert outcome.kind is OutcomeKind.retry and outcome.reason.startswith("connection")
+
+
+async def test_an_answer_that_never_finishes_is_cut_at_timeout_s():
+    """``timeout_s`` bounds the whole request. httpx's own timeouts restart with every byte
+    read, so before, a receiver trickling one byte every 50 ms held the request (and its
+    lane) for as long as it kept trickling."""
+    receiver = await RawReceiver(trickle_s=0.05).start()
+    try:
+        async with open_sink(receiver.url, extra="timeout_s: 0.5") as sink:
+            async with asyncio.timeout(30):  # a guard against hanging, not a measurement
+                [outcome] = await sink.send(_one())
+        assert outcome.kind is OutcomeKind.retry
+        assert outcome.reason == "timeout: no complete answer within timeout_s"
+        assert receiver.seen == [("POST", "/api/v1/events")]
+    finally:
+        await receiver.stop()
 
 
 async def test_a_413_batch_is_split_down_to_the_event_that_is_too_large(erp):

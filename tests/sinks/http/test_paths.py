@@ -2,71 +2,18 @@
 exactly one percent-encoded segment; ``.``, ``..``, empty or missing values are refused for
 that event (dead letter "unsafe path value") and never sent.
 
-The receiver here is a bare HTTP/1.1 server that records each request target byte for byte,
-as it came off the socket (a framework would decode ``%2F`` before we could look).
+The receiver is a bare HTTP/1.1 server (``tests.sinks.http.support.RawReceiver``) that
+records each request target byte for byte, as it came off the socket (a framework would
+decode ``%2F`` before we could look).
 """
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 from edge.components import OutcomeKind
 from edge.events import Event, make_event
-from tests.sinks.http.test_send import open_sink, stored
-
-OK = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
-
-
-class RawReceiver:
-    """Gives every request the same raw ``response`` (default 200) and records
-    ``(method, raw target)`` in arrival order."""
-
-    def __init__(self, response: bytes = OK) -> None:
-        self.response = response
-        self.seen: list[tuple[str, str]] = []
-        self._server: asyncio.Server | None = None
-        self._handlers: dict[asyncio.Task[None], asyncio.StreamWriter] = {}
-
-    async def start(self) -> RawReceiver:
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-        return self
-
-    @property
-    def url(self) -> str:
-        assert self._server is not None
-        return f"http://127.0.0.1:{self._server.sockets[0].getsockname()[1]}/api/v1"
-
-    async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            for writer in self._handlers.values():
-                writer.close()
-            await asyncio.gather(*self._handlers, return_exceptions=True)
-            await self._server.wait_closed()
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._handlers[task] = writer
-        try:
-            while line := await reader.readline():
-                method, target, _ = line.decode("latin-1").split(" ", 2)
-                length = 0
-                while (header := await reader.readline()) not in (b"\r\n", b""):
-                    name, _, value = header.decode("latin-1").partition(":")
-                    if name.strip().lower() == "content-length":
-                        length = int(value)
-                await reader.readexactly(length)
-                self.seen.append((method, target))
-                writer.write(self.response)
-                await writer.drain()
-        except (ConnectionError, asyncio.IncompleteReadError):
-            pass
-        finally:
-            writer.close()
-            self._handlers.pop(task, None)
-
+from tests.sinks.http.support import RawReceiver, open_sink, stored
 
 ROUTES = '[{events: [quality.hold], method: PUT, path: "/lots/{data.lot_id}/status"}]'
 

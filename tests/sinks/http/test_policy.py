@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import re
-import time
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 
 from edge.outbox import queries
-from tests.support import result, sink_yaml
+from tests.support import eventually, metric, result, sink_yaml
 
 
 async def test_same_idempotency_key_on_every_attempt_across_5xx(gateways, erp):
@@ -60,7 +58,7 @@ async def test_422_goes_to_the_dead_letter_table_with_its_body(gateways, erp):
     erp.reject(lambda e: e["data"].get("bad"), 422, body='{"error":"lot unknown in ERP"}')
     [bad, good] = await gw.pipeline.submit([result("A", bad=True), result("B")])
     await erp.wait_for(lambda e: len(e.events) == 1)
-    await _until(lambda: gw.metrics.events_dead_lettered.labels("erp")._value.get() == 1)
+    await eventually(lambda: metric(gw.metrics.events_dead_lettered, "erp") == 1)
     [dl] = await gw.outbox.read(queries.dlq_list)
     assert dl["event_id"] == bad and dl["status"] == 422
     assert dl["response_body"] == '{"error":"lot unknown in ERP"}'
@@ -72,7 +70,7 @@ async def test_other_4xx_dead_letter_without_retry(gateways, erp):
     gw = await gateways(sink_yaml(erp.url))
     erp.fail_next(1, 404, body="no such endpoint")
     [eid] = await gw.pipeline.submit([result("A")])
-    await _until(lambda: gw.metrics.events_dead_lettered.labels("erp")._value.get() == 1)
+    await eventually(lambda: metric(gw.metrics.events_dead_lettered, "erp") == 1)
     [dl] = await gw.outbox.read(queries.dlq_list)
     assert (dl["event_id"], dl["status"], dl["response_body"]) == (eid, 404, "no such endpoint")
 
@@ -81,8 +79,8 @@ async def test_409_counts_as_delivered_duplicate(gateways, erp):
     gw = await gateways(sink_yaml(erp.url))
     erp.fail_next(1, 409, body="already exists")
     [eid] = await gw.pipeline.submit([result("A")])
-    await _until(lambda: gw.metrics.events_delivered.labels("erp")._value.get() == 1)
-    assert gw.metrics.events_duplicate.labels("erp")._value.get() == 1
+    await eventually(lambda: metric(gw.metrics.events_delivered, "erp") == 1)
+    assert metric(gw.metrics.events_duplicate, "erp") == 1
     st = await gw.outbox.stats()
     assert st["events"] == 0 and st["dead_letters"] == 0
 
@@ -95,7 +93,7 @@ async def test_batch_split_isolates_one_bad_event(gateways, erp):
     erp.reject(lambda e: e["data"].get("bad"), 422)
     ids = await gw.pipeline.submit(items)
     await erp.wait_for(lambda e: len(e.events) == 29, within_s=15)
-    await _until(lambda: gw.metrics.events_dead_lettered.labels("erp")._value.get() == 1)
+    await eventually(lambda: metric(gw.metrics.events_dead_lettered, "erp") == 1)
     [dl] = await gw.outbox.read(queries.dlq_list)
     assert dl["event_id"] == ids[13]
     assert sorted(erp.ids()) == sorted(i for n, i in enumerate(ids) if n != 13)
@@ -108,7 +106,7 @@ async def test_max_attempts_turns_the_last_retry_into_a_dead_letter(gateways, er
                                              "max_backoff_s: 0.05, max_attempts: 3}"))
     erp.outage(True)
     [eid] = await gw.pipeline.submit([result("A")])
-    await _until(lambda: gw.metrics.events_dead_lettered.labels("erp")._value.get() == 1)
+    await eventually(lambda: metric(gw.metrics.events_dead_lettered, "erp") == 1)
     [dl] = await gw.outbox.read(queries.dlq_list)
     assert dl["event_id"] == eid and dl["reason"].startswith("gave up after 3 attempts")
     assert len(erp.requests) == 3
@@ -121,21 +119,13 @@ async def test_connection_refused_is_retried_until_the_receiver_appears(gateways
     await erp.stop()
     gw = await gateways(sink_yaml(f"http://127.0.0.1:{port}"))
     [eid] = await gw.pipeline.submit([result("A")])
-    await asyncio.sleep(1.0)
-    assert gw.forwarders["erp"].last_error.startswith("connection")
+    await eventually(lambda: (gw.forwarders["erp"].last_error or "").startswith("connection"))
     late = await ErpReceiver(port=port).start()
     try:
         await late.wait_for(lambda e: len(e.events) == 1, within_s=15)
         assert late.ids() == [eid]
     finally:
         await late.stop()
-
-
-async def _until(predicate, within_s: float = 10.0) -> None:
-    deadline = time.monotonic() + within_s
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached"
-        await asyncio.sleep(0.02)
 
 
 async def test_an_outage_is_logged_once_when_it_starts_and_once_when_it_ends(gateways, erp,
@@ -145,13 +135,13 @@ async def test_an_outage_is_logged_once_when_it_starts_and_once_when_it_ends(gat
     erp.outage(True)
     await gw.pipeline.submit([result("A")])
     fwd = gw.forwarders["erp"]
-    await _until(lambda: fwd.down_since is not None)
+    await eventually(lambda: fwd.down_since is not None)
     probes_before = len(erp.requests)
-    await asyncio.sleep(2.0)  # probes every 0.2-0.5 s, each one failing
-    assert len(erp.requests) - probes_before >= 3
+    # probes every 0.2-0.5 s, each one failing: the outage goes on for several of them
+    await eventually(lambda: len(erp.requests) - probes_before >= 3)
     erp.outage(False)
     await erp.wait_for(lambda e: len(e.events) == 1, within_s=10)
-    await _until(lambda: fwd.down_since is None)
+    await eventually(lambda: fwd.down_since is None)
     lines = [r.getMessage() for r in caplog.records if r.name == "edge.forwarder"]
     assert sum("circuit open" in m for m in lines) == 1
     assert sum("still down" in m for m in lines) == 0  # reminders come once a minute

@@ -1,61 +1,27 @@
 """``HttpSink.send`` against a real HTTP receiver on loopback: per-key order across routes,
 batches, groups and splits (DESIGN invariant 4), and every request's identity (invariant 3).
 
-The helpers here drive one sink directly (no outbox, no forwarder) so a test sees exactly
-what one ``send`` did; other ``test_http_*`` modules use them too.
+The sink is driven directly (``tests.sinks.http.support.open_sink``: no outbox, no
+forwarder), so a test sees exactly what one ``send`` did.
 """
 
 from __future__ import annotations
 
 import random
 from collections import defaultdict
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
-from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import pytest
 
-from edge.components import ComponentContext, OutcomeKind, StoredEvent
-from edge.config import load_config_text
+from edge.components import OutcomeKind
 from edge.delivery import blocks_key
-from edge.events import Event, make_event
-from edge.sinks.http.sink import HttpSink
-from edge.telemetry import Metrics
-from tests.support import sink_yaml
+from edge.events import Event
+from tests.sinks.http.support import event, open_sink, stored
 
 HOLD_AND_EVENTS = ('[{events: [lot.status, quality.hold], method: PUT, '
                    'path: "/lots/{data.lot_id}/status"}, '
                    '{events: ["*"], method: POST, path: /events, max_batch: 100}]')
-
-
-@asynccontextmanager
-async def open_sink(url: str, *, routes: str | None = None, max_batch: int = 1,
-                    extra: str = "", base_dir: Path | None = None) -> AsyncIterator[HttpSink]:
-    """A started ``HttpSink`` built from a config block through the config loader."""
-    text = "site: test-site\n" + sink_yaml(url, max_batch=max_batch, routes=routes, extra=extra)
-    cfg = load_config_text(text, base_dir=base_dir)
-    sink = HttpSink(cfg.sinks[0], ComponentContext(site="test-site", state_dir=".",
-                                                   metrics=Metrics()))
-    await sink.start()
-    try:
-        yield sink
-    finally:
-        await sink.close()
-
-
-def stored(events: Sequence[Event], first_seq: int = 1) -> list[StoredEvent]:
-    """Events as a lease hands them to a sink: in outbox order, seq ascending."""
-    return [StoredEvent(first_seq + i, ev.id, ev.type, ev.event_class, ev.ordering_key, 0,
-                        ev.to_json()) for i, ev in enumerate(events)]
-
-
-def event(type_: str, lot: str | None, n: int, **data: Any) -> Event:
-    body = {"n": n, **data}
-    if lot is not None:
-        body.setdefault("lot_id", lot)
-    return make_event(type=type_, site="test-site", source="line1", data=body,
-                      ordering_key=f"lot:{lot}" if lot is not None else None)
 
 
 def ns(records: Sequence[dict[str, Any]]) -> list[int]:
