@@ -97,6 +97,11 @@ class Registry:
         if not isinstance(component, ComponentType) or component.kind != kind:
             log.warning("%s does not name a %s ComponentType; ignored", ref, kind)
             return
+        if component.type != name:
+            # the config's ``type:`` is the component's own name; a different entry-point
+            # name would make `edge components` and the package metadata disagree
+            log.warning("entry point %r names %s type %r; registered as %r", name, kind,
+                        component.type, component.type)
         self.register(component)
 
     def load_plugins_dir(self, path: str | Path) -> list[str]:

@@ -1,4 +1,4 @@
-"""``edge run -c FILE``, ``edge check-config FILE``, ``edge print-schema``."""
+"""``edge run -c FILE``, ``edge check-config FILE``, ``edge print-schema``, ``edge components``."""
 
 from __future__ import annotations
 
@@ -27,6 +27,11 @@ def register(sub: Any) -> None:
 
     p = sub.add_parser("print-schema", help="print the config JSON Schema")
     p.set_defaults(handler=cmd_print_schema)
+
+    p = sub.add_parser("components", help="list the source and sink types this installation "
+                       "knows (built-ins and installed plugins)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(handler=cmd_components)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -79,4 +84,22 @@ def cmd_print_schema(args: argparse.Namespace) -> int:
 
     json.dump(json_schema(), sys.stdout, indent=2)
     sys.stdout.write("\n")
+    return 0
+
+
+def cmd_components(args: argparse.Namespace) -> int:
+    """One line per registered type: kind, ``type:`` name, module, description."""
+    from edge.registry import default_registry
+
+    reg = default_registry()
+    rows = [{"kind": kind, "type": name, "module": c.factory.__module__,
+             "description": c.description}
+            for kind in ("source", "sink")
+            for name, c in sorted(reg.types(kind).items())]
+    if args.json:
+        json.dump(rows, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return 0
+    for r in rows:
+        print(f"{r['kind']:<7} {r['type']:<12} {r['description']}  ({r['module']})")
     return 0
