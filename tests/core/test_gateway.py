@@ -15,8 +15,7 @@ from pathlib import Path
 import orjson
 
 from edge.outbox import Outbox, queries
-from tests.sinks.http.test_policy import _until
-from tests.support import result, sink_yaml
+from tests.support import eventually, http_sink_yaml, metric, result, sink_yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -39,8 +38,7 @@ async def test_routes_apply_at_send_time_so_a_backlog_follows_an_api_change(
 async def test_rows_of_a_removed_sink_stay_until_an_operator_reroutes_them(
         gateways, erp, tmp_path: Path):
     state = tmp_path / "state"
-    both = sink_yaml("http://127.0.0.1:9/down", sink_id="qms") + \
-        sink_yaml(erp.url).replace("sinks:\n", "")
+    both = sink_yaml("http://127.0.0.1:9/down", sink_id="qms") + http_sink_yaml(erp.url)
     gw = await gateways(both, state_dir=state)
     ids = await gw.pipeline.submit([result("A", n) for n in range(3)])
     await erp.wait_for(lambda e: len(e.events) == 3)
@@ -50,7 +48,7 @@ async def test_rows_of_a_removed_sink_stay_until_an_operator_reroutes_them(
     report = await gw.status_report()
     assert report["sinks"]["qms"]["configured"] is False
     assert report["sinks"]["qms"]["total"] == 3
-    await asyncio.sleep(0.5)
+    await asyncio.sleep(0.5)  # a window in which the rows must not go
     assert (await gw.outbox.stats())["sinks"]["qms"]["total"] == 3  # never dropped silently
     await gw.stop()
     cfg = tmp_path / "edge.yaml"
@@ -83,7 +81,7 @@ async def test_payload_changed_on_disk_is_dead_lettered_not_sent(gateways, erp):
     await gw.outbox._write(tamper)
     erp.outage(False)
     await erp.wait_for(lambda e: good in e.ids(), within_s=15)
-    await _until(lambda: gw.metrics.events_dead_lettered.labels("erp")._value.get() == 1)
+    await eventually(lambda: metric(gw.metrics.events_dead_lettered, "erp") == 1)
     [dl] = await gw.outbox.read(queries.dlq_list)
     assert dl["event_id"] == bad and dl["reason"].startswith("integrity")
     assert bad not in erp.ids()

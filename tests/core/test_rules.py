@@ -10,8 +10,7 @@ from edge.components import Submission
 from edge.config import load_config_text
 from edge.errors import ConfigError
 from edge.events import make_event
-from tests.sinks.http.test_policy import _until
-from tests.support import sink_yaml
+from tests.support import eventually, sink_yaml
 
 RULES = """\
 rules:
@@ -66,7 +65,7 @@ async def test_redelivered_failure_does_not_duplicate_derived_events(gateways, e
     await gw.pipeline.submit([_inspection("L9", 11.0, dedupe="same-msg")])
     await gw.pipeline.submit([_inspection("L9", 11.0, dedupe="same-msg")])
     await erp.wait_for(lambda e: len(e.events) == 3)
-    await _until(lambda: gw.outbox.inflight("erp") == set())
+    await eventually(lambda: gw.outbox.inflight("erp") == set())
     assert sorted(e["type"] for e in erp.events) == [
         "inspection.result", "nonconformance", "quality.hold"]
 

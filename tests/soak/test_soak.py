@@ -18,9 +18,8 @@ from tests.fixtures.mosquitto import (
     message_ids,
     start_publisher,
     wait_connected,
-    wait_until,
 )
-from tests.support import http_sink_yaml, mqtt_source_yaml
+from tests.support import eventually, http_sink_yaml, metric, mqtt_source_yaml
 
 LONG_RUN = os.environ.get("EDGE_SOAK") == "1"
 MINUTES = float(os.environ.get("EDGE_SOAK_MINUTES", "10")) if LONG_RUN else 1.0
@@ -52,14 +51,14 @@ async def test_long_run_with_erp_outages_and_a_broker_restart_loses_nothing(
                 topic, payload = inspection(f"m{n}", lot=f"L{n // 200}")
                 pub.publish(topic, payload, f"m{n}")
                 n += 1
-            await asyncio.sleep(0.4)
+            await asyncio.sleep(0.4)  # production's pace
         erp.outage(False)
         assert await asyncio.to_thread(pub.wait_acked, 60)
         acked = set(pub.acked)
-        await wait_until(lambda: acked <= set(message_ids(erp.events)), timeout=300,
+        await eventually(lambda: acked <= set(message_ids(erp.events)), timeout=300,
                          what="every acknowledged message at the ERP")
     finally:
         await asyncio.to_thread(pub.stop)
     arrived = message_ids(erp.events)
     assert all(len(ids) == 1 for ids in arrived.values())  # repeats only under one id
-    assert gw.metrics.events_dead_lettered.labels("erp")._value.get() == 0
+    assert metric(gw.metrics.events_dead_lettered, "erp") == 0
