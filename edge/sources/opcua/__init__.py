@@ -7,9 +7,11 @@ model only); asyncua is imported by the factory. The bundle:
 - ``security``       secure channel, pinned / trusted server certificate, user login
 - ``nodes``          resolves NodeIds and browse paths, checks them on the server
 - ``source``         the running source: connection, subscriptions, monitored items
-- ``queue``          the bounded notification queue, value and status conversion
-- ``triggers``       trigger edges, the group Read, the ack after commit
-- ``backfill``       gaps: HistoryRead paging, backfill, persisted watermarks
+- ``queue``          the bounded notification queue
+- ``values``         value and status conversion, sample keys
+- ``triggers``       ``Triggers``: trigger edges, the group Read, the ack after commit
+- ``backfill``       ``Backfill``: gaps, HistoryRead paging, persisted watermarks
+- ``client``         the asyncua client with the gateway's reconnect loop
 
 Contract (see ``edge.components``): ``factory(cfg, ctx)`` does no I/O; ``run()``
 connects and serves until cancelled. Every event is submitted to the outbox and counted
@@ -21,7 +23,8 @@ node, wrong type, refused certificate) raise ``FatalStartupError`` with the loca
 ``sources[station7].monitored[3].node: BadNodeIdUnknown (ns=2;s=Station7.Nope)``; the
 component stops, the daemon keeps running the others.
 
-See docs/opcua.md for the configuration reference and the operator notes.
+``README.md`` beside this file is the reference (every option, the guarantees) and
+``sample.yaml`` a complete, commented source; ``docs/opcua.md`` holds the operator notes.
 """
 
 from __future__ import annotations
