@@ -189,11 +189,11 @@ class OpcUaSource:
 
     def status(self) -> dict[str, Any]:
         """What the source is doing, for the demo and for operators (JSON-friendly):
-        ``connected``, ``endpoint``, ``last_error`` (why it is not connected: the failed
-        start or the last reconnect failure; None while connected), ``open_gaps`` (node → gap start, for gaps open, waiting
-        or being read back), ``backfill_running`` (nodes being read back now),
-        ``monitored`` and ``triggers`` (configured items), ``historizing`` (monitored
-        items whose gaps are read back)."""
+        ``connected``; ``endpoint``; ``last_error`` (why it is not connected: the failed
+        start or the last reconnect failure; None while connected); ``open_gaps`` (node →
+        gap start, for gaps open, waiting or being read back); ``backfill_running``
+        (nodes being read back now); ``monitored`` and ``triggers`` (configured items);
+        ``historizing`` (monitored items whose gaps are read back)."""
         return {
             "connected": self._connected,
             "endpoint": self.cfg.endpoint,
