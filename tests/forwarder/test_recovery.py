@@ -6,8 +6,6 @@ Real gateway, real HTTP sink, real loopback ERP.
 
 from __future__ import annotations
 
-import time
-
 from tests.support import eventually, result, sink_yaml
 
 OPEN_S = 2.0
@@ -33,10 +31,9 @@ async def test_delivery_resumes_within_one_probe_interval_after_the_erp_is_back(
     # ... and their failures have reached the forwarder
     await eventually(lambda: not gw.outbox.inflight("erp"), what="the failures recorded")
     assert fwd.breaker.state == "open"
+    # the late failures of the other lanes are not failed probes: the next probe is due
+    # within one open interval (each counted as one would have doubled it, 2 → 16 s)
+    assert fwd.breaker.wait_s() <= OPEN_S, fwd.breaker.wait_s()
     erp.outage(False)
-    back = time.monotonic()
     await erp.wait_for(lambda e: len(e.events) >= 1, within_s=30)
-    resumed_after_s = time.monotonic() - back
-    # one probe interval plus generous slack for a busy machine; doubled it would be >= 6 s
-    assert resumed_after_s < OPEN_S + 3.0, resumed_after_s
     await erp.wait_for(lambda e: len(set(e.ids())) == 40, within_s=30)
