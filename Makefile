@@ -7,7 +7,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: run test soak faults lint typecheck bench schema clean help
+.PHONY: run test soak faults lint bench schema clean help
 
 help:
 	@echo "make run     start the demo gateway (Ctrl-C to stop)"

@@ -51,6 +51,12 @@ async def eventually(check: Callable[[], Any], *, timeout: float = 20.0, what: s
             f"timed out after {timeout:g} s waiting for {what or _describe(check)}") from None
 
 
+def sample(gw: Any, name: str, **labels: str) -> float:
+    """A gateway metric by the name and labels ``/metrics`` shows
+    (``sample(gw, "edge_source_gaps_total", source="line1")``); 0 before its first use."""
+    return float(gw.metrics.registry.get_sample_value(name, labels) or 0.0)
+
+
 def _describe(check: Callable[[], Any]) -> str:
     with contextlib.suppress(OSError, TypeError):
         return inspect.getsource(check).strip()

@@ -17,7 +17,6 @@ from edge.config import load_config_text
 from edge.errors import ConfigError
 from edge.events import make_event
 from edge.outbox import queries
-from tests.fixtures.mosquitto import wait_until
 from tests.support import eventually, metric, sink_yaml
 
 pytestmark = pytest.mark.mqtt
@@ -94,10 +93,10 @@ async def test_hold_published_before_the_broker_came_up_is_retained(
     broker.stop()
     gw = await gateways(RULES + sink_yaml(erp.url) + _hold_sink(url))
     await gw.pipeline.submit([_inspection("L8", 9.0)])
-    await wait_until(lambda: gw.forwarders["line"].last_error is not None, what="a failure")
+    await eventually(lambda: gw.forwarders["line"].last_error is not None, what="a failure")
     assert gw.forwarders["line"].last_error.startswith("connection")
     broker.start()
-    await wait_until(lambda: metric(gw.metrics.events_delivered, "line") == 1,
+    await eventually(lambda: metric(gw.metrics.events_delivered, "line") == 1,
                      timeout=30, what="the hold delivered")
     sub = Subscriber("127.0.0.1", broker.port, "plant/+/lot/+/hold")
     try:  # a controller that connects later still gets the hold (retained)
@@ -152,13 +151,13 @@ async def test_unsafe_topic_values_are_dead_lettered_and_never_published(gateway
         unsafe = ["a/b", "+", "#", "", "x\x00y", "L/+/#"]
         ids = await gw.pipeline.submit([_hold(v) for v in unsafe])
         [safe] = await gw.pipeline.submit([_hold("L1")])
-        await wait_until(lambda: any(b"L1" in p for _, p in everything.messages),
+        await eventually(lambda: any(b"L1" in p for _, p in everything.messages),
                          what="the safe hold")
         dead = await eventually(lambda: _all_dead(gw, len(unsafe)))
         # A hold sent after every unsafe one was judged: anything wrongly published went
         # through the broker before it (one connection, in order), so it arrives first.
         await gw.pipeline.submit([_hold("L2")])
-        await wait_until(lambda: any(b"L2" in p for _, p in everything.messages),
+        await eventually(lambda: any(b"L2" in p for _, p in everything.messages),
                          what="the hold after them")
         assert [t for t, _ in everything.messages] == ["plant/test-site/lot/L1/hold",
                                                        "plant/test-site/lot/L2/hold"]
@@ -191,11 +190,11 @@ async def test_a_broker_that_refuses_the_credentials_faults_the_sink_not_the_eve
     gw = await gateways("sinks:\n" + sink)
     await gw.pipeline.submit([_hold("L1"), _hold("L2")])
     fwd = gw.forwarders["line"]
-    await wait_until(lambda: fwd.status()["alarm"] is not None, what="the alarm")
+    await eventually(lambda: fwd.status()["alarm"] is not None, what="the alarm")
     assert fwd.status()["alarm"]["code"] == "sink_fault"
     assert "refused the connection" in fwd.status()["alarm"]["message"]
     # two rounds for both events: a plain retry would have dead-lettered them after one
-    await wait_until(lambda: metric(gw.metrics.delivery_attempts, "line", "sink_fault") >= 4,
+    await eventually(lambda: metric(gw.metrics.delivery_attempts, "line", "sink_fault") >= 4,
                      what="a second round of attempts")
     st = await gw.outbox.stats()
     assert st["dead_letters"] == 0 and st["events"] == 2
@@ -215,7 +214,7 @@ async def test_on_dead_letter_continue_lets_the_key_flow_on_and_park_holds_it(
         flowing = await gateways("sinks:\n" + _hold_sink(mosquitto.url).replace(
             "    routes:", "    on_dead_letter: continue\n    routes:"))
         await flowing.pipeline.submit([same_key("+"), same_key("K2")])
-        await wait_until(lambda: any(t.endswith("/K2/hold") for t, _ in everything.messages),
+        await eventually(lambda: any(t.endswith("/K2/hold") for t, _ in everything.messages),
                          what="the second hold")
         # one lane, one publish at a time: events go out in outbox order
         parking = await gateways("sinks:\n" + _hold_sink(mosquitto.url).replace(
@@ -227,7 +226,7 @@ async def test_on_dead_letter_continue_lets_the_key_flow_on_and_park_holds_it(
         # A hold of another lot, stored after K3: had K3 not been parked it would be
         # published first, so once this one is in, K3 would be too.
         await parking.pipeline.submit([_hold("M1")])
-        await wait_until(lambda: any(t.endswith("/M1/hold") for t, _ in everything.messages),
+        await eventually(lambda: any(t.endswith("/M1/hold") for t, _ in everything.messages),
                          what="the other lot's hold")
         assert not any(t.endswith("/K3/hold") for t, _ in everything.messages)
     finally:

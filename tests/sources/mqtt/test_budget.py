@@ -20,8 +20,8 @@ import orjson
 import pytest
 
 from edge.sim.erp import ErpReceiver
-from tests.fixtures.mosquitto import Broker, metric, start_publisher, wait_connected
-from tests.support import http_sink_yaml, mqtt_source_yaml
+from tests.fixtures.mosquitto import Broker, start_publisher, wait_connected
+from tests.support import http_sink_yaml, mqtt_source_yaml, sample
 
 pytestmark = pytest.mark.mqtt
 
@@ -45,10 +45,10 @@ async def test_a_small_budget_carries_a_long_stream_while_the_erp_is_up(
     assert await asyncio.to_thread(pub.wait_acked, 60), "broker did not confirm"
     await erp.wait_for(lambda r: r.accepted_count >= MESSAGES, 120)
     assert erp.accepted_count == MESSAGES  # every message once: repeats are events too
-    assert metric(gw, "edge_events_quarantined_total", source="line1",
+    assert sample(gw, "edge_events_quarantined_total", source="line1",
                   reason="invalid_data") == 0
-    assert metric(gw, "edge_outbox_backpressure") == 0
-    assert metric(gw, "edge_events_expired_total", **{"class": "low"}) == 0
+    assert sample(gw, "edge_outbox_backpressure") == 0
+    assert sample(gw, "edge_events_expired_total", **{"class": "low"}) == 0
     db = sqlite3.connect(Path(gw.config.state_dir) / "outbox.db")
     try:
         dedupe_rows = db.execute("SELECT COUNT(*) FROM dedupe").fetchone()[0]

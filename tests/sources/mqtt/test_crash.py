@@ -17,8 +17,8 @@ import pytest
 
 from edge.sim.erp import ErpReceiver
 from tests.fixtures.gateway_process import GatewayProcess
-from tests.fixtures.mosquitto import Broker, inspection, message_ids, start_publisher, wait_until
-from tests.support import http_sink_yaml, mqtt_source_yaml
+from tests.fixtures.mosquitto import Broker, inspection, message_ids, start_publisher
+from tests.support import eventually, http_sink_yaml, mqtt_source_yaml
 
 pytestmark = pytest.mark.mqtt
 
@@ -120,7 +120,8 @@ async def test_a_redelivery_after_a_crash_between_commit_and_puback_maps_to_the_
 
     gw2 = await gateways(body, state_dir=state)
     src = gw2.sources["line1"]
-    await wait_until(lambda: src.status()["acked"] == 13, 20, "the redelivered copies acked")
+    await eventually(lambda: src.status()["acked"] == 13, timeout=20,
+                     what="the redelivered copies acked")
     # nothing was stored again, so nothing can reach the ERP under a second id
     assert src.counts["duplicates"] == 13 and src.counts["stored"] == 0
     assert message_ids(erp.events) == before

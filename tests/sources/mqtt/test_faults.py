@@ -28,8 +28,8 @@ from edge.outbox import Outbox, queries
 from edge.pipeline import Pipeline
 from edge.sources.mqtt.source import MqttSource, _Inbound
 from edge.telemetry import Metrics
-from tests.fixtures.mosquitto import Broker, inspection, start_publisher, wait_until
-from tests.support import metric, mqtt_source_yaml
+from tests.fixtures.mosquitto import Broker, inspection, start_publisher
+from tests.support import eventually, metric, mqtt_source_yaml
 
 pytestmark = pytest.mark.mqtt
 
@@ -121,7 +121,7 @@ async def running_source(broker: Broker, state: Path, *, extra: str = "",
     acks = Acks(source, recorder)
     task = asyncio.create_task(source.run())
     try:
-        await wait_until(lambda: source.status()["connected"] or task.done(),
+        await eventually(lambda: source.status()["connected"] or task.done(),
                          what="the source to connect")
         yield source, recorder, acks, outbox
     finally:
@@ -179,7 +179,7 @@ async def test_storage_order_is_arrival_order_when_one_batch_fails(
                 await asyncio.sleep(0.02)
         assert await asyncio.to_thread(pub.wait_acked, 15)
         pub.stop()
-        await wait_until(lambda: source.counts["acked"] == len(ids), what="every message acked")
+        await eventually(lambda: source.counts["acked"] == len(ids), what="every message acked")
         assert failed, "the injected fault never fired"
         assert stored_message_ids(outbox) == ids  # arrival order, each once
         assert acks.acked == ids and not acks.early  # once each, after its commit
@@ -209,7 +209,7 @@ async def test_a_storage_fault_stops_acking_until_the_outbox_recovers(
         assert await asyncio.to_thread(pub.wait_acked, 15)  # the broker has them all
         pub.stop()
         errors = source.ctx.metrics.source_errors
-        await wait_until(lambda: metric(errors, "line1", "outbox_write") >= 3,
+        await eventually(lambda: metric(errors, "line1", "outbox_write") >= 3,
                          what="repeated write attempts")
         assert source.counts["received"] == 41
         assert acks.acked == [] and source.counts["acked"] == 0
@@ -219,7 +219,7 @@ async def test_a_storage_fault_stops_acking_until_the_outbox_recovers(
     # The process ends (here: the source stops) while the store is still broken. The
     # broker kept every message: the next run, with a healthy store, gets them again.
     async with running_source(mosquitto, state) as (source, ingest, acks, outbox):
-        await wait_until(lambda: source.counts["acked"] == 41, what="all stored and acked")
+        await eventually(lambda: source.counts["acked"] == 41, what="all stored and acked")
         assert stored_message_ids(outbox) == ids
         assert quarantine_count(outbox) == 1 and source.counts["quarantined"] == 1
         assert sorted(acks.acked) == sorted([*ids, "not json"]) and not acks.early
@@ -250,13 +250,13 @@ async def test_a_corrupt_page_inside_the_outbox_is_not_quarantined_and_acked(
             pub.publish(*inspection(i, lot="L1"), i)
         assert await asyncio.to_thread(pub.wait_acked, 15)
         pub.stop()
-        await wait_until(lambda: outbox.storage_fault is not None, what="the storage fault")
+        await eventually(lambda: outbox.storage_fault is not None, what="the storage fault")
         errors = source.ctx.metrics.source_errors
-        await wait_until(lambda: metric(errors, "line1", "outbox_write") >= 3,
+        await eventually(lambda: metric(errors, "line1", "outbox_write") >= 3,
                          what="several retries while the page stays unreadable")
         assert acks.acked == [] and quarantine_count(outbox) == 0
         corrupt["on"] = False
-        await wait_until(lambda: source.counts["acked"] == len(ids), timeout=40,
+        await eventually(lambda: source.counts["acked"] == len(ids), timeout=40,
                          what="every message stored and acked")
         assert stored_message_ids(outbox) == ids and quarantine_count(outbox) == 0
         assert acks.acked == ids and not acks.early
@@ -280,9 +280,9 @@ async def test_a_quarantine_record_that_cannot_be_written_is_neither_acked_nor_d
         pub.publish(*inspection("after"), "after")
         assert await asyncio.to_thread(pub.wait_acked, 15)
         pub.stop()
-        await wait_until(lambda: ingest.refused >= 1, what="a failed quarantine write")
+        await eventually(lambda: ingest.refused >= 1, what="a failed quarantine write")
         assert acks.acked == []  # neither the poison message nor the one behind it
-        await wait_until(lambda: source.counts["acked"] == 2, timeout=20,
+        await eventually(lambda: source.counts["acked"] == 2, timeout=20,
                          what="quarantined after the retries, then acked")
         assert ingest.refused == 3 and quarantine_count(outbox) == 1
         assert acks.acked == ["not json", "after"] and not acks.early
@@ -311,7 +311,7 @@ async def test_a_record_that_breaks_its_batch_is_quarantined_alone_in_order(
             pub.publish(*inspection(i, lot="L1"), i)
         assert await asyncio.to_thread(pub.wait_acked, 15)
         pub.stop()
-        await wait_until(lambda: source.counts["acked"] == 30, what="all acked")
+        await eventually(lambda: source.counts["acked"] == 30, what="all acked")
         assert stored_message_ids(outbox) == [i for i in ids if i != "b005"]
         assert source.counts["quarantined"] == 1 and quarantine_count(outbox) == 1
         assert acks.acked == ids and not acks.early

@@ -21,12 +21,10 @@ from tests.fixtures.mosquitto import (
     Broker,
     inspection,
     message_ids,
-    metric,
     start_publisher,
     wait_connected,
-    wait_until,
 )
-from tests.support import http_sink_yaml, mqtt_source_yaml
+from tests.support import eventually, http_sink_yaml, mqtt_source_yaml, sample
 
 pytestmark = pytest.mark.mqtt
 
@@ -70,11 +68,11 @@ async def test_end_to_end_every_confirmed_message_is_delivered_once(
                              "measured": 10.01, "message_id": "m0001", "line": "1",
                              "station": "st1"}
     src = gw.sources["line1"]
-    await wait_until(lambda: src.status()["acked"] == 300, what="all acked")
+    await eventually(lambda: src.status()["acked"] == 300, what="all acked")
     st = src.status()
     assert st["connected"] and st["unacked"] == 0 and st["protocol"] == protocol
     assert st["subscriptions"][0]["filter"] == "plant/test-site/line/+/station/+/inspection"
-    assert metric(gw, "edge_events_received_total", source="line1") == 300
+    assert sample(gw, "edge_events_received_total", source="line1") == 300
 
 
 async def test_per_lot_order_is_kept(mosquitto: Broker, erp: ErpReceiver,
@@ -118,11 +116,11 @@ async def test_poison_messages_are_quarantined_acked_and_the_session_keeps_flowi
     pub.stop()
     await delivered(erp, {f"g{i:03d}" for i in range(50)})
     src = gw.sources["line1"]
-    await wait_until(lambda: src.status()["acked"] == len(mixed), what="every message acked")
+    await eventually(lambda: src.status()["acked"] == len(mixed), what="every message acked")
 
     stats = await gw.outbox.stats()
     assert stats["quarantine"] == {"not_json": 4, "too_large": 1, "invalid_data": 4}
-    assert metric(gw, "edge_events_quarantined_total", source="line1", reason="not_json") == 4
+    assert sample(gw, "edge_events_quarantined_total", source="line1", reason="not_json") == 4
     assert gw.status["line1"].restarts == 0 and gw.status["line1"].state == "running"
     # one log line per (reason, topic) burst, not one per message
     lines = [r for r in caplog.records if r.getMessage() == "MQTT message quarantined and acked"]
@@ -165,7 +163,7 @@ async def test_a_topic_no_template_matches_is_quarantined(
         + "sinks:\n" + http_sink_yaml(erp.url)
     gw2 = await gateways(new, state_dir=tmp_path / "state")
     await delivered(erp, {"kept"})
-    await wait_until(lambda: gw2.sources["line1"].status()["quarantined"] == 1,
+    await eventually(lambda: gw2.sources["line1"].status()["quarantined"] == 1,
                      what="quarantine")
     assert (await gw2.outbox.stats())["quarantine"] == {"unmatched_topic": 1}
 
@@ -190,7 +188,7 @@ async def test_persistent_session_delivers_what_was_published_while_down(
     await delivered(erp, set(ids))
     assert gw2.sources["line1"].status()["session_present"] is True
     assert not any("session was not resumed" in r.getMessage() for r in caplog.records)
-    assert metric(gw2, "edge_source_gaps_total", source="line1") == 0
+    assert sample(gw2, "edge_source_gaps_total", source="line1") == 0
 
 
 async def test_a_lost_broker_session_is_reported_as_a_gap(
@@ -204,7 +202,7 @@ async def test_a_lost_broker_session_is_reported_as_a_gap(
     await asyncio.to_thread(broker.restart)  # no persistence: the session is gone
     gw2 = await gateways(body, state_dir=tmp_path / "state")
     await wait_connected(gw2)
-    await wait_until(lambda: metric(gw2, "edge_source_gaps_total", source="line1") == 1,
+    await eventually(lambda: sample(gw2, "edge_source_gaps_total", source="line1") == 1,
                      what="gap counted")
 
 
@@ -233,7 +231,7 @@ async def test_broker_restart_mid_stream_loses_nothing(
     assert all(len(v) == 1 for v in got.values()), "a message arrived under two event ids"
     src = gw.sources["line1"].status()
     assert src["reconnects"] >= 1 and src["connected"]
-    assert metric(gw, "edge_source_errors_total", source="line1", code="connection_lost") >= 1
+    assert sample(gw, "edge_source_errors_total", source="line1", code="connection_lost") >= 1
 
 
 async def test_wrong_password_is_a_clear_error_retried_with_backoff(
@@ -247,7 +245,7 @@ async def test_wrong_password_is_a_clear_error_retried_with_backoff(
     body = config(broker.url, erp, extra=auth.format("wrong"), reconnect_s=(0.2, 1.0))
     gw = await gateways(body, state_dir=tmp_path / "s1")
 
-    await wait_until(lambda: metric(gw, "edge_source_errors_total", source="line1",
+    await eventually(lambda: sample(gw, "edge_source_errors_total", source="line1",
                                     code="auth") >= 4, what="four refused attempts")
     refused = [r for r in caplog.records if "refused the connection" in r.getMessage()]
     # each attempt announces its delay: doubling from 0.2 s up to the 1 s cap, jittered
@@ -297,7 +295,7 @@ async def test_tls_verification_failure_is_clear_and_retried(
     pki = make_test_pki(tmp_path / "pki")
     broker = mosquitto_factory(tls=pki)
     gw = await gateways(config(broker.tls_url, erp, extra=f"tls: {{ca_file: {pki.rogue_ca}}}\n"))
-    await wait_until(lambda: metric(gw, "edge_source_errors_total", source="line1",
+    await eventually(lambda: sample(gw, "edge_source_errors_total", source="line1",
                                     code="tls_verify") >= 2, what="two TLS failures")
     msg = next(r.getMessage() for r in caplog.records if "TLS verification" in r.getMessage())
     assert any(reason in msg for reason in (
@@ -320,7 +318,7 @@ async def test_missing_secret_file_stops_the_source_not_the_gateway(
     gw = Gateway(cfg)
     try:
         await gw.start()
-        await wait_until(lambda: gw.status["line1"].state == "failed", what="source failed")
+        await eventually(lambda: gw.status["line1"].state == "failed", what="source failed")
         assert "cannot read secret file" in (gw.status["line1"].error or "")
         assert gw.ready.is_set() and gw.status["erp"].state == "running"
     finally:
@@ -345,14 +343,14 @@ async def test_outbox_full_stops_acking_and_resumes_without_loss(
             ids.append(i)
             pub.publish(*inspection(i, lot=f"L{i[-1]}", pad="x" * 600), i)
 
-    while metric(gw, "edge_outbox_backpressure") == 0:  # fill the outbox
+    while sample(gw, "edge_outbox_backpressure") == 0:  # fill the outbox
         send(100)
         await asyncio.sleep(0.05)
         assert len(ids) < 20_000, "the outbox never applied backpressure"
     send(300)  # these must stay on the broker, unacked
     assert await asyncio.to_thread(pub.wait_acked, 30)  # the broker has them all
     src = gw.sources["line1"]
-    await wait_until(lambda: src.status()["unacked"] > 0, what="messages held unacked")
+    await eventually(lambda: src.status()["unacked"] > 0, what="messages held unacked")
     held = src.status()
     assert 0 < held["unacked"] <= src.max_held  # bounded even if the broker over-sends
     assert held["acked"] < len(ids)
@@ -377,11 +375,11 @@ async def test_a_payload_repeated_on_purpose_is_stored_each_time(
     pub.stop()
     await erp.wait_for(lambda e: len(e.events) == 6)
     src = gw.sources["line1"]
-    await wait_until(lambda: src.status()["acked"] == 6, what="all acked")
+    await eventually(lambda: src.status()["acked"] == 6, what="all acked")
     assert len({e["id"] for e in erp.events}) == 6
     assert message_ids(erp.events)["same"] and len(message_ids(erp.events)["same"]) == 3
     assert src.counts["stored"] == 6 and src.counts["duplicates"] == 0
-    assert metric(gw, "edge_events_deduplicated_total", source="line1") == 0
+    assert sample(gw, "edge_events_deduplicated_total", source="line1") == 0
 
 
 async def test_a_configured_dedupe_key_matches_a_repeat_without_dup(
@@ -404,7 +402,7 @@ async def test_a_configured_dedupe_key_matches_a_repeat_without_dup(
     pub.stop()
     await delivered(erp, {"id1", "id2"})
     src = gw.sources["line1"]
-    await wait_until(lambda: src.status()["acked"] == 3, what="all acked")
+    await eventually(lambda: src.status()["acked"] == 3, what="all acked")
     assert src.counts["stored"] == 2 and src.counts["duplicates"] == 1
-    await wait_until(lambda: gw.forwarders["erp"].delivered == 2, what="both events delivered")
+    await eventually(lambda: gw.forwarders["erp"].delivered == 2, what="both events delivered")
     assert {k: len(v) for k, v in message_ids(erp.events).items()} == {"id1": 1, "id2": 1}
