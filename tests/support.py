@@ -17,9 +17,12 @@ import socket
 import subprocess
 import sys
 import textwrap
+import typing
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from pydantic import BaseModel
 
 from edge.components import Submission
 from edge.events import make_event
@@ -55,6 +58,28 @@ def sample(gw: Any, name: str, **labels: str) -> float:
     """A gateway metric by the name and labels ``/metrics`` shows
     (``sample(gw, "edge_source_gaps_total", source="line1")``); 0 before its first use."""
     return float(gw.metrics.registry.get_sample_value(name, labels) or 0.0)
+
+
+def config_models(root: type[BaseModel]) -> dict[str, type[BaseModel]]:
+    """``root`` and every config model reachable through its fields, by class name (for
+    the bundle tests that check a component's README documents every option)."""
+    found: dict[str, type[BaseModel]] = {}
+    pending: list[Any] = [root]
+    while pending:
+        tp = pending.pop()
+        if isinstance(tp, type) and issubclass(tp, BaseModel):
+            if tp.__name__ not in found:
+                found[tp.__name__] = tp
+                pending.extend(f.annotation for f in tp.model_fields.values())
+        else:
+            pending.extend(typing.get_args(tp))
+    return found
+
+
+def config_options(models: dict[str, type[BaseModel]]) -> list[tuple[str, str]]:
+    """(model name, option as written in YAML — the alias where there is one), sorted."""
+    return sorted({(name, field.alias or option) for name, model in models.items()
+                   for option, field in model.model_fields.items()})
 
 
 def _describe(check: Callable[[], Any]) -> str:

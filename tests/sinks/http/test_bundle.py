@@ -14,7 +14,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-from pydantic import BaseModel
 
 import edge.sinks.http
 from edge.components import OutcomeKind
@@ -22,6 +21,7 @@ from edge.config import deprecations, load_config_text
 from edge.sinks.http.auth import REFRESH_STATUSES
 from edge.sinks.http.config import HttpSinkConfig, OAuth2Auth
 from edge.sinks.http.request import RETRY_STATUSES, SINK_FAULT_4XX, judge_response
+from tests.support import config_models, config_options
 
 BUNDLE = Path(edge.sinks.http.__file__).parent
 README = (BUNDLE / "README.md").read_text()
@@ -33,24 +33,8 @@ DUPLICATE_STATUSES = HttpSinkConfig.model_fields["duplicate_statuses"].get_defau
 # ------------------------------------------------------------------ options
 
 
-def _models(model: type[BaseModel], found: dict[str, type[BaseModel]]) -> None:
-    """``model`` and every config model reachable through its fields (auth kinds, routes,
-    TLS, retry …), by name."""
-    found[model.__name__] = model
-    pending = [f.annotation for f in model.model_fields.values()]
-    while pending:
-        tp = pending.pop()
-        if isinstance(tp, type) and issubclass(tp, BaseModel):
-            if tp.__name__ not in found:
-                _models(tp, found)
-        else:
-            pending.extend(typing.get_args(tp))
-
-
-MODELS: dict[str, type[BaseModel]] = {}
-_models(HttpSinkConfig, MODELS)
-OPTIONS = sorted({(name, option) for name, model in MODELS.items()
-                  for option in model.model_fields})
+MODELS = config_models(HttpSinkConfig)
+OPTIONS = config_options(MODELS)
 
 
 def test_the_walk_reaches_every_nested_model():

@@ -13,34 +13,19 @@ import typing
 from pathlib import Path
 
 import pytest
-from pydantic import BaseModel
 
 import edge.sources.mqtt
 from edge.config import SourceConfigBase, deprecations, load_config_text
 from edge.sources.mqtt import MqttSourceConfig, SubscriptionConfig
+from tests.support import config_models, config_options
 
 BUNDLE = Path(edge.sources.mqtt.__file__).parent
 README = (BUNDLE / "README.md").read_text()
 ENV = {"CREDENTIALS_DIRECTORY": "/run/credentials/edge-gateway.service"}
 
 
-def _models(model: type[BaseModel], found: dict[str, type[BaseModel]]) -> None:
-    """``model`` and every config model reachable through its fields, by name."""
-    found[model.__name__] = model
-    pending = [f.annotation for f in model.model_fields.values()]
-    while pending:
-        tp = pending.pop()
-        if isinstance(tp, type) and issubclass(tp, BaseModel):
-            if tp.__name__ not in found:
-                _models(tp, found)
-        else:
-            pending.extend(typing.get_args(tp))
-
-
-MODELS: dict[str, type[BaseModel]] = {}
-_models(MqttSourceConfig, MODELS)
-OPTIONS = sorted({(name, field.alias or option) for name, model in MODELS.items()
-                  for option, field in model.model_fields.items()})
+MODELS = config_models(MqttSourceConfig)
+OPTIONS = config_options(MODELS)
 
 
 def test_the_walk_reaches_every_nested_model() -> None:

@@ -11,7 +11,6 @@ without documenting it, renamed, or given another default.
 from __future__ import annotations
 
 import re
-import typing
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ import edge.sources.opcua
 from edge.config import deprecations, load_config_text
 from edge.sources.opcua import OpcUaSourceConfig
 from edge.transforms.map import Mapper
+from tests.support import config_models
 
 BUNDLE = Path(edge.sources.opcua.__file__).parent
 README = (BUNDLE / "README.md").read_text()
@@ -42,21 +42,7 @@ SECTIONS: dict[str, list[str]] = {
 }
 
 
-def _models(model: type[BaseModel], found: dict[str, type[BaseModel]]) -> None:
-    """``model`` and every config model reachable through its fields, by name."""
-    found[model.__name__] = model
-    pending = [f.annotation for f in model.model_fields.values()]
-    while pending:
-        tp = pending.pop()
-        if isinstance(tp, type) and issubclass(tp, BaseModel):
-            if tp.__name__ not in found:
-                _models(tp, found)
-        else:
-            pending.extend(typing.get_args(tp))
-
-
-MODELS: dict[str, type[BaseModel]] = {}
-_models(OpcUaSourceConfig, MODELS)
+MODELS = config_models(OpcUaSourceConfig)
 
 
 def _options(model: type[BaseModel]) -> dict[str, Any]:
