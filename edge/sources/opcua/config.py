@@ -14,8 +14,8 @@ from urllib.parse import urlparse
 
 from pydantic import Field, field_validator, model_validator
 
-from edge.config import ConfigDir  # the one core name edge.plugin does not export
 from edge.plugin import (
+    ConfigDir,
     EventClass,
     MappingConfig,
     SecretFile,
