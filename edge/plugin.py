@@ -18,6 +18,10 @@ Contracts (the full text is in ``edge.components``):
 - A source commits through ``ctx.ingest.submit(...)`` and acknowledges upstream only after
   it returned (DESIGN invariant 1). ``OutboxFullError``: do not ack, ``await
   ctx.ingest.wait_accepting()`` and retry the same records.
+- A source that builds events itself (``make_event``) checks the data of a catalogue type
+  first: ``validate_data(type, data)`` returns the normalized data or raises
+  ``InputError("invalid_data", detail)`` — quarantine the record and ack it. ``Mapper``
+  does this for mapped payloads. ``CATALOGUE`` is the event catalogue (docs/events.md).
 - A sink's ``send(events)`` returns one ``Outcome`` per event, in order, and never raises for
   one event's failure; ``send_in_key_order`` keeps per-key order (invariant 4).
 
@@ -58,6 +62,7 @@ from edge.errors import (
     RetryableStartupError,
 )
 from edge.events import Event, EventClass, make_event
+from edge.events.catalogue import CATALOGUE, validate_data
 from edge.registry import ComponentType
 from edge.retry import parse_retry_after
 from edge.telemetry import Metrics, log_event
@@ -72,6 +77,7 @@ from edge.transforms.map import (
 
 __all__ = [
     "__version__",
+    "CATALOGUE",
     "ComponentContext",
     "ComponentType",
     "ConfigDir",
@@ -111,4 +117,5 @@ __all__ = [
     "render_template",
     "send_in_key_order",
     "template_fields",
+    "validate_data",
 ]

@@ -25,7 +25,11 @@ def register(sub: Any) -> None:
                    help="do not require *_file paths to exist (checking on another machine)")
     p.set_defaults(handler=cmd_check_config)
 
-    p = sub.add_parser("print-schema", help="print the config JSON Schema")
+    p = sub.add_parser("print-schema", help="print the config JSON Schema (--events: the "
+                       "JSON Schemas of the event catalogue's types)")
+    p.add_argument("--events", action="store_true",
+                   help="print the data schema of every catalogue event type, as one JSON "
+                   "object keyed by type (docs/events.md), instead of the config schema")
     p.set_defaults(handler=cmd_print_schema)
 
     p = sub.add_parser("components", help="list the source and sink types this installation "
@@ -80,6 +84,12 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_print_schema(args: argparse.Namespace) -> int:
+    if args.events:
+        from edge.events.catalogue import json_schemas
+
+        json.dump(json_schemas(), sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return 0
     from edge.config import json_schema
 
     json.dump(json_schema(), sys.stdout, indent=2)

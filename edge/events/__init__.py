@@ -9,6 +9,11 @@ Contract:
   and dead-letters on a mismatch.
 - ``event_class`` orders delivery: critical > high > normal > low. ``low`` is the only class
   the outbox may expire under disk pressure.
+- ``schema_version`` is the version of the type's data model in the catalogue
+  (``edge.events.catalogue``) when the event was made; 1 for types outside it.
+
+The catalogue of event types (data models, default class and ordering key per type) is
+``edge.events.catalogue``; ``docs/events.md`` documents it.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from typing import Any
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from edge.events import catalogue
 from edge.timefmt import iso_z
 
 __all__ = [
@@ -31,6 +37,7 @@ __all__ = [
     "Event",
     "EventClass",
     "canonical_json",
+    "default_class",
     "default_ordering_key",
     "make_event",
     "payload_sha256",
@@ -59,17 +66,17 @@ class EventClass(IntEnum):
             raise ValueError(f"must be one of {allowed}, got {value!r}") from None
 
 
-# Default class for the canonical event types; anything else is `normal` unless configured.
+# Default class of the catalogue's types (plus machine.state, a telemetry type without a
+# data model); anything else is `normal` unless configured.
 DEFAULT_CLASS_BY_TYPE: dict[str, EventClass] = {
-    "quality.hold": EventClass.critical,
-    "quality.release": EventClass.critical,
-    "nonconformance": EventClass.critical,
-    "lot.status": EventClass.critical,
-    "inspection.result": EventClass.high,
-    "production.count": EventClass.normal,
-    "machine.reading": EventClass.low,
+    **{t: EventClass[s.event_class] for t, s in catalogue.CATALOGUE.items()},
     "machine.state": EventClass.low,
 }
+
+
+def default_class(event_type: str) -> EventClass:
+    """The class an event of ``event_type`` gets when its source configures none."""
+    return DEFAULT_CLASS_BY_TYPE.get(event_type, EventClass.normal)
 
 
 # Not a security token: uniqueness comes from time + counter + 62 random bits. The module
@@ -201,12 +208,12 @@ def _iso(ts: datetime | None) -> str | None:
     return iso_z(ts) if ts is not None else None
 
 
-def default_ordering_key(data: dict[str, Any]) -> str | None:
-    """``lot:{lot_id}`` for an event about a lot, else None (no ordering constraint)."""
-    lot = data.get("lot_id")
-    if lot is None or isinstance(lot, (dict, list)) or lot == "":
-        return None
-    return f"lot:{lot}"
+def default_ordering_key(data: dict[str, Any], type: str | None = None) -> str | None:
+    """The ordering key of an event whose source configures none: the catalogue's key of
+    ``type`` (``lot:{lot_id}`` for the lot-scoped types, ``supplier:{supplier}`` for a CAPA
+    request, none for machine readings); for a type outside the catalogue (or no type)
+    ``lot:{lot_id}`` when ``data`` has a lot, else None (no ordering constraint)."""
+    return catalogue.default_ordering_key(type, data)
 
 
 def make_event(
@@ -224,12 +231,19 @@ def make_event(
     """Build an event at ingest: new UUIDv7 id, received timestamp, payload hash.
 
     ``correlation_id`` defaults to the event id (the start of a new chain).
-    ``ordering_key`` defaults to ``lot:{lot_id}`` when ``data`` has a ``lot_id`` (DESIGN
-    invariant 4): a lot's events stay in order per sink whatever the source configured,
-    and it is the key the rules give the events they derive for the lot.
+    ``ordering_key`` defaults to the catalogue's key of the type (``default_ordering_key``:
+    ``lot:{lot_id}`` for an event about a lot, DESIGN invariant 4): a lot's events stay in
+    order per sink whatever the source configured, and it is the key the rules give the
+    events they derive for the lot. ``event_class`` defaults to the type's (``default_class``).
+
+    ``data`` is not checked here: sources that map payloads check it against the catalogue
+    in ``edge.transforms.map.Mapper`` (``edge.events.catalogue.validate_data``), and a
+    source that builds events itself calls ``validate_data`` first.
     """
+    spec = catalogue.CATALOGUE.get(type)
     if ordering_key is None:
-        ordering_key = default_ordering_key(data)
+        ordering_key = (spec.ordering_key_for(data) if spec is not None
+                        else catalogue.default_ordering_key(None, data))
     event_id = uuid7()
     cls = (
         EventClass.parse(event_class)
@@ -239,7 +253,7 @@ def make_event(
     return _construct(
         id=event_id,
         type=type,
-        schema_version=1,
+        schema_version=spec.schema_version if spec is not None else 1,
         site=site,
         source=source,
         source_ts=source_ts,

@@ -3,7 +3,10 @@
 Used by every source that maps payload fields (MQTT subscriptions, OPC UA triggers, files).
 The mapping is validated at config load; at run time a record that cannot be mapped raises
 ``InputError`` with a bounded reason code (``missing_field``, ``invalid_data``,
-``not_an_object``) — the source quarantines it and acks.
+``not_an_object``) — the source quarantines it and acks. The data of an event of a
+catalogue type (``edge.events.catalogue``, docs/events.md) is checked against its model
+here, so every source that maps gets the check: a violation is ``invalid_data`` with a
+detail naming the field. Types outside the catalogue are not checked.
 
 Config fragment (``MappingConfig``)::
 
@@ -32,7 +35,7 @@ from pydantic import Field, field_validator
 from edge.config import StrictModel
 from edge.errors import InputError
 from edge.events import Event, EventClass, make_event
-from edge.transforms.schemas import validate_data
+from edge.events.catalogue import validate_data
 
 __all__ = ["Mapper", "MappingConfig", "get_path", "render_template", "template_fields"]
 
