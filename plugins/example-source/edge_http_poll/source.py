@@ -14,10 +14,12 @@ import httpx
 from edge.plugin import (
     ComponentContext,
     FatalStartupError,
+    InputError,
     OutboxFullError,
     Submission,
     log_event,
     make_event,
+    validate_data,
 )
 from edge_http_poll import HttpPollConfig
 
@@ -69,11 +71,20 @@ class HttpPollSource:
         return records[: self.config.max_records]
 
     async def _store(self, records: list[dict[str, Any]]) -> None:
-        """Commit the records; returns only once they are stored."""
-        items = [Submission(make_event(type=self.config.event, site=self.ctx.site,
-                                       source=self.id, data=record),
-                            dedupe_key=str(record[self.config.id_field]))
-                 for record in records]
+        """Commit the records; returns only once they are stored. A record that breaks the
+        catalogue model of its event type is quarantined (kept with the reason) instead."""
+        items = []
+        for record in records:
+            try:
+                data = validate_data(self.config.event, record)
+            except InputError as err:
+                await self._quarantine(record, err)
+                continue
+            items.append(Submission(make_event(type=self.config.event, site=self.ctx.site,
+                                               source=self.id, data=data),
+                                    dedupe_key=str(record[self.config.id_field])))
+        if not items:
+            return
         while True:
             try:
                 await self.ingest.submit(items, chain=self.id)
@@ -85,6 +96,16 @@ class HttpPollSource:
                 self.ctx.set_condition("backpressure", None, "warning")
             # Any other OutboxError escapes: the gateway restarts the source with backoff,
             # and the cursor has not moved.
+
+    async def _quarantine(self, record: dict[str, Any], err: InputError) -> None:
+        raw = json.dumps(record, default=str).encode()
+        meta = {"id": record.get(self.config.id_field), "url": self.config.url}
+        while True:
+            try:
+                await self.ingest.quarantine(self.id, err.reason, raw, meta, err.detail)
+                return
+            except OutboxFullError:
+                await self.ingest.wait_accepting()
 
     def _problem(self, code: str, message: str) -> None:
         self.ctx.set_connected(False)
