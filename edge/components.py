@@ -170,6 +170,10 @@ class Outcome:
     retry_after_s: float | None = None
 
     attempted: bool = True
+    # Not attempted, and not to be offered again for this many seconds (scheduled
+    # delivery): the forwarder records it as the row's next send time, counts no attempt,
+    # and the row's key waits behind it like behind any unsent event.
+    defer_s: float | None = None
 
     @classmethod
     def delivered(cls, status: int | None = None) -> Outcome:
@@ -205,6 +209,13 @@ class Outcome:
                       ) -> Outcome:
         """Skipped to keep per-key order: back to the queue, attempts unchanged."""
         return cls(OutcomeKind.retry, None, reason, attempted=False)
+
+    @classmethod
+    def deferred(cls, reason: str, defer_s: float) -> Outcome:
+        """Held back on purpose (e.g. a route that sends once per period): back to the
+        queue until ``defer_s`` seconds from now, attempts unchanged, no alarm, no audit."""
+        return cls(OutcomeKind.retry, None, reason, attempted=False,
+                   defer_s=max(0.0, defer_s))
 
     @classmethod
     def unrouted(cls, reason: str) -> Outcome:

@@ -11,7 +11,12 @@ Contract:
   dead-letter table; ``retry`` keeps it with capped exponential backoff and full jitter,
   never earlier than the receiver's ``Retry-After`` (which also pauses the whole sink that
   long), and ``retry.max_attempts`` (optional) turns the last retry into a dead letter;
-  ``unrouted`` keeps it and looks again ``UNROUTED_RECHECK_S`` later.
+  ``unrouted`` keeps it and looks again ``UNROUTED_RECHECK_S`` later. A not-attempted
+  outcome with ``defer_s`` (``Outcome.deferred``: a route that sends once per period)
+  keeps the row until then: recorded as its ``next_at`` in the same transaction, no
+  attempt counted, no audit row, nothing for the breaker, the storm guard or the alarms;
+  the lease scan then passes the row (and holds its key) until it is due, so it is not
+  leased over and over.
   ``sink_fault`` (the receiver, not the event, is at fault: 3xx, 401/403, an unlisted
   status) keeps the row like a retry but never turns it into a dead letter; it raises an
   alarm (``status()["alarm"]``, code ``auth`` for 401/403, else ``sink_fault``, cleared by
@@ -558,6 +563,8 @@ class Forwarder:
                 delay = backoff_s(attempts, retry.initial_backoff_s, retry.max_backoff_s)
                 delay = max(delay, o.retry_after_s or 0.0)
                 r.next_at = self.clock() + delay
+            elif o.defer_s is not None:  # held back on purpose: scheduled delivery
+                r.next_at = self.clock() + o.defer_s
             else:
                 r.next_at = 0.0
         elif o.kind is OutcomeKind.unrouted:
