@@ -10,16 +10,22 @@ Auth (discriminated on ``type``):
 - ``bearer``    ``Authorization: Bearer`` from ``token_file``
 - ``oauth2_client_credentials``   token from ``token_url`` cached until ``expires_in`` minus
   ``expiry_skew_s``, fetched under a lock (one fetch for many concurrent requests).
+
+Routes may govern their payload (``schema_file``, ``api_version``; see ``contract``) and
+choose their delivery mode: ``realtime`` (default) or ``{scheduled: {every_s: N}}``.
 """
 
 from __future__ import annotations
 
+import datetime as dt
+import re
 import string
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import parse_qsl, urlsplit
 
-from pydantic import Field, ValidationInfo, field_validator, model_validator
+from pydantic import AfterValidator, Field, ValidationInfo, field_validator, model_validator
 
 from edge.plugin import (
     SecretFile,
@@ -39,6 +45,8 @@ __all__ = [
     "NoAuth",
     "OAuth2Auth",
     "RouteConfig",
+    "ScheduledDelivery",
+    "SchedulePeriod",
     "check_headers",
     "check_http_url",
     "check_url",
@@ -130,6 +138,55 @@ AuthConfig = Annotated[
 
 _TEMPLATE_ROOTS = {"id", "type", "site", "source", "ordering_key", "class", "correlation_id",
                    "data"}
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # an HTTP header name (RFC 9110 token)
+
+
+def _schema_file(value: str, info: ValidationInfo) -> str:
+    """Resolve against the config file's folder; unless validated with
+    ``check_files=False``, the file must be a valid JSON Schema (``contract.load_schema``)."""
+    ctx = info.context or {}
+    path = Path(value)
+    base = ctx.get("base_dir")
+    if not path.is_absolute() and base is not None:
+        path = Path(base) / path
+    if ctx.get("check_files", True):
+        from edge.sinks.http.contract import load_schema  # jsonschema only when used
+
+        load_schema(path)  # SchemaFileError is a ValueError: a located config error
+    return str(path)
+
+
+SchemaFile = Annotated[str, AfterValidator(_schema_file)]
+
+
+class SchedulePeriod(StrictModel):
+    every_s: float = Field(
+        ge=1, le=86_400,
+        description="the period: events wait and are sent together at every multiple of "
+                    "it since the Unix epoch (UTC), e.g. 900 = :00, :15, :30, :45")
+
+
+class ScheduledDelivery(StrictModel):
+    scheduled: SchedulePeriod
+
+    def due_at(self, received_at: float) -> float:
+        """The end of the period ``received_at`` falls in: when the event is sent."""
+        every = self.scheduled.every_s
+        return (received_at // every + 1) * every
+
+
+def _delivery(v: Any) -> Any:
+    if v is None or v == "realtime":
+        return "realtime"
+    if v == "scheduled":
+        raise ValueError("a scheduled route needs its period: "
+                         "delivery: {scheduled: {every_s: 900}}")
+    if isinstance(v, dict):
+        if set(v) != {"scheduled"}:
+            raise ValueError(f"must be realtime or {{scheduled: {{every_s: N}}}}, got keys "
+                             f"{', '.join(map(str, v))}")
+        return ScheduledDelivery.model_validate({"scheduled": v["scheduled"]})
+    raise ValueError(f"must be realtime or {{scheduled: {{every_s: N}}}}, got {v!r}")
 
 
 class RouteConfig(StrictModel):
@@ -146,6 +203,37 @@ class RouteConfig(StrictModel):
         "envelope", description="send the whole canonical envelope or only its data"
     )
     headers: dict[str, str] = Field(default_factory=dict)
+    schema_file: SchemaFile | None = Field(
+        None, description="JSON Schema (draft 2020-12) every body of the route must satisfy")
+    api_version: str | None = Field(None, description="sent in api_version_header")
+    api_version_header: str = "Api-Version"
+    delivery: Literal["realtime"] | ScheduledDelivery = Field(
+        "realtime", description="realtime, or {scheduled: {every_s: N}}: sent in batches once "
+                                "per period")
+
+    @field_validator("delivery", mode="before")
+    @classmethod
+    def _delivery(cls, v: Any) -> Any:
+        return _delivery(v)
+
+    @field_validator("api_version", mode="before")
+    @classmethod
+    def _api_version(cls, v: Any) -> Any:
+        if isinstance(v, (int, float, dt.date)) and not isinstance(v, bool):
+            v = v.isoformat() if isinstance(v, dt.date) else str(v)  # YAML read it as such
+        if isinstance(v, str) and (not v.strip() or not v.isprintable()):
+            raise ValueError(f"must be a non-empty printable value, got {v!r}")
+        return v
+
+    @field_validator("api_version_header")
+    @classmethod
+    def _api_version_header(cls, v: str) -> str:
+        if not _TOKEN.fullmatch(v):
+            raise ValueError(f"must be a header name, got {v!r}")
+        _check_headers({v: ""})
+        if v.lower() in ("content-type", "content-length", "host", "user-agent"):
+            raise ValueError(f"{v}: set by the gateway on every request; choose another name")
+        return v
 
     @field_validator("method", mode="before")
     @classmethod
@@ -192,6 +280,20 @@ class RouteConfig(StrictModel):
             raise ValueError("a batched route (max_batch > 1) needs a path without data fields")
         return self
 
+    @model_validator(mode="after")
+    def _api_version_set(self) -> RouteConfig:
+        if self.api_version is None:
+            if "api_version_header" in self.model_fields_set:
+                raise ValueError("api_version_header names the header of api_version; "
+                                 "set api_version too")
+            return self
+        name = self.api_version_header.lower()
+        for header in self.headers:
+            if header.lower() == name:
+                raise ValueError(f"headers.{header}: the route's api_version sets this "
+                                 "header; keep one of them")
+        return self
+
     def matches(self, event_type: str) -> bool:
         return event_matches(self.events, event_type)
 
@@ -223,6 +325,16 @@ class HttpSinkConfig(SinkConfigBase):
     def _headers(cls, v: dict[str, str]) -> dict[str, str]:
         _check_headers(v)
         return v
+
+    @model_validator(mode="after")
+    def _api_version_headers(self) -> HttpSinkConfig:
+        names = {h.lower(): h for h in self.headers}
+        for i, route in enumerate(self.routes):
+            if route.api_version is not None and route.api_version_header.lower() in names:
+                raise ValueError(f"headers.{names[route.api_version_header.lower()]}: "
+                                 f"routes[{i}] sets this header from its api_version; keep "
+                                 "one of them")
+        return self
 
 
 def _check_headers(headers: dict[str, str]) -> None:

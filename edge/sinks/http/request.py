@@ -9,9 +9,18 @@ What it carries (DESIGN invariant 3):
   their ids (``batch-…``), the same on every attempt of the same events;
 - ``X-Correlation-ID`` and a W3C ``traceparent`` whose trace id is the correlation id.
 
+- the route's ``api_version`` in its ``api_version_header`` (default ``Api-Version``).
+
 What its answer means: ``judge_response`` and ``judge_error`` implement the response
 policy table in ``edge/sinks/http/README.md``; ``should_split`` says when a
 refused batch is split to find the events the receiver judged.
+
+The answer's body (``read_body``): kept whole up to ``MAX_ERROR_BODY`` characters — the
+dead-letter table's bound, so what the receiver said about a refused event reaches the
+operator as it was. A longer body is cut and ends with a note of how long it was; the
+sink never reads more than ``MAX_READ_BYTES`` of an answer (a receiver cannot fill the
+gateway's memory), and an answer longer than that is not read to its end (the connection
+is closed instead of reused).
 """
 
 from __future__ import annotations
@@ -36,18 +45,24 @@ if TYPE_CHECKING:
 
 __all__ = [
     "MAX_ERROR_BODY",
+    "MAX_READ_BYTES",
     "RETRY_STATUSES",
     "SINK_FAULT_4XX",
     "idempotency_key",
     "judge_error",
     "judge_response",
+    "read_body",
     "request_body",
     "request_headers",
     "retry_after_s",
     "should_split",
 ]
 
+# Characters of an answer's body kept with a dead letter or an error: what the outbox's
+# dead-letter table keeps (edge.outbox.queries.MAX_BODY_CHARS).
 MAX_ERROR_BODY = 65_536
+# Bytes of an answer the sink reads at most: room for MAX_ERROR_BODY characters of UTF-8.
+MAX_READ_BYTES = 4 * MAX_ERROR_BODY
 RETRY_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
 # 4xx answers about the request's form or channel, which the route's config or a proxy
 # decides for every event alike: the sink is at fault, not the event.
@@ -81,13 +96,43 @@ def idempotency_key(events: Sequence[StoredEvent]) -> str:
 
 def request_headers(route: RouteConfig, events: Sequence[StoredEvent]) -> dict[str, str]:
     first = events[0]
-    return {
-        "Content-Type": "application/json",
-        **route.headers,
+    headers = {"Content-Type": "application/json", **route.headers}
+    if route.api_version is not None:
+        headers[route.api_version_header] = route.api_version
+    headers.update({
         "Idempotency-Key": idempotency_key(events),
         "X-Correlation-ID": first.correlation_id,
         "traceparent": _traceparent(first.correlation_id),
-    }
+    })
+    return headers
+
+
+async def read_body(resp: httpx.Response) -> str:
+    """The body of a streamed answer as text, at most ``MAX_ERROR_BODY`` characters (see
+    the module docstring). A 2xx body is read to its end (so the connection is reused) and
+    dropped: it says nothing the gateway keeps."""
+    kept = bytearray()
+    total = 0
+    complete = True
+    success = resp.is_success
+    async for chunk in resp.aiter_raw() if success else resp.aiter_bytes():
+        total += len(chunk)
+        if not success:
+            kept += chunk[:MAX_READ_BYTES - len(kept)]
+        if total > MAX_READ_BYTES:
+            complete = False
+            break
+    if success:
+        return ""
+    text = bytes(kept).decode(resp.encoding or "utf-8", errors="replace")
+    if complete and len(text) <= MAX_ERROR_BODY:
+        return text
+    length = resp.headers.get("Content-Length", "")
+    size = (f"{length} bytes" if length.isdigit() else
+            f"{total} bytes" if complete else f"more than {MAX_READ_BYTES} bytes")
+    note = "\n[cut by the gateway: the answer had {size}; its first {kept} bytes are above]"
+    head = text[:MAX_ERROR_BODY - len(note.format(size=size, kept=MAX_READ_BYTES))]
+    return head + note.format(size=size, kept=len(head.encode("utf-8", errors="replace")))
 
 
 def _traceparent(correlation_id: str) -> str:
@@ -97,8 +142,10 @@ def _traceparent(correlation_id: str) -> str:
     return f"00-{trace}-{random.getrandbits(64):016x}-01"
 
 
-def judge_response(resp: httpx.Response, duplicate_statuses: Collection[int]) -> Outcome:
-    """The receiver's answer → one Outcome for every event of the request.
+def judge_response(resp: httpx.Response, duplicate_statuses: Collection[int],
+                   body: str | None = None) -> Outcome:
+    """The receiver's answer → one Outcome for every event of the request. ``body``: the
+    answer's text as ``read_body`` kept it (default: the read response's own text).
 
     A duplicate or dead-letter status on a batch of several is not final: ``should_split``.
     """
@@ -107,7 +154,8 @@ def judge_response(resp: httpx.Response, duplicate_statuses: Collection[int]) ->
         return Outcome.delivered(status)
     if status in duplicate_statuses:
         return Outcome.duplicate(status)
-    body = resp.text[:MAX_ERROR_BODY]
+    if body is None:
+        body = resp.text[:MAX_ERROR_BODY]
     what = f"HTTP {status} {resp.reason_phrase}".strip()
     retry_after = retry_after_s(resp)
     if status in RETRY_STATUSES:

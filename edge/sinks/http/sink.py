@@ -6,14 +6,17 @@ See ``README.md`` beside this file for the response policy and the send contract
 from __future__ import annotations
 
 import asyncio
+import time
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
 import httpx
 
 from edge.plugin import (
     ComponentContext,
+    ConfigError,
     InputError,
     Outcome,
     StoredEvent,
@@ -24,14 +27,17 @@ from edge.plugin import (
     send_in_key_order,
 )
 from edge.sinks.http.auth import build_auth
-from edge.sinks.http.config import HttpSinkConfig, RouteConfig
+from edge.sinks.http.config import HttpSinkConfig, RouteConfig, ScheduledDelivery
+from edge.sinks.http.contract import PayloadSchema, SchemaFileError, load_schema
 from edge.sinks.http.request import (
     judge_error,
     judge_response,
+    read_body,
     request_body,
     request_headers,
     should_split,
 )
+from edge.timefmt import iso_z
 
 __all__ = ["HttpSink"]
 
@@ -52,6 +58,7 @@ class HttpSink:
         self._client: httpx.AsyncClient | None = None
         self._stopping = False
         self._user_agent = f"edge-gateway/{__version__} ({ctx.site})"
+        self._schemas: dict[int, PayloadSchema] = {}  # by id() of the route
 
     def accepts(self, event_type: str) -> bool:
         return any(r.matches(event_type) for r in self.config.routes)
@@ -61,6 +68,14 @@ class HttpSink:
 
     async def start(self) -> None:
         cfg = self.config
+        for i, route in enumerate(cfg.routes):
+            if route.schema_file is None:
+                continue
+            try:
+                self._schemas[id(route)] = load_schema(route.schema_file)
+            except SchemaFileError as err:
+                raise ConfigError(str(err), location=f"sinks[{cfg.id}].routes[{i}].schema_file"
+                                  ) from err
         verify = client_context(cfg.tls, f"sink {cfg.id!r}")
         self._client = httpx.AsyncClient(
             base_url=cfg.url,
@@ -111,6 +126,7 @@ class HttpSink:
         batch stays one request.
         """
         plan = _Plan()
+        now = time.time()  # scheduled routes: periods are on the wall clock, like received_at
         blocked: set[str] = set()  # keys with an event decided undeliverable here
         newest: dict[str, int] = {}  # key → index of the newest request carrying it
         open_batches: dict[tuple[int, str, int], int] = {}  # (route, path, group) → index
@@ -122,7 +138,7 @@ class HttpSink:
             if key is not None and key in blocked:
                 plan.outcomes[ev.seq] = Outcome.not_attempted()
                 continue
-            target = self._target(ev)
+            target = self._target(ev, now)
             if isinstance(target, Outcome):
                 plan.outcomes[ev.seq] = target
                 if key is not None and blocks_key(target, self.dead_letter_blocks):
@@ -151,8 +167,10 @@ class HttpSink:
                 newest[key] = index
         return plan
 
-    def _target(self, ev: StoredEvent) -> tuple[RouteConfig, str] | Outcome:
-        """The route and rendered path of ``ev``, or the Outcome that keeps it unsent."""
+    def _target(self, ev: StoredEvent, now: float) -> tuple[RouteConfig, str] | Outcome:
+        """The route and rendered path of ``ev``, or the Outcome that keeps it unsent: no
+        route, an unsafe path value or a body its route's schema refuses (dead letters),
+        or a scheduled route's period that has not ended (deferred until it ends)."""
         route = self.route_for(ev.type)
         if route is None:
             return Outcome.unrouted(f"no route of sink {self.id} matches {ev.type}")
@@ -160,6 +178,19 @@ class HttpSink:
             path = render_template(route.path, {**ev.doc, "data": ev.data}, path_segment=True)
         except InputError as err:
             return Outcome.dead_letter(f"unsafe path value: {err.detail}")
+        schema = self._schemas.get(id(route))
+        if schema is not None:
+            refused = _check_contract(schema, route, ev)
+            if refused is not None:
+                return refused
+        # checked at first sight too: a body the schema refuses is a dead letter at once,
+        # not a period later. An event without a storage time (never stored) is due.
+        if isinstance(route.delivery, ScheduledDelivery) and ev.received_at:
+            due = route.delivery.due_at(ev.received_at)
+            if due > now:
+                when = iso_z(datetime.fromtimestamp(due, UTC))  # 2026-11-30T08:15:00Z
+                return Outcome.deferred(f"scheduled delivery: sent with the batch at {when}",
+                                        due - now)
         return route, path
 
     async def _send_split(self, route: RouteConfig, path: str, events: list[StoredEvent]
@@ -185,15 +216,33 @@ class HttpSink:
     async def _request(self, route: RouteConfig, path: str, events: list[StoredEvent]
                        ) -> Outcome:
         assert self._client is not None, "sink not started"
+        request = self._client.build_request(route.method, path,
+                                             content=request_body(route, events),
+                                             headers=request_headers(route, events))
         try:
             # httpx bounds each phase (connect, pool, every read); this bounds the whole
             # request, so a receiver that trickles its answer cannot hold a lane
             async with asyncio.timeout(self.config.timeout_s):
-                resp = await self._client.request(
-                    route.method, path, content=request_body(route, events),
-                    headers=request_headers(route, events),
-                )
+                resp = await self._client.send(request, stream=True)
+                try:
+                    body = await read_body(resp)  # bounded: a receiver cannot fill memory
+                finally:
+                    await resp.aclose()
         except (httpx.HTTPError, OSError) as err:  # OSError includes TimeoutError
             return judge_error(err)
-        return judge_response(resp, self.config.duplicate_statuses)
+        return judge_response(resp, self.config.duplicate_statuses, body)
+
+
+def _check_contract(schema: PayloadSchema, route: RouteConfig, ev: StoredEvent
+                    ) -> Outcome | None:
+    """None when the body ``ev`` would be sent with satisfies the route's schema; else a
+    dead letter with the schema error, or a sink fault when the schema cannot be applied
+    (the route's config, not the event, is at fault: every row is kept)."""
+    body = ev.data if route.body == "data" else ev.doc
+    try:
+        reason = schema.violation(body)
+    except Exception as err:  # noqa: BLE001 - e.g. a $ref inside a nested resource
+        return Outcome.sink_fault(f"schema {schema.name} cannot be applied: "
+                                  f"{type(err).__name__}: {err}"[:500])
+    return None if reason is None else Outcome.dead_letter(reason)
 

@@ -27,10 +27,11 @@ __all__ = ["OK", "RawReceiver", "event", "open_sink", "stored"]
 
 @asynccontextmanager
 async def open_sink(url: str, *, routes: str | None = None, max_batch: int = 1,
-                    extra: str = "", base_dir: Path | None = None) -> AsyncIterator[HttpSink]:
+                    extra: str = "", base_dir: Path | None = None, check_files: bool = True
+                    ) -> AsyncIterator[HttpSink]:
     """A started ``HttpSink`` built from a config block through the config loader."""
     text = "site: test-site\n" + sink_yaml(url, max_batch=max_batch, routes=routes, extra=extra)
-    cfg = load_config_text(text, base_dir=base_dir)
+    cfg = load_config_text(text, base_dir=base_dir, check_files=check_files)
     sink = HttpSink(cfg.sinks[0], ComponentContext(site="test-site", state_dir=".",
                                                    metrics=Metrics()))
     await sink.start()
