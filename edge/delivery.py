@@ -3,6 +3,9 @@
 - ``send_in_key_order``  send requests concurrently, keys in parallel, one key in order
 - ``blocks_key``         whether an outcome holds the later events of its key
 - ``event_matches``      the event-type patterns of routes: ``*``, an exact type, ``a.*``
+- ``DeliveryMode``       a route's ``delivery``: ``realtime`` or ``{scheduled: {every_s: N}}``;
+  ``held_back(mode, event, now)`` is the ``Outcome.deferred`` of an event whose period has
+  not ended (the forwarder keeps it queued until then, no attempt counted)
 
 Public through ``edge.plugin``.
 """
@@ -11,10 +14,73 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Iterable, Sequence
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import BeforeValidator, Field
 
 from edge.components import Outcome, OutcomeKind, StoredEvent
+from edge.config import StrictModel
+from edge.timefmt import iso_z
 
-__all__ = ["SendRequest", "blocks_key", "event_matches", "send_in_key_order"]
+__all__ = [
+    "DeliveryMode",
+    "SchedulePeriod",
+    "ScheduledDelivery",
+    "SendRequest",
+    "blocks_key",
+    "event_matches",
+    "held_back",
+    "send_in_key_order",
+]
+
+
+class SchedulePeriod(StrictModel):
+    every_s: float = Field(
+        ge=1, le=86_400,
+        description="the period: events wait and are sent together at every multiple of "
+                    "it since the Unix epoch (UTC), e.g. 900 = :00, :15, :30, :45")
+
+
+class ScheduledDelivery(StrictModel):
+    scheduled: SchedulePeriod
+
+    def due_at(self, received_at: float) -> float:
+        """The end of the period ``received_at`` falls in: when the event is sent."""
+        every = self.scheduled.every_s
+        return (received_at // every + 1) * every
+
+
+def _parse_mode(v: Any) -> Any:
+    if v is None or v == "realtime":
+        return "realtime"
+    if v == "scheduled":
+        raise ValueError("a scheduled route needs its period: "
+                         "delivery: {scheduled: {every_s: 900}}")
+    if isinstance(v, dict):
+        if set(v) != {"scheduled"}:
+            raise ValueError(f"must be realtime or {{scheduled: {{every_s: N}}}}, got keys "
+                             f"{', '.join(map(str, v))}")
+        return ScheduledDelivery.model_validate({"scheduled": v["scheduled"]})
+    raise ValueError(f"must be realtime or {{scheduled: {{every_s: N}}}}, got {v!r}")
+
+
+DeliveryMode = Annotated[Literal["realtime"] | ScheduledDelivery, BeforeValidator(_parse_mode),
+                         Field(description="realtime, or {scheduled: {every_s: N}}")]
+
+
+def held_back(mode: Literal["realtime"] | ScheduledDelivery, ev: StoredEvent, now: float
+              ) -> Outcome | None:
+    """``Outcome.deferred`` until the end of the period ``ev`` was stored in, when ``mode``
+    is scheduled and that period has not ended; None when the event is due. An event
+    without a storage time (never stored) is due."""
+    if not isinstance(mode, ScheduledDelivery) or not ev.received_at:
+        return None
+    due = mode.due_at(ev.received_at)
+    if due <= now:
+        return None
+    when = iso_z(datetime.fromtimestamp(due, UTC))  # 2026-11-30T08:15:00Z
+    return Outcome.deferred(f"scheduled delivery: sent with the batch at {when}", due - now)
 
 
 def event_matches(patterns: Iterable[str], event_type: str) -> bool:

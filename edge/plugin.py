@@ -50,7 +50,15 @@ from edge.config import (
     StrictModel,
     read_secret,
 )
-from edge.delivery import blocks_key, event_matches, send_in_key_order
+from edge.delivery import (
+    DeliveryMode,
+    ScheduledDelivery,
+    SchedulePeriod,
+    blocks_key,
+    event_matches,
+    held_back,
+    send_in_key_order,
+)
 from edge.errors import (
     ConfigError,
     FatalStartupError,
@@ -76,6 +84,10 @@ from edge.transforms.map import (
 )
 
 __all__ = [
+    "DeliveryMode",
+    "SchedulePeriod",
+    "ScheduledDelivery",
+    "held_back",
     "__version__",
     "CATALOGUE",
     "ComponentContext",

@@ -28,6 +28,9 @@ from urllib.parse import parse_qsl, urlsplit
 from pydantic import AfterValidator, Field, ValidationInfo, field_validator, model_validator
 
 from edge.plugin import (
+    DeliveryMode,
+    ScheduledDelivery,
+    SchedulePeriod,
     SecretFile,
     SinkConfigBase,
     StrictModel,
@@ -159,36 +162,6 @@ def _schema_file(value: str, info: ValidationInfo) -> str:
 SchemaFile = Annotated[str, AfterValidator(_schema_file)]
 
 
-class SchedulePeriod(StrictModel):
-    every_s: float = Field(
-        ge=1, le=86_400,
-        description="the period: events wait and are sent together at every multiple of "
-                    "it since the Unix epoch (UTC), e.g. 900 = :00, :15, :30, :45")
-
-
-class ScheduledDelivery(StrictModel):
-    scheduled: SchedulePeriod
-
-    def due_at(self, received_at: float) -> float:
-        """The end of the period ``received_at`` falls in: when the event is sent."""
-        every = self.scheduled.every_s
-        return (received_at // every + 1) * every
-
-
-def _delivery(v: Any) -> Any:
-    if v is None or v == "realtime":
-        return "realtime"
-    if v == "scheduled":
-        raise ValueError("a scheduled route needs its period: "
-                         "delivery: {scheduled: {every_s: 900}}")
-    if isinstance(v, dict):
-        if set(v) != {"scheduled"}:
-            raise ValueError(f"must be realtime or {{scheduled: {{every_s: N}}}}, got keys "
-                             f"{', '.join(map(str, v))}")
-        return ScheduledDelivery.model_validate({"scheduled": v["scheduled"]})
-    raise ValueError(f"must be realtime or {{scheduled: {{every_s: N}}}}, got {v!r}")
-
-
 class RouteConfig(StrictModel):
     renamed_keys = {"batch_max": "max_batch"}
 
@@ -207,14 +180,9 @@ class RouteConfig(StrictModel):
         None, description="JSON Schema (draft 2020-12) every body of the route must satisfy")
     api_version: str | None = Field(None, description="sent in api_version_header")
     api_version_header: str = "Api-Version"
-    delivery: Literal["realtime"] | ScheduledDelivery = Field(
+    delivery: DeliveryMode = Field(
         "realtime", description="realtime, or {scheduled: {every_s: N}}: sent in batches once "
                                 "per period")
-
-    @field_validator("delivery", mode="before")
-    @classmethod
-    def _delivery(cls, v: Any) -> Any:
-        return _delivery(v)
 
     @field_validator("api_version", mode="before")
     @classmethod

@@ -10,7 +10,6 @@ import time
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 
 import httpx
 
@@ -23,11 +22,12 @@ from edge.plugin import (
     __version__,
     blocks_key,
     client_context,
+    held_back,
     render_template,
     send_in_key_order,
 )
 from edge.sinks.http.auth import build_auth
-from edge.sinks.http.config import HttpSinkConfig, RouteConfig, ScheduledDelivery
+from edge.sinks.http.config import HttpSinkConfig, RouteConfig
 from edge.sinks.http.contract import PayloadSchema, SchemaFileError, load_schema
 from edge.sinks.http.request import (
     judge_error,
@@ -37,7 +37,6 @@ from edge.sinks.http.request import (
     request_headers,
     should_split,
 )
-from edge.timefmt import iso_z
 
 __all__ = ["HttpSink"]
 
@@ -185,13 +184,7 @@ class HttpSink:
                 return refused
         # checked at first sight too: a body the schema refuses is a dead letter at once,
         # not a period later. An event without a storage time (never stored) is due.
-        if isinstance(route.delivery, ScheduledDelivery) and ev.received_at:
-            due = route.delivery.due_at(ev.received_at)
-            if due > now:
-                when = iso_z(datetime.fromtimestamp(due, UTC))  # 2026-11-30T08:15:00Z
-                return Outcome.deferred(f"scheduled delivery: sent with the batch at {when}",
-                                        due - now)
-        return route, path
+        return held_back(route.delivery, ev, now) or (route, path)
 
     async def _send_split(self, route: RouteConfig, path: str, events: list[StoredEvent]
                           ) -> list[Outcome]:

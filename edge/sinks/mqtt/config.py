@@ -8,7 +8,13 @@ from typing import Literal
 from pydantic import Field, field_validator
 
 from edge.mqtt.config import MqttConnectionConfig
-from edge.plugin import SinkConfigBase, StrictModel, event_matches, template_fields
+from edge.plugin import (
+    DeliveryMode,
+    SinkConfigBase,
+    StrictModel,
+    event_matches,
+    template_fields,
+)
 
 __all__ = ["MAX_TOPIC_BYTES", "MqttRouteConfig", "MqttSinkConfig"]
 
@@ -22,6 +28,9 @@ class MqttRouteConfig(StrictModel):
     topic: str = Field(description="template, e.g. plant/{site}/lot/{data.lot_id}/hold")
     qos: int = Field(1, description="1: delivered on PUBACK; 0: once written")
     retain: bool = Field(False, description="the broker keeps the last message per topic")
+    delivery: DeliveryMode = Field(
+        "realtime", description="realtime, or {scheduled: {every_s: N}}: published together "
+                                "once per period (trend data)")
     body: Literal["envelope", "data"] = "envelope"
 
     @field_validator("qos")

@@ -6,6 +6,7 @@ import asyncio
 import functools
 import logging
 import re
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -19,6 +20,7 @@ from edge.plugin import (
     Outcome,
     StoredEvent,
     get_path,
+    held_back,
     log_event,
     render_template,
     send_in_key_order,
@@ -66,21 +68,33 @@ class MqttSink:
 
     async def send(self, batch: Sequence[StoredEvent]) -> list[Outcome]:
         assert self._link is not None, "send before start"
+        now = time.time()  # scheduled routes: periods are on the wall clock, like received_at
+        held = {ev.seq: o for ev in batch if (o := self._held_back(ev, now)) is not None}
+        if len(held) == len(batch):  # nothing due: no connection needed
+            return [held[ev.seq] for ev in batch]
         try:
             conn = await self._link.ensure(self._connected)
         except ConnectError as err:
             if err.code == "auth":  # the broker refuses the gateway, not the events
-                return [Outcome.sink_fault(f"auth: {err.message}")] * len(batch)
-            return [Outcome.retry(f"connection: {err.message}")] * len(batch)
+                failed = Outcome.sink_fault(f"auth: {err.message}")
+            else:
+                failed = Outcome.retry(f"connection: {err.message}")
+            return [held.get(ev.seq) or failed for ev in batch]
 
         async def publish(events: list[StoredEvent]) -> list[Outcome]:
-            return [await self._publish(conn, events[0])]
+            ev = events[0]
+            return [held.get(ev.seq) or await self._publish(conn, ev)]
 
         by_seq = await send_in_key_order(
             [[ev] for ev in batch], publish, self.config.max_in_flight_requests,
             stopping=lambda: self._stopping,
             dead_letter_blocks=self.config.on_dead_letter != "continue")
         return [by_seq[ev.seq] for ev in batch]
+
+    def _held_back(self, ev: StoredEvent, now: float) -> Outcome | None:
+        """The deferral of an event whose route publishes once per period, not yet due."""
+        route = next((r for r in self.config.routes if r.matches(ev.type)), None)
+        return held_back(route.delivery, ev, now) if route is not None else None
 
     async def _publish(self, conn: Connection, ev: StoredEvent) -> Outcome:
         route = next((r for r in self.config.routes if r.matches(ev.type)), None)

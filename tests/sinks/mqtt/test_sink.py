@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
+import time
 from typing import Any
 
 import orjson
@@ -17,7 +18,7 @@ from edge.config import load_config_text
 from edge.errors import ConfigError
 from edge.events import make_event
 from edge.outbox import queries
-from tests.support import eventually, metric, sink_yaml
+from tests.support import eventually, metric, reading, sink_yaml
 
 pytestmark = pytest.mark.mqtt
 
@@ -231,3 +232,38 @@ async def test_on_dead_letter_continue_lets_the_key_flow_on_and_park_holds_it(
         assert not any(t.endswith("/K3/hold") for t, _ in everything.messages)
     finally:
         everything.close()
+
+
+async def test_a_scheduled_route_publishes_its_period_together_and_holds_do_not_wait(
+        gateways, erp, mosquitto):
+    """Trend data on ``delivery: {scheduled: …}`` waits for the end of its period and is
+    then published together; a hold on a realtime route of the same sink goes at once."""
+    every_s = 2
+    routes = f"""\
+sinks:
+  - id: line
+    type: mqtt
+    url: {mosquitto.url}
+    client_id: edge-test-trend
+    routes:
+      - {{events: [machine.reading], topic: "plant/{{site}}/trend",
+         delivery: {{scheduled: {{every_s: {every_s}}}}}}}
+      - {{events: [quality.hold], topic: "plant/{{site}}/lot/{{data.lot_id}}/hold", retain: true}}
+"""
+    sub = Subscriber("127.0.0.1", mosquitto.port, "plant/test-site/#")
+    try:
+        gw = await gateways(routes)
+        # stored early in a period, so the period cannot end between the two submits
+        await eventually(lambda: time.time() % every_s < every_s / 2, timeout=every_s * 2)
+        await gw.pipeline.submit([reading(n) for n in range(3)])
+        due = (time.time() // every_s + 1) * every_s
+        await gw.pipeline.submit([Submission(make_event(
+            type="quality.hold", site="test-site", source="qc",
+            data={"lot_id": "L1", "reason": "out of spec"}, ordering_key="lot:L1"))])
+        got = [await sub.get() for _ in range(4)]
+        arrived = time.time()
+    finally:
+        sub.close()
+    assert got[0][0] == "plant/test-site/lot/L1/hold"  # the hold did not wait
+    assert [doc["data"]["n"] for topic, doc, _ in got[1:]] == [0, 1, 2]
+    assert arrived >= due  # never before the period ended
