@@ -350,10 +350,10 @@ class Forwarder:
             if r.kind in _DELIVERED:
                 self.delivered += 1
                 self.last_delivery_at = now
-        latency = self.metrics.delivery_latency.labels(self.sink.id)
+        latency = self.metrics.delivery_latency
         for ev, r in zip(sendable, resolutions[len(batch) - len(sendable):], strict=False):
             if r.kind in _DELIVERED and ev.received_at:
-                latency.observe(max(0.0, now - ev.received_at))
+                latency.labels(self.sink.id, ev.type).observe(max(0.0, now - ev.received_at))
 
     def _retry_after_to_store(self) -> tuple[float, float] | None:
         """What the next ``complete`` stores of the Retry-After pause: its (end, delay)

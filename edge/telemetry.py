@@ -72,8 +72,9 @@ class Metrics:
         )
         self.delivery_latency = Histogram(
             "edge_delivery_latency_seconds",
-            "Time from ingest to confirmed delivery",
-            ["sink"],
+            "Time from ingest to confirmed delivery, per sink and event type (the delivery "
+            "SLA of each type: e.g. lot.status within 60 s)",
+            ["sink", "type"],
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 3600),
             registry=r,
         )
