@@ -46,6 +46,7 @@ import orjson
 from edge.events import Event, EventClass
 
 if TYPE_CHECKING:
+    from edge.quality.state import Change
     from edge.telemetry import Metrics
 
 __all__ = [
@@ -77,6 +78,11 @@ class Submission:
     ``derived=True`` marks an event a rule derived from the submission right before it in
     the same call (nonconformance, hold): it is stored right after its cause, and not at
     all when its cause turned out to be a redelivery of an event already stored.
+
+    ``quality``: what storing this event changes in its lot's state and the CAPA counts
+    (set by the quality rules, ``edge.quality``; sources leave it empty). The outbox
+    applies it in the transaction that stores the event, and not at all when the event
+    turns out to be a copy of one already stored.
     """
 
     event: Event
@@ -85,6 +91,7 @@ class Submission:
     redelivered: bool = False
     redelivery_horizon: int = 0
     derived: bool = False
+    quality: tuple[Change, ...] = ()
 
 
 class Ingest(Protocol):

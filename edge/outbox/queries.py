@@ -22,9 +22,10 @@ import orjson
 
 from edge.components import OutcomeKind, Submission
 from edge.events import EventClass, payload_sha256
-from edge.outbox import audit
+from edge.outbox import audit, lots
 from edge.outbox.schema import DDL, DEAD_LETTERS_TABLE, SCHEMA_VERSION
 from edge.outbox.sqlutil import in_chunks, in_list, insert_rows
+from edge.quality.state import Change
 from edge.timefmt import utc_iso
 
 MAX_BODY_CHARS = 65_536
@@ -130,6 +131,8 @@ class SubmitResult:
     stored_by_source: Counter[str] = field(default_factory=Counter)
     duplicates_by_source: Counter[str] = field(default_factory=Counter)
     unrouted_by_type: Counter[str] = field(default_factory=Counter)
+    # the lot / CAPA rows the items' changes wrote (``Submission.quality``), for the cache
+    quality: lots.Applied | None = None
 
 
 Prepared = tuple[Submission, list[str], bytes]  # submission, sinks, stored body
@@ -156,6 +159,8 @@ def insert_event_batches(conn: sqlite3.Connection, payloads: list[tuple[list[Pre
                 part.unrouted_by_type[ev.type] += 1
             else:
                 part.stored_by_source[ev.source] += 1
+            if item.quality:
+                part.quality = whole.quality  # every row of the transaction: same revision
         start += len(prepared)
         out.append(part)
     return out
@@ -194,7 +199,9 @@ def insert_events(
 
     A matched copy returns the stored copy's id and stores nothing; a ``derived`` item
     whose cause (the nearest earlier non-derived item) was matched is dropped too (its id
-    in the result is ``""``). Every new event takes a seq above ``meta.last_seq``.
+    in the result is ``""``). Every new event takes a seq above ``meta.last_seq``. The lot
+    and CAPA changes of the items kept (stored, or unrouted) are applied in item order
+    (``edge.outbox.lots``); a matched or dropped item's changes are not.
     """
     now = time.time()
     ts = utc_iso(now)
@@ -211,6 +218,7 @@ def insert_events(
             wanted.setdefault((item.event.source, scope), []).append(item.dedupe_key or "")
     seen = _existing_dedupe(conn, wanted, now - dedupe_window_s) if wanted else {}
     cause_matched = False
+    changes: list[Change] = []
     for item, sinks, body in prepared:
         ev = item.event
         if item.derived and cause_matched:
@@ -232,6 +240,7 @@ def insert_events(
             dd_rows[(ev.source, item.dedupe_key)] = (ev.source, item.dedupe_key, ev.id, now,
                                                      scope)
         result.ids.append(ev.id)
+        changes.extend(item.quality)
         cls = int(ev.event_class)
         if not sinks:
             result.unrouted_by_type[ev.type] += 1
@@ -266,6 +275,8 @@ def insert_events(
     insert_rows(conn, "dedupe(source, key, event_id, created_at, scope)",
                 list(dd_rows.values()), verb="INSERT OR REPLACE")
     audit.insert_audit(conn, au_rows)
+    if changes:
+        result.quality = lots.apply_changes(conn, changes, now)
     return result
 
 

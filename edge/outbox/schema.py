@@ -15,13 +15,21 @@ Tables:
                     ``redelivery_horizon`` messages (``dedupe_recent`` serves that prune).
 - ``quarantine``    inbound records that could not become events, with the reason.
 - ``audit``         append-only state log; ``seq`` is the monotonic sequence.
+- ``lots``          one row per lot the quality logic has seen: state (unknown, hold,
+                    quarantine, rejected, released), hold episode number, supplier, the
+                    last event per type, who decided and why (``edge.outbox.lots``).
+                    Written in the transaction of the events that change it; released
+                    and rejected lots are removed after ``quality.lot_retention_days``.
+- ``capa_counts``   per CAPA rule and group (supplier, characteristic …): the
+                    nonconformances counted in the current window, the last request.
 - ``meta``          schema version, site, counters that must survive restarts:
                     ``last_seq`` — events take ``seq`` above it, so a seq freed by a
                     delivery or expiry is never given to another event (a lease completing
                     late can only ever touch its own rows). Dead-letter ids never repeat
                     either (AUTOINCREMENT). ``sink_pause:<sink>`` and
                     ``sink_retry_after:<sink>`` — a sink's pauses that outlive a restart
-                    (``edge.outbox.pauses``).
+                    (``edge.outbox.pauses``). ``quality_rev`` — the revision of the last
+                    write to ``lots`` / ``capa_counts``.
 
 Leases are not stored: they live in memory in ``Outbox`` and vanish with the process, so a
 crash can never leave rows stuck as "in flight".
@@ -31,6 +39,8 @@ crash can never leave rows stuck as "in flight".
 # 2: events.sha256 holds the SHA-256 of the stored envelope (checked before every send)
 # 3: identities are never reused (meta.last_seq, dead_letters AUTOINCREMENT); dedupe.scope;
 #    dead_letters_key serves the parked keys of the lease scan
+# (``lots`` and ``capa_counts`` came later without a new version: tables of their own,
+# created when missing, that an older gateway ignores)
 SCHEMA_VERSION = 3
 
 DEAD_LETTERS_TABLE = """
@@ -117,4 +127,38 @@ CREATE TABLE IF NOT EXISTS audit(
 );
 CREATE INDEX IF NOT EXISTS audit_event ON audit(event_id) WHERE event_id IS NOT NULL;
 CREATE INDEX IF NOT EXISTS audit_key ON audit(ordering_key) WHERE ordering_key IS NOT NULL;
+CREATE TABLE IF NOT EXISTS lots(
+  lot_id        TEXT PRIMARY KEY,
+  state         TEXT NOT NULL,   -- unknown | hold | quarantine | rejected | released
+  episode       INTEGER NOT NULL,
+  supplier      TEXT,
+  info          TEXT,            -- JSON: material, supplier_lot, purchase_order of a receipt
+  first_seen    REAL NOT NULL,
+  opened_at     REAL,
+  decided_at    REAL,
+  decided_by    TEXT,
+  reason        TEXT,
+  failures      INTEGER NOT NULL,
+  last_type     TEXT,
+  last_event_id TEXT,
+  last_at       REAL,
+  last          TEXT,            -- JSON {event type: [event id, epoch s]}
+  pending       TEXT,            -- JSON: a failure still waiting for its episode
+  updated_at    REAL NOT NULL,
+  rev           INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS lots_state ON lots(state, updated_at);
+CREATE TABLE IF NOT EXISTS capa_counts(
+  rule          TEXT NOT NULL,   -- CapaRule.key
+  grp           TEXT NOT NULL,   -- JSON list of the values of the rule's `by` fields
+  threshold     INTEGER NOT NULL,
+  window_s      REAL NOT NULL,
+  times         TEXT NOT NULL,   -- JSON [[time, lot, nonconformance id], ...]
+  last_start    REAL,
+  last_capa_id  TEXT,
+  requests      INTEGER NOT NULL,
+  updated_at    REAL NOT NULL,
+  rev           INTEGER NOT NULL,
+  PRIMARY KEY(rule, grp)
+) WITHOUT ROWID;
 """

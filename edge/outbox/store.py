@@ -27,6 +27,11 @@ Contract (DESIGN invariants 1–8):
   storm-guard pause with its audit row, ``sink_resumed`` removes it with its audit row,
   ``complete`` stores a Retry-After end with the outcomes that carried it. ``open`` reads
   them into ``stored_pauses`` for the forwarders.
+- Lot state (``edge.outbox.lots``): a submission's ``quality`` changes are written in the
+  transaction that stores it; ``quality`` (``edge.quality.state.QualityState``) holds the
+  committed rows, read at ``open`` and updated only after a COMMIT. ``write_quality``
+  applies changes without events (the rules' catch-up). Maintenance forgets released and
+  rejected lots after ``lot_retention_days``.
 """
 
 from __future__ import annotations
@@ -51,13 +56,14 @@ from edge.components import OutcomeKind, StoredEvent, Submission
 from edge.config import OutboxConfig
 from edge.errors import OutboxClosedError, OutboxFullError, OutboxOpenError
 from edge.events import Event, EventClass
-from edge.outbox import audit, pauses, queries
+from edge.outbox import audit, lots, pauses, queries
 from edge.outbox.budget import Budget, BudgetState
 from edge.outbox.dbthread import DbThread, connect
 from edge.outbox.integrity import EarlyCheck, open_checked, salvage_hint
 from edge.outbox.lease import scan_lease
 from edge.outbox.queries import Resolution
 from edge.outbox.writer import GroupCommitWriter, Merger
+from edge.quality.state import Change, QualityState
 from edge.retry import steady_time
 from edge.telemetry import Metrics, log_event
 from edge.timefmt import utc_iso
@@ -89,6 +95,7 @@ class Outbox:
         maintenance_interval_s: float = 1.0,
         early_check: EarlyCheck | None = None,
         clock: Callable[[], float] = steady_time,
+        lot_retention_days: float = 90.0,
     ) -> None:
         self.early_check = early_check
         # wall clock of the forwarding decisions (due retries, resend holds); the
@@ -124,6 +131,11 @@ class Outbox:
         self._closed = True
         # sink → the pauses stored by the last run (``edge.outbox.pauses``), read at open
         self.stored_pauses: dict[str, dict[str, Any]] = {}
+        # committed lot states and CAPA counts (read at open, updated after each COMMIT)
+        self.quality = QualityState()
+        # never shorter than the dedupe window: a lot forgotten and seen again starts at
+        # episode 1, whose keys must have left the dedupe table by then
+        self.lot_retention_s = max(lot_retention_days * 86400.0, self.config.dedupe_window_s)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -157,6 +169,9 @@ class Outbox:
             self.budget.budget_bytes // 10, _free_bytes(self.path) // 4))))
         await self._wdb.run(lambda c: queries.set_wal_limits(c, wal_limit))
         self.stored_pauses = await self._wdb.run(_restore_pauses, self.clock())
+        lot_rows, capa_rows = await self._wdb.run(lots.load_state)
+        self.quality = QualityState()
+        self.quality.commit(lot_rows, capa_rows)
         self._rdb = DbThread(lambda: connect(self.path, synchronous=sync), "outbox-reader")
         await self._rdb.open()
         self._writer = GroupCommitWriter(
@@ -262,6 +277,8 @@ class Outbox:
             rows=len(items), chain=chain)
         for sink in {s for _, sinks, _ in prepared for s in sinks}:
             self.new_rows(sink).set()
+        if result.quality is not None:
+            self.quality.commit(result.quality.lots, result.quality.capa)
         for source, n in result.stored_by_source.items():
             self.metrics.events_received.labels(source).inc(n)
         for source, n in result.duplicates_by_source.items():
@@ -292,6 +309,14 @@ class Outbox:
             self._quarantine_log[key] = (now, 0)
         else:
             self._quarantine_log[key] = (last, suppressed + 1)
+
+    async def write_quality(self, changes: Sequence[Change]) -> lots.Applied:
+        """Apply lot / CAPA changes that no event carries (committed before returning);
+        the cache takes the rows after the COMMIT."""
+        applied: lots.Applied = await self._write(
+            lambda c: lots.apply_changes(c, list(changes)), rows=len(changes))
+        self.quality.commit(applied.lots, applied.capa)
+        return applied
 
     async def audit(self, state: str, *, source: str | None = None, reason: str | None = None,
                     detail: dict[str, Any] | None = None, actor: str = "gateway") -> None:
@@ -639,9 +664,23 @@ class Outbox:
             self.metrics.quarantine_pruned.inc(removed["quarantine"])
             log_event(log, logging.WARNING, "quarantine full: oldest records removed",
                       count=removed["quarantine"], kept=self.config.quarantine_max_rows)
+        await self.prune_lots(now)
         # Between transactions on the writer's own thread: a burst may have grown the WAL.
         if self._wdb is not None and _file_size(self.path + "-wal") > 64 << 20:
             await self._wdb.run(queries.wal_checkpoint)
+
+    async def prune_lots(self, now: float | None = None) -> int:
+        """Forget released / rejected lots unchanged for ``lot_retention_s`` and CAPA rows
+        with nothing counted in their window (the cache after the COMMIT)."""
+        now = time.time() if now is None else now
+        gone, gone_capa = await self._write(lambda c: lots.prune(
+            c, now=now, lots_before=now - self.lot_retention_s))
+        self.quality.commit(gone=gone, gone_capa=gone_capa)
+        if gone:
+            log_event(log, logging.INFO, "forgot released and rejected lots past their "
+                      "retention", count=len(gone),
+                      retention_days=round(self.lot_retention_s / 86400, 1))
+        return len(gone)
 
     async def stats(self) -> dict[str, Any]:
         st = await self.read(queries.stats)

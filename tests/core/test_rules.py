@@ -1,4 +1,7 @@
-"""Edge quality rules: an out-of-spec part holds its lot even with the ERP down."""
+"""Edge quality rules: an out-of-spec part holds its lot even with the ERP down.
+
+The episode logic in depth is in ``tests/quality``; here: the rules in a real gateway
+against the stand-in ERP, what one cause derives, and the rules' config."""
 
 from __future__ import annotations
 
@@ -10,6 +13,8 @@ from edge.components import Submission
 from edge.config import load_config_text
 from edge.errors import ConfigError
 from edge.events import make_event
+from edge.quality.state import QualityState
+from edge.rules import SpecLimitsRule, build_rules
 from tests.support import eventually, sink_yaml
 
 RULES = """\
@@ -19,6 +24,7 @@ rules:
     lower: 9.95
     upper: 10.05
 """
+EPISODE = ["quality.hold", "lot.status", "notification", "notification"]
 
 
 def _inspection(lot: str, measured: float, result: str = "pass", serial: str = "S1",
@@ -29,7 +35,8 @@ def _inspection(lot: str, measured: float, result: str = "pass", serial: str = "
         ordering_key=f"lot:{lot}"), dedupe)
 
 
-async def test_out_of_spec_stores_nonconformance_and_one_hold_per_lot(gateways, erp, tmp_path):
+async def test_out_of_spec_stores_nonconformance_and_one_episode_per_lot(gateways, erp,
+                                                                        tmp_path):
     erp.outage(True)  # the cloud is down: the decision is taken and kept locally
     gw = await gateways(RULES + sink_yaml(erp.url))
     [ok] = await gw.pipeline.submit([_inspection("L1", 10.0)])
@@ -43,12 +50,13 @@ async def test_out_of_spec_stores_nonconformance_and_one_hold_per_lot(gateways, 
     types = [r[0] for r in rows]
     assert types.count("nonconformance") == 3
     assert types.count("quality.hold") == 2  # L2 once, L3 once
+    assert types.count("lot.status") == 2 and types.count("notification") == 4
     holds = [r for r in rows if r[0] == "quality.hold"]
     assert {r[2] for r in holds} == {"lot:L2", "lot:L3"} and {r[1] for r in holds} == {0}
     assert b"above upper limit 10.05" in rows[types.index("nonconformance")][3]
     erp.outage(False)
-    await erp.wait_for(lambda e: len(e.events) == 9, within_s=20)
-    by_type = {}
+    await erp.wait_for(lambda e: len(e.events) == len(rows), within_s=20)
+    by_type: dict[str, list] = {}
     for e in erp.events:
         by_type.setdefault(e["type"], []).append(e)
     nc = next(e for e in by_type["nonconformance"] if e["data"]["serial"] == "S7")
@@ -56,7 +64,7 @@ async def test_out_of_spec_stores_nonconformance_and_one_hold_per_lot(gateways, 
     assert nc["data"]["inspection_event_id"] == bad1
     # the hold of lot L2 reaches the ERP after the result that caused it (same key, order)
     l2 = [e["type"] for e in erp.events if e["ordering_key"] == "lot:L2"]
-    assert l2.index("inspection.result") < l2.index("quality.hold")
+    assert l2.index("inspection.result") < l2.index("quality.hold") < l2.index("lot.status")
     assert ok and bad2 and rep
 
 
@@ -64,31 +72,63 @@ async def test_redelivered_failure_does_not_duplicate_derived_events(gateways, e
     gw = await gateways(RULES + sink_yaml(erp.url))
     await gw.pipeline.submit([_inspection("L9", 11.0, dedupe="same-msg")])
     await gw.pipeline.submit([_inspection("L9", 11.0, dedupe="same-msg")])
-    await erp.wait_for(lambda e: len(e.events) == 3)
+    await erp.wait_for(lambda e: len(e.events) == 6)
     await eventually(lambda: gw.outbox.inflight("erp") == set())
-    assert sorted(e["type"] for e in erp.events) == [
-        "inspection.result", "nonconformance", "quality.hold"]
+    assert sorted(e["type"] for e in erp.events) == sorted([
+        "inspection.result", "nonconformance", *EPISODE])
+    assert gw.outbox.quality.lots["L9"].failures == 1
 
 
-def test_the_rule_derives_per_cause_with_the_causes_key_and_no_key_for_the_nonconformance():
-    from edge.rules import SpecLimits, SpecLimitsRule
-
-    rule = SpecLimits(SpecLimitsRule(type="spec_limits", lower=9.95, upper=10.05), "test-site")
+def test_one_cause_derives_its_nonconformance_and_an_episode_keyed_by_number():
+    rules = build_rules([SpecLimitsRule(type="spec_limits", lower=9.95, upper=10.05)],
+                        "test-site")
     cause = Submission(make_event(type="inspection.result", site="test-site", source="st7",
                                   data={"lot_id": "L4", "result": "pass", "measured": 11.0,
                                         "serial": "S1"}))
     assert cause.event.ordering_key == "lot:L4"  # no key configured: the lot's
-    nc, hold = rule(cause)
-    assert (nc.event.type, hold.event.type) == ("nonconformance", "quality.hold")
-    assert nc.derived and hold.derived
+    batch, causes = rules.derive([cause], QualityState())
+    assert causes == [0]
+    item, nc, hold, status, *notes = batch
+    assert item.event is cause.event and len(item.quality) == 1  # the lot's change
+    assert [s.event.type for s in (nc, hold, status, *notes)] == [
+        "nonconformance", *EPISODE]
+    assert all(s.derived for s in batch[1:])
     assert nc.dedupe_key is None  # deduplicated through its cause
-    assert hold.dedupe_key == "hold:L4" and not hold.redelivery_only
-    assert {nc.event.ordering_key, hold.event.ordering_key} == {"lot:L4"}
-    assert nc.event.correlation_id == hold.event.correlation_id == cause.event.id
-    assert rule(_inspection("L4", 10.0)) == []
+    assert hold.dedupe_key == "hold:L4:1" and not hold.redelivery_only
+    assert status.dedupe_key == "lot-status:L4:1:hold"
+    assert [n.dedupe_key for n in notes] == ["notify:L4:1:procurement", "notify:L4:1:planning"]
+    assert {s.event.ordering_key for s in batch} == {"lot:L4"}
+    assert {s.event.correlation_id for s in batch} == {cause.event.id}
+    passing = Submission(make_event(type="inspection.result", site="test-site", source="st7",
+                                    data={"lot_id": "L4", "result": "pass", "measured": 10.0}))
+    [only] = rules.derive([passing], QualityState())[0]
+    assert only.event is passing.event  # passes: no derived event, only the lot is seen
 
 
-def test_limits_are_validated():
+def test_limits_and_audiences_are_validated():
     with pytest.raises(ConfigError) as err:
         load_config_text("site: p\nrules: [{type: spec_limits, lower: 2, upper: 1}]\n")
     assert "rules[0]: lower (2.0) is above upper (1.0)" in str(err.value)
+    with pytest.raises(ConfigError) as err:
+        load_config_text("site: p\nrules: [{type: spec_limits, upper: 1, notify: [Buyers!]}]\n")
+    assert "audience 'Buyers!' must be lower case" in str(err.value)
+
+
+# edge.config declares ``rules: list[SpecLimitsRule]`` and no ``quality:`` key yet; once it
+# reads ``list[edge.rules.RuleConfig]`` and ``quality: edge.rules.QualityConfig`` these
+# pass, and strict xfail makes them fail until the marks are removed.
+PENDING = pytest.mark.xfail(strict=True, raises=ConfigError,
+                            reason="edge.config does not read capa rules / quality: yet")
+
+
+@PENDING
+def test_capa_rules_load_from_yaml():
+    cfg = load_config_text("site: p\nrules:\n  - {type: capa, nonconformances: 3, "
+                           "window_s: 604800, by: [supplier, characteristic]}\n")
+    assert cfg.rules[0].key == "supplier+characteristic/3/604800"
+
+
+@PENDING
+def test_the_quality_section_loads_from_yaml():
+    cfg = load_config_text("site: p\nquality: {stuck_after_s: 600}\n")
+    assert cfg.quality.stuck_after_s == 600  # type: ignore[attr-defined]
