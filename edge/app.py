@@ -10,6 +10,8 @@ Contract:
   the writer and close the database. Idempotent.
 - ``await gw.resume_sink(id, actor=..., reason=...)`` lifts a sink's pause (dead-letter
   storm guard, refused credentials); audited as ``sink_resumed``.
+- ``await gw.release_lot(lot, by=..., reason=..., actor=...)`` releases a lot (ends its
+  hold episode, ``edge.pipeline.Pipeline.release``); audited as ``lot_released``.
 - A source that raises ``FatalStartupError`` is stopped and shown as failed; any other
   error restarts it with capped exponential backoff. The daemon never exits because one
   component fails.
@@ -33,14 +35,15 @@ from typing import Any
 from edge import systemd
 from edge.components import ComponentContext, Sink, Source
 from edge.config import GatewayConfig, SinkConfigBase
-from edge.errors import FatalStartupError
+from edge.errors import FatalStartupError, OutboxError
 from edge.events import Event, EventClass
 from edge.forwarder import Forwarder
 from edge.outbox import Outbox
 from edge.outbox.integrity import EarlyCheck
-from edge.pipeline import Pipeline
+from edge.pipeline import Pipeline, Release
+from edge.quality.monitor import LotMonitor
 from edge.registry import Registry, default_registry
-from edge.rules import build_rules
+from edge.rules import QualityConfig, build_rules
 from edge.telemetry import Metrics, log_event
 from edge.timefmt import utc_iso
 
@@ -101,9 +104,12 @@ class Gateway:
         self.config_path = config_path
         self.registry = registry or default_registry()
         self.metrics = metrics or Metrics()
+        quality = quality_config(config)
         self.outbox = Outbox(config.state_dir, config.outbox, self.metrics, router=self._route,
-                             early_check=early_check)
+                             early_check=early_check,
+                             lot_retention_days=quality.lot_retention_days)
         self.pipeline = Pipeline(self.outbox, build_rules(config.rules, config.site))
+        self.lot_monitor = LotMonitor(self.metrics.registry, quality.stuck_after_s)
         self.sinks: dict[str, Sink] = {}
         self.sources: dict[str, Source] = {}
         self.forwarders: dict[str, Forwarder] = {}
@@ -164,6 +170,7 @@ class Gateway:
             comp = self.registry.get("source", cfg.type)
             self.sources[cfg.id] = comp.factory(cfg, self._context(cfg.id, "source"))
         await self.outbox.open()
+        await self._catch_up()  # a failure or CAPA count a crash left without its events
         for cfg in self.config.sinks:
             sink = self.sinks[cfg.id]
             await sink.start()
@@ -229,7 +236,21 @@ class Gateway:
                         (entry or {}).get("oldest_age_s") or 0)
                     m.outbox_dead_letters.labels(sid).set((entry or {}).get("dead_letters", 0))
                     m.outbox_parked_keys.labels(sid).set((entry or {}).get("parked", 0))
+            try:
+                await self.lot_monitor.section(self.outbox)  # sets the lot gauges
+            except Exception as err:  # noqa: BLE001 - gauges are best effort
+                log_event(log, logging.DEBUG, "lot gauge refresh failed", error=repr(err))
+            await self._catch_up()
             await asyncio.sleep(interval_s)
+
+    async def _catch_up(self) -> None:
+        """Store what the quality rules still owe (``Pipeline.catch_up``); a failure is
+        logged and retried on the next round."""
+        try:
+            await self.pipeline.catch_up()
+        except OutboxError as err:
+            log_event(log, logging.WARNING, "quality catch-up failed; retried later",
+                      error=str(err))
 
     def _healthy(self) -> bool:
         return self.outbox.writable() or not self.outbox.accepting
@@ -365,6 +386,7 @@ class Gateway:
             },
             "sinks": sinks_out,
             "alarms": stats["alarms"],
+            "lots": await self.lot_monitor.section(self.outbox),
         }
 
     # ------------------------------------------------------------------ operator actions
@@ -388,6 +410,20 @@ class Gateway:
             "pause_reason": pause.reason})
         fwd.resume(by=actor, reason=reason)
         return True
+
+
+    async def release_lot(self, lot_id: str, *, by: str, reason: str, actor: str) -> Release:
+        """Release ``lot_id`` as decided by ``by`` (``actor``: who asked, for the audit):
+        stores a ``lot.status`` (released) and a ``quality.release`` for the lot's sinks,
+        the lot's new state and the ``lot_released`` audit row in one transaction.
+        Raises ``UnknownLot``, ``AlreadyReleased`` or ``OutboxError`` (nothing changed)."""
+        return await self.pipeline.release(lot_id, by=by, reason=reason, actor=actor)
+
+
+def quality_config(config: Any) -> QualityConfig:
+    """The ``quality:`` section, or its defaults where the config has none."""
+    found = getattr(config, "quality", None)
+    return found if isinstance(found, QualityConfig) else QualityConfig()
 
 
 def _sink_config(cfg: Any) -> SinkConfigBase:

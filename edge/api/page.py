@@ -13,7 +13,7 @@ import time
 from typing import Any
 from urllib.parse import quote
 
-from edge.api.summary import overall, parked_key_text, problems
+from edge.api.summary import lot_text, overall, parked_key_text, problems
 from edge.timefmt import ago, duration
 
 __all__ = ["REFRESH_S", "render"]
@@ -64,12 +64,14 @@ def render(report: dict[str, Any], not_ready: list[dict[str, str]]) -> str:
     parts += _attention(found, not_ready)
     if "error" not in report:
         parts += _sinks(report.get("sinks") or {})
+        parts += _lots(report.get("lots") or {})
         parts += _components(report.get("components") or [])
         parts += _outbox(report.get("outbox") or {})
     parts.append("</main><footer>Machine-readable: <a href='/status'>/status</a> · "
                  "<a href='/metrics'>/metrics</a> · dead letters: <a href='/dlq'>/dlq</a> · "
+                 "lots: <a href='/lots'>/lots</a> · "
                  "on the gateway: <code>edge status</code>, <code>edge dlq list</code>, "
-                 "<code>edge trace ID</code></footer></body></html>")
+                 "<code>edge lots</code>, <code>edge trace ID</code></footer></body></html>")
     return "".join(parts)
 
 
@@ -148,6 +150,42 @@ def _parked(sinks: dict[str, Any]) -> list[str]:
             out.append(f"<li class='warning'><b>{_e(sid)}</b>: {rest} more key(s), see "
                        f"<a href='{href}'>{href}</a></li>")
     return [*out, "</ul>"]
+
+
+LOT_STATES = ("unknown", "hold", "quarantine", "rejected", "released")
+
+
+def _lots(section: dict[str, Any]) -> list[str]:
+    """Lots by state and the stuck ones (absent in older reports)."""
+    if not section:
+        return []
+    by_state = section.get("by_state") or {}
+    stuck = int(section.get("stuck") or 0)
+    out = ["<h2>Lots</h2><table><tr>", *(f"<th>{s}</th>" for s in LOT_STATES),
+           "<th>stuck</th></tr><tr>",
+           *(f"<td class='n'>{_e(by_state.get(s, 0))}</td>" for s in LOT_STATES),
+           f"<td class='n{' bad' if stuck else ''}'>{stuck}</td></tr></table>"]
+    shown = section.get("stuck_lots") or []
+    if not shown:
+        return out
+    out.append(f"<p class='muted'>Stuck: no disposition, or on hold without a decision, "
+               f"for more than {_e(duration(section.get('stuck_after_s')))}. Release with "
+               "<code>edge lot release LOT --reason ... --by ...</code>.</p>"
+               "<table><tr><th>lot</th><th>state</th><th>episode</th><th>supplier</th>"
+               "<th>since</th><th>last event</th><th>reason</th></tr>")
+    for lot in shown:
+        last = lot.get("last_event") or {}
+        out.append(
+            f"<tr><td title='{_e(lot_text(lot))}'>{_e(lot.get('lot_id'))}</td>"
+            f"<td class='bad'>{_e(lot.get('state'))}</td>"
+            f"<td class='n'>{_e(lot.get('episode'))}</td><td>{_e(lot.get('supplier') or '')}"
+            f"</td><td>{_e(ago(lot.get('since')))}</td>"
+            f"<td>{_e(last.get('type') or '')} {_e(ago(last.get('at')) if last else '')}</td>"
+            f"<td>{_e(lot.get('reason') or '')}</td></tr>")
+    if stuck > len(shown):
+        out.append(f"<tr><td colspan='7' class='muted'>and {stuck - len(shown)} more: "
+                   "<a href='/lots'>/lots</a></td></tr>")
+    return [*out, "</table>"]
 
 
 def _components(components: list[dict[str, Any]]) -> list[str]:

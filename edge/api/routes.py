@@ -2,8 +2,9 @@
 
 Handlers find the gateway in ``request.app.state.gateway``. Reads go through
 ``Outbox.read`` (the reader thread), operator actions through the audited ``Outbox``
-methods (a sink resume through ``Gateway.resume_sink``), so the API never blocks the event
-loop and never writes around the single writer.
+methods (a sink resume through ``Gateway.resume_sink``, a lot release through
+``Gateway.release_lot``), so the API never blocks the event loop and never writes around
+the single writer.
 """
 
 from __future__ import annotations
@@ -16,12 +17,15 @@ from starlette.responses import HTMLResponse, Response
 
 from edge.api import lineage, page
 from edge.errors import OutboxClosedError, OutboxError
-from edge.outbox import queries
+from edge.outbox import lots, queries
+from edge.pipeline import AlreadyReleased, UnknownLot
+from edge.quality.state import LOT_STATES
 
-__all__ = ["dlq_discard", "dlq_list", "dlq_replay", "dlq_show", "healthz", "index", "readiness",
-           "readyz", "sink_resume", "status", "trace"]
+__all__ = ["dlq_discard", "dlq_list", "dlq_replay", "dlq_show", "healthz", "index", "lot_release",
+           "lots_list", "readiness", "readyz", "sink_resume", "status", "trace"]
 
 MAX_DLQ_LIMIT = 1000
+MAX_LOTS_LIMIT = 1000
 MAX_REASON_CHARS = 2000
 MAX_BY_CHARS = 200
 
@@ -230,6 +234,68 @@ def _check_resume(body: Any) -> str | None:
         return f"unknown key {sorted(unknown)[0]!r} (allowed: reason, by)"
     by = body.get("by")
     if by is not None and (not isinstance(by, str) or len(by) > MAX_BY_CHARS):
+        return f"by must be a name of at most {MAX_BY_CHARS} characters"
+    return _check_reason(body.get("reason"))
+
+
+async def lots_list(request: Request) -> Response:
+    """``GET /lots?state=hold&limit=200``: lots, most recently changed first."""
+    import time
+
+    state = request.query_params.get("state") or None
+    if state is not None and state not in LOT_STATES:
+        return error(400, f"state must be one of {', '.join(LOT_STATES)}, got {state!r}")
+    raw = request.query_params.get("limit", "200")
+    if not raw.isdigit() or not 1 <= int(raw) <= MAX_LOTS_LIMIT:
+        return error(400, f"limit must be an integer from 1 to {MAX_LOTS_LIMIT}, got {raw!r}")
+    gateway = _gateway(request)
+    stuck_after_s = gateway.lot_monitor.stuck_after_s
+    now = time.time()
+    rows = await _outbox(request).read(lambda c: lots.list_lots(
+        c, now=now, state=state, stuck_after_s=stuck_after_s, limit=int(raw)))
+    return json({"lots": rows, "count": len(rows)})
+
+
+async def lot_release(request: Request) -> Response:
+    """``POST /lots/{lot_id}/release`` with ``{"reason": "..", "by": ".."}`` (both
+    required: ``by`` is who decided). Stores a ``lot.status`` (released) and a
+    ``quality.release``, audited (``lot_released``) with the token's actor and ``by``.
+
+    200 ``{"lot_id", "released": true, "episode", "previous_state", "event_ids"}``; 404 for
+    a lot the gateway has never seen; 409 with the lot when it is released already.
+    """
+    lot_id = request.path_params["lot_id"]
+    try:
+        body = await _json_body(request)
+    except ValueError as err:
+        return error(400, str(err))
+    problem = _check_release(body)
+    if problem:
+        return error(400, problem)
+    _outbox(request)
+    by = body["by"].strip()
+    try:
+        done = await _gateway(request).release_lot(
+            lot_id, by=by, reason=body["reason"].strip(), actor=_actor(request, by))
+    except UnknownLot:
+        return error(404, f"no lot {lot_id!r}: the gateway has seen no receipt, result or "
+                          "status of it")
+    except AlreadyReleased as err:
+        return json({"error": str(err), "lot": err.lot}, 409)
+    return json({"lot_id": done.lot_id, "released": True, "episode": done.episode,
+                 "previous_state": done.previous_state, "event_ids": done.event_ids})
+
+
+def _check_release(body: Any) -> str | None:
+    if not isinstance(body, dict):
+        return "the body must be a JSON object: {\"reason\": \"...\", \"by\": \"...\"}"
+    unknown = set(body) - {"reason", "by"}
+    if unknown:
+        return f"unknown key {sorted(unknown)[0]!r} (allowed: reason, by)"
+    by = body.get("by")
+    if not isinstance(by, str) or not by.strip():
+        return "by is required: who decided the release (it is recorded with the release)"
+    if len(by) > MAX_BY_CHARS:
         return f"by must be a name of at most {MAX_BY_CHARS} characters"
     return _check_reason(body.get("reason"))
 

@@ -14,6 +14,10 @@ Endpoints (DESIGN contracts; JSON unless noted)::
                                   audited with the token's actor ("api" or "api:<name>")
     POST /sinks/{id}/resume       {"reason": "..", "by": ".."}: resume a paused sink
                                   (Gateway.resume_sink); 404 unknown sink, 501 unsupported
+    GET  /lots?state=&limit=      lots (state, episode, supplier, last event), newest first
+    POST /lots/{lot_id}/release   {"reason": "..", "by": ".."}: release a lot (end its hold
+                                  episode; Gateway.release_lot); 404 unknown lot, 409
+                                  released already
     GET  /trace/{event_id}        lineage of one event (edge.api.lineage)
     GET  /trace?key=lot:L1        lineage of every event of an ordering key
 
@@ -101,6 +105,10 @@ def build_app(gateway: Any, tokens: list[Any] | None = None) -> Starlette:
                   max_body_size=MAX_BODY_BYTES),
             Route("/dlq/{ref:str}", routes.dlq_show),
             Route("/sinks/{sink_id:str}/resume", routes.sink_resume, methods=["POST"],
+                  max_body_size=MAX_BODY_BYTES),
+            Route("/lots", routes.lots_list),
+            # path: a lot id may hold a "/" (sent percent-encoded)
+            Route("/lots/{lot_id:path}/release", routes.lot_release, methods=["POST"],
                   max_body_size=MAX_BODY_BYTES),
             Route("/trace", routes.trace),
             Route("/trace/{event_id:str}", routes.trace),

@@ -11,7 +11,7 @@ from typing import Any
 
 from edge.timefmt import ago, duration
 
-__all__ = ["OLD_BACKLOG_S", "Problem", "overall", "parked_key_text",
+__all__ = ["OLD_BACKLOG_S", "Problem", "lot_text", "overall", "parked_key_text",
            "problems"]
 
 OLD_BACKLOG_S = 300.0  # an undelivered event older than this is worth a line
@@ -46,6 +46,7 @@ def problems(report: dict[str, Any]) -> list[Problem]:
         out.extend(_component(comp))
     for sid, sink in sorted((report.get("sinks") or {}).items()):
         out.extend(_sink(sid, sink))
+    out.extend(_lots(report.get("lots") or {}))
     out.sort(key=lambda p: p.severity != "critical")
     return out
 
@@ -148,6 +149,32 @@ def _parked(sid: str, sink: dict[str, Any]) -> list[Problem]:
                     f"{count} ordering key(s) held behind a dead letter{first}{more}; replay "
                     "or discard the dead letter to release the events after it",
                     keys[0].get("since") if keys else None)]
+
+
+def _lots(section: dict[str, Any]) -> list[Problem]:
+    """Stuck lots (``lots`` section of ``/status``; absent in older gateways)."""
+    count = int(section.get("stuck") or 0)
+    if not count:
+        return []
+    shown = section.get("stuck_lots") or []
+    first = f": {lot_text(shown[0])}" if shown else ""
+    more = f" and {count - 1} more" if count > 1 and shown else ""
+    return [Problem("warning", "lots",
+                    f"{count} lot(s) without a disposition for more than "
+                    f"{duration(section.get('stuck_after_s'))}{first}{more}; decide them "
+                    "(release: edge lot release LOT --reason ... --by ...)",
+                    shown[0].get("since") if shown else None)]
+
+
+def lot_text(lot: dict[str, Any]) -> str:
+    """``L7 on hold (episode 2, supplier acme) for 3.4 h`` (plain text)."""
+    state = {"unknown": "without a disposition", "hold": "on hold"}.get(
+        str(lot.get("state")), str(lot.get("state")))
+    extra = [f"episode {lot['episode']}" if lot.get("episode") else "",
+             f"supplier {lot['supplier']}" if lot.get("supplier") else ""]
+    inner = ", ".join(e for e in extra if e)
+    return (f"{lot.get('lot_id')} {state}" + (f" ({inner})" if inner else "")
+            + f" for {duration(lot.get('age_s'))}")
 
 
 def parked_key_text(key: dict[str, Any]) -> str:
