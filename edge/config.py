@@ -40,7 +40,7 @@ from pydantic.functional_validators import AfterValidator, BeforeValidator
 from edge.config_env import DEFAULT_STATE_DIR, substitute_env
 from edge.errors import ConfigError, ConfigIssue
 from edge.registry import Registry, default_registry
-from edge.rules import SpecLimitsRule
+from edge.rules import QualityConfig, RuleConfig
 
 __all__ = [
     "ApiConfig",
@@ -322,9 +322,11 @@ class GatewayConfigBase(StrictModel):
     outbox: OutboxConfig = OutboxConfig()
     api: ApiConfig = ApiConfig()
     logging: LoggingConfig = LoggingConfig()
-    rules: list[SpecLimitsRule] = Field(
-        default_factory=list, description="edge quality rules (edge.rules), e.g. spec_limits"
-    )
+    rules: list[RuleConfig] = Field(
+        default_factory=list, description="edge quality rules (docs/quality.md): spec_limits, "
+        "capa")
+    quality: QualityConfig = Field(
+        default_factory=QualityConfig, description="lot tracking: stuck lots, retention")
     # Replaced by discriminated unions of the registered types in build_config_model().
     sources: list[Any] = Field(default_factory=list)
     sinks: list[Any] = Field(default_factory=list)

@@ -63,12 +63,15 @@ async def test_derived_events_follow_their_cause_in_the_middle_of_a_batch(
     ids = await pipeline.submit([r1, r2], chain="line1")
     assert ids == [r1.event.id, r2.event.id]  # the caller's items only, in order
     rows = stored(pipeline)
-    assert [(t, s) for t, s, _, _ in rows] == [
-        ("inspection.result", "S1"), ("nonconformance", "S1"), ("quality.hold", r1.event.id),
-        ("inspection.result", "S2")]
+    # the failure opens the lot's hold episode (docs/quality.md): hold, lot status and the
+    # notifications follow their cause, before the next result of the batch
+    assert [t for t, _, _, _ in rows] == [
+        "inspection.result", "nonconformance", "quality.hold", "lot.status", "notification",
+        "notification", "inspection.result"]
+    assert [s for _, s, _, _ in rows[:3]] == ["S1"] * 3 and rows[-1][1] == "S2"
     # the cause's ordering key (lot:{lot_id} by default) and lineage
     assert {k for _, _, k, _ in rows} == {"lot:A"}
-    assert [c for _, _, _, c in rows[:3]] == [r1.event.id] * 3
+    assert [c for _, _, _, c in rows[:-1]] == [r1.event.id] * 6
 
 
 async def test_each_cause_gets_its_own_derived_events_and_one_hold_per_lot(
@@ -77,11 +80,13 @@ async def test_each_cause_gets_its_own_derived_events_and_one_hold_per_lot(
              result("B", 11.0, "S4")]
     ids = await pipeline.submit(batch)
     assert ids == [s.event.id for s in batch]
-    assert [(t, s if t != "quality.hold" else "hold") for t, s, _, _ in stored(pipeline)] == [
-        ("inspection.result", "S1"), ("nonconformance", "S1"), ("quality.hold", "hold"),
+    episode = ["quality.hold", "lot.status", "notification", "notification"]
+    assert [(t, s if t in ("inspection.result", "nonconformance") else None)
+            for t, s, _, _ in stored(pipeline)] == [
+        ("inspection.result", "S1"), ("nonconformance", "S1"), *[(e, None) for e in episode],
         ("inspection.result", "S2"),
         ("inspection.result", "S3"), ("nonconformance", "S3"),  # lot A is held already
-        ("inspection.result", "S4"), ("nonconformance", "S4"), ("quality.hold", "hold")]
+        ("inspection.result", "S4"), ("nonconformance", "S4"), *[(e, None) for e in episode]]
 
 
 async def test_a_redelivered_cause_takes_its_derived_events_along(pipeline: Pipeline) -> None:
@@ -93,7 +98,8 @@ async def test_a_redelivered_cause_takes_its_derived_events_along(pipeline: Pipe
     other = result("A", 9.0, "S2", dedupe="hash-2")
     ids = await pipeline.submit([again, other])
     assert ids == [first_id, other.event.id]
-    assert [(t, s) for t, s, _, _ in stored(pipeline) if t != "quality.hold"] == [
+    assert [(t, s) for t, s, _, _ in stored(pipeline)
+            if t in ("inspection.result", "nonconformance")] == [
         ("inspection.result", "S1"), ("nonconformance", "S1"),
         ("inspection.result", "S2"), ("nonconformance", "S2")]
 

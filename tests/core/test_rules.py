@@ -114,21 +114,12 @@ def test_limits_and_audiences_are_validated():
     assert "audience 'Buyers!' must be lower case" in str(err.value)
 
 
-# edge.config declares ``rules: list[SpecLimitsRule]`` and no ``quality:`` key yet; once it
-# reads ``list[edge.rules.RuleConfig]`` and ``quality: edge.rules.QualityConfig`` these
-# pass, and strict xfail makes them fail until the marks are removed.
-PENDING = pytest.mark.xfail(strict=True, raises=ConfigError,
-                            reason="edge.config does not read capa rules / quality: yet")
-
-
-@PENDING
 def test_capa_rules_load_from_yaml():
     cfg = load_config_text("site: p\nrules:\n  - {type: capa, nonconformances: 3, "
                            "window_s: 604800, by: [supplier, characteristic]}\n")
     assert cfg.rules[0].key == "supplier+characteristic/3/604800"
 
 
-@PENDING
 def test_the_quality_section_loads_from_yaml():
     cfg = load_config_text("site: p\nquality: {stuck_after_s: 600}\n")
-    assert cfg.quality.stuck_after_s == 600  # type: ignore[attr-defined]
+    assert cfg.quality.stuck_after_s == 600
