@@ -12,6 +12,16 @@ Each station of a line publishes, at QoS 1, on the topics of ``config/demo.yaml`
 - ``plant/<site>/line/<line>/station/<station>/reading`` — a machine reading (spindle
   temperature, ``value`` in °C).
 
+- ``plant/<site>/warehouse/<location>/receipt`` — a goods receipt of a lot (the warehouse
+  scanner; ``receipt()`` builds one, the lot's supplier goes with it)::
+
+      {"msg_id": "rcpt-L0003", "lot": "L0003", "material": "BRG-6204",
+       "supplier": "acme", "supplier_lot": "AB-L0003", "qty": 500, "unit": "pcs",
+       "po": "PO-0003", "ts": "..."}
+
+- ``plant/<site>/mes/lot/<lot>/status`` — a disposition decided by the MES or the QMS
+  (``lot_status()``: released, hold, quarantine, rejected; who decided and why).
+
 ``msg_id`` is unique per simulator run; ``Publisher.acked`` holds the ids the broker
 confirmed with PUBACK, so a test or the demo can check that every confirmed message
 reached the receiver exactly once.
@@ -41,10 +51,37 @@ from urllib.parse import urlsplit
 
 import orjson
 
-__all__ = ["Publisher", "StationSimulator", "add_arguments", "run"]
+__all__ = ["Publisher", "StationSimulator", "add_arguments", "lot_status", "receipt", "run"]
 
 NOMINAL_MM = 10.0
 TOLERANCE_MM = 0.05
+
+
+def _now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def receipt(site: str, lot: str, *, supplier: str, material: str = "BRG-6204",
+            quantity: float = 500, unit: str = "pcs", location: str = "WH1",
+            supplier_lot: str | None = None, purchase_order: str | None = None,
+            msg_id: str | None = None) -> tuple[str, bytes, str]:
+    """(topic, payload, msg_id) of a goods receipt of ``lot`` from ``supplier``, as the
+    warehouse scanner publishes it (fields of ``config/plant.example.yaml``)."""
+    msg_id = msg_id or f"rcpt-{lot}-{uuid.uuid4().hex[:6]}"
+    doc = {"msg_id": msg_id, "lot": lot, "material": material, "supplier": supplier,
+           "supplier_lot": supplier_lot or f"{supplier.upper()[:3]}-{lot}", "qty": quantity,
+           "unit": unit, "po": purchase_order or f"PO-{lot}", "ts": _now_iso()}
+    return f"plant/{site}/warehouse/{location}/receipt", orjson.dumps(doc), msg_id
+
+
+def lot_status(site: str, lot: str, status: str, *, decided_by: str, reason: str = "",
+               msg_id: str | None = None) -> tuple[str, bytes, str]:
+    """(topic, payload, msg_id) of a disposition of ``lot`` (``released``, ``hold``,
+    ``quarantine``, ``rejected``) published by the MES on behalf of whoever decided."""
+    msg_id = msg_id or f"status-{lot}-{uuid.uuid4().hex[:6]}"
+    doc = {"msg_id": msg_id, "lot": lot, "status": status, "decided_by": decided_by,
+           "reason": reason, "ts": _now_iso()}
+    return f"plant/{site}/mes/lot/{lot}/status", orjson.dumps(doc), msg_id
 
 
 class Publisher:

@@ -24,6 +24,8 @@ Programmatic API (demo, tests)::
     station.node_id("Temperature")             # "ns=2;s=Station7.Temperature"
     await station.write("Temperature", 21.5)   # drive values by hand (auto=False)
     await station.publish_result(serial="S1", result="fail", measured=9.1)
+    station.fail_next(2)                       # the next 2 results fail (out of spec)
+    station.fail_every = 0                     # no failures of its own (default: every 10th)
     await station.refuse_reads("Serial")       # faults: a Read including Serial fails …
     await station.accept_reads("Serial")       # … until accepted again
     await station.refuse_writes("ResultReady") # the ack write is refused (access denied)
@@ -87,6 +89,20 @@ class Station:
     _kept: dict[str, Any] = field(default_factory=dict)  # values held while reads are refused
     # username → password the server accepts (with ``users``); change it to refuse a login
     users: dict[str, str] = field(default_factory=dict)
+    # a result fails when its part number is a multiple of this (0: never), or while
+    # ``fail_next`` has failures pending; a failing part measures out of spec
+    fail_every: int = 10
+    failing: int = 0
+
+    def fail_next(self, n: int = 1) -> None:
+        """The next ``n`` results fail (result "fail", measured out of spec)."""
+        self.failing += n
+
+    def _fails(self) -> bool:
+        if self.failing > 0:
+            self.failing -= 1
+            return True
+        return bool(self.fail_every) and self.parts % self.fail_every == 0
 
     def node_id(self, variable: str) -> str:
         """NodeId string of a variable, e.g. ``ns=2;s=Station7.Temperature``."""
@@ -124,12 +140,16 @@ class Station:
     ) -> dict[str, Any]:
         """Write one inspection result, then ResultReady=true; returns what was written."""
         self.parts += 1
+        if result is None:
+            result = "fail" if self._fails() else "pass"
+        if measured is None:
+            measured = (round(10.0 + random.choice((-1, 1)) * random.uniform(0.12, 0.3), 4)
+                        if result == "fail" else round(random.gauss(10.0, 0.015), 4))
         values = {
             "LotId": lot_id or self.lot_id,
             "Serial": serial or f"{self.name}-{self.parts:06d}",
-            "Result": result or ("fail" if self.parts % 10 == 0 else "pass"),
-            "Measured": float(measured if measured is not None
-                              else round(random.gauss(10.0, 0.05), 4)),
+            "Result": result,
+            "Measured": float(measured),
         }
         for name, value in values.items():
             await self.write(name, value)
