@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 
 from edge.components import Submission
@@ -17,7 +19,9 @@ from edge.events.catalogue import (
     json_schemas,
     validate_data,
 )
-from edge.rules import SpecLimits, SpecLimitsRule
+from edge.outbox import Outbox
+from edge.pipeline import Pipeline
+from edge.rules import SpecLimitsRule, build_rules
 from edge.transforms.map import Mapper, MappingConfig
 
 TYPES = ["material.receipt", "inspection.result", "lot.status", "quality.hold",
@@ -189,16 +193,30 @@ def test_unknown_types_are_not_validated() -> None:
     assert validate_data("machine.state", data) is data
 
 
-def test_what_the_rules_derive_conforms_to_the_catalogue() -> None:
-    rule = SpecLimits(SpecLimitsRule(type="spec_limits", lower=9.95, upper=10.05), site="p")
-    cause = make_event(type="inspection.result", site="p", source="s", data=validate_data(
-        "inspection.result", {"lot_id": "L1", "serial": "S1", "result": "pass",
-                              "measured": 10.2, "characteristic": "bore"}))
-    derived = rule(Submission(cause))
-    assert sorted(d.event.type for d in derived) == ["nonconformance", "quality.hold"]
-    for d in derived:
-        assert validate_data(d.event.type, d.event.data) == d.event.data
-        assert d.event.ordering_key == "lot:L1"
+async def test_what_the_rules_derive_conforms_to_the_catalogue(tmp_path: Path) -> None:
+    """A failure opens a hold episode: every event the rules store for it (nonconformance,
+    hold, lot status, supplier case, notifications) fits its catalogue model."""
+    outbox = Outbox(tmp_path, router=lambda ev: ["erp"])
+    await outbox.open()
+    try:
+        rules = build_rules([SpecLimitsRule(type="spec_limits", lower=9.95, upper=10.05)],
+                            "p")
+        pipeline = Pipeline(outbox, rules)
+        cause = make_event(type="inspection.result", site="p", source="s", data=validate_data(
+            "inspection.result", {"lot_id": "L1", "serial": "S1", "result": "pass",
+                                  "measured": 10.2, "characteristic": "bore",
+                                  "supplier": "ACME"}))
+        await pipeline.submit([Submission(cause)])
+        rows = await outbox.read(lambda c: c.execute(
+            "SELECT type, body FROM events ORDER BY seq").fetchall())
+    finally:
+        await outbox.close()
+    derived = [(type_, orjson.loads(body)) for type_, body in rows[1:]]
+    assert {type_ for type_, _ in derived} >= {"nonconformance", "quality.hold", "lot.status",
+                                               "supplier.case", "notification"}
+    for type_, doc in derived:
+        assert validate_data(type_, doc["data"]) == doc["data"], type_
+        assert doc["ordering_key"] == "lot:L1"
 
 
 def test_mapped_sources_get_the_check() -> None:
