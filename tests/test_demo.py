@@ -13,9 +13,10 @@ from typing import Any
 import pytest
 
 from edge.config import load_config_text
-from edge.demo.runner import demo_config_text
+from edge.demo.runner import Demo, DemoOptions, demo_config_text
 from edge.demo.summary import Tally, judge
 from tests.fixtures.mosquitto import find_mosquitto
+from tests.support import eventually
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -34,6 +35,9 @@ def test_demo_config_is_valid_with_its_defaults(tmp_path: Path) -> None:
         "plant/{site}/line/{line}/station/{station}/inspection",
         "plant/{site}/line/{line}/station/{station}/reading",
     ]
+    assert [s.id for s in cfg.sources] == ["line1", "mes", "station7"]
+    assert [s.id for s in cfg.sinks] == ["erp", "qms", "supplier-portal", "line-holds"]
+    assert cfg.quality.stuck_after_s == 15  # type: ignore[attr-defined]
     embedded = load_config_text(demo_config_text(), base_dir=tmp_path,
                                 env={"EDGE_DEMO_MQTT_PROTOCOL": "3.1.1",
                                      "EDGE_DEMO_API_ENABLED": "false"})
@@ -102,6 +106,16 @@ def run_demo(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[st
                           capture_output=True, text=True, timeout=timeout, check=False)
 
 
+STORY = [
+    r"^--- receipt: lot LStation7-0001, 500 pcs BRG-6204 from supplier acme",
+    r"^--- receipt: lot LWH-0002, .* from supplier globex \(never inspected\)",
+    r"^--- hold: lot LStation7-0001 episode 1 \(.*limit.*\): on hold on the line's broker, "
+    r"supplier case for acme",
+    r"^--- supplier case for acme, lot LStation7-0001: in the QMS and on the supplier portal",
+    r"^--- release: lot LStation7-0001 released by QMS: A. Inspector",
+    r"^--- stuck: lot LWH-0002 \(globex\)",
+]
+
 LIVE = re.compile(r"received (\d+)  stored (\d+)  delivered (\d+)  backlog (\d+)  "
                   r"dead letters (\d+).*ERP (up|DOWN)")
 
@@ -128,6 +142,11 @@ def test_edge_demo_with_an_erp_outage_ends_with_nothing_lost() -> None:
     assert max(int(x.group(4)) for x in live if x.group(6) == "DOWN") > 0
     assert int(live[-1].group(4)) == 0
     assert "--- ERP outage for 3 s" in out and "--- ERP back" in out
+    # the quality story's first part: receipts, a hold episode with its supplier case (the
+    # rest is checked with the status page below, without a fixed duration)
+    for pattern in STORY[:4]:
+        assert re.search(pattern, out, re.M), (pattern, out[-3000:])
+    assert "warehouse and MES: " in out
     if importlib.util.find_spec("edge.api.server") is not None:
         assert re.search(r"status:  http://127\.0\.0\.1:\d+/ ", out)
 
@@ -139,3 +158,47 @@ def test_edge_demo_runs_on_the_embedded_broker() -> None:
     assert done.returncode == 0, done.stdout + done.stderr
     assert "embedded amqtt" in done.stdout and "MQTT 3.1.1" in done.stdout
     assert re.search(r"published (\d+), delivered \1 \(0 lost, 0 duplicates\)", done.stdout)
+
+
+@pytest.mark.mqtt
+@pytest.mark.opcua
+async def test_demo_tells_the_quality_story_in_its_lines_and_on_the_status_page() -> None:
+    """Receipts, a hold episode with its supplier case, the release and a stuck lot: in
+    the demo's lines, in its live summary, and on the status page while it runs."""
+    if find_mosquitto() is None:
+        pytest.skip("mosquitto is not installed")
+    import asyncio
+
+    import httpx
+
+    lines: list[str] = []
+    demo = Demo(DemoOptions(broker="mosquitto", stuck_after_s=8, rate=10), out=lines.append)
+    run = asyncio.create_task(demo.run())
+    try:
+        await eventually(lambda: run.done() or all(
+            any(x.startswith(prefix) for x in lines) for prefix in ("--- stuck", "--- release")),
+            timeout=60, what="the release's and the stuck lot's lines")
+        assert not run.done(), "\n".join(lines)
+        text = "\n".join(lines)
+        for pattern in STORY:
+            assert re.search(pattern, text, re.M), (pattern, text[-3000:])
+        # order of the story: receipt, hold, case, release
+        firsts = [min(i for i, x in enumerate(lines) if re.search(p, x)) for p in STORY[:5]]
+        assert firsts[0] < firsts[2] < firsts[3] < firsts[4], text
+        live = [x for x in lines if LIVE.search(x)]
+        assert await eventually(lambda: any(re.search(r"lots \d+ \(.*stuck [1-9]\d*\)", x)
+                                            for x in lines), what="a live line with a stuck lot"), live[-3:]
+        url = next(m.group(1) for x in lines
+                   if (m := re.search(r"status:  (http://127\.0\.0\.1:\d+/) ", x)))
+        async with httpx.AsyncClient(base_url=url, timeout=10) as client:
+            status = (await client.get("/status")).json()["lots"]
+            page = (await client.get("/")).text
+        # the lot nobody inspected, oldest of the stuck ones (the MES decides the others)
+        assert status["stuck_lots"][0]["lot_id"] == "LWH-0002", status
+        assert status["by_state"]["released"] >= 1
+        assert "LWH-0002" in page and "<h2>Lots" in page
+    finally:
+        demo.stop()
+        code = await asyncio.wait_for(run, 120)
+    assert code == 0, "\n".join(lines[-20:])
+    assert re.search(r"warehouse and MES: (\d+) published, \1 delivered", "\n".join(lines))

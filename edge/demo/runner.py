@@ -2,9 +2,11 @@
 
 Sequence::
 
-    stand-in ERP (in process) → MQTT broker (mosquitto child, or embedded)
-    → station groups up → gateway with demo.yaml → sources connected
-    → stations publish; a live line every second; optional ERP outage
+    stand-ins for the ERP, QMS and supplier portal (in process) → MQTT broker (mosquitto
+    child, or embedded) → station groups up → gateway with demo.yaml → sources connected
+    → stations publish; the warehouse and MES tell the quality story (``edge.demo.story``:
+      receipts, a hold episode with its supplier case, the release, a stuck lot) as
+      ``---`` lines; a live line every second; optional ERP outage
     → stop (--duration or Ctrl-C) → stations wait for their PUBACKs → backlog drains
     → verdict: what the stations had confirmed vs what the ERP received
 
@@ -33,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 from edge.demo.broker import DemoBroker, free_port, start_broker
 from edge.demo.stations import MqttStations, OpcUaStation, StationGroup
+from edge.demo.story import PlantStory
 from edge.demo.summary import Tally, Verdict, snapshot
 
 if TYPE_CHECKING:
@@ -55,6 +58,7 @@ class DemoOptions:
     api: bool = True
     site: str = "demo-plant"
     drain_timeout_s: float = 60.0
+    stuck_after_s: float = 15.0  # quality.stuck_after_s: when the story's unused lot is stuck
 
 
 def demo_config_text() -> str:
@@ -62,12 +66,16 @@ def demo_config_text() -> str:
     return importlib.resources.files("edge").joinpath("resources/demo.yaml").read_text()
 
 
-def station_groups(broker: DemoBroker, options: DemoOptions) -> list[StationGroup]:
-    """The simulated equipment of the demo; add a protocol's group here."""
+def station_groups(broker: DemoBroker, options: DemoOptions,
+                   out: Callable[[str], None] = print) -> list[StationGroup]:
+    """The simulated equipment of the demo; add a protocol's group here. The warehouse and
+    MES (``PlantStory``) come last: they tell their story around the stations."""
+    opcua = OpcUaStation()
     return [
         MqttStations(broker.url, broker.protocol, site=options.site,
                      stations=options.stations, rate=options.rate),
-        OpcUaStation(),
+        opcua,
+        PlantStory(broker.url, broker.protocol, site=options.site, opcua=opcua, out=out),
     ]
 
 
@@ -90,6 +98,12 @@ class Demo:
         self._stop = asyncio.Event()
         self._interrupts = 0
         self._outage_on = False
+        self._receivers: list[Any] = []  # the QMS and portal stand-ins
+
+    def stop(self) -> None:
+        """End the run as a first Ctrl-C does: the stations stop, the backlog drains, then
+        the verdict."""
+        self._stop.set()
 
     # ------------------------------------------------------------------ signals
 
@@ -134,9 +148,14 @@ class Demo:
         async with contextlib.AsyncExitStack() as stack:
             erp = await ErpReceiver().start()
             stack.push_async_callback(erp.stop)
+            qms = await ErpReceiver().start()
+            stack.push_async_callback(qms.stop)
+            portal = await ErpReceiver().start()
+            stack.push_async_callback(portal.stop)
+            self._receivers = [qms, portal]
             broker = await start_broker(opts.broker, workdir)
             stack.push_async_callback(broker.stop)
-            groups = station_groups(broker, opts)
+            groups = station_groups(broker, opts, self.out)
             for group in groups:
                 await group.start()
                 stack.push_async_callback(group.shutdown)
@@ -147,6 +166,9 @@ class Demo:
                 "EDGE_DEMO_SITE": opts.site,
                 "EDGE_DEMO_STATE_DIR": str(workdir / "state"),
                 "EDGE_DEMO_ERP_URL": erp.url,
+                "EDGE_DEMO_QMS_URL": qms.url,
+                "EDGE_DEMO_PORTAL_URL": portal.url,
+                "EDGE_DEMO_STUCK_AFTER_S": f"{opts.stuck_after_s:g}",
                 "EDGE_DEMO_API_ENABLED": "true" if api_on else "false",
                 "EDGE_DEMO_API_LISTEN": f"127.0.0.1:{api_port}",
             }
@@ -156,6 +178,9 @@ class Demo:
             gw = Gateway(cfg)
             stack.push_async_callback(gw.stop)
             await gw.start()
+            for group in groups:
+                if isinstance(group, PlantStory):
+                    group.gateway, group.qms, group.portal = gw, qms, portal
             self._banner(groups, broker, erp.url, workdir, temporary,
                          f"http://127.0.0.1:{api_port}/" if api_on else None)
             if not await self._wait_connected(gw, groups):
@@ -195,7 +220,8 @@ class Demo:
         opts = self.options
         what = ", ".join(g.label for g in groups)
         self.out(f"edge demo: {what} → {broker.name} ({broker.url}, MQTT {broker.protocol}) "
-                 f"→ gateway → stand-in ERP ({erp_url})")
+                 f"→ gateway → stand-in ERP ({erp_url}), QMS and supplier portal; holds "
+                 "back to the broker")
         self.out(f"  state:   {workdir}{' (temporary)' if temporary else ''}")
         if status_url:
             self.out(f"  status:  {status_url}  (JSON {status_url}status, "
@@ -235,6 +261,10 @@ class Demo:
         erp.requests.clear()  # type: ignore[attr-defined]
         erp.accepted_ids.clear()  # type: ignore[attr-defined]
         self._tally.add(batch)
+        for receiver in self._receivers:  # the QMS and portal: keep only the recent ones
+            del receiver.events[:-1000]
+            del receiver.requests[:-1000]
+            receiver.accepted_ids.clear()
 
     async def _live(self, gw: object, erp: object, started: float) -> None:
         while True:

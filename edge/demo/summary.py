@@ -2,7 +2,11 @@
 
 Live line (from the gateway's metrics and outbox statistics)::
 
-    [  12s] received 240  stored 240  delivered 200  backlog 40  dead letters 0  ERP up
+    [  12s] received 240  stored 240  delivered 200  backlog 40  dead letters 0  lots 9
+    (hold 1, released 7, stuck 1)  ERP up
+
+(one line; ``lots``: the gateway's lot table as ``/status`` shows it — lots by state and
+the stuck ones, see docs/quality.md)
 
 Verdict (what the stations had confirmed vs what the ERP received)::
 
@@ -36,6 +40,7 @@ class Snapshot:
     backlog: int
     dead_letters: int
     quarantined: int
+    lots: dict[str, Any] | None = None  # the lots section of /status
 
     def line(self, elapsed_s: float, erp_state: str) -> str:
         text = (f"[{elapsed_s:4.0f}s] received {self.received}  stored {self.stored}  "
@@ -43,6 +48,12 @@ class Snapshot:
                 f"dead letters {self.dead_letters}")
         if self.quarantined:
             text += f"  quarantined {self.quarantined}"
+        if self.lots is not None:
+            by_state = self.lots.get("by_state") or {}
+            states = ", ".join(f"{state} {n}" for state, n in by_state.items()
+                               if n and state != "unknown")
+            text += (f"  lots {self.lots.get('total', 0)} ({states + ', ' if states else ''}"
+                     f"stuck {self.lots.get('stuck', 0)})")
         return f"{text}  ERP {erp_state}"
 
 
@@ -62,6 +73,8 @@ async def snapshot(gw: Gateway) -> Snapshot:
         received += int(counts.get("received", _sample(gw, "edge_events_received_total",
                                                           "source", [sid])))
     stats = await gw.outbox.stats()
+    monitor = getattr(gw, "lot_monitor", None)
+    lots = await monitor.section(gw.outbox) if monitor is not None else None
     return Snapshot(
         received=received,
         stored=stored,
@@ -69,6 +82,7 @@ async def snapshot(gw: Gateway) -> Snapshot:
         backlog=sum(int(s.get("total", 0)) for s in stats["sinks"].values()),
         dead_letters=int(stats["dead_letters"]),
         quarantined=int(sum(stats["quarantine"].values())),
+        lots=lots,
     )
 
 
