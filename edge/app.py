@@ -12,6 +12,8 @@ Contract:
   storm guard, refused credentials); audited as ``sink_resumed``.
 - ``await gw.release_lot(lot, by=..., reason=..., actor=...)`` releases a lot (ends its
   hold episode, ``edge.pipeline.Pipeline.release``); audited as ``lot_released``.
+- With ``quality.reconcile`` configured, ``gw.reconciler`` reads lot statuses back from
+  the ERP / QMS every ``every_s`` (``await gw.reconciler.round()`` runs one round now).
 - A source that raises ``FatalStartupError`` is stopped and shown as failed; any other
   error restarts it with capped exponential backoff. The daemon never exits because one
   component fails.
@@ -42,6 +44,7 @@ from edge.outbox import Outbox
 from edge.outbox.integrity import EarlyCheck
 from edge.pipeline import Pipeline, Release
 from edge.quality.monitor import LotMonitor
+from edge.quality.reconcile import Reconciler
 from edge.registry import Registry, default_registry
 from edge.rules import QualityConfig, build_rules
 from edge.telemetry import Metrics, log_event
@@ -109,7 +112,12 @@ class Gateway:
                              early_check=early_check,
                              lot_retention_days=quality.lot_retention_days)
         self.pipeline = Pipeline(self.outbox, build_rules(config.rules, config.site))
-        self.lot_monitor = LotMonitor(self.metrics.registry, quality.stuck_after_s)
+        self.quality = quality
+        self.lot_monitor = LotMonitor(self.metrics.registry, quality.stuck_after_s,
+                                      sla=quality.sla,
+                                      notification_types=quality.notification_types)
+        self.reconciler: Reconciler | None = None
+        self._reconcile_task: asyncio.Task[None] | None = None
         self.sinks: dict[str, Sink] = {}
         self.sources: dict[str, Source] = {}
         self.forwarders: dict[str, Forwarder] = {}
@@ -169,6 +177,11 @@ class Gateway:
             self.status[cfg.id] = ComponentStatus(cfg.id, "source", cfg.type)
             comp = self.registry.get("source", cfg.type)
             self.sources[cfg.id] = comp.factory(cfg, self._context(cfg.id, "source"))
+        if self.quality.reconcile is not None:
+            self.reconciler = Reconciler(
+                self.quality.reconcile, {c.id: c for c in self.config.sinks}, self.outbox,
+                live=self.sinks, site=self.config.site, state_dir=self.config.state_dir,
+                registry=self.metrics.registry)
         await self.outbox.open()
         await self._catch_up()  # a failure or CAPA count a crash left without its events
         for cfg in self.config.sinks:
@@ -185,6 +198,9 @@ class Gateway:
                 self._supervise(sid, source), name=f"source-{sid}"
             )
         self._gauges = asyncio.create_task(self._update_gauges(), name="outbox-gauges")
+        if self.reconciler is not None:
+            self._reconcile_task = asyncio.create_task(self.reconciler.run(),
+                                                       name="reconcile")
         if self._api is not None:
             self._api_task = asyncio.create_task(self._api.serve(), name="api")
             await self._api.started()
@@ -238,6 +254,7 @@ class Gateway:
                     m.outbox_parked_keys.labels(sid).set((entry or {}).get("parked", 0))
             try:
                 await self.lot_monitor.section(self.outbox)  # sets the lot gauges
+                await self.lot_monitor.business(self.outbox)  # SLA and notification gauges
             except Exception as err:  # noqa: BLE001 - gauges are best effort
                 log_event(log, logging.DEBUG, "lot gauge refresh failed", error=repr(err))
             await self._catch_up()
@@ -299,6 +316,12 @@ class Gateway:
         log_event(log, logging.INFO, "gateway stopping: intake first, then in-flight sends")
         if self._gauges is not None:
             self._gauges.cancel()
+        if self._reconcile_task is not None:
+            self._reconcile_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._reconcile_task
+        if self.reconciler is not None:
+            await self.reconciler.close()
         for task in self._source_tasks.values():
             task.cancel()
         for task in self._source_tasks.values():
@@ -368,7 +391,10 @@ class Gateway:
                 entry["note"] = ("sink no longer in config: rows kept; reroute or discard them "
                                  "with `edge outbox reroute|discard --reason`")
             sinks_out[sid] = entry
-        return {
+        lots_section = await self.lot_monitor.section(self.outbox)
+        lots_section["reconcile"] = (self.reconciler.section() if self.reconciler is not None
+                                     else {"enabled": False})
+        report: dict[str, Any] = {
             "site": self.config.site,
             "version": _version(),
             "started_at": utc_iso(self.started_at),
@@ -386,8 +412,15 @@ class Gateway:
             },
             "sinks": sinks_out,
             "alarms": stats["alarms"],
-            "lots": await self.lot_monitor.section(self.outbox),
+            "lots": lots_section,
+            "business": await self.lot_monitor.business(self.outbox),
         }
+        from edge.api.summary import overall, problems
+
+        found = problems(report)
+        report["health"] = {"state": overall(found),
+                            "problems": [p.to_dict() for p in found]}
+        return report
 
     # ------------------------------------------------------------------ operator actions
 

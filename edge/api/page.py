@@ -65,6 +65,8 @@ def render(report: dict[str, Any], not_ready: list[dict[str, str]]) -> str:
     if "error" not in report:
         parts += _sinks(report.get("sinks") or {})
         parts += _lots(report.get("lots") or {})
+        parts += _reconcile((report.get("lots") or {}).get("reconcile") or {})
+        parts += _business(report.get("business") or {})
         parts += _components(report.get("components") or [])
         parts += _outbox(report.get("outbox") or {})
     parts.append("</main><footer>Machine-readable: <a href='/status'>/status</a> · "
@@ -186,6 +188,84 @@ def _lots(section: dict[str, Any]) -> list[str]:
         out.append(f"<tr><td colspan='7' class='muted'>and {stuck - len(shown)} more: "
                    "<a href='/lots'>/lots</a></td></tr>")
     return [*out, "</table>"]
+
+
+def _reconcile(section: dict[str, Any]) -> list[str]:
+    """ERP / QMS reconciliation: mismatches, failed reads, decisions applied."""
+    if not section.get("enabled"):
+        return []
+    systems = [s.get("system") for s in section.get("systems") or []]
+    out = [f"<h2>Reconciliation with {_e(', '.join(str(s) for s in systems))}</h2>"
+           f"<p class='muted'>Every {_e(duration(section.get('every_s')))}; last round "
+           f"{_e(ago(section.get('last_round')))}: {_e(section.get('lots_checked', 0))} lot(s) "
+           f"read, {_e(section.get('mismatches', 0))} mismatch(es), "
+           f"{_e(section.get('unknown', 0))} failed read(s), "
+           f"{_e(section.get('in_transit', 0))} with a status on its way.</p>"]
+    shown = section.get("mismatch_lots") or []
+    if shown:
+        out.append("<table><tr><th>lot</th><th>local</th>"
+                   + "".join(f"<th>{_e(s)}</th>" for s in systems)
+                   + "<th>mismatch</th></tr>")
+        for lot in shown:
+            cells = "".join(
+                f"<td>{_e(((lot.get('systems') or {}).get(s) or {}).get('status') or 'unknown')}"
+                "</td>" for s in systems)
+            text = "; ".join(m.get("text", "") for m in lot.get("mismatches") or [])
+            out.append(f"<tr><td>{_e(lot.get('lot_id'))}</td><td>{_e(lot.get('local'))}</td>"
+                       f"{cells}<td class='bad'>{_e(text)}</td></tr>")
+        out.append("</table>")
+    reads = section.get("unknown_reads") or []
+    if reads:
+        out.append("<p class='muted'>Failed reads (unknown, not a mismatch):</p><ul class='p'>")
+        out += [f"<li class='warning'>{_e(r.get('lot_id'))} at {_e(r.get('system'))}: "
+                f"{_e(r.get('reason'))}</li>" for r in reads]
+        out.append("</ul>")
+    applied = section.get("applied") or []
+    if applied:
+        out.append("<p class='muted'>Decisions that came down:</p><ul class='p'>")
+        out += [f"<li>{_e(a.get('lot_id'))}: {_e(a.get('status'))} by "
+                f"{_e(a.get('decided_by') or a.get('system'))} ({_e(a.get('system'))}, "
+                f"{_e(ago(a.get('at')))})</li>" for a in applied]
+        out.append("</ul>")
+    return out
+
+
+def _business(section: dict[str, Any]) -> list[str]:
+    """Delivery SLAs per type and failed supplier notifications."""
+    out: list[str] = []
+    slas = section.get("sla") or []
+    if slas:
+        out.append("<h2>Delivery SLAs</h2><table><tr><th>type</th><th>within</th>"
+                   "<th>waiting</th><th>oldest</th><th>state</th></tr>")
+        for sla in slas:
+            late = sla.get("breached")
+            state = (f"LATE by {_e(duration(sla.get('late_s')))} at "
+                     f"{_e(', '.join(k for k, v in (sla.get('sinks') or {}).items() if v.get('late')))}"
+                     if late else "ok")
+            out.append(f"<tr><td>{_e(sla.get('type'))}</td>"
+                       f"<td>{_e(duration(sla.get('within_s')))}</td>"
+                       f"<td class='n'>{_e(sla.get('waiting', 0))}</td>"
+                       f"<td>{_e(duration(sla.get('oldest_age_s')))}</td>"
+                       f"<td class='{'bad' if late else 'good'}'>{state}</td></tr>")
+        out.append("</table>")
+    nt = section.get("notifications") or {}
+    items = nt.get("items") or []
+    retrying = nt.get("retrying_items") or []
+    if items or retrying:
+        out.append(f"<h2>Supplier notifications that failed</h2><p class='muted'>"
+                   f"{_e(nt.get('dead_letters', 0))} dead-lettered, {_e(nt.get('retrying', 0))} "
+                   "retrying.</p><table><tr><th>type</th><th>key</th><th>sink</th>"
+                   "<th>state</th><th>reason</th></tr>")
+        for d in items:
+            out.append(f"<tr><td>{_e(d.get('type'))}</td><td>{_e(d.get('ordering_key'))}</td>"
+                       f"<td>{_e(d.get('sink'))}</td><td class='bad'>dead letter "
+                       f"#{_e(d.get('dead_letter_id'))}</td><td>{_e(d.get('reason'))}</td></tr>")
+        for d in retrying:
+            out.append(f"<tr><td>{_e(d.get('type'))}</td><td>{_e(d.get('ordering_key'))}</td>"
+                       f"<td>{_e(d.get('sink'))}</td><td>retrying ({_e(d.get('attempts'))} "
+                       f"attempts)</td><td>{_e(d.get('last_error'))}</td></tr>")
+        out.append("</table>")
+    return out
 
 
 def _components(components: list[dict[str, Any]]) -> list[str]:

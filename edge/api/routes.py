@@ -253,6 +253,10 @@ async def lots_list(request: Request) -> Response:
     now = time.time()
     rows = await _outbox(request).read(lambda c: lots.list_lots(
         c, now=now, state=state, stuck_after_s=stuck_after_s, limit=int(raw)))
+    reconciler = getattr(gateway, "reconciler", None)
+    if reconciler is not None:  # the last reconciliation round's view of each lot
+        for r in rows:
+            r["reconcile"] = reconciler.check(r["lot_id"])
     return json({"lots": rows, "count": len(rows)})
 
 

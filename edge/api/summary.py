@@ -47,6 +47,8 @@ def problems(report: dict[str, Any]) -> list[Problem]:
     for sid, sink in sorted((report.get("sinks") or {}).items()):
         out.extend(_sink(sid, sink))
     out.extend(_lots(report.get("lots") or {}))
+    out.extend(_reconcile((report.get("lots") or {}).get("reconcile") or {}))
+    out.extend(_business(report.get("business") or {}))
     out.sort(key=lambda p: p.severity != "critical")
     return out
 
@@ -164,6 +166,50 @@ def _lots(section: dict[str, Any]) -> list[Problem]:
                     f"{duration(section.get('stuck_after_s'))}{first}{more}; decide them "
                     "(release: edge lot release LOT --reason ... --by ...)",
                     shown[0].get("since") if shown else None)]
+
+
+def _reconcile(section: dict[str, Any]) -> list[Problem]:
+    """ERP / QMS reconciliation (``lots.reconcile``; absent or disabled: nothing)."""
+    if not section.get("enabled"):
+        return []
+    out: list[Problem] = []
+    count = int(section.get("mismatches") or 0)
+    if count:
+        shown = section.get("mismatch_lots") or []
+        first = (f": {shown[0]['lot_id']} "
+                 f"({'; '.join(m.get('text', '') for m in shown[0].get('mismatches') or [])})"
+                 if shown else "")
+        more = f" and {count - 1} more" if count > 1 and shown else ""
+        out.append(Problem("warning", "lots",
+                           f"{count} lot(s) whose status differs between the gateway, the "
+                           f"ERP and the QMS{first}{more}; see edge lots"))
+    unknown = int(section.get("unknown") or 0)
+    if unknown:
+        reads = section.get("unknown_reads") or []
+        first = f": {reads[0]['lot_id']} at {reads[0]['system']}, {reads[0]['reason']}" \
+            if reads else ""
+        out.append(Problem("warning", "lots",
+                           f"{unknown} lot status read(s) failed (status unknown, not a "
+                           f"mismatch){first}"))
+    return out
+
+
+def _business(section: dict[str, Any]) -> list[Problem]:
+    """Breached delivery SLAs and failed supplier notifications (``business``)."""
+    out: list[Problem] = []
+    for sla in section.get("sla") or []:
+        if sla.get("breached"):
+            out.append(Problem("warning", f"SLA {sla.get('type')}", str(
+                sla.get("message") or f"{sla.get('type')} late by {duration(sla.get('late_s'))}")))
+    nt = section.get("notifications") or {}
+    if nt.get("dead_letters"):
+        items = nt.get("items") or []
+        first = (f": {items[0].get('type')} of {items[0].get('ordering_key') or '-'} at "
+                 f"{items[0].get('sink')} ({items[0].get('reason')})" if items else "")
+        out.append(Problem("warning", "notifications",
+                           f"{nt['dead_letters']} supplier case(s) / notification(s) "
+                           f"dead-lettered{first}; fix and replay (edge dlq)"))
+    return out
 
 
 def lot_text(lot: dict[str, Any]) -> str:

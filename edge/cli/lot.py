@@ -3,7 +3,11 @@ one (the end of its hold episode), whether the gateway runs or not.
 
 ``edge lots -c FILE [--state S] [--limit N] [--json]`` reads the lots table of the outbox
 file directly (a WAL reader never blocks the daemon): lot, state, hold episode, supplier,
-last event and its age; lots stuck longer than ``quality.stuck_after_s`` are marked.
+last event and its age; lots stuck longer than ``quality.stuck_after_s`` are marked. With
+``quality.reconcile`` configured, a ``mismatch`` column shows where the lot's status
+differs between the gateway, the ERP and the QMS (from the last reconciliation round,
+kept in the state dir's ``reconcile.json``; ``?`` marks a failed read); ``--json`` adds
+each lot's ``reconcile`` entry.
 
 ``edge lot release LOT --reason TEXT --by NAME [-c FILE | --url URL]``: a release is an
 explicit decision, so both are required; ``--by`` is who decided (it goes into the
@@ -90,6 +94,10 @@ def cmd_lots(args: argparse.Namespace) -> int:
         return 1
     finally:
         conn.close()
+    recon = _reconcile_file(cfg) if quality_config(cfg).reconcile is not None else None
+    if recon is not None:
+        for r in rows:
+            r["reconcile"] = (recon.get("lots") or {}).get(r["lot_id"])
     if args.json:
         json.dump(rows, sys.stdout, indent=2)
         sys.stdout.write("\n")
@@ -99,17 +107,42 @@ def cmd_lots(args: argparse.Namespace) -> int:
               + " (the gateway records lots from receipts, inspection results and status "
                 "events)")
         return 0
+    if recon is not None:
+        print(f"reconciliation: last round {ago(recon.get('at'))}" if recon.get("at")
+              else "reconciliation: no round yet")
     print(f"{'lot':<20}{'state':<12}{'episode':>8}  {'supplier':<16}{'last event':<20}"
-          f"{'age':>10}  {'in state':>10}")
+          f"{'age':>10}  {'in state':>10}" + ("  mismatch" if recon is not None else ""))
     for r in rows:
         last = r["last_event"] or {}
         flag = f"  STUCK (> {duration(stuck_after_s)})" if r.get("stuck") else ""
         flag += "  (failure waiting for its episode)" if r.get("pending") else ""
         age = ago(last.get("at")).removesuffix(" ago") if last else "-"
+        column = f"  {mismatch_text(r.get('reconcile')):<8}" if recon is not None else ""
         print(f"{r['lot_id']:<20}{r['state']:<12}{r['episode']:>8}  "
               f"{(r['supplier'] or '-'):<16}{(last.get('type') or '-'):<20}{age:>10}  "
-              f"{duration(r['age_s']):>10}{flag}")
+              f"{duration(r['age_s']):>10}{column}{flag}")
     return 0
+
+
+def _reconcile_file(cfg: Any) -> dict[str, Any]:
+    from edge.quality.reconcile import load_checks
+
+    return load_checks(cfg.state_dir)
+
+
+def mismatch_text(entry: dict[str, Any] | None) -> str:
+    """``-`` (agrees), ``erp released`` (differs), ``qms ?`` (read failed), blank (not
+    read in the last round)."""
+    if not entry:
+        return ""
+    parts = []
+    systems = entry.get("systems") or {}
+    for m in entry.get("mismatches") or []:
+        parts.append(str(m.get("text", m.get("between"))))
+    for name, rd in systems.items():
+        if rd.get("error"):
+            parts.append(f"{name} ? ({rd['error']})")
+    return "; ".join(parts) or "-"
 
 
 # --------------------------------------------------------------------------- edge lot release

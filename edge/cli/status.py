@@ -79,6 +79,7 @@ def format_report(report: dict[str, Any]) -> list[str]:
         for sid, k in parked:
             lines.append(f"  {sid:<14}{k.get('key', ''):<24}dead letter #{k.get('dead_letter_id')}"
                          f"  since {str(k.get('since', ''))[:19]}  {k.get('waiting', 0)} waiting")
+    lines += _business_lines(report)
     lines.append("")
     for c in report.get("components") or []:
         conn = "" if c.get("kind") != "source" else (
@@ -94,3 +95,35 @@ def format_report(report: dict[str, Any]) -> list[str]:
                  + (f", full in about {duration(ttf)}" if ttf and pct >= 50 else "")
                  + ("" if ob.get("accepting", True) else ", REFUSING NEW EVENTS"))
     return lines
+
+
+def _business_lines(report: dict[str, Any]) -> list[str]:
+    """Lots, delivery SLAs and reconciliation in a few lines (absent in older reports)."""
+    from edge.timefmt import ago, duration
+
+    out: list[str] = []
+    lots = report.get("lots") or {}
+    if lots:
+        by = lots.get("by_state") or {}
+        out.append(f"lots: {lots.get('total', 0)} ("
+                   + ", ".join(f"{k} {v}" for k, v in by.items() if v)
+                   + f"); stuck {lots.get('stuck', 0)}, delayed dispositions "
+                   f"{lots.get('delayed_dispositions', 0)}")
+    rec = lots.get("reconcile") or {}
+    if rec.get("enabled"):
+        out.append(f"reconciliation ({', '.join(s.get('system', '') for s in rec.get('systems') or [])}"
+                   f", every {duration(rec.get('every_s'))}): last round "
+                   f"{ago(rec.get('last_round'))}, {rec.get('lots_checked', 0)} lots, "
+                   f"{rec.get('mismatches', 0)} mismatch(es), {rec.get('unknown', 0)} failed "
+                   f"read(s), {len(rec.get('applied') or [])} decision(s) applied")
+    business = report.get("business") or {}
+    for sla in business.get("sla") or []:
+        state = (f"LATE by {duration(sla.get('late_s'))}" if sla.get("breached") else "ok")
+        out.append(f"SLA {sla.get('type')} within {duration(sla.get('within_s'))}: {state} "
+                   f"({sla.get('waiting', 0)} waiting, oldest "
+                   f"{duration(sla.get('oldest_age_s'))})")
+    nt = business.get("notifications") or {}
+    if nt.get("dead_letters") or nt.get("retrying"):
+        out.append(f"supplier notifications: {nt.get('dead_letters', 0)} dead-lettered, "
+                   f"{nt.get('retrying', 0)} retrying")
+    return [""] + out if out else []

@@ -38,10 +38,13 @@ __all__ = [
     "Applied",
     "apply_changes",
     "get_lot",
+    "in_transit",
     "list_lots",
     "load_state",
+    "notification_failures",
     "prune",
     "summary",
+    "undelivered_by_type",
 ]
 
 _LOT_COLS = ("lot_id", "state", "episode", "supplier", "info", "first_seen", "opened_at",
@@ -255,7 +258,91 @@ def summary(conn: sqlite3.Connection, *, now: float, stuck_after_s: float,
         "stuck_lots": [lot_dict(_lot(r), now, stuck_after_s) for r in rows],
         "pending": conn.execute("SELECT COUNT(*) FROM lots WHERE pending IS NOT NULL"
                                 ).fetchone()[0],
+        # delayed dispositions: on hold since the episode opened, no decision since
+        "delayed_dispositions": conn.execute(
+            "SELECT COUNT(*) FROM lots WHERE state = 'hold' AND "
+            "COALESCE(opened_at, updated_at) < ?", (cutoff,)).fetchone()[0],
     }
+
+
+# --------------------------------------------------------------------------- business monitors
+
+def undelivered_by_type(conn: sqlite3.Connection, types: Sequence[str], *, now: float
+                        ) -> dict[str, dict[str, dict[str, Any]]]:
+    """For each of ``types``: per sink, the events still undelivered (queued, retrying,
+    unrouted, parked: every delivery row) — ``{type: {sink: {"waiting", "oldest_age_s",
+    "oldest_event_id"}}}``; a type with nothing waiting is absent. Age counts from ingest."""
+    if not types:
+        return {}
+    marks = ", ".join("?" * len(types))
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for type_, sink, waiting, oldest in conn.execute(
+            f"SELECT e.type, d.sink, COUNT(*), MIN(e.received_at) FROM deliveries d "
+            f"JOIN events e ON e.seq = d.seq WHERE e.type IN ({marks}) "
+            "GROUP BY e.type, d.sink", list(types)):
+        row = conn.execute(
+            "SELECT e.id FROM deliveries d JOIN events e ON e.seq = d.seq "
+            "WHERE d.sink = ? AND e.type = ? ORDER BY e.received_at LIMIT 1",
+            (sink, type_)).fetchone()
+        out.setdefault(type_, {})[sink] = {
+            "waiting": waiting, "oldest_age_s": round(max(0.0, now - oldest), 1),
+            "oldest_event_id": row[0] if row else None}
+    return out
+
+
+def notification_failures(conn: sqlite3.Connection, types: Sequence[str], *, shown: int = 20
+                          ) -> dict[str, Any]:
+    """Dead letters of ``types`` (supplier cases, notifications, CAPA requests), newest
+    first, and how many of them are still retrying after a failed attempt."""
+    if not types:
+        return {"dead_letters": 0, "retrying": 0, "items": [], "retrying_items": []}
+    marks = ", ".join("?" * len(types))
+    dead = conn.execute(f"SELECT COUNT(*) FROM dead_letters WHERE type IN ({marks})",
+                        list(types)).fetchone()[0]
+    items = [{"dead_letter_id": i, "sink": sink, "event_id": ev, "type": t, "status": st,
+              "reason": reason, "ordering_key": key, "dead_at": utc_iso(at)}
+             for i, sink, ev, t, st, reason, key, at in conn.execute(
+                 "SELECT id, sink, event_id, type, status, reason, ordering_key, dead_at "
+                 f"FROM dead_letters WHERE type IN ({marks}) ORDER BY id DESC LIMIT ?",
+                 (*types, shown))]
+    retrying_sql = (f"FROM deliveries d JOIN events e ON e.seq = d.seq WHERE e.type IN "
+                    f"({marks}) AND (d.attempts > 0 OR d.last_error IS NOT NULL)")
+    retrying = conn.execute(f"SELECT COUNT(*) {retrying_sql}", list(types)).fetchone()[0]
+    retrying_items = [{"sink": sink, "event_id": ev, "type": t, "attempts": n,
+                       "last_error": err, "ordering_key": key}
+                      for sink, ev, t, n, err, key in conn.execute(
+                          "SELECT d.sink, e.id, e.type, d.attempts, d.last_error, "
+                          f"e.ordering_key {retrying_sql} ORDER BY d.seq LIMIT ?",
+                          (*types, shown))]
+    return {"dead_letters": dead, "retrying": retrying, "items": items,
+            "retrying_items": retrying_items}
+
+
+_STATUS_TYPES = ("lot.status", "quality.hold", "quality.release")
+
+
+def in_transit(conn: sqlite3.Connection, lot_ids: Sequence[str], sinks: Sequence[str]
+               ) -> set[tuple[str, str]]:
+    """(lot, sink) pairs where a lot's status (``lot.status``, ``quality.hold``,
+    ``quality.release``) is still on its way to the sink (queued or retrying): what the
+    system answers about that lot may not know it yet."""
+    if not lot_ids or not sinks:
+        return set()
+    out: set[tuple[str, str]] = set()
+    keys = {f"lot:{lot}": lot for lot in lot_ids}
+    smarks = ", ".join("?" * len(sinks))
+    tmarks = ", ".join("?" * len(_STATUS_TYPES))
+    key_list = list(keys)
+    for i in range(0, len(key_list), 500):
+        chunk = key_list[i:i + 500]
+        kmarks = ", ".join("?" * len(chunk))
+        for key, sink in conn.execute(
+                f"SELECT DISTINCT d.ordering_key, d.sink FROM deliveries d "
+                f"JOIN events e ON e.seq = d.seq WHERE d.sink IN ({smarks}) "
+                f"AND d.ordering_key IN ({kmarks}) AND e.type IN ({tmarks})",
+                (*sinks, *chunk, *_STATUS_TYPES)):
+            out.add((keys[key], sink))
+    return out
 
 
 # --------------------------------------------------------------------------- pruning

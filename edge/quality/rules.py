@@ -34,6 +34,19 @@ emit one ``capa.request``::
     quality:
       stuck_after_s: 3600               # a lot without a disposition this long is stuck
       lot_retention_days: 90            # released / rejected lots are forgotten after this
+      sla:                              # delivery SLAs per event type
+        - {type: lot.status, within_s: 60}
+      reconcile:                        # read the lot status back from the ERP / QMS
+        every_s: 300
+        recent_s: 86400
+        sources:
+          - {sink: erp, path: "/lots/{lot_id}/status", field: status}
+          - {sink: qms, path: "/lots/{lot_id}", field: disposition, kind: qms}
+
+A reconciliation source reads through an ``http`` sink (its base URL, auth and TLS).
+``kind`` (``erp`` or ``qms``; by default the sink id when it is one of those) decides
+which decisions of that system are applied locally (``apply``; default: a QMS's
+``released`` and ``rejected``, nothing of an ERP — its differences are reported only).
 """
 
 from __future__ import annotations
@@ -45,8 +58,12 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 __all__ = [
     "CAPA_FIELDS",
+    "DEFAULT_STATUS_MAP",
     "CapaRule",
     "QualityConfig",
+    "ReconcileConfig",
+    "ReconcileSource",
+    "SlaConfig",
     "RuleConfig",
     "SpecLimitsRule",
 ]
@@ -149,6 +166,122 @@ class CapaRule(BaseModel):
 RuleConfig = Annotated[SpecLimitsRule | CapaRule, Field(discriminator="type")]
 
 
+# remote status words → lot states (lower case; a source's ``statuses`` adds or overrides)
+DEFAULT_STATUS_MAP: dict[str, str] = {
+    "released": "released", "release": "released", "available": "released",
+    "unrestricted": "released", "free": "released", "approved": "released",
+    "accepted": "released", "usable": "released",
+    "hold": "hold", "on_hold": "hold", "on hold": "hold", "held": "hold",
+    "blocked": "hold", "locked": "hold",
+    "quarantine": "quarantine", "quarantined": "quarantine",
+    "quality_inspection": "quarantine", "in_inspection": "quarantine",
+    "rejected": "rejected", "reject": "rejected", "scrapped": "rejected",
+    "returned": "rejected", "return_to_supplier": "rejected",
+}
+_DECISION = Literal["released", "hold", "quarantine", "rejected"]
+_LOT_STATE_NAMES = ("released", "hold", "quarantine", "rejected")
+_SYSTEM = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]*$")
+
+
+class ReconcileSource(BaseModel):
+    """One system the lot status is read from, through an ``http`` sink's client config."""
+
+    model_config = _STRICT
+
+    sink: str = Field(description="id of an http sink: its url, auth and tls are used")
+    path: str = Field("/lots/{lot_id}/status",
+                      description="GET path under the sink's url; {lot_id} is the lot id as "
+                                  "one percent-encoded path segment")
+    field: str = Field("status", description="answer field with the lot's status "
+                                             "(dotted for nested objects: lot.status)")
+    decided_by_field: str = Field("decided_by", description="answer field naming who decided")
+    decided_at_field: str = Field("decided_at",
+                                  description="answer field with when it was decided (ISO)")
+    system: str | None = Field(None, description="name shown in reports and metrics "
+                                                 "(default: the sink id)")
+    kind: Literal["erp", "qms"] | None = Field(
+        None, description="erp or qms (default: the sink id when it is one of those)")
+    apply: list[_DECISION] | None = Field(
+        None, description="decisions of this system applied to the local lot "
+                          "(default: released and rejected for a qms, none for an erp)")
+    statuses: dict[str, str] = Field(
+        default_factory=dict, description="this system's status words → lot states "
+                                          "(released, hold, quarantine, rejected)")
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, v: str) -> str:
+        if not v.startswith("/"):
+            raise ValueError(f"must start with '/', got {v!r}")
+        names = re.findall(r"{([^}]*)}", v)
+        if names != ["lot_id"]:
+            raise ValueError("must contain {lot_id} once and no other placeholder, "
+                             f"got {v!r}")
+        return v
+
+    @field_validator("statuses")
+    @classmethod
+    def _statuses(cls, v: dict[str, str]) -> dict[str, str]:
+        for word, state in v.items():
+            if state not in _LOT_STATE_NAMES:
+                raise ValueError(f"{word}: must map to one of {', '.join(_LOT_STATE_NAMES)}, "
+                                 f"got {state!r}")
+        return {k.strip().lower(): s for k, s in v.items()}
+
+    @model_validator(mode="after")
+    def _kind(self) -> ReconcileSource:
+        if self.system is not None and not _SYSTEM.match(self.system):
+            raise ValueError(f"system: letters, digits, '_', '.', '-', got {self.system!r}")
+        if self.kind is None:
+            if self.sink.lower() in ("erp", "qms"):
+                self.kind = "erp" if self.sink.lower() == "erp" else "qms"
+            else:
+                raise ValueError(f"kind: say whether sink {self.sink!r} is the erp or the qms "
+                                 "(kind: erp | qms)")
+        if self.apply is None:
+            self.apply = ["released", "rejected"] if self.kind == "qms" else []
+        return self
+
+    @property
+    def name(self) -> str:
+        return self.system or self.sink
+
+    def state_of(self, raw: str) -> str | None:
+        """The lot state a status word of this system means (None: not a known word)."""
+        word = raw.strip().lower()
+        return self.statuses.get(word) or DEFAULT_STATUS_MAP.get(word)
+
+
+class ReconcileConfig(BaseModel):
+    model_config = _STRICT
+
+    every_s: float = Field(300.0, gt=0, description="seconds between reconciliation rounds")
+    recent_s: float = Field(86400.0, ge=0, description="also read lots decided this recently "
+                                                      "(besides lots with an open episode)")
+    max_lots: int = Field(1000, ge=1, description="at most this many lots per round "
+                                                  "(most recently changed first)")
+    concurrency: int = Field(4, ge=1, le=64, description="reads in flight per system")
+    timeout_s: float = Field(10.0, gt=0, description="timeout of one read")
+    sources: list[ReconcileSource] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _unique(self) -> ReconcileConfig:
+        names = [s.name for s in self.sources]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"sources: system {sorted(dup)[0]!r} is named twice (set "
+                             "system: to tell them apart)")
+        return self
+
+
+class SlaConfig(BaseModel):
+    model_config = _STRICT
+
+    type: str = Field(min_length=1, description="event type, e.g. lot.status")
+    within_s: float = Field(gt=0, description="an event of this type still undelivered to "
+                                              "a sink after this long breaches the SLA")
+
+
 class QualityConfig(BaseModel):
     model_config = _STRICT
 
@@ -158,3 +291,20 @@ class QualityConfig(BaseModel):
     lot_retention_days: float = Field(
         90.0, gt=0, description="released and rejected lots are removed from the lots "
                                 "table this long after their last change")
+    sla: list[SlaConfig] = Field(default_factory=list,
+                                 description="delivery SLAs per event type")
+    reconcile: ReconcileConfig | None = Field(
+        None, description="read lot statuses back from the ERP / QMS (off when absent)")
+    notification_types: list[str] = Field(
+        default_factory=lambda: ["supplier.case", "notification", "capa.request"],
+        description="event types listed when they fail or are dead-lettered")
+
+    @field_validator("sla")
+    @classmethod
+    def _sla(cls, v: list[SlaConfig]) -> list[SlaConfig]:
+        types = [s.type for s in v]
+        dup = {t for t in types if types.count(t) > 1}
+        if dup:
+            raise ValueError(f"type {sorted(dup)[0]!r} has two SLAs")
+        return v
+

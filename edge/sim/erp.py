@@ -18,6 +18,13 @@ arrived in order, and can be told to misbehave:
 - ``intercept``                an async ``(events, headers) -> Answer | None`` asked before
                                  the events are applied: an ``Answer`` is sent instead (not
                                  applied), None lets the request through (fault injection)
+- ``lot_status``               ``GET /lots/{lot_id}/status`` answers from this dict (lot →
+                                 a status word, or a JSON object such as ``{"status":
+                                 "released", "decided_by": "QA"}``); 404 for a lot not in
+                                 it. Outage, ``fail_next`` and auth apply to it too; every
+                                 read is recorded in ``status_reads`` (not ``requests``).
+                                 ``reflect_status=True`` sets the entry from every accepted
+                                 ``lot.status`` event, as a real ERP would store it
 
 Every request is recorded (``requests``) with its wall and monotonic arrival time, the
 ``Retry-After`` it was given and, as monotonic time, when that allows the next attempt
@@ -84,7 +91,7 @@ class ErpReceiver:
                  ca_file: str | None = None, require_client_cert: bool = False,
                  require_auth: Callable[[dict[str, str]], bool] | None = None,
                  oauth_client: tuple[str, str] | None = None,
-                 token_ttl_s: int = 3600) -> None:
+                 token_ttl_s: int = 3600, reflect_status: bool = False) -> None:
         self.require_auth = require_auth
         self.oauth_client = oauth_client
         self.token_ttl_s = token_ttl_s
@@ -114,6 +121,9 @@ class ErpReceiver:
         self._changed = asyncio.Condition()
         self.intercept: Callable[[list[dict[str, Any]], dict[str, str]],
                                  Awaitable[Answer | None]] | None = None
+        self.lot_status: dict[str, str | dict[str, Any]] = {}
+        self.reflect_status = reflect_status
+        self.status_reads: list[tuple[str, int]] = []  # (lot id, status answered)
 
     # ------------------------------------------------------------------ control
 
@@ -219,6 +229,14 @@ class ErpReceiver:
         if key:
             self.seen_keys.add(key)
         self.accepted_count += len(events)
+        if self.reflect_status:
+            for e in events:
+                data = e.get("data") if isinstance(e, dict) else None
+                if e.get("type") == "lot.status" and isinstance(data, dict) \
+                        and data.get("lot_id") is not None:
+                    self.lot_status[str(data["lot_id"])] = {
+                        "status": data.get("status"), "decided_by": data.get("decided_by"),
+                        "decided_at": e.get("received_ts")}
         if self.record:
             self.events.extend(events)
             for e in events:
@@ -250,9 +268,35 @@ class ErpReceiver:
             self._changed.notify_all()
         return Response(body, status_code=status, headers=extra, media_type="application/json")
 
+    async def _lot_status(self, request: Request) -> Response:
+        lot_id = request.path_params["lot_id"]
+        headers = {k.lower(): v for k, v in request.headers.items()}
+
+        def answer(status: int, body: Any, extra: dict[str, str] | None = None) -> Response:
+            self.status_reads.append((lot_id, status))
+            return Response(orjson.dumps(body), status_code=status, headers=extra,
+                            media_type="application/json")
+
+        if not self._authorized(headers):
+            return answer(401, {"error": "unauthorized"})
+        if self._outage is not None:
+            status, retry_after = self._outage
+            return answer(status, {"error": "outage"},
+                          {"Retry-After": retry_after} if retry_after else None)
+        if self._fail_queue:
+            status, retry_after, body = self._fail_queue.pop(0)
+            return answer(status, {"error": body or "failure"},
+                          {"Retry-After": retry_after} if retry_after else None)
+        found = self.lot_status.get(lot_id)
+        if found is None:
+            return answer(404, {"error": f"no lot {lot_id}"})
+        return answer(200, {"lot_id": lot_id, **(found if isinstance(found, dict)
+                                                  else {"status": found})})
+
     async def start(self) -> ErpReceiver:
         app = Starlette(routes=[
             Route("/oauth/token", self._token, methods=["POST"]),
+            Route("/lots/{lot_id}/status", self._lot_status, methods=["GET"]),
             Route("/{path:path}", self._handle, methods=["GET", "POST", "PUT", "PATCH", "DELETE"]),
         ])
         sock = socket.socket(socket.AF_INET6 if ":" in self.host else socket.AF_INET)
