@@ -237,6 +237,11 @@ async def test_receiving_inspection_hold_release_and_second_episode(
         for r in receivers:
             await r.stop()
 
+    # --- the line had its hold before the ERP accepted anything of the lot
+    first_erp = min(r.mono for r in erp.requests if r.applied and any(
+        e.get("ordering_key") == f"lot:{LOT}" for e in r.events))
+    assert holds[0].mono < first_erp
+
     # --- the ERP: the hold first, then every later status of the lot, in order, once each
     erp_lot = lot_events(erp)
     assert summary(erp_lot) == expected_erp, summary(erp_lot)
