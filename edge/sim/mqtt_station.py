@@ -288,6 +288,8 @@ class StationSimulator:
                  ca_file: str | None = None) -> None:
         if stations < 1 or rate <= 0:
             raise ValueError("stations must be >= 1 and rate > 0")
+        if not 0.0 <= fail_share <= 1.0:
+            raise ValueError("the fail share must be between 0 and 1")
         self.site, self.line, self.stations, self.rate = site, line, stations, rate
         self.reading_share, self.fail_share, self.lot_every_s = (
             reading_share, fail_share, lot_every_s)
@@ -378,6 +380,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stations", type=int, default=3, help="number of stations")
     parser.add_argument("--rate", type=float, default=20.0,
                         help="messages per second, all stations together")
+    parser.add_argument("--fail-share", type=float, default=0.1, metavar="F",
+                        help="share of inspections that fail, out of spec (default 0.1)")
     parser.add_argument("--duration", type=float, default=0.0,
                         help="seconds to run; 0 = until Ctrl-C")
     parser.add_argument("--protocol", choices=["3.1.1", "5"], default="5")
@@ -395,10 +399,16 @@ async def run(args: argparse.Namespace) -> int:
         from edge.config import read_secret
 
         password = await asyncio.to_thread(read_secret, args.password_file)
-    sim = StationSimulator(args.url, site=args.site, line=args.line, stations=args.stations,
-                           rate=args.rate, protocol=args.protocol, seed=args.seed,
-                           client_id=args.client_id, username=args.username,
-                           password=password, ca_file=args.ca_file)
+    try:
+        sim = StationSimulator(args.url, site=args.site, line=args.line,
+                               stations=args.stations, rate=args.rate,
+                               fail_share=args.fail_share, protocol=args.protocol,
+                               seed=args.seed, client_id=args.client_id,
+                               username=args.username, password=password,
+                               ca_file=args.ca_file)
+    except ValueError as err:
+        print(f"error: {err}")
+        return 2
     try:
         await sim.start()
     except ConnectionError as err:

@@ -461,6 +461,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reading-period-ms", type=float, default=500)
     parser.add_argument("--result-period-ms", type=float, default=1000)
     parser.add_argument("--lot-period-s", type=float, default=10)
+    parser.add_argument("--fail-every", type=int, default=10, metavar="N",
+                        help="every N-th part fails, out of spec (0: none; default 10)")
     parser.add_argument("--handshake", action="store_true",
                         help="wait for a client to write ResultReady=false before the next part")
     parser.add_argument("--history-db", help="SQLite file for the Temperature history "
@@ -488,6 +490,7 @@ async def run(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as err:
         print(f"cannot start the station: {err}", flush=True)
         return 1
+    station.fail_every = max(0, args.fail_every)
     print(f"station {station.name} listening on {station.endpoint} "
           f"(namespace {station.namespace}, ns={station.ns})",
           flush=True)
