@@ -342,6 +342,24 @@ class GatewayConfigBase(StrictModel):
                 seen[comp.id] = where
         return self
 
+    @model_validator(mode="after")
+    def _reconcile_reads_http_sinks(self) -> GatewayConfigBase:
+        """``quality.reconcile.sources[].sink`` names a configured ``http`` sink: its
+        client (url, auth, TLS) does the reads."""
+        reconcile = self.quality.reconcile
+        if reconcile is None:
+            return self
+        types = {s.id: getattr(s, "type", None) for s in self.sinks}
+        for i, src in enumerate(reconcile.sources):
+            where = f"quality.reconcile.sources[{i}].sink"
+            if src.sink not in types:
+                known = ", ".join(sorted(types)) or "(no sinks)"
+                raise ValueError(f"{where}: no sink {src.sink!r}; one of {known}")
+            if types[src.sink] != "http":
+                raise ValueError(f"{where}: sink {src.sink!r} is type {types[src.sink]}; "
+                                 "lot status is read through an http sink")
+        return self
+
     @field_validator("state_dir")
     @classmethod
     def _resolve_state_dir(cls, v: str, info: ValidationInfo) -> str:

@@ -227,17 +227,13 @@ class Reconciler:
                 self._active[(lot_id, m.get("between", ""))] = m.get("text", "")
 
     def _client(self, sink_id: str) -> Any:
-        """The sink's own HTTP client (its base URL, auth — OAuth2 tokens included — TLS and
-        headers): a sink's public ``get(path, timeout=…)`` when it has one, else the
-        ``http`` sink's client. The core never imports a component, so nothing of the
-        sink's credentials code is copied or imported here."""
+        """The sink itself: an ``http`` sink's public ``get(path, timeout_s=…)`` reads with its
+        base URL, auth (OAuth2 tokens included), TLS and headers. The core never imports a
+        component, so nothing of the sink's credentials code is copied or imported here."""
         sink = self.live.get(sink_id)
-        if sink is not None and callable(getattr(sink, "get", None)):
-            return sink
-        client = getattr(sink, "_client", None)
-        if client is None:
-            raise _NotStarted(f"sink {sink_id!r} is not started")
-        return client
+        if sink is None or not callable(getattr(sink, "get", None)):
+            raise _NotStarted(f"sink {sink_id!r} is not started or cannot read (not http)")
+        return sink
 
     async def run(self) -> None:
         """Rounds every ``every_s`` until cancelled; a failed round is logged."""
@@ -330,7 +326,7 @@ class Reconciler:
         if path is None:
             return self._failed(rd, "bad_answer", "unsafe lot id for a URL path")
         try:
-            resp = await self._client(src.sink).get(path, timeout=self.config.timeout_s)
+            resp = await self._client(src.sink).get(path, timeout_s=self.config.timeout_s)
         except _NotStarted as err:
             return self._failed(rd, "unreachable", str(err))
         except httpx.TimeoutException:

@@ -233,7 +233,8 @@ async def test_a_failed_read_is_unknown_not_a_mismatch(quality_gateways, erp, qm
 
 
 async def test_reconciliation_config_is_checked(quality_gateways, erp, qms) -> None:
-    with pytest.raises(ConfigError, match="names sink 'nope'"):
+    # found at load (check-config), located
+    with pytest.raises(ConfigError, match=r"quality.reconcile.sources\[0\].sink: no sink 'nope'"):
         await _gateway(quality_gateways, erp, qms,
                        quality=_quality("[{sink: nope, kind: qms}]"))
     with pytest.raises(Exception, match=r"\{lot_id\} once"):

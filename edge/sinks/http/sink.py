@@ -91,6 +91,16 @@ class HttpSink:
     def stop_new_requests(self) -> None:
         self._stopping = True
 
+    async def get(self, path: str, *, timeout_s: float | None = None) -> httpx.Response:
+        """A GET of ``path`` (relative to ``url``) with the sink's own auth (an OAuth2 token
+        refreshed as for sends), TLS and headers: what a reader of the receiver's state
+        (lot status reconciliation) uses. Raises ``httpx.HTTPError`` (also before
+        ``start``: no connection)."""
+        if self._client is None:
+            raise httpx.ConnectError(f"sink {self.id!r} is not started")
+        return await self._client.get(path, timeout=timeout_s if timeout_s is not None
+                                      else self.config.timeout_s)
+
     async def close(self) -> None:
         if self._client is not None:
             await self._client.aclose()
