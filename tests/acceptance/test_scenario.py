@@ -14,7 +14,9 @@ some fail. The ERP is down for the first part. The gateway must:
 - replace the retained hold with the release, so a controller that connects later sees the
   lot free;
 - send every request with its ``Idempotency-Key`` (the event id) and, for what the failing
-  result caused, that result's correlation id (``X-Correlation-ID``).
+  result caused, that result's correlation id (``X-Correlation-ID``);
+- report a mismatch injected in the ERP (the lot on hold locally, available in the ERP) by
+  its reconciliation: in ``/status``, the metric, and once in the log.
 
 Real components throughout: mosquitto, an asyncua server, three HTTP stand-ins on loopback
 (ERP, QMS, supplier portal), the gateway in this process and the ``edge`` CLI.
@@ -23,6 +25,7 @@ Real components throughout: mosquitto, an asyncua server, three HTTP stand-ins o
 from __future__ import annotations
 
 import asyncio
+import logging
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -36,7 +39,14 @@ from edge.sim.mqtt_station import lot_status, receipt
 from edge.sim.opcua_station import Station
 from tests.acceptance.support import Watcher
 from tests.fixtures.mosquitto import Broker, start_publisher, wait_connected
-from tests.support import api_yaml, eventually, free_port, http_sink_yaml, run_edge
+from tests.support import (
+    api_yaml,
+    eventually,
+    free_port,
+    http_sink_yaml,
+    run_edge,
+    sample,
+)
 
 pytestmark = [pytest.mark.mqtt, pytest.mark.opcua]
 
@@ -96,7 +106,11 @@ def config(broker: Broker, station: Station, erp: str, qms: str, portal: str,
         rules:
           - {{type: spec_limits, events: [inspection.result], characteristic: bore_diameter,
              lower: 9.95, upper: 10.05}}
-        quality: {{stuck_after_s: 3600}}
+        quality:
+          stuck_after_s: 3600
+          reconcile:
+            every_s: 0.3
+            sources: [{{sink: erp, path: "/lots/{{lot_id}}/status", field: status}}]
         """)
     sinks = ("sinks:\n"
              + http_sink_yaml(erp, sink_id="erp", routes=ERP_ROUTES)
@@ -117,6 +131,12 @@ def lot_events(receiver: ErpReceiver, type_: str | None = None) -> list[dict[str
             if e.get("ordering_key") == f"lot:{LOT}" and type_ in (None, e.get("type"))]
 
 
+def erp_status(receiver: ErpReceiver) -> Any:
+    """The lot's status as the ERP stand-in would answer a read."""
+    found = receiver.lot_status.get(LOT)
+    return found.get("status") if isinstance(found, dict) else found
+
+
 def summary(events: list[dict[str, Any]]) -> list[tuple[str, Any]]:
     """(type, status, episode or audience) of each event: the lot's story as a receiver
     saw it."""
@@ -134,9 +154,13 @@ async def inspect(station: Station, serial: str, *, fail: bool = False) -> None:
 
 
 async def test_receiving_inspection_hold_release_and_second_episode(
-        mosquitto: Broker, opcua_station: Any, tmp_path: Path) -> None:
+        mosquitto: Broker, opcua_station: Any, tmp_path: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="edge.quality.reconcile")
     station: Station = await opcua_station(handshake=True)
-    receivers = [ErpReceiver(), ErpReceiver(), ErpReceiver()]
+    # the ERP keeps each lot's status as its lot.status requests set it, and answers the
+    # gateway's reconciliation reads (GET /lots/{lot}/status) with it
+    receivers = [ErpReceiver(reflect_status=True), ErpReceiver(), ErpReceiver()]
     for r in receivers:
         await r.start()
     erp, qms, portal = receivers
@@ -205,6 +229,24 @@ async def test_receiving_inspection_hold_release_and_second_episode(
                          what="the second episode's hold on the plant broker")
         await portal.wait_for(lambda r: len(r.events) == 2, within_s=30)
 
+        # --- someone books the held lot as available in the ERP: the reconciliation says so
+        await erp.wait_for(lambda r: erp_status(r) == "hold"
+                           and ("quality.hold", 2) in summary(lot_events(r)), within_s=30)
+        erp.lot_status[LOT] = {"status": "available", "decided_by": "ERP: planner"}
+        reconciler = gw.reconciler
+        assert reconciler is not None
+        mismatch = await eventually(lambda: reconciler.section()["mismatch_lots"],
+                                    what="the injected mismatch in /status")
+        assert [(m["lot_id"], m["local"], [x["between"] for x in m["mismatches"]])
+                for m in mismatch] == [(LOT, "hold", ["local/erp"])]
+        assert sample(gw, "edge_lot_status_mismatch", between="local/erp") == 1
+        seen_in = reconciler.section()["rounds"]
+        await eventually(lambda: reconciler.section()["rounds"] >= seen_in + 2,
+                         what="two more reconciliation rounds")
+        logged = [r for r in caplog.records if "lot status mismatch" in r.getMessage()]
+        assert len(logged) == 1, [r.getMessage() for r in logged]
+        assert gw.outbox.quality.lots[LOT].state == "hold"  # an ERP's word is not applied
+
         # --- the operator ends episode 2 with the CLI, against the running gateway
         rc, out, err = await run_edge("lot", "release", LOT, "-c", str(cfg_path), "--reason",
                                       "re-measured, within limits", "--by", "J. Doe",
@@ -221,6 +263,9 @@ async def test_receiving_inspection_hold_release_and_second_episode(
             await asyncio.to_thread(late.stop)
         assert retained[0].retain and retained[0].doc["type"] == "quality.release"
         assert retained[0].doc["data"]["decided_by"] == "J. Doe"
+        # released locally and (once the release arrived) in the ERP: no mismatch left
+        await eventually(lambda: reconciler.section()["mismatches"] == 0,
+                         what="the mismatch resolved by the release")
 
         episode = [("lot.status", "hold"), ("notification", "procurement"),
                    ("notification", "planning")]
@@ -278,8 +323,8 @@ async def test_receiving_inspection_hold_release_and_second_episode(
             key = req.headers.get("idempotency-key")
             assert key, f"{name} {req.method} {req.path} without an Idempotency-Key"
             if name != "portal":
-                [event] = req.events  # single-event routes: the key is the event's id
-                assert key == event["id"], (name, req.path)
+                [sent] = req.events  # single-event routes: the key is the event's id
+                assert key == sent["id"], (name, req.path)
             event = by_id.get(key)
             if event is None or event["source"] != "rules":
                 continue  # a source's record, or the CLI's release: nothing failed behind it
