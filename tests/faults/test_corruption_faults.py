@@ -47,7 +47,8 @@ def _stored(db: Path) -> dict[str, tuple[str, str | None, str | None]]:
     out = {}
     for eid, type_, body in rows:
         data = orjson.loads(body).get("data") or {}
-        out[eid] = (type_, data.get("message_id"), data.get("inspection_event_id"))
+        cause = data.get("inspection_event_id") or data.get("cause_event_id")  # lineage
+        out[eid] = (type_, data.get("message_id"), cause)
     return out
 
 
