@@ -66,6 +66,9 @@ __all__ = ["OPERATOR_SOURCE", "RULES_SOURCE", "TRACKED_TYPES", "QualityRules"]
 
 RULES_SOURCE = "rules"  # the source of every event the rules derive
 OPERATOR_SOURCE = "operator"  # the source of a release decided with `edge lot release`
+# Sources whose releases carry their own quality.release (the operator's release, one that
+# came down from the ERP/QMS): a lot.status released from any other source gets one derived
+_OWN_RELEASE_SOURCES = frozenset({OPERATOR_SOURCE, "reconcile"})
 # event types that update a lot's row (besides the events a spec_limits rule judges)
 TRACKED_TYPES = frozenset({"material.receipt", "inspection.result", "lot.status",
                            "quality.hold", "quality.release"})
@@ -167,6 +170,15 @@ class QualityRules:
                           or row.supplier is None else row.supplier)
         if fails:
             failure, derived = self._failure(ev, lot, row, fails, known_supplier, info)
+        if (decision is not None and decision.state == "released" and ev.type == "lot.status"
+                and ev.source not in _OWN_RELEASE_SOURCES and row is not None and row.blocked):
+            # a release decided elsewhere (the MES, a QMS downlink) ends the episode: the
+            # quality.release goes where the hold went (the line's retained hold topic)
+            derived.append(self._derived(ev, "quality.release", {
+                "lot_id": lot, "episode": row.episode, "lot_status_event_id": ev.id,
+                "reason": decision.reason or f"released by lot.status from {ev.source}",
+                "decided_by": decision.by or f"source:{ev.source}"},
+                key=f"release:{lot}:{row.episode}"))
         change = LotChange(
             lot, now, ev.type, ev.id, supplier=supplier,
             supplier_final=ev.type == "material.receipt", info=info,

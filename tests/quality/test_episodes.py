@@ -221,3 +221,21 @@ async def test_a_stream_of_sightings_writes_each_lot_once_per_call(line) -> None
     assert rows["L0"].last_event_id == items[8].event.id
     assert rows["L1"].last_event_id == items[9].event.id
     assert set(rows["L1"].last) == {"inspection.result"} and rows["L1"].state == "unknown"
+
+
+async def test_a_release_from_a_source_ends_the_episode_with_a_quality_release(line) -> None:
+    """A lot.status released from the MES or a QMS downlink is followed by a quality.release
+    (the record the line's retained hold topic is cleared with); a sighting of an already
+    released lot and a hold decision derive none."""
+    await line.submit(receipt("L3"), failing("L3", "S1"))
+    await line.submit(status("L3", "released", by="mes", reason="sorted"))
+    releases = stored(line.path, "quality.release")
+    assert [(r["data"]["decided_by"], r["data"]["reason"], r["data"]["episode"])
+            for r in releases] == [("mes", "sorted", 1)]
+    [cause] = [e for e in stored(line.path, "lot.status")
+               if e["data"]["status"] == "released"]
+    assert releases[0]["data"]["lot_status_event_id"] == cause["id"]
+    assert releases[0]["ordering_key"] == cause["ordering_key"]  # after it, same lot
+    await line.submit(status("L3", "released", by="mes"))  # already released: nothing more
+    await line.submit(status("L3", "hold", by="qms"))
+    assert len(stored(line.path, "quality.release")) == 1
