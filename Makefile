@@ -89,6 +89,7 @@ bench: $(VENV)/.installed-test mosquitto
 	$(BIN)/python -m bench.bench_latency
 	$(BIN)/python -m bench.bench_opcua --items 1000
 	$(BIN)/python -m bench.bench_opcua_blip --rounds 3
+	$(BIN)/python -m bench.bench_local_hold
 
 schema: $(VENV)/.installed-run
 	$(BIN)/edge print-schema > config/edge.schema.json
