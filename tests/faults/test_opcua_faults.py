@@ -199,7 +199,7 @@ async def test_asyncua_station_restarts_while_results_flow_with_gateway_kill9(tm
     # before a kill -9 may never reach it (asyncua saves history behind the write): such a
     # sample is missing inside a reported gap, as with in-memory history.
     await _station_campaign(tmp_path, AsyncuaStation(tmp_path / "opcua", history="sqlite"),
-                            restarts=_restarts(3), kills=_restarts(3) // 2)
+                            restarts=_restarts(2), kills=_restarts(2) // 2)
 
 
 async def test_node_opcua_station_restarts_lose_their_history_and_the_gap_is_reported(
