@@ -118,7 +118,13 @@ async def test_outbox_corrupted_at_start_is_salvaged_losing_only_the_destroyed_p
             c.accounted[mid] = f"{type_} on a destroyed page (salvage: unreadable)"
         await c.erp.clear()
         report = await c.finish(90)
-    print(report.summary())
+    # a derived event (hold, lot status …) on a readable page whose cause was on the
+    # destroyed one is salvaged and sent without it: a hold is not dropped because the
+    # result behind it was destroyed. Only those may arrive "before their cause".
+    excused = [v for v in report.order_violations
+               if any(v.endswith(f"applied before its cause {eid}") for eid in lost)]
+    report.order_violations = [v for v in report.order_violations if v not in excused]
+    print(report.summary(), f"(excused: {len(excused)} derived of a destroyed cause)")
     report.assert_clean()
     assert report.counts["acknowledged"] > 0
     # the events that never reached the ERP are exactly the ones salvage named; an event
