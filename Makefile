@@ -49,6 +49,19 @@ mosquitto:
 		exit 1; \
 	fi
 
+# nats-server: tests that must stop a JetStream server start a private one on a free port
+.PHONY: nats-server
+nats-server:
+	@if command -v nats-server >/dev/null 2>&1 || [ -x /usr/sbin/nats-server ]; then :; \
+	elif [ "$$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "installing nats-server (needed by the JetStream tests)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nats-server; \
+	else \
+		echo "nats-server is needed by the JetStream tests and is not installed."; \
+		echo "Install it with: sudo apt-get install nats-server   (or your distribution's package)"; \
+		exit 1; \
+	fi
+
 .PHONY: faketime
 faketime:
 	@if [ -e /usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1 ] || \
@@ -61,7 +74,7 @@ faketime:
 		echo "Install it with: sudo apt-get install faketime"; \
 	fi
 
-test: $(VENV)/.installed-test mosquitto faketime
+test: $(VENV)/.installed-test mosquitto nats-server faketime
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 soak: $(VENV)/.installed-test mosquitto
