@@ -1,0 +1,5 @@
+"""The private nats-server fixture of ``tests.nats.support`` for the tests of edge.nats."""
+
+from tests.nats.support import nats_servers
+
+__all__ = ["nats_servers"]
