@@ -375,8 +375,10 @@ class GatewayConfigBase(StrictModel):
 GatewayConfig = GatewayConfigBase
 
 
-def build_config_model(registry: Registry) -> type[GatewayConfigBase]:
-    """``GatewayConfigBase`` + ``sources``/``sinks`` as discriminated unions of the registry."""
+def build_config_model(registry: Registry, base: type[GatewayConfigBase] = GatewayConfigBase
+                       ) -> type[GatewayConfigBase]:
+    """``base`` (``GatewayConfigBase``, or a relay's) + ``sources``/``sinks`` as
+    discriminated unions of the registry."""
 
     def union(kind: Literal["source", "sink"]) -> Any:
         types = registry.types(kind)
@@ -403,8 +405,8 @@ def build_config_model(registry: Registry) -> type[GatewayConfigBase]:
         ]
 
     model = create_model(
-        "GatewayConfig",
-        __base__=GatewayConfigBase,
+        "GatewayConfig" if base is GatewayConfigBase else base.__name__.removesuffix("Base"),
+        __base__=base,
         sources=cast(Any, (list.__class_getitem__(union("source")), Field(default_factory=list))),
         sinks=cast(Any, (list.__class_getitem__(union("sink")), Field(default_factory=list))),
     )
@@ -463,7 +465,12 @@ def load_config_text(
             pdir = Path(base_dir) / pdir
         reg.load_plugins_dir(pdir)
         raw["plugins_dir"] = str(pdir)
-    model = build_config_model(reg)
+    base: type[GatewayConfigBase] = GatewayConfigBase
+    if "relay" in raw:  # a relay's file (``edge relay -c FILE``): sinks and a relay section
+        from edge.relay.config import RelayFileConfigBase
+
+        base = RelayFileConfigBase
+    model = build_config_model(reg, base)
     context = {"base_dir": str(base_dir) if base_dir else None, "check_files": check_files}
     try:
         return model.model_validate(raw, context=context)

@@ -53,18 +53,18 @@ import contextlib
 import hashlib
 import logging
 import time
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from edge.components import Outcome, OutcomeKind, Sink, StoredEvent
 from edge.config import SinkConfigBase
-from edge.outbox import Outbox, Resolution
+from edge.outbox import Resolution
 from edge.retry import CircuitBreaker, StormGuard, TokenBucket, backoff_s, steady_time
 from edge.telemetry import Metrics, log_event
 from edge.timefmt import utc_iso
 
-__all__ = ["Alarm", "Forwarder", "Pause"]
+__all__ = ["Alarm", "DeliveryQueue", "Forwarder", "Pause"]
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +74,37 @@ FAULT_LOG_EVERY_S = 60.0
 AUTH_STATUSES = frozenset({401, 403})
 _ALARM_RANK = {"sink_fault": 1, "auth": 2, "storm_guard": 3}  # a higher one is not replaced
 _DELIVERED = frozenset({OutcomeKind.delivered, OutcomeKind.duplicate})  # the row leaves
+
+
+class DeliveryQueue(Protocol):
+    """Where a forwarder leases events and records their outcomes: the gateway's SQLite
+    outbox (``edge.outbox.Outbox``) or the relay's JetStream partitions
+    (``edge.relay.queue.RelayQueue``). The contract is the outbox's:
+
+    - ``lease`` returns deliverable events of ``sink`` in order (per key FIFO: never an
+      event while an earlier one of its key is leased, waiting for a retry or parked),
+      marked in flight so concurrent lanes never get the same event;
+    - ``release`` forgets in-flight marks (never attempted); ``complete`` records one
+      ``Resolution`` per leased event (delivered → gone, retry → due at ``next_at``,
+      dead letter → out of the queue with its reason, parking its key with ``park``);
+    - ``new_rows(sink)`` is set when events arrive; ``stored_pauses`` are the pauses a
+      restart must keep (``sink_paused`` with ``keep`` stores one).
+    """
+
+    stored_pauses: dict[str, dict[str, Any]]
+
+    def new_rows(self, sink: str) -> asyncio.Event: ...
+
+    async def lease(self, sink: str, limit: int, *, live_limit: int = 0, park: bool = True
+                    ) -> list[StoredEvent]: ...
+
+    def release(self, sink: str, seqs: Sequence[int]) -> None: ...
+
+    async def complete(self, sink: str, resolutions: Sequence[Resolution], *,
+                       retry_after: tuple[float, float] | None = None) -> None: ...
+
+    async def sink_paused(self, sink: str, *, reason: str, detail: dict[str, Any],
+                          keep: dict[str, Any] | None = None) -> None: ...
 
 
 @dataclass(slots=True)
@@ -107,7 +138,7 @@ class Forwarder:
         self,
         sink: Sink,
         config: SinkConfigBase,
-        outbox: Outbox,
+        outbox: DeliveryQueue,
         metrics: Metrics,
         *,
         # retry times and pauses must not move with a step of the wall clock

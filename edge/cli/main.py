@@ -12,9 +12,9 @@ import sys
 from collections.abc import Sequence
 
 from edge import __version__
-from edge.cli import certs, demo, dlq, lot, outbox, run, simulate, sink, status, trace
+from edge.cli import certs, demo, dlq, lot, outbox, relay, run, simulate, sink, status, trace
 
-MODULES = (run, outbox, dlq, trace, status, sink, lot, demo, simulate, certs)
+MODULES = (run, outbox, dlq, trace, status, sink, lot, relay, demo, simulate, certs)
 
 
 def build_parser() -> argparse.ArgumentParser:
