@@ -51,6 +51,7 @@ __all__ = [
     "EventSpec",
     "InspectionResult",
     "LotStatus",
+    "MachineAlarm",
     "MachineReading",
     "MaterialReceipt",
     "Nonconformance",
@@ -313,6 +314,34 @@ class MachineReading(EventData):
         return self
 
 
+class MachineAlarm(EventData):
+    """An alarm or event a machine reports (OPC UA Alarms & Conditions): one event per
+    notification — an alarm raised, acknowledged, cleared, or its state re-sent by a
+    refresh. ``event_id`` is the server's EventId: a refresh of a state already stored is
+    the same event, not a second one."""
+
+    event_id: Reason = _req("the server's EventId (hex); the event's identity")
+    severity: Annotated[int, Field(ge=1, le=1000), BeforeValidator(_not_bool)] = _req(
+        "OPC UA severity, 1 (lowest) to 1000 (highest)")
+    severity_class: str | None = _opt("the plant's name for the severity band, e.g. critical")
+    source: Text | None = _opt("what raised it (OPC UA SourceName), e.g. Station7.Temperature")
+    source_node: str | None = _opt("NodeId of the source (OPC UA SourceNode)")
+    condition: str | None = _opt("name of the condition (ConditionName), e.g. Overheat")
+    condition_id: str | None = _opt("NodeId of the condition: the same for every state "
+                                    "change of one alarm")
+    branch_id: str | None = _opt("NodeId of the branch (a previous state kept for ack)")
+    event_type: str | None = _opt("NodeId of the OPC UA event type")
+    message: str | None = _opt("the text the machine shows")
+    time: str | None = _opt("when it happened at the machine (ISO-8601 UTC)")
+    active: bool | None = _opt("the alarm is active (ActiveState)")
+    acked: bool | None = _opt("acknowledged by an operator (AckedState)")
+    confirmed: bool | None = _opt("confirmed (ConfirmedState)")
+    retain: bool | None = _opt("the condition is still of interest (active or not acked)")
+    refresh: bool | None = _opt("true when re-sent by a ConditionRefresh (after a "
+                                "(re)connect): the state at that time, not a new change")
+    station: Text | None = _opt("machine or station")
+
+
 # ----------------------------------------------------------------------------- the catalogue
 
 DataModel = type[EventData]
@@ -434,6 +463,13 @@ CATALOGUE: dict[str, EventSpec] = {s.type: s for s in (
         "count": 120, "scrap": 2, "lot_id": "L-2026-0415", "station": "press3"}),
     EventSpec("machine.reading", MachineReading, "low", None, {
         "signal": "temperature", "value": 21.5, "unit": "C", "station": "station7"}),
+    EventSpec("machine.alarm", MachineAlarm, "high", "alarm:{source}", {
+        "event_id": "6f1c0e2a9b8d4c3e", "severity": 600, "severity_class": "high",
+        "source": "Station7.Temperature", "condition": "Overheat",
+        "condition_id": "ns=2;s=Station7.Alarms.Overheat",
+        "event_type": "i=2915", "message": "Temperature above 60 C",
+        "time": "2026-03-12T08:14:03.500Z", "active": True, "acked": False,
+        "retain": True, "station": "station7"}),
 )}
 
 LOT_SCOPED_TYPES: frozenset[str] = frozenset(t for t, s in CATALOGUE.items() if s.lot_scoped)

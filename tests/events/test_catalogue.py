@@ -26,7 +26,7 @@ from edge.transforms.map import Mapper, MappingConfig
 
 TYPES = ["material.receipt", "inspection.result", "lot.status", "quality.hold",
          "quality.release", "nonconformance", "supplier.case", "capa.request", "notification",
-         "production.count", "machine.reading"]
+         "production.count", "machine.reading", "machine.alarm"]
 
 
 def fields(event_type: str) -> set[str]:
@@ -85,6 +85,7 @@ def test_every_example_is_valid_and_normalizing_twice_changes_nothing(event_type
     ("quality.hold", "critical"), ("quality.release", "critical"),
     ("nonconformance", "critical"), ("supplier.case", "critical"), ("capa.request", "high"),
     ("notification", "high"), ("production.count", "normal"), ("machine.reading", "low"),
+    ("machine.alarm", "high"),
     ("machine.state", "low"), ("plant.custom", "normal")])
 def test_default_class_per_type(event_type: str, cls: str) -> None:
     data = CATALOGUE[event_type].example if event_type in CATALOGUE else {}
@@ -109,6 +110,9 @@ def test_default_ordering_key_per_type() -> None:
     assert key("notification", audience="planning", subject="x") is None
     assert key("production.count", count=3, lot_id=42) == "lot:42"
     assert key("production.count", count=3) is None
+    # a machine's alarms are ordered per alarm source, never by lot
+    assert key("machine.alarm", event_id="ab", severity=500, source="st7.temp", lot_id="L7") \
+        == "alarm:st7.temp"
     # unknown types stay allowed, with the general default
     assert key("plant.custom", lot_id="L7") == "lot:L7"
     assert key("plant.custom", lot_id={"nested": 1}) is None
@@ -153,6 +157,8 @@ def test_the_envelope_carries_the_version_of_its_type(monkeypatch: pytest.Monkey
     ("production.count", {"count": 2.5}, "count"),
     ("machine.reading", {"unit": "C"}, "value"),
     ("machine.reading", {"value": None, "status": "Good"}, "value"),
+    ("machine.alarm", {"event_id": "ab", "severity": 0}, "severity"),
+    ("machine.alarm", {"severity": 500}, "event_id"),
 ])
 def test_invalid_data_is_refused_naming_the_field(event_type: str, data: dict[str, Any],
                                                    named: str) -> None:
