@@ -509,6 +509,9 @@ class FileSource:
         """Every event of the file is committed: move it to done/ (the ack)."""
         try:
             final = await asyncio.to_thread(self._move, cand, self.done_dir)
+        except FileNotFoundError:
+            self._vanished(cand)
+            return
         except OSError as err:
             self._hold_back(cand)
             self._condition("move_failed", f"cannot move {cand.name} to {self.done_dir}: "
@@ -546,6 +549,9 @@ class FileSource:
                      + f": {bad.reason}: {bad.detail}\n")
         try:
             final = await asyncio.to_thread(self._move, cand, self.rejected_dir, text)
+        except FileNotFoundError:
+            self._vanished(cand)
+            return
         except OSError as oerr:
             self._hold_back(cand)
             self._condition("move_failed", f"cannot move {cand.name} to "
@@ -569,6 +575,8 @@ class FileSource:
         gets ``-1``, ``-2`` … before the extension), write its ``.reason`` beside it when
         given, then remove its marker. Returns the final name."""
         src = self.folder / cand.name
+        if not target.is_dir():  # not FileNotFoundError: that means the file went away
+            raise NotADirectoryError(errno.ENOTDIR, "no such folder", str(target))
         final = _place(src, target, cand.name)
         if reason_text is not None:
             with open(target / (final + _REASON_SUFFIX), "w", encoding="utf-8") as f:
@@ -577,6 +585,13 @@ class FileSource:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.folder / (cand.name + self.cfg.marker_suffix))
         return final
+
+    def _vanished(self, cand: _Candidate) -> None:
+        """The file was taken away by someone else before its move: nothing to move."""
+        self._committed.pop(cand.name, None)
+        self._seen.pop(cand.name, None)
+        log_event(log, logging.WARNING, "file removed from the drop folder by someone else "
+                  "before it was moved", source=self.id, file=cand.name)
 
     def _hold_back(self, cand: _Candidate) -> None:
         self._hold[cand.name] = (cand.size, cand.mtime_ns, time.monotonic() + _HOLD_S)

@@ -221,3 +221,19 @@ async def test_a_file_still_growing_is_not_taken_before_it_settles(
     await erp.wait_for(lambda e: len(serials(e)) == 6, 20)
     await eventually(lambda: src.status()["files_done"] == 1, what="file done")
     assert set(serials(erp)) == {f"s{i}" for i in range(6)}
+
+
+async def test_a_done_folder_that_cannot_be_made_is_a_condition_and_the_file_waits(
+        folder: Path, erp: ErpReceiver, gateways: Gateways) -> None:
+    (folder / "done").write_text("a file where the folder should be")
+    drop(folder, "acme_L8.csv", csv_rows("e", 2, lot="L8"))
+    gw = await gateways(config(folder, erp))
+    status = gw.status["lims"]
+    await eventually(lambda: "folder_unwritable" in status.conditions, what="condition")
+    assert not status.connected and status.state == "running"
+    await src_scanned(gw.sources["lims"])
+    assert (folder / "acme_L8.csv").exists() and not erp.events
+    (folder / "done").unlink()
+    await erp.wait_for(lambda e: set(serials(e)) == {"e0000", "e0001"}, 20)
+    await eventually(lambda: (folder / "done" / "acme_L8.csv").exists(), what="moved")
+    assert not status.conditions
