@@ -121,14 +121,16 @@ def connect_options(cfg: NatsConnection, *, name: str,
 
 
 def _classify(err: BaseException | None, errors: list[BaseException]) -> tuple[str, str]:
+    """(code, message) of a failed first attempt from the error and the client's errors."""
     seen = [e for e in [*errors, err] if e is not None]
     for e in seen:
         text = str(e).lower()
-        if "authorization" in text or "authentication" in text or "auth" in type(e).__name__.lower():
+        if ("authorization" in text or "authentication" in text
+                or "auth" in type(e).__name__.lower()):
             return "auth", "the server refused the credentials (authorization violation)"
     for e in seen:
         if isinstance(e, ssl.SSLError | ssl.CertificateError) or "tls" in str(e).lower():
-            return "tls", f"TLS handshake failed: {e}"
+            return "tls", f"TLS handshake failed: {type(e).__name__}: {e}"
     last = seen[-1] if seen else None
     detail = f"{type(last).__name__}: {last}" if last is not None else "timed out"
     return "unreachable", f"no server reachable ({detail})"
@@ -153,9 +155,13 @@ async def connect(cfg: NatsConnection, *, name: str, config_dir: str | Path | No
     errors: list[BaseException] = []
     last_logged: list[str] = []
 
+    fatal = asyncio.Event()
+
     async def on_error(err: Exception) -> None:
         errors.append(err)
         del errors[:-8]
+        if not nc.is_connected and _classify(err, [])[0] in ("auth", "tls"):
+            fatal.set()
         if error_cb is not None:
             await error_cb(err)
             return
@@ -177,12 +183,22 @@ async def connect(cfg: NatsConnection, *, name: str, config_dir: str | Path | No
         callbacks["closed_cb"] = closed_cb
     nc = Client()
     limit = cfg.connect_timeout_s * len(cfg.servers) + 1.0
+    # nats-py retries a refused login or a failed handshake until the limit: stop at the
+    # first such error, retrying cannot fix it within this attempt
+    attempt = asyncio.ensure_future(nc.connect(**opts, **callbacks))
+    refused = asyncio.ensure_future(fatal.wait())
     try:
-        async with asyncio.timeout(limit):
-            await nc.connect(**opts, **callbacks)
-    except Exception as err:  # noqa: BLE001  nats-py raises a wide set here; classified
+        await asyncio.wait({attempt, refused}, timeout=limit,
+                           return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        refused.cancel()
+        if not attempt.done():
+            attempt.cancel()
+            await asyncio.wait({attempt})  # let it unwind; raises nothing itself
+    err = None if attempt.cancelled() else attempt.exception()
+    if attempt.cancelled() or err is not None:
         await _close_quietly(nc)
-        code, message = _classify(None if isinstance(err, TimeoutError) else err, errors)
+        code, message = _classify(err, errors)
         raise NatsConnectError(code, message) from err
     return nc
 
