@@ -400,35 +400,55 @@ class FileSource:
     async def _store_rows(self, cand: _Candidate, text: str, sha: str) -> _Outcome:
         """Map and commit every row in batches (chain: this source, in file order).
         Invalid rows are quarantined once the file is known to have a valid row; a file
-        without one stores nothing (the caller rejects it)."""
+        without one stores nothing (the caller rejects it).
+
+        The next batch is mapped while the previous one commits; it is submitted only
+        after that commit returned, so a retried batch is never overtaken."""
         out = _Outcome()
         rows = self._rows(cand, text, self._format(cand))
         entry = cand.entry
-        while True:
-            batch = await asyncio.to_thread(
-                lambda: list(itertools.islice(rows, self.cfg.max_batch)))
-            if not batch:
-                break
-            items: list[Submission] = []
-            for row in batch:
-                sub = self._map(cand, entry, row, sha, out)
-                if sub is not None:
-                    items.append(sub)
-            self.counts["rows"] += len(batch)
-            if items:
-                ids = await self._submit(items)
-                for sub, eid in zip(items, ids, strict=True):
-                    if eid == sub.event.id:
-                        out.stored += 1
-                    else:
-                        out.duplicates += 1
-                out.events += len(items)
-            if out.stored + out.duplicates:
-                await self._quarantine_pending(cand, sha, out)
-            await asyncio.sleep(0)  # let others run between batches of a large file
+        committing: asyncio.Task[None] | None = None
+        try:
+            while True:
+                batch = await asyncio.to_thread(
+                    lambda: list(itertools.islice(rows, self.cfg.max_batch)))
+                if not batch:
+                    break
+                items: list[Submission] = []
+                for row in batch:
+                    sub = self._map(cand, entry, row, sha, out)
+                    if sub is not None:
+                        items.append(sub)
+                self.counts["rows"] += len(batch)
+                if committing is not None:
+                    await committing
+                    committing = None
+                if items:
+                    out.events += len(items)
+                    committing = asyncio.create_task(self._commit(items, out),
+                                                     name=f"file-{self.id}-commit")
+                if out.events:
+                    await self._quarantine_pending(cand, sha, out)
+                await asyncio.sleep(0)  # let others run between batches of a large file
+            if committing is not None:
+                await committing
+                committing = None
+        finally:
+            if committing is not None:
+                committing.cancel()
+                with contextlib.suppress(asyncio.CancelledError, OutboxClosedError):
+                    await committing
         self.counts["stored"] += out.stored
         self.counts["duplicates"] += out.duplicates
         return out
+
+    async def _commit(self, items: list[Submission], out: _Outcome) -> None:
+        ids = await self._submit(items)
+        for sub, eid in zip(items, ids, strict=True):
+            if eid == sub.event.id:
+                out.stored += 1
+            else:
+                out.duplicates += 1
 
     def _map(self, cand: _Candidate, entry: _Entry, row: Row, sha: str, out: _Outcome
              ) -> Submission | None:
