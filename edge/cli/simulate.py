@@ -1,4 +1,4 @@
-"""``edge simulate opcua|mqtt`` — run a station simulator alone."""
+"""``edge simulate opcua|mqtt|sparkplug`` — run a station simulator alone."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from edge.cli.common import run_async
 SIMULATORS = {
     "mqtt": ("edge.sim.mqtt_station", "MQTT inspection stations publishing results/readings"),
     "opcua": ("edge.sim.opcua_station", "an OPC UA inspection station server"),
+    "sparkplug": ("edge.sim.sparkplug_node", "a Sparkplug B edge node with devices (MQTT)"),
 }
 
 

@@ -2,18 +2,56 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
 from edge.mqtt.config import MqttConnectionConfig
 from edge.mqtt.topics import TopicTemplate
-from edge.plugin import MappingConfig, SourceConfigBase, template_fields
+from edge.plugin import MappingConfig, SourceConfigBase, StrictModel, template_fields
 
-__all__ = ["MqttSourceConfig", "SubscriptionConfig"]
+__all__ = ["MqttSourceConfig", "SparkplugConfig", "SubscriptionConfig"]
 
 # Names a ``{...}`` template may use besides data fields: see ``Mapper.map``.
 _TEMPLATE_BUILTINS = {"site", "source"}
+# Names a Sparkplug B template (signal, ordering_key, dedupe_key) may use besides topic
+# captures and static fields: see ``edge.sources.mqtt.sparkplug``.
+SPARKPLUG_NAMES = {"site", "source", "group", "edge_node", "device", "metric", "message_type",
+                   "seq", "timestamp", "index", "signal", "station", "datatype"}
+
+
+class SparkplugConfig(StrictModel):
+    """How Sparkplug B metrics become events (only with ``format: sparkplug_b``)."""
+
+    signal: str = Field(
+        "{edge_node}/{device}/{metric}",
+        description="template of data.signal; an empty {device} (node metrics) drops with "
+        "its separator")
+    rebirth: bool = Field(
+        True, description="publish NCMD 'Node Control/Rebirth' when data cannot be resolved "
+        "(unknown alias, sequence gap, data before a birth)")
+    rebirth_interval_s: float = Field(
+        10.0, ge=0, le=3600, description="at most one rebirth request per edge node in this "
+        "many seconds")
+
+    @field_validator("signal")
+    @classmethod
+    def _signal(cls, v: str) -> str:
+        check_sparkplug_template(v, None)
+        return v
+
+
+def check_sparkplug_template(template: str, extra: set[str] | None) -> None:
+    """ValueError unless every ``{name}`` is a plain name Sparkplug templates know (the
+    built-in names, or one of ``extra``); ``extra`` None: only the shape is checked."""
+    for name in template_fields(template):
+        if not re.fullmatch(r"[A-Za-z_]\w*", name):
+            raise ValueError(f"{{{name}}} in {template!r}: a Sparkplug B template takes plain "
+                             "names like {edge_node}")
+        if extra is not None and name not in SPARKPLUG_NAMES | extra:
+            allowed = ", ".join(sorted(SPARKPLUG_NAMES | extra))
+            raise ValueError(f"{template!r} uses {{{name}}}, which is not one of {allowed}")
 
 
 class SubscriptionConfig(MappingConfig):
@@ -21,6 +59,19 @@ class SubscriptionConfig(MappingConfig):
 
     topic: str = Field(description="template, e.g. plant/{site}/line/{line}/station/{station}/x")
     qos: int = Field(1, description="0 (may lose messages) or 1 (acked after commit)")
+    format: Literal["json", "sparkplug_b"] = Field(
+        "json", description="payload format: json (mapped by fields) or sparkplug_b "
+        "(Sparkplug B protobuf, one event per metric)")
+    sparkplug: SparkplugConfig | None = Field(
+        None, description="Sparkplug B options (only with format: sparkplug_b)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _sparkplug_defaults(cls, data: Any) -> Any:
+        """A Sparkplug B subscription emits machine.reading events unless told otherwise."""
+        if isinstance(data, dict) and data.get("format") == "sparkplug_b" and "event" not in data:
+            data = {**data, "event": "machine.reading"}
+        return data
 
     @field_validator("topic")
     @classmethod
@@ -38,6 +89,30 @@ class SubscriptionConfig(MappingConfig):
                 "storage)"
             )
         return int(v)
+
+    @model_validator(mode="after")
+    def _sparkplug_options(self) -> SubscriptionConfig:
+        if self.format != "sparkplug_b":
+            if self.sparkplug is not None:
+                raise ValueError("sparkplug options need format: sparkplug_b")
+            return self
+        for key in ("fields", "source_ts"):
+            if getattr(self, key):
+                raise ValueError(
+                    f"{key} does not apply to format: sparkplug_b (each metric becomes an "
+                    "event with signal, value, status, unit and the metric's timestamp)")
+        if self.sparkplug is None:
+            self.sparkplug = SparkplugConfig()
+        known = set(TopicTemplate.parse(self.topic).captures) | set(self.static)
+        for key, template in (("sparkplug.signal", self.sparkplug.signal),
+                              ("ordering_key", self.ordering_key),
+                              ("dedupe_key", self.dedupe_key)):
+            if template is not None:
+                try:
+                    check_sparkplug_template(template, known)
+                except ValueError as err:
+                    raise ValueError(f"{key}: {err}") from None
+        return self
 
     @model_validator(mode="after")
     def _template_names(self) -> SubscriptionConfig:

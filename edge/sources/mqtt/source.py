@@ -36,7 +36,7 @@ import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 import paho.mqtt.client as mqtt
@@ -59,6 +59,9 @@ from edge.plugin import (
 )
 from edge.sources.mqtt.config import MqttSourceConfig, SubscriptionConfig
 from edge.timefmt import utc_iso
+
+if TYPE_CHECKING:
+    from edge.sources.mqtt.sparkplug import Decoded, SparkplugMapping, SparkplugState
 
 __all__ = ["MqttSource"]
 
@@ -88,6 +91,10 @@ class _Prepared:
     detail: str = ""
     raw: bytes = b""
     meta: dict[str, Any] | None = None
+    # audit rows (state, reason, detail) of the message, written before it is acked
+    audits: list[tuple[str, str, dict[str, Any]]] | None = None
+    # a Sparkplug B message: the records it became (none for one that only changes state)
+    records: list[_Prepared] | None = None
 
 
 @dataclass(slots=True)
@@ -95,6 +102,7 @@ class _Sub:
     config: SubscriptionConfig
     topic: CompiledTopic
     mapper: Mapper
+    sparkplug: SparkplugMapping | None = None
 
 
 class _BurstLog:
@@ -217,6 +225,18 @@ class MqttSource:
                  Mapper(s, site=ctx.site, source=cfg.id))
             for s in cfg.subscriptions
         ]
+        # Sparkplug B state (alias tables, sequences) lives as long as this object, so a
+        # reconnect keeps it; protobuf is loaded only when a subscription uses it.
+        self._spb: SparkplugState | None = None
+        self._conditions: set[str] = set()
+        if any(s.format == "sparkplug_b" for s in cfg.subscriptions):
+            from edge.sources.mqtt import sparkplug
+
+            self._spb = sparkplug.SparkplugState()
+            for entry in self.subs:
+                if entry.config.format == "sparkplug_b":
+                    entry.sparkplug = sparkplug.SparkplugMapping(
+                        entry.config, site=ctx.site, source=cfg.id)
         m = ctx.metrics
         self._errors = m.source_errors
         self._bursts = _BurstLog()
@@ -277,6 +297,7 @@ class MqttSource:
             "reconnects": link.reconnects if link is not None else 0,
             "last_error": link.last_error if link is not None else None,
             **self.counts,
+            **({"sparkplug": self._spb.status()} if self._spb is not None else {}),
         }
 
     # ------------------------------------------------------------------ run
@@ -365,6 +386,11 @@ class MqttSource:
             with contextlib.suppress(OutboxError):
                 await self.ingest.audit("gap", source=self.id, reason=reason,
                                         detail={"client_id": self.client_id})
+        if self._spb is not None and not session_present:
+            # Births published while no session kept messages for us may be gone: ask
+            # every edge node seen so far for a new one.
+            for group, node, why in self._spb.rebirth_all(time.monotonic(), "session_lost"):
+                self._publish_rebirth(group, node, why)
         await asyncio.to_thread(self._write_session_marker)
 
     # A marker in state_dir says "this client id had a session on this broker", so a later
@@ -411,7 +437,7 @@ class MqttSource:
                     await self._room.wait()
                 n = min(len(self._inbox), self.cfg.max_batch)
                 items = [self._inbox.popleft() for _ in range(n)]
-                prepared = [self._prepare(m) for m in items]
+                prepared = [r for m in items for r in self._records(self._prepare(m))]
                 self._in_store += n
                 turn = None  # a batch without events takes no part in the submit order
                 if any(p.submission is not None for p in prepared):
@@ -424,8 +450,13 @@ class MqttSource:
                 if conn is not None and len(self._inbox) <= self._inbox_max // 2:
                     conn.resume_reading()
 
+    @staticmethod
+    def _records(p: _Prepared) -> list[_Prepared]:
+        return [p] if p.records is None else p.records
+
     def _prepare(self, m: _Inbound) -> _Prepared:
-        """Topic match → JSON → mapping; every failure becomes a quarantine record."""
+        """Topic match → JSON → mapping; every failure becomes a quarantine record. A
+        Sparkplug B message becomes a record per metric, in ``records``."""
         msg = m.msg
         payload = msg.payload
         out = _Prepared(m)
@@ -447,6 +478,15 @@ class MqttSource:
             return self._reject(out, "unmatched_topic",
                                 "no subscription template matches this topic", payload)
         out.subscription = sub.topic.filter
+        if sub.sparkplug is not None:
+            out.records = self._prepare_sparkplug(out, sub.sparkplug, captures)
+            return out
+        return self._prepare_json(out, sub, captures)
+
+    def _prepare_json(self, out: _Prepared, sub: _Sub, captures: dict[str, Any]
+                      ) -> _Prepared:
+        msg = out.inbound.msg
+        payload = msg.payload
         try:
             doc = orjson.loads(payload)
         except orjson.JSONDecodeError as err:
@@ -470,6 +510,74 @@ class MqttSource:
             redelivery_only=True, redelivered=bool(msg.dup or msg.retain),
             redelivery_horizon=self.redelivery_horizon)
         return out
+
+    def _prepare_sparkplug(self, out: _Prepared, mapping: SparkplugMapping,
+                           captures: dict[str, Any]) -> list[_Prepared]:
+        """One Sparkplug B message → its events, quarantine records and audit rows (see
+        ``edge.sources.mqtt.sparkplug``); publishes a rebirth request when it needs one."""
+        assert self._spb is not None
+        m, msg = out.inbound, out.inbound.msg
+        redelivered = bool(msg.dup or msg.retain)
+        try:
+            decoded = self._spb.handle(mapping, out.topic, bytes(msg.payload), captures,
+                                       redelivered=redelivered, now=time.monotonic())
+        except Exception as err:  # noqa: BLE001 - hostile input must never stop the source
+            return [self._reject(out, "invalid_data", f"cannot decode: {err!r}", msg.payload)]
+        records: list[_Prepared] = []
+        for r in decoded.readings:
+            records.append(_Prepared(
+                m, Submission(r.event, r.dedupe_key, redelivery_only=r.redelivery_only,
+                              redelivered=redelivered,
+                              redelivery_horizon=self.redelivery_horizon),
+                topic=out.topic, subscription=out.subscription))
+        for rej in decoded.rejects:
+            p = self._reject(_Prepared(m, topic=out.topic, subscription=out.subscription),
+                             rej.reason, rej.detail, msg.payload)
+            if p.meta is not None:
+                p.meta.update(rej.meta)
+            records.append(p)
+        self._sparkplug_side_effects(decoded, out.topic)
+        if decoded.audits:
+            if not records:  # a message that only changes state still carries its audit
+                records.append(_Prepared(m, topic=out.topic, subscription=out.subscription))
+            records[0].audits = decoded.audits
+        return records
+
+    def _sparkplug_side_effects(self, decoded: Decoded, topic: str) -> None:
+        for what, detail in decoded.notes:
+            log_event(log, logging.INFO, f"Sparkplug: {what}", source=self.id, topic=topic,
+                      **detail)
+        for code, message in decoded.conditions:
+            if (message is not None) != (code in self._conditions):
+                self._conditions.symmetric_difference_update({code})
+                self.ctx.set_condition(code, message, "warning")
+        for state, reason, detail in decoded.audits:
+            if state == "gap":
+                self.ctx.metrics.source_gaps.labels(self.id).inc()
+                log_event(log, logging.WARNING, "Sparkplug gap", source=self.id,
+                          reason=reason, **detail)
+        if decoded.rebirth is not None:
+            group, node, why = decoded.rebirth
+            if self._publish_rebirth(group, node, why):
+                decoded.audits.append(("rebirth_requested", why,
+                                       {"group": group, "edge_node": node}))
+
+    def _publish_rebirth(self, group: str, node: str, why: str) -> bool:
+        """Publish NCMD ``Node Control/Rebirth = true`` to one edge node (QoS 0, as the
+        Sparkplug specification has commands); False when there is no connection."""
+        from edge.sources.mqtt.sparkplug import NAMESPACE, rebirth_payload
+
+        conn = self._conn
+        topic = f"{NAMESPACE}/{group}/NCMD/{node}"
+        if conn is None or not conn.connected:
+            log_event(log, logging.WARNING, "Sparkplug rebirth not requested: not connected",
+                      source=self.id, topic=topic, reason=why)
+            return False
+        fut = conn.publish(topic, rebirth_payload(int(time.time() * 1000)), qos=0)
+        fut.add_done_callback(lambda f: f.cancelled() or f.exception())
+        log_event(log, logging.INFO, "Sparkplug rebirth requested", source=self.id,
+                  topic=topic, reason=why)
+        return True
 
     def _reject(self, out: _Prepared, reason: str, detail: str, raw: bytes | bytearray
                 ) -> _Prepared:
@@ -496,7 +604,10 @@ class MqttSource:
         batch, nor of any later batch, may be acked.
         """
         events = [p for p in prepared if p.submission is not None]
-        rejects = [p for p in prepared if p.submission is None]
+        rejects = [p for p in prepared if p.submission is None and p.reason]
+        for p in prepared:
+            for state, reason, detail in p.audits or ():
+                await self._audit(state, reason, detail)
         try:
             if not rejects and turn is not None:
                 await self._store_events(turn, events)
@@ -549,6 +660,17 @@ class MqttSource:
             delay = _RETRY_MIN_S
             self._count_stored(job, ids)
         turn.finish()
+
+    async def _audit(self, state: str, reason: str, detail: dict[str, Any]) -> None:
+        """Write an audit row; an outbox error is logged (the row is not worth holding
+        the message for: its events and quarantine records are)."""
+        try:
+            await self.ingest.audit(state, source=self.id, reason=reason, detail=detail)
+        except OutboxClosedError:
+            raise
+        except OutboxError as err:
+            self._note("audit_write", "outbox", logging.ERROR,
+                       f"cannot write an audit row ({state}, {reason}): {err}")
 
     async def _write_failed(self, err: OutboxError, delay: float) -> None:
         """After a failed write of events or a quarantine record: wait before retrying."""
