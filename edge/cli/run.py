@@ -55,6 +55,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     from edge.telemetry import setup_logging
 
     cfg = load_or_exit(args.config)
+    if hasattr(cfg, "relay"):
+        print(f"{args.config}: a relay's config (it has a `relay:` section); run it with "
+              "`edge relay -c FILE`", file=sys.stderr)
+        return 2
     setup_logging(args.log_level or cfg.logging.level, cfg.logging.format)
     for issue in deprecations(cfg):
         logging.getLogger("edge.config").warning("%s", issue)
@@ -79,6 +83,10 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     cfg = load_or_exit(args.file, check_files=not args.skip_files)
     for issue in deprecations(cfg):
         print(f"warning: {issue}", file=sys.stderr)
+    if hasattr(cfg, "relay"):
+        print(f"OK: relay of stream {cfg.relay.stream} ({cfg.relay.partitions} partitions), "
+              f"{len(cfg.sinks)} sink(s)")
+        return 0
     print(f"OK: site {cfg.site}, {len(cfg.sources)} source(s), {len(cfg.sinks)} sink(s)")
     return 0
 

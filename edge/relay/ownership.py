@@ -114,10 +114,10 @@ class Ownership:
 
         await self.kv.put(f"member.{self.relay_id}", str(time.time()).encode())
         try:
-            keys = await self.kv.keys(filters=["member.*"])
+            keys = await self.kv.keys()  # (server-side filters need NATS 2.10)
         except NoKeysError:
             keys = []
-        self.members = max(1, len(keys))
+        self.members = max(1, sum(1 for k in keys if k.startswith("member.")))
 
     async def _renew(self) -> None:
         from nats.js.errors import KeyWrongLastSequenceError
