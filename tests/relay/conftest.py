@@ -62,7 +62,7 @@ class Tier:
         """Publish one envelope of ``lot`` (ordering key ``lot:<lot>``) as the nats sink
         does; returns it."""
         now = datetime.now(UTC).isoformat().replace("+00:00", "Z")
-        ev = {"id": str(uuid.uuid4()), "type": type_, "schema_version": 1, "site": site,
+        ev: dict[str, Any] = {"id": str(uuid.uuid4()), "type": type_, "schema_version": 1, "site": site,
               "source": "line1", "source_ts": now, "received_ts": now,
               "ordering_key": f"lot:{lot}", "class": "high",
               "correlation_id": str(uuid.uuid4()),
