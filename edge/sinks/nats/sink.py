@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import re
 from collections.abc import Sequence
@@ -164,14 +165,9 @@ class NatsSink:
     def subject_of(self, ev: StoredEvent) -> str:
         """The subject of one event; ValueError when a value is not a valid token."""
         doc = ev.doc
-        values: dict[str, Any] = {
-            "site": doc.get("site") or self.ctx.site,
-            "type": ev.type,
-            "class": ev.event_class.value,
-            "source": doc.get("source"),
-            "partition": partition_of(ev.ordering_key, ev.id, self.config.partitions),
-        }
-        return render_subject(self.config.subject, values)
+        return _subject(self.config.subject, doc.get("site") or self.ctx.site, ev.type,
+                        ev.event_class.value, doc.get("source"),
+                        partition_of(ev.ordering_key, ev.id, self.config.partitions))
 
     def headers_of(self, ev: StoredEvent) -> dict[str, str]:
         """The message headers; ValueError for a value with a control character (it
@@ -198,10 +194,9 @@ class NatsSink:
         except ValueError as err:
             return Outcome.dead_letter(f"unsafe header value: {err}")
         timeout = self.config.publish_timeout_s
-        try:
-            async with asyncio.timeout(timeout + 1):  # nats-py's own timeout comes first
-                ack = await js.publish(subject, ev.body, timeout=timeout,
-                                       stream=self.config.stream, headers=headers)
+        try:  # nats-py bounds the wait for the PubAck by ``timeout`` itself
+            ack = await js.publish(subject, ev.body, timeout=timeout,
+                                   stream=self.config.stream, headers=headers)
         except (js_errors.NoStreamResponseError, nats_errors.NoRespondersError):
             return Outcome.sink_fault(
                 f"no stream takes subject {subject!r}: create stream {self.config.stream} "
@@ -236,3 +231,11 @@ class NatsSink:
         # stream full with discard new, no quorum, storage failure: the stream, not the event
         return Outcome.sink_fault(f"JetStream refused the publish to {subject!r}: {text}",
                                   err.code)
+
+
+@functools.lru_cache(maxsize=4096)  # a site's types × classes × sources × partitions
+def _subject(template: str, site: str, type_: str, cls: str, source: str | None,
+             partition: int) -> str:
+    values: dict[str, Any] = {"site": site, "type": type_, "class": cls, "source": source,
+                              "partition": partition}
+    return render_subject(template, values)
