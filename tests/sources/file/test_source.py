@@ -237,3 +237,31 @@ async def test_a_done_folder_that_cannot_be_made_is_a_condition_and_the_file_wai
     await erp.wait_for(lambda e: set(serials(e)) == {"e0000", "e0001"}, 20)
     await eventually(lambda: (folder / "done" / "acme_L8.csv").exists(), what="moved")
     assert not status.conditions
+
+
+async def test_entry_options_tab_delimiter_encoding_provenance_and_own_dedupe_key(
+        folder: Path, erp: ErpReceiver, gateways: Gateways) -> None:
+    files = textwrap.dedent("""\
+        - pattern: "{supplier}-*.txt"
+          format: csv
+          delimiter: "\\\\t"
+          encoding: cp1252
+          provenance: true
+          event: inspection.result
+          dedupe_key: "{sample}"
+          fields: {lot_id: lot, serial: sn, sample: sample, result: result}
+        """)
+    gw = await gateways(config(folder, erp, files=files))
+    src = gw.sources["lims"]
+    drop(folder, "ACME-0001.txt",
+         "lot\tsn\tsample\tresult\nL1\tp\xe91\tS-1\tpass\nL1\tp2\tS-2\tfail\n"
+         .encode("cp1252"))
+    await erp.wait_for(lambda e: set(serials(e)) == {"p\xe91", "p2"}, 20)
+    ev = next(e for e in erp.events if e["data"]["serial"] == "p2")
+    assert ev["data"]["source_file"] == "ACME-0001.txt" and ev["data"]["source_row"] == 2
+    assert ev["data"]["supplier"] == "ACME"
+    # another file with a sample already stored: its own id maps it to the first event
+    await eventually(lambda: src.status()["files_done"] == 1, what="first file done")
+    drop(folder, "ACME-0002.txt", "lot\tsn\tsample\tresult\nL1\tp2\tS-2\tfail\n")
+    await eventually(lambda: src.status()["files_done"] == 2, what="second file done")
+    assert src.status()["duplicates"] == 1 and src.status()["stored"] == 2
