@@ -41,6 +41,9 @@ class RelayConfig(NatsConnection):
                              "stream: <prefix>.<sink>.<key hash>")
     relay_id: str | None = Field(None, description="this relay's name in the owners bucket; "
                                  "default <hostname>-<pid>")
+    listen: str | None = Field("127.0.0.1:8081", description="host:port of the relay's "
+                               "/healthz, /readyz, /status and /metrics (read-only); null: "
+                               "none")
     lease_ttl_s: float = Field(10.0, ge=2, le=600, description="a partition whose owner has "
                                "not renewed its lease for this long is taken over")
     fetch_batch: int = Field(200, ge=1, le=10_000, description="messages per fetch request")
@@ -62,6 +65,16 @@ class RelayConfig(NatsConnection):
     def _has_partition(cls, v: str) -> str:
         if "{partition}" not in v:
             raise ValueError("the filter must name {partition}, e.g. plant.*.p{partition}.>")
+        return v
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        host, sep, port = v.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+            raise ValueError("host:port, e.g. 127.0.0.1:8081 (port 0: any free port)")
         return v
 
     @field_validator("relay_id")

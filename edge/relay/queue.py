@@ -37,6 +37,7 @@ import orjson
 
 from edge.components import OutcomeKind, StoredEvent
 from edge.events import EventClass
+from edge.nats.subjects import partition_of
 from edge.outbox.queries import Resolution
 from edge.relay.deadletters import DeadLetterEntry, DeadLetters, ParkState
 from edge.retry import steady_time
@@ -69,6 +70,7 @@ class Feed:
     sub: Any
     rows: OrderedDict[int, Row] = field(default_factory=OrderedDict)
     active: bool = True
+    misrouted: int = 0  # events whose key hashes to another partition (config mismatch)
     pump: asyncio.Task[None] | None = None
     room: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -96,10 +98,12 @@ def stored_event(seq: int, body: bytes, attempts: int = 0, headers: dict[str, st
 
 class RelayQueue:
     def __init__(self, dead: DeadLetters, *, fetch_batch: int, max_pending: int,
+                 partitions: int | None = None,
                  holds: Callable[[int], bool] = lambda p: True,
                  clock: Callable[[], float] = steady_time) -> None:
         self.dead = dead
         self.fetch_batch = fetch_batch
+        self.partitions = partitions
         self.max_pending = max_pending
         self.holds = holds
         self.clock = clock
@@ -199,9 +203,27 @@ class RelayQueue:
             except ValueError as err:
                 await self._unreadable(feed, msg, seq, str(err))
                 continue
+            if self.partitions is not None:
+                self._check_partition(feed, ev)
             feed.rows[seq] = Row(ev, msg, msg.subject)
             where[seq] = feed
         self.new_rows(feed.sink).set()
+
+    def _check_partition(self, feed: Feed, ev: StoredEvent) -> None:
+        """An event whose key hashes to another partition was published with another
+        ``partitions`` or ``subject`` than this relay's: it is delivered, but its key's
+        order is only kept within one partition. Logged (first and every 1000th)."""
+        assert self.partitions is not None
+        if partition_of(ev.ordering_key, ev.id, self.partitions) == feed.partition:
+            return
+        feed.misrouted += 1
+        if feed.misrouted % 1000 == 1:
+            log_event(log, logging.ERROR, "event in the wrong partition: the gateways' nats "
+                      "sink `partitions`/`subject` differ from this relay's; per-key order "
+                      "is not guaranteed until they agree", sink=feed.sink,
+                      partition=feed.partition, event_id=ev.id,
+                      ordering_key=ev.ordering_key, relay_partitions=self.partitions,
+                      misrouted=feed.misrouted)
 
     async def _unreadable(self, feed: Feed, msg: Any, seq: int, why: str) -> None:
         """A message that is no event envelope is dead-lettered as it is, never sent."""

@@ -74,6 +74,8 @@ class Relay:
         self.dead: DeadLetters | None = None
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[Any]] = []
+        self.started = False
+        self.api: Any = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -92,6 +94,11 @@ class Relay:
         self._stop.set()
 
     async def start(self) -> None:
+        if self.rc.listen is not None:
+            from edge.relay.api import RelayApi
+
+            self.api = RelayApi(self, self.rc.listen)
+            await self.api.start()  # a taken port fails before anything is consumed
         self.nc = await connect(self.rc, name=f"edge-relay-{self.relay_id}",
                                 config_dir=self.config_dir)
         self.js = self.nc.jetstream()
@@ -103,7 +110,8 @@ class Relay:
                                    self._take, self._drop)
         await self.ownership.setup()
         self.queue = RelayQueue(self.dead, fetch_batch=self.rc.fetch_batch,
-                                max_pending=self.rc.max_pending, holds=self.ownership.holds)
+                                max_pending=self.rc.max_pending,
+                                partitions=self.rc.partitions, holds=self.ownership.holds)
         for cfg in self.config.sinks:
             comp = self.registry.get("sink", cfg.type)
             ctx = ComponentContext(site=self.config.site, state_dir=self.config.state_dir,
@@ -117,7 +125,9 @@ class Relay:
         self._tasks.append(asyncio.create_task(self.ownership.run(), name="relay-ownership"))
         self._tasks.append(asyncio.create_task(self._scan_parked(), name="relay-parked"))
         self._tasks.append(asyncio.create_task(self._log_status(), name="relay-status"))
+        self.started = True
         log_event(log, logging.INFO, "relay started", relay=self.relay_id,
+                  api=self.api.url if self.api else None,
                   stream=self.rc.stream, partitions=self.rc.partitions,
                   sinks=",".join(self.sinks))
 
@@ -153,6 +163,8 @@ class Relay:
         if self.nc is not None:
             with contextlib.suppress(Exception):
                 await self.nc.drain()
+        if self.api is not None:
+            await self.api.close()
         log_event(log, logging.INFO, "relay stopped", relay=self.relay_id)
 
     # ------------------------------------------------------------------ partitions
@@ -229,6 +241,20 @@ class Relay:
         while True:
             await asyncio.sleep(STATUS_LOG_S)
             log_event(log, logging.INFO, "relay status", **self.status_fields())
+
+    def status(self) -> dict[str, Any]:
+        """What ``GET /status`` answers."""
+        own, q = self.ownership, self.queue
+        return {
+            "relay": self.relay_id,
+            "stream": self.rc.stream,
+            "partitions": self.rc.partitions,
+            "members": own.members if own else 0,
+            "owned": sorted(own.owned) if own else [],
+            "nats_connected": bool(self.nc is not None and self.nc.is_connected),
+            "sinks": {sid: {**fwd.status(), "held": q.held(sid) if q else 0}
+                      for sid, fwd in self.forwarders.items()},
+        }
 
     def status_fields(self) -> dict[str, Any]:
         q, own = self.queue, self.ownership

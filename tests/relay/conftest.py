@@ -54,6 +54,7 @@ class Tier:
                 f"  dlq_subject: dlq.{self.tag}\n"
                 f"  relay_id: {relay_id}\n"
                 "  lease_ttl_s: 3\n"
+                "  listen: 127.0.0.1:0\n"
                 f"{extra}"
                 "sinks:\n" + sinks)
 

@@ -35,6 +35,16 @@ async def test_delivers_every_event_in_lot_order_and_acknowledges_it(
             assert check_order(published, erp.events) == {
                 "lost": 0, "duplicates": 0, "order_violations": 0}
             assert sorted(r.ownership.owned) == list(range(tier.partitions))  # type: ignore[union-attr]
+            import httpx
+
+            async with httpx.AsyncClient(base_url=r.api.url) as client:
+                status = (await client.get("/status")).json()
+                assert status["owned"] == list(range(tier.partitions))
+                assert status["sinks"]["erp"]["delivered"] >= 120
+                assert (await client.get("/readyz")).status_code == 200
+                assert (await client.get("/healthz")).json()["status"] == "ok"
+                metrics = (await client.get("/metrics")).text
+                assert f"edge_relay_partitions_owned {float(tier.partitions)}" in metrics
 
             async def acked() -> bool:
                 for p in range(tier.partitions):
@@ -174,3 +184,19 @@ async def test_a_stream_without_limits_retention_is_refused(tier: Tier, tmp_path
         with pytest.raises(FatalStartupError, match="limits retention"):
             await r.start()
         await r.nc.close()
+
+
+async def test_a_gateway_with_other_partitions_is_reported_and_still_delivered(
+        tier: Tier, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    async with ErpReceiver() as erp:
+        r = relay(tier, erp, tmp_path, "r1")
+        await r.start()
+        try:
+            wrong = Tier(tier.js, tier.tag, tier.stream, tier.prefix, partitions=3)
+            events = [await wrong.publish(f"L{i}", i) for i in range(12)]
+            await eventually(lambda: len(set(erp.ids())) >= len(events), timeout=30)
+            assert any("event in the wrong partition" in rec.getMessage()
+                       for rec in caplog.records)
+        finally:
+            r.stop()
+            await r.close()
