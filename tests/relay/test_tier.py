@@ -99,3 +99,48 @@ async def _stream_events(tier: Tier) -> list[dict[str, Any]]:
         ev["_seq"] = seq
         out.append(ev)
     return out
+
+
+async def test_a_frozen_relay_loses_its_partitions_and_does_not_send_when_it_wakes(
+        tier: Tier, tmp_path: Path) -> None:
+    """SIGSTOP one relay for twice the lease TTL (a frozen VM, a stalled disk): the other
+    takes its partitions over; when it wakes it finds its leases gone and sends nothing
+    of them, so lot order holds."""
+    import signal
+
+    relays: dict[str, GatewayProcess] = {}
+    async with ErpReceiver() as erp:
+        for name in ("r1", "r2"):
+            cfg = tmp_path / f"{name}.yaml"
+            cfg.write_text(tier.relay_yaml(erp.url, relay_id=name,
+                                           state_dir=str(tmp_path / name)))
+            relays[name] = GatewayProcess(cfg, verb="relay").start()
+        published: list[dict[str, Any]] = []
+        try:
+            await eventually(lambda: all(any("partition taken" in line for line in r.lines)
+                                         for r in relays.values()), timeout=30,
+                             what="both relays delivering partitions")
+            frozen = relays["r1"]
+            assert frozen.proc is not None
+            for i in range(40):
+                published.append(await tier.publish(f"L{i % 8}", i))
+            frozen.proc.send_signal(signal.SIGSTOP)
+            for i in range(40, 200):
+                published.append(await tier.publish(f"L{i % 8}", i))
+                await asyncio.sleep(0.02)  # 3 s of traffic while r1 is frozen
+            await asyncio.sleep(3.0)  # twice the lease TTL in all
+            mark = len(frozen.lines)
+            frozen.proc.send_signal(signal.SIGCONT)
+            for i in range(200, 260):
+                published.append(await tier.publish(f"L{i % 8}", i))
+            await eventually(lambda: len(set(erp.ids())) >= len(published), timeout=60,
+                             what="every event at the ERP")
+            await frozen.await_line("partition lost", timeout=30, after=mark)
+            await asyncio.sleep(1.0)
+        finally:
+            for r in relays.values():
+                r.stop()
+        report = check_order(published, erp.events)
+        assert report["lost"] == 0 and report["order_violations"] == 0, report
+    for proc in relays.values():
+        assert not any("Traceback" in line for line in proc.lines), "\n".join(proc.lines[-40:])
