@@ -414,11 +414,11 @@ class FileSource:
                     lambda: list(itertools.islice(rows, self.cfg.max_batch)))
                 if not batch:
                     break
-                items: list[Submission] = []
+                items: list[tuple[Submission, Row]] = []
                 for row in batch:
                     sub = self._map(cand, entry, row, sha, out)
                     if sub is not None:
-                        items.append(sub)
+                        items.append((sub, row))
                 self.counts["rows"] += len(batch)
                 if committing is not None:
                     await committing
@@ -433,6 +433,8 @@ class FileSource:
             if committing is not None:
                 await committing
                 committing = None
+            if out.stored + out.duplicates:
+                await self._quarantine_pending(cand, sha, out)
         finally:
             if committing is not None:
                 committing.cancel()
@@ -442,9 +444,24 @@ class FileSource:
         self.counts["duplicates"] += out.duplicates
         return out
 
-    async def _commit(self, items: list[Submission], out: _Outcome) -> None:
-        ids = await self._submit(items)
-        for sub, eid in zip(items, ids, strict=True):
+    async def _commit(self, items: list[tuple[Submission, Row]], out: _Outcome) -> None:
+        """Submit ``items``; a non-outbox exception (a bug storing one event) splits the
+        batch, and the single event that still raises becomes an ``internal_error``
+        quarantine record instead of stopping the file (and the source) for good."""
+        try:
+            ids = await self._submit([sub for sub, _ in items])
+        except OutboxError:
+            raise
+        except Exception as err:  # noqa: BLE001 - one poisonous row must not block the folder
+            if len(items) > 1:
+                for one in items:
+                    await self._commit([one], out)
+                return
+            row = items[0][1]
+            out.invalid.append(_Invalid(row.index + 1, row.line, "internal_error",
+                                        f"cannot store: {err!r}", row.raw))
+            return
+        for (sub, _), eid in zip(items, ids, strict=True):
             if eid == sub.event.id:
                 out.stored += 1
             else:
