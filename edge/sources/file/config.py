@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from typing import Literal
 
@@ -161,6 +162,12 @@ class FileSourceConfig(SourceConfigBase):
                 raise ValueError(f"files[{i}].pattern {entry.pattern!r} repeats "
                                  f"files[{seen[entry.pattern]}]")
             seen[entry.pattern] = i
-        if self.done_dir == self.rejected_dir:
+        folder = os.path.normpath(self.path)
+        done, rejected = (os.path.normpath(os.path.join(self.path, d))
+                          for d in (self.done_dir, self.rejected_dir))
+        if done == rejected:
             raise ValueError("done_dir and rejected_dir must differ")
+        if folder in (done, rejected):
+            raise ValueError("done_dir and rejected_dir must not be the drop folder itself "
+                             "(a finished file would be taken again)")
         return self

@@ -137,6 +137,11 @@ def test_config_errors_name_the_field() -> None:
         FileSourceConfig.model_validate({**base, "files": [entry, entry]})
     with pytest.raises(ValidationError, match="unknown encoding"):
         FileSourceConfig.model_validate({**base, "files": [{**entry, "encoding": "utf-9"}]})
+    with pytest.raises(ValidationError, match="must not be the drop folder"):
+        FileSourceConfig.model_validate({**base, "files": [entry], "done_dir": "./"})
+    with pytest.raises(ValidationError, match="must differ"):
+        FileSourceConfig.model_validate({**base, "files": [entry], "done_dir": "/srv/drop/x",
+                                         "rejected_dir": "x"})
     with pytest.raises(ValidationError, match="Extra inputs"):
         FileSourceConfig.model_validate({**base, "files": [entry], "settle": 3})
     ok = FileSourceConfig.model_validate({**base, "files": [
