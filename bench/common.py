@@ -453,12 +453,13 @@ class Daemon:
     config: Path
     proc: subprocess.Popen[bytes] | None = None
     started_at: float = 0.0
+    verb: str = "run"  # ``relay`` for a relay of the JetStream tier
     lines: list[tuple[float, str]] = field(default_factory=list)
     _cond: threading.Condition = field(default_factory=threading.Condition)
 
     def start(self) -> Daemon:
         self.started_at = time.monotonic()
-        self.proc = subprocess.Popen([PY, "-m", "edge", "run", "-c", str(self.config)],
+        self.proc = subprocess.Popen([PY, "-m", "edge", self.verb, "-c", str(self.config)],
                                      stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
                                      cwd=REPO)
         threading.Thread(target=self._read, daemon=True, name="daemon-err").start()
