@@ -5,7 +5,7 @@ import from ``edge`` only
 
 - ``edge.plugin`` (the public SDK),
 - its own package (``edge.sources.opcua.*`` inside the OPC UA source),
-- shared protocol code that lives beside the components (``edge.mqtt``),
+- shared protocol code that lives beside the components (``edge.mqtt``, ``edge.nats``),
 - ``edge.timefmt`` (time and duration formatting),
 
 plus the names in ``INTERNAL_BY_NATURE``, each with the reason it cannot go through the
@@ -25,7 +25,7 @@ import edge.plugin
 ROOT = Path(__file__).resolve().parents[2]
 EDGE = ROOT / "edge"
 
-SHARED = ("edge.plugin", "edge.mqtt", "edge.timefmt")
+SHARED = ("edge.plugin", "edge.mqtt", "edge.nats", "edge.timefmt")
 
 # (module path relative to the repository, imported edge module) → why it is allowed.
 INTERNAL_BY_NATURE: dict[tuple[str, str], str] = {}
