@@ -30,7 +30,22 @@ Programmatic API (demo, tests)::
     await station.accept_reads("Serial")       # … until accepted again
     await station.refuse_writes("ResultReady") # the ack write is refused (access denied)
     await station.accept_writes("ResultReady")
+    await station.raise_alarm("Overheat", severity=800, message="too hot")  # → EventId hex
+    await station.acknowledge_alarm("Overheat")   # an operator acknowledged it
+    await station.clear_alarm("Overheat")         # back to normal (retained until acked)
+    station.active_alarms()                       # names of the retained conditions
     await station.stop()
+
+Alarms (OPC UA Alarms & Conditions): ``raise_alarm`` / ``acknowledge_alarm`` /
+``clear_alarm`` fire a condition event (``AlarmConditionType`` by default; also
+``OffNormalAlarmType``, ``LimitAlarmType`` …) from the Server object, with SourceName
+``<name>.<source variable>``, ConditionName the alarm's name, ConditionId
+``ns=2;s=<name>.Alarms.<alarm>``, and ActiveState / AckedState / Retain as the spec has
+them. The server answers ConditionRefresh (``condition_refresh=False``: it does not, as
+many small servers do not) by re-sending every retained condition with its last EventId,
+between a RefreshStartEvent and a RefreshEndEvent. With ``auto`` the station raises an
+Overheat alarm (severity 700) while Temperature is above ``alarm_above`` and clears it
+below.
 
 CLI: ``edge simulate opcua --port 4840 [--history-db FILE] [--items N]``.
 """
@@ -73,6 +88,17 @@ POLICIES = {
 
 
 @dataclass
+class _Alarm:
+    """One simulated condition: its event generator (the event object is the condition's
+    current state, which the server keeps for ConditionRefresh while it is retained)."""
+
+    gen: Any
+    event_type: str
+    active: bool = False
+    acked: bool = True
+
+
+@dataclass
 class Station:
     """A running simulated station. Use ``start_station`` to make one."""
 
@@ -93,6 +119,7 @@ class Station:
     # ``fail_next`` has failures pending; a failing part measures out of spec
     fail_every: int = 10
     failing: int = 0
+    _alarms: dict[str, _Alarm] = field(default_factory=dict)
 
     def fail_next(self, n: int = 1) -> None:
         """The next ``n`` results fail (result "fail", measured out of spec)."""
@@ -103,6 +130,76 @@ class Station:
             self.failing -= 1
             return True
         return bool(self.fail_every) and self.parts % self.fail_every == 0
+
+    # ------------------------------------------------------------------ alarms
+
+    async def raise_alarm(self, name: str, *, severity: int = 800, message: str | None = None,
+                          source: str = "Temperature", event_type: str = "AlarmConditionType",
+                          time: datetime | None = None) -> str:
+        """Activate alarm ``name`` (created on first use, of ``event_type``) and fire its
+        event; returns the EventId (hex). Raising an active alarm again fires a new event
+        (e.g. a new severity)."""
+        alarm = await self._alarm(name, source, event_type)
+        alarm.gen.event.Severity = severity
+        alarm.active, alarm.acked = True, False
+        return await self._fire(alarm, message or f"{name}: active", time)
+
+    async def acknowledge_alarm(self, name: str, *, message: str | None = None) -> str:
+        """An operator acknowledged ``name``: AckedState true, fires its event."""
+        alarm = self._alarms[name]
+        alarm.acked = True
+        return await self._fire(alarm, message or f"{name}: acknowledged", None)
+
+    async def clear_alarm(self, name: str, *, message: str | None = None,
+                          time: datetime | None = None) -> str:
+        """``name`` returns to normal: ActiveState false, fires its event (the condition
+        stays retained until it is acknowledged)."""
+        alarm = self._alarms[name]
+        alarm.active = False
+        return await self._fire(alarm, message or f"{name}: back to normal", time)
+
+    def active_alarms(self) -> list[str]:
+        """Names of the retained conditions (active, or not acknowledged yet)."""
+        return [n for n, a in self._alarms.items() if a.active or not a.acked]
+
+    async def _alarm(self, name: str, source: str, event_type: str) -> _Alarm:
+        from asyncua import ua
+        from asyncua.server.event_generator import EventGenerator
+
+        alarm = self._alarms.get(name)
+        if alarm is not None:
+            return alarm
+        etype = ua.NodeId(getattr(ua.ObjectIds, event_type))
+        gen = EventGenerator(self.server.iserver.isession)
+        # one GeneratesEvent reference per type is enough (a second one is refused)
+        first = not any(a.event_type == event_type for a in self._alarms.values())
+        await gen.init(etype, emitting_node=ua.ObjectIds.Server, add_generates_event=first)
+        ev = gen.event
+        ev.SourceNode = self.nodes[source].nodeid if source in self.nodes else ev.SourceNode
+        ev.SourceName = f"{self.name}.{source}"
+        ev.ConditionName = name
+        ev.NodeId = _nid(f"{self.name}.Alarms.{name}", self.ns)  # the ConditionId
+        ev.BranchId = ua.NodeId()
+        alarm = self._alarms[name] = _Alarm(gen, event_type)
+        return alarm
+
+    async def _fire(self, alarm: _Alarm, message: str, time: datetime | None) -> str:
+        from asyncua import ua
+
+        ev = alarm.gen.event
+        ev.add_property("ActiveState/Id", alarm.active, ua.VariantType.Boolean)
+        ev.add_variable("ActiveState", ua.LocalizedText("Active" if alarm.active
+                                                        else "Inactive"),
+                        ua.VariantType.LocalizedText)
+        ev.add_property("AckedState/Id", alarm.acked, ua.VariantType.Boolean)
+        ev.add_variable("AckedState", ua.LocalizedText("Acknowledged" if alarm.acked
+                                                       else "Unacknowledged"),
+                        ua.VariantType.LocalizedText)
+        ev.add_property("EnabledState/Id", True, ua.VariantType.Boolean)
+        ev.Retain = alarm.active or not alarm.acked
+        await alarm.gen.trigger(time_attr=time, message=message)
+        event_id = ev.EventId.Value if isinstance(ev.EventId, ua.Variant) else ev.EventId
+        return bytes(event_id).hex()
 
     def node_id(self, variable: str) -> str:
         """NodeId string of a variable, e.g. ``ns=2;s=Station7.Temperature``."""
@@ -235,6 +332,8 @@ async def start_station(
     key_file: str | Path | None = None,
     users: dict[str, str] | None = None,
     seed: int | None = None,
+    condition_refresh: bool = True,
+    alarm_above: float | None = None,
 ) -> Station:
     """Start a station server; returns once it listens.
 
@@ -263,6 +362,7 @@ async def start_station(
                 return None
 
         server.iserver.user_manager = _Users()
+    server.iserver.bind_condition_methods = condition_refresh  # before init()
     if history_db is not None:  # before init(), which opens the storage
         server.iserver.history_manager.set_storage(_history_sqlite(str(history_db)))
     await _init_server(server)
@@ -309,7 +409,7 @@ async def start_station(
         station._tasks.append(asyncio.create_task(_watch_ack(station), name="station-ack"))
     if auto:
         station._tasks.append(asyncio.create_task(
-            _readings(station, reading_period_s), name="station-readings"))
+            _readings(station, reading_period_s, alarm_above), name="station-readings"))
         station._tasks.append(asyncio.create_task(
             _results(station, result_period_s, lot_period_s, handshake), name="station-results"))
     if items:
@@ -396,12 +496,21 @@ def _url_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
-async def _readings(station: Station, period_s: float) -> None:
+async def _readings(station: Station, period_s: float, alarm_above: float | None) -> None:
     t0 = asyncio.get_running_loop().time()
+    hot = False
     while True:
         t = asyncio.get_running_loop().time() - t0
-        await station.write("Temperature", round(20.0 + 2.0 * math.sin(t / 30.0)
-                                                 + random.gauss(0, 0.05), 3))
+        temperature = round(20.0 + 2.0 * math.sin(t / 30.0) + random.gauss(0, 0.05), 3)
+        await station.write("Temperature", temperature)
+        if alarm_above is not None and (temperature > alarm_above) != hot:
+            hot = not hot
+            if hot:
+                await station.raise_alarm("Overheat", severity=700,
+                                          message=f"Temperature {temperature} above "
+                                                  f"{alarm_above}")
+            else:
+                await station.clear_alarm("Overheat")
         await station.write("SpindleSpeed", round(12000 + random.gauss(0, 15), 1))
         await asyncio.sleep(period_s)
 
@@ -474,6 +583,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cert", help="server certificate (DER) for --security")
     parser.add_argument("--key", help="server private key (PEM) for --security")
     parser.add_argument("--seed", type=int)
+    parser.add_argument("--alarm-above", type=float, metavar="CELSIUS",
+                        help="raise an Overheat alarm while Temperature is above this")
+    parser.add_argument("--no-condition-refresh", action="store_true",
+                        help="do not answer ConditionRefresh (like many small servers)")
 
 
 async def run(args: argparse.Namespace) -> int:
@@ -486,6 +599,7 @@ async def run(args: argparse.Namespace) -> int:
             handshake=args.handshake, history_db=args.history_db, items=args.items,
             items_period_s=args.items_period_ms / 1000, security=args.security,
             cert_file=args.cert, key_file=args.key, seed=args.seed,
+            condition_refresh=not args.no_condition_refresh, alarm_above=args.alarm_above,
         )
     except (OSError, ValueError) as err:
         print(f"cannot start the station: {err}", flush=True)

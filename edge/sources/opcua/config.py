@@ -25,11 +25,14 @@ from edge.plugin import (
 )
 
 __all__ = [
+    "AlarmConfig",
+    "AlarmWhereConfig",
     "BackfillConfig",
     "DeadbandConfig",
     "MonitoredItemConfig",
     "OpcUaSourceConfig",
     "SecurityConfig",
+    "SeverityClassConfig",
     "TriggerAckConfig",
     "TriggerConfig",
     "validate_node_ref",
@@ -204,6 +207,142 @@ class TriggerConfig(MappingConfig):
         return v
 
 
+_SELECT_STEP_RE = re.compile(r"^(\d+:)?[^/:]+$")
+
+# data fields a machine.alarm event gets from the standard select clauses
+ALARM_FIELDS = ("event_id", "event_type", "source", "source_node", "time", "message",
+                "severity", "severity_class", "condition", "condition_id", "branch_id",
+                "retain", "active", "acked", "confirmed", "refresh")
+
+
+class SeverityClassConfig(StrictModel):
+    """Alarms with a severity of at least ``min`` get this event class and name (the
+    first entry, by descending ``min``, that fits)."""
+
+    min: int = Field(ge=1, le=1000, description="lowest OPC UA severity (1-1000) of the class")
+    event_class: str = Field(alias="class", description="event class: critical | high | "
+                             "normal | low")
+    name: str | None = Field(None, description="the event's severity_class (default: class)")
+
+    @field_validator("event_class")
+    @classmethod
+    def _class(cls, v: str) -> str:
+        EventClass.parse(v)
+        return v
+
+    @property
+    def label(self) -> str:
+        return self.name or self.event_class
+
+
+def _default_severity_classes() -> list[SeverityClassConfig]:
+    return [SeverityClassConfig.model_validate({"min": m, "class": c})
+            for m, c in ((800, "critical"), (500, "high"), (200, "normal"), (1, "low"))]
+
+
+class AlarmWhereConfig(StrictModel):
+    """The server-side where clause: only events that pass it are sent (ConditionRefresh's
+    RefreshStart/RefreshEnd events always pass)."""
+
+    min_severity: int | None = Field(None, ge=1, le=1000,
+                                     description="only events with at least this severity")
+    source_names: list[str] | None = Field(
+        None, min_length=1, description="only events whose SourceName is one of these")
+
+
+class AlarmConfig(StrictModel):
+    """One event subscription (OPC UA Alarms & Conditions); every event notification,
+    condition state change or refresh becomes one event (default ``machine.alarm``).
+
+    Identity: the event's EventId (dedupe key ``alarm:<EventId hex>``), so a condition
+    re-sent by ConditionRefresh after a reconnect is stored once."""
+
+    notifier: str = Field("i=2253", description="node whose events are subscribed "
+                          "(default: the Server object)")
+    event_types: list[str] = Field(
+        default_factory=lambda: ["i=2915"], min_length=1,
+        description="event type nodes, subtypes included (default AlarmConditionType; "
+                    "i=2041 BaseEventType for every event)")
+    select: dict[str, str] = Field(
+        default_factory=dict, description="extra data field: browse path below the first "
+        "event type, e.g. {high_limit: HighLimit, input: 0:InputNode}")
+    where: AlarmWhereConfig | None = Field(None, description="server-side filter")
+    event: str = Field("machine.alarm", description="event type")
+    severity_classes: list[SeverityClassConfig] = Field(
+        default_factory=_default_severity_classes,
+        description="severity → event class and severity_class")
+    ordering_key: str | None = Field(
+        None, description="template over data fields (default alarm:{source})")
+    static: dict[str, Any] = Field(default_factory=dict, description="constant data fields")
+    queue_size: int = Field(1000, ge=1, le=100000,
+                            description="server-side queue of the event item")
+    refresh: bool = Field(True, description="call ConditionRefresh after every (re)connect "
+                          "and subscription re-creation")
+
+    @field_validator("notifier")
+    @classmethod
+    def _notifier(cls, v: str) -> str:
+        return validate_node_ref(v)
+
+    @field_validator("event_types")
+    @classmethod
+    def _types(cls, v: list[str]) -> list[str]:
+        for i, ref in enumerate(v):
+            if ref.strip().startswith("/") and not ref.strip().split("/")[1].endswith("Types"):
+                raise ValueError(f"[{i}]: an event type lives under /Types, got {ref!r}")
+            try:
+                validate_node_ref(ref)
+            except ValueError as err:
+                raise ValueError(f"[{i}]: {err}") from None
+        return [r.strip() for r in v]
+
+    @field_validator("select")
+    @classmethod
+    def _select(cls, v: dict[str, str]) -> dict[str, str]:
+        for name, path in v.items():
+            if not _NAME_RE.match(name):
+                raise ValueError(f"{name!r} is not a field name (letters, digits, _)")
+            if name in ALARM_FIELDS:
+                raise ValueError(f"{name!r} is a standard field of the event; choose another "
+                                 f"name (standard: {', '.join(ALARM_FIELDS)})")
+            steps = path.split("/")
+            if not path or any(not _SELECT_STEP_RE.match(s) for s in steps):
+                raise ValueError(f"{name}: {path!r} is not a browse path like HighLimit or "
+                                 "2:Limits/2:High (steps <namespace index>:<BrowseName>, "
+                                 "namespace 0 when omitted)")
+        return v
+
+    @field_validator("event")
+    @classmethod
+    def _event(cls, v: str) -> str:
+        if not _EVENT_RE.match(v):
+            raise ValueError(f"must be a dotted lowercase name like machine.alarm, got {v!r}")
+        return v
+
+    @field_validator("severity_classes")
+    @classmethod
+    def _classes(cls, v: list[SeverityClassConfig]) -> list[SeverityClassConfig]:
+        mins = [c.min for c in v]
+        dup = sorted({m for m in mins if mins.count(m) > 1})
+        if dup:
+            raise ValueError(f"min {dup[0]} is used twice; each class needs its own min")
+        return sorted(v, key=lambda c: -c.min)
+
+    @field_validator("ordering_key")
+    @classmethod
+    def _template(cls, v: str | None) -> str | None:
+        if v is not None:
+            template_fields(v)
+        return v
+
+    def severity_class(self, severity: int) -> SeverityClassConfig | None:
+        """The class of ``severity`` (None: below every ``min``)."""
+        for c in self.severity_classes:
+            if severity >= c.min:
+                return c
+        return None
+
+
 class SecurityConfig(StrictModel):
     """Secure channel. With a policy other than None the server's identity must be fixed
     by ``server_cert_file`` (pinned) or ``trust_dir`` (a folder of trusted DER/PEM
@@ -280,6 +419,8 @@ class OpcUaSourceConfig(SourceConfigBase):
     password_file: SecretFile | None = Field(None, description="file holding the password")
     monitored: list[MonitoredItemConfig] = Field(default_factory=list)
     triggers: list[TriggerConfig] = Field(default_factory=list)
+    alarms: list[AlarmConfig] = Field(
+        default_factory=list, description="event subscriptions (Alarms & Conditions)")
     publishing_ms: float = Field(
         500, gt=0, description="publishing interval of the monitored-items subscription"
     )
@@ -323,8 +464,8 @@ class OpcUaSourceConfig(SourceConfigBase):
 
     @model_validator(mode="after")
     def _checks(self) -> OpcUaSourceConfig:
-        if not self.monitored and not self.triggers:
-            raise ValueError("configure at least one of monitored or triggers")
+        if not self.monitored and not self.triggers and not self.alarms:
+            raise ValueError("configure at least one of monitored or triggers (or alarms)")
         if self.password_file is not None and self.username is None:
             raise ValueError("password_file needs username")
         if self.username is not None and self.password_file is None:

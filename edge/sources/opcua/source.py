@@ -6,11 +6,13 @@ Data path::
         monitored subscription ──► drain task: map → Submission batch → ingest.submit
         trigger subscription   ──► trigger task: edge detect → ONE Read → map ──►
                                    bounded queue (blocking) ──► submit → optional ack write
+        alarm subscription     ──► alarm task: map → submit; ConditionRefresh after gaps
 
-The source owns two parts, each a small object with its contract in its docstring:
-``self.triggers`` (``Triggers``: edge detection, the group Read, commit, ack) and
+The source owns three parts, each a small object with its contract in its docstring:
+``self.triggers`` (``Triggers``: edge detection, the group Read, commit, ack),
 ``self.backfill`` (``Backfill``: gaps, HistoryRead, the order of live and backfilled
-values, watermarks). It hands them what they share (the client, the ordered commit path,
+values, watermarks) and ``self.alarms`` (``Alarms``: event subscriptions, ConditionRefresh
+after a gap). It hands them what they share (the client, the ordered commit path,
 the audit call); they never reach into the source.
 
 Why these queues: asyncua's handler mode spawns a task per notification and its iterator
@@ -69,6 +71,7 @@ from edge.plugin import (
 from edge.sources.opcua import client as opcua_client
 from edge.sources.opcua import nodes as opcua_nodes
 from edge.sources.opcua import security as opcua_security
+from edge.sources.opcua.alarms import Alarms
 from edge.sources.opcua.backfill import Backfill, Watermarks
 from edge.sources.opcua.config import OpcUaSourceConfig
 from edge.sources.opcua.queue import Gap, NotificationQueue
@@ -174,12 +177,17 @@ class OpcUaSource:
         self._last_error: str | None = None  # why not connected now (status())
         self._unknown_kinds: set[str] = set()
         self._loss_epoch = 0
-        self._sub_epoch = {"monitored": 0, "triggers": 0}
+        self._sub_epoch = {"monitored": 0, "triggers": 0, "alarms": 0}
         self._tasks: set[asyncio.Task[Any]] = set()
         self.triggers = Triggers(
             cfg, ctx, ingest=self.ingest, connection=self._connection, submit=self._submit,
             audit=self._audit, status_change=self._status_change,
             unknown_item=self._unknown_item)
+        self.alarms = Alarms(
+            cfg, ctx, ingest=self.ingest, connection=self._connection, submit=self._submit,
+            audit=self._audit, status_change=self._status_change,
+            unknown_item=self._unknown_item)
+        self._alarm_sub: Subscription | None = None
         self.backfill = Backfill(
             cfg, ctx, connection=self._connection, queue=self._mon_q, mapped=self._mapped,
             sample=self._sample, quarantine=self._quarantine_sample, audit=self._audit,
@@ -202,6 +210,7 @@ class OpcUaSource:
             "backfill_running": self.backfill.running(),
             "monitored": len(self.cfg.monitored),
             "triggers": len(self.cfg.triggers),
+            "alarms": len(self.cfg.alarms),
             "historizing": sum(self.backfill.history),
         }
 
@@ -261,10 +270,10 @@ class OpcUaSource:
             log_event(log, logging.INFO, "opcua connected", source=self.id,
                       endpoint=cfg.endpoint, security=security,
                       monitored=len(cfg.monitored), historizing=sum(self.backfill.history),
-                      triggers=len(cfg.triggers))
+                      triggers=len(cfg.triggers), alarms=len(cfg.alarms))
             await _run_all([
                 self._drain_monitored(), self._commit_monitored(), self.triggers.read_loop(),
-                self.triggers.commit_loop(),
+                self.triggers.commit_loop(), self.alarms.loop(),
                 self._control(), self.backfill.loop(), self.backfill.flush_loop(),
             ])
         finally:
@@ -375,6 +384,10 @@ class OpcUaSource:
             await self._create_items(self._trig_sub, requests, f"{where}.triggers", issues)
         if issues:
             raise FatalStartupError("; ".join(issues))
+        if cfg.alarms:
+            self._alarm_sub = await self._new_subscription(client, cfg.publishing_ms,
+                                                            self.alarms.queue)
+            await self.alarms.subscribe(client, self._alarm_sub)
 
     @staticmethod
     def _item_request(handle: int, node_id: ua.NodeId, sampling_ms: float, queue_size: int,
@@ -428,11 +441,15 @@ class OpcUaSource:
         elif self._trig_sub is not None and sid == self._trig_sub.subscription_id:
             self.triggers.queue.put_nowait(Gap("recreated"))
             self._ctl_put(("recreated", "triggers"))
+        elif self._alarm_sub is not None and sid == self._alarm_sub.subscription_id:
+            self.alarms.recreated()  # the refresh follows once its items are back
+            self._ctl_put(("recreated", "alarms"))
 
     async def _on_connection_lost(self, exc: Exception) -> None:
         # asyncua awaits this before reconnecting: only record and return.
         self._set_connected(False)
         self._last_error = f"connection lost: {exc!r}"
+        self.alarms.connection_lost()
         self._ctl_put(("lost", exc))
 
     def _reconnect_failed(self, exc: BaseException) -> None:
