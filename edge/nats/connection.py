@@ -190,6 +190,10 @@ async def connect(cfg: NatsConnection, *, name: str, config_dir: str | Path | No
     try:
         await asyncio.wait({attempt, refused}, timeout=limit,
                            return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:  # cancelled (shutdown): leave no half-open client behind
+        attempt.cancel()
+        await _close_quietly(nc)
+        raise
     finally:
         refused.cancel()
         if not attempt.done():
