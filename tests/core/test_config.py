@@ -137,10 +137,10 @@ def test_run_with_bad_config_exits_2_without_starting(tmp_path: Path):
 
 
 def test_example_configs_are_valid():
-    for name in ("plant.example.yaml", "demo.yaml"):
+    for name in ("plant.example.yaml", "demo.yaml", "relay.example.yaml"):
         path = ROOT / "config" / name
-        if path.exists():
-            load_config(path, check_files=False, env={"CREDENTIALS_DIRECTORY": "/run/creds"})
+        cfg = load_config(path, check_files=False, env={"CREDENTIALS_DIRECTORY": "/run/creds"})
+        assert hasattr(cfg, "relay") == (name == "relay.example.yaml")
 
 
 def test_published_schema_matches_the_code():
