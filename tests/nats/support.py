@@ -106,9 +106,11 @@ def nats_servers(tmp_path: Path) -> Any:
 
 @asynccontextmanager
 async def machine_stream(subjects: list[str], *, url: str = MACHINE_NATS,
-                         duplicate_window_s: float = 120.0) -> AsyncIterator[tuple[Any, str]]:
+                         duplicate_window_s: float = 120.0, **config: Any
+                         ) -> AsyncIterator[tuple[Any, str]]:
     """A uniquely named stream on ``url`` (default: the machine's JetStream) taking
-    ``subjects``; yields ``(jetstream context, stream name)`` and deletes it afterwards."""
+    ``subjects`` (``config``: more ``StreamConfig`` fields); yields ``(jetstream context,
+    stream name)`` and deletes it afterwards."""
     import nats
     from nats.js.api import StreamConfig
 
@@ -119,7 +121,7 @@ async def machine_stream(subjects: list[str], *, url: str = MACHINE_NATS,
     js = nc.jetstream()
     name = unique("EDGE_TEST_")
     await js.add_stream(StreamConfig(name=name, subjects=subjects,
-                                     duplicate_window=duplicate_window_s))
+                                     duplicate_window=duplicate_window_s, **config))
     try:
         yield js, name
     finally:

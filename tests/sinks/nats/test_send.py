@@ -151,6 +151,34 @@ async def test_an_ordering_key_with_a_line_break_never_forges_a_header():
     assert msgs == []
 
 
+async def test_a_message_the_stream_refuses_as_too_large_is_a_dead_letter():
+    prefix = unique("t")
+    small, big = stored([event("inspection.result", "A", 0),
+                         event("inspection.result", "B", 1, note="x" * 2000)])
+    async with machine_stream([prefix + ".>"], max_msg_size=1500) as (js, name), \
+            open_sink(name, _subject(prefix)) as sink:
+        outcomes = await sink.send([small, big])
+        msgs = await read_stream(js, name)
+    assert outcomes[0].kind is OutcomeKind.delivered
+    assert outcomes[1].kind is OutcomeKind.dead_letter
+    assert "refuses the message" in outcomes[1].reason
+    assert [m.doc["data"]["n"] for m in msgs] == [0]
+
+
+async def test_a_full_stream_that_discards_new_is_a_sink_fault_and_keeps_the_event():
+    from nats.js.api import DiscardPolicy
+
+    prefix = unique("t")
+    events = stored([event("inspection.result", "A", n) for n in range(3)])
+    async with machine_stream([prefix + ".>"], max_msgs=2,
+                              discard=DiscardPolicy.NEW) as (js, name), \
+            open_sink(name, _subject(prefix)) as sink:
+        outcomes = await sink.send(events)
+    assert [o.kind for o in outcomes[:2]] == [OutcomeKind.delivered] * 2
+    assert outcomes[2].kind is OutcomeKind.sink_fault
+    assert "maximum messages" in outcomes[2].reason
+
+
 async def test_events_the_sink_no_longer_carries_are_unrouted():
     prefix = unique("t")
     async with machine_stream([prefix + ".>"]) as (js, name), \
