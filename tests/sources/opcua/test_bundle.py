@@ -39,6 +39,9 @@ SECTIONS: dict[str, list[str]] = {
     "DeadbandConfig": ["Deadband (`monitored[].deadband`)"],
     "TriggerConfig": ["Triggers (`triggers[]`)"],
     "TriggerAckConfig": ["Trigger ack (`triggers[].ack`)"],
+    "AlarmConfig": ["Alarms (`alarms[]`)"],
+    "AlarmWhereConfig": ["Alarm filter (`alarms[].where`)"],
+    "SeverityClassConfig": ["Severity classes (`alarms[].severity_classes[]`)"],
 }
 
 
@@ -133,6 +136,11 @@ def _set_in_sample() -> set[tuple[str, str]]:
     for trig in src.get("triggers", []):
         found |= {("TriggerConfig", k) for k in trig}
         found |= {("TriggerAckConfig", k) for k in trig.get("ack") or {}}
+    for alarm in src.get("alarms", []):
+        found |= {("AlarmConfig", k) for k in alarm}
+        found |= {("AlarmWhereConfig", k) for k in alarm.get("where") or {}}
+        for band in alarm.get("severity_classes") or []:
+            found |= {("SeverityClassConfig", k) for k in band}
     return found
 
 
@@ -143,6 +151,7 @@ def test_the_sample_loads_as_one_opcua_source():
     assert isinstance(src, OpcUaSourceConfig)
     assert src.security.enabled and src.password_file == ENV["CREDENTIALS_DIRECTORY"] + "/station7"
     assert src.monitored and src.triggers and src.triggers[0].ack is not None
+    assert src.alarms and src.alarms[0].severity_class(650).event_class == "high"
 
 
 def test_the_sample_sets_every_option():
