@@ -88,3 +88,37 @@ async def test_a_server_stopped_mid_drain_loses_nothing_and_keeps_lot_order(
     for lot in range(7):
         ns = [m.doc["data"]["n"] for m in msgs if m.doc["data"]["lot_id"] == f"L{lot}"]
         assert ns == sorted(ns)
+
+
+async def test_a_missing_stream_alarms_in_status_and_delivers_once_it_exists(gateways):
+    """The operator sees what to do (create the stream for this subject); nothing is
+    dead-lettered meanwhile, and the stored events go out once plant IT created it."""
+    import nats
+    from nats.js.api import StreamConfig
+
+    prefix, name = unique("t"), unique("EDGE_TEST_")
+    gw = await gateways(nats_sink_yaml(name, prefix + ".{site}.p{partition}.{type}"))
+    ids = await gw.pipeline.submit([result(f"L{n % 3}", n) for n in range(6)])
+    fwd = gw.forwarders["js"]
+
+    def alarmed() -> dict | None:
+        return fwd.status()["alarm"]
+
+    alarm = await eventually(alarmed, timeout=30, what="the sink's alarm")
+    assert alarm["code"] == "sink_fault"
+    assert f"{prefix}.test-site." in alarm["message"] and name in alarm["message"]
+    nc = await nats.connect("nats://127.0.0.1:4222")
+    js = nc.jetstream()
+    await js.add_stream(StreamConfig(name=name, subjects=[prefix + ".>"]))
+    try:
+        async def all_in() -> bool:
+            return (await js.stream_info(name)).state.messages == len(ids)
+
+        await eventually(all_in, timeout=30, what="every event in the stream")
+        await eventually(lambda: fwd.status()["alarm"] is None, timeout=30,
+                         what="the alarm cleared")
+        msgs = await read_stream(js, name)
+        assert sorted(m.headers["Nats-Msg-Id"] for m in msgs) == sorted(ids)
+    finally:
+        await js.delete_stream(name)
+        await nc.close()
