@@ -15,7 +15,7 @@ from tests.nats.support import unique
 from tests.sinks.nats.support import nats_sink_yaml, read_stream
 from tests.support import eventually, result
 
-N = 600
+N = 300
 
 
 async def _stream_count(url: str, name: str) -> int:
