@@ -71,6 +71,7 @@ _STORE_BATCHES = 4  # store tasks (batches) in flight at most
 _BURST_WINDOW_S = 60.0
 _RETRY_MIN_S = 0.5  # backoff of a failed write: doubles per failure, capped
 _RETRY_MAX_S = 30.0
+_SPARKPLUG_SAVE_S = 2.0
 
 
 @dataclass(slots=True)
@@ -228,6 +229,7 @@ class MqttSource:
         # Sparkplug B state (alias tables, sequences) lives as long as this object, so a
         # reconnect keeps it; protobuf is loaded only when a subscription uses it.
         self._spb: SparkplugState | None = None
+        self._spb_loaded = False
         self._conditions: set[str] = set()
         if any(s.format == "sparkplug_b" for s in cfg.subscriptions):
             from edge.sources.mqtt import sparkplug
@@ -324,6 +326,9 @@ class MqttSource:
             asyncio.create_task(self._acker(), name=f"mqtt-{self.id}-acker"),
             asyncio.create_task(self._connection_loop(link), name=f"mqtt-{self.id}-conn"),
         ]
+        if self._spb is not None:
+            tasks.append(asyncio.create_task(self._sparkplug_saver(),
+                                             name=f"mqtt-{self.id}-sparkplug"))
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             for task in done:
@@ -338,10 +343,21 @@ class MqttSource:
             self._drop_pending()
             link.close()
             self.ctx.set_connected(False)
+            if self._spb is not None and self._spb_loaded:
+                with contextlib.suppress(Exception):
+                    await asyncio.to_thread(self._save_sparkplug, self._spb.snapshot())
 
     # ------------------------------------------------------------------ connection
 
     async def _connection_loop(self, link: Supervisor) -> None:
+        if self._spb is not None and not self._spb_loaded:
+            # before the first message: the session's queued data resolves with the
+            # tables of the previous run (see SparkplugState.restore)
+            nodes = await asyncio.to_thread(self._load_sparkplug, self._spb)
+            self._spb_loaded = True
+            if nodes:
+                log_event(log, logging.INFO, "Sparkplug alias tables of the previous run "
+                          "loaded", source=self.id, edge_nodes=nodes)
         self._expect_session = await asyncio.to_thread(self._session_marker_matches)
         backoff = Backoff(self.cfg.reconnect_initial_s, self.cfg.reconnect_max_s)
         await link.run(backoff, self._connected, self._disconnected)
@@ -412,6 +428,36 @@ class MqttSource:
         with contextlib.suppress(OSError):
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(self._marker_doc()))
+
+    # Sparkplug B alias tables and sequences, kept for the next run: written at most every
+    # _SPARKPLUG_SAVE_S while they change, and when the source stops.
+    def _sparkplug_path(self) -> Path:
+        return Path(self.ctx.state_dir) / "mqtt" / f"{self.id}.sparkplug.json"
+
+    def _load_sparkplug(self, state: SparkplugState) -> int:
+        try:
+            return state.restore(json.loads(self._sparkplug_path().read_text()))
+        except (OSError, ValueError):
+            return 0
+
+    def _save_sparkplug(self, doc: dict[str, Any]) -> None:
+        path = self._sparkplug_path()
+        tmp = path.with_suffix(".tmp")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(json.dumps(doc))
+            tmp.replace(path)
+        except OSError as err:
+            self._note("sparkplug_save", "state", logging.WARNING,
+                       f"cannot save the Sparkplug alias tables ({err}): after a restart "
+                       "data before the next births is quarantined")
+
+    async def _sparkplug_saver(self) -> None:
+        assert self._spb is not None
+        while True:
+            await asyncio.sleep(_SPARKPLUG_SAVE_S)
+            if self._spb.dirty and self._spb_loaded:
+                await asyncio.to_thread(self._save_sparkplug, self._spb.snapshot())
 
     # ------------------------------------------------------------------ receive
 

@@ -6,8 +6,9 @@ Topic namespace ``spBv1.0/{group}/{type}/{edge_node}[/{device}]``. Contract:
   subscriptions. It keeps, per edge node, the birth's ``bdSeq``, the next expected ``seq``
   (0–255, wrapping, one counter for the node and its devices) and the alias tables of the
   node and of each device. It lives as long as the source object: a reconnect or a restart
-  of ``run()`` keeps it; a gateway restart starts empty (data then arrives before any
-  birth: see unknown aliases below).
+  of ``run()`` keeps it. ``snapshot()``/``restore()`` carry it over a gateway restart (the
+  source saves it in ``state_dir``); a restored node is trusted only once its ``seq``
+  continues where the snapshot left it.
 - ``state.handle(mapping, topic, payload, captures, redelivered=..., now=...)`` is called
   in arrival order on the event loop and never raises for input. It returns a ``Decoded``:
   one event per metric it can resolve (births included: their values are current), the
@@ -150,6 +151,8 @@ class _Node(_Tables):
     next_seq: int | None = None
     devices: dict[str, _Tables] = field(default_factory=dict)
     last_rebirth: float = -math.inf
+    # loaded from the snapshot of an earlier run, not confirmed yet by a continuing seq
+    restored: bool = False
 
 
 @dataclass(slots=True)
@@ -186,6 +189,45 @@ class SparkplugState:
         self.nodes: dict[tuple[str, str], _Node] = {}
         self.counts = {"births": 0, "deaths": 0, "seq_gaps": 0, "unknown_alias": 0,
                        "rebirths_requested": 0, "ignored": 0}
+        self.dirty = False  # changed since the last snapshot
+
+    # ------------------------------------------------------------------ snapshot
+
+    def snapshot(self) -> dict[str, Any]:
+        """The tables and sequences as JSON, for the next run (``restore``)."""
+        self.dirty = False
+        return {"version": 1, "nodes": [
+            {"group": g, "edge_node": n, "bdSeq": st.bd_seq, "next_seq": st.next_seq,
+             "online": st.online, "metrics": _dump(st),
+             "devices": {d: {"online": t.online, "metrics": _dump(t)}
+                         for d, t in st.devices.items()}}
+            for (g, n), st in self.nodes.items()]}
+
+    def restore(self, doc: Any) -> int:
+        """Load a ``snapshot``; returns the number of edge nodes (0 for anything that is
+        not a snapshot of this version: the state then starts empty).
+
+        A restored node's tables are used once its ``seq`` continues where the snapshot
+        left it (or for copies the broker redelivers); a first message with another
+        ``seq`` means messages, maybe a birth, were missed: the tables are dropped, the
+        gap recorded and a rebirth requested.
+        """
+        try:
+            if doc.get("version") != 1:
+                return 0
+            nodes: dict[tuple[str, str], _Node] = {}
+            for item in doc["nodes"]:
+                st = _Node(bd_seq=_opt_int(item["bdSeq"]), next_seq=_opt_int(item["next_seq"]),
+                           online=bool(item["online"]), restored=True)
+                _load(st, item["metrics"])
+                for dev, t in item["devices"].items():
+                    tables = st.devices[str(dev)] = _Tables(online=bool(t["online"]))
+                    _load(tables, t["metrics"])
+                nodes[(str(item["group"]), str(item["edge_node"]))] = st
+        except (AttributeError, KeyError, TypeError, ValueError):
+            return 0
+        self.nodes = nodes
+        return len(nodes)
 
     def status(self) -> dict[str, Any]:
         online = sum(1 for n in self.nodes.values() if n.online)
@@ -229,6 +271,9 @@ class SparkplugState:
         if st is None:
             st = self.nodes[(group, node)] = _Node()
         where = f"{group}/{node}" + (f"/{device}" if device else "")
+        self.dirty = True
+        if st.restored and mtype not in ("NBIRTH", "NDEATH") and not redelivered:
+            self._confirm_restored(st, ctx, out)
         if mtype == "NBIRTH":
             self._nbirth(st, ctx, out)
         elif mtype == "NDEATH":
@@ -276,8 +321,21 @@ class SparkplugState:
         st.last_rebirth = now
         self.counts["rebirths_requested"] += 1
 
+    @staticmethod
+    def _confirm_restored(st: _Node, ctx: _Message, out: Decoded) -> None:
+        st.restored = False
+        p = ctx.payload
+        if p.HasField("seq") and st.next_seq is not None and p.seq != st.next_seq:
+            st.clear()
+            st.devices.clear()
+            out.notes.append(("alias tables of the previous run dropped: seq does not "
+                              "continue (messages were missed)", {
+                                  "group": ctx.group, "edge_node": ctx.node,
+                                  "expected_seq": st.next_seq, "seq": p.seq}))
+
     def _nbirth(self, st: _Node, ctx: _Message, out: Decoded) -> None:
         p = ctx.payload
+        st.restored = False
         was_dead = not st.online and st.bd_seq is not None
         st.clear()
         st.devices.clear()
@@ -355,6 +413,23 @@ class SparkplugState:
                 "sparkplug": {"message_type": ctx.mtype, "seq": ctx.payload.seq
                               if ctx.payload.HasField("seq") else None,
                               "metrics": metrics[:50]}}))
+
+
+def _dump(t: _Tables) -> list[list[Any]]:
+    alias_of = {id(d): a for a, d in t.aliases.items()}
+    return [[d.name, d.datatype, d.unit, alias_of.get(id(d))] for d in t.names.values()]
+
+
+def _load(t: _Tables, metrics: list[list[Any]]) -> None:
+    for name, datatype, unit, alias in metrics:
+        d = _Def(str(name), int(datatype), None if unit is None else str(unit))
+        t.names[d.name] = d
+        if alias is not None:
+            t.aliases[int(alias)] = d
+
+
+def _opt_int(v: Any) -> int | None:
+    return None if v is None else int(v)
 
 
 def _is_state(name: str) -> bool:

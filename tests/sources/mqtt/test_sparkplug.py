@@ -182,3 +182,29 @@ async def test_unknown_alias_is_quarantined_and_a_rebirth_resolves_later_data(
 async def _quarantine_count(gw: Any) -> dict[str, int] | None:
     q = await quarantined(gw)
     return q or None
+
+
+async def test_alias_tables_survive_a_gateway_restart(
+        mosquitto: Broker, erp: ErpReceiver, gateways: Gateways, tmp_path: Any) -> None:
+    state = tmp_path / "gw-state"
+    gw = await gateways(config(mosquitto, erp), state_dir=state)
+    await wait_connected(gw)
+    node = await node_up(mosquitto)
+    node.publish_data()
+    assert await node.wait_confirmed()
+    await eventually(lambda: signals(erp).count("press7/dev1/Parts") == 2, what="first data")
+    await gw.stop()
+    for _ in range(3):  # kept by the broker for the gateway's persistent session
+        node.publish_data()
+    assert await node.wait_confirmed()
+
+    gw2 = await gateways(config(mosquitto, erp), state_dir=state)
+    await eventually(lambda: signals(erp).count("press7/dev1/Parts") == 5,
+                     what="the data queued during the restart, resolved")
+    parts = [e["data"]["value"] for e in readings(erp)
+             if e["data"]["signal"] == "press7/dev1/Parts"]
+    assert parts == [0, 1, 2, 3, 4]
+    assert await quarantined(gw2) == {}
+    assert node.rebirth_requests == 0
+    assert gw2.sources["line1"].status()["sparkplug"]["seq_gaps"] == 0
+    await node.stop()

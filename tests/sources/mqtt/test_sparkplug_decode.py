@@ -319,3 +319,37 @@ async def test_a_redelivered_message_maps_to_the_stored_events(
     # with the node's timestamp the bytes identify the message: any copy is the same one;
     # without it only a copy the broker flags is matched (like JSON)
     assert (unflagged == first) is with_timestamp
+
+
+def test_a_snapshot_is_trusted_only_while_seq_continues() -> None:
+    node = Node()
+    node.birth()
+    node.send("DBIRTH", {"name": "Speed", "alias": 7, "datatype": 3, "int_value": 5,
+                         "properties": {"engUnit": (12, "string_value", "rpm")}}, device="d1")
+    doc = node.state.snapshot()
+    assert not node.state.dirty
+
+    later = Node(SparkplugState())
+    assert later.state.restore(doc) == 1
+    later.seq = node.seq  # the seq continues: nothing was missed
+    d = later.send("DDATA", {"alias": 7, "int_value": 6}, device="d1")
+    assert values(d) == {"Speed": 6} and d.readings[0].event.data["unit"] == "rpm"
+    assert not d.audits and d.rebirth is None
+
+    missed = Node(SparkplugState())
+    missed.state.restore(doc)
+    missed.seq = node.seq + 5  # five messages (a birth among them?) never arrived
+    d = missed.send("DDATA", {"alias": 7, "int_value": 6}, device="d1")
+    assert [r.reason for r in d.rejects] == ["unknown_alias"]
+    assert [a[:2] for a in d.audits] == [("gap", "sparkplug_seq_gap")]
+    assert d.rebirth is not None and d.notes
+    assert SparkplugState().restore({"version": 2}) == 0
+    assert SparkplugState().restore({"version": 1, "nodes": [{"group": 1}]}) == 0
+
+
+def test_rebirth_all_asks_every_known_node() -> None:
+    node = Node()
+    node.birth()
+    assert node.state.rebirth_all(node.now, "session_lost") == [("g1", "n1", "session_lost")]
+    # and the rate limit counts it
+    assert node.send("NDATA", {"alias": 99, "double_value": 1.0}).rebirth is None
