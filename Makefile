@@ -101,6 +101,8 @@ bench: $(VENV)/.installed-test mosquitto
 	$(BIN)/python -m bench.bench_mqtt_ingest --messages 30000
 	$(BIN)/python -m bench.bench_latency
 	$(BIN)/python -m bench.bench_opcua --items 1000
+	$(BIN)/python -m bench.bench_nats_sink --events 20000
+	$(BIN)/python -m bench.bench_relay --events 20000
 	$(BIN)/python -m bench.bench_opcua_blip --rounds 3
 	$(BIN)/python -m bench.bench_local_hold
 

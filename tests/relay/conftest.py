@@ -4,6 +4,7 @@ gateway's nats sink publishes them; an order checker."""
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -59,7 +60,8 @@ class Tier:
                 "sinks:\n" + sinks)
 
     async def publish(self, lot: str, n: int, *, site: str = "s1",
-                      type_: str = "inspection.result") -> dict[str, Any]:
+                      type_: str = "inspection.result", sha256: str | None = None
+                      ) -> dict[str, Any]:
         """Publish one envelope of ``lot`` (ordering key ``lot:<lot>``) as the nats sink
         does; returns it."""
         now = datetime.now(UTC).isoformat().replace("+00:00", "Z")
@@ -72,7 +74,10 @@ class Tier:
         p = partition_of(ev["ordering_key"], ev["id"], self.partitions)
         subject = render_subject(self.subject, {"site": site, "partition": p,
                                                 "type": type_})
-        await self.js.publish(subject, orjson.dumps(ev), headers={"Nats-Msg-Id": ev["id"]})
+        body = orjson.dumps(ev)
+        headers = {"Nats-Msg-Id": ev["id"],
+                   "Edge-Body-Sha256": sha256 or hashlib.sha256(body).hexdigest()}
+        await self.js.publish(subject, body, headers=headers)
         return ev
 
 

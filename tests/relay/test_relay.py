@@ -200,3 +200,31 @@ async def test_a_gateway_with_other_partitions_is_reported_and_still_delivered(
         finally:
             r.stop()
             await r.close()
+
+
+async def test_a_body_changed_after_ingest_is_dead_lettered_not_sent(tier: Tier,
+                                                                      tmp_path: Path) -> None:
+    """The nats sink sends the SHA-256 taken at ingest (``Edge-Body-Sha256``); the relay's
+    forwarder checks the body against it before sending, as the gateway does."""
+    from edge.relay.deadletters import DeadLetters
+
+    async with ErpReceiver() as erp:
+        r = relay(tier, erp, tmp_path, "r1")
+        await r.start()
+        try:
+            bad = await tier.publish("A", 0, sha256="0" * 64)
+            good = await tier.publish("B", 1)
+            await eventually(lambda: good["id"] in erp.ids(), timeout=30)
+            dead = DeadLetters(tier.js, r.rc)
+            await dead.setup()
+
+            async def dead_lettered() -> bool:
+                return len(await dead.entries("erp", "lot:A")) == 1
+
+            await eventually(dead_lettered, timeout=30)
+            entry = (await dead.entries("erp", "lot:A"))[0]
+            assert "integrity" in entry.headers["Edge-Reason"]
+            assert bad["id"] not in erp.ids()
+        finally:
+            r.stop()
+            await r.close()

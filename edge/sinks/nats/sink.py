@@ -176,6 +176,8 @@ class NatsSink:
                    "Edge-Event-Type": ev.type}
         if ev.ordering_key is not None:
             headers["Edge-Ordering-Key"] = ev.ordering_key
+        if ev.sha256:  # taken at ingest: a relay checks the body against it before sending
+            headers["Edge-Body-Sha256"] = ev.sha256
         for name, value in headers.items():
             if _CONTROL.search(value):
                 raise ValueError(f"header {name} value {value[:80]!r} contains a control "

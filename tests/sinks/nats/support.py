@@ -4,6 +4,7 @@ everything a stream holds."""
 
 from __future__ import annotations
 
+import hashlib
 import textwrap
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -62,7 +63,8 @@ def event(type_: str, lot: str | None, n: int, *, source: str = "line1", **data:
 def stored(events: Sequence[Event], first_seq: int = 1) -> list[StoredEvent]:
     """Events as a lease hands them to a sink: in outbox order, seq ascending."""
     return [StoredEvent(first_seq + i, ev.id, ev.type, ev.event_class, ev.ordering_key, 0,
-                        ev.to_json()) for i, ev in enumerate(events)]
+                        body, sha256=hashlib.sha256(body).hexdigest())
+            for i, ev in enumerate(events) for body in (ev.to_json(),)]
 
 
 @dataclass

@@ -42,6 +42,7 @@ async def test_events_are_published_with_body_headers_and_partition_subject():
         assert msg.subject == f"{prefix}.test-site.p{part}.{ev.type}"
         assert msg.headers["X-Correlation-ID"] == ev.correlation_id
         assert msg.headers["Edge-Event-Type"] == ev.type
+        assert msg.headers["Edge-Body-Sha256"] == ev.sha256  # a relay checks it
         if ev.ordering_key is None:
             assert "Edge-Ordering-Key" not in msg.headers
         else:
