@@ -93,17 +93,28 @@ def rebirth_payload(now_ms: int) -> bytes:
 # --------------------------------------------------------------------------- mapping
 
 
-def _render(template: str, values: dict[str, Any]) -> str:
-    """Fill ``{name}``; a missing or empty value leaves nothing, and the ``/`` it leaves
-    doubled or at an end goes with it (``{edge_node}/{device}/{metric}`` of a node metric
-    is ``node/metric``)."""
-    out = []
-    for literal, name, _, _ in string.Formatter().parse(template):
-        out.append(literal)
-        if name:
-            value = values.get(name)
-            out.append("" if value is None else str(value))
-    return re.sub(r"/{2,}", "/", "".join(out)).strip("/")
+class _Template:
+    """A ``{name}`` template parsed once. ``render``: a missing or empty value leaves
+    nothing, and the ``/`` it leaves doubled or at an end goes with it
+    (``{edge_node}/{device}/{metric}`` of a node metric is ``node/metric``)."""
+
+    __slots__ = ("parts", "text")
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.parts = [(literal, name) for literal, name, _, _ in string.Formatter().parse(text)]
+
+    def render(self, values: dict[str, Any]) -> str:
+        out = []
+        for literal, name in self.parts:
+            out.append(literal)
+            if name:
+                value = values.get(name)
+                out.append("" if value is None else str(value))
+        text = "".join(out)
+        if "//" in text:
+            text = re.sub(r"/{2,}", "/", text)
+        return text.strip("/")
 
 
 class SparkplugMapping:
@@ -116,9 +127,9 @@ class SparkplugMapping:
         self.source = source
         self.event = cfg.event
         self.event_class = EventClass.parse(cfg.event_class) if cfg.event_class else None
-        self.signal = cfg.sparkplug.signal
-        self.ordering_key = cfg.ordering_key or "spb:{group}/{edge_node}/{device}"
-        self.dedupe_key = cfg.dedupe_key
+        self.signal = _Template(cfg.sparkplug.signal)
+        self.ordering_key = _Template(cfg.ordering_key or "spb:{group}/{edge_node}/{device}")
+        self.dedupe_key = _Template(cfg.dedupe_key) if cfg.dedupe_key else None
         self.static = dict(cfg.static)
         self.rebirth = cfg.sparkplug.rebirth
         self.rebirth_interval_s = cfg.sparkplug.rebirth_interval_s
@@ -582,7 +593,7 @@ class _Message:
             "timestamp": p.timestamp if p.HasField("timestamp") else None,
             "station": self.device or self.node, "datatype": DATATYPES.get(d.datatype),
         }
-        values["signal"] = _render(mp.signal, values)
+        values["signal"] = mp.signal.render(values)
         data: dict[str, Any] = {"signal": values["signal"], "value": value,
                                 "station": values["station"], "group": self.group,
                                 "edge_node": self.node, "metric": d.name,
@@ -608,13 +619,13 @@ class _Message:
                 source_ts = datetime.fromtimestamp(ts_ms / 1000, UTC)
             except (OverflowError, OSError, ValueError) as err:
                 raise InputError("invalid_timestamp", f"timestamp {ts_ms}: {err}") from err
-        key = _render(mp.ordering_key, values) or None
+        key = mp.ordering_key.render(values) or None
         event = make_event(type=mp.event, site=mp.site, source=mp.source, data=data,
                            ordering_key=key, event_class=mp.event_class, source_ts=source_ts)
         if mp.dedupe_key is not None:
-            dedupe = _render(mp.dedupe_key, values)
+            dedupe = mp.dedupe_key.render(values)
             if not dedupe:
-                raise InputError("missing_field", f"dedupe_key {mp.dedupe_key!r} is empty")
+                raise InputError("missing_field", f"dedupe_key {mp.dedupe_key.text!r} is empty")
             return Reading(event, dedupe, False)
         return Reading(event, f"spb:{self.digest}:{index}",
                        redelivery_only=not p.HasField("timestamp"))
