@@ -651,10 +651,10 @@ class MqttSource:
         """
         events = [p for p in prepared if p.submission is not None]
         rejects = [p for p in prepared if p.submission is None and p.reason]
-        for p in prepared:
-            for state, reason, detail in p.audits or ():
-                await self._audit(state, reason, detail)
         try:
+            for p in prepared:  # a Sparkplug B gap or death, recorded before the ack
+                for state, reason, detail in p.audits or ():
+                    await self._audit(state, reason, detail)
             if not rejects and turn is not None:
                 await self._store_events(turn, events)
             else:
