@@ -36,6 +36,11 @@ not a wildcard: it is replaced by the gateway's ``site``, so gateways of several
 can share a broker without reading each other's data (capture a plant level under any
 other name, e.g. ``{plant}``).
 
+``format: sparkplug_b`` subscriptions read Sparkplug B edge nodes (``spBv1.0/...``): one
+event per metric, resolved through the births' alias tables; sequence gaps and deaths are
+audited gaps; what cannot be resolved is quarantined and the node asked for a rebirth
+(``edge.sources.mqtt.sparkplug``; protobuf is loaded only when such a subscription exists).
+
 Every option, an example and the operator-facing guarantees: ``README.md`` beside this
 file; a complete commented source: ``sample.yaml``. This module holds the config model
 only (cheap to import); the client (paho-mqtt) is loaded by the factory.
