@@ -210,7 +210,6 @@ class OpcUaSource:
             "backfill_running": self.backfill.running(),
             "monitored": len(self.cfg.monitored),
             "triggers": len(self.cfg.triggers),
-            "alarms": len(self.cfg.alarms),
             "historizing": sum(self.backfill.history),
         }
 
