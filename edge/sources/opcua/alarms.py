@@ -282,6 +282,7 @@ class Alarms:
         if issues:
             raise FatalStartupError("; ".join(issues))
         requests = []
+        self._by_select.clear()  # a new session: new filters
         for i, a in enumerate(cfg.alarms):
             types = [ids[t] for t in a.event_types]
             wanted = await self._subtypes(client, types)

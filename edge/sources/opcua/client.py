@@ -54,7 +54,8 @@ ASYNCUA_VERSION = "2.1.0"
 
 # The asyncua functions whose behaviour this module was written against (source digests):
 # ``_reconnect_with_backoff`` is replaced (its body is mirrored below), the others are
-# called from the replacement. A different digest means asyncua changed under us.
+# called from the replacement or relied on by the alarms (``alarms.py``). A different
+# digest means asyncua changed under us.
 _INTERNALS: dict[str, str] = {
     "Client._reconnect_with_backoff": "05d6af6a5dcb17fb",
     "Client._teardown_transport_only": "abd8f733ed5beb54",
@@ -64,6 +65,10 @@ _INTERNALS: dict[str, str] = {
     "Subscription._deliver": "1a45bd5c40c7f710",
     "Subscription.restore": "5de70c7ed4897873",
     "Subscription._republish_gaps": "28db7477c7fd88af",
+    # alarms: an event's select clauses are the filter's own list (it names the entry),
+    # and a re-created subscription keeps each item's filter object
+    "Subscription._explode_events": "b38a7126e49baa51",
+    "Subscription.recreate": "60794938ee0adc22",
 }
 
 
