@@ -158,6 +158,11 @@ class Station:
         alarm.active = False
         return await self._fire(alarm, message or f"{name}: back to normal", time)
 
+    async def define_alarm(self, name: str, *, source: str = "Temperature",
+                           event_type: str = "AlarmConditionType") -> None:
+        """Create alarm ``name`` without firing it (so a burst of raises is fast)."""
+        await self._alarm(name, source, event_type)
+
     def active_alarms(self) -> list[str]:
         """Names of the retained conditions (active, or not acknowledged yet)."""
         return [n for n, a in self._alarms.items() if a.active or not a.acked]

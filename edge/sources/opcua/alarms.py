@@ -29,6 +29,11 @@ tolerated: logged once, audited ``alarm_refresh_unsupported``, shown as the cond
 then known only from their next change. Other refresh failures are retried with backoff
 (``alarm_refresh_failed``).
 
+The alarm queue (``queue_max``) drops its oldest notification when full — never a marker
+nor a refresh's start or end — counts it, and once it drained audits ``dropped`` and
+refreshes. Three refreshes in a row that overflow it again stop the refreshes after drops
+(``alarm_refresh_skipped``, condition ``alarm_queue``) instead of looping.
+
 ``Alarms`` is the part of ``OpcUaSource`` that does this (its contract in its docstring).
 """
 
@@ -111,6 +116,7 @@ UNSUPPORTED = frozenset({
     "BadMethodInvalid", "BadNotImplemented", "BadNotSupported", "BadNothingToDo",
     "BadServiceUnsupported", "BadNodeIdUnknown", "BadNodeIdInvalid", "BadNotExecutable"})
 _FIRST_RETRY_S = 1.0
+_MAX_OVERFLOWING_REFRESHES = 3  # queue_full refreshes in a row that overflow the queue
 
 
 def _operand(type_id: int | ua.NodeId, path: str | None) -> ua.SimpleAttributeOperand:
@@ -182,6 +188,29 @@ def event_filter(alarm: AlarmConfig, types: Sequence[ua.NodeId] | None,
     return flt
 
 
+def _refresh_bracket(item: Any) -> bool:
+    """A RefreshStart/RefreshEnd event: the bracket of a refresh, never dropped."""
+    if not isinstance(item, OpcEvent):
+        return False
+    fields = item.event.event_fields or []
+    if len(fields) <= _IDX["event_type"]:
+        return False
+    return fields[_IDX["event_type"]].Value in (REFRESH_START, REFRESH_END)
+
+
+class _AlarmQueue(NotificationQueue):
+    """The alarm queue: drops the oldest notification when full, but never a marker nor
+    a refresh bracket (a refresh that lost its start would not be recognized as one)."""
+
+    def _drop_oldest(self) -> None:
+        for i, old in enumerate(self._items):
+            if old is not None and not isinstance(old, Gap) and not _refresh_bracket(old):
+                del self._items[i]
+                self.dropped += 1
+                self._on_drop()
+                return
+
+
 class _Refresh(Gap):
     """Marker in the alarm queue: call ConditionRefresh (a ``Gap``: never dropped)."""
 
@@ -251,7 +280,7 @@ class Alarms:
         m = ctx.metrics
         self._m_dropped = m.source_dropped.labels(cfg.id, "alarm_queue_full")
         self._m_refresh_failed = m.source_errors.labels(cfg.id, "alarm_refresh_failed")
-        self.queue = NotificationQueue(max(100, cfg.queue_max // 10), self._dropped)
+        self.queue = _AlarmQueue(cfg.queue_max, self._dropped)
         self.refresh_enabled = any(a.refresh for a in cfg.alarms)
         self._sub: Subscription | None = None
         self._by_select: dict[int, int] = {}  # id(select clause list) → alarms index
@@ -259,7 +288,10 @@ class Alarms:
         self._rounds: dict[int, _Round] = {}  # alarms index → open refresh bracket
         self._why = "connected"  # of the refresh called last
         self._gap: tuple[datetime, str] | None = None  # (from, reason) of an open gap
-        self._drops = 0
+        self._drops = 0  # dropped in the current storm (audited when it is over)
+        self._dropped_total = 0
+        self._drops_at_refresh = 0  # _dropped_total when the last refresh was called
+        self._overflowing_refreshes = 0  # queue_full refreshes in a row that overflowed
         self._refresh_failures = 0
         self._retry: asyncio.TimerHandle | None = None
         self._unsupported: str | None = None  # status of the last unsupported answer
@@ -395,15 +427,38 @@ class Alarms:
 
     def _dropped(self) -> None:
         """The alarm queue dropped its oldest notification (inside asyncua's publish
-        callback): count it; the states come back with a refresh."""
+        callback): count it; once the storm is over (``loop``) a refresh brings the
+        current states back."""
         self._m_dropped.inc()
         if self._drops == 0:
             log_event(log, logging.WARNING, "opcua alarm queue full; dropping the oldest "
-                      "notifications, refreshing the conditions", source=self.id,
-                      queue_max=self.queue.maxsize)
+                      "notifications, refreshing the conditions when it drained",
+                      source=self.id, queue_max=self.queue.maxsize)
             if self._gap is None:
                 self._gap = (datetime.now(UTC), "queue_full")
         self._drops += 1
+        self._dropped_total += 1
+
+    async def _storm_over(self) -> None:
+        """The queue drained after drops: audit them, and refresh — unless the last
+        refreshes themselves overflowed the queue (more retained conditions than
+        ``queue_max``): then say so instead of refreshing in a loop."""
+        await self._audit("dropped", reason="alarm_queue_full",
+                          detail={"count": self._drops, "queue_max": self.queue.maxsize})
+        self._drops = 0
+        if self._overflowing_refreshes >= _MAX_OVERFLOWING_REFRESHES:
+            if self._overflowing_refreshes == _MAX_OVERFLOWING_REFRESHES:
+                self._overflowing_refreshes += 1  # said once
+                log_event(log, logging.ERROR, "opcua alarm refresh overflows the alarm "
+                          "queue; not refreshing after drops (raise queue_max)",
+                          source=self.id, queue_max=self.queue.maxsize)
+                await self._audit("alarm_refresh_skipped", reason="queue_too_small",
+                                  detail={"queue_max": self.queue.maxsize})
+                self.ctx.set_condition(
+                    "alarm_queue", f"a ConditionRefresh re-sends more alarms than the alarm "
+                    f"queue holds (queue_max {self.queue.maxsize}): raise queue_max",
+                    "critical")
+            return
         self.request_refresh("queue_full")
 
     # ------------------------------------------------------------------ the task
@@ -428,9 +483,7 @@ class Alarms:
                     self._unknown_item("alarms", item)
             await self._flush(pending)
             if self._drops and self.queue.qsize() < self.queue.maxsize // 2:
-                await self._audit("dropped", reason="alarm_queue_full",
-                                  detail={"count": self._drops, "queue_max": self.queue.maxsize})
-                self._drops = 0
+                await self._storm_over()
 
     async def _take(self, item: OpcEvent, pending: list[tuple[int, bool, Submission]]) -> None:
         ev = item.event
@@ -531,6 +584,14 @@ class Alarms:
         rnd = self._rounds.pop(idx, None)
         if rnd is None:
             return
+        if not self._rounds:  # the refresh is complete (every item's bracket closed)
+            overflowed = self._dropped_total > self._drops_at_refresh
+            if overflowed and rnd.why == "queue_full":
+                self._overflowing_refreshes += 1
+            elif not overflowed:
+                if self._overflowing_refreshes > _MAX_OVERFLOWING_REFRESHES:
+                    self.ctx.set_condition("alarm_queue", None, "critical")
+                self._overflowing_refreshes = 0
         detail = {"alarms": idx, "notifier": self.cfg.alarms[idx].notifier,
                   "conditions": rnd.conditions, "stored": rnd.stored,
                   "duplicates": rnd.duplicates, "quarantined": rnd.quarantined}
@@ -552,6 +613,7 @@ class Alarms:
                 await self._audit_gap(gap, "off")
             return
         self._why = why
+        self._drops_at_refresh = self._dropped_total
         client = conn[0]
         try:
             async with asyncio.timeout(self.cfg.timeout_s):

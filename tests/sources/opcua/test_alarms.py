@@ -12,7 +12,7 @@ import orjson
 import pytest
 
 from tests.fixtures.opcua import events_of, wait_connected
-from tests.support import eventually, http_sink_yaml
+from tests.support import eventually, http_sink_yaml, metric
 
 pytestmark = pytest.mark.opcua
 
@@ -183,3 +183,69 @@ async def test_a_server_without_condition_refresh_is_tolerated_and_says_so(
 
     raised = await st.raise_alarm("Overheat", severity=800)
     await erp.wait_for(lambda r: _by_id(r, raised), 30)  # alarms still flow
+
+
+async def test_an_overflowing_alarm_queue_is_counted_and_refilled_by_a_refresh(
+    opcua_station, erp, gateways
+):
+    """More alarm events in one publish than the gateway's alarm queue holds
+    (``queue_max`` 100): the oldest are dropped and counted, and once the queue drained a
+    refresh brings every condition's current state back: each reaches the ERP once."""
+    st = await opcua_station()
+    names = [f"A{i}" for i in range(10)]
+    for name in names:
+        await st.define_alarm(name)
+    gw = await gateways(_body(st.endpoint, erp.url).replace(
+        "publishing_ms: 50", "publishing_ms: 1000\n    queue_max: 100"))
+    await wait_connected(gw, "station7")
+    await eventually(lambda: _audit(gw, "alarms_refreshed"), timeout=30,
+                     what="the first refresh")
+    last: dict[str, str] = {}
+    for name in names:  # 150 events in about one publishing interval
+        for severity in range(500, 515):
+            last[name] = await st.raise_alarm(name, severity=severity)
+    await erp.wait_for(lambda r: all(_by_id(r, i) for i in last.values()), 60)
+
+    dropped = metric(gw.metrics.source_dropped, "station7", "alarm_queue_full")
+    assert dropped >= 50
+    [(_, drops)] = await eventually(lambda: _audit(gw, "dropped"), timeout=30,
+                                    what="the dropped row")
+    assert drops["count"] == dropped and drops["queue_max"] == 100
+    async def queue_full_rounds() -> list[dict[str, Any]]:
+        return [d for why, d in await _audit(gw, "alarms_refreshed") if why == "queue_full"]
+
+    rounds = await eventually(queue_full_rounds, timeout=30, what="the queue_full refresh")
+    assert rounds[0]["conditions"] == 10, rounds
+    assert rounds[0]["stored"] >= 1  # the newest states of the first alarms were dropped
+    assert all(len(_by_id(erp, i)) == 1 for i in last.values())
+    refreshed = {e["data"]["event_id"] for e in alarms(erp) if e["data"].get("refresh")}
+    assert refreshed and refreshed <= set(last.values())
+
+
+async def test_a_refresh_larger_than_the_alarm_queue_stops_refreshing_and_says_so(
+    opcua_station, erp, gateways
+):
+    """150 retained conditions and an alarm queue of 100: every refresh after a drop would
+    overflow again. After three such refreshes the source stops refreshing for drops and
+    names the cause (raise queue_max) instead of looping."""
+    st = await opcua_station()
+    names = [f"A{i:03d}" for i in range(150)]
+    for name in names:
+        await st.define_alarm(name)
+    gw = await gateways(_body(st.endpoint, erp.url).replace(
+        "publishing_ms: 50", "publishing_ms: 1000\n    queue_max: 100"))
+    await wait_connected(gw, "station7")
+    await eventually(lambda: _audit(gw, "alarms_refreshed"), timeout=30,
+                     what="the first refresh")
+    for name in names:
+        await st.raise_alarm(name, severity=500)
+
+    [(reason, _)] = await eventually(lambda: _audit(gw, "alarm_refresh_skipped"),
+                                     timeout=60, what="alarm_refresh_skipped")
+    assert reason == "queue_too_small"
+    condition = [c for c in gw.status["station7"].to_dict()["conditions"]
+                 if c["code"] == "alarm_queue"]
+    assert condition and "raise queue_max" in condition[0]["message"]
+    assert condition[0]["severity"] == "critical"
+    rounds = [why for why, _ in await _audit(gw, "alarms_refreshed")]
+    assert rounds.count("queue_full") == 3, rounds
