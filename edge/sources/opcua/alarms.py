@@ -408,14 +408,19 @@ class Alarms:
     # ------------------------------------------------------------------ signals
 
     def connection_lost(self) -> None:
-        """The link went down (asyncua's callback): the alarm gap starts now."""
+        """The link went down (asyncua's callback): the alarm gap starts now; a refresh
+        in progress will not end (its RefreshEnd is lost)."""
         if self._gap is None:
             self._gap = (datetime.now(UTC), "connection_lost")
+        if self.cfg.alarms:
+            self.queue.put_nowait(Gap("lost"))
 
     def recreated(self) -> None:
         """The alarm subscription was re-created (server restart, stale subscription)."""
         if self._gap is None:
             self._gap = (datetime.now(UTC), "subscription_recreated")
+        if self.cfg.alarms:
+            self.queue.put_nowait(Gap("recreated"))
 
     def request_refresh(self, why: str) -> None:
         """Schedule a ConditionRefresh, in order with the notifications; one pending
@@ -477,6 +482,9 @@ class Alarms:
                     await self._flush(pending)
                     self._refresh_queued = False
                     await self._refresh(item.reason)
+                elif isinstance(item, Gap):  # lost / recreated: open brackets never end
+                    await self._flush(pending)
+                    self._rounds.clear()
                 elif isinstance(item, StatusChangeEvent):
                     self._status_change("alarms", item)
                 elif item is not None:
