@@ -249,3 +249,28 @@ async def test_a_refresh_larger_than_the_alarm_queue_stops_refreshing_and_says_s
     assert condition[0]["severity"] == "critical"
     rounds = [why for why, _ in await _audit(gw, "alarms_refreshed")]
     assert rounds.count("queue_full") == 3, rounds
+
+
+async def test_after_a_gateway_restart_the_first_refresh_stores_nothing_twice(
+    opcua_station, erp, gateways, tmp_path
+):
+    st = await opcua_station()
+    state = tmp_path / "gw-state"
+    gw1 = await gateways(_body(st.endpoint, erp.url), state_dir=state)
+    await wait_connected(gw1, "station7")
+    raised = await st.raise_alarm("Overheat", severity=800)
+    await erp.wait_for(lambda r: _by_id(r, raised), 30)
+    await gw1.stop()
+
+    gw2 = await gateways(_body(st.endpoint, erp.url), state_dir=state)
+    await wait_connected(gw2, "station7")
+    async def second_run() -> list[Any]:  # one outbox: the first run's rows are there
+        return (await _audit(gw2, "alarms_refreshed"))[1:]
+
+    [(why, detail)] = await eventually(second_run, timeout=30,
+                                       what="the first refresh of the second run")
+    assert why == "connected"
+    assert detail["conditions"] == 1 and detail["duplicates"] == 1 and detail["stored"] == 0
+    cleared = await st.clear_alarm("Overheat")
+    await erp.wait_for(lambda r: _by_id(r, cleared), 30)
+    assert len(_by_id(erp, raised)) == 1
