@@ -43,7 +43,7 @@ def register(sub: Any) -> None:
         else:
             a.add_argument("--sink", metavar="ID", required=True)
             a.add_argument("--key", metavar="KEY", required=True, help="the ordering key, "
-                           "e.g. lot:L-1001")
+                           "e.g. lot:L-1001 (the event id for an event without one)")
             a.add_argument("--reason", required=True, help="why; logged by the relay")
             a.add_argument("--by", metavar="NAME", help="who decided (default: login name)")
         a.set_defaults(handler=cmd_dlq)
@@ -106,14 +106,11 @@ async def _dlq(cfg: Any, args: argparse.Namespace, config_dir: str) -> int:
         await dead.setup()
         if args.dlq_command == "list":
             return await _list(dead, args)
-        park = await dead.state(args.sink, args.key)
-        if park is None:
-            print(f"key {args.key!r} is not parked for sink {args.sink!r}", file=sys.stderr)
-            return 1
         by = args.by or _login()
         state = "replay" if args.dlq_command == "replay" else "discard"
-        if not await dead.set_state(park, state, by=by, why=args.reason):
-            print("the parked key changed meanwhile; run the command again", file=sys.stderr)
+        problem = await dead.request(args.sink, args.key, state, by=by, why=args.reason)
+        if problem is not None:
+            print(f"edge relay dlq {args.dlq_command}: {problem}", file=sys.stderr)
             return 1
         print(f"{args.key}: {state} requested for sink {args.sink}; the relay owning its "
               "partition carries it out within seconds")

@@ -210,6 +210,32 @@ class DeadLetters:
             return None
         return entry if entry.value else None
 
+    async def request(self, sink: str, key: str, state: str, *, by: str, why: str
+                      ) -> str | None:
+        """An operator's ``replay`` or ``discard`` of the dead letters of (sink, key):
+        ``key`` is an ordering key, or the event id of a keyless event. Marks a parked key;
+        creates the entry when the key is not parked (``on_dead_letter: continue``, or a
+        keyless event) but has dead letters. Returns None when done, else why not."""
+        from nats.js.errors import KeyWrongLastSequenceError
+
+        park = await self.state(sink, key)
+        if park is not None:
+            if await self.set_state(park, state, by=by, why=why):
+                return None
+            return "the parked key changed meanwhile; run the command again"
+        entries = await self.entries(sink, key)
+        if not entries:
+            return f"no dead letters of {key!r} for sink {sink!r}"
+        first = entries[0].headers
+        doc = {"sink": sink, "key": key, "state": state, "by": by, "why": why,
+               "event_id": first.get("Edge-Event-Id", ""),
+               "reason": first.get("Edge-Reason", ""), "since": time.time(), "followers": 0}
+        try:
+            await self.kv.create(self.entry_name(sink, key), orjson.dumps(doc))
+        except KeyWrongLastSequenceError:
+            return "the key was parked meanwhile; run the command again"
+        return None
+
     async def set_state(self, park: ParkState, state: str, **extra: Any) -> bool:
         """Compare-and-set the entry's state; False when it changed since it was read."""
         from nats.js.errors import KeyWrongLastSequenceError

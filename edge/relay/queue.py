@@ -61,6 +61,7 @@ class Row:
     state: str = "queued"  # queued | leased | waiting
     next_at: float = 0.0
     dlq_seq: int | None = None  # an injected dead letter: its sequence in the DLQ stream
+    recheck: bool = False  # handled by the previous owner maybe: is it dead-lettered?
 
 
 @dataclass(eq=False)
@@ -71,6 +72,9 @@ class Feed:
     rows: OrderedDict[int, Row] = field(default_factory=OrderedDict)
     active: bool = True
     misrouted: int = 0  # events whose key hashes to another partition (config mismatch)
+    # the previous owner's consumer had delivered up to here: such an event may have been
+    # dead-lettered (and acknowledged above the ack floor) before the takeover
+    recheck_until: int = 0
     pump: asyncio.Task[None] | None = None
     room: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -96,6 +100,12 @@ def stored_event(seq: int, body: bytes, attempts: int = 0, headers: dict[str, st
         received_at=parse_iso(doc.get("received_ts")) or 0.0, _doc=doc)
 
 
+def _replay_key(ev: StoredEvent) -> str:
+    """What a replay is named by: the ordering key, or the event id of a keyless event
+    (its dead-letter subject is hashed from the same)."""
+    return ev.ordering_key if ev.ordering_key is not None else ev.id
+
+
 class RelayQueue:
     def __init__(self, dead: DeadLetters, *, fetch_batch: int, max_pending: int,
                  partitions: int | None = None,
@@ -114,6 +124,7 @@ class RelayQueue:
         self._park: dict[str, bool] = {}
         self._parked: dict[str, set[str]] = {}  # per sink: keys known parked (checked on use)
         self._replays: dict[tuple[str, str], Replay] = {}
+        self._operating: set[tuple[str, str]] = set()
         self._done: dict[str, tuple[set[int], deque[int]]] = {}
         self._where: dict[str, dict[int, Feed]] = {}  # per sink: seq → the feed holding it
         self._injected = 0
@@ -122,9 +133,11 @@ class RelayQueue:
 
     # ------------------------------------------------------------------ feeds
 
-    def attach(self, sink: str, partition: int, sub: Any) -> Feed:
-        """Start feeding ``sink`` from ``partition`` (its consumer just (re)created)."""
-        feed = Feed(sink, partition, sub)
+    def attach(self, sink: str, partition: int, sub: Any, *, recheck_until: int = 0) -> Feed:
+        """Start feeding ``sink`` from ``partition`` (its consumer just (re)created);
+        events up to ``recheck_until`` are looked up in the dead-letter store before
+        they are sent (the previous owner may have stored them there)."""
+        feed = Feed(sink, partition, sub, recheck_until=recheck_until)
         self.feeds.setdefault(sink, {})[partition] = feed
         feed.pump = asyncio.create_task(self._pump(feed), name=f"relay-{sink}-p{partition}")
         return feed
@@ -205,7 +218,7 @@ class RelayQueue:
                 continue
             if self.partitions is not None:
                 self._check_partition(feed, ev)
-            feed.rows[seq] = Row(ev, msg, msg.subject)
+            feed.rows[seq] = Row(ev, msg, msg.subject, recheck=seq <= feed.recheck_until)
             where[seq] = feed
         self.new_rows(feed.sink).set()
 
@@ -290,9 +303,13 @@ class RelayQueue:
                     if not moved:
                         blocked.add(key)
                     continue
+                if row.recheck and row.dlq_seq is None:
+                    row.recheck = False
+                    if await self._stored_copy(feed, row):
+                        continue
                 if ev.seq not in feed.rows:  # recorded while we awaited
                     continue
-                if row.dlq_seq is not None and (sink, key or "") not in self._replays:
+                if row.dlq_seq is not None and (sink, _replay_key(ev)) not in self._replays:
                     self._drop(feed, ev.seq, delivered=False)  # its replay was aborted
                     continue
                 row.state = "leased"
@@ -313,6 +330,10 @@ class RelayQueue:
             await self.operate(feed, state)
             return False
         try:
+            if await self._stored_already(sink, key, row.event.id):
+                await row.msg.ack()  # a takeover brought it back: it is in the store
+                self._drop(feed, row.event.seq, delivered=True)
+                return True
             await self.dead.put(sink, event_id=row.event.id, key=key, body=row.event.body,
                                 source_subject=row.subject, source_seq=row.event.seq,
                                 kind="parked", reason=f"parked: key {key} has a dead letter "
@@ -332,12 +353,44 @@ class RelayQueue:
                   event_id=row.event.id, ordering_key=key)
         return True
 
+    async def _stored_copy(self, feed: Feed, row: Row) -> bool:
+        """A redelivered event the previous owner stored as a dead letter: acknowledged
+        and dropped (its copy in the store is what an operator replays). True if so."""
+        try:
+            stored = await self._stored_already(feed.sink, row.event.ordering_key,
+                                                row.event.id)
+        except Exception as err:  # noqa: BLE001 - unknown: checked again next lease
+            row.recheck = True
+            log_event(log, logging.WARNING, "could not read the dead-letter store",
+                      sink=feed.sink, error=repr(err))
+            return True
+        if not stored:
+            return False
+        with contextlib.suppress(Exception):
+            await row.msg.ack()
+        self._drop(feed, row.event.seq, delivered=True)
+        return True
+
+    async def _stored_already(self, sink: str, key: str | None, event_id: str) -> bool:
+        """The event is in the dead-letter store (a takeover redelivers from the ack floor,
+        so an event stored and acknowledged above it comes again): store it once."""
+        entries = await self.dead.entries(sink, key if key is not None else event_id)
+        return any(e.headers.get("Edge-Event-Id") == event_id for e in entries)
+
     async def operate(self, feed: Feed, park: ParkState) -> None:
         """Carry out an operator's ``replay`` or ``discard`` of a parked key whose partition
         this relay owns."""
         sink, key = feed.sink, park.key
-        if (sink, key) in self._replays:
-            return
+        if (sink, key) in self._replays or (sink, key) in self._operating:
+            return  # under way (the scan and a lease may both get here)
+        self._operating.add((sink, key))
+        try:
+            await self._operate(feed, park)
+        finally:
+            self._operating.discard((sink, key))
+
+    async def _operate(self, feed: Feed, park: ParkState) -> None:
+        sink, key = feed.sink, park.key
         entries = await self.dead.entries(sink, key)
         if park.state == "discard":
             for entry in entries:
@@ -354,6 +407,15 @@ class RelayQueue:
             if await self.dead.unpark(park):
                 self._parked.get(sink, set()).discard(key)
             return
+        # a takeover may have brought back copies of events that are in the store: the
+        # replay sends them; the copies are acknowledged and dropped
+        replayed = {r.event.id for r in rows}
+        for live in list(feed.rows.values()):
+            if (live.dlq_seq is None and live.event.id in replayed
+                    and live.state != "leased"):
+                with contextlib.suppress(Exception):
+                    await live.msg.ack()
+                self._drop(feed, live.event.seq, delivered=True)
         self._replays[(sink, key)] = Replay(park, feed.partition, {r.event.seq for r in rows})
         merged: OrderedDict[int, Row] = OrderedDict((r.event.seq, r) for r in rows)
         merged.update(feed.rows)
@@ -401,7 +463,7 @@ class RelayQueue:
                 row.state = "waiting" if r.next_at else "queued"
                 row.next_at = r.next_at
                 if (row.dlq_seq is not None
-                        and (sink, row.event.ordering_key or "") not in self._replays):
+                        and (sink, _replay_key(row.event)) not in self._replays):
                     self._drop(feed, r.seq, delivered=False)  # its replay was aborted
         self.new_rows(sink).set()
 
@@ -421,7 +483,7 @@ class RelayQueue:
             await self._replayed(feed, row)
 
     async def _replayed(self, feed: Feed, row: Row) -> None:
-        key = row.event.ordering_key or ""
+        key = _replay_key(row.event)
         replay = self._replays.get((feed.sink, key))
         if replay is None:
             return
@@ -438,7 +500,7 @@ class RelayQueue:
         sink, ev = feed.sink, row.event
         key = ev.ordering_key
         try:
-            if row.dlq_seq is None:
+            if row.dlq_seq is None and not await self._stored_already(sink, key, ev.id):
                 await self.dead.put(sink, event_id=ev.id, key=key, body=ev.body,
                                     source_subject=row.subject, source_seq=ev.seq,
                                     kind="dead_letter", reason=r.reason, status=r.status,
@@ -458,11 +520,12 @@ class RelayQueue:
                   ordering_key=key, status=r.status, reason=r.reason[:200])
         self._drop(feed, ev.seq, delivered=row.dlq_seq is None)
         if row.dlq_seq is not None:
-            await self._abort_replay(feed, key or "", r.reason)
+            await self._abort_replay(feed, _replay_key(ev), r.reason)
 
     async def _abort_replay(self, feed: Feed, key: str, reason: str) -> None:
-        """A replayed dead letter failed again: the key is parked again; the rest of its
-        injected rows stay in the dead-letter stream."""
+        """A replayed dead letter failed again: the key is parked again (with
+        ``on_dead_letter: continue`` its entry is removed); the rest of its injected rows
+        stay in the dead-letter stream."""
         replay = self._replays.pop((feed.sink, key), None)
         if replay is None:
             return
@@ -470,7 +533,10 @@ class RelayQueue:
             row = feed.rows.get(seq)
             if row is not None and row.state != "leased":
                 self._drop(feed, seq, delivered=False)
-        await self.dead.set_state(replay.park, "parked", reason=reason[:500])
+        if self._park.get(feed.sink, True):
+            await self.dead.set_state(replay.park, "parked", reason=reason[:500])
+        else:  # on_dead_letter: continue: the dead letters stay stored, the key goes on
+            await self.dead.unpark(replay.park)
 
     def _drop(self, feed: Feed, seq: int, *, delivered: bool) -> None:
         feed.rows.pop(seq, None)

@@ -183,10 +183,11 @@ class Relay:
                   if partition_of(p.key, "", self.rc.partitions) == partition]
         for sink in self.sinks:
             name = self.consumer_name(sink, partition)
-            floor = 0
+            floor = delivered = 0
             try:
                 info = await self.js.consumer_info(self.rc.stream, name)
                 floor = int(info.ack_floor.stream_seq or 0)
+                delivered = int(info.delivered.stream_seq or 0)
                 await self.js.delete_consumer(self.rc.stream, name)
             except NotFoundError:
                 pass
@@ -203,7 +204,7 @@ class Relay:
             await self.js.add_consumer(self.rc.stream, cfg)
             sub = await self.js.pull_subscribe_bind(name, stream=self.rc.stream)
             self.queue.note_parked(sink, [p.key for p in parked if p.sink == sink])
-            self.queue.attach(sink, partition, sub)
+            self.queue.attach(sink, partition, sub, recheck_until=delivered)
             log_event(log, logging.INFO, "partition consumer started", relay=self.relay_id,
                       sink=sink, partition=partition, from_seq=floor + 1)
 
