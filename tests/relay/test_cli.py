@@ -145,3 +145,43 @@ def test_relay_against_an_unreachable_server_exits_1_with_one_line(tmp_path: Pat
     run = edge("relay", "-c", str(cfg), cwd=tmp_path)
     assert run.returncode == 1
     assert "cannot start" in run.stderr and "Traceback" not in run.stderr
+
+
+async def test_replay_of_a_dead_letter_on_a_continue_sink(tier: Tier, tmp_path: Path) -> None:
+    """With ``on_dead_letter: continue`` the lot is not parked: its later events flow, and
+    the dead letter can still be replayed from the command line."""
+    from tests.support import http_sink_yaml
+
+    async with ErpReceiver() as erp:
+        erp.reject(lambda e: e["data"]["n"] == 0, 422)
+        sink = http_sink_yaml(erp.url, routes='[{events: ["*"], method: POST, path: /events}]',
+                              extra="on_dead_letter: continue\n")
+        text = tier.relay_yaml(erp.url, relay_id="r1", sink=sink)
+        cfg_file = tmp_path / "relay.yaml"
+        cfg_file.write_text(text)
+        r = Relay(load_config_text(text, base_dir=tmp_path))  # type: ignore[arg-type]
+        await r.start()
+        try:
+            for n in range(3):
+                await tier.publish("A", n)
+            await eventually(lambda: [e["data"]["n"] for e in erp.events] == [1, 2],
+                             timeout=30, what="the lot going on past its dead letter")
+            dead = DeadLetters(tier.js, r.rc)
+            await dead.setup()
+            assert await dead.state("erp", "lot:A") is None, "not parked"
+            erp.clear_rejects()
+            rep = await asyncio.to_thread(
+                edge, "relay", "dlq", "replay", "-c", str(cfg_file), "--sink", "erp",
+                "--key", "lot:A", "--reason", "fixed", cwd=tmp_path)
+            assert rep.returncode == 0, rep.stderr
+            await eventually(lambda: [e["data"]["n"] for e in erp.events] == [1, 2, 0],
+                             timeout=30, what="the replayed dead letter")
+
+            async def cleared() -> bool:
+                return (await dead.entries("erp", "lot:A") == []
+                        and await dead.state("erp", "lot:A") is None)
+
+            await eventually(cleared, timeout=30)
+        finally:
+            r.stop()
+            await r.close()
