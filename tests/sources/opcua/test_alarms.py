@@ -6,6 +6,7 @@ reconnect without storing a condition twice."""
 from __future__ import annotations
 
 import textwrap
+from datetime import datetime
 from typing import Any
 
 import orjson
@@ -123,7 +124,7 @@ async def test_after_a_reconnect_the_refresh_resends_conditions_stored_once(
 
     [(reason, gap)] = await _audit(gw, "alarm_gap")
     assert reason == "connection_lost" and gap["refresh"] == "requested"
-    assert gap["from"] < gap["to"]
+    assert datetime.fromisoformat(gap["from"]) < datetime.fromisoformat(gap["to"])
     [(_, refreshed)] = rounds
     # both retained conditions re-sent; the one stored before the cut is a duplicate
     assert refreshed["conditions"] == 2 and refreshed["duplicates"] >= 1
