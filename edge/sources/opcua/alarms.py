@@ -48,6 +48,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 from asyncua import Client, ua
+from asyncua.client.ua_client import UaClientState
 from asyncua.common.subscription import OpcEvent, StatusChangeEvent, Subscription
 from asyncua.common.ua_utils import get_node_subtypes
 
@@ -613,8 +614,9 @@ class Alarms:
         """Call ConditionRefresh for the alarm subscription (see module docstring)."""
         conn = self._connection()
         sub = self._sub
-        if conn is None or sub is None or sub.subscription_id is None:
-            return  # not connected: the reconnect asks again
+        if conn is None or sub is None or sub.subscription_id is None \
+                or conn[0].uaclient.state is not UaClientState.CONNECTED:
+            return  # the link is down: the restore after the reconnect asks again
         gap, self._gap = self._gap, None
         if not self.refresh_enabled:
             if gap is not None:
