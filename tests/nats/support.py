@@ -9,6 +9,7 @@ here are ever stopped: the machine's shared server is never touched.
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
@@ -26,7 +27,8 @@ from tests.support import free_port, stop_process
 
 __all__ = ["MACHINE_NATS", "NatsServer", "machine_stream", "nats_server_exe", "unique"]
 
-MACHINE_NATS = "nats://127.0.0.1:4222"
+# the machine's JetStream, or the private one tests/conftest.py started where there is none
+MACHINE_NATS = os.environ.get("EDGE_TEST_NATS_URL", "nats://127.0.0.1:4222")
 
 
 def nats_server_exe() -> str:

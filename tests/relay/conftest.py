@@ -15,8 +15,9 @@ import orjson
 import pytest
 
 from edge.nats.subjects import partition_of, render_subject
+from tests.nats.support import MACHINE_NATS
 
-NATS_URL = "nats://127.0.0.1:4222"
+NATS_URL = MACHINE_NATS
 
 
 @dataclass

@@ -12,7 +12,7 @@ from edge.config import load_config_text
 from edge.relay.relay import Relay
 from edge.sim.erp import ErpReceiver
 from tests.nats.support import nats_servers  # noqa: F401 - the fixture
-from tests.relay.conftest import Tier, check_order
+from tests.relay.conftest import NATS_URL, Tier, check_order
 from tests.support import eventually
 
 
@@ -26,7 +26,7 @@ async def test_relay_survives_a_server_restart_without_loss_or_reordering(
     tier = Tier(js, "restart", "EV_RESTART", "trestart")
     await js.add_stream(name=tier.stream, subjects=[f"{tier.prefix}.>"])
     text = tier.relay_yaml("http://127.0.0.1:1", relay_id="r1").replace(
-        "nats://127.0.0.1:4222", server.url).replace(
+        NATS_URL, server.url).replace(
         "  lease_ttl_s: 3\n", "  lease_ttl_s: 3\n  reconnect_wait_s: 0.2\n")
     async with ErpReceiver(latency_s=0.01) as erp:
         cfg = load_config_text(text.replace("http://127.0.0.1:1", erp.url), base_dir=tmp_path)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from edge.outbox import Outbox
 from tests.fixtures.gateway_process import GatewayProcess
-from tests.nats.support import unique
+from tests.nats.support import MACHINE_NATS, unique
 from tests.sinks.nats.support import nats_sink_yaml, read_stream
 from tests.support import eventually, result
 
@@ -107,7 +107,7 @@ async def test_a_missing_stream_alarms_in_status_and_delivers_once_it_exists(gat
     alarm = await eventually(alarmed, timeout=30, what="the sink's alarm")
     assert alarm["code"] == "sink_fault"
     assert f"{prefix}.test-site." in alarm["message"] and name in alarm["message"]
-    nc = await nats.connect("nats://127.0.0.1:4222")
+    nc = await nats.connect(MACHINE_NATS)
     js = nc.jetstream()
     await js.add_stream(StreamConfig(name=name, subjects=[prefix + ".>"]))
     try:

@@ -16,7 +16,7 @@ import orjson
 
 from edge.components import OutcomeKind, StoredEvent
 from edge.nats.subjects import partition_of
-from tests.nats.support import machine_stream, unique
+from tests.nats.support import MACHINE_NATS, machine_stream, unique
 from tests.sinks.nats.support import event, open_sink, read_stream, stored
 
 
@@ -196,7 +196,7 @@ async def test_create_stream_makes_the_stream_once_and_leaves_an_existing_one_al
              "discard: new, max_msgs: 1000}\n")
     import nats
 
-    nc = await nats.connect("nats://127.0.0.1:4222")
+    nc = await nats.connect(MACHINE_NATS)
     js = nc.jetstream()
     try:
         async with open_sink(name, prefix + ".{site}.p{partition}.{type}", extra=extra) as sink:
