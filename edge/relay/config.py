@@ -30,7 +30,7 @@ class RelayConfig(NatsConnection):
     filter: str = Field(DEFAULT_FILTER, description="subject filter of one partition, with "
                         "{partition}; must match the gateways' nats sink `subject`")
     consumer_prefix: str = Field("edge-relay", description="durable consumers are named "
-                                 "<prefix>-<sink>-p<partition>")
+                                 "<prefix>-<sink>-p<partition>-e<lease revision>")
     owners_bucket: str = Field("EDGE_RELAY_OWNERS", description="KV bucket of partition "
                                "leases and relay heartbeats (created when missing)")
     parked_bucket: str = Field("EDGE_RELAY_PARKED", description="KV bucket of parked keys "

@@ -123,10 +123,13 @@ class Ownership:
         from nats.js.errors import KeyWrongLastSequenceError
 
         for partition, revision in list(self.owned.items()):
+            # the key lives lease_ttl_s from when the server wrote it, at the earliest when
+            # the request left: the lease is counted from then, not from the answer
+            sent_at = self.clock()
             try:
                 self.owned[partition] = await self.kv.update(
                     f"p{partition}", self.relay_id.encode(), last=revision)
-                self.renewed_at[partition] = self.clock()
+                self.renewed_at[partition] = sent_at
             except KeyWrongLastSequenceError:
                 await self._lost(partition, "its lease was taken (it had expired)")
             except Exception:
@@ -144,12 +147,13 @@ class Ownership:
             partition = (start + i) % self.partitions
             if partition in self.owned:
                 continue
+            sent_at = self.clock()
             try:
                 revision = await self.kv.create(f"p{partition}", self.relay_id.encode())
             except KeyWrongLastSequenceError:
                 continue  # another relay owns it
             self.owned[partition] = revision
-            self.renewed_at[partition] = self.clock()
+            self.renewed_at[partition] = sent_at
             try:
                 await self.on_take(partition)
             except Exception as err:  # noqa: BLE001 - give it back; retried next tick

@@ -174,6 +174,9 @@ class RelayQueue:
         import nats.errors
 
         while feed.active:
+            if not self.holds(feed.partition):  # a lapsed lease: fetch nothing more
+                await asyncio.sleep(0.2)
+                continue
             room = self.max_pending - len(feed.rows)
             if room <= 0:
                 feed.room.clear()

@@ -74,6 +74,7 @@ class Relay:
         self.dead: DeadLetters | None = None
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[Any]] = []
+        self.consumers: dict[tuple[str, int], str] = {}  # (sink, partition) → consumer
         self.started = False
         self.api: Any = None
 
@@ -169,28 +170,53 @@ class Relay:
 
     # ------------------------------------------------------------------ partitions
 
-    def consumer_name(self, sink: str, partition: int) -> str:
+    def consumer_base(self, sink: str, partition: int) -> str:
         return f"{self.rc.consumer_prefix}-{sink}-p{partition}"
 
+    async def _previous_consumers(self) -> dict[str, Any]:
+        """Every consumer of the stream, by name (read once per takeover)."""
+        out: dict[str, Any] = {}
+        offset = 0
+        while True:
+            page = await self.js.consumers_info(self.rc.stream, offset=offset)
+            for info in page:
+                out[info.name] = info
+            if len(page) < 256:
+                return out
+            offset += len(page)
+
     async def _take(self, partition: int) -> None:
-        """(Re)create the partition's consumer of every sink at its ack floor + 1 and feed
-        the queue from it."""
+        """Create the partition's consumer of every sink at the previous owners' ack floor
+        + 1 and feed the queue from it.
+
+        Each owner gets a consumer of its own, named after its lease's revision
+        (``<prefix>-<sink>-p<N>-e<revision>``): the consumers of earlier owners are read
+        (floor, how far they got) and deleted, so a previous owner that is still alive (a
+        frozen process waking up) fetches from a consumer that no longer exists and can
+        never take events from this one."""
         from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
         from nats.js.errors import NotFoundError
 
         assert self.queue is not None and self.dead is not None
+        assert self.ownership is not None
+        epoch = self.ownership.owned[partition]
         parked = [p for p in await self.dead.all_states()
                   if partition_of(p.key, "", self.rc.partitions) == partition]
+        existing = await self._previous_consumers()
         for sink in self.sinks:
-            name = self.consumer_name(sink, partition)
+            base = self.consumer_base(sink, partition)
+            name = f"{base}-e{epoch}"
             floor = delivered = 0
-            try:
-                info = await self.js.consumer_info(self.rc.stream, name)
-                floor = int(info.ack_floor.stream_seq or 0)
-                delivered = int(info.delivered.stream_seq or 0)
-                await self.js.delete_consumer(self.rc.stream, name)
-            except NotFoundError:
-                pass
+            for old, info in existing.items():
+                if old != base and not old.startswith(base + "-e"):
+                    continue
+                floor = max(floor, int(info.ack_floor.stream_seq or 0))
+                delivered = max(delivered, int(info.delivered.stream_seq or 0))
+                try:
+                    await self.js.delete_consumer(self.rc.stream, old)
+                except NotFoundError:
+                    pass
+            self.consumers[(sink, partition)] = name
             cfg = ConsumerConfig(
                 durable_name=name,
                 ack_policy=AckPolicy.EXPLICIT,

@@ -124,3 +124,23 @@ def check_order(published: list[dict[str, Any]], received: list[dict[str, Any]]
         got = [position[e["id"]] for e in events if e["id"] in position]
         order_violations += sum(1 for a, b in zip(got, got[1:], strict=False) if a > b)
     return {"lost": len(lost), "duplicates": dups, "order_violations": order_violations}
+
+
+def first_violation(published: list[dict[str, Any]], received: list[dict[str, Any]]) -> str:
+    """The first pair of a lot's events whose first arrivals are out of order, with the
+    arrival positions, for an assertion message."""
+    position: dict[str, int] = {}
+    for i, ev in enumerate(received):
+        position.setdefault(ev["id"], i)
+    by_lot: dict[str, list[dict[str, Any]]] = {}
+    for e in published:
+        by_lot.setdefault(e["ordering_key"], []).append(e)
+    for lot, events in by_lot.items():
+        got = [(position[e["id"]], e["data"]["n"]) for e in events if e["id"] in position]
+        for (pa, na), (pb, nb) in zip(got, got[1:], strict=False):
+            if pa > pb:
+                copies = {n: [i for i, ev in enumerate(received) if ev["data"]["n"] == n]
+                          for n in (na, nb)}
+                return (f"{lot}: n={na} first arrived at {pa}, after n={nb} at {pb}; "
+                        f"all arrivals {copies}")
+    return "none"

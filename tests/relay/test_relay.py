@@ -48,7 +48,7 @@ async def test_delivers_every_event_in_lot_order_and_acknowledges_it(
 
             async def acked() -> bool:
                 for p in range(tier.partitions):
-                    info = await tier.js.consumer_info(tier.stream, r.consumer_name("erp", p))
+                    info = await tier.js.consumer_info(tier.stream, r.consumers[("erp", p)])
                     if info.num_ack_pending or info.num_pending:
                         return False
                 return True

@@ -13,7 +13,7 @@ from typing import Any
 from edge.outbox import Outbox
 from edge.sim.erp import ErpReceiver
 from tests.fixtures.gateway_process import GatewayProcess
-from tests.relay.conftest import NATS_URL, Tier, check_order
+from tests.relay.conftest import NATS_URL, Tier, check_order, first_violation
 from tests.support import eventually, result
 
 PER_GATEWAY = 400
@@ -141,6 +141,8 @@ async def test_a_frozen_relay_loses_its_partitions_and_does_not_send_when_it_wak
             for r in relays.values():
                 r.stop()
         report = check_order(published, erp.events)
-        assert report["lost"] == 0 and report["order_violations"] == 0, report
+        assert report["lost"] == 0 and report["order_violations"] == 0, (
+            f"{report}: {first_violation(published, erp.events)}\n"
+            + "\n".join(relays["r1"].lines[-60:] + ["----"] + relays["r2"].lines[-60:]))
     for proc in relays.values():
         assert not any("Traceback" in line for line in proc.lines), "\n".join(proc.lines[-40:])
