@@ -70,5 +70,6 @@ COMPONENT = ComponentType(
     type="mqtt",
     config_model=MqttSourceConfig,
     factory=_factory,
-    description="MQTT 3.1.1/5 subscriber, QoS 1 acked after the outbox commit",
+    description="MQTT 3.1.1/5 subscriber (JSON or Sparkplug B), QoS 1 acked after the outbox "
+                "commit",
 )

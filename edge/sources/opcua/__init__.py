@@ -49,5 +49,5 @@ COMPONENT = ComponentType(
     type="opcua",
     config_model=OpcUaSourceConfig,
     factory=factory,
-    description="OPC UA client: monitored items and triggered group reads",
+    description="OPC UA client: monitored items, triggered group reads, alarms and conditions",
 )
