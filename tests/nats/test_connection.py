@@ -119,6 +119,28 @@ async def test_token_from_a_file(nats_servers, tmp_path: Path) -> None:
     assert await _roundtrip(nc) == b"ping"
 
 
+async def test_nkey_seed_from_a_file(nats_servers, tmp_path: Path) -> None:
+    """A server that knows the user only by its NKEY public key: the gateway signs the
+    server's nonce with the seed read from the file; another seed is refused."""
+    import os
+
+    import nkeys
+
+    seed = nkeys.encode_seed(os.urandom(32), nkeys.PREFIX_BYTE_USER)
+    public = nkeys.from_seed(bytearray(seed)).public_key.decode()
+    other = nkeys.encode_seed(os.urandom(32), nkeys.PREFIX_BYTE_USER)
+    server = nats_servers(f'authorization {{ users = [ {{ nkey: "{public}" }} ] }}\n')
+    (tmp_path / "seed").write_bytes(seed + b"\n")
+    (tmp_path / "other").write_bytes(other + b"\n")
+    nc = await connect(_cfg(servers=[server.url], auth={
+        "type": "nkey", "nkey_seed_file": str(tmp_path / "seed")}), name="edge-t")
+    assert await _roundtrip(nc) == b"ping"
+    with pytest.raises(NatsConnectError) as refused:
+        await connect(_cfg(servers=[server.url], connect_timeout_s=2, auth={
+            "type": "nkey", "nkey_seed_file": str(tmp_path / "other")}), name="edge-t")
+    assert refused.value.code == "auth"
+
+
 async def test_tls_verifies_the_server_against_the_ca(nats_servers, tmp_path: Path) -> None:
     pki = make_test_pki(tmp_path / "pki")
     server = nats_servers(f'tls {{ cert_file: "{pki.server_cert}", key_file: '
