@@ -56,8 +56,10 @@ __all__ = [
     "StrictModel",
     "deprecations",
     "load_config",
+    "check_secret_files",
     "load_config_text",
     "read_secret",
+    "secret_files",
 ]
 
 
@@ -106,13 +108,27 @@ def _existing(kind: Literal["file", "directory"]) -> Any:
             path = Path(base) / path
         found = path.is_file() if kind == "file" else path.is_dir()
         if ctx.get("check_files", True) and not found:
+            if kind == "file" and path.is_dir():
+                raise ValueError(f"{path} is a folder, not a file")
+            if path.is_symlink():
+                raise ValueError(f"{kind} not found: {path} is a link to "
+                                 f"{os.readlink(path)}, which does not exist")
             raise ValueError(f"{kind} not found: {path}")
         return str(path)
 
     return check
 
 
-SecretFile = Annotated[str, AfterValidator(_existing("file"))]
+class _SecretMark:
+    """Marks ``SecretFile`` fields so ``secret_files`` finds them in any component model."""
+
+    def __repr__(self) -> str:
+        return "SecretFile"
+
+
+SECRET_MARK = _SecretMark()
+
+SecretFile = Annotated[str, AfterValidator(_existing("file")), SECRET_MARK]
 """A path to a file holding a secret or certificate; checked at load, read at start."""
 
 ConfigDir = Annotated[str, AfterValidator(_existing("directory"))]
@@ -127,6 +143,108 @@ def read_secret(path: str | None) -> str | None:
         return Path(path).read_text().rstrip("\r\n")
     except OSError as err:
         raise ConfigError(f"cannot read secret file {path}: {err.strerror}") from err
+
+
+def _is_secret_annotation(annotation: Any) -> bool:
+    from typing import get_args
+
+    if SECRET_MARK in getattr(annotation, "__metadata__", ()):
+        return True
+    return any(_is_secret_annotation(a) for a in get_args(annotation))
+
+
+def secret_files(cfg: BaseModel) -> list[tuple[str, str]]:
+    """``(location, path)`` of every ``SecretFile`` field set in a loaded config (sources,
+    sinks, auth and TLS blocks included), e.g. ``("sources[0].password_file", "/run/...")``."""
+    out: list[tuple[str, str]] = []
+
+    def walk(value: Any, where: str) -> None:
+        if isinstance(value, BaseModel):
+            for name, field in type(value).model_fields.items():
+                item = getattr(value, name, None)
+                loc = f"{where}.{name}" if where else name
+                if isinstance(item, str) and (SECRET_MARK in field.metadata
+                                              or _is_secret_annotation(field.annotation)):
+                    out.append((loc, item))
+                else:
+                    walk(item, loc)
+        elif isinstance(value, (list, tuple)):
+            for i, item in enumerate(value):
+                walk(item, f"{where}[{i}]")
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                walk(item, f"{where}.{key}")
+
+    walk(cfg, "")
+    return out
+
+
+API_TOKEN_MIN_LENGTH = 16
+"""Shortest API token ``check-config`` and ``edge run`` accept (a guessable token is none)."""
+
+
+def check_secret_files(cfg: BaseModel) -> tuple[list[ConfigIssue], list[ConfigIssue]]:
+    """Read every secret file of ``cfg``: ``(errors, warnings)``, each located.
+
+    Errors: missing, not a regular file (a folder, a dangling link), unreadable, empty, and
+    an ``api.token_file`` token shorter than ``API_TOKEN_MIN_LENGTH``. Warnings: a file
+    readable by its group or by others (``mode & 0o044``).
+    """
+    errors: list[ConfigIssue] = []
+    warnings: list[ConfigIssue] = []
+    for loc, path in secret_files(cfg):
+        p = Path(path)
+        try:
+            data = p.read_bytes()
+        except IsADirectoryError:
+            errors.append(ConfigIssue(loc, f"{path} is a folder, not a file"))
+            continue
+        except OSError as err:
+            errors.append(ConfigIssue(loc, f"cannot read secret file {path}: "
+                                           f"{err.strerror or err}"))
+            continue
+        if not data.strip():
+            errors.append(ConfigIssue(loc, f"secret file {path} is empty"))
+            continue
+        try:
+            mode = p.stat().st_mode
+        except OSError:
+            mode = 0
+        if mode & 0o044 and not loc.endswith(_PUBLIC_FILES):
+            warnings.append(ConfigIssue(loc, f"secret file {path} is readable by its group or "
+                                             f"others (mode {mode & 0o777:o}); chmod 600 or 400"))
+        if loc == "api.token_file":
+            errors.extend(_token_issues(loc, path, data))
+    return errors, warnings
+
+
+_PUBLIC_FILES = ("ca_file", "cert_file")
+"""Certificates are typed ``SecretFile`` too, but are public: no warning for their mode."""
+
+
+def _token_issues(loc: str, path: str, data: bytes) -> list[ConfigIssue]:
+    """The api token file's lines (``TOKEN`` or ``NAME TOKEN``, ``#`` comments), as
+    ``edge.api.auth.load_tokens`` reads them; each token at least ``API_TOKEN_MIN_LENGTH``."""
+    try:
+        text = data.decode()
+    except UnicodeDecodeError:
+        return [ConfigIssue(loc, f"token file {path} is not UTF-8 text")]
+    out: list[ConfigIssue] = []
+    found = 0
+    for n, line in enumerate(text.splitlines(), 1):
+        parts = re.sub(r"(^|\s)#.*$", "", line).split()  # as load_tokens: '#' in a token stays
+        if not parts:
+            continue
+        if len(parts) > 2:
+            out.append(ConfigIssue(loc, f"{path} line {n}: must be 'TOKEN' or 'NAME TOKEN'"))
+            continue
+        found += 1
+        if len(parts[-1]) < API_TOKEN_MIN_LENGTH:
+            out.append(ConfigIssue(loc, f"{path} line {n}: token is {len(parts[-1])} characters,"
+                                        f" at least {API_TOKEN_MIN_LENGTH} are required"))
+    if not found and not out:
+        out.append(ConfigIssue(loc, f"token file {path} has no token (only comments)"))
+    return out
 
 
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")

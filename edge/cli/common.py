@@ -4,26 +4,45 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import os
 import sys
 from collections.abc import Coroutine
-from typing import Any
+from typing import Any, NoReturn
 
 from edge.errors import ConfigError
 
 EXIT_CONFIG = 2
 
+DEFAULT_CREDENTIALS_DIRECTORY = "/etc/edge-gateway/credentials"
+"""``${CREDENTIALS_DIRECTORY}`` in operator commands outside systemd (they read no secret)."""
+
 
 def load_or_exit(path: str, *, check_files: bool = True) -> Any:
-    """Load a config file; on error print every located issue to stderr and exit 2."""
+    """Load a config file; on error print every located issue to stderr and exit 2.
+
+    ``check_files=False`` is for operator commands (``edge status``, ``outbox stats``,
+    ``dlq list`` ...): they read no secret, so secret files need not exist and
+    ``${CREDENTIALS_DIRECTORY}`` (set by systemd for the daemon only) defaults to
+    ``DEFAULT_CREDENTIALS_DIRECTORY``.
+    """
     from edge.config import load_config
 
+    env: dict[str, str] | None = None
+    if not check_files:
+        env = dict(os.environ)
+        env.setdefault("CREDENTIALS_DIRECTORY", DEFAULT_CREDENTIALS_DIRECTORY)
     try:
-        return load_config(path, check_files=check_files)
+        return load_config(path, check_files=check_files, env=env)
     except ConfigError as err:
-        print(f"{path}: invalid configuration", file=sys.stderr)
-        for issue in err.issues:
-            print(f"  {issue}", file=sys.stderr)
-        raise SystemExit(EXIT_CONFIG) from err
+        config_exit(path, err)
+
+
+def config_exit(path: str, err: ConfigError) -> NoReturn:
+    """Print a config error's located issues to stderr and exit 2."""
+    print(f"{path}: invalid configuration", file=sys.stderr)
+    for issue in err.issues:
+        print(f"  {issue}", file=sys.stderr)
+    raise SystemExit(EXIT_CONFIG) from err
 
 
 def run_async(coro: Coroutine[Any, Any, Any]) -> Any:

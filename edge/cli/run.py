@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from edge.cli.common import load_or_exit, run_async
-from edge.errors import OutboxOpenError, StartupError
+from edge.cli.common import config_exit, load_or_exit, run_async
+from edge.errors import ConfigError, OutboxOpenError, StartupError
 
 
 def register(sub: Any) -> None:
@@ -22,7 +22,11 @@ def register(sub: Any) -> None:
     p = sub.add_parser("check-config", help="validate a config file (exit 2 on errors)")
     p.add_argument("file")
     p.add_argument("--skip-files", action="store_true",
-                   help="do not require *_file paths to exist (checking on another machine)")
+                   help="do not require *_file paths to exist nor read secrets (checking on "
+                   "another machine)")
+    p.add_argument("--strict", action="store_true",
+                   help="exit 1 when there are warnings (dead routes, unused subscriptions, "
+                   "secrets readable by others)")
     p.set_defaults(handler=cmd_check_config)
 
     p = sub.add_parser("print-schema", help="print the config JSON Schema (--events: the "
@@ -59,8 +63,15 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"{args.config}: a relay's config (it has a `relay:` section); run it with "
               "`edge relay -c FILE`", file=sys.stderr)
         return 2
+    from edge.config import check_secret_files
+
+    # a secret that cannot be read is a config error (exit 2, located), not a traceback at
+    # the component's start
+    secret_errors, secret_warnings = check_secret_files(cfg)
+    if secret_errors:
+        config_exit(args.config, ConfigError(secret_errors))
     setup_logging(args.log_level or cfg.logging.level, cfg.logging.format)
-    for issue in deprecations(cfg):
+    for issue in [*deprecations(cfg), *secret_warnings]:
         logging.getLogger("edge.config").warning("%s", issue)
 
     async def main() -> None:
@@ -68,6 +79,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     try:
         run_async(main())
+    except ConfigError as err:
+        config_exit(args.config, err)
     except OutboxOpenError as err:  # a host problem to fix, not a crash to restart into
         print(f"edge: cannot start: {err}", file=sys.stderr)
         return 2
@@ -78,16 +91,31 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    from edge.config import deprecations
+    """Validate, read every secret file (errors: exit 2), then warn (stderr) about
+    deprecated names, secrets readable by others and dead configuration; ``--strict`` turns
+    warnings into exit 1."""
+    from edge.config import check_secret_files, deprecations
+    from edge.config_lint import lint
 
     cfg = load_or_exit(args.file, check_files=not args.skip_files)
-    for issue in deprecations(cfg):
+    warnings = list(deprecations(cfg))
+    if not args.skip_files:
+        errors, secret_warnings = check_secret_files(cfg)
+        if errors:
+            config_exit(args.file, ConfigError(errors))
+        warnings += secret_warnings
+    if not hasattr(cfg, "relay"):
+        warnings += lint(cfg)
+    for issue in warnings:
         print(f"warning: {issue}", file=sys.stderr)
     if hasattr(cfg, "relay"):
         print(f"OK: relay of stream {cfg.relay.stream} ({cfg.relay.partitions} partitions), "
               f"{len(cfg.sinks)} sink(s)")
-        return 0
-    print(f"OK: site {cfg.site}, {len(cfg.sources)} source(s), {len(cfg.sinks)} sink(s)")
+    else:
+        print(f"OK: site {cfg.site}, {len(cfg.sources)} source(s), {len(cfg.sinks)} sink(s)")
+    if warnings and args.strict:
+        print(f"{len(warnings)} warning(s); --strict fails on warnings", file=sys.stderr)
+        return 1
     return 0
 
 
