@@ -4,8 +4,10 @@
 ``replay`` and ``discard`` act on a parked key (``--sink ID --key KEY``): they mark it in
 the parked bucket with who and why; the relay that owns the key's partition then sends
 the key's dead letters again, in order and before its later events, or drops them, and
-lets the key flow. Exit codes: 0 ok, 1 runtime failure (NATS unreachable, no such parked
-key), 2 bad usage or config.
+lets the key flow. Exit codes: 0 ok; 1 runtime failure (``dlq``: NATS unreachable, nothing
+to replay); 2 bad usage or config, refused NATS credentials or TLS, a stream without
+limits retention. ``edge relay`` waits (and logs why) while NATS is unreachable or the
+stream does not exist yet.
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ def cmd_relay(args: argparse.Namespace) -> int:
     if not args.config:
         print("edge relay: -c FILE is required", file=sys.stderr)
         return 2
-    from edge.errors import StartupError
+    from edge.errors import FatalStartupError, StartupError
     from edge.nats.connection import NatsConnectError
     from edge.relay.config import RelayFileConfigBase
     from edge.relay.relay import Relay
@@ -64,7 +66,12 @@ def cmd_relay(args: argparse.Namespace) -> int:
     assert isinstance(cfg, RelayFileConfigBase)
     try:
         run_async(Relay(cfg, config_path=args.config).run())
-    except (StartupError, NatsConnectError) as err:
+    except (FatalStartupError, NatsConnectError) as err:
+        # refused credentials, TLS, a stream with the wrong retention: a restart cannot
+        # fix them (exit 2, the unit's RestartPreventExitStatus)
+        print(f"edge relay: cannot start: {err}", file=sys.stderr)
+        return 2
+    except StartupError as err:
         print(f"edge relay: cannot start: {err}", file=sys.stderr)
         return 1
     return 0

@@ -6,10 +6,12 @@ relays on one or more machines consume it and deliver through the gateway's own 
 on a ``RelayQueue`` instead of the SQLite outbox.
 
 Contract:
-- At start: connect (``relay`` connection keys), check the stream exists with ``limits``
-  retention (a consumer is recreated on takeover; interest or work-queue retention could
-  drop events then), create the dead-letter stream and the two buckets when missing,
-  start the sinks and one forwarder per sink.
+- At start: connect (``relay`` connection keys) and find the stream, waiting while NATS
+  is unreachable or the stream does not exist yet (``/readyz`` says 503 meanwhile);
+  refused credentials, a TLS failure or a stream without ``limits`` retention (a consumer
+  is recreated on takeover; interest or work-queue retention could drop events then) end
+  the start. Then create the dead-letter stream and the two buckets when missing, start
+  the sinks and one forwarder per sink.
 - Partitions are shared by ``Ownership``. Taking one recreates its consumer per sink at
   the consumer's ack floor + 1, so every event not acknowledged by the previous owner is
   delivered again in stream order (duplicates only under the same Idempotency-Key).
@@ -27,14 +29,15 @@ import logging
 import os
 import signal
 import socket
+import time
 from pathlib import Path
 from typing import Any
 
 from edge.app import _sink_config
 from edge.components import ComponentContext, Sink
-from edge.errors import FatalStartupError
+from edge.errors import FatalStartupError, RetryableStartupError
 from edge.forwarder import Forwarder
-from edge.nats.connection import connect
+from edge.nats.connection import NatsConnectError, connect
 from edge.nats.subjects import partition_filter, partition_of
 from edge.registry import Registry, default_registry
 from edge.relay.config import RelayConfig, RelayFileConfigBase
@@ -100,10 +103,9 @@ class Relay:
 
             self.api = RelayApi(self, self.rc.listen)
             await self.api.start()  # a taken port fails before anything is consumed
-        self.nc = await connect(self.rc, name=f"edge-relay-{self.relay_id}",
-                                config_dir=self.config_dir)
-        self.js = self.nc.jetstream()
-        await self._check_stream()
+        await self._reach_stream()
+        if self._stop.is_set():
+            return  # stopped while waiting for NATS or the stream
         self.dead = DeadLetters(self.js, self.rc)
         await self.dead.setup()
         self.ownership = Ownership(self.js, self.rc.owners_bucket, self.relay_id,
@@ -132,13 +134,44 @@ class Relay:
                   stream=self.rc.stream, partitions=self.rc.partitions,
                   sinks=",".join(self.sinks))
 
+    async def _reach_stream(self) -> None:
+        """Connect and find the stream, waiting (backoff up to 30 s, one log line per
+        change of reason or per minute) while NATS is unreachable or the stream does not
+        exist yet: relays may be deployed before the cluster or the stream. Refused
+        credentials or TLS (``NatsConnectError`` auth/tls) and a stream with the wrong
+        retention (``FatalStartupError``) are raised: waiting cannot fix them."""
+        delay, logged, logged_at = 1.0, "", 0.0
+        while not self._stop.is_set():
+            try:
+                if self.nc is None:
+                    self.nc = await connect(self.rc, name=f"edge-relay-{self.relay_id}",
+                                            config_dir=self.config_dir)
+                    self.js = self.nc.jetstream()
+                await self._check_stream()
+                return
+            except NatsConnectError as err:
+                if err.code in ("auth", "tls"):
+                    raise
+                why = f"NATS not reachable ({err.message})"
+            except RetryableStartupError as err:
+                why = str(err)
+            now = time.monotonic()
+            if why != logged or now - logged_at >= 60.0:
+                log_event(log, logging.WARNING, why + "; the relay waits and tries again",
+                          relay=self.relay_id, retry_in_s=delay)
+                logged, logged_at = why, now
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay):
+                    await self._stop.wait()
+            delay = min(delay * 2, 30.0)
+
     async def _check_stream(self) -> None:
         from nats.js.errors import NotFoundError
 
         try:
             info = await self.js.stream_info(self.rc.stream)
         except NotFoundError:
-            raise FatalStartupError(
+            raise RetryableStartupError(
                 f"JetStream stream {self.rc.stream!r} does not exist: create it (README "
                 "'Scaling out') or let a gateway's nats sink create it") from None
         retention = str(getattr(info.config.retention, "value", info.config.retention))

@@ -15,7 +15,9 @@ import orjson
 import pytest
 
 from edge.nats.subjects import partition_of, render_subject
-from tests.nats.support import MACHINE_NATS
+from tests.nats.support import MACHINE_NATS, nats_servers
+
+__all__ = ["NATS_URL", "Tier", "check_order", "first_violation", "nats_servers", "tier"]
 
 NATS_URL = MACHINE_NATS
 

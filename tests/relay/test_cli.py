@@ -134,16 +134,43 @@ def test_edge_run_refuses_a_relay_config_and_check_config_accepts_it(tmp_path: P
     assert check.returncode == 0 and "relay of stream S (8 partitions)" in check.stdout
 
 
-def test_relay_against_an_unreachable_server_exits_1_with_one_line(tmp_path: Path) -> None:
+def test_relay_waits_for_an_unreachable_server_and_stops_cleanly(tmp_path: Path) -> None:
+    """Relays may start before the NATS cluster: the relay says why it waits and tries
+    again; SIGTERM ends it with exit 0 (no restart loop, no traceback)."""
+    import signal
+    import time
+
+    from tests.fixtures.gateway_process import GatewayProcess
     from tests.support import free_port
 
     cfg = tmp_path / "relay.yaml"
     cfg.write_text(f"site: r\nrelay: {{servers: ['nats://127.0.0.1:{free_port()}'], "
-                   "connect_timeout_s: 0.5}\nsinks:\n  - {id: erp, type: http, "
+                   "connect_timeout_s: 0.5, listen: null}\nsinks:\n  - {id: erp, type: http, "
                    "url: 'http://127.0.0.1:9', routes: [{events: ['*'], method: POST, "
                    "path: /e}]}\n")
-    run = edge("relay", "-c", str(cfg), cwd=tmp_path)
-    assert run.returncode == 1
+    proc = GatewayProcess(cfg, verb="relay").start()
+    try:
+        proc.wait_line("NATS not reachable", timeout=30)
+        time.sleep(1.5)
+        assert proc.proc is not None and proc.proc.poll() is None, "still waiting"
+        proc.proc.send_signal(signal.SIGTERM)
+        assert proc.proc.wait(30) == 0
+    finally:
+        proc.stop()
+    assert not any("Traceback" in line for line in proc.lines), "\n".join(proc.lines)
+
+
+async def test_relay_with_refused_credentials_exits_2_with_one_line(nats_servers,
+                                                                   tmp_path: Path) -> None:
+    server = nats_servers('authorization { token: "right-token-123" }\n')
+    (tmp_path / "tok").write_text("wrong-token-456\n")
+    cfg = tmp_path / "relay.yaml"
+    cfg.write_text(f"site: r\nrelay: {{servers: ['{server.url}'], listen: null, auth: "
+                   "{type: token, token_file: tok}}\nsinks:\n  - {id: erp, type: http, "
+                   "url: 'http://127.0.0.1:9', routes: [{events: ['*'], method: POST, "
+                   "path: /e}]}\n")
+    run = await asyncio.to_thread(edge, "relay", "-c", str(cfg), cwd=tmp_path)
+    assert run.returncode == 2, run.stderr
     assert "cannot start" in run.stderr and "Traceback" not in run.stderr
 
 

@@ -228,3 +228,25 @@ async def test_a_body_changed_after_ingest_is_dead_lettered_not_sent(tier: Tier,
         finally:
             r.stop()
             await r.close()
+
+
+async def test_a_relay_started_before_its_stream_waits_for_it(tier: Tier, tmp_path: Path
+                                                              ) -> None:
+    """Plant IT may create the stream after the relays were deployed: the relay waits
+    (not ready, one line saying why) and delivers once the stream exists."""
+    await tier.js.delete_stream(tier.stream)
+    async with ErpReceiver() as erp:
+        r = relay(tier, erp, tmp_path, "r1")
+        starting = asyncio.create_task(r.start())
+        try:
+            await asyncio.sleep(1.5)
+            assert not starting.done() and not r.started
+            await tier.js.add_stream(name=tier.stream, subjects=[f"{tier.prefix}.>"])
+            await asyncio.wait_for(starting, 60)
+            ev = await tier.publish("A", 0)
+            await eventually(lambda: ev["id"] in erp.ids(), timeout=30)
+        finally:
+            r.stop()
+            if not starting.done():
+                await starting
+            await r.close()

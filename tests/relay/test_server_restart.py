@@ -11,13 +11,12 @@ from pathlib import Path
 from edge.config import load_config_text
 from edge.relay.relay import Relay
 from edge.sim.erp import ErpReceiver
-from tests.nats.support import nats_servers  # noqa: F401 - the fixture
 from tests.relay.conftest import NATS_URL, Tier, check_order
 from tests.support import eventually
 
 
 async def test_relay_survives_a_server_restart_without_loss_or_reordering(
-        nats_servers, tmp_path: Path) -> None:  # noqa: F811
+        nats_servers, tmp_path: Path) -> None:
     import nats
 
     server = nats_servers()
