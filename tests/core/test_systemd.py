@@ -11,6 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from edge import systemd
 from tests.support import sink_yaml, stop_process
 
@@ -95,49 +97,55 @@ def test_start_timeout_is_extended_until_ready_and_not_after(tmp_path: Path, mon
         sock.close()
 
 
-def _unit_text() -> str:
-    return (ROOT / "systemd" / "edge-gateway.service").read_text()
+def _unit_text(name: str = "edge-gateway.service") -> str:
+    return (ROOT / "systemd" / name).read_text()
 
 
-def test_a_bad_config_or_a_missing_credential_cannot_become_a_restart_loop():
+UNITS = {"edge-gateway.service": "plant.example.yaml", "edge-relay.service": "relay.example.yaml"}
+
+
+@pytest.mark.parametrize("name", sorted(UNITS))
+def test_a_bad_config_or_a_missing_credential_cannot_become_a_restart_loop(name: str):
     """A failing ExecStartPre never sets the main exit status, so a check-config there
     would make RestartPreventExitStatus=2 useless and Restart=on-failure restart every 5 s
     forever: the unit has none (``edge run`` checks the config and exits 2 itself), and a
     start limit ends any other loop."""
     unit = configparser.ConfigParser(strict=False, interpolation=None)
     unit.optionxform = str  # type: ignore[assignment,method-assign]
-    unit.read_string(_unit_text())
+    unit.read_string(_unit_text(name))
     assert not any(k.startswith("ExecStartPre") for k in unit["Service"])
+    assert set(unit["Service"]["RestartPreventExitStatus"].split()) == {"2", "243"}
     assert unit["Service"]["Restart"] == "on-failure"
     assert int(unit["Unit"]["StartLimitBurst"]) <= 10
     assert int(unit["Unit"]["StartLimitIntervalSec"]) >= 10 * int(unit["Service"]["RestartSec"])
 
 
-def test_the_unit_loads_every_credential_the_example_config_names_and_no_other():
+@pytest.mark.parametrize("name", sorted(UNITS))
+def test_the_unit_loads_every_credential_the_example_config_names_and_no_other(name: str):
     """One LoadCredential= per ${CREDENTIALS_DIRECTORY}/<name> of plant.example.yaml: a
     name the unit does not load is a config error at start, a file the unit loads that
     does not exist fails the start (243)."""
     import re
 
-    example = (ROOT / "config" / "plant.example.yaml").read_text()
+    example = (ROOT / "config" / UNITS[name]).read_text()
     named = set(re.findall(r"\$\{CREDENTIALS_DIRECTORY\}/([A-Za-z0-9_.-]+)", example))
-    loaded = set(re.findall(r"^LoadCredential=([^:]+):", _unit_text(), flags=re.M))
+    loaded = set(re.findall(r"^LoadCredential=([^:]+):", _unit_text(name), flags=re.M))
     assert named and named == loaded
 
 
-def test_systemd_analyze_verify_finds_nothing_to_say_about_the_unit(tmp_path: Path):
+@pytest.mark.parametrize("name", sorted(UNITS))
+def test_systemd_analyze_verify_finds_nothing_to_say_about_the_unit(tmp_path: Path,
+                                                                    name: str):
     """systemd's own reading of the unit (unknown keys, bad values, missing binaries): the
     installed path of ``edge`` is replaced by this checkout's for the check."""
     import shutil
-
-    import pytest
 
     exe = shutil.which("systemd-analyze")
     if exe is None:
         pytest.skip("systemd-analyze is not installed")
     edge_bin = Path(sys.executable).parent / "edge"
-    unit = tmp_path / "edge-gateway.service"
-    unit.write_text(_unit_text().replace("/opt/edge-gateway/bin/edge", str(edge_bin)))
+    unit = tmp_path / name
+    unit.write_text(_unit_text(name).replace("/opt/edge-gateway/bin/edge", str(edge_bin)))
     proc = subprocess.run([exe, "verify", str(unit)], capture_output=True, text=True,
                           timeout=60, check=False)
     assert proc.returncode == 0 and proc.stdout.strip() == "" and proc.stderr.strip() == "", (
