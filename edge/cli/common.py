@@ -64,3 +64,18 @@ def run_async(coro: Coroutine[Any, Any, Any]) -> Any:
     except ImportError:
         return asyncio.run(coro)
     return uvloop.run(coro)
+
+
+def open_outbox_or_exit(path: str, *, write: bool = False) -> Any:
+    """Open the outbox file for an operator command; a state dir or file it cannot open
+    (no permission, a folder in its place, not a database) is one line on stderr, exit 2."""
+    import sqlite3
+
+    from edge.outbox.dbthread import connect
+
+    try:
+        return connect(path, readonly=False, synchronous="FULL") if write else connect(path)
+    except (sqlite3.Error, OSError) as err:
+        print(f"edge: cannot open the outbox {path}: {err} (check state_dir, the file's "
+              "owner and permissions)", file=sys.stderr)
+        raise SystemExit(EXIT_CONFIG) from err
