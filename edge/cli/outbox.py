@@ -57,13 +57,14 @@ def register(sub: Any) -> None:
 
 
 def open_db(cfg: Any, *, write: bool = False) -> sqlite3.Connection:
-    from edge.outbox.dbthread import connect
+    from edge.cli.common import open_outbox_or_exit
 
     path = str(Path(cfg.state_dir) / "outbox.db")
     if not Path(path).exists():
         print(f"no outbox at {path} (has the gateway run with this config?)", file=sys.stderr)
         raise SystemExit(1)
-    return connect(path, readonly=False, synchronous="FULL") if write else connect(path)
+    conn: sqlite3.Connection = open_outbox_or_exit(path, write=write)
+    return conn
 
 
 def actor() -> str:

@@ -216,3 +216,13 @@ def test_an_outbox_that_cannot_be_opened_is_one_line(tmp_path: Path, kind: str,
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith(f"edge: cannot open the outbox {db}: ") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("verb", [["outbox", "stats", "-c"], ["dlq", "list", "-c"]])
+def test_operator_commands_on_an_outbox_they_cannot_open_say_one_line(tmp_path: Path,
+                                                                      verb: list[str]):
+    (tmp_path / "state" / "outbox.db").mkdir(parents=True)  # a folder in its place
+    (tmp_path / "edge.yaml").write_text(f"site: s\nstate_dir: {tmp_path / 'state'}\n")
+    r = edge(*verb, "edge.yaml", cwd=tmp_path)
+    assert r.returncode == 2, r.stderr
+    assert "cannot open the outbox" in r.stderr and "Traceback" not in r.stderr
