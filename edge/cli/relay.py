@@ -55,17 +55,27 @@ def cmd_relay(args: argparse.Namespace) -> int:
     if not args.config:
         print("edge relay: -c FILE is required", file=sys.stderr)
         return 2
-    from edge.errors import FatalStartupError, StartupError
+    from edge.cli.common import config_exit
+    from edge.config import check_secret_files
+    from edge.errors import ConfigError, FatalStartupError, StartupError
     from edge.nats.connection import NatsConnectError
     from edge.relay.config import RelayFileConfigBase
     from edge.relay.relay import Relay
     from edge.telemetry import setup_logging
 
     cfg = _relay_config(args.config)
+    # a secret that cannot be read is a config error (exit 2, located), as for `edge run`
+    secret_errors, secret_warnings = check_secret_files(cfg)
+    if secret_errors:
+        config_exit(args.config, ConfigError(secret_errors))
     setup_logging(args.log_level or cfg.logging.level, cfg.logging.format)
+    for issue in secret_warnings:
+        logging.getLogger("edge.config").warning("%s", issue)
     assert isinstance(cfg, RelayFileConfigBase)
     try:
         run_async(Relay(cfg, config_path=args.config).run())
+    except ConfigError as err:
+        config_exit(args.config, err)
     except (FatalStartupError, NatsConnectError) as err:
         # refused credentials, TLS, a stream with the wrong retention: a restart cannot
         # fix them (exit 2, the unit's RestartPreventExitStatus)

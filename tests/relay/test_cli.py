@@ -212,3 +212,14 @@ async def test_replay_of_a_dead_letter_on_a_continue_sink(tier: Tier, tmp_path: 
         finally:
             r.stop()
             await r.close()
+
+
+def test_relay_with_an_empty_secret_exits_2_with_the_location(tmp_path: Path) -> None:
+    (tmp_path / "tok").write_text("")
+    cfg = tmp_path / "relay.yaml"
+    cfg.write_text("site: r\nrelay: {listen: null, auth: {type: token, token_file: tok}}\n"
+                   "sinks:\n  - {id: erp, type: http, url: 'http://127.0.0.1:9', "
+                   "routes: [{events: ['*'], method: POST, path: /e}]}\n")
+    run = edge("relay", "-c", str(cfg), cwd=tmp_path)
+    assert run.returncode == 2, run.stderr
+    assert "relay.auth" in run.stderr and "Traceback" not in run.stderr
