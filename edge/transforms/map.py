@@ -198,6 +198,25 @@ class MappingConfig(StrictModel):
                 raise ValueError(f"{name}: {path!r} is not a payload path like a.b[0].c")
         return v
 
+    def check_template_names(self, captures: set[str], what: str) -> None:
+        """With ``fields``, every name ``ordering_key`` and ``dedupe_key`` use must be a
+        mapped field, a static field, ``site``/``source``, ``data.…`` or one of
+        ``captures`` (a source's topic or file-name captures, called ``what`` in the
+        error). ValueError naming the key otherwise. Without ``fields`` the payload is
+        taken whole, so any name may exist: nothing is checked."""
+        if not self.fields:
+            return
+        known = set(self.fields) | set(self.static) | {"site", "source"} | captures
+        for key in ("ordering_key", "dedupe_key"):
+            template = getattr(self, key)
+            for name in template_fields(template) if template else []:
+                root = name.split(".")[0].split("[")[0]
+                if root not in known and root != "data":
+                    allowed = ", ".join(sorted(known))
+                    raise ValueError(
+                        f"{key} uses {{{name}}}, which is neither a mapped field, a {what} "
+                        f"nor a static field (one of {allowed})")
+
 
 class Mapper:
     """Compiled ``MappingConfig`` for one source: ``map(payload, captures) → Event``."""

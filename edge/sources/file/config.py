@@ -9,12 +9,11 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from edge.plugin import MappingConfig, SourceConfigBase, template_fields
+from edge.plugin import MappingConfig, SourceConfigBase
 
 __all__ = ["FileEntryConfig", "FileSourceConfig", "NamePattern"]
 
 # Names a ``{...}`` template may use besides data fields: see ``Mapper.map``.
-_TEMPLATE_BUILTINS = {"site", "source"}
 _PROVENANCE = {"source_file", "source_row"}
 _CAPTURE_RE = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
@@ -95,21 +94,9 @@ class FileEntryConfig(MappingConfig):
 
     @model_validator(mode="after")
     def _template_names(self) -> FileEntryConfig:
-        """With ``fields``, every template name must be a field, capture or static key."""
-        if not self.fields:
-            return self
-        known = (set(self.fields) | set(self.static) | _TEMPLATE_BUILTINS
-                 | set(NamePattern(self.pattern).captures)
-                 | (_PROVENANCE if self.provenance else set()))
-        for key in ("ordering_key", "dedupe_key"):
-            template = getattr(self, key)
-            for name in template_fields(template) if template else []:
-                root = name.split(".")[0].split("[")[0]
-                if root not in known and root != "data":
-                    allowed = ", ".join(sorted(known))
-                    raise ValueError(
-                        f"{key} uses {{{name}}}, which is neither a mapped field, a file "
-                        f"name capture nor a static field (one of {allowed})")
+        captures = set(NamePattern(self.pattern).captures)
+        self.check_template_names(
+            captures | (_PROVENANCE if self.provenance else set()), "file name capture")
         return self
 
 

@@ -14,7 +14,6 @@ from edge.plugin import MappingConfig, SourceConfigBase, StrictModel, template_f
 __all__ = ["MqttSourceConfig", "SparkplugConfig", "SubscriptionConfig"]
 
 # Names a ``{...}`` template may use besides data fields: see ``Mapper.map``.
-_TEMPLATE_BUILTINS = {"site", "source"}
 # Names a Sparkplug B template (signal, ordering_key, dedupe_key) may use besides topic
 # captures and static fields: see ``edge.sources.mqtt.sparkplug``.
 SPARKPLUG_NAMES = {"site", "source", "group", "edge_node", "device", "metric", "message_type",
@@ -116,21 +115,8 @@ class SubscriptionConfig(MappingConfig):
 
     @model_validator(mode="after")
     def _template_names(self) -> SubscriptionConfig:
-        """With ``fields``, every template name must be a field, capture or static key."""
-        if not self.fields:
-            return self
-        known = (set(self.fields) | set(self.static) | _TEMPLATE_BUILTINS
-                 | set(TopicTemplate.parse(self.topic).captures))
-        for key in ("ordering_key", "dedupe_key"):
-            template = getattr(self, key)
-            for name in template_fields(template) if template else []:
-                root = name.split(".")[0].split("[")[0]
-                if root not in known and root != "data":
-                    allowed = ", ".join(sorted(known))
-                    raise ValueError(
-                        f"{key} uses {{{name}}}, which is neither a mapped field, a topic "
-                        f"capture nor a static field (one of {allowed})"
-                    )
+        self.check_template_names(set(TopicTemplate.parse(self.topic).captures),
+                                  "topic capture")
         return self
 
 
