@@ -544,18 +544,10 @@ class FileSource:
 
     async def _finish(self, cand: _Candidate, sha: str | None, out: _Outcome | None) -> None:
         """Every event of the file is committed: move it to done/ (the ack)."""
-        try:
-            final = await asyncio.to_thread(self._move, cand, self.done_dir)
-        except FileNotFoundError:
-            self._vanished(cand)
+        final = await self._move_or_hold(cand, self.done_dir, None,
+                                         "its events are stored, the move is retried")
+        if final is None:
             return
-        except OSError as err:
-            self._hold_back(cand)
-            self._condition("move_failed", f"cannot move {cand.name} to {self.done_dir}: "
-                            f"{err.strerror or err}; its events are stored, the move is "
-                            f"retried every {_HOLD_S:g} s")
-            return
-        self._condition("move_failed", None)
         self._committed.pop(cand.name, None)
         self._seen.pop(cand.name, None)
         self.counts["files_done"] += 1
@@ -584,18 +576,9 @@ class FileSource:
         for bad in (invalid or [])[:50]:
             text += (f"row {bad.row}" + (f" (line {bad.line})" if bad.line else "")
                      + f": {bad.reason}: {bad.detail}\n")
-        try:
-            final = await asyncio.to_thread(self._move, cand, self.rejected_dir, text)
-        except FileNotFoundError:
-            self._vanished(cand)
+        final = await self._move_or_hold(cand, self.rejected_dir, text, "retried")
+        if final is None:
             return
-        except OSError as oerr:
-            self._hold_back(cand)
-            self._condition("move_failed", f"cannot move {cand.name} to "
-                            f"{self.rejected_dir}: {oerr.strerror or oerr}; retried every "
-                            f"{_HOLD_S:g} s")
-            return
-        self._condition("move_failed", None)
         self._seen.pop(cand.name, None)
         self.counts["files_rejected"] += 1
         self._errors.labels(self.id, "file_rejected").inc()
@@ -606,6 +589,24 @@ class FileSource:
         log_event(log, logging.WARNING, f"file rejected: {err.reason}{where}",
                   source=self.id, file=cand.name, moved_to=final, detail=err.detail[:200])
         await self._audit("file_rejected", err.reason, detail)
+
+    async def _move_or_hold(self, cand: _Candidate, target: Path, reason_text: str | None,
+                            then: str) -> str | None:
+        """Move the file (``_move``, in a thread); its final name, or None when it vanished
+        meanwhile or the move failed (held back, ``move_failed`` condition saying
+        ``then`` every few seconds)."""
+        try:
+            final = await asyncio.to_thread(self._move, cand, target, reason_text)
+        except FileNotFoundError:
+            self._vanished(cand)
+            return None
+        except OSError as err:
+            self._hold_back(cand)
+            self._condition("move_failed", f"cannot move {cand.name} to {target}: "
+                            f"{err.strerror or err}; {then} every {_HOLD_S:g} s")
+            return None
+        self._condition("move_failed", None)
+        return final
 
     def _move(self, cand: _Candidate, target: Path, reason_text: str | None = None) -> str:
         """(thread) Move the file into ``target`` under a name not taken there (a clash
