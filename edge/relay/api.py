@@ -4,7 +4,8 @@
   (degraded: NATS disconnected, a sink alarm or pause, no partition owned while other
   relays are known).
 - ``GET /readyz`` 200 once started and connected to NATS, else 503.
-- ``GET /status`` JSON: relay id, members, owned partitions, events held per sink,
+- ``GET /status`` JSON: relay id, members, owned partitions, messages fetched and
+  acknowledged, events held per sink,
   forwarders (circuit, pause, alarm, last delivery, delivered).
 - ``GET /metrics`` Prometheus text (the forwarders' ``edge_`` metrics and
   ``edge_relay_partitions_owned``, ``edge_relay_events_held{sink}``).

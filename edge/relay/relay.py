@@ -312,6 +312,8 @@ class Relay:
             "members": own.members if own else 0,
             "owned": sorted(own.owned) if own else [],
             "nats_connected": bool(self.nc is not None and self.nc.is_connected),
+            "fetched": q.fetched if q else 0,  # messages taken from the consumers
+            "acknowledged": q.acked if q else 0,  # delivered or stored as dead letters
             "sinks": {sid: {**fwd.status(), "held": q.held(sid) if q else 0}
                       for sid, fwd in self.forwarders.items()},
         }

@@ -41,6 +41,7 @@ async def test_delivers_every_event_in_lot_order_and_acknowledges_it(
                 status = (await client.get("/status")).json()
                 assert status["owned"] == list(range(tier.partitions))
                 assert status["sinks"]["erp"]["delivered"] >= 120
+                assert status["fetched"] >= 120 and status["acknowledged"] >= 120
                 assert (await client.get("/readyz")).status_code == 200
                 assert (await client.get("/healthz")).json()["status"] == "ok"
                 metrics = (await client.get("/metrics")).text
