@@ -81,14 +81,19 @@ async def _results_flow(station: Any, more: int = 3, timeout: float = 90) -> Non
 async def _faults(c: Campaign, station: Any, *, restarts: int, kills: int,
                   rng: random.Random) -> None:
     """Station restarts (kill -9 or clean stop, randomly) and gateway kill -9 cycles in a
-    random order; some gateway kills land while the station is down."""
+    random order; some gateway kills land while the station is down. At least one station
+    restart happens under a running gateway, so its reconnect and re-created subscription
+    are always exercised (the judge asks for them)."""
     steps = ["station"] * restarts + ["gateway"] * kills
     rng.shuffle(steps)
+    stations_left, live_restarts = restarts, 0
     for step in steps:
         if step == "station":
             how = rng.choice(("kill9", "stop"))
             down = rng.uniform(0.0, 1.0)
-            if rng.random() < 0.3 and kills:  # the gateway dies during the outage too
+            stations_left -= 1
+            may_kill_gateway = kills and (live_restarts or stations_left)
+            if rng.random() < 0.3 and may_kill_gateway:  # the gateway dies in the outage too
                 await (station.kill9() if how == "kill9" else station.stop())
                 await c.kill9()
                 c.faults["kill9"] += 1
@@ -98,6 +103,7 @@ async def _faults(c: Campaign, station: Any, *, restarts: int, kills: int,
                 station.restarts[how] += 1
             else:
                 await station.restart(how, down_s=down)
+                live_restarts += 1
             c.faults[f"opcua_{how}"] += 1
         else:
             await asyncio.sleep(rng.uniform(0.0, 0.5))
