@@ -74,7 +74,19 @@ faketime:
 		echo "Install it with: sudo apt-get install faketime"; \
 	fi
 
-test: $(VENV)/.installed-test mosquitto nats-server faketime
+# chromium: the status page is tested in a real headless browser
+.PHONY: chromium
+chromium:
+	@if command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "installing chromium (needed by the status page's browser tests)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
+	else \
+		echo "chromium is not installed: the status page's browser tests will be skipped."; \
+		echo "Install it with: sudo apt-get install chromium"; \
+	fi
+
+test: $(VENV)/.installed-test mosquitto nats-server faketime chromium
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 soak: $(VENV)/.installed-test mosquitto

@@ -428,7 +428,8 @@ def split_host_port(value: str) -> tuple[str, int]:
 
 class LoggingConfig(StrictModel):
     level: Literal["debug", "info", "warning", "error"] = "info"
-    format: Literal["text", "json"] = "text"
+    format: Literal["auto", "text", "json"] = "auto"
+    """``auto``: JSON lines when stderr is not a terminal (journald, Docker), text on one."""
 
 
 class GatewayConfigBase(StrictModel):
