@@ -87,7 +87,7 @@ chromium:
 	fi
 
 test: $(VENV)/.installed-test mosquitto nats-server faketime chromium
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q --durations=25 $(PYTEST_ARGS)
 
 soak: $(VENV)/.installed-test mosquitto
 	EDGE_SOAK=1 $(BIN)/python -m pytest -q -m slow $(PYTEST_ARGS)
