@@ -15,7 +15,7 @@ from typing import Any
 import orjson
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-__all__ = ["Metrics", "log_event", "setup_logging"]
+__all__ = ["LOG_FORMATS", "Metrics", "log_event", "resolve_log_format", "setup_logging"]
 
 
 class Metrics:
@@ -168,42 +168,85 @@ class Metrics:
         )
 
 
+LOG_FORMATS = ("auto", "text", "json")
+"""``logging.format`` / ``--log-format`` values; ``auto`` picks by ``stderr.isatty()``."""
+
+_CORE_KEYS = ("ts", "level", "logger", "msg")
+
+
+def _timestamp(record: logging.LogRecord) -> str:
+    ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+    return f"{ts}.{int(record.msecs):03d}Z"
+
+
 class _TextFormatter(logging.Formatter):
+    """``TS LEVEL logger: msg key=value ...`` for a person at a terminal. A value with a
+    space, a quote, ``=`` or a line break is quoted and escaped, so a value cannot fake a
+    line; a traceback follows on its own lines."""
+
     def format(self, record: logging.LogRecord) -> str:
-        ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-        line = f"{ts}.{int(record.msecs):03d}Z {record.levelname:<7} {record.name}: {record.getMessage()}"
+        line = f"{_timestamp(record)} {record.levelname:<7} {record.name}: {record.getMessage()}"
         fields = getattr(record, "fields", None)
         if fields:
             line += " " + " ".join(f"{k}={_fmt(v)}" for k, v in fields.items())
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
+        if record.stack_info:
+            line += "\n" + self.formatStack(record.stack_info)
         return line
 
 
 def _fmt(v: Any) -> str:
     s = str(v)
-    return f'"{s}"' if (" " in s or not s) else s
+    if not s or any(c in s for c in ' "=\\') or not s.isprintable():
+        return orjson.dumps(s).decode()
+    return s
 
 
 class _JsonFormatter(logging.Formatter):
+    """Exactly one JSON object per line: ``ts`` (UTC, ms), ``level``, ``logger``, ``msg``,
+    then the event's fields (a field named like one of those four is kept as ``field_NAME``),
+    then ``exc_type`` and ``exc`` (the traceback as one string) when an exception is
+    attached. Values that are not JSON types are written with ``str()``."""
+
     def format(self, record: logging.LogRecord) -> str:
         doc: dict[str, Any] = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-            + f".{int(record.msecs):03d}Z",
+            "ts": _timestamp(record),
             "level": record.levelname.lower(),
             "logger": record.name,
             "msg": record.getMessage(),
         }
-        doc.update(getattr(record, "fields", None) or {})
+        for key, value in (getattr(record, "fields", None) or {}).items():
+            doc[f"field_{key}" if key in _CORE_KEYS else key] = value
         if record.exc_info:
+            exc_type = record.exc_info[0]
+            doc["exc_type"] = exc_type.__name__ if exc_type else None
             doc["exc"] = self.formatException(record.exc_info)
-        return orjson.dumps(doc, default=str).decode()
+        if record.stack_info:
+            doc["stack"] = self.formatStack(record.stack_info)
+        try:
+            return orjson.dumps(doc, default=str).decode()
+        except TypeError:  # e.g. a non-str dict key: still one line
+            return orjson.dumps({k: str(v) for k, v in doc.items()}).decode()
+
+
+def resolve_log_format(fmt: str, stream: Any = None) -> str:
+    """``text`` or ``json``: ``auto`` is JSON unless ``stream`` (stderr) is a terminal."""
+    if fmt != "auto":
+        return fmt
+    stream = sys.stderr if stream is None else stream
+    try:
+        return "text" if stream.isatty() else "json"
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        return "json"
 
 
 def setup_logging(level: str = "info", fmt: str = "text") -> None:
-    """Configure the root logger once; tame the chatty client libraries."""
+    """Configure the root logger once (stderr; ``fmt``: auto, text or json); tame the
+    chatty client libraries."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_JsonFormatter() if fmt == "json" else _TextFormatter())
+    json_lines = resolve_log_format(fmt) == "json"
+    handler.setFormatter(_JsonFormatter() if json_lines else _TextFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
@@ -221,6 +264,7 @@ def setup_logging(level: str = "info", fmt: str = "text") -> None:
         logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
-def log_event(logger: logging.Logger, level: int, msg: str, **fields: Any) -> None:
-    """One structured line: ``msg key=value ...`` (or JSON fields with format: json)."""
+def log_event(logger: logging.Logger, level: int, msg: str, /, **fields: Any) -> None:
+    """One structured line: ``msg key=value ...`` as text, or one JSON object with the
+    fields as keys. A line about one event passes ``event_id`` and ``correlation_id``."""
     logger.log(level, msg, extra={"fields": fields})

@@ -34,6 +34,9 @@ def register(sub: Any) -> None:
     p.add_argument("--no-api", action="store_true", help="do not start the local API")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
                    default="warning", help="gateway log level on stderr (default warning)")
+    p.add_argument("--log-format", choices=["auto", "text", "json"], default="auto",
+                   help="gateway log lines on stderr: text, json, or auto (default: text on "
+                   "a terminal, json lines otherwise)")
     p.set_defaults(handler=cmd_demo)
 
 
@@ -45,7 +48,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.stations < 1 or args.rate <= 0 or args.duration < 0 or args.outage < 0:
         print("error: --stations must be >= 1, --rate > 0, --duration and --outage >= 0")
         return 2
-    setup_logging(args.log_level)
+    setup_logging(args.log_level, args.log_format)
     options = DemoOptions(
         duration_s=args.duration or None, outage_s=args.outage, outage_at_s=args.outage_at,
         stations=args.stations, rate=args.rate, state_dir=args.state_dir,

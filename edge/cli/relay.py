@@ -29,6 +29,9 @@ def register(sub: Any) -> None:
                        "dead letters: relay dlq ...)")
     p.add_argument("-c", "--config", metavar="FILE", help="the relay's config file")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--log-format", choices=["auto", "text", "json"],
+                   help="override logging.format: json lines, text, or auto (json unless "
+                   "stderr is a terminal)")
     p.set_defaults(handler=cmd_relay)
     rsub = p.add_subparsers(dest="relay_command", metavar="ACTION")
     d = rsub.add_parser("dlq", help="the relays' dead letters and parked keys")
@@ -68,7 +71,8 @@ def cmd_relay(args: argparse.Namespace) -> int:
     secret_errors, secret_warnings = check_secret_files(cfg)
     if secret_errors:
         config_exit(args.config, ConfigError(secret_errors))
-    setup_logging(args.log_level or cfg.logging.level, cfg.logging.format)
+    setup_logging(args.log_level or cfg.logging.level,
+                  args.log_format or cfg.logging.format)
     for issue in secret_warnings:
         logging.getLogger("edge.config").warning("%s", issue)
     assert isinstance(cfg, RelayFileConfigBase)

@@ -17,6 +17,9 @@ def register(sub: Any) -> None:
     p = sub.add_parser("run", help="run the gateway with a config file")
     p.add_argument("-c", "--config", required=True, metavar="FILE")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--log-format", choices=["auto", "text", "json"],
+                   help="override logging.format: json lines, text, or auto (json unless "
+                   "stderr is a terminal)")
     p.set_defaults(handler=cmd_run)
 
     p = sub.add_parser("check-config", help="validate a config file (exit 2 on errors)")
@@ -70,7 +73,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     secret_errors, secret_warnings = check_secret_files(cfg)
     if secret_errors:
         config_exit(args.config, ConfigError(secret_errors))
-    setup_logging(args.log_level or cfg.logging.level, cfg.logging.format)
+    setup_logging(args.log_level or cfg.logging.level,
+                  args.log_format or cfg.logging.format)
     for issue in [*deprecations(cfg), *secret_warnings]:
         logging.getLogger("edge.config").warning("%s", issue)
 
