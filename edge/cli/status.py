@@ -88,13 +88,25 @@ def format_report(report: dict[str, Any]) -> list[str]:
                      f"{c.get('state', ''):<10}{conn}")
     ob = report.get("outbox") or {}
     b = ob.get("budget") or {}
-    ttf = b.get("time_to_full_s")
     pct = b.get("percent") or 0.0
     lines.append(f"outbox: {ob.get('events', 0)} events, {b.get('used_bytes', 0) / MB:.1f} MB "
                  f"of {b.get('budget_bytes', 0) / MB:.0f} MB ({pct:.1f} %)"
-                 + (f", full in about {duration(ttf)}" if ttf and pct >= 50 else "")
+                 + _forecast_text(b)
                  + ("" if ob.get("accepting", True) else ", REFUSING NEW EVENTS"))
     return lines
+
+
+def _forecast_text(budget: dict[str, Any]) -> str:
+    """``, full in about 3.2 h ...`` / ``, not growing`` as ``/status`` says it (the
+    forecast is given only for a steady rise of the live data; older gateways send only
+    ``time_to_full_s``)."""
+    from edge.timefmt import duration
+
+    forecast = budget.get("forecast") or {}
+    if forecast.get("text"):
+        return f", {forecast['text']}"
+    ttf = budget.get("time_to_full_s")
+    return f", full in about {duration(ttf)}" if ttf is not None else ""
 
 
 def _business_lines(report: dict[str, Any]) -> list[str]:
