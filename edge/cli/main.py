@@ -12,9 +12,23 @@ import sys
 from collections.abc import Sequence
 
 from edge import __version__
-from edge.cli import certs, demo, dlq, lot, outbox, relay, run, simulate, sink, status, trace
+from edge.cli import (
+    certs,
+    demo,
+    dlq,
+    healthcheck,
+    lot,
+    outbox,
+    relay,
+    run,
+    simulate,
+    sink,
+    status,
+    trace,
+)
 
-MODULES = (run, outbox, dlq, trace, status, sink, lot, relay, demo, simulate, certs)
+MODULES = (run, outbox, dlq, trace, status, sink, lot, relay, demo, simulate, certs,
+           healthcheck)
 
 
 def build_parser() -> argparse.ArgumentParser:
