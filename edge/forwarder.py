@@ -61,7 +61,7 @@ from edge.components import Outcome, OutcomeKind, Sink, StoredEvent
 from edge.config import SinkConfigBase
 from edge.outbox import Resolution
 from edge.retry import CircuitBreaker, StormGuard, TokenBucket, backoff_s, steady_time
-from edge.telemetry import Metrics, log_event
+from edge.telemetry import Metrics, event_ids, log_event
 from edge.timefmt import utc_iso
 
 __all__ = ["Alarm", "DeliveryQueue", "Forwarder", "Pause"]
@@ -374,6 +374,7 @@ class Forwarder:
             if retry_after is not None:
                 self._stored_until = max(self._stored_until, retry_after[0]) \
                     if retry_after[0] > self.clock() else 0.0
+            self._log_recorded(batch, resolutions, park)
         if paused is not None:
             await self._audit_pause(paused)
         now = self.clock()
@@ -426,18 +427,21 @@ class Forwarder:
         delivered = any(o.kind in _DELIVERED for o in attempted)
         faults = [o for o in attempted if o.kind is OutcomeKind.sink_fault]
         failures = [o for o in attempted if o.kind in (OutcomeKind.retry, OutcomeKind.sink_fault)]
+        about: dict[int, StoredEvent] = {}  # an outcome -> the first event it answers
+        for ev, o in zip(events, outcomes, strict=True):
+            about.setdefault(id(o), ev)
         pause_s = max((o.retry_after_s or 0.0) for o in attempted)
         if pause_s > 0 and self.clock() + pause_s > self.paused_until:
             self.paused_until = self.clock() + pause_s
             self._paused_for_s = pause_s
         auth = None
         if faults:
-            auth = self._sink_faults(faults, delivered)
+            auth = self._sink_faults(faults, delivered, about)
             started = started or auth
         if delivered:
             self._up()
         elif failures:
-            self._failed(failures, probe, trip=auth is not None)
+            self._failed(failures, probe, trip=auth is not None, about=about)
         elif probe:  # dead letters only: says nothing about the receiver being up
             self.breaker.record_no_verdict()
         if self.pause is not None and self.pause.code == "storm_guard":
@@ -460,7 +464,8 @@ class Forwarder:
             self.pause = None
             self.metrics.sink_paused.labels(self.sink.id).set(0)
 
-    def _failed(self, failures: list[Outcome], probe: bool, *, trip: bool) -> None:
+    def _failed(self, failures: list[Outcome], probe: bool, *, trip: bool,
+                about: dict[int, StoredEvent]) -> None:
         first = failures[0]
         self.last_error = first.reason
         now = time.monotonic()
@@ -469,8 +474,9 @@ class Forwarder:
             self._retried += len(retries)
             if now - self._retry_logged_at >= 10.0:  # one line per 10 s, with the count since
                 log_event(log, logging.WARNING, "delivery failed; events stay queued for retry",
-                          sink=self.sink.id, error=retries[0].reason[:200],
-                          status=retries[0].status, retried_since_last_line=self._retried)
+                          sink=self.sink.id, **_ids(about, retries[0]),
+                          error=retries[0].reason[:200], status=retries[0].status,
+                          retried_since_last_line=self._retried)
                 self._retry_logged_at, self._retried = now, 0
         opened = self.breaker.record_failure(probe=probe)
         if trip:  # refused credentials: no point in waiting for the threshold
@@ -493,7 +499,8 @@ class Forwarder:
                       probe_in_s=round(self.breaker.wait_s(), 1), error=self.last_error)
             self._down_logged_at = now
 
-    def _sink_faults(self, faults: list[Outcome], delivered: bool) -> Pause | None:
+    def _sink_faults(self, faults: list[Outcome], delivered: bool,
+                     about: dict[int, StoredEvent]) -> Pause | None:
         """Alarm, count and log answers that fault the sink; 401/403 without a delivery in
         the same batch pauses it (returned, to be audited)."""
         for o in faults:
@@ -517,7 +524,8 @@ class Forwarder:
         if now - self._fault_logged_at >= FAULT_LOG_EVERY_S:
             log_event(log, logging.ERROR if code == "auth" else logging.WARNING,
                       "sink fault: " + message, sink=self.sink.id, alarm=code,
-                      status=first.status, faults_since_last_line=self._faults)
+                      status=first.status, **_ids(about, first),
+                      faults_since_last_line=self._faults)
             self._fault_logged_at, self._faults = now, 0
         if auth is None or delivered or self.pause is not None:
             return None
@@ -531,12 +539,13 @@ class Forwarder:
         if self.guard is None:
             return None
         fired: Hashable | None = None
+        firing: StoredEvent | None = None
         for ev, o in zip(events, outcomes, strict=True):
             if not o.attempted:
                 continue
             hit = self.guard.observe(_storm_key(o), ev.id)
             if hit is not None and fired is None:
-                fired = hit
+                fired, firing = hit, ev
         if fired is None or (self.pause is not None and self.pause.code == "storm_guard"):
             return None
         cfg = self.config.storm_guard
@@ -549,7 +558,8 @@ class Forwarder:
         self.alarm = Alarm("storm_guard", reason, self.pause.since)
         self.metrics.sink_paused.labels(self.sink.id).set(1)
         log_event(log, logging.ERROR, "sink paused: " + reason, sink=self.sink.id,
-                  status=fired if isinstance(fired, int) else None)
+                  status=fired if isinstance(fired, int) else None,
+                  **(event_ids(firing) if firing is not None else {}))
         return self.pause
 
     def _hold(self, o: Outcome, pause: Pause) -> Outcome:
@@ -578,6 +588,26 @@ class Forwarder:
             log_event(log, logging.ERROR, "could not audit the sink pause", sink=self.sink.id,
                       error=repr(err))
 
+    def _log_recorded(self, batch: list[StoredEvent], resolutions: list[Resolution],
+                      park: bool) -> None:
+        """One line per event whose recorded outcome an operator acts on or asks about:
+        a dead letter (and the key it parks) and a delivery the receiver already had.
+        Logged after the outcome is committed, with the event's id and correlation id."""
+        by_seq = {ev.seq: ev for ev in batch}
+        for r in resolutions:
+            ev = by_seq.get(r.seq)
+            if ev is None:
+                continue
+            if r.kind is OutcomeKind.dead_letter:
+                log_event(log, logging.WARNING, "event dead-lettered", sink=self.sink.id,
+                          **event_ids(ev), type=ev.type, ordering_key=ev.ordering_key,
+                          parks_key=park and ev.ordering_key is not None,
+                          status=r.status, reason=r.reason[:200])
+            elif r.kind is OutcomeKind.duplicate:
+                log_event(log, logging.INFO, "receiver already had the event (duplicate); "
+                          "counted as delivered", sink=self.sink.id, **event_ids(ev),
+                          type=ev.type, status=r.status)
+
     def _resolution(self, ev: StoredEvent, o: Outcome, sent: bool) -> Resolution:
         r = Resolution(ev.seq, ev.id, o.kind, o.status, o.reason, o.body,
                        attempted=o.attempted and sent, event_class=int(ev.event_class),
@@ -601,6 +631,12 @@ class Forwarder:
         elif o.kind is OutcomeKind.unrouted:
             r.next_at = self.clock() + UNROUTED_RECHECK_S
         return r
+
+
+def _ids(about: dict[int, StoredEvent], o: Outcome) -> dict[str, Any]:
+    """The ids of the event ``o`` is the outcome of (none when it is not in ``about``)."""
+    ev = about.get(id(o))
+    return event_ids(ev) if ev is not None else {}
 
 
 def _storm_key(o: Outcome) -> Hashable | None:

@@ -15,7 +15,7 @@ from typing import Any
 import orjson
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-__all__ = ["LOG_FORMATS", "Metrics", "log_event", "resolve_log_format", "setup_logging"]
+__all__ = ["LOG_FORMATS", "Metrics", "event_ids", "log_event", "resolve_log_format", "setup_logging"]
 
 
 class Metrics:
@@ -262,6 +262,17 @@ def setup_logging(level: str = "info", fmt: str = "text") -> None:
     for name in ("asyncuagds.validate", "asyncua.client.ua_client.UASocketProtocol",
                  "asyncua.client.client"):
         logging.getLogger(name).setLevel(logging.CRITICAL)
+
+
+def event_ids(event: Any) -> dict[str, Any]:
+    """``event_id`` and ``correlation_id`` of one event (a ``StoredEvent``, an ``Event``,
+    anything with ``id`` and ``correlation_id``), to spread into ``log_event``. A stored
+    body that no longer parses (an integrity failure) gives ``correlation_id`` None."""
+    try:
+        correlation_id = event.correlation_id
+    except Exception:  # noqa: BLE001 - a damaged body must not stop the log line
+        correlation_id = None
+    return {"event_id": event.id, "correlation_id": correlation_id}
 
 
 def log_event(logger: logging.Logger, level: int, msg: str, /, **fields: Any) -> None:

@@ -41,7 +41,7 @@ from edge.nats.subjects import partition_of
 from edge.outbox.queries import Resolution
 from edge.relay.deadletters import DeadLetterEntry, DeadLetters, ParkState
 from edge.retry import steady_time
-from edge.telemetry import log_event
+from edge.telemetry import event_ids, log_event
 from edge.timefmt import parse_iso
 
 __all__ = ["Feed", "RelayQueue", "Row"]
@@ -237,7 +237,7 @@ class RelayQueue:
             log_event(log, logging.ERROR, "event in the wrong partition: the gateways' nats "
                       "sink `partitions`/`subject` differ from this relay's; per-key order "
                       "is not guaranteed until they agree", sink=feed.sink,
-                      partition=feed.partition, event_id=ev.id,
+                      partition=feed.partition, **event_ids(ev),
                       ordering_key=ev.ordering_key, relay_partitions=self.partitions,
                       misrouted=feed.misrouted)
 
@@ -349,11 +349,11 @@ class RelayQueue:
             await row.msg.ack()
         except Exception as err:  # noqa: BLE001 - stays held; tried again next lease
             log_event(log, logging.ERROR, "could not park an event", sink=sink,
-                      event_id=row.event.id, error=repr(err))
+                      **event_ids(row.event), error=repr(err))
             return False
         self._drop(feed, row.event.seq, delivered=True)
         log_event(log, logging.INFO, "event parked behind its key's dead letter", sink=sink,
-                  event_id=row.event.id, ordering_key=key)
+                  **event_ids(row.event), ordering_key=key)
         return True
 
     async def _stored_copy(self, feed: Feed, row: Row) -> bool:
@@ -399,7 +399,7 @@ class RelayQueue:
             for entry in entries:
                 await self.dead.remove(entry.seq)
                 log_event(log, logging.WARNING, "dead letter discarded by an operator",
-                          sink=sink, event_id=entry.headers.get("Edge-Event-Id"),
+                          sink=sink, **_entry_ids(entry),
                           ordering_key=key, by=park.doc.get("by"),
                           reason=park.doc.get("why"))
             if await self.dead.unpark(park):
@@ -480,7 +480,7 @@ class RelayQueue:
                 self.acked += 1
         except Exception as err:  # noqa: BLE001 - delivered: a redelivery is a duplicate
             log_event(log, logging.WARNING, "could not acknowledge a delivered event",
-                      sink=sink, event_id=row.event.id, error=repr(err))
+                      sink=sink, **event_ids(row.event), error=repr(err))
         self._drop(feed, row.event.seq, delivered=row.dlq_seq is None)
         if row.dlq_seq is not None:
             await self._replayed(feed, row)
@@ -516,10 +516,10 @@ class RelayQueue:
                 self.acked += 1
         except Exception as err:  # noqa: BLE001 - kept and retried: nothing is lost
             log_event(log, logging.ERROR, "could not store a dead letter; retrying",
-                      sink=sink, event_id=ev.id, error=repr(err))
+                      sink=sink, **event_ids(ev), error=repr(err))
             row.state, row.next_at = "waiting", self.clock() + 5.0
             return
-        log_event(log, logging.WARNING, "event dead-lettered", sink=sink, event_id=ev.id,
+        log_event(log, logging.WARNING, "event dead-lettered", sink=sink, **event_ids(ev),
                   ordering_key=key, status=r.status, reason=r.reason[:200])
         self._drop(feed, ev.seq, delivered=row.dlq_seq is None)
         if row.dlq_seq is not None:
@@ -553,3 +553,15 @@ class RelayQueue:
         """A relay's pause is logged (there is no local audit trail) and ends with the
         process: after a restart the relay probes the receiver again."""
         log_event(log, logging.ERROR, "sink paused", sink=sink, reason=reason, **detail)
+
+
+def _entry_ids(entry: DeadLetterEntry) -> dict[str, Any]:
+    """``event_id`` and ``correlation_id`` of a dead-letter message, for its log lines."""
+    event_id = entry.headers.get("Edge-Event-Id")
+    try:
+        doc = orjson.loads(entry.body)
+        correlation_id = ((doc.get("correlation_id") or doc.get("id"))
+                          if isinstance(doc, dict) else None)
+    except orjson.JSONDecodeError:  # an unreadable message, dead-lettered as it came
+        correlation_id = None
+    return {"event_id": event_id, "correlation_id": correlation_id}

@@ -538,7 +538,9 @@ class Triggers:
             if st.ack_failures == 1:
                 log_event(log, logging.WARNING, "opcua ack write failed (the result is "
                           "stored); writing it again", source=self.id, ack_node=ack.node,
-                          event_id=st.event_id, error=repr(err), retry_in_s=delay)
+                          # a trigger result starts its chain: correlation id = its id
+                          event_id=st.event_id, correlation_id=st.event_id,
+                          error=repr(err), retry_in_s=delay)
                 self.ctx.set_condition(
                     code, f"trigger {trig.node}: the station waits for its ack (the result "
                     f"raised at {iso_z(out.key)} is kept); writing {ack.node} failed "
