@@ -7,7 +7,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: run test soak faults lint bench schema clean help
+.PHONY: run test soak faults lint bench schema lock clean help
 
 help:
 	@echo "make run     start the demo gateway (Ctrl-C to stop)"
@@ -17,6 +17,7 @@ help:
 	@echo "make lint    ruff + mypy"
 	@echo "make bench   run the benchmarks (minutes; figures go to BENCHMARKS.md by hand)"
 	@echo "make schema  regenerate config/edge.schema.json"
+	@echo "make lock    re-resolve the arm64 image's dependency locks (requirements/; LOCK_FLAGS=--upgrade)"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -120,6 +121,21 @@ bench: $(VENV)/.installed-test mosquitto
 
 schema: $(VENV)/.installed-run
 	$(BIN)/edge print-schema > config/edge.schema.json
+
+# The arm64 image's dependency locks (docs/container.md, "Dependency lock"): pyproject's
+# runtime dependencies and its build requirements, resolved for CPython 3.11 on linux
+# aarch64 with every file's hash, by uv in a throwaway venv (not a project dependency).
+# Existing pins are kept where pyproject still allows them; LOCK_FLAGS=--upgrade takes the
+# newest allowed versions.
+LOCK_FLAGS ?=
+LOCK_ARGS = --quiet --python-version 3.11 --python-platform aarch64-manylinux2014 \
+	--generate-hashes --custom-compile-command "make lock" $(LOCK_FLAGS)
+lock:
+	@tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
+	$(PYTHON) -m venv "$$tmp" && "$$tmp/bin/pip" install --quiet 'uv>=0.5' && \
+	"$$tmp/bin/uv" pip compile pyproject.toml $(LOCK_ARGS) -o requirements/linux-aarch64.lock && \
+	$(PYTHON) -c 'import tomllib; print(*tomllib.load(open("pyproject.toml", "rb"))["build-system"]["requires"], sep="\n")' \
+	| "$$tmp/bin/uv" pip compile - $(LOCK_ARGS) -o requirements/build.lock
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache
