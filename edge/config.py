@@ -44,6 +44,8 @@ from edge.rules import QualityConfig, RuleConfig
 
 __all__ = [
     "ApiConfig",
+    "AuditConfig",
+    "AuditFileExportConfig",
     "CircuitBreakerConfig",
     "ConfigDir",
     "GatewayConfig",
@@ -343,17 +345,57 @@ class OutboxConfig(StrictModel):
         7 * 86400, ge=0, description="how long a source's dedupe key maps to its event id"
     )
     audit_retention_days: float = Field(
-        90, gt=0, description="audit rows older are pruned (earlier under disk pressure)"
+        90, gt=0, description="deprecated name of audit.retention_days"
     )
     quarantine_max_rows: int = Field(
         10_000, ge=1, description="newest quarantined inbound records kept"
     )
+    # the gateway's ``audit`` section, handed over at load (``GatewayConfigBase``)
+    _audit: AuditConfig | None = PrivateAttr(None)
+
+    @property
+    def audit(self) -> AuditConfig:
+        """The audit settings the outbox applies (defaults when built on its own)."""
+        if self._audit is None:
+            self._audit = AuditConfig(retention_days=self.audit_retention_days)
+        return self._audit
 
     @model_validator(mode="after")
     def _thresholds(self) -> OutboxConfig:
         if self.expire_at_percent < self.alarm_at_percent:
             raise ValueError("expire_at_percent must be >= alarm_at_percent")
         return self
+
+
+class AuditFileExportConfig(StrictModel):
+    """Ship audit entries to a bundle folder before they are pruned (docs/audit.md)."""
+
+    type: Literal["file"] = "file"
+    path: str = Field(description="bundle folder (created if missing; relative to the "
+                      "config file): JSON-lines files that verify on their own with "
+                      "`edge audit verify --bundle`")
+    interval_s: float = Field(60, gt=0, description="how often new entries are shipped")
+    max_file_rows: int = Field(100_000, ge=1, description="entries per bundle file")
+
+    @field_validator("path")
+    @classmethod
+    def _resolve_path(cls, v: str, info: ValidationInfo) -> str:
+        base = (info.context or {}).get("base_dir")
+        path = Path(v)
+        if not path.is_absolute() and base is not None:
+            path = Path(base) / path
+        return str(path)
+
+
+class AuditConfig(StrictModel):
+    retention_days: float = Field(
+        90, gt=0, description="audit entries older are pruned, leaving a checkpoint "
+        "(earlier under disk pressure); with export, only entries already exported")
+    export: AuditFileExportConfig | None = Field(
+        None, description="ship entries to a bundle folder before pruning them")
+    checkpoint_key_file: SecretFile | None = Field(
+        None, description="HMAC-SHA256 key that signs every checkpoint (prune records); "
+        "`edge audit verify --key-file` checks the signatures")
 
 
 def _is_loopback(host: str) -> bool:
@@ -439,6 +481,9 @@ class GatewayConfigBase(StrictModel):
     )
     plugins_dir: str | None = Field(None, description="folder of drop-in plugin packages")
     outbox: OutboxConfig = OutboxConfig()
+    audit: AuditConfig = Field(
+        default_factory=AuditConfig, description="audit trail: retention, export, "
+        "checkpoint signing (docs/audit.md)")
     api: ApiConfig = ApiConfig()
     logging: LoggingConfig = LoggingConfig()
     rules: list[RuleConfig] = Field(
@@ -459,6 +504,23 @@ class GatewayConfigBase(StrictModel):
                 if comp.id in seen:
                     raise ValueError(f"{where}.id {comp.id!r} is already used by {seen[comp.id]}")
                 seen[comp.id] = where
+        return self
+
+    @model_validator(mode="after")
+    def _audit_to_outbox(self) -> GatewayConfigBase:
+        """``outbox.audit_retention_days`` is the old name of ``audit.retention_days``
+        (reported by ``deprecations``); the outbox applies the ``audit`` section."""
+        old = "audit_retention_days" in self.outbox.model_fields_set
+        if old and self.outbox.audit_retention_days != self.audit.retention_days:
+            if "retention_days" in self.audit.model_fields_set:
+                raise ValueError("outbox.audit_retention_days and audit.retention_days are the "
+                                 "same option; keep audit.retention_days")
+            self.audit.retention_days = self.outbox.audit_retention_days
+            self.outbox._deprecated_keys = [*self.outbox._deprecated_keys,
+                                            ("audit_retention_days", "audit.retention_days")]
+        else:
+            self.outbox.audit_retention_days = self.audit.retention_days
+        self.outbox._audit = self.audit
         return self
 
     @model_validator(mode="after")

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 from edge import __version__
 from edge.cli import (
+    audit,
     certs,
     demo,
     dlq,
@@ -27,7 +28,7 @@ from edge.cli import (
     trace,
 )
 
-MODULES = (run, outbox, dlq, trace, status, sink, lot, relay, demo, simulate, certs,
+MODULES = (run, outbox, dlq, trace, audit, status, sink, lot, relay, demo, simulate, certs,
            healthcheck)
 
 

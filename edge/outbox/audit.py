@@ -1,13 +1,29 @@
-"""The audit trail: an append-only record of every state change of every event.
+"""The audit trail: an append-only, hash-chained record of every state change of every event.
 
 Rows live in the outbox database and are written in the SAME transaction as the change they
-describe, so the trail can never disagree with the outbox. ``seq`` (AUTOINCREMENT) is the
-monotonic sequence; ``ts`` is UTC ISO-8601 with microseconds.
+describe, so the trail can never disagree with the outbox. ``seq`` is the monotonic
+sequence (gapless as written: each row takes the newest seq + 1); ``ts`` is UTC ISO-8601
+with microseconds.
+
+Chain (DESIGN invariant 8, docs/audit.md): each row's ``hash`` is
+SHA-256(previous row's hash as hex ‖ canonical JSON of [seq, ts, event_id, sink, state,
+actor, reason, ordering_key, detail]). The previous hash is read from the table in the
+writing transaction (no cache), so a rolled-back transaction leaves nothing behind and the
+next one chains from what was committed. Editing a row breaks its own hash; deleting or
+reordering rows breaks the link at the first affected seq.
+
+Checkpoints (``audit_checkpoints``, chained among themselves the same way): ``genesis``
+starts the chain (of a new file, or of a file written before the chain, whose rows were
+chained at the upgrade); ``pruned`` is written in the transaction of every prune with the
+count, the seq range and, per run of pruned seqs, the hash of its last row — so the rows
+kept still verify. A checkpoint is HMAC-signed when ``audit.checkpoint_key_file`` is set.
 
 States of an event (``state`` column):
   stored        received from a source and committed (detail: type, class, source, sha256,
                 sinks); the ingest record, payload SHA-256 included
   unrouted      received but no sink has a route for its type (not stored; counted)
+  duplicate_dropped  a copy matched an already-stored dedupe key and was not stored
+                (detail: source, key scope, the stored event's id)
   delivered     the sink confirmed (detail: status, attempts); ``duplicate`` when the
                 receiver said it already had it (409 ...)
   retry         an attempt failed and will be retried (reason, status, next attempt)
@@ -16,16 +32,25 @@ States of an event (``state`` column):
   replayed      an operator moved a dead letter back to the queue (actor, reason)
   discarded     an operator removed a dead letter or an orphaned row (actor, reason)
   rerouted      an operator moved rows of a removed sink to another sink (actor, reason)
-Component events (``event_id`` NULL): source gaps, reconnects, corrupt-file quarantine.
+  salvaged      re-queued from a moved-aside outbox file (actor, file, old and new seq)
+Component events (``event_id`` NULL): ``quarantined`` (an inbound record kept in the
+quarantine table: source, reason, quarantine id, raw SHA-256), source gaps, reconnects,
+subscription and backfill notices, file taken / done / rejected, sink pauses, outbox
+quarantine, ``audit_pruned_unexported`` (disk pressure pruned rows not yet exported).
 
-Retention: rows older than ``outbox.audit_retention_days`` are pruned (the one deliberate
-exception to append-only, so the disk stays bounded); export them first if an auditor needs
-longer.
+Retention: rows older than ``audit.retention_days`` are pruned (the one deliberate
+exception to append-only, so the disk stays bounded), each prune leaving a checkpoint; with
+``audit.export`` only rows already exported are pruned by retention.
 """
 
 from __future__ import annotations
 
+import bisect
+import hashlib
+import hmac
 import sqlite3
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -33,9 +58,21 @@ import orjson
 from edge.outbox.sqlutil import insert_rows
 from edge.timefmt import utc_iso
 
-__all__ = ["AuditRow", "audit_row", "insert_audit", "trace_event", "trace_key"]
+__all__ = [
+    "CHECKPOINT_COLUMNS", "ENTRY_COLUMNS", "GENESIS_HASH", "AuditRow", "Checkpoint",
+    "VerifyResult", "audit_row", "chain_hash", "ensure_chain", "insert_audit",
+    "prune_entries", "trace_event", "trace_key", "verify", "verify_db",
+]
 
 AuditRow = tuple[str, str | None, str | None, str, str, str | None, str | None, str | None]
+
+GENESIS_HASH = "0" * 64
+"""The "previous hash" of the genesis checkpoint and of the first row of a new chain."""
+
+ENTRY_COLUMNS = ("seq", "ts", "event_id", "sink", "state", "actor", "reason", "ordering_key",
+                 "detail", "hash")
+CHECKPOINT_COLUMNS = ("id", "ts", "kind", "reason", "count", "first_seq", "last_seq",
+                      "last_hash", "ranges", "detail", "hash", "signature")
 
 
 def audit_row(
@@ -61,10 +98,362 @@ def audit_row(
     )
 
 
-def insert_audit(conn: sqlite3.Connection, rows: list[AuditRow]) -> None:
-    insert_rows(conn, "audit(ts, event_id, sink, state, actor, reason, ordering_key, detail)",
-                rows)
+def chain_hash(prev: str, fields: Sequence[Any]) -> str:
+    """SHA-256 hex of ``prev`` (hex) followed by the canonical JSON array of ``fields``."""
+    return hashlib.sha256(prev.encode() + orjson.dumps(list(fields))).hexdigest()
 
+
+def _head(conn: sqlite3.Connection) -> tuple[int, str]:
+    """(seq, hash) of the newest entry ever written, kept or pruned (three index lookups)."""
+    kept = conn.execute("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
+    cp = conn.execute("SELECT last_seq, last_hash FROM audit_checkpoints "
+                      "ORDER BY id DESC LIMIT 1").fetchone()
+    best = max((r for r in (kept, cp) if r is not None), key=lambda r: r[0],
+               default=(0, GENESIS_HASH))
+    top = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'audit'").fetchone()
+    # rows deleted at the end outside a prune: continue above them, so the gap shows
+    return max(int(best[0]), int(top[0]) if top else 0), best[1] or GENESIS_HASH
+
+
+def insert_audit(conn: sqlite3.Connection, rows: list[AuditRow]) -> None:
+    """Append ``rows`` to the chain (caller holds the write transaction)."""
+    if not rows:
+        return
+    seq, prev = _head(conn)
+    out = []
+    for row in rows:
+        seq += 1
+        full = (seq, *row)
+        prev = chain_hash(prev, full)
+        out.append((*full, prev))
+    insert_rows(conn, "audit(seq, ts, event_id, sink, state, actor, reason, ordering_key, "
+                "detail, hash)", out)
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def _sign(key: bytes | None, digest: str) -> str | None:
+    return hmac.new(key, digest.encode(), hashlib.sha256).hexdigest() if key else None
+
+
+def _checkpoint_fields(cp_id: int, ts: str, kind: str, reason: str | None, count: int,
+                       first_seq: int | None, last_seq: int, last_hash: str,
+                       ranges: str | None, detail: str | None) -> list[Any]:
+    return [cp_id, ts, kind, reason, count, first_seq, last_seq, last_hash, ranges, detail]
+
+
+def write_checkpoint(conn: sqlite3.Connection, *, kind: str, reason: str | None, count: int,
+                     first_seq: int | None, last_seq: int, last_hash: str,
+                     ranges: list[list[Any]] | None, detail: dict[str, Any] | None,
+                     key: bytes | None = None) -> int:
+    """Append a checkpoint to the checkpoint chain; returns its id."""
+    prev_row = conn.execute("SELECT id, hash FROM audit_checkpoints ORDER BY id DESC LIMIT 1"
+                            ).fetchone()
+    top = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'audit_checkpoints'"
+                       ).fetchone()
+    cp_id = max(prev_row[0] if prev_row else 0, top[0] if top else 0) + 1
+    prev = prev_row[1] if prev_row else GENESIS_HASH
+    ts = utc_iso()
+    ranges_text = orjson.dumps(ranges).decode() if ranges else None
+    detail_text = orjson.dumps(detail).decode() if detail else None
+    fields = _checkpoint_fields(cp_id, ts, kind, reason, count, first_seq, last_seq, last_hash,
+                                ranges_text, detail_text)
+    digest = chain_hash(prev, fields)
+    conn.execute("INSERT INTO audit_checkpoints(id, ts, kind, reason, count, first_seq, "
+                 "last_seq, last_hash, ranges, detail, hash, signature) "
+                 "VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", (*fields, digest, _sign(key, digest)))
+    return cp_id
+
+
+def ensure_chain(conn: sqlite3.Connection) -> None:
+    """Start the chain of a file that has none (run at open, after the schema).
+
+    A new file gets a genesis checkpoint at seq 0. A file written before the chain keeps its
+    rows: they are chained now, in one transaction, from a genesis checkpoint that says
+    which seqs were chained at the upgrade; seqs already missing then (pruned by the older
+    gateway) are listed in it as pruned before the chain, so the rest verifies.
+    """
+    if conn.execute("SELECT 1 FROM audit_checkpoints LIMIT 1").fetchone():
+        return
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        if conn.execute("SELECT 1 FROM audit_checkpoints LIMIT 1").fetchone():
+            conn.execute("ROLLBACK")
+            return
+        first = conn.execute("SELECT MIN(seq), MAX(seq), COUNT(*) FROM audit").fetchone()
+        top = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'audit'").fetchone()
+        if not first[2]:
+            start = int(top[0]) if top else 0
+            write_checkpoint(conn, kind="genesis", reason="chain started", count=0,
+                             first_seq=None, last_seq=start, last_hash=GENESIS_HASH,
+                             ranges=None, detail=None)
+        else:
+            _chain_legacy(conn, int(first[0]), int(first[1]), int(first[2]))
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+
+
+def _chain_legacy(conn: sqlite3.Connection, lo: int, hi: int, count: int) -> None:
+    prev = GENESIS_HASH
+    expected = lo
+    holes: list[list[Any]] = []
+    last = lo - 1
+    while True:
+        rows = conn.execute(
+            "SELECT seq, ts, event_id, sink, state, actor, reason, ordering_key, detail "
+            "FROM audit WHERE seq > ? ORDER BY seq LIMIT 5000", (last,)).fetchall()
+        if not rows:
+            break
+        updates = []
+        for row in rows:
+            if row[0] != expected:
+                holes.append([expected, row[0] - 1, prev])
+            prev = chain_hash(prev, row)
+            updates.append((prev, row[0]))
+            expected = row[0] + 1
+        conn.executemany("UPDATE audit SET hash = ? WHERE seq = ?", updates)
+        last = rows[-1][0]
+    write_checkpoint(conn, kind="genesis", reason="chained at upgrade", count=0,
+                     first_seq=None, last_seq=lo - 1, last_hash=GENESIS_HASH,
+                     ranges=holes or None,
+                     detail={"chained_at_upgrade": {"first_seq": lo, "last_seq": hi,
+                                                    "count": count,
+                                                    "missing_then": sum(h[1] - h[0] + 1
+                                                                        for h in holes)}})
+
+
+def _runs(rows: Sequence[tuple[int, str]]) -> list[list[Any]]:
+    """[[first seq, last seq, hash of the last], ...] of consecutive seqs in ``rows``."""
+    out: list[list[Any]] = []
+    for seq, digest in rows:
+        if out and out[-1][1] == seq - 1:
+            out[-1][1], out[-1][2] = seq, digest
+        else:
+            out.append([seq, seq, digest])
+    return out
+
+
+def prune_entries(conn: sqlite3.Connection, rows: Sequence[tuple[int, str]], *, reason: str,
+                  detail: dict[str, Any] | None = None, key: bytes | None = None) -> int:
+    """Delete the entries ``rows`` ((seq, hash), ascending) and record a ``pruned``
+    checkpoint of them in the same transaction; returns the number deleted."""
+    if not rows:
+        return 0
+    runs = _runs(rows)
+    conn.executemany("DELETE FROM audit WHERE seq BETWEEN ? AND ?", [r[:2] for r in runs])
+    write_checkpoint(conn, kind="pruned", reason=reason, count=len(rows), first_seq=rows[0][0],
+                     last_seq=rows[-1][0], last_hash=rows[-1][1], ranges=runs, detail=detail,
+                     key=key)
+    return len(rows)
+
+
+# --------------------------------------------------------------------------- verify
+
+
+@dataclass
+class Checkpoint:
+    id: int
+    ts: str
+    kind: str
+    reason: str | None
+    count: int
+    first_seq: int | None
+    last_seq: int
+    last_hash: str
+    ranges: str | None
+    detail: str | None
+    hash: str
+    signature: str | None = None
+
+    @classmethod
+    def from_row(cls, row: Sequence[Any]) -> Checkpoint:
+        return cls(*row)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {c: getattr(self, c) for c in CHECKPOINT_COLUMNS}
+
+
+@dataclass
+class VerifyResult:
+    """``ok``; ``verified`` entries checked; ``start`` what the walk began from; on a break
+    ``seq`` (or ``checkpoint``) of the first broken link and ``kind``: edited, deleted,
+    reordered, checkpoint_edited, checkpoint_deleted, bad_signature, unsigned."""
+
+    ok: bool = True
+    verified: int = 0
+    pruned: int = 0
+    checkpoints: int = 0
+    start: str = "genesis"
+    kind: str | None = None
+    seq: int | None = None
+    checkpoint: int | None = None
+    message: str = ""
+    signed: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        if self.ok:
+            extra = f"; {self.pruned} pruned entries covered by checkpoints" if self.pruned else ""
+            signed = f", {self.signed} signatures checked" if self.signed else ""
+            return (f"{self.verified} entries verified from {self.start} "
+                    f"({self.checkpoints} checkpoints{signed}{extra})")
+        return self.message
+
+
+def _broken(res: VerifyResult, kind: str, message: str, *, seq: int | None = None,
+            checkpoint: int | None = None) -> VerifyResult:
+    res.ok, res.kind, res.seq, res.checkpoint, res.message = False, kind, seq, checkpoint, message
+    return res
+
+
+def _verify_checkpoints(cps: list[Checkpoint], top_id: int, key: bytes | None,
+                        res: VerifyResult) -> bool:
+    prev = GENESIS_HASH
+    expected = 1
+    for cp in cps:
+        if cp.id != expected:
+            _broken(res, "checkpoint_deleted", f"checkpoint {expected} is missing (deleted); "
+                    f"the next one is {cp.id}", checkpoint=expected)
+            return False
+        fields = _checkpoint_fields(cp.id, cp.ts, cp.kind, cp.reason, cp.count, cp.first_seq,
+                                    cp.last_seq, cp.last_hash, cp.ranges, cp.detail)
+        if chain_hash(prev, fields) != cp.hash:
+            _broken(res, "checkpoint_edited", f"checkpoint {cp.id} does not match its hash "
+                    "(edited, or an earlier checkpoint was replaced)", checkpoint=cp.id)
+            return False
+        if key is not None and cp.kind != "genesis":
+            if not cp.signature:
+                _broken(res, "unsigned", f"checkpoint {cp.id} is not signed (the key was "
+                        "given)", checkpoint=cp.id)
+                return False
+            if not hmac.compare_digest(cp.signature, _sign(key, cp.hash) or ""):
+                _broken(res, "bad_signature", f"checkpoint {cp.id}: signature does not match "
+                        "the key", checkpoint=cp.id)
+                return False
+            res.signed += 1
+        prev = cp.hash
+        expected += 1
+    if not cps or cps[0].kind != "genesis":
+        _broken(res, "checkpoint_deleted", "the genesis checkpoint is missing", checkpoint=1)
+        return False
+    if top_id >= expected:
+        _broken(res, "checkpoint_deleted", f"checkpoint {expected} is missing (deleted; "
+                f"checkpoints were written up to {top_id})", checkpoint=expected)
+        return False
+    res.checkpoints = len(cps)
+    return True
+
+
+Entry = tuple[Any, ...]  # ENTRY_COLUMNS
+
+
+def _diagnose(seq: int, prev: str, present: Entry | None,
+              all_entries: Iterable[Entry]) -> tuple[str, str]:
+    """Why the link at ``seq`` broke: an entry elsewhere that belongs at ``seq`` means
+    reordered; otherwise a present row was edited, a missing one deleted."""
+    for other in all_entries:
+        if other[0] == seq:
+            continue
+        digest = chain_hash(prev, (seq, *other[1:9]))
+        if digest == other[9] or (present is not None and digest == present[9]):
+            return "reordered", (f"entry at seq {seq}: reordered (the entry that belongs at "
+                                 f"seq {seq} is at seq {other[0]})")
+    if present is None:
+        return "deleted", f"entry at seq {seq}: missing (deleted)"
+    return "edited", f"entry at seq {seq}: does not match its hash (edited)"
+
+
+def verify(entries: Iterable[Entry], checkpoints: Sequence[Sequence[Any]], *, head_seq: int,
+           top_checkpoint: int = 0, key: bytes | None = None,
+           rescan: Any = None) -> VerifyResult:
+    """Walk ``entries`` (ascending seq, duplicates allowed if identical) against the
+    checkpoints; ``head_seq``: the highest seq ever written (entries missing above the last
+    one kept are deletions unless a checkpoint covers them); ``rescan()`` yields the entries
+    again (for the diagnosis of a break)."""
+    res = VerifyResult()
+    cps = [Checkpoint.from_row(c) for c in checkpoints]
+    if not _verify_checkpoints(cps, top_checkpoint, key, res):
+        return res
+    genesis = cps[0]
+    covered: list[tuple[int, int, str]] = []
+    for cp in cps:
+        if cp.ranges:
+            covered.extend((int(a), int(b), str(h)) for a, b, h in orjson.loads(cp.ranges))
+            if cp.kind == "pruned":
+                res.pruned += cp.count
+    covered.sort()
+    starts = [c[0] for c in covered]
+    res.start = ("genesis" if len(cps) == 1 else
+                 f"genesis through {len(cps) - 1} prune checkpoint(s)")
+    if genesis.reason == "chained at upgrade":
+        res.notes.append("entries written before the chain were chained when the gateway "
+                         f"was upgraded ({genesis.ts})")
+    prev = genesis.last_hash
+    expected = genesis.last_seq + 1
+    last: Entry | None = None
+
+    def skip_to(target: int) -> bool:
+        """Cross pruned runs from ``expected`` up to ``target``; False on an uncovered gap."""
+        nonlocal prev, expected
+        while expected < target:
+            i = bisect.bisect_right(starts, expected) - 1
+            if i < 0 or covered[i][1] < expected or covered[i][1] >= target:
+                return False
+            prev, expected = covered[i][2], covered[i][1] + 1
+        return True
+
+    def fail(seq: int, present: Entry | None) -> VerifyResult:
+        kind, message = _diagnose(seq, prev, present, rescan() if rescan else ())
+        return _broken(res, kind, message, seq=seq)
+
+    for entry in entries:
+        seq = int(entry[0])
+        if last is not None and seq == last[0]:
+            if tuple(entry) != tuple(last):
+                return _broken(res, "edited", f"entry at seq {seq}: two different copies",
+                               seq=seq)
+            continue
+        if seq < expected:
+            return _broken(res, "reordered", f"entry at seq {seq}: out of order (after seq "
+                           f"{expected - 1})", seq=seq)
+        if not skip_to(seq):
+            return fail(expected, None)
+        if chain_hash(prev, entry[:9]) != entry[9]:
+            return fail(seq, tuple(entry))
+        prev, expected, last = entry[9], seq + 1, tuple(entry)
+        res.verified += 1
+    if not skip_to(head_seq + 1):
+        return fail(expected, None)
+    return res
+
+
+def verify_db(conn: sqlite3.Connection, key: bytes | None = None) -> VerifyResult:
+    """Verify the chain of an outbox file (one read transaction: a consistent snapshot)."""
+    cols = ", ".join(ENTRY_COLUMNS)
+    conn.execute("BEGIN")
+    try:
+        cps = conn.execute(f"SELECT {', '.join(CHECKPOINT_COLUMNS)} FROM audit_checkpoints "
+                           "ORDER BY id").fetchall()
+        tops = dict(conn.execute("SELECT name, seq FROM sqlite_sequence "
+                                 "WHERE name IN ('audit', 'audit_checkpoints')").fetchall())
+        kept = conn.execute("SELECT MAX(seq) FROM audit").fetchone()[0] or 0
+        head = max(int(tops.get("audit", 0)), int(kept),
+                   max((int(c[6]) for c in cps), default=0))
+
+        def rescan() -> Iterator[Entry]:
+            yield from conn.execute(f"SELECT {cols} FROM audit ORDER BY seq")
+
+        return verify(conn.execute(f"SELECT {cols} FROM audit ORDER BY seq"), cps,
+                      head_seq=head, top_checkpoint=int(tops.get("audit_checkpoints", 0)),
+                      key=key, rescan=lambda: list(rescan()))
+    finally:
+        conn.execute("COMMIT")
+
+
+# --------------------------------------------------------------------------- reading
 
 _COLUMNS = ("seq", "ts", "event_id", "sink", "state", "actor", "reason", "ordering_key", "detail")
 

@@ -40,13 +40,23 @@ def ensure_schema(conn: sqlite3.Connection) -> None:
         )
     if 0 < version < 3:
         _migrate_to_3(conn)  # before the DDL: its indexes need the new columns
+    if 0 < version < 4:
+        _migrate_to_4(conn)
     conn.executescript(DDL)
     if version == 1:
         _migrate_1_to_2(conn)
+    audit.ensure_chain(conn)  # rows of a file before version 4 are chained here
     conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
     conn.execute(
         "INSERT OR IGNORE INTO meta(key, value) VALUES ('created_at', ?)", (utc_iso(),)
     )
+
+
+def _migrate_to_4(conn: sqlite3.Connection) -> None:
+    """The audit table gains ``hash`` (filled by ``audit.ensure_chain``)."""
+    cols = [r[1] for r in conn.execute("PRAGMA table_info(audit)")]
+    if cols and "hash" not in cols:
+        conn.execute("ALTER TABLE audit ADD COLUMN hash TEXT")
 
 
 def _migrate_to_3(conn: sqlite3.Connection) -> None:
@@ -234,6 +244,11 @@ def insert_events(
             if first is not None:
                 result.ids.append(first)
                 result.duplicates_by_source[ev.source] += 1
+                au_rows.append(audit.audit_row(
+                    "duplicate_dropped", event_id=first, ordering_key=ev.ordering_key, ts=ts,
+                    reason="redelivery" if scope == SCOPE_REDELIVERY else "identity key",
+                    detail={"source": ev.source, "dropped_id": ev.id,
+                            "redelivered": item.redelivered}))
                 cause_matched = not item.derived
                 continue
             seen[k] = ev.id  # a later copy in this same batch matches this one
@@ -280,12 +295,23 @@ def insert_events(
     return result
 
 
-def insert_quarantine(conn: sqlite3.Connection, row: tuple[Any, ...]) -> None:
-    conn.execute(
+def insert_quarantine(conn: sqlite3.Connection, row: tuple[Any, ...], *,
+                      audited: bool = False) -> None:
+    """Keep an inbound record (received_at, source, reason, detail, raw, meta); with
+    ``audited`` also a ``quarantined`` audit row (source, reason, quarantine id, raw
+    SHA-256 and size)."""
+    cur = conn.execute(
         "INSERT INTO quarantine(received_at, source, reason, detail, raw, meta) "
         "VALUES (?,?,?,?,?,?)",
         row,
     )
+    if audited:
+        raw = row[4] or b""
+        audit.insert_audit(conn, [audit.audit_row(
+            "quarantined", reason=row[2], ts=utc_iso(row[0]),
+            detail={"source": row[1], "quarantine_id": cur.lastrowid,
+                    "raw_sha256": hashlib.sha256(raw).hexdigest(), "bytes": len(raw),
+                    **({"detail": row[3][:200]} if row[3] else {})})])
 
 
 # --------------------------------------------------------------------------- delivery
@@ -458,18 +484,26 @@ def expire_low(conn: sqlite3.Connection, limit: int,
 
 
 def prune(conn: sqlite3.Connection, *, dedupe_before: float, audit_before: str,
-          quarantine_max_rows: int, limit: int = 20_000) -> dict[str, int]:
+          quarantine_max_rows: int, limit: int = 20_000,
+          audit_export_configured: bool = False,
+          checkpoint_key: bytes | None = None) -> dict[str, int]:
     """Age/size limits of the side tables, at most ``limit`` rows per table and call
-    (the caller repeats while a table reports ``limit``); returns rows removed per table."""
+    (the caller repeats while a table reports ``limit``); returns rows removed per table.
+
+    Audit rows go with a ``pruned`` checkpoint (``audit.prune_entries``); with
+    ``audit_export_configured`` only rows the export has shipped may go."""
     # rowid order is insertion order (INSERT OR REPLACE takes a new rowid): oldest first
     dedupe = conn.execute(
         "DELETE FROM dedupe WHERE rowid IN (SELECT rowid FROM dedupe WHERE scope = 1 "
         "ORDER BY rowid LIMIT ?) AND created_at < ?", (limit, dedupe_before)
     ).rowcount
     # seq and ts grow together, so the oldest rows are the first by seq: no ts index
-    audit_rows = conn.execute(
-        "DELETE FROM audit WHERE seq IN (SELECT seq FROM audit ORDER BY seq LIMIT ?) "
-        "AND ts < ?", (limit, audit_before)).rowcount
+    upto = audit_exported_through(conn) if audit_export_configured else 2**62
+    old = [(seq, digest) for seq, digest, ts in conn.execute(
+        "SELECT seq, hash, ts FROM audit WHERE seq <= ? ORDER BY seq LIMIT ?", (upto, limit))
+        if ts < audit_before]
+    audit_rows = audit.prune_entries(conn, old, reason="retention", key=checkpoint_key,
+                                     detail={"before": audit_before})
     quarantine = conn.execute(
         "DELETE FROM quarantine WHERE id <= "
         "(SELECT id FROM quarantine ORDER BY id DESC LIMIT 1 OFFSET ?)", (quarantine_max_rows,)
@@ -503,18 +537,47 @@ def prune_bookkeeping_for_space(conn: sqlite3.Connection, limit: int) -> dict[st
     return {"dedupe": dedupe, "quarantine": quarantine}
 
 
-def prune_finished_audit(conn: sqlite3.Connection, limit: int) -> tuple[int, str | None]:
-    """Disk pressure: drop the oldest audit rows of events that left the outbox.
+@dataclass
+class AuditPruned:
+    removed: int = 0
+    oldest_kept: str | None = None  # ts of the oldest audit row kept
+    unexported: int = 0  # of the removed, rows the configured export had not shipped yet
 
-    Rows of events still queued or dead-lettered are never touched. Returns the number
-    removed and the timestamp of the oldest audit row kept.
+
+def audit_exported_through(conn: sqlite3.Connection) -> int:
+    """The highest audit seq the export has shipped (0: none)."""
+    row = conn.execute("SELECT value FROM meta WHERE key = 'audit_exported_seq'").fetchone()
+    return int(row[0]) if row else 0
+
+
+def prune_finished_audit(conn: sqlite3.Connection, limit: int, *,
+                         export_configured: bool = False,
+                         checkpoint_key: bytes | None = None) -> AuditPruned:
+    """Disk pressure: drop the oldest audit rows of events that left the outbox, with a
+    ``pruned`` checkpoint (and, when rows the export had not shipped yet go, an
+    ``audit_pruned_unexported`` audit row saying which) in the same transaction.
+
+    Rows of events still queued or dead-lettered are never touched.
     """
-    removed = conn.execute(
-        "DELETE FROM audit WHERE seq IN (SELECT seq FROM audit WHERE event_id IS NULL "
-        "OR event_id NOT IN (SELECT id FROM events) ORDER BY seq LIMIT ?)", (limit,)
-    ).rowcount
+    rows = conn.execute(
+        "SELECT seq, hash FROM audit WHERE event_id IS NULL "
+        "OR event_id NOT IN (SELECT id FROM events) ORDER BY seq LIMIT ?", (limit,)
+    ).fetchall()
+    out = AuditPruned()
+    if rows:
+        through = audit_exported_through(conn) if export_configured else None
+        late = [r[0] for r in rows if through is not None and r[0] > through]
+        out.unexported = len(late)
+        out.removed = audit.prune_entries(
+            conn, rows, reason="disk budget", key=checkpoint_key,
+            detail={"unexported": len(late)} if export_configured else None)
+        if late:
+            audit.insert_audit(conn, [audit.audit_row(
+                "audit_pruned_unexported", reason="disk budget",
+                detail={"count": len(late), "first_seq": late[0], "last_seq": late[-1]})])
     oldest = conn.execute("SELECT ts FROM audit ORDER BY seq LIMIT 1").fetchone()
-    return removed, oldest[0] if oldest else None
+    out.oldest_kept = oldest[0] if oldest else None
+    return out
 
 
 def set_wal_limits(conn: sqlite3.Connection, limit_bytes: int) -> None:

@@ -198,7 +198,8 @@ def _open_copy(db: Path, report: SalvageReport) -> sqlite3.Connection:
         if "events" not in names:
             conn.close()
             raise SalvageError(f"{report.file}: not an outbox file (no events table)")
-        if version not in (0, SCHEMA_VERSION):  # 0: the header was rebuilt from nothing
+        # 0: the header was rebuilt from nothing; 3 differs from 4 only in the audit chain
+        if version not in (0, 3, SCHEMA_VERSION):
             conn.close()
             raise SalvageError(f"{report.file}: outbox schema version {version}; this gateway "
                                f"salvages version {SCHEMA_VERSION} files")

@@ -14,7 +14,11 @@ Tables:
                     for a redelivery and kept only for the source's newest
                     ``redelivery_horizon`` messages (``dedupe_recent`` serves that prune).
 - ``quarantine``    inbound records that could not become events, with the reason.
-- ``audit``         append-only state log; ``seq`` is the monotonic sequence.
+- ``audit``         append-only, hash-chained state log; ``seq`` is the monotonic
+                    sequence, ``hash`` chains each row to the one before
+                    (``edge.outbox.audit``).
+- ``audit_checkpoints``  the chain's genesis and one row per prune (count, seq range, the
+                    hash of each pruned run's last row), chained among themselves.
 - ``lots``          one row per lot the quality logic has seen: state (unknown, hold,
                     quarantine, rejected, released), hold episode number, supplier, the
                     last event per type, who decided and why (``edge.outbox.lots``).
@@ -41,7 +45,9 @@ crash can never leave rows stuck as "in flight".
 #    dead_letters_key serves the parked keys of the lease scan
 # (``lots`` and ``capa_counts`` came later without a new version: tables of their own,
 # created when missing, that an older gateway ignores)
-SCHEMA_VERSION = 3
+# 4: the audit trail is hash-chained (audit.hash, audit_checkpoints); rows of an older
+#    file are chained at the upgrade from a genesis checkpoint that says so
+SCHEMA_VERSION = 4
 
 DEAD_LETTERS_TABLE = """
 CREATE TABLE IF NOT EXISTS dead_letters(
@@ -123,7 +129,22 @@ CREATE TABLE IF NOT EXISTS audit(
   actor        TEXT NOT NULL DEFAULT 'gateway',
   reason       TEXT,
   ordering_key TEXT,
-  detail       TEXT
+  detail       TEXT,
+  hash         TEXT             -- SHA-256 of the previous row's hash and this row
+);
+CREATE TABLE IF NOT EXISTS audit_checkpoints(
+  id         INTEGER PRIMARY KEY AUTOINCREMENT,
+  ts         TEXT NOT NULL,
+  kind       TEXT NOT NULL,     -- genesis | pruned
+  reason     TEXT,
+  count      INTEGER NOT NULL,  -- entries pruned
+  first_seq  INTEGER,
+  last_seq   INTEGER NOT NULL,  -- genesis: the seq the chain starts after
+  last_hash  TEXT NOT NULL,     -- hash of the entry at last_seq
+  ranges     TEXT,              -- JSON [[first seq, last seq, hash of the last], ...]
+  detail     TEXT,
+  hash       TEXT NOT NULL,     -- SHA-256 of the previous checkpoint's hash and this one
+  signature  TEXT               -- HMAC-SHA256 of hash (audit.checkpoint_key_file)
 );
 CREATE INDEX IF NOT EXISTS audit_event ON audit(event_id) WHERE event_id IS NOT NULL;
 CREATE INDEX IF NOT EXISTS audit_key ON audit(ordering_key) WHERE ordering_key IS NOT NULL;

@@ -9,6 +9,7 @@ import orjson
 import pytest
 
 from edge.outbox import Outbox, Resolution, audit, queries
+from edge.outbox.schema import SCHEMA_VERSION
 from tests.support import metric, sub
 
 
@@ -208,4 +209,4 @@ async def test_outbox_of_the_previous_schema_is_migrated_without_blessing_damage
     async with Outbox(tmp_path, router=lambda ev: ["erp"]) as ob:
         leased = {e.id: e for e in await ob.lease("erp", 10)}
     assert _integrity_ok(leased[good]) and not _integrity_ok(leased[bad])
-    assert _rows(str(tmp_path / "outbox.db"), "PRAGMA user_version") == [(3,)]
+    assert _rows(str(tmp_path / "outbox.db"), "PRAGMA user_version") == [(SCHEMA_VERSION,)]
