@@ -2,8 +2,8 @@
 
 A bundle is a folder of JSON-lines files ``audit-<first seq>-<last seq>.jsonl``, each
 written whole (temporary name, fsync, rename), never changed afterwards. A file holds a
-header line (``kind: file``: seq range, counts), the checkpoints written since the previous
-file (``kind: checkpoint``) and the entries in seq order (``kind: entry``), hashes
+header line (``line: file``: seq range, counts), the checkpoints written since the previous
+file (``line: checkpoint``) and the entries in seq order (``line: entry``), hashes
 included, so the bundle verifies on its own (``edge audit verify --bundle DIR``): the same
 walk as the outbox file's, from the genesis checkpoint (every checkpoint is exported).
 
@@ -79,13 +79,13 @@ def write_bundle_file(folder: str, batch: Batch) -> Path:
     last = batch.last_seq or 0
     cp = batch.last_checkpoint or 0
     name = f"audit-{first:012d}-{last:012d}-c{cp:06d}.jsonl"
-    lines = [orjson.dumps({"kind": "file", "first_seq": first, "last_seq": last,
+    lines = [orjson.dumps({"line": "file", "first_seq": first, "last_seq": last,
                            "entries": len(batch.entries), "checkpoints": len(batch.checkpoints),
                            "written_at": utc_iso()})]
-    lines += [orjson.dumps({"kind": "checkpoint",
+    lines += [orjson.dumps({"line": "checkpoint",
                             **dict(zip(audit.CHECKPOINT_COLUMNS, c, strict=True))})
               for c in batch.checkpoints]
-    lines += [orjson.dumps({"kind": "entry", **dict(zip(audit.ENTRY_COLUMNS, e, strict=True))})
+    lines += [orjson.dumps({"line": "entry", **dict(zip(audit.ENTRY_COLUMNS, e, strict=True))})
               for e in batch.entries]
     tmp = out / (name + ".tmp")
     with open(tmp, "wb") as f:
@@ -135,11 +135,11 @@ def read_bundle(folder: str) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...
                 continue
             try:
                 doc = orjson.loads(line)
-                kind = doc.get("kind")
+                kind = doc.get("line")
                 if kind == "entry":
                     entries.append(tuple(doc[c] for c in audit.ENTRY_COLUMNS))
                 elif kind == "checkpoint":
-                    cp = tuple(doc.get(c) for c in audit.CHECKPOINT_COLUMNS)
+                    cp = tuple(doc[c] for c in audit.CHECKPOINT_COLUMNS)
                     if checkpoints.setdefault(int(doc["id"]), cp) != cp:
                         raise BundleError(f"{file}:{n}: checkpoint {doc['id']} differs from "
                                           "an earlier copy")

@@ -1,0 +1,301 @@
+"""The hash-chained audit trail (DESIGN invariant 8, docs/audit.md): a realistic run
+verifies; an edited, deleted or reordered entry and a deleted checkpoint are named; pruning,
+rollbacks and the upgrade of an older file keep the chain verifiable; export ships entries
+to a bundle that verifies on its own before retention prunes them."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from edge.config import AuditConfig, AuditFileExportConfig, OutboxConfig, load_config_text
+from edge.errors import ConfigError
+from edge.outbox import Outbox, Resolution, audit, audit_export, queries
+from edge.outbox.dbthread import connect
+from edge.outbox.schema import SCHEMA_VERSION
+from tests.support import sub
+
+
+def verify(path: Path, key: bytes | None = None) -> audit.VerifyResult:
+    conn = connect(str(path / "outbox.db"), readonly=True)
+    try:
+        return audit.verify_db(conn, key)
+    finally:
+        conn.close()
+
+
+def tamper(path: Path, *sql: str | tuple[str, tuple[Any, ...]]) -> None:
+    conn = sqlite3.connect(path / "outbox.db", isolation_level=None)
+    for stmt in sql:
+        if isinstance(stmt, tuple):
+            conn.execute(*stmt)
+        else:
+            conn.execute(stmt)
+    conn.close()
+
+
+def seqs(path: Path) -> list[int]:
+    conn = sqlite3.connect(path / "outbox.db")
+    try:
+        return [r[0] for r in conn.execute("SELECT seq FROM audit ORDER BY seq")]
+    finally:
+        conn.close()
+
+
+async def realistic_run(ob: Outbox) -> None:
+    """Stored, duplicates, delivered, retried, dead-lettered, replayed, quarantined,
+    component notices."""
+    ids = await ob.submit([sub(key=f"lot:{i}", dedupe=f"m{i}") for i in range(6)])
+    await ob.submit([sub(key="lot:0", dedupe="m0")])  # a copy of a stored identity key
+    await ob.quarantine("line1", "not_json", b"\x00garbage", detail="not JSON")
+    await ob.audit("reconnected", source="line1", detail={"after_s": 1.5})
+    leased = await ob.lease("erp", 10)
+    by_id = {e.id: e for e in leased}
+    await ob.complete("erp", [
+        Resolution(by_id[ids[0]].seq, ids[0], "delivered", status=200),
+        Resolution(by_id[ids[1]].seq, ids[1], "retry", status=503, reason="unavailable",
+                   next_at=time.time() + 60),
+        Resolution(by_id[ids[2]].seq, ids[2], "dead_letter", status=422, reason="rejected"),
+    ])
+    ob.release("erp", [e.seq for e in leased])
+    await ob.dlq_replay(sink="erp", actor="qa", reason="fixed the mapping")
+
+
+async def test_a_realistic_run_verifies_and_audits_quarantine_duplicates_notices(
+        erp_outbox: Outbox, tmp_path: Path):
+    await realistic_run(erp_outbox)
+    res = verify(tmp_path)
+    assert res.ok, res.message
+    conn = sqlite3.connect(tmp_path / "outbox.db")
+    states = [r[0] for r in conn.execute("SELECT state FROM audit ORDER BY seq")]
+    for state in ("stored", "duplicate_dropped", "quarantined", "reconnected", "delivered",
+                  "retry", "dead_lettered", "replayed"):
+        assert state in states
+    assert res.verified == len(states)
+    dup = conn.execute("SELECT event_id, detail FROM audit WHERE state = 'duplicate_dropped'"
+                       ).fetchone()
+    stored = conn.execute("SELECT event_id FROM audit WHERE state = 'stored' "
+                          "AND ordering_key = 'lot:0'").fetchone()[0]
+    assert dup[0] == stored and orjson.loads(dup[1])["source"] == "line1"
+    q = orjson.loads(conn.execute("SELECT detail FROM audit WHERE state = 'quarantined'"
+                                  ).fetchone()[0])
+    assert q["source"] == "line1" and q["quarantine_id"] == 1 and q["bytes"] == 8
+    conn.close()
+
+
+@pytest.mark.parametrize(("how", "kind"), [
+    ("edit", "edited"), ("delete", "deleted"), ("swap", "reordered"), ("move", "reordered"),
+    ("delete_last", "deleted"),
+])
+async def test_tampering_names_the_first_broken_link(erp_outbox: Outbox, tmp_path: Path,
+                                                     how: str, kind: str):
+    await realistic_run(erp_outbox)
+    all_seqs = seqs(tmp_path)
+    mid, later, last = all_seqs[4], all_seqs[8], all_seqs[-1]
+    cols = "ts, event_id, sink, state, actor, reason, ordering_key, detail, hash"
+    if how == "edit":
+        tamper(tmp_path, ("UPDATE audit SET detail = ? WHERE seq = ?", ('{"x":1}', mid)))
+    elif how == "delete":
+        tamper(tmp_path, ("DELETE FROM audit WHERE seq = ?", (mid,)))
+    elif how == "swap":  # two whole rows change places (their seq stays in order)
+        tamper(tmp_path, "CREATE TEMP TABLE a AS SELECT * FROM audit",
+               (f"UPDATE audit SET ({cols}) = (SELECT {cols} FROM a WHERE a.seq = ?) "
+                "WHERE seq = ?", (later, mid)),
+               (f"UPDATE audit SET ({cols}) = (SELECT {cols} FROM a WHERE a.seq = ?) "
+                "WHERE seq = ?", (mid, later)))
+    elif how == "move":  # an entry renumbered to the end
+        tamper(tmp_path, ("UPDATE audit SET seq = ? WHERE seq = ?", (last + 1, mid)))
+    else:
+        tamper(tmp_path, ("DELETE FROM audit WHERE seq = ?", (last,)))
+        mid = last
+    res = verify(tmp_path)
+    assert not res.ok
+    assert (res.kind, res.seq) == (kind, mid), res.message
+    assert f"seq {mid}" in res.message
+
+
+async def test_pruning_keeps_the_chain_verifiable_and_deleting_a_checkpoint_is_detected(
+        erp_outbox: Outbox, tmp_path: Path):
+    ob = erp_outbox
+    await realistic_run(ob)
+    # disk pressure: rows of events that left the outbox go, rows of queued events stay
+    pruned = await ob._write(lambda c: queries.prune_finished_audit(c, 3))
+    assert pruned.removed == 3
+    # retention: everything older than now
+    await ob._write(lambda c: queries.prune(
+        c, dedupe_before=0, audit_before="2999", quarantine_max_rows=100, limit=4))
+    await ob.audit("reconnected", source="line1")
+    res = verify(tmp_path)
+    assert res.ok, res.message
+    assert res.pruned == 7 and res.checkpoints == 3
+    conn = sqlite3.connect(tmp_path / "outbox.db")
+    kinds = [r[0] for r in conn.execute("SELECT kind FROM audit_checkpoints ORDER BY id")]
+    first, last, count = conn.execute(
+        "SELECT first_seq, last_seq, count FROM audit_checkpoints WHERE id = 3").fetchone()
+    conn.close()
+    assert kinds == ["genesis", "pruned", "pruned"] and count == 4 and first <= last
+    # a pruned range's checkpoint removed: the entries it covered look deleted
+    tamper(tmp_path, "DELETE FROM audit_checkpoints WHERE id = 2")
+    res = verify(tmp_path)
+    assert (res.ok, res.kind, res.checkpoint) == (False, "checkpoint_deleted", 2)
+    tamper(tmp_path, "DELETE FROM audit_checkpoints WHERE id = 3")
+    res = verify(tmp_path)
+    assert (res.ok, res.kind, res.checkpoint) == (False, "checkpoint_deleted", 2)
+
+
+async def test_the_newest_checkpoint_deleted_is_detected(erp_outbox: Outbox, tmp_path: Path):
+    await realistic_run(erp_outbox)
+    await erp_outbox._write(lambda c: queries.prune(
+        c, dedupe_before=0, audit_before="2999", quarantine_max_rows=100, limit=3))
+    tamper(tmp_path, "DELETE FROM audit_checkpoints WHERE id = 2")
+    res = verify(tmp_path)
+    assert (res.ok, res.kind, res.checkpoint) == (False, "checkpoint_deleted", 2)
+
+
+async def test_a_rolled_back_write_leaves_the_chain_intact(erp_outbox: Outbox, tmp_path: Path):
+    ob = erp_outbox
+    await ob.submit([sub(key="lot:A")])
+
+    def fails_after_auditing(c: sqlite3.Connection) -> None:
+        audit.insert_audit(c, [audit.audit_row("reconnected", detail={"n": 1})] * 3)
+        raise ValueError("op fails after its audit rows")
+
+    with pytest.raises(ValueError):
+        await ob._write(fails_after_auditing)
+    await ob.submit([sub(key="lot:B")])
+    await ob.audit("reconnected", source="line1")
+    # the CLI's transactions (rolled back) on the same file
+    conn = connect(str(tmp_path / "outbox.db"))
+    with pytest.raises(RuntimeError), queries.transaction(conn):
+        audit.insert_audit(conn, [audit.audit_row("replayed", actor="qa")])
+        raise RuntimeError
+    conn.close()
+    await ob.audit("reconnected", source="line1")
+    res = verify(tmp_path)
+    assert res.ok, res.message
+    assert seqs(tmp_path) == [1, 2, 3, 4]
+
+
+def _old_format(path: Path) -> None:
+    """Rewrite a file as a gateway before the chain left it: no hash column, no
+    checkpoints, schema version 3, one entry pruned from the middle."""
+    tamper(path, "DROP TABLE audit_checkpoints", "ALTER TABLE audit DROP COLUMN hash",
+           "DELETE FROM audit WHERE seq = 3", "PRAGMA user_version = 3")
+
+
+async def test_an_older_file_is_chained_at_the_upgrade_and_then_verifies(tmp_path: Path):
+    async with Outbox(tmp_path, router=lambda ev: ["erp"]) as ob:
+        await ob.submit([sub(key=f"lot:{i}") for i in range(5)])
+    _old_format(tmp_path)
+    async with Outbox(tmp_path, router=lambda ev: ["erp"]) as ob:
+        await ob.submit([sub(key="lot:new")])
+    conn = sqlite3.connect(tmp_path / "outbox.db")
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    reason, detail = conn.execute("SELECT reason, detail FROM audit_checkpoints").fetchone()
+    conn.close()
+    assert reason == "chained at upgrade"
+    assert orjson.loads(detail)["chained_at_upgrade"] == {
+        "first_seq": 1, "last_seq": 5, "count": 4, "missing_then": 1}
+    res = verify(tmp_path)
+    assert res.ok and res.verified == 5, res.message
+    tamper(tmp_path, "UPDATE audit SET actor = 'someone' WHERE seq = 2")
+    assert (verify(tmp_path).kind, verify(tmp_path).seq) == ("edited", 2)
+
+
+async def test_checkpoints_are_signed_with_the_key(tmp_path: Path):
+    key_file = tmp_path / "key"
+    key_file.write_text("s3cret-key\n")
+    cfg = OutboxConfig()
+    cfg._audit = AuditConfig(checkpoint_key_file=str(key_file))
+    async with Outbox(tmp_path, cfg, router=lambda ev: ["erp"]) as ob:
+        await ob.submit([sub(key="lot:A")])
+        await ob.prune()  # retention 90 days: nothing old, no checkpoint
+        await ob._write(lambda c: queries.prune_finished_audit(
+            c, 10, checkpoint_key=ob._checkpoint_key))
+        await ob.submit([sub(key="lot:B")])
+    state = tmp_path
+    assert verify(state, b"s3cret-key").signed == 0  # nothing pruned: event still queued
+    async with Outbox(tmp_path, cfg, router=lambda ev: ["erp"]) as ob:
+        leased = await ob.lease("erp", 10)
+        await ob.complete("erp", [Resolution(e.seq, e.id, "delivered", status=200) for e in leased])
+        await ob._prune_audit_for_space(1 << 20)
+    res = verify(state, b"s3cret-key")
+    assert res.ok and res.signed == 1, res.message
+    res = verify(state, b"another key")
+    assert (res.ok, res.kind, res.checkpoint) == (False, "bad_signature", 2)
+
+
+async def test_export_then_prune_ships_every_entry_and_the_bundle_verifies(tmp_path: Path):
+    bundle = tmp_path / "bundle"
+    cfg = OutboxConfig()
+    cfg._audit = AuditConfig(retention_days=1, export=AuditFileExportConfig(
+        path=str(bundle), max_file_rows=4))
+    state = tmp_path / "state"
+    async with Outbox(state, cfg, router=lambda ev: ["erp"],
+                      maintenance_interval_s=3600) as ob:
+        await realistic_run(ob)
+        assert await ob.export_audit() == len(seqs(state))
+        before = len(seqs(state))
+        await ob.audit("reconnected", source="line1")  # not exported yet
+        # retention as if every entry were old: only exported ones may go
+        removed = await ob._write(lambda c: queries.prune(
+            c, dedupe_before=0, audit_before="2999", quarantine_max_rows=100,
+            audit_export_configured=True))
+        assert removed["audit"] == before and seqs(state) == [before + 1]
+        await ob.audit("reconnected", source="line1")
+        assert await ob.export_audit() == 2
+    assert verify(state).ok
+    files = sorted(bundle.glob("audit-*.jsonl"))
+    assert len(files) >= 3 and not list(bundle.glob("*.tmp"))
+    res = audit_export.verify_bundle(str(bundle))
+    assert res.ok and res.verified == before + 2, res.message
+    # a bundle line edited is detected with its seq
+    lines = files[1].read_bytes().splitlines()
+    doc = orjson.loads(lines[-1])
+    doc["actor"] = "someone else"
+    files[1].write_bytes(b"\n".join([*lines[:-1], orjson.dumps(doc)]) + b"\n")
+    res = audit_export.verify_bundle(str(bundle))
+    assert (res.ok, res.kind, res.seq) == (False, "edited", doc["seq"])
+
+
+async def test_disk_pressure_prunes_unexported_entries_with_an_alarm_and_a_notice(
+        tmp_path: Path):
+    cfg = OutboxConfig()
+    cfg._audit = AuditConfig(export=AuditFileExportConfig(path=str(tmp_path / "bundle")))
+    async with Outbox(tmp_path / "state", cfg, router=lambda ev: ["erp"],
+                      maintenance_interval_s=3600) as ob:
+        await ob.audit("reconnected", source="line1")
+        await ob.export_audit()
+        await ob.audit("reconnected", source="line1")
+        await ob.audit("reconnected", source="line1")
+        assert await ob._prune_audit_for_space(1 << 20) == 3
+        assert "audit_pruned_unexported" in {a["code"] for a in ob.alarms}
+        notice = await ob.read(lambda c: c.execute(
+            "SELECT reason, detail FROM audit WHERE state = 'audit_pruned_unexported'"
+        ).fetchone())
+        assert notice[0] == "disk budget"
+        assert orjson.loads(notice[1]) == {"count": 2, "first_seq": 2, "last_seq": 3}
+        await ob.export_audit()
+    assert verify(tmp_path / "state").ok
+    assert audit_export.verify_bundle(str(tmp_path / "bundle")).ok
+
+
+def test_the_audit_section_and_the_old_retention_key():
+    cfg = load_config_text("site: s\naudit:\n  retention_days: 30\n  export: {path: b}\n",
+                           base_dir="/srv/edge")
+    assert cfg.outbox.audit.retention_days == 30 and cfg.outbox.audit_retention_days == 30
+    assert cfg.outbox.audit.export is not None
+    assert cfg.outbox.audit.export.path == "/srv/edge/b"
+    old = load_config_text("site: s\noutbox: {audit_retention_days: 12}\n")
+    assert old.outbox.audit.retention_days == 12
+    from edge.config import deprecations
+
+    assert [i.location for i in deprecations(old)] == ["outbox.audit_retention_days"]
+    with pytest.raises(ConfigError, match="same option"):
+        load_config_text("site: s\noutbox: {audit_retention_days: 12}\n"
+                         "audit: {retention_days: 30}\n")
