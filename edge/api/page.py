@@ -1,74 +1,125 @@
-"""``GET /``: a small, self-contained status page for plant IT.
+"""``GET /``: the status page a person reads in five seconds.
 
-One HTML document, no scripts, no external assets; it reloads itself every
-``REFRESH_S`` seconds. Top to bottom it answers: is anything wrong and since when, can the
-gateway take data (ready), are the receivers reachable, how big and how old is the backlog,
-how full is the disk budget. Every value is HTML-escaped.
+One self-contained HTML document: no script, no external URL, one inline stylesheet that
+the API's CSP allows by its hash (``STYLE_HASH``), charts as inline SVG; it reloads itself
+every ``REFRESH_S`` seconds (``<meta http-equiv=refresh>``). Top to bottom:
+
+1. the verdict (OK / NEEDS ATTENTION / PROBLEM) in big letters with its reason, then every
+   problem in words;
+2. intake vs delivery and the backlog over the last hour (``edge.api.history``: sampled in
+   memory by the API server, empty after a start, and the page says so);
+3. receivers: state, in flight, queued, retrying, oldest, dead letters, time since the
+   last delivery, last error;
+4. dead letters by reason and the ordering keys (lots) held behind them;
+5. the disk budget: used of budget, and a time to full only when the live data rises
+   steadily (``edge.outbox.budget``), else "not growing" / "not enough history";
+6. sources: connected or not, since when, connection gaps; other components;
+7. lots, reconciliation, delivery SLAs and failed notifications when there are any.
+
+Every value from the config, the events or a receiver is HTML-escaped. Key figures carry a
+``data-field`` attribute (and sink rows ``data-sink``) so a test or a scraper can read them
+from the rendered page.
 """
 
 from __future__ import annotations
 
 import html
 import time
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
 
+from edge.api.headers import style_hash
+from edge.api.history import SAMPLE_EVERY_S, WINDOW_S, History, chart_svg
 from edge.api.summary import lot_text, overall, parked_key_text, problems
-from edge.timefmt import ago, duration
+from edge.timefmt import ago, duration, utc_iso
 
-__all__ = ["REFRESH_S", "render"]
+__all__ = ["REFRESH_S", "STYLE_HASH", "Extras", "render"]
 
 REFRESH_S = 10
 CLASSES = ("critical", "high", "normal", "low")
 MB = 1024 * 1024  # outbox.max_size_mb counts in these
+LABELS = {"ok": "OK", "degraded": "NEEDS ATTENTION", "critical": "PROBLEM"}
+OK_REASON = ("Nothing: every component runs, the receivers answer and nothing is waiting "
+             "long.")
 
 _CSS = """
 body{font:15px/1.4 system-ui,sans-serif;margin:0;background:#f4f5f7;color:#1d2125}
-header{padding:14px 20px;color:#fff}header h1{margin:0;font-size:22px}header p{margin:4px 0 0}
-.s-ok{background:#1f7a3a}.s-degraded{background:#b86e00}.s-critical{background:#b3261e}
-main{padding:8px 20px 24px}h2{font-size:17px;margin:20px 0 6px}
+header{padding:16px 20px;color:#fff}header h1{margin:0;font-size:34px;letter-spacing:.5px}
+header .reason{margin:6px 0 0;font-size:19px;font-weight:600}
+header .meta{margin:6px 0 0;font-size:13px;opacity:.9}
+.s-ok{background:#1f7a3a}.s-degraded{background:#8a5300}.s-critical{background:#b3261e}
+main{padding:8px 20px 24px;max-width:1200px}h2{font-size:17px;margin:22px 0 6px}
 table{border-collapse:collapse;background:#fff;width:100%}
 th,td{border:1px solid #d5d8dc;padding:4px 8px;text-align:left;vertical-align:top}
 th{background:#e9ebee}td.n{text-align:right;font-variant-numeric:tabular-nums}
 ul.p{list-style:none;padding:0;margin:0}ul.p li{padding:8px 10px;margin:4px 0;background:#fff}
 li.critical{border-left:6px solid #b3261e}li.warning{border-left:6px solid #e0a800}
 .bad{color:#b3261e;font-weight:600}.good{color:#1f7a3a}.muted{color:#5f6b76}
-.bar{background:#e9ebee;height:12px;width:260px;display:inline-block;vertical-align:middle}
-.bar span{display:block;height:12px;background:#1f7a3a}.bar span.hi{background:#b3261e}
+.figures{display:flex;flex-wrap:wrap;gap:10px;margin:6px 0}
+.figures div{background:#fff;padding:6px 12px;border:1px solid #d5d8dc}
+.figures b{display:block;font-size:22px;font-variant-numeric:tabular-nums}
+svg.chart{background:#fff;border:1px solid #d5d8dc;max-width:100%;height:auto}
 footer{padding:0 20px 20px;color:#5f6b76}
 """
+STYLE_HASH = style_hash(_CSS)
+
+
+@dataclass(frozen=True)
+class Extras:
+    """What the page shows besides ``/status``: the last hour's history, dead letters by
+    reason (``edge.api.dead_letters.by_reason``), connection gaps per source."""
+
+    history: History | None = None
+    dead_letters: dict[str, Any] = field(default_factory=dict)
+    source_gaps: dict[str, float] = field(default_factory=dict)
 
 
 def _e(value: Any) -> str:
     return html.escape("" if value is None else str(value))
 
 
-def render(report: dict[str, Any], not_ready: list[dict[str, str]]) -> str:
+def render(report: dict[str, Any], not_ready: list[dict[str, str]],
+           extras: Extras | None = None, now: float | None = None) -> str:
+    """The page for ``report`` (``Gateway.status_report()``, or ``{"site", "error"}`` when
+    the gateway cannot report) and ``not_ready`` (``routes.readiness``)."""
+    extras = extras or Extras()
+    now = time.time() if now is None else now
     found = problems(report) if "error" not in report else []
     state = "critical" if "error" in report else overall(found)
-    label = {"ok": "OK", "degraded": "NEEDS ATTENTION", "critical": "PROBLEM"}[state]
+    if not_ready and state != "critical":
+        # not taking data is a problem, except in the seconds of a start
+        starting = all(r.get("code") == "starting" for r in not_ready)
+        state = "degraded" if starting else "critical"
+    label = LABELS[state]
     site = report.get("site", "?")
     parts = [
         "<!doctype html><html lang='en'><head><meta charset='utf-8'>",
         f"<meta http-equiv='refresh' content='{REFRESH_S}'>",
         "<meta name='viewport' content='width=device-width,initial-scale=1'>",
         f"<title>{label} · edge gateway {_e(site)}</title><style>{_CSS}</style></head><body>",
-        f"<header class='s-{state}'><h1>{_e(site)} — {label}</h1><p>edge-gateway "
-        f"{_e(report.get('version', ''))} · up {duration(report.get('uptime_s'))} · "
-        f"{time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime())} UTC · refreshes every "
-        f"{REFRESH_S} s</p></header><main>",
+        f"<header class='s-{state}'><h1 data-field='health'>{label}</h1>"
+        f"<p class='reason' data-field='health-reason'>{_e(_reason(report, found, not_ready))}"
+        f"</p><p class='meta'>{_e(site)} · edge-gateway {_e(report.get('version', ''))} · up "
+        f"{duration(report.get('uptime_s'))} · {_e(utc_iso(now)[:19].replace('T', ' '))} UTC"
+        f" · refreshes every {REFRESH_S} s</p></header><main>",
     ]
     if "error" in report:
         parts.append(f"<p class='bad'>Status unavailable: {_e(report['error'])} "
                      "(the gateway may be stopping).</p>")
     parts += _attention(found, not_ready)
     if "error" not in report:
-        parts += _sinks(report.get("sinks") or {})
+        parts += _figures(report)
+        parts += _flow(extras.history, now)
+        parts += _sinks(report.get("sinks") or {}, (report.get("outbox") or {}).get("inflight")
+                        or {})
+        parts += _dead_letters(extras.dead_letters, now)
+        parts += _parked(report.get("sinks") or {})
+        parts += _outbox(report.get("outbox") or {})
+        parts += _sources(report.get("components") or [], extras.source_gaps)
         parts += _lots(report.get("lots") or {})
         parts += _reconcile((report.get("lots") or {}).get("reconcile") or {})
         parts += _business(report.get("business") or {})
-        parts += _components(report.get("components") or [])
-        parts += _outbox(report.get("outbox") or {})
     parts.append("</main><footer>Machine-readable: <a href='/status'>/status</a> · "
                  "<a href='/metrics'>/metrics</a> · dead letters: <a href='/dlq'>/dlq</a> · "
                  "lots: <a href='/lots'>/lots</a> · "
@@ -77,11 +128,23 @@ def render(report: dict[str, Any], not_ready: list[dict[str, str]]) -> str:
     return "".join(parts)
 
 
+def _reason(report: dict[str, Any], found: list[Any], not_ready: list[dict[str, str]]
+            ) -> str:
+    """The one line under the verdict: the most severe problem (and how many more)."""
+    if "error" in report:
+        return f"status unavailable: {report['error']}"
+    lines = [f"not ready: {r['message']}" for r in not_ready]
+    lines += [f"{p.subject}: {p.message}" for p in found]
+    if not lines:
+        return OK_REASON
+    more = len(lines) - 1
+    return lines[0] + (f" (and {more} more below)" if more else "")
+
+
 def _attention(found: list[Any], not_ready: list[dict[str, str]]) -> list[str]:
     out = ["<h2>What needs attention</h2>"]
     if not found and not not_ready:
-        return [*out, "<p class='good'>Nothing: every component runs, the receivers answer "
-                "and nothing is waiting long.</p>"]
+        return [*out, f"<p class='good'>{OK_REASON}</p>"]
     out.append("<ul class='p'>")
     for r in not_ready:
         out.append(f"<li class='critical'><b>not ready</b> — {_e(r['message'])}</li>")
@@ -93,27 +156,72 @@ def _attention(found: list[Any], not_ready: list[dict[str, str]]) -> list[str]:
     return [*out, "</ul>"]
 
 
-def _sinks(sinks: dict[str, Any]) -> list[str]:
-    out = ["<h2>Receivers and backlog</h2><table><tr><th>sink</th><th>reachable</th>",
-           *(f"<th>{c}</th>" for c in CLASSES),
-           "<th>waiting</th><th>retrying</th><th>oldest</th><th>dead letters</th>"
+def _figures(report: dict[str, Any]) -> list[str]:
+    """The few numbers everyone asks for first, big."""
+    sinks = report.get("sinks") or {}
+    ob = report.get("outbox") or {}
+    queued = sum(int(s.get("total") or 0) for s in sinks.values())
+    oldest = max((s.get("oldest_age_s") or 0 for s in sinks.values()), default=0)
+    parked = sum(max(int(s.get("parked") or 0), len(s.get("parked_keys") or []))
+                 for s in sinks.values())
+    budget = ob.get("budget") or {}
+    items = [("queued", "waiting for delivery", f"{queued}"),
+             ("oldest", "oldest waiting", duration(oldest) if queued else "-"),
+             ("dead-letters", "dead letters", f"{int(ob.get('dead_letters') or 0)}"),
+             ("parked", "lots held", f"{parked}"),
+             ("disk-percent", "disk budget used", f"{float(budget.get('percent') or 0):.1f} %")]
+    return ["<div class='figures'>", *(f"<div>{label}<b data-field='{key}'>{_e(value)}</b></div>"
+                                       for key, label, value in items), "</div>"]
+
+
+def _flow(history: History | None, now: float) -> list[str]:
+    out = [f"<h2>Intake vs delivery, last {duration(WINDOW_S)}</h2>"]
+    points = history.points() if history is not None else []
+    if not points:
+        return [*out, "<p class='muted' data-field='history'>No history yet: intake, delivery "
+                f"and backlog are sampled every {duration(SAMPLE_EVERY_S)} and kept in memory "
+                f"for {duration(WINDOW_S)}; the chart starts empty after each start of the "
+                "gateway.</p>"]
+    assert history is not None
+    last = points[-1]
+    got, sent = history.totals() or (0.0, 0.0)
+    out.append(chart_svg(points, now, history.window_s))
+    short = (f" (history since {duration(history.span_s())} only: it starts empty after each "
+             "start of the gateway)" if history.span_s() < history.window_s - 2 * SAMPLE_EVERY_S
+             else "")
+    out.append(f"<p class='muted' data-field='history'>Latest sample "
+               f"({duration(max(0.0, now - last.at))} ago): intake "
+               f"{last.intake_per_min:,.0f}/min, delivered "
+               f"{last.delivery_per_min:,.0f}/min, backlog {last.backlog}. Over "
+               f"{duration(history.span_s())}: {got:,.0f} events in, {sent:,.0f} deliveries"
+               f"{short}.</p>")
+    return out
+
+
+def _sinks(sinks: dict[str, Any], inflight: dict[str, Any]) -> list[str]:
+    out = ["<h2>Receivers</h2><table><tr><th>sink</th><th>state</th><th>in flight</th>"
+           "<th>queued</th><th>retrying</th><th>oldest</th><th>dead letters</th>"
            "<th>parked keys</th><th>last delivery</th><th>last error</th></tr>"]
     if not sinks:
-        out.append("<tr><td colspan='13' class='bad'>no sink configured</td></tr>")
+        out.append("<tr><td colspan='10' class='bad'>no sink configured</td></tr>")
     for sid, s in sorted(sinks.items()):
         depth = s.get("depth") or {}
+        by_class = ", ".join(f"{c} {depth[c]}" for c in CLASSES if depth.get(c))
         dead = s.get("dead_letters", 0)
         parked = max(int(s.get("parked") or 0), len(s.get("parked_keys") or []))
         out.append(
-            f"<tr><td>{_e(sid)}</td><td>{_reachable(s)}</td>"
-            + "".join(f"<td class='n'>{depth.get(c, 0)}</td>" for c in CLASSES)
-            + f"<td class='n'>{s.get('total', 0)}</td><td class='n'>{s.get('retrying', 0)}</td>"
+            f"<tr data-sink='{_e(sid)}'><td>{_e(sid)}</td>"
+            f"<td data-field='state'>{_reachable(s)}</td>"
+            f"<td class='n' data-field='inflight'>{_e(inflight.get(sid, 0))}</td>"
+            f"<td class='n'><span data-field='queued'>{_e(s.get('total', 0))}</span>"
+            + (f" <span class='muted'>({_e(by_class)})</span>" if by_class else "")
+            + f"</td><td class='n'>{_e(s.get('retrying', 0))}</td>"
             f"<td class='n'>{duration(s.get('oldest_age_s'))}</td>"
-            f"<td class='n{' bad' if dead else ''}'>{dead}</td>"
+            f"<td class='n{' bad' if dead else ''}' data-field='dead-letters'>{_e(dead)}</td>"
             f"<td class='n{' bad' if parked else ''}'>{parked}</td>"
-            f"<td>{_e(ago(s.get('last_delivery')))}</td><td>{_e(s.get('last_error') or '')}</td>"
-            "</tr>")
-    return [*out, "</table>", *_parked(sinks)]
+            f"<td data-field='last-delivery'>{_e(ago(s.get('last_delivery')))}</td>"
+            f"<td>{_e(s.get('last_error') or '')}</td></tr>")
+    return [*out, "</table>"]
 
 
 def _reachable(s: dict[str, Any]) -> str:
@@ -126,7 +234,33 @@ def _reachable(s: dict[str, Any]) -> str:
         return f"<span class='bad'>PAUSED{code}</span>{since}"
     if s.get("up") is False:
         return f"<span class='bad'>NO (circuit {_e(s.get('circuit'))})</span>"
-    return "<span class='good'>yes</span>"
+    return "<span class='good'>delivering</span>"
+
+
+def _dead_letters(section: dict[str, Any], now: float) -> list[str]:
+    """Dead letters by reason (``edge.api.dead_letters.by_reason``), when there are any."""
+    total = int(section.get("total") or 0)
+    if not total:
+        return []
+    groups = section.get("groups") or []
+    out = [f"<h2>Dead letters: {total}</h2><p class='muted'>Refused by the receiver; they "
+           "stay until replayed or discarded (<code>edge dlq list</code>, "
+           "<code>edge dlq replay|discard</code>).</p><table><tr><th>count</th><th>sink</th>"
+           "<th>status</th><th>reason</th><th>the receiver said (latest)</th>"
+           "<th>latest</th></tr>"]
+    for g in groups:
+        out.append(f"<tr><td class='n bad'>{_e(g.get('count'))}</td><td>{_e(g.get('sink'))}"
+                   f"</td><td>{_e(g.get('status') if g.get('status') is not None else '-')}"
+                   f"</td><td data-field='dead-letter-reason'>{_e(g.get('reason'))}</td>"
+                   f"<td><code data-field='dead-letter-response'>{_e(g.get('response'))}"
+                   "</code></td>"
+                   f"<td>#{_e(g.get('latest_id'))}, "
+                   f"{_e(duration(now - float(g.get('latest_at') or now)))} ago</td></tr>")
+    shown = sum(int(g.get("count") or 0) for g in groups)
+    if total > shown:
+        out.append(f"<tr><td colspan='6' class='muted'>and {total - shown} more with other "
+                   "reasons: <a href='/dlq'>/dlq</a></td></tr>")
+    return [*out, "</table>"]
 
 
 def _parked(sinks: dict[str, Any]) -> list[str]:
@@ -268,18 +402,6 @@ def _business(section: dict[str, Any]) -> list[str]:
     return out
 
 
-def _components(components: list[dict[str, Any]]) -> list[str]:
-    out = ["<h2>Components</h2><table><tr><th>id</th><th>kind</th><th>type</th><th>state</th>"
-           "<th>connected</th><th>since</th><th>restarts</th><th>error</th></tr>"]
-    for c in components:
-        bad = c.get("state") in ("failed", "retrying")
-        conn = "yes" if c.get("connected") else ("no" if c.get("kind") == "source" else "-")
-        out.append(
-            f"<tr><td>{_e(c.get('id'))}</td><td>{_e(c.get('kind'))}</td><td>{_e(c.get('type'))}"
-            f"</td><td class='{'bad' if bad else ''}'>{_e(c.get('state'))}</td><td>{conn}</td>"
-            f"<td>{_e(ago(c.get('since')))}</td><td class='n'>{_e(c.get('restarts', 0))}</td>"
-            f"<td>{_e(c.get('error') or '')}</td></tr>")
-    return [*out, "</table>"]
 
 
 def _outbox(ob: dict[str, Any]) -> list[str]:
@@ -288,22 +410,66 @@ def _outbox(ob: dict[str, Any]) -> list[str]:
     quarantine = sum((ob.get("quarantine") or {}).values())
     accepting = ("<span class='good'>yes</span>" if ob.get("accepting", True)
                  else "<span class='bad'>NO — backpressure</span>")
+    fill = "#b3261e" if pct >= 80 else "#1f7a3a"
+    bar = (f"<svg xmlns='http://www.w3.org/2000/svg' width='260' height='12' viewBox='0 0 260 "
+           f"12' role='img' aria-label='{pct:.1f} % used'><rect width='260' height='12' "
+           f"fill='#e9ebee'/><rect width='{2.6 * min(100.0, pct):.1f}' height='12' "
+           f"fill='{fill}'/></svg>")
     return [
-        "<h2>Local outbox</h2><table>",
-        f"<tr><th>events stored</th><td>{_e(ob.get('events', 0))}</td></tr>",
-        f"<tr><th>accepting new events</th><td>{accepting}</td></tr>",
-        f"<tr><th>disk used</th><td><span class='bar'><span class='{'hi' if pct >= 80 else ''}'"
-        f" style='width:{min(100.0, pct):.0f}%'></span></span> "
+        "<h2>Disk budget</h2><table>",
+        f"<tr><th>used</th><td>{bar} <span data-field='disk-used'>"
         f"{budget.get('used_bytes', 0) / MB:.1f} MB of {budget.get('budget_bytes', 0) / MB:.0f}"
-        f" MB ({pct:.1f} %)</td></tr>",
-        f"<tr><th>full in</th><td>{_full_in(budget.get('time_to_full_s'))}</td></tr>",
-        f"<tr><th>dead letters</th><td>{_e(ob.get('dead_letters', 0))}</td></tr>",
+        f" MB ({pct:.1f} %)</span></td></tr>",
+        f"<tr><th>forecast</th><td data-field='disk-forecast'>{_forecast(budget)}</td></tr>",
+        f"<tr><th>accepting new events</th><td>{accepting}</td></tr>",
+        f"<tr><th>events stored</th><td>{_e(ob.get('events', 0))}</td></tr>",
         f"<tr><th>quarantined inbound records</th><td>{quarantine}</td></tr>",
         f"<tr><th>file</th><td><code>{_e(ob.get('path', ''))}</code></td></tr></table>",
     ]
 
 
-def _full_in(seconds: float | None) -> str:
+def _forecast(budget: dict[str, Any]) -> str:
+    """The budget's own words (``forecast.text``); older gateways send only the number."""
+    forecast = budget.get("forecast") or {}
+    if forecast.get("text"):
+        cls = "bad" if forecast.get("state") == "growing" else "muted"
+        return f"<span class='{cls}'>{_e(forecast['text'])}</span>"
+    seconds = budget.get("time_to_full_s")
     if seconds is None:
-        return "<span class='muted'>not filling up (or too early to tell)</span>"
-    return f"about {duration(seconds)} <span class='muted'>(rate of the last 10 minutes)</span>"
+        return "<span class='muted'>not growing, or not enough history to tell</span>"
+    return f"full in about {_e(duration(seconds))}"
+
+
+def _sources(components: list[dict[str, Any]], gaps: dict[str, float]) -> list[str]:
+    sources = [c for c in components if c.get("kind") == "source"]
+    others = [c for c in components if c.get("kind") != "source"]
+    out = ["<h2>Sources</h2><table><tr><th>source</th><th>type</th><th>connected</th>"
+           "<th>since</th><th>gaps</th><th>state</th><th>error</th></tr>"]
+    if not sources:
+        out.append("<tr><td colspan='7' class='muted'>no source configured</td></tr>")
+    for c in sources:
+        connected = bool(c.get("connected"))
+        gap = int(gaps.get(str(c.get("id")), 0))
+        bad = c.get("state") in ("failed", "retrying")
+        out.append(
+            f"<tr data-source='{_e(c.get('id'))}'><td>{_e(c.get('id'))}</td>"
+            f"<td>{_e(c.get('type'))}</td><td data-field='connected' class="
+            f"'{'good' if connected else 'bad'}'>{'yes' if connected else 'NO'}</td>"
+            f"<td>{_e(ago(c.get('since')))}</td>"
+            f"<td class='n{' bad' if gap else ''}' data-field='gaps'>{gap}</td>"
+            f"<td class='{'bad' if bad else ''}'>{_e(c.get('state'))}</td>"
+            f"<td>{_e(c.get('error') or '')}</td></tr>")
+    out.append("</table>")
+    if others:
+        out.append("<h2>Other components</h2><table><tr><th>id</th><th>kind</th><th>type</th>"
+                   "<th>state</th><th>since</th><th>restarts</th><th>error</th></tr>")
+        for c in others:
+            bad = c.get("state") in ("failed", "retrying")
+            out.append(
+                f"<tr><td>{_e(c.get('id'))}</td><td>{_e(c.get('kind'))}</td>"
+                f"<td>{_e(c.get('type'))}</td><td class='{'bad' if bad else ''}'>"
+                f"{_e(c.get('state'))}</td><td>{_e(ago(c.get('since')))}</td>"
+                f"<td class='n'>{_e(c.get('restarts', 0))}</td>"
+                f"<td>{_e(c.get('error') or '')}</td></tr>")
+        out.append("</table>")
+    return out

@@ -15,7 +15,7 @@ import orjson
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 
-from edge.api import lineage, page
+from edge.api import dead_letters, lineage, page
 from edge.errors import OutboxClosedError, OutboxError
 from edge.outbox import lots, queries
 from edge.pipeline import AlreadyReleased, UnknownLot
@@ -115,14 +115,30 @@ async def status(request: Request) -> Response:
 
 
 async def index(request: Request) -> Response:
+    """The status page (``edge.api.page``): ``/status`` plus the last hour's history, dead
+    letters by reason and connection gaps per source."""
     gateway = _gateway(request)
+    extras = page.Extras(history=getattr(request.app.state, "history", None),
+                         source_gaps=_per_label(gateway.metrics.source_gaps))
     try:
-        _outbox(request)
+        outbox = _outbox(request)
         report = await gateway.status_report()
+        extras = page.Extras(history=extras.history, source_gaps=extras.source_gaps,
+                             dead_letters=await outbox.read(dead_letters.by_reason))
     except OutboxError as err:
         report = {"site": gateway.config.site, "error": str(err)}
-    return HTMLResponse(page.render(report, readiness(gateway)),
+    return HTMLResponse(page.render(report, readiness(gateway), extras),
                         headers={"Cache-Control": "no-store"})
+
+
+def _per_label(collector: Any) -> dict[str, float]:
+    """A one-label counter's values by label (``{"line1": 2.0}``), public API only."""
+    out: dict[str, float] = {}
+    for family in collector.collect():
+        for s in family.samples:
+            if s.name == family.name + "_total" and s.labels:
+                out[next(iter(s.labels.values()))] = float(s.value)
+    return out
 
 
 async def dlq_list(request: Request) -> Response:

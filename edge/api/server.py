@@ -21,6 +21,8 @@ Endpoints (DESIGN contracts; JSON unless noted)::
     GET  /trace/{event_id}        lineage of one event (edge.api.lineage)
     GET  /trace?key=lot:L1        lineage of every event of an ordering key
 
+Every response carries the security headers of ``edge.api.headers`` (CSP, nosniff, no
+framing, no referrer, no-store), refusals, 404s and 500s included.
 Every request passes ``edge.api.guard.BrowserGuard`` first (Host names this API; actions
 only as same-origin JSON), then, with ``api.token_file`` set, the token guard: every
 endpoint but /healthz needs the token, actions as a Bearer header (edge.api.auth).
@@ -35,6 +37,7 @@ SIGTERM/SIGINT stay with the gateway: uvicorn's signal capture is disabled.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import socket
@@ -48,9 +51,11 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from edge.api import routes
+from edge.api import page, routes
 from edge.api.auth import TokenGuard, load_tokens
 from edge.api.guard import BrowserGuard, Refusals
+from edge.api.headers import SecurityHeaders
+from edge.api.history import History, sample_forever
 from edge.errors import FatalStartupError, OutboxError
 from edge.httpserver import EmbeddedServer
 from edge.telemetry import log_event
@@ -78,10 +83,13 @@ async def _outbox_unavailable(request: Request, exc: Exception) -> Response:
     return routes.error(503, f"outbox unavailable: {exc}")
 
 
-def build_app(gateway: Any, tokens: list[Any] | None = None) -> Starlette:
+def build_app(gateway: Any, tokens: list[Any] | None = None,
+              history: History | None = None) -> SecurityHeaders:
     """The API app for ``gateway`` (one per gateway: it registers a counter in its metrics).
 
-    Middleware, outermost first: the browser guard for every app, the token guard when
+    ``history`` (the page's chart) is sampled by ``ApiServer``; without it the page says it
+    has no history. Outermost first: the security headers (outside starlette's own error handling, so a
+    500 carries them too), the browser guard for every app, the token guard when
     ``tokens`` is given.
     """
     api = gateway.config.api
@@ -117,7 +125,8 @@ def build_app(gateway: Any, tokens: list[Any] | None = None) -> Starlette:
         exception_handlers={OutboxError: _outbox_unavailable},
     )
     app.state.gateway = gateway
-    return app
+    app.state.history = history
+    return SecurityHeaders(app, style_hashes=[page.STYLE_HASH])
 
 
 class ApiServer:
@@ -128,7 +137,9 @@ class ApiServer:
         self.port: int = cfg.port
         tokens = load_tokens(cfg.token_file) if cfg.token_file else None
         self.auth = tokens is not None
-        self.app = build_app(gateway, tokens)
+        self.gateway = gateway
+        self.history = History()
+        self.app = build_app(gateway, tokens, self.history)
         self._server = EmbeddedServer(uvicorn.Config(
             self.app, loop="none", lifespan="off", access_log=False, log_config=None,
             proxy_headers=False, server_header=False, limit_concurrency=MAX_CONNECTIONS,
@@ -154,7 +165,10 @@ class ApiServer:
             self.port = self._sock.getsockname()[1]
 
     async def serve(self) -> None:
-        """Bind ``api.listen`` (unless ``bind()`` did) and serve until ``shutdown()``."""
+        """Bind ``api.listen`` (unless ``bind()`` did) and serve until ``shutdown()``;
+        meanwhile sample the page's history (``edge.api.history``)."""
+        sampler = asyncio.create_task(sample_forever(self.history, self.gateway),
+                                      name="api-history")
         try:
             self.bind()
             assert self._sock is not None
@@ -163,6 +177,9 @@ class ApiServer:
             self._failed = err
             raise
         finally:
+            sampler.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sampler
             self._done.set()
 
     async def started(self) -> None:

@@ -10,7 +10,8 @@
 - ``GET /metrics`` Prometheus text (the forwarders' ``edge_`` metrics and
   ``edge_relay_partitions_owned``, ``edge_relay_events_held{sink}``).
 
-Read-only: nothing here changes the relay.
+Read-only: nothing here changes the relay. Every response carries the security headers of
+``edge.api.headers`` (CSP without any source, nosniff, no framing, no referrer, no-store).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from edge.api.headers import SecurityHeaders
 from edge.errors import FatalStartupError
 from edge.httpserver import EmbeddedServer
 
@@ -54,7 +56,7 @@ class RelayApi:
             Route("/status", self.status), Route("/metrics", self.metrics),
         ])
         self._server = EmbeddedServer(uvicorn.Config(
-            app, loop="none", lifespan="off", access_log=False, log_config=None,
+            SecurityHeaders(app), loop="none", lifespan="off", access_log=False, log_config=None,
             server_header=False))
         self._sock: socket.socket | None = None
         self._task: asyncio.Task[None] | None = None
