@@ -33,7 +33,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from edge.components import StoredEvent, Submission
 from edge.events import make_event
-from edge.outbox import Outbox, Resolution, queries
+from edge.outbox import Outbox, Resolution, audit, queries
 
 EXAMPLES = int(os.environ.get("EDGE_MODEL_EXAMPLES", "25"))
 STEPS = int(os.environ.get("EDGE_MODEL_STEPS", "30"))
@@ -225,6 +225,11 @@ class OutboxMachine(RuleBasedStateMachine):
     def each_key_is_delivered_in_ingest_order(self) -> None:
         for key, seqs in self.delivered_order.items():
             assert seqs == sorted(seqs), f"{key} delivered out of order: {seqs}"
+
+    @invariant()
+    def audit_chain_verifies(self) -> None:
+        res = self._run(self.outbox.read(audit.verify_db))
+        assert res.ok, res.message
 
     @invariant()
     def protected_classes_are_never_expired(self) -> None:

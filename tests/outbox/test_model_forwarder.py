@@ -80,7 +80,7 @@ from edge.delivery import send_in_key_order
 from edge.errors import OutboxFullError
 from edge.events import Event, make_event
 from edge.forwarder import Forwarder
-from edge.outbox import Outbox, pauses, queries
+from edge.outbox import Outbox, audit, pauses, queries
 from edge.telemetry import Metrics
 from tests.support import metric
 
@@ -792,7 +792,7 @@ class ForwarderMachine(RuleBasedStateMachine):
         per_sink: dict[tuple[str, str], list[str]] = {}
         stored_sinks: dict[str, list[str]] = {}
         for _, eid, sink, state, detail in rows:
-            if eid is None:
+            if eid is None or state == "duplicate_dropped":  # a copy matched: not a change
                 continue
             if state == "rerouted":
                 frm = orjson.loads(detail)["from"]
@@ -825,6 +825,11 @@ class ForwarderMachine(RuleBasedStateMachine):
                 want = {"pending": "queued", "inflight": "queued", "dead": "dead"}.get(
                     row.state, "done")
                 assert end == want, f"{m.id}/{sink}: audit path ends {end}, model {row.state}"
+
+    @invariant()
+    def audit_chain_verifies(self) -> None:
+        res = self._run(self.outbox.read(audit.verify_db))
+        assert res.ok, res.message
 
     @invariant()
     def pauses_are_kept(self) -> None:
