@@ -158,6 +158,9 @@ def chart_svg(points: list[Point], now: float, window_s: float = WINDOW_S) -> st
             line = " ".join(f"{x(p.at):.1f},{y_rate(getattr(p, attr)):.1f}" for p in points)
             out.append(f"<polyline points='{line}' fill='none' stroke='{colour}' "
                        "stroke-width='2'/>")
+            last = points[-1]  # a dot at the latest value: one point draws no line
+            out.append(f"<circle cx='{x(last.at):.1f}' cy='{y_rate(getattr(last, attr)):.1f}' "
+                       f"r='2.5' fill='{colour}'/>")
     out.append("</svg>")
     return "".join(out)
 
