@@ -126,3 +126,29 @@ async def test_bad_config_or_api_off_is_exit_2(tmp_path):
     off = _config(tmp_path, "api: {enabled: false}\n")
     rc, _, err = await run_edge("healthcheck", "-c", str(off), cwd=tmp_path)
     assert rc == 2 and "api.enabled: false" in err
+
+
+@pytest.mark.parametrize("api", [
+    "",
+    "api: {listen: '0.0.0.0:8080', token_file: api.token}\n",
+    "api: {listen: '[::1]:9090'}\n",
+    "api: {listen: 'localhost:9090', enabled: false}\n",
+    "api:\n  listen: '127.0.0.1:${EDGE_TEST_PORT:-7070}'\n"
+    "  token_file: '${CREDENTIALS_DIRECTORY}/api'\n"
+    "  hosts: ['gw01.plant.local:7070']\n",
+])
+def test_the_quick_read_of_the_api_section_agrees_with_the_full_validation(tmp_path, api,
+                                                                           monkeypatch):
+    """The probe reads only ``api`` (fast, every few seconds): it must come to the same
+    address, token file and switch as ``edge run``'s validation of the whole file."""
+    from edge.cli.common import load_or_exit
+    from edge.cli.healthcheck import DEFAULT_LISTEN, peek_api
+    from edge.config import ApiConfig
+
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
+    assert DEFAULT_LISTEN == ApiConfig.model_fields["listen"].default
+    cfg = _config(tmp_path, api)
+    quick = peek_api(str(cfg))
+    full = load_or_exit(str(cfg), check_files=False).api
+    assert quick is not None
+    assert quick == (full.host, full.port, full.token_file, full.enabled)
