@@ -146,7 +146,7 @@ def test_the_quick_read_of_the_api_section_agrees_with_the_full_validation(tmp_p
     from edge.config import ApiConfig
 
     monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
-    assert DEFAULT_LISTEN == ApiConfig.model_fields["listen"].default
+    assert ApiConfig.model_fields["listen"].default == DEFAULT_LISTEN
     cfg = _config(tmp_path, api)
     quick = peek_api(str(cfg))
     full = load_or_exit(str(cfg), check_files=False).api
