@@ -139,6 +139,11 @@ async def test_pruning_keeps_the_chain_verifiable_and_deleting_a_checkpoint_is_d
         "SELECT first_seq, last_seq, count FROM audit_checkpoints WHERE id = 3").fetchone()
     conn.close()
     assert kinds == ["genesis", "pruned", "pruned"] and count == 4 and first <= last
+    tamper(tmp_path, "UPDATE audit_checkpoints SET count = 1 WHERE id = 2")
+    res = verify(tmp_path)
+    assert (res.ok, res.kind, res.checkpoint) == (False, "checkpoint_edited", 2)
+    tamper(tmp_path, "UPDATE audit_checkpoints SET count = 3 WHERE id = 2")
+    assert verify(tmp_path).ok
     # a pruned range's checkpoint removed: the entries it covered look deleted
     tamper(tmp_path, "DELETE FROM audit_checkpoints WHERE id = 2")
     res = verify(tmp_path)
@@ -203,6 +208,7 @@ async def test_an_older_file_is_chained_at_the_upgrade_and_then_verifies(tmp_pat
         "first_seq": 1, "last_seq": 5, "count": 4, "missing_then": 1}
     res = verify(tmp_path)
     assert res.ok and res.verified == 5, res.message
+    assert any("chained when the gateway was upgraded" in n for n in res.notes)
     tamper(tmp_path, "UPDATE audit SET actor = 'someone' WHERE seq = 2")
     assert (verify(tmp_path).kind, verify(tmp_path).seq) == ("edited", 2)
 
@@ -228,6 +234,11 @@ async def test_checkpoints_are_signed_with_the_key(tmp_path: Path):
     assert res.ok and res.signed == 1, res.message
     res = verify(state, b"another key")
     assert (res.ok, res.kind, res.checkpoint) == (False, "bad_signature", 2)
+    async with Outbox(tmp_path, router=lambda ev: ["erp"]) as ob:  # no key configured
+        await ob.audit("reconnected", source="line1")
+        await ob._prune_audit_for_space(1 << 20)
+    res = verify(state, b"s3cret-key")
+    assert (res.ok, res.kind, res.checkpoint) == (False, "unsigned", 3)
 
 
 async def test_export_then_prune_ships_every_entry_and_the_bundle_verifies(tmp_path: Path):
@@ -299,3 +310,42 @@ def test_the_audit_section_and_the_old_retention_key():
     with pytest.raises(ConfigError, match="same option"):
         load_config_text("site: s\noutbox: {audit_retention_days: 12}\n"
                          "audit: {retention_days: 30}\n")
+
+
+async def test_a_failing_export_raises_an_alarm_and_retention_keeps_the_entries(
+        tmp_path: Path):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the bundle folder should be")
+    cfg = OutboxConfig()
+    cfg._audit = AuditConfig(export=AuditFileExportConfig(path=str(blocker / "bundle")))
+    async with Outbox(tmp_path / "state", cfg, router=lambda ev: ["erp"],
+                      maintenance_interval_s=3600) as ob:
+        await ob.audit("reconnected", source="line1")
+        assert await ob.export_audit() == 0
+        assert "audit_export_failed" in {a["code"] for a in ob.alarms}
+        removed = await ob._write(lambda c: queries.prune(
+            c, dedupe_before=0, audit_before="2999", quarantine_max_rows=100,
+            audit_export_configured=True))
+        assert removed["audit"] == 0
+        blocker.unlink()
+        assert await ob.export_audit() == 1
+        assert "audit_export_failed" not in {a["code"] for a in ob.alarms}
+
+
+async def test_an_auditor_recomputes_an_entry_hash_from_the_documented_recipe(
+        erp_outbox: Outbox, tmp_path: Path):
+    import hashlib
+    import json
+
+    await erp_outbox.submit([sub(key="lot:A")])
+    await erp_outbox.audit("reconnected", source="line1")
+    conn = sqlite3.connect(tmp_path / "outbox.db")
+    rows = conn.execute("SELECT seq, ts, event_id, sink, state, actor, reason, ordering_key, "
+                        "detail, hash FROM audit ORDER BY seq").fetchall()
+    genesis = conn.execute("SELECT last_hash FROM audit_checkpoints WHERE id = 1").fetchone()
+    conn.close()
+    prev = genesis[0]
+    for row in rows:
+        canonical = json.dumps(list(row[:9]), separators=(",", ":"), ensure_ascii=False)
+        assert hashlib.sha256((prev + canonical).encode()).hexdigest() == row[9]
+        prev = row[9]
