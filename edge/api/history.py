@@ -27,7 +27,7 @@ SAMPLE_EVERY_S = 30.0
 WINDOW_S = 3600.0
 
 # chart geometry (SVG user units)
-_W, _LEFT, _RIGHT = 720, 56, 12
+_W, _LEFT, _RIGHT = 740, 80, 12
 _RATE_TOP, _RATE_H = 22, 96
 _BACKLOG_TOP, _BACKLOG_H = 150, 50
 _H = _BACKLOG_TOP + _BACKLOG_H + 22

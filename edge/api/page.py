@@ -442,7 +442,10 @@ def _forecast(budget: dict[str, Any]) -> str:
 
 def _sources(components: list[dict[str, Any]], gaps: dict[str, float]) -> list[str]:
     sources = [c for c in components if c.get("kind") == "source"]
-    others = [c for c in components if c.get("kind") != "source"]
+    # a running sink is told about under Receivers; one that failed to start or restarts is
+    # listed here with its error
+    others = [c for c in components if c.get("kind") not in ("source", "sink")
+              or c.get("state") != "running"]
     out = ["<h2>Sources</h2><table><tr><th>source</th><th>type</th><th>connected</th>"
            "<th>since</th><th>gaps</th><th>state</th><th>error</th></tr>"]
     if not sources:
