@@ -177,14 +177,23 @@ def _check_headers(resp: httpx.Response, what: str) -> None:
     assert resp.headers.get("cache-control") == "no-store", what
 
 
-async def test_every_response_carries_the_security_headers(gateways, erp, tmp_path):
+async def test_every_response_carries_the_security_headers(gateways, erp, tmp_path,
+                                                           monkeypatch):
     (tmp_path / "api.token").write_text("s3cr3t-7b21e4c0ffee\n")
     port = free_port()
-    await gateways(api_yaml(port, token_file="api.token") + "sinks:\n"
-                   + http_sink_yaml(erp.url))
+    gw = await gateways(api_yaml(port, token_file="api.token") + "sinks:\n"
+                        + http_sink_yaml(erp.url))
     auth = {"Authorization": "Bearer s3cr3t-7b21e4c0ffee"}
+
+    async def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("a bug")
+
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+        with monkeypatch.context() as patch:
+            patch.setattr(gw.outbox, "read", broken)
+            crashed = await client.get("/dlq", headers=auth)
         answers = {
+            "500": crashed,
             "page": await client.get("/", headers=auth),
             "status": await client.get("/status", headers=auth),
             "metrics": await client.get("/metrics", headers=auth),
@@ -196,7 +205,7 @@ async def test_every_response_carries_the_security_headers(gateways, erp, tmp_pa
             "405": await client.put("/status", headers={**auth, "Content-Type":
                                                         "application/json"}),
         }
-    expected = {"page": 200, "status": 200, "metrics": 200, "healthz": 200, "404": 404,
+    expected = {"500": 500, "page": 200, "status": 200, "metrics": 200, "healthz": 200, "404": 404,
                 "400": 400, "401 (token guard)": 401, "421 (browser guard)": 421, "405": 405}
     assert {k: r.status_code for k, r in answers.items()} == expected
     for what, resp in answers.items():
