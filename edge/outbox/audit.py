@@ -104,14 +104,14 @@ def chain_hash(prev: str, fields: Sequence[Any]) -> str:
 
 
 def _head(conn: sqlite3.Connection) -> tuple[int, str]:
-    """(seq, hash) of the newest entry ever written, kept or pruned (three index lookups)."""
-    kept = conn.execute("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
-    cp = conn.execute("SELECT last_seq, last_hash FROM audit_checkpoints "
-                      "ORDER BY id DESC LIMIT 1").fetchone()
-    best = max((r for r in (kept, cp) if r is not None), key=lambda r: r[0],
-               default=(0, GENESIS_HASH))
+    """(seq to continue from, hash to chain from): the newest entry, which a prune never
+    removes; in a file without entries, the genesis checkpoint."""
+    best = conn.execute("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
+    if best is None:
+        best = conn.execute("SELECT last_seq, last_hash FROM audit_checkpoints "
+                            "ORDER BY last_seq DESC LIMIT 1").fetchone() or (0, GENESIS_HASH)
     top = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'audit'").fetchone()
-    # rows deleted at the end outside a prune: continue above them, so the gap shows
+    # entries deleted at the end outside a prune: continue above them, so the gap shows
     return max(int(best[0]), int(top[0]) if top else 0), best[1] or GENESIS_HASH
 
 
@@ -239,7 +239,12 @@ def _runs(rows: Sequence[tuple[int, str]]) -> list[list[Any]]:
 def prune_entries(conn: sqlite3.Connection, rows: Sequence[tuple[int, str]], *, reason: str,
                   detail: dict[str, Any] | None = None, key: bytes | None = None) -> int:
     """Delete the entries ``rows`` ((seq, hash), ascending) and record a ``pruned``
-    checkpoint of them in the same transaction; returns the number deleted."""
+    checkpoint of them in the same transaction; returns the number deleted.
+
+    The newest entry is never deleted: the next entry chains from it (and a deletion at
+    the end stays visible)."""
+    newest = conn.execute("SELECT MAX(seq) FROM audit").fetchone()[0]
+    rows = [r for r in rows if r[0] != newest]
     if not rows:
         return 0
     runs = _runs(rows)

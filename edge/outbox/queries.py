@@ -500,7 +500,8 @@ def prune(conn: sqlite3.Connection, *, dedupe_before: float, audit_before: str,
     # seq and ts grow together, so the oldest rows are the first by seq: no ts index
     upto = audit_exported_through(conn) if audit_export_configured else 2**62
     old = [(seq, digest) for seq, digest, ts in conn.execute(
-        "SELECT seq, hash, ts FROM audit WHERE seq <= ? ORDER BY seq LIMIT ?", (upto, limit))
+        "SELECT seq, hash, ts FROM audit WHERE seq <= ? AND seq < (SELECT MAX(seq) FROM audit) "
+        "ORDER BY seq LIMIT ?", (upto, limit))
         if ts < audit_before]
     audit_rows = audit.prune_entries(conn, old, reason="retention", key=checkpoint_key,
                                      detail={"before": audit_before})
@@ -557,11 +558,13 @@ def prune_finished_audit(conn: sqlite3.Connection, limit: int, *,
     ``pruned`` checkpoint (and, when rows the export had not shipped yet go, an
     ``audit_pruned_unexported`` audit row saying which) in the same transaction.
 
-    Rows of events still queued or dead-lettered are never touched.
+    Rows of events still queued or dead-lettered are never touched, nor the newest row
+    (the chain continues from it).
     """
     rows = conn.execute(
-        "SELECT seq, hash FROM audit WHERE event_id IS NULL "
-        "OR event_id NOT IN (SELECT id FROM events) ORDER BY seq LIMIT ?", (limit,)
+        "SELECT seq, hash FROM audit WHERE (event_id IS NULL "
+        "OR event_id NOT IN (SELECT id FROM events)) AND seq < (SELECT MAX(seq) FROM audit) "
+        "ORDER BY seq LIMIT ?", (limit,)
     ).fetchall()
     out = AuditPruned()
     if rows:

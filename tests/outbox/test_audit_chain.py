@@ -284,13 +284,13 @@ async def test_disk_pressure_prunes_unexported_entries_with_an_alarm_and_a_notic
         await ob.export_audit()
         await ob.audit("reconnected", source="line1")
         await ob.audit("reconnected", source="line1")
-        assert await ob._prune_audit_for_space(1 << 20) == 3
+        assert await ob._prune_audit_for_space(1 << 20) == 2  # the newest entry stays
         assert "audit_pruned_unexported" in {a["code"] for a in ob.alarms}
         notice = await ob.read(lambda c: c.execute(
             "SELECT reason, detail FROM audit WHERE state = 'audit_pruned_unexported'"
         ).fetchone())
         assert notice[0] == "disk budget"
-        assert orjson.loads(notice[1]) == {"count": 2, "first_seq": 2, "last_seq": 3}
+        assert orjson.loads(notice[1]) == {"count": 1, "first_seq": 2, "last_seq": 2}
         await ob.export_audit()
     assert verify(tmp_path / "state").ok
     assert audit_export.verify_bundle(str(tmp_path / "bundle")).ok
@@ -349,3 +349,21 @@ async def test_an_auditor_recomputes_an_entry_hash_from_the_documented_recipe(
         canonical = json.dumps(list(row[:9]), separators=(",", ":"), ensure_ascii=False)
         assert hashlib.sha256((prev + canonical).encode()).hexdigest() == row[9]
         prev = row[9]
+
+
+async def test_prunes_in_any_order_keep_new_entries_chained(erp_outbox: Outbox,
+                                                            tmp_path: Path):
+    """Disk pressure prunes the newest entries, retention then older ones: the next entry
+    still chains from the newest one (a prune never removes it)."""
+    ob = erp_outbox
+    await ob.submit([sub(key="lot:A")])
+    [second] = await ob.submit([sub(key="lot:B")])
+    leased = [e for e in await ob.lease("erp", 10) if e.id == second]
+    await ob.complete("erp", [Resolution(leased[0].seq, second, "delivered", status=200)])
+    assert (await ob._write(lambda c: queries.prune_finished_audit(c, 100))).removed == 1
+    await ob._write(lambda c: queries.prune(
+        c, dedupe_before=0, audit_before="2999", quarantine_max_rows=100, limit=1))
+    await ob.audit("reconnected", source="line1")
+    assert seqs(tmp_path) == [3, 4]
+    res = verify(tmp_path)
+    assert res.ok and res.pruned == 2, res.message
