@@ -46,6 +46,7 @@ __all__ = [
     "ApiConfig",
     "AuditConfig",
     "AuditFileExportConfig",
+    "AuditHttpExportConfig",
     "CircuitBreakerConfig",
     "ConfigDir",
     "GatewayConfig",
@@ -387,12 +388,47 @@ class AuditFileExportConfig(StrictModel):
         return str(path)
 
 
+class AuditHttpExportConfig(StrictModel):
+    """POST audit entries to an archive before they are pruned (docs/audit.md)."""
+
+    type: Literal["http"]
+    url: str = Field(description="http(s) URL that receives each batch as one POST of "
+                     "JSON lines (the bundle file format); 2xx = stored")
+    token_file: SecretFile | None = Field(
+        None, description="bearer token file (Authorization: Bearer)")
+    ca_file: SecretFile | None = Field(
+        None, description="CA bundle (PEM) of the archive's certificate; default: system")
+    timeout_s: float = Field(30, gt=0, description="per request")
+    interval_s: float = Field(60, gt=0, description="how often new entries are shipped")
+    max_file_rows: int = Field(10_000, ge=1, description="entries per POST")
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, v: str) -> str:
+        if not v.startswith(("http://", "https://")):
+            raise ValueError(f"must start with http:// or https://, got {v!r}")
+        return v
+
+
+def _export_type(value: Any) -> Any:
+    """``type`` defaults to ``file`` (the first export kind)."""
+    if isinstance(value, dict) and "type" not in value:
+        return {"type": "file", **value}
+    return value
+
+
+AuditExportConfig = Annotated[
+    AuditFileExportConfig | AuditHttpExportConfig, Field(discriminator="type"),
+    BeforeValidator(_export_type)]
+
+
 class AuditConfig(StrictModel):
     retention_days: float = Field(
         90, gt=0, description="audit entries older are pruned, leaving a checkpoint "
         "(earlier under disk pressure); with export, only entries already exported")
-    export: AuditFileExportConfig | None = Field(
-        None, description="ship entries to a bundle folder before pruning them")
+    export: AuditExportConfig | None = Field(
+        None, description="ship entries to a bundle folder (type: file) or an archive URL "
+        "(type: http) before pruning them")
     checkpoint_key_file: SecretFile | None = Field(
         None, description="HMAC-SHA256 key that signs every checkpoint (prune records); "
         "`edge audit verify --key-file` checks the signatures")

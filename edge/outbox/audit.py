@@ -100,7 +100,7 @@ def audit_row(
 
 def chain_hash(prev: str, fields: Sequence[Any]) -> str:
     """SHA-256 hex of ``prev`` (hex) followed by the canonical JSON array of ``fields``."""
-    return hashlib.sha256(prev.encode() + orjson.dumps(list(fields))).hexdigest()
+    return hashlib.sha256(prev.encode() + orjson.dumps(fields)).hexdigest()  # tuple: array
 
 
 def _head(conn: sqlite3.Connection) -> tuple[int, str]:

@@ -1,4 +1,5 @@
-"""Audit export: ship chained audit entries to a bundle folder before they are pruned.
+"""Audit export: ship chained audit entries to a bundle folder (or an archive's URL) before
+they are pruned.
 
 A bundle is a folder of JSON-lines files ``audit-<first seq>-<last seq>.jsonl``, each
 written whole (temporary name, fsync, rename), never changed afterwards. A file holds a
@@ -11,6 +12,10 @@ Progress lives in the outbox's ``meta`` (``audit_exported_seq``,
 ``audit_exported_checkpoint``), updated after the file is durable. A crash between the two
 writes the same entries again into the next file; the verifier accepts identical copies.
 Retention pruning never removes an entry above ``audit_exported_seq``.
+
+HTTP export POSTs each batch, in the same JSON-lines form, to ``audit.export.url``; a 2xx
+answer counts as stored (the archive keeps the body as a bundle file under the name in
+``X-Audit-Bundle``).
 """
 
 from __future__ import annotations
@@ -23,10 +28,12 @@ from typing import Any
 
 import orjson
 
+from edge.config import AuditHttpExportConfig
 from edge.outbox import audit
 from edge.timefmt import utc_iso
 
-__all__ = ["Batch", "mark_exported", "read_bundle", "read_pending", "verify_bundle",
+__all__ = ["Batch", "BundleError", "ExportError", "bundle_bytes", "bundle_name",
+           "mark_exported", "post_batch", "read_bundle", "read_pending", "verify_bundle",
            "write_bundle_file"]
 
 FILE_GLOB = "audit-*.jsonl"
@@ -71,15 +78,16 @@ def read_pending(conn: sqlite3.Connection, max_rows: int) -> Batch | None:
     return Batch(entries, checkpoints)
 
 
-def write_bundle_file(folder: str, batch: Batch) -> Path:
-    """Write ``batch`` as one new, durable bundle file; returns its path."""
-    out = Path(folder)
-    out.mkdir(parents=True, exist_ok=True)
+def bundle_name(batch: Batch) -> str:
+    """``audit-<first seq>-<last seq>-c<last checkpoint>.jsonl``: unique per batch."""
     first = int(batch.entries[0][0]) if batch.entries else 0
-    last = batch.last_seq or 0
-    cp = batch.last_checkpoint or 0
-    name = f"audit-{first:012d}-{last:012d}-c{cp:06d}.jsonl"
-    lines = [orjson.dumps({"line": "file", "first_seq": first, "last_seq": last,
+    return f"audit-{first:012d}-{batch.last_seq or 0:012d}-c{batch.last_checkpoint or 0:06d}.jsonl"
+
+
+def bundle_bytes(batch: Batch) -> bytes:
+    """The batch as bundle JSON lines: header, checkpoints, entries."""
+    first = int(batch.entries[0][0]) if batch.entries else 0
+    lines = [orjson.dumps({"line": "file", "first_seq": first, "last_seq": batch.last_seq or 0,
                            "entries": len(batch.entries), "checkpoints": len(batch.checkpoints),
                            "written_at": utc_iso()})]
     lines += [orjson.dumps({"line": "checkpoint",
@@ -87,9 +95,17 @@ def write_bundle_file(folder: str, batch: Batch) -> Path:
               for c in batch.checkpoints]
     lines += [orjson.dumps({"line": "entry", **dict(zip(audit.ENTRY_COLUMNS, e, strict=True))})
               for e in batch.entries]
+    return b"\n".join(lines) + b"\n"
+
+
+def write_bundle_file(folder: str, batch: Batch) -> Path:
+    """Write ``batch`` as one new, durable bundle file; returns its path."""
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    name = bundle_name(batch)
     tmp = out / (name + ".tmp")
     with open(tmp, "wb") as f:
-        f.write(b"\n".join(lines) + b"\n")
+        f.write(bundle_bytes(batch))
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, out / name)
@@ -99,6 +115,35 @@ def write_bundle_file(folder: str, batch: Batch) -> Path:
     finally:
         os.close(fd)
     return out / name
+
+
+class ExportError(OSError):
+    """The archive did not take a batch (HTTP error status, connection failure)."""
+
+
+async def post_batch(cfg: AuditHttpExportConfig, batch: Batch) -> None:
+    """POST the batch (bundle JSON lines) to ``cfg.url``; ``Idempotency-Key`` and
+    ``X-Audit-Bundle`` carry the bundle file name, so a resent batch is recognisable.
+    Raises ``ExportError`` unless the archive answers 2xx."""
+    import httpx
+
+    from edge.config import read_secret
+    from edge.tls import TlsConfig, client_context
+
+    name = bundle_name(batch)
+    headers = {"Content-Type": "application/x-ndjson", "Idempotency-Key": name,
+               "X-Audit-Bundle": name}
+    if cfg.token_file:
+        headers["Authorization"] = f"Bearer {read_secret(cfg.token_file)}"
+    verify = client_context(TlsConfig(ca_file=cfg.ca_file), "audit.export")
+    try:
+        async with httpx.AsyncClient(verify=verify, timeout=cfg.timeout_s) as client:
+            response = await client.post(cfg.url, content=bundle_bytes(batch), headers=headers)
+    except httpx.HTTPError as err:
+        raise ExportError(f"POST {cfg.url}: {err!r}") from err
+    if not 200 <= response.status_code < 300:
+        raise ExportError(f"POST {cfg.url}: HTTP {response.status_code} "
+                          f"{response.text[:200]!r}")
 
 
 def mark_exported(conn: sqlite3.Connection, batch: Batch) -> None:

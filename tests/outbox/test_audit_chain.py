@@ -367,3 +367,53 @@ async def test_prunes_in_any_order_keep_new_entries_chained(erp_outbox: Outbox,
     assert seqs(tmp_path) == [3, 4]
     res = verify(tmp_path)
     assert res.ok and res.pruned == 2, res.message
+
+
+async def test_http_export_posts_bundle_batches_the_archive_can_verify(tmp_path: Path):
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    seen: list[tuple[int, str | None]] = []
+
+    class Archive(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            status = 503 if not seen else 201
+            seen.append((status, self.headers.get("Authorization")))
+            if status == 201:
+                (archive / self.headers["X-Audit-Bundle"]).write_bytes(body)
+            self.send_response(status)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Archive)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    token = tmp_path / "token"
+    token.write_text("t0ken\n")
+    cfg = load_config_text(
+        f"site: s\naudit:\n  export: {{type: http, url: 'http://127.0.0.1:"
+        f"{server.server_address[1]}/audit', token_file: {token}}}\n").outbox
+    try:
+        async with Outbox(tmp_path / "state", cfg, router=lambda ev: ["erp"],
+                          maintenance_interval_s=3600) as ob:
+            await realistic_run(ob)
+            assert await ob.export_audit() == 0  # the archive answered 503
+            assert "audit_export_failed" in {a["code"] for a in ob.alarms}
+            removed = await ob._write(lambda c: queries.prune(
+                c, dedupe_before=0, audit_before="2999", quarantine_max_rows=100,
+                audit_export_configured=True))
+            assert removed["audit"] == 0
+            shipped = await ob.export_audit()
+            assert shipped == len(seqs(tmp_path / "state"))
+            assert "audit_export_failed" not in {a["code"] for a in ob.alarms}
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert seen == [(503, "Bearer t0ken"), (201, "Bearer t0ken")]
+    res = audit_export.verify_bundle(str(archive))
+    assert res.ok and res.verified == shipped, res.message
