@@ -2,8 +2,8 @@
 
 ``History`` keeps, in memory, one sample every ``SAMPLE_EVERY_S`` of three figures the
 gateway already counts: events committed (``edge_events_received_total``), deliveries a
-sink confirmed (``edge_events_delivered_total``) and rows waiting (``edge_outbox_depth``),
-for ``WINDOW_S``. Nothing is stored: after a start the history is empty and the page says
+sink confirmed (``edge_events_delivered_total``) and rows waiting (``edge_outbox_depth``,
+refreshed by the gateway every 5 s, so up to that much behind), for ``WINDOW_S``. Nothing is stored: after a start the history is empty and the page says
 so. ``sample_forever`` is the API server's sampling task; ``chart_svg`` draws the points as
 an inline SVG (no script, colours as attributes: it passes the page's CSP).
 
