@@ -419,13 +419,22 @@ def _outbox(ob: dict[str, Any]) -> list[str]:
         "<h2>Disk budget</h2><table>",
         f"<tr><th>used</th><td>{bar} <span data-field='disk-used'>"
         f"{budget.get('used_bytes', 0) / MB:.1f} MB of {budget.get('budget_bytes', 0) / MB:.0f}"
-        f" MB ({pct:.1f} %)</span></td></tr>",
+        f" MB ({pct:.1f} %)</span>{_live(budget)}</td></tr>",
         f"<tr><th>forecast</th><td data-field='disk-forecast'>{_forecast(budget)}</td></tr>",
         f"<tr><th>accepting new events</th><td>{accepting}</td></tr>",
         f"<tr><th>events stored</th><td>{_e(ob.get('events', 0))}</td></tr>",
         f"<tr><th>quarantined inbound records</th><td>{quarantine}</td></tr>",
         f"<tr><th>file</th><td><code>{_e(ob.get('path', ''))}</code></td></tr></table>",
     ]
+
+
+def _live(budget: dict[str, Any]) -> str:
+    """How much of ``used`` is data (the rest is the WAL, folded back at checkpoints)."""
+    live, used = budget.get("live_bytes"), budget.get("used_bytes") or 0
+    if live is None or used - live < MB:
+        return ""
+    return (f" <span class='muted'>of which {live / MB:.1f} MB data, {(used - live) / MB:.1f}"
+            " MB write-ahead log (given back at the next checkpoint)</span>")
 
 
 def _forecast(budget: dict[str, Any]) -> str:

@@ -68,6 +68,7 @@ class Budget:
         self.metrics = metrics
         self.budget_bytes = int(config.max_size_mb * 1024 * 1024)
         self.used_bytes = 0
+        self.live_bytes = 0
         self.last_percent = 0.0
         # bookkeeping of finished events is given up from here on, down to half the budget
         self.bookkeeping_percent = max(10.0, config.alarm_at_percent - 10)
@@ -87,6 +88,7 @@ class Budget:
         total = used if total is None else total
         live = used if live is None else live
         self.used_bytes = used
+        self.live_bytes = live
         self.metrics.outbox_size_bytes.set(used)
         self._last_observed = now
         if not self._samples or now - self._samples[-1][0] >= _SAMPLE_EVERY_S:
@@ -146,11 +148,13 @@ class Budget:
                         f"last {duration(FORECAST_WINDOW_S)}", ttf, slope)
 
     def snapshot(self) -> dict[str, Any]:
-        """``/status`` → ``outbox.budget``: ``time_to_full_s`` only for a steady rise,
-        ``forecast`` (state, text, bytes_per_s) always."""
+        """``/status`` → ``outbox.budget``: ``used_bytes`` (what the budget counts: live
+        data and the WAL up to its limit), ``live_bytes`` (pages in use), ``time_to_full_s``
+        only for a steady rise, ``forecast`` (state, text, bytes_per_s) always."""
         fc = self.forecast()
         return {
             "used_bytes": self.used_bytes,
+            "live_bytes": self.live_bytes,
             "budget_bytes": self.budget_bytes,
             "percent": round(100.0 * self.used_bytes / self.budget_bytes, 2),
             "time_to_full_s": round(fc.time_to_full_s, 1) if fc.time_to_full_s is not None

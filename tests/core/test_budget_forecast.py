@@ -34,6 +34,7 @@ def test_a_wal_growing_for_23_seconds_after_start_gives_no_forecast():
     assert budget.time_to_full_s() is None
     assert budget.forecast().state == "not_enough_history"
     snap = budget.snapshot()
+    assert snap["live_bytes"] == live and snap["used_bytes"] == live + 23 * MB
     assert snap["time_to_full_s"] is None
     assert snap["forecast"]["state"] == "not_enough_history"
     shown = "\n".join(format_report(_report(budget)))
