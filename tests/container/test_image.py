@@ -215,3 +215,18 @@ def test_pin_base_image_writes_the_resolved_digest(tmp_path: Path):
                          capture_output=True, text=True, timeout=30)
     assert out.returncode == 1 and "no sha256 digest" in out.stderr
     assert parse(tmp_path / "Dockerfile.arm64").global_args["BASE_IMAGE"].endswith(digest)
+
+
+def test_every_docker_run_mount_in_the_docs_is_the_compose_files():
+    """The `docker run` lines (docs, the Dockerfile's header) and deploy/compose.yaml mount
+    the same container paths, read-only where compose says so."""
+    compose = {v["target"]: bool(v.get("read_only")) for v in _service()["volumes"]}
+    seen = set()
+    for path in (DOCS, DOCKERFILE):
+        for spec in re.findall(r"-v (\S+)", path.read_text()):
+            parts = spec.split(":")
+            target, read_only = parts[1], parts[2:] == ["ro"]
+            assert target in compose, f"{path.name}: -v {spec} mounts what compose does not"
+            assert read_only == compose[target], f"{path.name}: -v {spec}"
+            seen.add(target)
+    assert seen == set(compose)
