@@ -16,7 +16,9 @@ Checkpoints (``audit_checkpoints``, chained among themselves the same way): ``ge
 starts the chain (of a new file, or of a file written before the chain, whose rows were
 chained at the upgrade); ``pruned`` is written in the transaction of every prune with the
 count, the seq range and, per run of pruned seqs, the hash of its last row — so the rows
-kept still verify. A checkpoint is HMAC-signed when ``audit.checkpoint_key_file`` is set.
+kept still verify; ``rebased`` replaces older checkpoints (``compact_checkpoints``) so
+their number stays bounded, and is then where the walk starts. A checkpoint is
+HMAC-signed when ``audit.checkpoint_key_file`` is set.
 
 States of an event (``state`` column):
   stored        received from a source and committed (detail: type, class, source, sha256,
@@ -60,7 +62,8 @@ from edge.timefmt import utc_iso
 
 __all__ = [
     "CHECKPOINT_COLUMNS", "ENTRY_COLUMNS", "GENESIS_HASH", "AuditRow", "Checkpoint",
-    "VerifyResult", "audit_row", "chain_hash", "ensure_chain", "insert_audit",
+    "VerifyResult", "audit_row", "chain_hash", "compact_checkpoints", "ensure_chain",
+    "insert_audit",
     "prune_entries", "trace_event", "trace_key", "verify", "verify_db",
 ]
 
@@ -255,6 +258,51 @@ def prune_entries(conn: sqlite3.Connection, rows: Sequence[tuple[int, str]], *, 
     return len(rows)
 
 
+def compact_checkpoints(conn: sqlite3.Connection, *, key: bytes | None = None) -> int:
+    """Replace every checkpoint by one ``rebased`` checkpoint, so their number stays
+    bounded under steady pruning; returns
+    how many were replaced (0: nothing to do, or the checkpoint chain does not verify —
+    then nothing is changed, the next ``edge audit verify`` names the break).
+
+    The rebased checkpoint says where the entries' chain now starts (the seq before the
+    oldest entry kept and the hash it chains from), carries the runs still needed (gaps
+    among the entries kept) and names the checkpoints it replaced and the last one's hash;
+    it is chained to that hash, so an exported bundle (which has them all) still verifies
+    through it."""
+    cols = ", ".join(CHECKPOINT_COLUMNS)
+    cps = [Checkpoint.from_row(r) for r in conn.execute(
+        f"SELECT {cols} FROM audit_checkpoints ORDER BY id")]
+    if len(cps) < 2:
+        return 0
+    probe = VerifyResult()
+    if not _verify_checkpoints(cps, 0, key, probe, require_signatures=False):
+        return 0
+    oldest = conn.execute("SELECT MIN(seq) FROM audit").fetchone()[0]
+    if oldest is None:
+        return 0
+    start = cps[0].last_seq, cps[0].last_hash
+    runs: dict[int, tuple[int, str]] = {}
+    for cp in cps:
+        for lo, hi, digest in orjson.loads(cp.ranges) if cp.ranges else ():
+            runs[int(lo)] = (int(hi), str(digest))
+    ends = dict(runs.values())
+    if oldest - 1 == start[0]:
+        prev = start[1]
+    elif oldest - 1 in ends:
+        prev = ends[oldest - 1]
+    else:
+        return 0  # the entry before the oldest kept is not accounted for: leave it visible
+    kept = sorted([lo, hi, digest] for lo, (hi, digest) in runs.items() if hi >= oldest)
+    total = sum(c.count for c in cps)
+    last = cps[-1]
+    write_checkpoint(conn, kind="rebased", reason="checkpoints compacted", count=total,
+                     first_seq=None, last_seq=oldest - 1, last_hash=prev, ranges=kept or None,
+                     detail={"replaced": {"first_id": cps[0].id, "last_id": last.id,
+                                          "last_hash": last.hash}}, key=key)
+    conn.execute("DELETE FROM audit_checkpoints WHERE id <= ?", (last.id,))
+    return len(cps)
+
+
 # --------------------------------------------------------------------------- verify
 
 
@@ -315,9 +363,14 @@ def _broken(res: VerifyResult, kind: str, message: str, *, seq: int | None = Non
 
 
 def _verify_checkpoints(cps: list[Checkpoint], top_id: int, key: bytes | None,
-                        res: VerifyResult) -> bool:
+                        res: VerifyResult, *, require_signatures: bool = True) -> bool:
+    if not cps or cps[0].kind not in ("genesis", "rebased"):
+        _broken(res, "checkpoint_deleted", "the genesis checkpoint is missing", checkpoint=1)
+        return False
     prev = GENESIS_HASH
-    expected = 1
+    expected = cps[0].id if cps[0].kind == "rebased" else 1
+    if cps[0].kind == "rebased":  # the replaced checkpoints are gone: start from its word
+        prev = orjson.loads(cps[0].detail or "{}").get("replaced", {}).get("last_hash", "")
     for cp in cps:
         if cp.id != expected:
             _broken(res, "checkpoint_deleted", f"checkpoint {expected} is missing (deleted); "
@@ -329,7 +382,7 @@ def _verify_checkpoints(cps: list[Checkpoint], top_id: int, key: bytes | None,
             _broken(res, "checkpoint_edited", f"checkpoint {cp.id} does not match its hash "
                     "(edited, or an earlier checkpoint was replaced)", checkpoint=cp.id)
             return False
-        if key is not None and cp.kind != "genesis":
+        if key is not None and cp.kind != "genesis" and require_signatures:
             if not cp.signature:
                 _broken(res, "unsigned", f"checkpoint {cp.id} is not signed (the key was "
                         "given)", checkpoint=cp.id)
@@ -341,9 +394,6 @@ def _verify_checkpoints(cps: list[Checkpoint], top_id: int, key: bytes | None,
             res.signed += 1
         prev = cp.hash
         expected += 1
-    if not cps or cps[0].kind != "genesis":
-        _broken(res, "checkpoint_deleted", "the genesis checkpoint is missing", checkpoint=1)
-        return False
     if top_id >= expected:
         _broken(res, "checkpoint_deleted", f"checkpoint {expected} is missing (deleted; "
                 f"checkpoints were written up to {top_id})", checkpoint=expected)
@@ -382,17 +432,18 @@ def verify(entries: Iterable[Entry], checkpoints: Sequence[Sequence[Any]], *, he
     cps = [Checkpoint.from_row(c) for c in checkpoints]
     if not _verify_checkpoints(cps, top_checkpoint, key, res):
         return res
-    genesis = cps[0]
+    genesis = cps[0]  # or the rebased checkpoint that replaced it
     covered: list[tuple[int, int, str]] = []
     for cp in cps:
         if cp.ranges:
             covered.extend((int(a), int(b), str(h)) for a, b, h in orjson.loads(cp.ranges))
-            if cp.kind == "pruned":
-                res.pruned += cp.count
+        if cp.kind == "pruned" or (cp.kind == "rebased" and cp is genesis):
+            res.pruned += cp.count
     covered.sort()
     starts = [c[0] for c in covered]
-    res.start = ("genesis" if len(cps) == 1 else
-                 f"genesis through {len(cps) - 1} prune checkpoint(s)")
+    first = "genesis" if genesis.kind == "genesis" else f"checkpoint {genesis.id} (rebased)"
+    res.start = (first if len(cps) == 1 else
+                 f"{first} through {len(cps) - 1} later checkpoint(s)")
     if genesis.reason == "chained at upgrade":
         res.notes.append("entries written before the chain were chained when the gateway "
                          f"was upgraded ({genesis.ts})")

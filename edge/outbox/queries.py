@@ -583,6 +583,23 @@ def prune_finished_audit(conn: sqlite3.Connection, limit: int, *,
     return out
 
 
+def compact_audit_checkpoints(conn: sqlite3.Connection, *, above: int,
+                              export_configured: bool = False,
+                              checkpoint_key: bytes | None = None) -> int:
+    """More than ``above`` checkpoints: replace them all by one
+    (``audit.compact_checkpoints``); with export configured only once the export has
+    shipped them all (the bundle keeps every checkpoint). Returns how many were replaced."""
+    count, newest = conn.execute("SELECT COUNT(*), MAX(id) FROM audit_checkpoints").fetchone()
+    if count <= above:
+        return 0
+    if export_configured:
+        row = conn.execute("SELECT value FROM meta WHERE key = 'audit_exported_checkpoint'"
+                           ).fetchone()
+        if (int(row[0]) if row else 0) < newest:
+            return 0
+    return audit.compact_checkpoints(conn, key=checkpoint_key)
+
+
 def set_wal_limits(conn: sqlite3.Connection, limit_bytes: int) -> None:
     """Auto-checkpoint at ``limit_bytes`` of WAL and truncate the file back to it after."""
     page_size = conn.execute("PRAGMA page_size").fetchone()[0]

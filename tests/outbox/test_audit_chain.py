@@ -417,3 +417,62 @@ async def test_http_export_posts_bundle_batches_the_archive_can_verify(tmp_path:
     assert seen == [(503, "Bearer t0ken"), (201, "Bearer t0ken")]
     res = audit_export.verify_bundle(str(archive))
     assert res.ok and res.verified == shipped, res.message
+
+
+async def test_checkpoints_are_compacted_and_the_chain_still_verifies(tmp_path: Path):
+    """Every prune adds a checkpoint; past a bound they are replaced by one ``rebased``
+    checkpoint (exported ones only, with export), and the database and the bundle both
+    still verify; tampering stays visible."""
+    bundle = tmp_path / "bundle"
+    cfg = OutboxConfig()
+    cfg._audit = AuditConfig(export=AuditFileExportConfig(path=str(bundle)))
+    state = tmp_path / "state"
+    async with Outbox(state, cfg, router=lambda ev: ["erp"],
+                      maintenance_interval_s=3600) as ob:
+        await ob.submit([sub(key="lot:queued")])  # its entry is never pruned: a gap stays
+        for _ in range(6):
+            for _ in range(3):
+                await ob.audit("reconnected", source="line1")
+            await ob._write(lambda c: queries.prune_finished_audit(c, 2))
+        await ob.export_audit()
+        await ob.audit("reconnected", source="line1")
+        await ob._write(lambda c: queries.prune_finished_audit(c, 2))  # not exported yet
+
+        def compact(c: sqlite3.Connection) -> int:
+            return queries.compact_audit_checkpoints(c, above=3, export_configured=True)
+
+        assert await ob._write(compact) == 0  # the bundle must get every checkpoint first
+        await ob.export_audit()
+        assert await ob._write(compact) == 8  # genesis and 7 prunes
+        kinds = await ob.read(lambda c: [r[0] for r in c.execute(
+            "SELECT kind FROM audit_checkpoints ORDER BY id")])
+        assert kinds == ["rebased"]
+        await ob._write(lambda c: queries.prune_finished_audit(c, 2))
+        await ob.audit("reconnected", source="line1")
+        await ob.export_audit()
+    res = verify(state)
+    assert res.ok, res.message
+    assert res.start == "checkpoint 9 (rebased) through 1 later checkpoint(s)"
+    assert res.pruned == 16
+    res = audit_export.verify_bundle(str(bundle))
+    assert res.ok and res.start.startswith("genesis"), res.message
+    kept = seqs(state)
+    tamper(state, ("DELETE FROM audit WHERE seq = ?", (kept[2],)))
+    res = verify(state)
+    assert (res.ok, res.kind, res.seq) == (False, "deleted", kept[2])
+
+
+async def test_the_outbox_keeps_its_checkpoints_few(erp_outbox: Outbox, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch):
+    from edge.outbox import store
+
+    monkeypatch.setattr(store, "AUDIT_CHECKPOINTS_KEPT", 3)
+    for _ in range(10):
+        await erp_outbox.audit("reconnected", source="line1")
+        await erp_outbox.audit("reconnected", source="line1")
+        assert await erp_outbox._prune_audit_for_space(1 << 20) >= 1
+        count = await erp_outbox.read(lambda c: c.execute(
+            "SELECT COUNT(*) FROM audit_checkpoints").fetchone()[0])
+        assert count <= 3
+    res = verify(tmp_path)
+    assert res.ok and res.pruned == 19 and seqs(tmp_path) == [20], res.message
