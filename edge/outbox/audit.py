@@ -51,8 +51,9 @@ import bisect
 import hashlib
 import hmac
 import sqlite3
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import orjson
@@ -362,44 +363,91 @@ def _broken(res: VerifyResult, kind: str, message: str, *, seq: int | None = Non
     return res
 
 
+class _CheckpointWalk:
+    """Checks checkpoints one after another (ids contiguous, each chained to the one
+    before, signatures with ``key``) and collects the pruned runs they cover."""
+
+    def __init__(self, res: VerifyResult, key: bytes | None, require_signatures: bool = True
+                 ) -> None:
+        self.res, self.key, self.require_signatures = res, key, require_signatures
+        self.first: Checkpoint | None = None
+        self.prev = GENESIS_HASH
+        self.expected = 1
+        self.count = 0
+        self.covered: list[tuple[int, int, str]] = []
+        self.starts: list[int] = []
+
+    def add(self, cps: Sequence[Checkpoint]) -> bool:
+        res = self.res
+        for cp in cps:
+            if self.first is None or (cp.kind == "rebased" and cp.id > self.expected
+                                      and self._replaces_from(cp) <= self.expected):
+                # a start: genesis, or a rebased checkpoint whose replaced ones are gone
+                if cp.kind not in ("genesis", "rebased"):
+                    _broken(res, "checkpoint_deleted", "the genesis checkpoint is missing",
+                            checkpoint=1)
+                    return False
+                self.expected = cp.id if cp.kind == "rebased" else 1
+                self.prev = (orjson.loads(cp.detail or "{}")["replaced"]["last_hash"]
+                             if cp.kind == "rebased" else GENESIS_HASH)
+                self.first = cp
+                self.covered, res.pruned = [], 0
+            if cp.id != self.expected:
+                _broken(res, "checkpoint_deleted", f"checkpoint {self.expected} is missing "
+                        f"(deleted); the next one is {cp.id}", checkpoint=self.expected)
+                return False
+            fields = _checkpoint_fields(cp.id, cp.ts, cp.kind, cp.reason, cp.count,
+                                        cp.first_seq, cp.last_seq, cp.last_hash, cp.ranges,
+                                        cp.detail)
+            if chain_hash(self.prev, fields) != cp.hash:
+                _broken(res, "checkpoint_edited", f"checkpoint {cp.id} does not match its "
+                        "hash (edited, or an earlier checkpoint was replaced)",
+                        checkpoint=cp.id)
+                return False
+            if self.key is not None and cp.kind != "genesis" and self.require_signatures:
+                if not cp.signature:
+                    _broken(res, "unsigned", f"checkpoint {cp.id} is not signed (the key was "
+                            "given)", checkpoint=cp.id)
+                    return False
+                if not hmac.compare_digest(cp.signature, _sign(self.key, cp.hash) or ""):
+                    _broken(res, "bad_signature", f"checkpoint {cp.id}: signature does not "
+                            "match the key", checkpoint=cp.id)
+                    return False
+                res.signed += 1
+            if cp.ranges:
+                self.covered.extend((int(a), int(b), str(h))
+                                    for a, b, h in orjson.loads(cp.ranges))
+            if cp.kind == "pruned" or cp is self.first and cp.kind == "rebased":
+                res.pruned += cp.count
+            self.prev = cp.hash
+            self.expected += 1
+            self.count += 1
+        self.covered.sort()
+        self.starts = [c[0] for c in self.covered]
+        res.checkpoints = self.count
+        return True
+
+    @staticmethod
+    def _replaces_from(cp: Checkpoint) -> int:
+        replaced = orjson.loads(cp.detail or "{}").get("replaced") or {}
+        return int(replaced.get("first_id", cp.id))
+
+    def check_top(self, top_id: int) -> bool:
+        if top_id >= self.expected:
+            _broken(self.res, "checkpoint_deleted", f"checkpoint {self.expected} is missing "
+                    f"(deleted; checkpoints were written up to {top_id})",
+                    checkpoint=self.expected)
+            return False
+        return True
+
+
 def _verify_checkpoints(cps: list[Checkpoint], top_id: int, key: bytes | None,
                         res: VerifyResult, *, require_signatures: bool = True) -> bool:
-    if not cps or cps[0].kind not in ("genesis", "rebased"):
+    if not cps:
         _broken(res, "checkpoint_deleted", "the genesis checkpoint is missing", checkpoint=1)
         return False
-    prev = GENESIS_HASH
-    expected = cps[0].id if cps[0].kind == "rebased" else 1
-    if cps[0].kind == "rebased":  # the replaced checkpoints are gone: start from its word
-        prev = orjson.loads(cps[0].detail or "{}").get("replaced", {}).get("last_hash", "")
-    for cp in cps:
-        if cp.id != expected:
-            _broken(res, "checkpoint_deleted", f"checkpoint {expected} is missing (deleted); "
-                    f"the next one is {cp.id}", checkpoint=expected)
-            return False
-        fields = _checkpoint_fields(cp.id, cp.ts, cp.kind, cp.reason, cp.count, cp.first_seq,
-                                    cp.last_seq, cp.last_hash, cp.ranges, cp.detail)
-        if chain_hash(prev, fields) != cp.hash:
-            _broken(res, "checkpoint_edited", f"checkpoint {cp.id} does not match its hash "
-                    "(edited, or an earlier checkpoint was replaced)", checkpoint=cp.id)
-            return False
-        if key is not None and cp.kind != "genesis" and require_signatures:
-            if not cp.signature:
-                _broken(res, "unsigned", f"checkpoint {cp.id} is not signed (the key was "
-                        "given)", checkpoint=cp.id)
-                return False
-            if not hmac.compare_digest(cp.signature, _sign(key, cp.hash) or ""):
-                _broken(res, "bad_signature", f"checkpoint {cp.id}: signature does not match "
-                        "the key", checkpoint=cp.id)
-                return False
-            res.signed += 1
-        prev = cp.hash
-        expected += 1
-    if top_id >= expected:
-        _broken(res, "checkpoint_deleted", f"checkpoint {expected} is missing (deleted; "
-                f"checkpoints were written up to {top_id})", checkpoint=expected)
-        return False
-    res.checkpoints = len(cps)
-    return True
+    walk = _CheckpointWalk(res, key, require_signatures)
+    return walk.add(cps) and walk.check_top(top_id)
 
 
 Entry = tuple[Any, ...]  # ENTRY_COLUMNS
@@ -421,26 +469,29 @@ def _diagnose(seq: int, prev: str, present: Entry | None,
     return "edited", f"entry at seq {seq}: does not match its hash (edited)"
 
 
-def verify(entries: Iterable[Entry], checkpoints: Sequence[Sequence[Any]], *, head_seq: int,
-           top_checkpoint: int = 0, key: bytes | None = None,
-           rescan: Any = None) -> VerifyResult:
+def verify(entries: Iterable[Entry], checkpoints: Sequence[Sequence[Any]], *,
+           head: Callable[[], tuple[int, int]], top_checkpoint: int = 0,
+           key: bytes | None = None, rescan: Callable[[], Iterable[Entry]] | None = None,
+           more_checkpoints: Callable[[int], Sequence[Sequence[Any]]] | None = None
+           ) -> VerifyResult:
     """Walk ``entries`` (ascending seq, duplicates allowed if identical) against the
-    checkpoints; ``head_seq``: the highest seq ever written (entries missing above the last
-    one kept are deletions unless a checkpoint covers them); ``rescan()`` yields the entries
-    again (for the diagnosis of a break)."""
+    checkpoints (``top_checkpoint``: the highest checkpoint id ever written when they were
+    read). ``head()``, called once the entries are exhausted: (the highest seq ever
+    written, the highest checkpoint id ever written) — entries missing above the last one
+    kept are deletions unless a checkpoint covers them. ``more_checkpoints(after_id)``:
+    checkpoints written since (the walk over a live file reads in several snapshots; a
+    prune meanwhile adds one). ``rescan()`` yields the entries again (for the diagnosis of
+    a break)."""
     res = VerifyResult()
     cps = [Checkpoint.from_row(c) for c in checkpoints]
-    if not _verify_checkpoints(cps, top_checkpoint, key, res):
+    if not cps:
+        return _broken(res, "checkpoint_deleted", "the genesis checkpoint is missing",
+                       checkpoint=1)
+    walk = _CheckpointWalk(res, key)
+    if not walk.add(cps) or not walk.check_top(top_checkpoint):
         return res
-    genesis = cps[0]  # or the rebased checkpoint that replaced it
-    covered: list[tuple[int, int, str]] = []
-    for cp in cps:
-        if cp.ranges:
-            covered.extend((int(a), int(b), str(h)) for a, b, h in orjson.loads(cp.ranges))
-        if cp.kind == "pruned" or (cp.kind == "rebased" and cp is genesis):
-            res.pruned += cp.count
-    covered.sort()
-    starts = [c[0] for c in covered]
+    genesis = walk.first
+    assert genesis is not None
     first = "genesis" if genesis.kind == "genesis" else f"checkpoint {genesis.id} (rebased)"
     res.start = (first if len(cps) == 1 else
                  f"{first} through {len(cps) - 1} later checkpoint(s)")
@@ -451,17 +502,28 @@ def verify(entries: Iterable[Entry], checkpoints: Sequence[Sequence[Any]], *, he
     expected = genesis.last_seq + 1
     last: Entry | None = None
 
-    def skip_to(target: int) -> bool:
-        """Cross pruned runs from ``expected`` up to ``target``; False on an uncovered gap."""
+    def cross(target: int) -> bool:
         nonlocal prev, expected
         while expected < target:
-            i = bisect.bisect_right(starts, expected) - 1
-            if i < 0 or covered[i][1] < expected or covered[i][1] >= target:
+            i = bisect.bisect_right(walk.starts, expected) - 1
+            if i < 0 or walk.covered[i][1] < expected or walk.covered[i][1] >= target:
                 return False
-            prev, expected = covered[i][2], covered[i][1] + 1
+            prev, expected = walk.covered[i][2], walk.covered[i][1] + 1
         return True
 
+    def skip_to(target: int) -> bool:
+        """Cross pruned runs from ``expected`` up to ``target``; False on an uncovered gap
+        (after looking for checkpoints written meanwhile)."""
+        if cross(target):
+            return True
+        if more_checkpoints is None:
+            return False
+        fresh = [Checkpoint.from_row(c) for c in more_checkpoints(walk.expected - 1)]
+        return bool(fresh) and walk.add(fresh) and cross(target)
+
     def fail(seq: int, present: Entry | None) -> VerifyResult:
+        if not res.ok:  # a checkpoint read meanwhile broke the walk
+            return res
         kind, message = _diagnose(seq, prev, present, rescan() if rescan else ())
         return _broken(res, kind, message, seq=seq)
 
@@ -481,32 +543,72 @@ def verify(entries: Iterable[Entry], checkpoints: Sequence[Sequence[Any]], *, he
             return fail(seq, tuple(entry))
         prev, expected, last = entry[9], seq + 1, tuple(entry)
         res.verified += 1
+    head_seq, top_checkpoint = head()
     if not skip_to(head_seq + 1):
         return fail(expected, None)
+    if more_checkpoints is not None:
+        fresh = [Checkpoint.from_row(c) for c in more_checkpoints(walk.expected - 1)]
+        if fresh and not walk.add(fresh):
+            return res
+    if not walk.check_top(top_checkpoint):
+        return res
     return res
 
 
-def verify_db(conn: sqlite3.Connection, key: bytes | None = None) -> VerifyResult:
-    """Verify the chain of an outbox file (one read transaction: a consistent snapshot)."""
+VERIFY_CHUNK = 50_000
+"""Entries read per read transaction: a long walk does not hold one WAL snapshot (which
+would keep the gateway's checkpoints from folding the WAL back) for its whole length."""
+
+
+def verify_db(conn: sqlite3.Connection, key: bytes | None = None, *,
+              chunk: int = VERIFY_CHUNK) -> VerifyResult:
+    """Verify the chain of an outbox file, running or not: entries in chunks of ``chunk``,
+    each chunk one short read transaction; checkpoints a prune writes meanwhile are read
+    when the walk meets the gap it left."""
     cols = ", ".join(ENTRY_COLUMNS)
-    conn.execute("BEGIN")
-    try:
-        cps = conn.execute(f"SELECT {', '.join(CHECKPOINT_COLUMNS)} FROM audit_checkpoints "
-                           "ORDER BY id").fetchall()
-        tops = dict(conn.execute("SELECT name, seq FROM sqlite_sequence "
-                                 "WHERE name IN ('audit', 'audit_checkpoints')").fetchall())
-        kept = conn.execute("SELECT MAX(seq) FROM audit").fetchone()[0] or 0
-        head = max(int(tops.get("audit", 0)), int(kept),
-                   max((int(c[6]) for c in cps), default=0))
+    cp_cols = ", ".join(CHECKPOINT_COLUMNS)
+    final: dict[str, int] = {}
 
-        def rescan() -> Iterator[Entry]:
-            yield from conn.execute(f"SELECT {cols} FROM audit ORDER BY seq")
+    def snapshot(fn: Callable[[], Any]) -> Any:
+        conn.execute("BEGIN")
+        try:
+            return fn()
+        finally:
+            conn.execute("COMMIT")
 
-        return verify(conn.execute(f"SELECT {cols} FROM audit ORDER BY seq"), cps,
-                      head_seq=head, top_checkpoint=int(tops.get("audit_checkpoints", 0)),
-                      key=key, rescan=lambda: list(rescan()))
-    finally:
-        conn.execute("COMMIT")
+    def read(after: int) -> list[Entry]:
+        rows = conn.execute(f"SELECT {cols} FROM audit WHERE seq > ? ORDER BY seq LIMIT ?",
+                            (after, chunk)).fetchall()
+        if not rows:  # the end: the head of this same snapshot
+            tops = dict(conn.execute("SELECT name, seq FROM sqlite_sequence "
+                                     "WHERE name IN ('audit', 'audit_checkpoints')").fetchall())
+            cp_top = conn.execute("SELECT MAX(last_seq), MAX(id) FROM audit_checkpoints"
+                                  ).fetchone()
+            final["seq"] = max(int(tops.get("audit", 0)), after, int(cp_top[0] or 0))
+            final["checkpoint"] = max(int(tops.get("audit_checkpoints", 0)),
+                                      int(cp_top[1] or 0))
+        return rows
+
+    def entries() -> Iterator[Entry]:
+        after = -1
+        while rows := snapshot(partial(read, after)):
+            yield from rows
+            after = rows[-1][0]
+
+    def more(after_id: int) -> list[Any]:
+        return snapshot(lambda: conn.execute(
+            f"SELECT {cp_cols} FROM audit_checkpoints WHERE id > ? ORDER BY id", (after_id,)
+        ).fetchall())
+
+    cps, top = snapshot(lambda: (
+        conn.execute(f"SELECT {cp_cols} FROM audit_checkpoints ORDER BY id").fetchall(),
+        conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'audit_checkpoints'"
+                     ).fetchone()))
+    return verify(entries(), cps, head=lambda: (final["seq"], final["checkpoint"]),
+                  top_checkpoint=int(top[0]) if top else 0, key=key,
+                  rescan=lambda: snapshot(lambda: conn.execute(
+                      f"SELECT {cols} FROM audit ORDER BY seq").fetchall()),
+                  more_checkpoints=more)
 
 
 # --------------------------------------------------------------------------- reading

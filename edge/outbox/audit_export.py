@@ -203,6 +203,6 @@ def verify_bundle(folder: str, key: bytes | None = None) -> audit.VerifyResult:
     """Verify an exported bundle on its own (raises ``BundleError`` when unreadable)."""
     entries, checkpoints, head = read_bundle(folder)
     head = max([head, *(int(e[0]) for e in entries[-1:])])
-    return audit.verify(entries, checkpoints, head_seq=head,
-                        top_checkpoint=max((int(c[0]) for c in checkpoints), default=0),
+    top = max((int(c[0]) for c in checkpoints), default=0)
+    return audit.verify(entries, checkpoints, head=lambda: (head, top), top_checkpoint=top,
                         key=key, rescan=lambda: entries)

@@ -476,3 +476,34 @@ async def test_the_outbox_keeps_its_checkpoints_few(erp_outbox: Outbox, tmp_path
         assert count <= 3
     res = verify(tmp_path)
     assert res.ok and res.pruned == 19 and seqs(tmp_path) == [20], res.message
+
+
+async def test_verify_reads_a_live_file_in_short_snapshots_and_a_prune_meanwhile_is_no_break(
+        erp_outbox: Outbox, tmp_path: Path):
+    await realistic_run(erp_outbox)
+    writer = connect(str(tmp_path / "outbox.db"))
+    reader = connect(str(tmp_path / "outbox.db"), readonly=True)
+
+    class PruneAfterTheFirstChunk:
+        """The reader's connection; the gateway prunes while the walk is between chunks."""
+
+        def __init__(self) -> None:
+            self.chunks = 0
+
+        def execute(self, sql: str, *args: Any) -> Any:
+            if "FROM audit WHERE seq > ?" in sql:
+                self.chunks += 1
+                if self.chunks == 2:
+                    with queries.transaction(writer):
+                        queries.prune(writer, dedupe_before=0, audit_before="2999",
+                                      quarantine_max_rows=100)
+            return reader.execute(sql, *args)
+
+    proxy = PruneAfterTheFirstChunk()
+    try:
+        res = audit.verify_db(proxy, chunk=3)  # type: ignore[arg-type]
+    finally:
+        writer.close()
+        reader.close()
+    assert res.ok, res.message
+    assert proxy.chunks >= 2 and res.verified >= 3 and res.pruned > 0
