@@ -25,7 +25,7 @@ import functools
 import socket
 import ssl
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -67,7 +67,7 @@ class BrokerTarget:
     receive_maximum: int
     ssl_context: ssl.SSLContext | None = None
     username: str | None = None
-    password: str | None = None
+    password: str | None = field(default=None, repr=False)  # never in a log line or repr
 
     @property
     def address(self) -> str:

@@ -402,8 +402,6 @@ async def erp_refusing() -> Any:
         await receiver.stop()
 
 
-@pytest.mark.xfail(strict=True, reason="repr of edge.mqtt.connection.BrokerTarget (a "
-                   "dataclass) shows the MQTT password until its field is repr=False")
 async def test_no_secret_in_logs_api_cli_or_repr(tmp_path: Path, erp_refusing: ErpReceiver):
     setup = write_configs(tmp_path, erp_refusing)
     s = setup.secrets
