@@ -110,7 +110,15 @@ def chain_hash(prev: str, fields: Sequence[Any]) -> str:
 def _head(conn: sqlite3.Connection) -> tuple[int, str]:
     """(seq to continue from, hash to chain from): the newest entry, which a prune never
     removes; in a file without entries, the genesis checkpoint."""
-    best = conn.execute("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
+    try:
+        best = conn.execute("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
+    except sqlite3.OperationalError as err:
+        if "hash" not in str(err):
+            raise
+        raise sqlite3.OperationalError(
+            "the outbox file predates the audit chain (schema 3); start the gateway once with "
+            "it (the upgrade chains its audit trail) before changing it from the command line"
+        ) from err
     if best is None:
         best = conn.execute("SELECT last_seq, last_hash FROM audit_checkpoints "
                             "ORDER BY last_seq DESC LIMIT 1").fetchone() or (0, GENESIS_HASH)

@@ -507,3 +507,17 @@ async def test_verify_reads_a_live_file_in_short_snapshots_and_a_prune_meanwhile
         reader.close()
     assert res.ok, res.message
     assert proxy.chunks >= 2 and res.verified >= 3 and res.pruned > 0
+
+
+async def test_a_change_to_an_older_file_before_its_upgrade_says_what_to_do(tmp_path: Path):
+    async with Outbox(tmp_path, router=lambda ev: ["erp"]) as ob:
+        await ob.submit([sub(key="lot:A")])
+    _old_format(tmp_path)
+    conn = connect(str(tmp_path / "outbox.db"))
+    try:
+        with pytest.raises(sqlite3.OperationalError, match="start the gateway once"), \
+                queries.transaction(conn):
+            queries.dlq_replay(conn, ids=None, sink="erp", actor="qa", reason="r")
+            audit.insert_audit(conn, [audit.audit_row("replayed", actor="qa")])
+    finally:
+        conn.close()
