@@ -178,63 +178,83 @@ def write_checkpoint(conn: sqlite3.Connection, *, kind: str, reason: str | None,
     return cp_id
 
 
-def ensure_chain(conn: sqlite3.Connection) -> None:
-    """Start the chain of a file that has none (run at open, after the schema).
+_UPGRADE_KEY = "audit_chain_upgrade"  # meta: progress of chaining an older file's entries
+UPGRADE_CHUNK = 5000  # entries chained per transaction at the upgrade
+
+
+def ensure_chain(conn: sqlite3.Connection, chunk: int | None = None) -> None:
+    """Start the chain of a file that has none (run at open, after the schema, before any
+    other writer; outside a transaction).
 
     A new file gets a genesis checkpoint at seq 0. A file written before the chain keeps its
-    rows: they are chained now, in one transaction, from a genesis checkpoint that says
+    entries: they are chained now, ``chunk`` (``UPGRADE_CHUNK``) per transaction (progress in ``meta``, so a
+    crash resumes where it stopped and the WAL stays small), then a genesis checkpoint says
     which seqs were chained at the upgrade; seqs already missing then (pruned by the older
     gateway) are listed in it as pruned before the chain, so the rest verifies.
     """
     if conn.execute("SELECT 1 FROM audit_checkpoints LIMIT 1").fetchone():
         return
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        if conn.execute("SELECT 1 FROM audit_checkpoints LIMIT 1").fetchone():
-            conn.execute("ROLLBACK")
+    row = conn.execute("SELECT value FROM meta WHERE key = ?", (_UPGRADE_KEY,)).fetchone()
+    progress: dict[str, Any] | None = orjson.loads(row[0]) if row else None
+    if progress is None:
+        lo, hi, count = conn.execute("SELECT MIN(seq), MAX(seq), COUNT(*) FROM audit"
+                                     ).fetchone()
+        if not count:
+            top = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'audit'"
+                               ).fetchone()
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                write_checkpoint(conn, kind="genesis", reason="chain started", count=0,
+                                 first_seq=None, last_seq=int(top[0]) if top else 0,
+                                 last_hash=GENESIS_HASH, ranges=None, detail=None)
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
             return
-        first = conn.execute("SELECT MIN(seq), MAX(seq), COUNT(*) FROM audit").fetchone()
-        top = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'audit'").fetchone()
-        if not first[2]:
-            start = int(top[0]) if top else 0
-            write_checkpoint(conn, kind="genesis", reason="chain started", count=0,
-                             first_seq=None, last_seq=start, last_hash=GENESIS_HASH,
-                             ranges=None, detail=None)
-        else:
-            _chain_legacy(conn, int(first[0]), int(first[1]), int(first[2]))
-        conn.execute("COMMIT")
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
+        progress = {"first_seq": lo, "last_seq": hi, "count": count, "after": lo - 1,
+                    "prev": GENESIS_HASH, "holes": []}
+    _chain_legacy(conn, progress, chunk or UPGRADE_CHUNK)
 
 
-def _chain_legacy(conn: sqlite3.Connection, lo: int, hi: int, count: int) -> None:
-    prev = GENESIS_HASH
-    expected = lo
-    holes: list[list[Any]] = []
-    last = lo - 1
+def _chain_legacy(conn: sqlite3.Connection, progress: dict[str, Any], chunk: int) -> None:
     while True:
-        rows = conn.execute(
-            "SELECT seq, ts, event_id, sink, state, actor, reason, ordering_key, detail "
-            "FROM audit WHERE seq > ? ORDER BY seq LIMIT 5000", (last,)).fetchall()
-        if not rows:
-            break
-        updates = []
-        for row in rows:
-            if row[0] != expected:
-                holes.append([expected, row[0] - 1, prev])
-            prev = chain_hash(prev, row)
-            updates.append((prev, row[0]))
-            expected = row[0] + 1
-        conn.executemany("UPDATE audit SET hash = ? WHERE seq = ?", updates)
-        last = rows[-1][0]
-    write_checkpoint(conn, kind="genesis", reason="chained at upgrade", count=0,
-                     first_seq=None, last_seq=lo - 1, last_hash=GENESIS_HASH,
-                     ranges=holes or None,
-                     detail={"chained_at_upgrade": {"first_seq": lo, "last_seq": hi,
-                                                    "count": count,
-                                                    "missing_then": sum(h[1] - h[0] + 1
-                                                                        for h in holes)}})
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            rows = conn.execute(
+                "SELECT seq, ts, event_id, sink, state, actor, reason, ordering_key, detail "
+                "FROM audit WHERE seq > ? ORDER BY seq LIMIT ?", (progress["after"], chunk)
+            ).fetchall()
+            if not rows:
+                holes = progress["holes"]
+                lo = progress["first_seq"]
+                write_checkpoint(
+                    conn, kind="genesis", reason="chained at upgrade", count=0,
+                    first_seq=None, last_seq=lo - 1, last_hash=GENESIS_HASH,
+                    ranges=holes or None,
+                    detail={"chained_at_upgrade": {
+                        "first_seq": lo, "last_seq": progress["last_seq"],
+                        "count": progress["count"],
+                        "missing_then": sum(h[1] - h[0] + 1 for h in holes)}})
+                conn.execute("DELETE FROM meta WHERE key = ?", (_UPGRADE_KEY,))
+                conn.execute("COMMIT")
+                return
+            prev, expected = progress["prev"], progress["after"] + 1
+            updates = []
+            for row in rows:
+                if row[0] != expected:
+                    progress["holes"].append([expected, row[0] - 1, prev])
+                prev = chain_hash(prev, row)
+                updates.append((prev, row[0]))
+                expected = row[0] + 1
+            conn.executemany("UPDATE audit SET hash = ? WHERE seq = ?", updates)
+            progress["prev"], progress["after"] = prev, rows[-1][0]
+            conn.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)",
+                         (_UPGRADE_KEY, orjson.dumps(progress).decode()))
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
 
 
 def _runs(rows: Sequence[tuple[int, str]]) -> list[list[Any]]:

@@ -521,3 +521,35 @@ async def test_a_change_to_an_older_file_before_its_upgrade_says_what_to_do(tmp_
             audit.insert_audit(conn, [audit.audit_row("replayed", actor="qa")])
     finally:
         conn.close()
+
+
+async def test_an_upgrade_cut_short_resumes_where_it_stopped(tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch):
+    async with Outbox(tmp_path, router=lambda ev: ["erp"]) as ob:
+        await ob.submit([sub(key=f"lot:{i}") for i in range(12)])
+    _old_format(tmp_path)
+    real, calls = audit.chain_hash, []
+
+    def dies_on_the_eighth(prev: str, fields: Any) -> str:
+        calls.append(1)
+        if len(calls) == 8:
+            raise KeyboardInterrupt("power cut")
+        return real(prev, fields)
+
+    monkeypatch.setattr(audit, "chain_hash", dies_on_the_eighth)
+    monkeypatch.setattr(audit, "UPGRADE_CHUNK", 5)
+    conn = connect(str(tmp_path / "outbox.db"))
+    with pytest.raises(KeyboardInterrupt):
+        queries.ensure_schema(conn)  # a chunk of 5 committed, the second rolled back
+    conn.close()
+    monkeypatch.setattr(audit, "chain_hash", real)
+    hashed = sqlite3.connect(tmp_path / "outbox.db").execute(
+        "SELECT COUNT(*) FROM audit WHERE hash IS NOT NULL").fetchone()[0]
+    assert hashed == 5
+    conn = connect(str(tmp_path / "outbox.db"))
+    queries.ensure_schema(conn)
+    conn.close()
+    res = verify(tmp_path)
+    assert res.ok and res.verified == 11, res.message
+    assert sqlite3.connect(tmp_path / "outbox.db").execute(
+        "SELECT COUNT(*) FROM meta WHERE key = 'audit_chain_upgrade'").fetchone()[0] == 0
