@@ -121,6 +121,12 @@ def _verify_file(path: str, key: bytes | None, audit: Any) -> Any:
             version = conn.execute("PRAGMA user_version").fetchone()[0]
             raise _NoChain(f"{path} has no audit chain yet (schema version {version}); the "
                            "gateway chains it when it next opens the file")
+        upgrading = conn.execute("SELECT 1 FROM meta WHERE key = 'audit_chain_upgrade'"
+                                 ).fetchone()
+        if upgrading and not conn.execute("SELECT 1 FROM audit_checkpoints").fetchone():
+            raise _NoChain(f"{path}: the gateway is chaining the audit trail of this older "
+                           "file (an upgrade in progress or cut short; it resumes at the next "
+                           "start)")
         return audit.verify_db(conn, key)
     finally:
         conn.close()

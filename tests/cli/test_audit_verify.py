@@ -81,6 +81,14 @@ async def test_what_it_cannot_read_is_one_line_and_exit_2(tmp_path: Path):
     rc, _, err = await run_edge("audit", "verify", "--db", str(tmp_path / "old" / "outbox.db"),
                                 cwd=tmp_path)
     assert rc == 2 and "no audit chain yet" in err
+    # the same file while the gateway's upgrade chains it (or after a cut-short upgrade)
+    conn = sqlite3.connect(tmp_path / "old" / "outbox.db")
+    conn.executescript("CREATE TABLE audit_checkpoints(id INTEGER PRIMARY KEY); "
+                       "INSERT INTO meta(key, value) VALUES ('audit_chain_upgrade', '{}');")
+    conn.close()
+    rc, _, err = await run_edge("audit", "verify", "--db", str(tmp_path / "old" / "outbox.db"),
+                                cwd=tmp_path)
+    assert rc == 2 and "chaining the audit trail of this older file" in err
 
 
 async def test_an_exported_bundle_verifies_on_its_own_and_signatures_are_checked(
