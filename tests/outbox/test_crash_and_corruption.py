@@ -1,4 +1,5 @@
-"""Invariant 7: kill -9 loses no committed row; a corrupt file is quarantined, not looped on."""
+"""Invariant 7: kill -9 loses no committed row (and leaves the audit chain whole); a corrupt
+file is quarantined, not looped on."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from edge.outbox import Outbox
+from edge.outbox import Outbox, audit
+from edge.outbox.dbthread import connect
 from tests.support import stop_process, sub
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -49,6 +51,13 @@ def test_kill_9_mid_commit_loses_no_committed_row(tmp_path: Path):
         stored = _ids(tmp_path / "outbox.db")
         missing = set(acked) - stored
         assert not missing, f"round {round_}: {len(missing)} committed ids lost"
+        # the audit chain continues across every kill (the next run chains from the table)
+        conn = connect(str(tmp_path / "outbox.db"), readonly=True)
+        try:
+            res = audit.verify_db(conn)
+        finally:
+            conn.close()
+        assert res.ok and res.verified >= len(acked), res.message
 
 
 async def test_file_that_is_not_a_database_is_moved_aside(tmp_path: Path):
