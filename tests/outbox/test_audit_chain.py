@@ -553,3 +553,19 @@ async def test_an_upgrade_cut_short_resumes_where_it_stopped(tmp_path: Path,
     assert res.ok and res.verified == 11, res.message
     assert sqlite3.connect(tmp_path / "outbox.db").execute(
         "SELECT COUNT(*) FROM meta WHERE key = 'audit_chain_upgrade'").fetchone()[0] == 0
+
+
+async def test_a_batch_exported_twice_after_a_crash_still_verifies(erp_outbox: Outbox,
+                                                                   tmp_path: Path):
+    """The file was written but the progress not recorded: the next export writes the same
+    entries again (and newer ones) into another file."""
+    bundle = tmp_path / "bundle"
+    await realistic_run(erp_outbox)
+    first = await erp_outbox.read(audit_export.read_pending, 1000)
+    audit_export.write_bundle_file(str(bundle), first)  # ... and the process died here
+    await erp_outbox.audit("reconnected", source="line1")
+    again = await erp_outbox.read(audit_export.read_pending, 1000)
+    audit_export.write_bundle_file(str(bundle), again)
+    assert len(list(bundle.glob("audit-*.jsonl"))) == 2
+    res = audit_export.verify_bundle(str(bundle))
+    assert res.ok and res.verified == len(again.entries), res.message
