@@ -53,10 +53,10 @@ from typing import Any
 import orjson
 
 from edge.components import OutcomeKind, StoredEvent, Submission
-from edge.config import OutboxConfig
-from edge.errors import OutboxClosedError, OutboxFullError, OutboxOpenError
+from edge.config import OutboxConfig, read_secret
+from edge.errors import ConfigError, OutboxClosedError, OutboxFullError, OutboxOpenError
 from edge.events import Event, EventClass
-from edge.outbox import audit, lots, pauses, queries
+from edge.outbox import audit, audit_export, lots, pauses, queries
 from edge.outbox.budget import Budget, BudgetState
 from edge.outbox.dbthread import DbThread, connect
 from edge.outbox.integrity import EarlyCheck, open_checked, salvage_hint
@@ -81,6 +81,10 @@ class _Alarm:
     code: str
     message: str
     since: float = field(default_factory=time.time)
+
+
+AUDIT_CHECKPOINTS_KEPT = 100
+"""More audit checkpoints than this are replaced by one (a prune adds one each time)."""
 
 
 class Outbox:
@@ -136,6 +140,8 @@ class Outbox:
         # never shorter than the dedupe window: a lot forgotten and seen again starts at
         # episode 1, whose keys must have left the dedupe table by then
         self.lot_retention_s = max(lot_retention_days * 86400.0, self.config.dedupe_window_s)
+        # HMAC key of audit checkpoints (``audit.checkpoint_key_file``), read at open
+        self._checkpoint_key: bytes | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -149,6 +155,10 @@ class Outbox:
                 "a fresh outbox was started (the old file is kept for forensics); "
                 + salvage_hint(quarantined),
             )
+        key_file = self.config.audit.checkpoint_key_file
+        if key_file:
+            secret = await asyncio.to_thread(read_secret, key_file)
+            self._checkpoint_key = secret.encode() if secret else None
         sync = self.config.synchronous.upper()
         self._wdb = DbThread(lambda: connect(self.path, synchronous=sync), "outbox-writer")
         try:
@@ -296,7 +306,7 @@ class Outbox:
         """Keep an unusable inbound record with its reason (committed before returning)."""
         row = (time.time(), source, reason, detail or None, raw,
                orjson.dumps(meta, default=str).decode() if meta else None)
-        await self._write(lambda c: queries.insert_quarantine(c, row))
+        await self._write(lambda c: queries.insert_quarantine(c, row, audited=True))
         self.metrics.events_quarantined.labels(source, reason).inc()
         # one line per (source, reason) and 10 s, so a poison flood cannot flood the log
         now = time.monotonic()
@@ -465,7 +475,8 @@ class Outbox:
         ]
 
     async def _maintain(self) -> None:
-        last_prune = time.monotonic()
+        last_prune = last_export = time.monotonic()
+        export = self.config.audit.export
         while True:
             # near the budget, look five times as often: a fast stream fills a small
             # budget's headroom within one ordinary interval
@@ -480,8 +491,11 @@ class Outbox:
                 await self._check_budget()
                 self._check_storage()
                 if time.monotonic() - last_prune > 60:
-                    last_prune = time.monotonic()
+                    last_prune = last_export = time.monotonic()
                     await self.prune()
+                elif export is not None and time.monotonic() - last_export > export.interval_s:
+                    last_export = time.monotonic()
+                    await self.export_audit()
             except OutboxClosedError:
                 return
             except (sqlite3.Error, OSError) as err:
@@ -491,7 +505,7 @@ class Outbox:
         """Measure the file: (bytes expiry can act on, the budget's verdict)."""
         db, wal = await self.read(queries.used_parts, self.path)
         used = db + min(wal, self._wal_limit)
-        return used, self.budget.observe(used, total=db + wal)
+        return used, self.budget.observe(used, total=db + wal, live=db)
 
     async def _check_budget(self) -> None:
         used, state = await self._observe_budget()
@@ -587,13 +601,23 @@ class Outbox:
 
     async def _prune_audit_for_space(self, bytes_to_free: int) -> int:
         chunk = max(500, min(20_000, bytes_to_free // 150))
-        removed, oldest = await self._write(lambda c: queries.prune_finished_audit(c, chunk))
-        if removed:
-            self.metrics.audit_pruned.labels("budget").inc(removed)
+        exporting = self.config.audit.export is not None
+        key = self._checkpoint_key
+        pruned: queries.AuditPruned = await self._write(lambda c: queries.prune_finished_audit(
+            c, chunk, export_configured=exporting, checkpoint_key=key))
+        if pruned.removed:
+            self.metrics.audit_pruned.labels("budget").inc(pruned.removed)
             self._alarm("audit_pruned", "disk budget: oldest audit history of delivered events "
                         "was removed early")
-            self._log_prune("audit", removed, oldest_kept=oldest)
-        return int(removed)
+            self._log_prune("audit", pruned.removed, oldest_kept=pruned.oldest_kept)
+            await self._compact_audit_checkpoints()
+        if pruned.unexported:
+            self._alarm("audit_pruned_unexported", "disk budget: audit entries were pruned "
+                        "before the export shipped them (see the audit_pruned_unexported "
+                        "entries and checkpoints)")
+            log_event(log, logging.ERROR, "disk budget: pruned audit entries not exported yet",
+                      count=pruned.unexported)
+        return int(pruned.removed)
 
     async def _prune_bookkeeping_for_space(self, bytes_to_free: int) -> int:
         chunk = max(1000, min(50_000, bytes_to_free // 100))
@@ -642,14 +666,20 @@ class Outbox:
         so a backlog of expired bookkeeping is removed at write speed, not per minute."""
         now = time.time()
         removed = {"dedupe": 0, "audit": 0, "quarantine": 0}
+        audit_cfg = self.config.audit
+        if audit_cfg.export is not None:
+            await self.export_audit()  # what retention would remove must be shipped first
+        key = self._checkpoint_key
         while True:
             step = await self._write(
                 lambda c: queries.prune(
                     c,
                     dedupe_before=now - self.config.dedupe_window_s,
-                    audit_before=utc_iso(now - self.config.audit_retention_days * 86400),
+                    audit_before=utc_iso(now - audit_cfg.retention_days * 86400),
                     quarantine_max_rows=self.config.quarantine_max_rows,
                     limit=limit,
+                    audit_export_configured=audit_cfg.export is not None,
+                    checkpoint_key=key,
                 )
             )
             for k, v in step.items():
@@ -660,6 +690,7 @@ class Outbox:
             self.metrics.dedupe_pruned.labels("window").inc(removed["dedupe"])
         if removed["audit"]:
             self.metrics.audit_pruned.labels("retention").inc(removed["audit"])
+            await self._compact_audit_checkpoints()
         if removed["quarantine"]:
             self.metrics.quarantine_pruned.inc(removed["quarantine"])
             log_event(log, logging.WARNING, "quarantine full: oldest records removed",
@@ -668,6 +699,45 @@ class Outbox:
         # Between transactions on the writer's own thread: a burst may have grown the WAL.
         if self._wdb is not None and _file_size(self.path + "-wal") > 64 << 20:
             await self._wdb.run(queries.wal_checkpoint)
+
+    async def _compact_audit_checkpoints(self) -> int:
+        """Keep the audit checkpoints few: each prune adds one (``edge.outbox.audit``)."""
+        exporting = self.config.audit.export is not None
+        key = self._checkpoint_key
+        n: int = await self._write(lambda c: queries.compact_audit_checkpoints(
+            c, above=AUDIT_CHECKPOINTS_KEPT, export_configured=exporting, checkpoint_key=key))
+        return n
+
+    async def export_audit(self) -> int:
+        """Ship the audit entries and checkpoints not exported yet to ``audit.export``
+        (a bundle folder or an archive URL, ``edge.outbox.audit_export``); returns entries
+        shipped. A failure (the archive, the folder, an unreadable token or CA file) raises
+        an alarm (retention then keeps the entries) and is retried at the next interval."""
+        export = self.config.audit.export
+        if export is None:
+            return 0
+        shipped = 0
+        try:
+            while True:
+                batch = await self.read(audit_export.read_pending, export.max_file_rows)
+                if batch is None:
+                    break
+                if export.type == "http":
+                    await audit_export.post_batch(export, batch)
+                else:
+                    await asyncio.to_thread(audit_export.write_bundle_file, export.path, batch)
+                await self._write(partial(audit_export.mark_exported, batch=batch))
+                shipped += len(batch.entries)
+                if len(batch.entries) < export.max_file_rows:
+                    break
+        except (OSError, ConfigError) as err:
+            where = export.url if export.type == "http" else export.path
+            self._alarm("audit_export_failed", f"audit export to {where} failed: {err}; "
+                        "retention keeps the entries until it succeeds")
+            log_event(log, logging.ERROR, "audit export failed", to=where, error=str(err))
+            return shipped
+        self._clear("audit_export_failed")
+        return shipped
 
     async def prune_lots(self, now: float | None = None) -> int:
         """Forget released / rejected lots unchanged for ``lot_retention_s`` and CAPA rows
