@@ -452,8 +452,7 @@ class Outbox:
                     self.metrics.events_duplicate.labels(sink).inc()
             elif r.kind is OutcomeKind.dead_letter:
                 self.metrics.events_dead_lettered.labels(sink).inc()
-                log_event(log, logging.WARNING, "event dead-lettered", sink=sink,
-                          event_id=r.event_id, status=r.status, reason=r.reason[:200])
+                # the forwarder logs it, with the correlation id, once the commit is done
 
     # ------------------------------------------------------------------ budget and health
 
