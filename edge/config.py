@@ -405,9 +405,9 @@ class AuditHttpExportConfig(StrictModel):
     @field_validator("url")
     @classmethod
     def _http_url(cls, v: str) -> str:
-        if not v.startswith(("http://", "https://")):
-            raise ValueError(f"must start with http:// or https://, got {v!r}")
-        return v
+        # the HTTP sink's rule: no user:password@ and no secret-looking query parameter
+        from edge.sinks.http.config import check_http_url  # late: the sink imports this module
+        return check_http_url(v)
 
 
 def _export_type(value: Any) -> Any:

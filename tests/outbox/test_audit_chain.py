@@ -312,6 +312,14 @@ def test_the_audit_section_and_the_old_retention_key():
                          "audit: {retention_days: 30}\n")
 
 
+@pytest.mark.parametrize("url", ["https://archivist:s3cret@archive.example/audit",
+                                 "https://archive.example/audit?token=s3cret"])
+def test_the_archive_url_carries_no_credential(url: str):
+    with pytest.raises(ConfigError, match="inline") as err:
+        load_config_text(f"site: s\naudit:\n  export: {{type: http, url: '{url}'}}\n")
+    assert "s3cret" not in str(err.value)  # the refusal does not repeat the secret
+
+
 async def test_a_failing_export_raises_an_alarm_and_retention_keeps_the_entries(
         tmp_path: Path):
     blocker = tmp_path / "not-a-folder"
