@@ -244,6 +244,7 @@ class MqttSource:
         self._bursts = _BurstLog()
         self._link: Supervisor | None = None  # made by run(), once the secrets are read
         self._expect_session = False
+        self._lost_at: tuple[float, str] | None = None  # (when, why) the connection ended
         self._inbox: deque[_Inbound] = deque()
         self._inbox_max = max(4 * cfg.max_batch, 2 * cfg.max_inflight_messages)
         # Messages held in memory at most, whatever the broker sends: the inbox pauses
@@ -365,6 +366,7 @@ class MqttSource:
     def _disconnected(self, failure: Failure) -> None:
         if failure.lost:
             self.ctx.set_connected(False)
+            self._lost_at = (time.time(), failure.message)
         self._failed(failure.code, failure.message, failure.retry_in_s, failure.attempt)
 
     def _failed(self, code: str, message: str, delay: float, attempt: int) -> None:
@@ -392,6 +394,13 @@ class MqttSource:
         log_event(log, logging.INFO, "MQTT connected", source=self.id, broker=target.address,
                   client_id=self.client_id, protocol=target.protocol,
                   session_present=session_present, subscriptions=len(self.subs))
+        if self._lost_at is not None:  # the trail shows each outage window
+            (lost_at, why), self._lost_at = self._lost_at, None
+            with contextlib.suppress(OutboxError):
+                await self.ingest.audit("reconnected", source=self.id, detail={
+                    "broker": target.address, "session_present": session_present,
+                    "lost_at": utc_iso(lost_at), "down_s": round(time.time() - lost_at, 1),
+                    "error": why})
         if expect_session and not session_present:
             self.ctx.metrics.source_gaps.labels(self.id).inc()
             reason = ("the broker had no session for this client id: messages published "

@@ -232,6 +232,12 @@ async def test_broker_restart_mid_stream_loses_nothing(
     src = gw.sources["line1"].status()
     assert src["reconnects"] >= 1 and src["connected"]
     assert sample(gw, "edge_source_errors_total", source="line1", code="connection_lost") >= 1
+    # the outage is in the audit trail: when it began, how long, whether the session held
+    rows = await gw.outbox.read(lambda c: c.execute(
+        "SELECT detail FROM audit WHERE state = 'reconnected'").fetchall())
+    notices = [orjson.loads(d) for (d,) in rows]
+    assert notices and all(n["source"] == "line1" and n["session_present"] for n in notices)
+    assert notices[0]["down_s"] >= 0 and notices[0]["lost_at"] and notices[0]["error"]
 
 
 async def test_wrong_password_is_a_clear_error_retried_with_backoff(
