@@ -39,17 +39,22 @@ def _read_until(read_chunk, text: str, timeout: float = 30.0) -> str:
     return out
 
 
-def test_auto_writes_json_lines_when_stderr_is_a_pipe(tmp_path: Path):
-    proc = subprocess.Popen([sys.executable, "-m", "edge", "run", "-c", str(_config(tmp_path))],
+def _stderr_of_a_start(cfg: Path, *args: str) -> str:
+    """What ``edge run`` writes to stderr (a pipe) until it has started, and on its stop."""
+    proc = subprocess.Popen([sys.executable, "-m", "edge", "run", "-c", str(cfg), *args],
                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True)
+    assert proc.stderr is not None
     try:
-        assert proc.stderr is not None
         out = _read_until(lambda _t: proc.stderr.readline() or None, "gateway started")
     finally:
         stop_process(proc)
-        rest = proc.stderr.read() if proc.stderr else ""
-    lines = [line for line in (out + rest).splitlines() if line.strip()]
+    return out + proc.stderr.read()
+
+
+def test_auto_writes_json_lines_when_stderr_is_a_pipe(tmp_path: Path):
+    out = _stderr_of_a_start(_config(tmp_path))
+    lines = [line for line in out.splitlines() if line.strip()]
     assert lines, "edge run logged nothing"
     docs = [json.loads(line) for line in lines]  # every line is one JSON object
     started = next(d for d in docs if d["msg"] == "gateway started")
@@ -86,15 +91,7 @@ def test_auto_writes_text_lines_on_a_terminal(tmp_path: Path):
 
 def test_log_format_flag_overrides_the_config(tmp_path: Path):
     cfg = _config(tmp_path, "logging: {format: json}\n")
-    proc = subprocess.Popen([sys.executable, "-m", "edge", "run", "-c", str(cfg),
-                             "--log-format", "text"],
-                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True)
-    try:
-        assert proc.stderr is not None
-        out = _read_until(lambda _t: proc.stderr.readline() or None, "gateway started")
-    finally:
-        stop_process(proc)
+    out = _stderr_of_a_start(cfg, "--log-format", "text")
     line = next(line for line in out.splitlines() if "gateway started" in line)
     assert "edge.app: gateway started" in line and not line.startswith("{"), line
 
