@@ -39,6 +39,7 @@ from pydantic.functional_validators import AfterValidator, BeforeValidator
 
 from edge.config_env import DEFAULT_STATE_DIR, substitute_env
 from edge.errors import ConfigError, ConfigIssue
+from edge.inline_secrets import check_http_url
 from edge.registry import Registry, default_registry
 from edge.rules import QualityConfig, RuleConfig
 
@@ -405,9 +406,7 @@ class AuditHttpExportConfig(StrictModel):
     @field_validator("url")
     @classmethod
     def _http_url(cls, v: str) -> str:
-        # the HTTP sink's rule: no user:password@ and no secret-looking query parameter
-        from edge.sinks.http.config import check_http_url  # late: the sink imports this module
-        return check_http_url(v)
+        return check_http_url(v, "put the archive's token in token_file")
 
 
 def _export_type(value: Any) -> Any:

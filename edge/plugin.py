@@ -71,6 +71,7 @@ from edge.errors import (
 )
 from edge.events import Event, EventClass, make_event
 from edge.events.catalogue import CATALOGUE, validate_data
+from edge.inline_secrets import check_http_url, check_url, looks_secret
 from edge.registry import ComponentType
 from edge.retry import parse_retry_after
 from edge.telemetry import Metrics, log_event
@@ -119,10 +120,13 @@ __all__ = [
     "Submission",
     "TlsConfig",
     "blocks_key",
+    "check_http_url",
+    "check_url",
     "client_context",
     "event_matches",
     "get_path",
     "log_event",
+    "looks_secret",
     "make_event",
     "parse_retry_after",
     "read_secret",

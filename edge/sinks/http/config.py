@@ -23,10 +23,10 @@ import string
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated, Any, Literal
-from urllib.parse import parse_qsl, urlsplit
 
 from pydantic import AfterValidator, Field, ValidationInfo, field_validator, model_validator
 
+from edge import plugin
 from edge.plugin import (
     DeliveryMode,
     ScheduledDelivery,
@@ -36,6 +36,7 @@ from edge.plugin import (
     StrictModel,
     TlsConfig,
     event_matches,
+    looks_secret,
     template_fields,
 )
 
@@ -59,19 +60,7 @@ __all__ = [
 # Set by the sink on every request; a configured header of these names is refused.
 RESERVED_HEADERS = frozenset({"idempotency-key", "x-correlation-id", "traceparent"})
 
-# Names (headers, query parameters) that carry a credential. Compared lower-case with "-"
-# read as "_": a name that is one of _SECRET_NAMES, ends in "_key" or contains a word.
-_SECRET_NAMES = frozenset({"key", "sig", "pwd", "auth"})
-_SECRET_WORDS = ("token", "secret", "password", "passwd", "apikey", "api_key", "signature",
-                 "credential", "authorization", "cookie")
 _INLINE_HINT = "use auth (api_key, bearer, oauth2_client_credentials) with a *_file"
-
-
-def looks_secret(name: str) -> bool:
-    """True for a header or query parameter name that carries a credential
-    (``Authorization``, ``X-API-Key``, ``X-Auth-Token``, ``api_key``, ``sig`` …)."""
-    n = name.strip().lower().replace("-", "_")
-    return n in _SECRET_NAMES or n.endswith("_key") or any(w in n for w in _SECRET_WORDS)
 
 
 def check_headers(headers: Iterable[str]) -> None:
@@ -82,25 +71,13 @@ def check_headers(headers: Iterable[str]) -> None:
 
 
 def check_url(url: str) -> None:
-    """ValueError when ``url`` carries a credential: ``user:password@`` (or a user name)
-    before the host, or a query parameter that looks like a secret. The message never
-    repeats the secret."""
-    parts = urlsplit(url)
-    if "@" in parts.netloc:
-        raise ValueError(f"credentials are not allowed inline in a URL; {_INLINE_HINT}")
-    for name, _ in parse_qsl(parts.query, keep_blank_values=True):
-        if looks_secret(name):
-            raise ValueError(f"query parameter {name!r} looks like a secret; secrets are not "
-                             f"allowed inline, {_INLINE_HINT}")
+    """``edge.plugin.check_url`` with the sink's hint (the auth block)."""
+    plugin.check_url(url, _INLINE_HINT)
 
 
 def check_http_url(url: str) -> str:
-    """``url`` when it is an http(s) URL without inline credentials, else ValueError
-    (credentials first: the scheme message repeats the URL)."""
-    check_url(url)
-    if not url.startswith(("http://", "https://")):
-        raise ValueError(f"must start with http:// or https://, got {url!r}")
-    return url
+    """``edge.plugin.check_http_url`` with the sink's hint (the auth block)."""
+    return plugin.check_http_url(url, _INLINE_HINT)
 
 
 class NoAuth(StrictModel):
