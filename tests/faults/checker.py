@@ -65,10 +65,12 @@ class Report:
     missing_headers: list[str] = field(default_factory=list)
     dead_lettered: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
+    audit_chain: list[str] = field(default_factory=list)  # a broken link of the audit trail
     counts: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)  # shown, not judged (e.g. a traceback)
 
-    PROBLEMS = ("lost", "duplicates", "order_violations", "early_retries", "missing_headers")
+    PROBLEMS = ("lost", "duplicates", "order_violations", "early_retries", "missing_headers",
+                "audit_chain")
 
     @property
     def clean(self) -> bool:
@@ -85,7 +87,8 @@ class Report:
                 f"{len(self.order_violations)}, early retries {len(self.early_retries)} "
                 f"(+{len(self.early_retries_after_crash)} after a crash), "
                 f"missing headers {len(self.missing_headers)}, dead-lettered "
-                f"{len(self.dead_lettered)}, unexpected {len(self.unexpected)}")
+                f"{len(self.dead_lettered)}, unexpected {len(self.unexpected)}, audit chain "
+                f"{'broken' if self.audit_chain else 'whole'}")
 
     def assert_clean(self) -> None:
         if self.clean:
@@ -106,6 +109,7 @@ class Report:
             "early_retries_after_crash": len(self.early_retries_after_crash),
             "missing_headers": len(self.missing_headers),
             "dead_lettered": len(self.dead_lettered), "unexpected": len(self.unexpected),
+            "audit_chain": len(self.audit_chain),
             "counts": self.counts,
             "examples": {name: getattr(self, name)[:20] for name in self.PROBLEMS},
         }

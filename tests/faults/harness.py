@@ -19,6 +19,7 @@ import json
 import os
 import random
 import signal
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -31,6 +32,7 @@ from typing import Any
 
 import httpx
 
+from edge.outbox.audit import VerifyResult, verify_db
 from tests.faults.checker import DEAD_LETTER_STATUSES, Expectation, Report, check
 from tests.faults.erp import FAULTS, FaultyErp
 from tests.faults.publisher import UPPER_LIMIT, RecordingPublisher, subscription_yaml
@@ -466,8 +468,13 @@ class Campaign:
         report = check(self.expectations(), self.erp,
                        allow_dead_letter_types=allow_dead_letter_types,
                        crashes=[t for t, what in self.lifecycle if what == "kill9"])
+        # every kill -9 of the campaign left the audit trail's hash chain whole
+        chain = await asyncio.to_thread(_verify_audit_chain, self.state_dir / "outbox.db")
+        if not chain.ok:
+            report.audit_chain.append(chain.summary())
         tracebacks = sum(1 for line in self.gateway.lines if "Traceback" in line)
         report.counts.update({
+            "audit_entries_verified": chain.verified,
             "cycles": self.cycles, "gateway_starts": self.gateway.starts,
             "faults_applied": dict(self.faults),
             "published": self._published,
@@ -489,6 +496,14 @@ class Campaign:
                 target = target.with_name(f"{target.stem}-{self.name}{target.suffix}")
             write_report(target, report)
         return report
+
+
+def _verify_audit_chain(db: Path) -> VerifyResult:
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        return verify_db(conn)
+    finally:
+        conn.close()
 
 
 def write_report(path: Path, report: Report) -> None:
