@@ -63,6 +63,9 @@ async def test_alarms_become_events_classed_by_severity_and_filtered_on_the_serv
             - {min: 300, class: normal, name: warning}
         """))
     await wait_connected(gw, "station7")
+    # the first connect's refresh ends before the station raises anything: "connected"
+    # comes first, and a refresh still running would return the alarms raised below
+    await eventually(lambda: _audit(gw, "alarms_refreshed"), what="the first refresh")
 
     hot = await st.raise_alarm("Overheat", severity=950, message="Temperature above 80 C")
     await st.raise_alarm("Drift", severity=100, source="SpindleSpeed")  # below the where
