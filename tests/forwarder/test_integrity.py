@@ -26,13 +26,21 @@ def _tamper(event_id: str):
 
 
 async def _stored_with_lot_a_changed(gateways, erp, extra: str = ""):
+    """A0, A1, A2 and B3 stored while the ERP is down; A0's stored bytes are changed while
+    no gateway runs (a running one may hold A0's original bytes in a lease it is sending,
+    and deliver them the moment the ERP is back); then a gateway starts on that outbox."""
     erp.outage(True)
-    gw = await gateways(sink_yaml(erp.url, extra=extra))
-    ids = await gw.pipeline.submit([result("A", 0), result("A", 1), result("A", 2),
-                                    result("B", 3)])
-    await gw.outbox._write(_tamper(ids[0]))
+    body = sink_yaml(erp.url, extra=extra)
+    first = await gateways(body)
+    ids = await first.pipeline.submit([result("A", 0), result("A", 1), result("A", 2),
+                                       result("B", 3)])
+    await first.stop()
+    conn = sqlite3.connect(first.outbox.path)
+    with conn:
+        _tamper(ids[0])(conn)
+    conn.close()
     erp.outage(False)
-    return gw, ids
+    return await gateways(body), ids
 
 
 async def test_later_events_of_a_changed_events_key_are_not_sent_in_the_same_lease(
