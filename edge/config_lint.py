@@ -16,11 +16,12 @@ Three checks, each conservative (a warning only when the config shows the thing 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 from pydantic import BaseModel
 
+from edge.delivery import event_matches
 from edge.errors import ConfigIssue
 
 __all__ = ["DERIVED_TYPES", "OPERATOR_TYPES", "lint"]
@@ -31,16 +32,6 @@ DERIVED_TYPES = frozenset({"quality.hold", "nonconformance", "supplier.case", "n
 
 OPERATOR_TYPES = frozenset({"lot.status", "quality.release"})
 """Types an operator's lot decision (``edge lot release``) produces with no rule at all."""
-
-
-def _matches(patterns: Iterable[str], event_type: str) -> bool:
-    """As ``edge.delivery.event_matches``: ``*``, the exact type, or a prefix ``a.*``."""
-    for pattern in patterns:
-        if pattern == "*" or pattern == event_type:
-            return True
-        if pattern.endswith(".*") and event_type.startswith(pattern[:-1]):
-            return True
-    return False
 
 
 def _mappings(source: BaseModel, where: str) -> Iterator[tuple[str, BaseModel]]:
@@ -110,7 +101,7 @@ def lint(cfg: Any) -> list[ConfigIssue]:
                                             f"event type {pattern!r}: this route never sends"))
 
     for event_type, mappings in produced.items():
-        if not _matches(consumers, event_type):
+        if not event_matches(consumers, event_type):
             for loc, _ in mappings:
                 out.append(ConfigIssue(f"{loc}.event", f"no sink route consumes event type "
                                                        f"{event_type!r}: its events are stored "
@@ -121,7 +112,7 @@ def lint(cfg: Any) -> list[ConfigIssue]:
         events = getattr(rule, "events", None)
         if getattr(rule, "type", None) != "spec_limits" or not isinstance(field, str):
             continue
-        matching = [m for t, ms in produced.items() if _matches(events or [], t) for _, m in ms]
+        matching = [m for t, ms in produced.items() if event_matches(events or [], t) for _, m in ms]
         if not matching or unknown_source:
             continue
         provided = [_provided_fields(m) for m in matching]
