@@ -31,6 +31,10 @@ $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet -e '.[test,demo]'
 	@touch $@
 
+$(VENV)/.installed-bench: $(VENV)/.installed-test
+	$(BIN)/pip install --quiet -e '.[test,demo,bench]'
+	@touch $@
+
 # the demo takes its stand-in ERP down for 20 s after 20 s, so the backlog grows and drains;
 # `make run DEMO_ARGS=` runs it without the outage
 DEMO_ARGS ?= --outage 20 --outage-at 20
@@ -107,7 +111,7 @@ lint: $(VENV)/.installed-test
 	$(BIN)/mypy edge
 
 # quick forms (~15 min); BENCHMARKS.md "How to rerun" has the full ones
-bench: $(VENV)/.installed-test mosquitto
+bench: $(VENV)/.installed-bench mosquitto
 	$(BIN)/python -m bench.bench_outbox_enqueue --events 100000
 	$(BIN)/python -m bench.bench_drain --events 100000
 	$(BIN)/python -m bench.bench_restart --events 100000
