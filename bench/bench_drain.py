@@ -42,6 +42,7 @@ from bench.common import (
     work_dir,
     workload_event,
 )
+from edge.outbox.schema import SCHEMA_VERSION
 
 
 @dataclass
@@ -104,7 +105,8 @@ def storage_only_drain(root: Path, cache: Path, n: int, *, lease: int, max_rows:
     """events/s of the outbox's own drain SQL alone on a copy of the same backlog.
 
     ``scan_lease`` + ``apply_resolutions`` (every row delivered) + COMMIT with
-    synchronous=FULL in one thread: no HTTP, no asyncio, no forwarder. The ceiling the
+    synchronous=FULL, and the deferred delete (``sweep_delivered``) every ``SWEEP_ROWS``
+    deliveries, in one thread: no HTTP, no asyncio, no forwarder. The ceiling the
     outbox's storage work sets on this disk, for up to ``max_rows`` rows or ``max_s``.
     """
     from edge.outbox import queries
@@ -117,7 +119,7 @@ def storage_only_drain(root: Path, cache: Path, n: int, *, lease: int, max_rows:
     prefilled_copy(cache, n, run, log=lambda s: print(s, flush=True))
     conn = connect(str(run / "outbox.db"), synchronous="FULL")
     queries.set_wal_limits(conn, 64 << 20)  # as the daemon sets it for budgets >= 640 MB
-    done = 0
+    done = unswept = 0
     started = time.perf_counter()
     try:
         while done < max_rows and time.perf_counter() - started < max_s:
@@ -129,6 +131,12 @@ def storage_only_drain(root: Path, cache: Path, n: int, *, lease: int, max_rows:
                 conn, "erp", [Resolution(r.seq, r.event_id, "delivered", 200) for r in rows])
             conn.execute("COMMIT")
             done += len(rows)
+            unswept += len(rows)
+            if unswept >= queries.SWEEP_ROWS:  # the deferred delete, as the daemon runs it
+                conn.execute("BEGIN IMMEDIATE")
+                queries.sweep_delivered(conn)
+                conn.execute("COMMIT")
+                unswept = 0
         took = time.perf_counter() - started
     finally:
         conn.close()
@@ -223,7 +231,7 @@ def main(argv: list[str] | None = None) -> None:
         receiver.stop()
 
     for n in sorted({r.events for r in results}):
-        s = db_summary(next(cache.glob(f"outbox-{n}-*.db")))
+        s = db_summary(next(cache.glob(f"outbox-{n}-*-v{SCHEMA_VERSION}.db")))
         print(f"backlog {n:,}: file {s['file_mb']:.0f} MiB, mean body {s['avg_body']:.0f} B, "
               f"{s['keys']} keys, classes {s['classes']}")
     print()

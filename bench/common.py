@@ -138,7 +138,10 @@ def prefilled_copy(cache_dir: Path, n: int, target_dir: Path, *, keys: int = 100
     Filling 1M events through the outbox takes about a minute; a drain deletes rows, so
     every run starts from a fresh copy of the same file.
     """
-    cached = cache_dir / f"outbox-{n}-k{keys}-{sink}.db"
+    from edge.outbox.schema import SCHEMA_VERSION
+
+    # per schema version: a cache of an older layout would measure its upgrade too
+    cached = cache_dir / f"outbox-{n}-k{keys}-{sink}-v{SCHEMA_VERSION}.db"
     if not cached.exists():
         tmp = cache_dir / f"fill-{n}"
         shutil.rmtree(tmp, ignore_errors=True)

@@ -101,8 +101,8 @@ class _Picker:
         while the lease keeps close to outbox order (few pages touched per commit)."""
         rows = self.conn.execute(
             "SELECT seq, class, next_at, attempts FROM deliveries "
-            "WHERE sink = ? AND ordering_key = ? AND seq <= ? ORDER BY seq LIMIT ?",
-            (self.sink, key, upto, self.limit - len(self.picked)),
+            "WHERE sink = ? AND ordering_key = ? AND seq <= ? AND done = 0 ORDER BY seq "
+            "LIMIT ?", (self.sink, key, upto, self.limit - len(self.picked)),
         ).fetchall()
         for seq, cls, next_at, attempts in rows:
             if seq in self.inflight or not self._due(seq, next_at):
@@ -120,7 +120,7 @@ class _Picker:
         of the key lies between (e.g. a lower class the scan has not reached yet)."""
         between = self.conn.execute(
             "SELECT 1 FROM deliveries WHERE sink = ? AND ordering_key = ? AND seq > ? "
-            "AND seq < ? LIMIT 1", (self.sink, key, tail, seq)).fetchone()
+            "AND seq < ? AND done = 0 LIMIT 1", (self.sink, key, tail, seq)).fetchone()
         if between is not None or not self._due(seq, next_at):
             self.blocked.add(key)
             return
@@ -148,7 +148,8 @@ def _newest_first(conn: sqlite3.Connection, sink: str
         _rows(
             conn.execute(
                 "SELECT seq, class, ordering_key, next_at, attempts FROM deliveries "
-                "INDEXED BY deliveries_ready WHERE sink = ? AND class = ? ORDER BY seq DESC",
+                "INDEXED BY deliveries_ready WHERE sink = ? AND class = ? AND done = 0 "
+                "ORDER BY seq DESC",
                 (sink, int(cls)),
             )
         )
@@ -221,7 +222,7 @@ def _scan(
     oldest = _rows(
         conn.execute(
             "SELECT seq, class, ordering_key, next_at, attempts FROM deliveries "
-            "INDEXED BY deliveries_ready WHERE sink = ? ORDER BY class, seq",
+            "INDEXED BY deliveries_ready WHERE sink = ? AND done = 0 ORDER BY class, seq",
             (sink,),
         )
     )

@@ -278,11 +278,11 @@ def undelivered_by_type(conn: sqlite3.Connection, types: Sequence[str], *, now: 
     out: dict[str, dict[str, dict[str, Any]]] = {}
     for type_, sink, waiting, oldest in conn.execute(
             f"SELECT e.type, d.sink, COUNT(*), MIN(e.received_at) FROM deliveries d "
-            f"JOIN events e ON e.seq = d.seq WHERE e.type IN ({marks}) "
+            f"JOIN events e ON e.seq = d.seq WHERE e.type IN ({marks}) AND d.done = 0 "
             "GROUP BY e.type, d.sink", list(types)):
         row = conn.execute(
             "SELECT e.id FROM deliveries d JOIN events e ON e.seq = d.seq "
-            "WHERE d.sink = ? AND e.type = ? ORDER BY e.received_at LIMIT 1",
+            "WHERE d.sink = ? AND e.type = ? AND d.done = 0 ORDER BY e.received_at LIMIT 1",
             (sink, type_)).fetchone()
         out.setdefault(type_, {})[sink] = {
             "waiting": waiting, "oldest_age_s": round(max(0.0, now - oldest), 1),
@@ -306,7 +306,7 @@ def notification_failures(conn: sqlite3.Connection, types: Sequence[str], *, sho
                  f"FROM dead_letters WHERE type IN ({marks}) ORDER BY id DESC LIMIT ?",
                  (*types, shown))]
     retrying_sql = (f"FROM deliveries d JOIN events e ON e.seq = d.seq WHERE e.type IN "
-                    f"({marks}) AND (d.attempts > 0 OR d.last_error IS NOT NULL)")
+                    f"({marks}) AND (d.attempts > 0 OR d.last_error IS NOT NULL) AND d.done = 0")
     retrying = conn.execute(f"SELECT COUNT(*) {retrying_sql}", list(types)).fetchone()[0]
     retrying_items = [{"sink": sink, "event_id": ev, "type": t, "attempts": n,
                        "last_error": err, "ordering_key": key}
@@ -339,7 +339,7 @@ def in_transit(conn: sqlite3.Connection, lot_ids: Sequence[str], sinks: Sequence
         for key, sink in conn.execute(
                 f"SELECT DISTINCT d.ordering_key, d.sink FROM deliveries d "
                 f"JOIN events e ON e.seq = d.seq WHERE d.sink IN ({smarks}) "
-                f"AND d.ordering_key IN ({kmarks}) AND e.type IN ({tmarks})",
+                f"AND d.ordering_key IN ({kmarks}) AND e.type IN ({tmarks}) AND d.done = 0",
                 (*sinks, *chunk, *_STATUS_TYPES)):
             out.add((keys[key], sink))
     return out

@@ -42,6 +42,8 @@ def ensure_schema(conn: sqlite3.Connection) -> None:
         _migrate_to_3(conn)  # before the DDL: its indexes need the new columns
     if 0 < version < 4:
         _migrate_to_4(conn)
+    if 0 < version < 5:
+        _migrate_to_5(conn)
     conn.executescript(DDL)
     if version == 1:
         _migrate_1_to_2(conn)
@@ -57,6 +59,19 @@ def _migrate_to_4(conn: sqlite3.Connection) -> None:
     cols = [r[1] for r in conn.execute("PRAGMA table_info(audit)")]
     if cols and "hash" not in cols:
         conn.execute("ALTER TABLE audit ADD COLUMN hash TEXT")
+
+
+def _migrate_to_5(conn: sqlite3.Connection) -> None:
+    """Deliveries gain ``done`` (delivered, not yet swept); the lease scan's index leaves
+    done rows out. One transaction: a crash leaves version 4 as it was."""
+    cols = [r[1] for r in conn.execute("PRAGMA table_info(deliveries)")]
+    if not cols or "done" in cols:
+        return
+    with transaction(conn):
+        conn.execute("ALTER TABLE deliveries ADD COLUMN done INTEGER NOT NULL DEFAULT 0")
+        conn.execute("DROP INDEX IF EXISTS deliveries_ready")
+        conn.execute("CREATE INDEX deliveries_ready ON deliveries(sink, class, seq) "
+                     "WHERE done = 0")
 
 
 def _migrate_to_3(conn: sqlite3.Connection) -> None:
@@ -361,15 +376,98 @@ def _gc_events(conn: sqlite3.Connection, seqs: Sequence[int]) -> None:
         )
 
 
-def _delete_deliveries(conn: sqlite3.Connection, sink: str, seqs: Sequence[int]) -> list[int]:
-    """Delete the rows of ``sink``; return the seqs that were there."""
-    removed: list[int] = []
+def _mark_delivered(conn: sqlite3.Connection, sink: str, seqs: Sequence[int]) -> list[int]:
+    """Mark the rows of ``sink`` done (the sweep deletes them later); return the seqs
+    that were there and not done yet."""
+    marked: list[int] = []
     for chunk in in_chunks(seqs):
         marks, params = in_list(chunk)
-        removed.extend(r[0] for r in conn.execute(
-            f"DELETE FROM deliveries WHERE sink = ? AND seq IN ({marks}) RETURNING seq",
-            [sink, *params]).fetchall())
-    return removed
+        marked.extend(r[0] for r in conn.execute(
+            f"UPDATE deliveries SET done = 1 WHERE sink = ? AND seq IN ({marks}) "
+            "AND done = 0 RETURNING seq", [sink, *params]).fetchall())
+    return marked
+
+
+SWEEP_ROWS = 5_000  # delivered rows swept per transaction
+SWEEP_EVENTS = 20_000  # seqs of events below the low-water mark deleted per transaction
+
+
+def pending_sweep(conn: sqlite3.Connection) -> int:
+    """Delivered rows not swept yet."""
+    return int(conn.execute("SELECT COUNT(*) FROM deliveries WHERE done = 1").fetchone()[0])
+
+
+@dataclass(slots=True)
+class Swept:
+    rows: int = 0  # delivery rows deleted
+    events: int = 0  # events deleted
+    more: bool = False  # a limit was reached: call again
+
+
+def sweep_delivered(conn: sqlite3.Connection, limit: int | None = None,
+                    events_limit: int | None = None) -> Swept:
+    """The deferred delete, in one transaction: up to ``limit`` delivered rows (lowest
+    seqs first), then the events below the low-water mark — every seq below the oldest
+    delivery row still present — that no dead letter holds, up to ``events_limit`` seqs
+    from the oldest event. Events are deleted in seq ranges (whole pages at once), not one
+    by one as their last row goes: an event delivered ahead of older ones (a higher
+    class, a lot pulled forward) keeps its row until the mark passes it, or until
+    ``sweep_orphans`` (disk pressure) takes it."""
+    limit = SWEEP_ROWS if limit is None else limit
+    events_limit = SWEEP_EVENTS if events_limit is None else events_limit
+    out = Swept()
+    seqs = [r[0] for r in conn.execute(
+        "SELECT seq FROM deliveries WHERE done = 1 ORDER BY seq LIMIT ?", (limit,))]
+    if seqs:
+        out.rows = int(conn.execute("DELETE FROM deliveries WHERE done = 1 AND seq <= ?",
+                                    (seqs[-1],)).rowcount)
+        out.more = len(seqs) == limit
+    # the oldest event no dead letter holds (those stay where they are)
+    first_row = conn.execute(
+        "SELECT seq FROM events WHERE NOT EXISTS (SELECT 1 FROM dead_letters x "
+        "WHERE x.seq = events.seq) ORDER BY seq LIMIT 1").fetchone()
+    if first_row is None:
+        return out
+    first = int(first_row[0])
+    oldest_row = conn.execute("SELECT MIN(seq) FROM deliveries").fetchone()[0]
+    mark = _last_seq(conn) + 1 if oldest_row is None else int(oldest_row)
+    upto = min(mark, first + events_limit)
+    if upto > first:
+        out.events = int(conn.execute(
+            "DELETE FROM events WHERE seq < ? AND NOT EXISTS "
+            "(SELECT 1 FROM dead_letters x WHERE x.seq = events.seq)", (upto,)).rowcount)
+        out.more = out.more or upto < mark
+    return out
+
+
+def sweep_orphans(conn: sqlite3.Connection, after: int, window: int = SWEEP_EVENTS
+                  ) -> tuple[int, int]:
+    """Delete the events in ``(after, after + window]`` that no delivery row (done or
+    not) and no dead letter references; returns (events deleted, the next ``after``, or
+    -1 past the last event). One row at a time: for disk pressure, not the steady path."""
+    upto = after + window
+    n = conn.execute(
+        "DELETE FROM events WHERE seq > ? AND seq <= ? "
+        "AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.seq = events.seq) "
+        "AND NOT EXISTS (SELECT 1 FROM dead_letters x WHERE x.seq = events.seq)",
+        (after, upto)).rowcount
+    top = conn.execute("SELECT MAX(seq) FROM events").fetchone()[0]
+    return int(n), (-1 if top is None or upto >= top else upto)
+
+
+def sweep_all(conn: sqlite3.Connection) -> int:
+    """Sweep every delivered row and every event that left the outbox: operator changes
+    (replay, reroute, discard) then see only rows still to deliver. Returns the rows."""
+    total = 0
+    while True:
+        swept = sweep_delivered(conn, limit=1 << 30)
+        total += swept.rows
+        if not swept.more:
+            break
+    after = 0
+    while after >= 0:
+        _, after = sweep_orphans(conn, after)
+    return total
 
 
 def apply_resolutions(
@@ -422,14 +520,12 @@ def apply_resolutions(
         else:
             assert_never(kind)
     if done:
-        removed = _delete_deliveries(conn, sink, list(done))
-        for seq in removed:
+        for seq in _mark_delivered(conn, sink, list(done)):
             r = done[seq]
             au_rows.append(audit.audit_row(
                 "delivered", event_id=r.event_id, sink=sink, ts=ts,
                 detail={"status": r.status},
                 reason="duplicate: " + r.reason if r.kind is OutcomeKind.duplicate else None))
-        _gc_events(conn, removed)
     audit.insert_audit(conn, au_rows)
 
 
@@ -465,6 +561,7 @@ def expire_low(conn: sqlite3.Connection, limit: int,
     rows = conn.execute(
         "SELECT seq, id FROM events WHERE class = ? "
         "AND NOT EXISTS (SELECT 1 FROM dead_letters WHERE seq = events.seq) "
+        "AND EXISTS (SELECT 1 FROM deliveries d WHERE d.seq = events.seq AND d.done = 0) "
         "ORDER BY seq LIMIT ?",
         (int(EventClass.low), limit * 2),
     ).fetchall()
@@ -642,14 +739,15 @@ def _stats(conn: sqlite3.Connection) -> dict[str, Any]:
         })
 
     for sink, cls, n in conn.execute(
-        "SELECT sink, class, COUNT(*) FROM deliveries GROUP BY sink, class"
+        "SELECT sink, class, COUNT(*) FROM deliveries WHERE done = 0 GROUP BY sink, class"
     ):
         e = entry(sink)
         e["depth"][EventClass(cls).name] = n
         e["total"] += n
     for sink, retrying, unrouted in conn.execute(
         "SELECT sink, SUM(attempts > 0), SUM(last_error LIKE 'unrouted:%') FROM deliveries "
-        "WHERE attempts > 0 OR last_error IS NOT NULL GROUP BY sink"
+        "INDEXED BY deliveries_retrying "
+        "WHERE (attempts > 0 OR last_error IS NOT NULL) AND done = 0 GROUP BY sink"
     ):
         entry(sink)["retrying"] = retrying or 0
         entry(sink)["unrouted"] = unrouted or 0
@@ -657,7 +755,8 @@ def _stats(conn: sqlite3.Connection) -> dict[str, Any]:
         # The sink's oldest row is the smallest head of its class ranges in deliveries_ready
         # (four index probes); ORDER BY seq over the sink sorts its whole backlog.
         heads = [
-            conn.execute("SELECT MIN(seq) FROM deliveries WHERE sink = ? AND class = ?",
+            conn.execute("SELECT MIN(seq) FROM deliveries WHERE sink = ? AND class = ? "
+                         "AND done = 0",
                          (sink, int(c))).fetchone()[0]
             for c in EventClass
         ]
@@ -668,7 +767,7 @@ def _stats(conn: sqlite3.Connection) -> dict[str, Any]:
         if row is None:
             row = conn.execute(
                 "SELECT e.received_at FROM deliveries d JOIN events e ON e.seq = d.seq "
-                "WHERE d.sink = ? ORDER BY d.seq LIMIT 1", (sink,)
+                "WHERE d.sink = ? AND d.done = 0 ORDER BY d.seq LIMIT 1", (sink,)
             ).fetchone()
         if row:
             sinks[sink]["oldest_age_s"] = round(max(0.0, now - row[0]), 3)
@@ -704,7 +803,8 @@ def parked_keys(conn: sqlite3.Connection, sink: str, *, limit: int) -> list[dict
         "WHERE sink = ? AND ordering_key IS NOT NULL GROUP BY ordering_key "
         "ORDER BY MIN(id) LIMIT ?", (sink, limit)):
         waiting = conn.execute(
-            "SELECT COUNT(*) FROM deliveries WHERE sink = ? AND ordering_key = ?",
+            "SELECT COUNT(*) FROM deliveries WHERE sink = ? AND ordering_key = ? "
+            "AND done = 0",
             (sink, key)).fetchone()[0]
         out.append({"key": key, "dead_letter_id": dl_id, "event_id": event_id,
                     "since": utc_iso(dead_at), "waiting": waiting})
@@ -768,6 +868,7 @@ def _select_dlq(conn: sqlite3.Connection, ids: Sequence[int] | None, sink: str |
 def dlq_replay(conn: sqlite3.Connection, *, ids: Sequence[int] | None, sink: str | None,
                actor: str, reason: str) -> int:
     """Move dead letters back to the queue (attempts reset), audited with actor and reason."""
+    sweep_all(conn)
     rows = _select_dlq(conn, ids, sink)
     ts = utc_iso()
     for dl_id, seq, dl_sink, _event_id, cls, key in rows:
@@ -807,6 +908,7 @@ def reroute_sink(conn: sqlite3.Connection, *, from_sink: str, to_sink: str, acto
         # nothing to move; the insert below would be a no-op and the delete would drop
         # every queued row of the sink
         return 0
+    sweep_all(conn)
     rows = conn.execute(
         "SELECT d.seq, e.id FROM deliveries d JOIN events e ON e.seq = d.seq WHERE d.sink = ?",
         (from_sink,),
@@ -830,6 +932,7 @@ def reroute_sink(conn: sqlite3.Connection, *, from_sink: str, to_sink: str, acto
 
 def discard_sink(conn: sqlite3.Connection, *, sink: str, actor: str, reason: str) -> int:
     """Drop every queued row of ``sink`` (operator decision, audited per event)."""
+    sweep_all(conn)
     rows = conn.execute(
         "SELECT d.seq, e.id FROM deliveries d JOIN events e ON e.seq = d.seq WHERE d.sink = ?",
         (sink,),
@@ -851,7 +954,8 @@ def event_by_id(conn: sqlite3.Connection, event_id: str) -> dict[str, Any] | Non
     pending = [
         {"sink": s, "attempts": a, "next_at": utc_iso(n) if n else None, "last_error": e}
         for s, a, n, e in conn.execute(
-            "SELECT sink, attempts, next_at, last_error FROM deliveries WHERE seq = ?", (row[0],)
+            "SELECT sink, attempts, next_at, last_error FROM deliveries WHERE seq = ? "
+            "AND done = 0", (row[0],)
         )
     ]
     return {"event": orjson.loads(row[1]), "pending": pending}

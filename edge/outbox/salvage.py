@@ -372,15 +372,21 @@ class FileReader:
         self.report.lost_ranges.append((max(lost_first, 1), lost_last))
         return again
 
+    def _has_done(self) -> bool:
+        cols = _fetch(self.conn, "SELECT name FROM pragma_table_info('deliveries')", ())
+        return any(c[0] == "done" for c in cols or [])
+
     def deliveries(self, seqs: Sequence[int]) -> dict[int, list[tuple[Any, ...]] | None]:
         """seq → its delivery rows (sink, attempts, last_error); None where unreadable."""
         out: dict[int, list[tuple[Any, ...]] | None] = {s: [] for s in seqs}
+        # a row marked done (schema 5) was delivered: nothing to re-queue for it
+        undone = " AND done = 0" if self._has_done() else ""
         rows = _fetch(self.conn, "SELECT seq, sink, attempts, last_error FROM deliveries "
-                      "WHERE seq BETWEEN ? AND ?", (seqs[0], seqs[-1]))
+                      f"WHERE seq BETWEEN ? AND ?{undone}", (seqs[0], seqs[-1]))
         if rows is None:
             for s in seqs:
                 one = _fetch(self.conn, "SELECT seq, sink, attempts, last_error FROM "
-                             "deliveries WHERE seq = ?", (s,))
+                             f"deliveries WHERE seq = ?{undone}", (s,))
                 out[s] = None if one is None else [r[1:] for r in one]
             return out
         for r in rows:
@@ -420,7 +426,11 @@ def peek(path: str) -> tuple[int | None, int | None]:
         except (sqlite3.Error, ValueError):
             last = None
         try:
-            queued = int(conn.execute("SELECT count(*) FROM deliveries").fetchone()[0])
+            try:
+                queued = int(conn.execute("SELECT count(*) FROM deliveries WHERE done = 0"
+                                          ).fetchone()[0])
+            except sqlite3.OperationalError:  # schema before 5: no done column
+                queued = int(conn.execute("SELECT count(*) FROM deliveries").fetchone()[0])
         except sqlite3.Error:
             queued = None
     finally:

@@ -4,10 +4,18 @@ Tables:
 - ``events``        one row per stored event (body = canonical JSON); deleted when no
                     delivery row and no dead letter references it any more.
 - ``deliveries``    one row per (event, sink) still to deliver. Keyed (seq, sink) so an event's
-                    rows are found by seq; ``deliveries_ready`` serves the lease scan in
-                    priority order; ``deliveries_key`` serves per-key FIFO checks;
-                    ``deliveries_retrying`` (partial: only rows that failed) serves the
-                    retrying/unrouted counts of ``/status`` without a full scan.
+                    rows are found by seq; ``deliveries_ready`` (partial: rows not done)
+                    serves the lease scan in priority order; ``deliveries_key`` serves
+                    per-key FIFO checks; ``deliveries_retrying`` (partial: only rows that
+                    failed) serves the retrying/unrouted counts of ``/status`` without a
+                    full scan. A delivered row is not deleted at once: it is marked
+                    ``done`` (one page in seq order, beside the audit row that records the
+                    delivery) and swept later with its event, many rows per transaction in
+                    seq order (``queries.sweep_delivered``): deleting it at once touched a
+                    page of every index for every event, and ``deliveries_key`` is ordered
+                    by lot, so a batch's deletes landed on as many pages as it had lots.
+                    Every reader treats a ``done`` row as gone; ``deliveries_done``
+                    (partial) finds the rows to sweep.
 - ``dead_letters``  deliveries the receiver refused for good, with status, reason and body.
 - ``dedupe``        a source's dedupe key → the event id of its first copy. ``scope`` 1: an
                     identity key, kept ``dedupe_window_s``; 0: a content hash, matched only
@@ -47,7 +55,9 @@ crash can never leave rows stuck as "in flight".
 # created when missing, that an older gateway ignores)
 # 4: the audit trail is hash-chained (audit.hash, audit_checkpoints); rows of an older
 #    file are chained at the upgrade from a genesis checkpoint that says so
-SCHEMA_VERSION = 4
+# 5: deliveries.done — delivered rows are marked and swept later in seq order
+#    (deliveries_ready becomes partial, deliveries_done finds the rows to sweep)
+SCHEMA_VERSION = 5
 
 DEAD_LETTERS_TABLE = """
 CREATE TABLE IF NOT EXISTS dead_letters(
@@ -90,9 +100,11 @@ CREATE TABLE IF NOT EXISTS deliveries(
   next_at      REAL NOT NULL DEFAULT 0,
   attempts     INTEGER NOT NULL DEFAULT 0,
   last_error   TEXT,
+  done         INTEGER NOT NULL DEFAULT 0,  -- 1: delivered, waiting for the sweep
   PRIMARY KEY(seq, sink)
 ) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS deliveries_ready ON deliveries(sink, class, seq);
+CREATE INDEX IF NOT EXISTS deliveries_ready ON deliveries(sink, class, seq) WHERE done = 0;
+CREATE INDEX IF NOT EXISTS deliveries_done ON deliveries(seq) WHERE done = 1;
 CREATE INDEX IF NOT EXISTS deliveries_key ON deliveries(sink, ordering_key, seq)
   WHERE ordering_key IS NOT NULL;
 CREATE INDEX IF NOT EXISTS deliveries_retrying ON deliveries(sink)

@@ -142,6 +142,15 @@ class Outbox:
         self.lot_retention_s = max(lot_retention_days * 86400.0, self.config.dedupe_window_s)
         # HMAC key of audit checkpoints (``audit.checkpoint_key_file``), read at open
         self._checkpoint_key: bytes | None = None
+        # delivered rows marked done and not swept yet (about: the file is the truth)
+        self._unswept = 0
+        self._last_completion = 0.0  # monotonic time of the last delivery recorded
+        self._sweeping: asyncio.Task[None] | None = None
+        self._sweep_more = True  # the last sweep stopped at a limit (or none ran yet)
+        # delivered events may be left behind the low-water mark (``sweep`` finds them)
+        self._orphans = True
+        self._orphan_cursor = 0  # the rolling orphan sweep's position (seq), -1: done
+        self._last_full_sweep = -1e9  # monotonic time of the last full sweep
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -179,6 +188,7 @@ class Outbox:
             self.budget.budget_bytes // 10, _free_bytes(self.path) // 4))))
         await self._wdb.run(lambda c: queries.set_wal_limits(c, wal_limit))
         self.stored_pauses = await self._wdb.run(_restore_pauses, self.clock())
+        self._unswept = await self._wdb.run(queries.pending_sweep)
         lot_rows, capa_rows = await self._wdb.run(lots.load_state)
         self.quality = QualityState()
         self.quality.commit(lot_rows, capa_rows)
@@ -218,6 +228,11 @@ class Outbox:
                 self._maintenance.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._maintenance
+        if self._sweeping is not None:
+            # a sweep is one transaction: let it commit (what it did not reach stays
+            # marked and is swept after the next start)
+            with contextlib.suppress(Exception):
+                await self._sweeping
         if self._writer is not None:
             await self._writer.close()
         for db in (self._rdb, self._wdb):
@@ -445,14 +460,71 @@ class Outbox:
             raise
         finally:
             self.release(sink, [r.seq for r in res])
+        delivered = 0
         for r in res:
             if r.kind is OutcomeKind.delivered or r.kind is OutcomeKind.duplicate:
+                delivered += 1
                 self.metrics.events_delivered.labels(sink).inc()
                 if r.kind is OutcomeKind.duplicate:
                     self.metrics.events_duplicate.labels(sink).inc()
             elif r.kind is OutcomeKind.dead_letter:
                 self.metrics.events_dead_lettered.labels(sink).inc()
                 # the forwarder logs it, with the correlation id, once the commit is done
+        if delivered:
+            self._orphans = True
+            self._unswept += delivered
+            self._last_completion = time.monotonic()
+            if self._unswept >= queries.SWEEP_ROWS:
+                self._start_sweep()
+
+    # ------------------------------------------------------------------ deferred delete
+
+    def _start_sweep(self) -> None:
+        """Sweep delivered rows in the background (one sweep at a time)."""
+        if self._sweeping is None or self._sweeping.done():
+            self._sweeping = asyncio.create_task(self._sweep_once(), name="outbox-sweep")
+
+    async def _sweep_once(self) -> None:
+        try:
+            swept: queries.Swept = await self._write(queries.sweep_delivered)
+        except OutboxClosedError:
+            return
+        except (sqlite3.Error, OSError) as err:
+            log_event(log, logging.ERROR, "sweeping delivered rows failed", error=str(err))
+            return
+        self._unswept = max(0, self._unswept - swept.rows) if swept.more else 0
+        self._sweep_more = swept.more
+
+    async def _sweep_orphan_window(self) -> None:
+        """One window of the rolling sweep of delivered events left behind the low-water
+        mark (a parked lot's old rows hold the mark back): every event is looked at once
+        per pass, a window per maintenance turn."""
+        after = max(0, self._orphan_cursor)
+        _, nxt = await self._write(partial(queries.sweep_orphans, after=after))
+        self._orphan_cursor = nxt
+        if nxt < 0:
+            self._orphan_cursor = 0
+            self._orphans = self._unswept > 0 or self._sweep_more
+
+    async def sweep(self) -> int:
+        """Sweep every delivered row and every event that left the outbox now (disk
+        pressure, tests); returns the delivery rows deleted."""
+        if self._sweeping is not None:
+            with contextlib.suppress(Exception):
+                await self._sweeping
+        total = 0
+        while True:
+            swept: queries.Swept = await self._write(queries.sweep_delivered)
+            total += swept.rows
+            if not swept.more:
+                break
+        after = 0
+        while after >= 0:
+            _, after = await self._write(partial(queries.sweep_orphans, after=after))
+        self._unswept = 0
+        self._sweep_more = self._orphans = False
+        self._last_full_sweep = time.monotonic()
+        return total
 
     # ------------------------------------------------------------------ budget and health
 
@@ -487,6 +559,14 @@ class Outbox:
                 return
             try:
                 await self.prune_redelivery_horizon()
+                if self._sweep_more or (self._unswept and (
+                        self._unswept >= queries.SWEEP_ROWS // 4
+                        or time.monotonic() - self._last_completion > 2.0)):
+                    # steady traffic, a pause in deliveries, or events left behind the
+                    # low-water mark: no need to wait for more
+                    await self._sweep_once()
+                if self._orphans:
+                    await self._sweep_orphan_window()
                 await self._check_budget()
                 self._check_storage()
                 if time.monotonic() - last_prune > 60:
@@ -508,6 +588,14 @@ class Outbox:
 
     async def _check_budget(self) -> None:
         used, state = await self._observe_budget()
+        if (self._unswept or self._orphans) and (
+                state.expire_needed or state.alarm or not self._accepting.is_set()
+                or state.percent >= self.budget.bookkeeping_percent) and (
+                state.expire_needed or time.monotonic() - self._last_full_sweep > 30.0):
+            # delivered rows waiting for the sweep are the cheapest space to free: before
+            # any history is pruned or an event expired or refused
+            await self.sweep()
+            used, state = await self._observe_budget()
         if (state.expire_needed or not self._accepting.is_set()) and self._wdb is not None:
             # The WAL counts against the budget and can outgrow its limit while readers
             # hold snapshots; and refusing new events means few commits, so it would stay
@@ -599,6 +687,8 @@ class Outbox:
         return total
 
     async def _prune_audit_for_space(self, bytes_to_free: int) -> int:
+        if (self._unswept or self._orphans) and time.monotonic() - self._last_full_sweep > 30:
+            await self.sweep()  # a delivered event's history may go only once it left
         chunk = max(500, min(20_000, bytes_to_free // 150))
         exporting = self.config.audit.export is not None
         key = self._checkpoint_key

@@ -24,6 +24,7 @@ async def fill(ob: Outbox) -> None:
     await ob.complete("erp", [Resolution(e.seq, e.id, "delivered", status=200)
                               for e in leased if e.id in ids[:2]])
     ob.release("erp", [e.seq for e in leased])
+    await ob.sweep()  # the delivered events leave the outbox: their history may be pruned
     key = ob._checkpoint_key
     await ob._write(lambda c: queries.prune_finished_audit(c, 2, checkpoint_key=key))
     await ob.audit("reconnected", source="line1")

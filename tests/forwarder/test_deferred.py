@@ -78,7 +78,8 @@ class Rig:
     async def rows(self) -> dict[int, tuple[float, int, str | None]]:
         """seq → (next_at, attempts, last_error) of the sink's delivery rows."""
         rows = await self.outbox.read(lambda c: c.execute(
-            "SELECT seq, next_at, attempts, last_error FROM deliveries WHERE sink = 'erp'"
+            "SELECT seq, next_at, attempts, last_error FROM deliveries WHERE sink = 'erp' "
+            "AND done = 0"
         ).fetchall())
         return {seq: (next_at, attempts, err) for seq, next_at, attempts, err in rows}
 

@@ -368,6 +368,7 @@ async def test_prunes_in_any_order_keep_new_entries_chained(erp_outbox: Outbox,
     [second] = await ob.submit([sub(key="lot:B")])
     leased = [e for e in await ob.lease("erp", 10) if e.id == second]
     await ob.complete("erp", [Resolution(leased[0].seq, second, "delivered", status=200)])
+    await ob.sweep()  # the delivered event leaves the outbox
     assert (await ob._write(lambda c: queries.prune_finished_audit(c, 100))).removed == 1
     await ob._write(lambda c: queries.prune(
         c, dedupe_before=0, audit_before="2999", quarantine_max_rows=100, limit=1))

@@ -550,7 +550,8 @@ class ForwarderMachine(RuleBasedStateMachine):
         if after:
             self.hold[sink] = max(self.hold[sink], t + after)
         db = {(seq): (next_at, attempts) for seq, next_at, attempts in self._db(
-            "SELECT seq, next_at, attempts FROM deliveries WHERE sink = ?", (sink,))}
+            "SELECT seq, next_at, attempts FROM deliveries WHERE sink = ? AND done = 0",
+            (sink,))}
         for ev, o in zip(call.batch, outcomes, strict=True):
             m = self.events[ev.id]
             row = m.rows[sink]
@@ -614,6 +615,12 @@ class ForwarderMachine(RuleBasedStateMachine):
         self._check_budget()
         if keep:
             self.budget_relief()
+
+    @rule()
+    def sweep(self) -> None:
+        """The deferred delete of delivered rows runs between any two steps."""
+        self._run(self.outbox.sweep())
+        assert self._db("SELECT COUNT(*) FROM deliveries WHERE done = 1")[0][0] == 0
 
     @precondition(lambda self: self.squeezed)
     @rule()
@@ -753,13 +760,23 @@ class ForwarderMachine(RuleBasedStateMachine):
     @invariant()
     def database_agrees_with_the_model(self) -> None:
         queued = set(self._db("SELECT e.id, d.sink FROM deliveries d "
-                              "JOIN events e ON e.seq = d.seq"))
-        n_rows = self._db("SELECT COUNT(*) FROM deliveries")[0][0]
+                              "JOIN events e ON e.seq = d.seq WHERE d.done = 0"))
+        n_rows = self._db("SELECT COUNT(*) FROM deliveries WHERE done = 0")[0][0]
         assert n_rows == len(queued), "a delivery row without its event"
+        # rows waiting for the sweep are deliveries the model saw, never anything else
+        for eid, sink in self._db("SELECT e.id, d.sink FROM deliveries d "
+                                  "JOIN events e ON e.seq = d.seq WHERE d.done = 1"):
+            assert self.events[eid].rows[sink].state == "delivered", \
+                f"{eid} marked done for {sink} while {self.events[eid].rows[sink].state}"
         dead_rows = self._db("SELECT event_id, sink FROM dead_letters")
         dead = set(dead_rows)
         assert len(dead) == len(dead_rows), "an event dead-lettered twice for one sink"
-        stored = {r[0] for r in self._db("SELECT id FROM events")}
+        # an event whose rows are all delivered has left the outbox (its row goes with
+        # the sweep)
+        stored = {r[0] for r in self._db(
+            "SELECT id FROM events e WHERE EXISTS (SELECT 1 FROM deliveries d "
+            "WHERE d.seq = e.seq AND d.done = 0) OR EXISTS (SELECT 1 FROM dead_letters x "
+            "WHERE x.seq = e.seq)")}
         want_q, want_d, want_e = set(), set(), set()
         for m in self.events.values():
             for sink, row in m.rows.items():

@@ -72,6 +72,7 @@ async def test_dedupe_survives_delivery_of_the_first_copy(outbox: Outbox):
     [eid] = await outbox.submit([sub(dedupe="m")])
     [leased] = await outbox.lease("erp", 10)
     await outbox.complete("erp", [Resolution(leased.seq, leased.id, "delivered", 200)])
+    await outbox.sweep()
     assert _rows(outbox.path, "SELECT id FROM events") == []
     assert await outbox.submit([sub(dedupe="m")]) == [eid]
     assert _rows(outbox.path, "SELECT id FROM events") == []

@@ -19,6 +19,7 @@ import pytest
 from edge.cli.main import main
 from edge.components import Submission
 from edge.outbox import Outbox
+from edge.outbox.integrity import BackgroundCheck
 from edge.outbox.store import Resolution
 from tests.support import sub
 
@@ -52,11 +53,14 @@ async def _fill(tmp: Path, n: int = 1200, *, delivered: int = 0, dead: int = 0) 
 
 
 def _queued(db: Path) -> dict[int, tuple[str, str, int, str | None, bytes]]:
-    """seq → (id, sha256, class, key, body) of every event still stored (queued or dead)."""
+    """seq → (id, sha256, class, key, body) of every event still stored (queued or dead);
+    a delivered event waiting for the sweep is not (its rows are marked done)."""
     conn = sqlite3.connect(db)
     try:
         return {r[0]: tuple(r[1:]) for r in conn.execute(  # type: ignore[misc]
-            "SELECT seq, id, sha256, class, ordering_key, body FROM events ORDER BY seq")}
+            "SELECT seq, id, sha256, class, ordering_key, body FROM events e WHERE EXISTS "
+            "(SELECT 1 FROM deliveries d WHERE d.seq = e.seq AND d.done = 0) OR EXISTS "
+            "(SELECT 1 FROM dead_letters x WHERE x.seq = e.seq) ORDER BY seq")}
     finally:
         conn.close()
 
@@ -78,12 +82,22 @@ def _scribble(db: Path, pageno: int) -> None:
 
 
 async def _restart(tmp: Path) -> tuple[Path, list[dict[str, Any]]]:
-    """Start the outbox as the gateway does: the check moves the file aside."""
+    """Run the full integrity check as a running gateway does in the background (its
+    verdict is recorded), then start the outbox: the start moves the file aside."""
+    _found_corrupt_while_running(tmp / "outbox.db")
     async with Outbox(tmp, router=lambda ev: ["erp"], maintenance_interval_s=3600) as ob:
         alarms = ob.alarms
     [moved] = [p for p in tmp.glob("outbox.db.corrupt-*") if not p.name.endswith(("-wal",
                                                                                      "-shm"))]
     return moved, alarms
+
+
+def _found_corrupt_while_running(db: Path) -> None:
+    """The background integrity check of a running gateway judges ``db`` corrupt (and
+    records the verdict for the next start)."""
+    check = BackgroundCheck(str(db))
+    check.start()
+    assert check.join(60) and check.state == "failed", check.snapshot()
 
 
 def _salvage(moved: Path, cfg: Path | None, *extra: str) -> tuple[int, dict[str, Any], str]:
@@ -136,7 +150,11 @@ async def test_a_page_of_garbage_in_the_events_table_costs_only_its_rows(tmp_pat
     assert lost <= {v[0] for v in before.values()}
     [(first, last)] = rep["unreadable"]["seq_ranges"]
     assert all(first <= seq <= last for seq, v in before.items() if v[0] in lost)
-    assert rep["requeued"] == len(before) - len(lost) == rep["rows_read"]
+    assert rep["requeued"] == len(before) - len(lost)
+    # the 40 delivered events were still in the file (marked done, not swept yet):
+    # read, and not queued again
+    assert rep["rows_read"] == rep["requeued"] + rep["nothing_to_deliver"]
+    assert rep["nothing_to_deliver"] == 40
     _requeued_in_order(tmp_path, before, lost)
     # the fresh outbox started above the moved file's seqs: salvaged events keep theirs
     live = _live(tmp_path)
@@ -145,7 +163,7 @@ async def test_a_page_of_garbage_in_the_events_table_costs_only_its_rows(tmp_pat
     conn = sqlite3.connect(tmp_path / "outbox.db")
     try:
         dead = conn.execute("SELECT count(*), min(status) FROM dead_letters").fetchone()
-        queued = conn.execute("SELECT count(*) FROM deliveries").fetchone()[0]
+        queued = conn.execute("SELECT count(*) FROM deliveries WHERE done = 0").fetchone()[0]
         actors = {r[0] for r in conn.execute(
             "SELECT actor FROM audit WHERE state = 'salvaged' AND event_id IS NOT NULL")}
         summary = conn.execute("SELECT detail FROM audit WHERE state = 'salvaged' AND "
@@ -276,6 +294,7 @@ async def test_salvage_while_the_gateway_runs_and_stores_new_events(tmp_path: Pa
     db = tmp_path / "outbox.db"
     before = _queued(db)
     _scribble(db, _leaf_pages(db)[5])
+    _found_corrupt_while_running(db)
     ob = Outbox(tmp_path, router=lambda ev: ["erp"], maintenance_interval_s=0.05)
     await ob.open()
     [moved] = [p for p in tmp_path.glob("outbox.db.corrupt-*")
