@@ -665,7 +665,10 @@ def trace_event(conn: sqlite3.Connection, event_id: str) -> list[dict[str, Any]]
 
 
 def trace_key(conn: sqlite3.Connection, key: str, limit: int = 1000) -> list[dict[str, Any]]:
-    """Audit rows of every event stored under ``ordering_key`` (newest events last)."""
+    """Audit rows of every event stored under ``ordering_key`` (newest events last).
+
+    Reads the trail from its newest entry back (no index by key: an index ordered by lot
+    cost every ingest a page write per lot; an operator's lookup may take a second)."""
     ids = [
         r[0]
         for r in conn.execute(

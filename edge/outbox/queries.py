@@ -72,6 +72,7 @@ def _migrate_to_5(conn: sqlite3.Connection) -> None:
         conn.execute("DROP INDEX IF EXISTS deliveries_ready")
         conn.execute("CREATE INDEX deliveries_ready ON deliveries(sink, class, seq) "
                      "WHERE done = 0")
+        conn.execute("DROP INDEX IF EXISTS audit_key")
 
 
 def _migrate_to_3(conn: sqlite3.Connection) -> None:

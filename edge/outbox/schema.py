@@ -56,7 +56,9 @@ crash can never leave rows stuck as "in flight".
 # 4: the audit trail is hash-chained (audit.hash, audit_checkpoints); rows of an older
 #    file are chained at the upgrade from a genesis checkpoint that says so
 # 5: deliveries.done — delivered rows are marked and swept later in seq order
-#    (deliveries_ready becomes partial, deliveries_done finds the rows to sweep)
+#    (deliveries_ready becomes partial, deliveries_done finds the rows to sweep);
+#    no audit_key index: ``trace --key`` reads the trail instead of every ingest
+#    writing a page per lot
 SCHEMA_VERSION = 5
 
 DEAD_LETTERS_TABLE = """
@@ -159,7 +161,6 @@ CREATE TABLE IF NOT EXISTS audit_checkpoints(
   signature  TEXT               -- HMAC-SHA256 of hash (audit.checkpoint_key_file)
 );
 CREATE INDEX IF NOT EXISTS audit_event ON audit(event_id) WHERE event_id IS NOT NULL;
-CREATE INDEX IF NOT EXISTS audit_key ON audit(ordering_key) WHERE ordering_key IS NOT NULL;
 CREATE TABLE IF NOT EXISTS lots(
   lot_id        TEXT PRIMARY KEY,
   state         TEXT NOT NULL,   -- unknown | hold | quarantine | rejected | released

@@ -106,6 +106,8 @@ def _downgrade_to_4(path: Path) -> None:
         conn.execute("DROP INDEX deliveries_ready")
         conn.execute("ALTER TABLE deliveries DROP COLUMN done")
         conn.execute("CREATE INDEX deliveries_ready ON deliveries(sink, class, seq)")
+        conn.execute("CREATE INDEX audit_key ON audit(ordering_key) "
+                     "WHERE ordering_key IS NOT NULL")
         conn.execute("PRAGMA user_version=4")
         conn.commit()
     finally:
@@ -121,6 +123,7 @@ async def test_a_file_of_schema_4_upgrades_with_its_queue_intact(tmp_path: Path)
         assert [e.id for e in await ob.lease("erp", 10)] == ids
         ready_sql = _count_sql(ob.path)
         assert "done = 0" in ready_sql
+        assert _count(ob.path, "SELECT COUNT(*) FROM sqlite_master WHERE name = 'audit_key'") == 0
 
 
 def _count_sql(path: str) -> str:
