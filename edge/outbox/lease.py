@@ -15,7 +15,9 @@ Rules (DESIGN invariants 4 and 5):
   operator replays or discards the dead letter.
 - ``not_before``: seq → earliest send time the outbox keeps in memory when recording an
   outcome failed (DESIGN: a retry is never early, even when its ``next_at`` was not saved).
-- Bounded work: at most ``max_scan`` index entries are read per lease.
+- Bounded work: at most ``max_scan`` rows are considered per lease. Rows waiting for a
+  retry are passed over inside SQLite (``next_at`` filter), not one by one here: a keyed
+  one still blocks its key, found when the chain of a later row of that key is walked.
 
 Pure functions over a sqlite3 connection; they run on a reader thread and never write.
 Rows are returned sorted by seq, so per-key order is also the order within the lease.
@@ -136,7 +138,7 @@ def _rows(cur: sqlite3.Cursor) -> Iterator[tuple[int, int, str | None, float, in
         yield from chunk
 
 
-def _newest_first(conn: sqlite3.Connection, sink: str
+def _newest_first(conn: sqlite3.Connection, sink: str, now: float
                   ) -> Iterator[tuple[int, int, str | None, float, int]]:
     """Rows of ``sink`` by seq, newest first, read lazily.
 
@@ -149,8 +151,8 @@ def _newest_first(conn: sqlite3.Connection, sink: str
             conn.execute(
                 "SELECT seq, class, ordering_key, next_at, attempts FROM deliveries "
                 "INDEXED BY deliveries_ready WHERE sink = ? AND class = ? AND done = 0 "
-                "ORDER BY seq DESC",
-                (sink, int(cls)),
+                "AND next_at <= ? ORDER BY seq DESC",
+                (sink, int(cls), now),
             )
         )
         for cls in EventClass
@@ -222,8 +224,9 @@ def _scan(
     oldest = _rows(
         conn.execute(
             "SELECT seq, class, ordering_key, next_at, attempts FROM deliveries "
-            "INDEXED BY deliveries_ready WHERE sink = ? AND done = 0 ORDER BY class, seq",
-            (sink,),
+            "INDEXED BY deliveries_ready WHERE sink = ? AND done = 0 AND next_at <= ? "
+            "ORDER BY class, seq",
+            (sink, now),
         )
     )
     more = feed(oldest)
@@ -231,7 +234,7 @@ def _scan(
         # A backlog: give the newest rows a share of this lease, then fill from the oldest.
         picker.limit = limit
         budget[0] = max_scan
-        feed(_newest_first(conn, sink))
+        feed(_newest_first(conn, sink, now))
         feed(oldest)
     rows = [picker.picked[s] for s in sorted(picker.picked)]
     _load_events(conn, rows)

@@ -114,3 +114,18 @@ async def test_a_dead_letter_committed_during_the_scan_still_holds_its_key(
     monkeypatch.undo()
     outbox.release("erp", [head.seq])  # the lane records its answer
     assert a[1] not in {e.id for e in await outbox.lease("erp", 10)}  # parked now
+
+
+async def test_rows_waiting_for_a_retry_do_not_use_up_the_scan(outbox: Outbox):
+    """A retry storm (thousands of rows waiting) must not hide the rows that are due: the
+    scan's budget counts only rows it could send."""
+    from edge.outbox.lease import scan_lease
+
+    waiting = await outbox.submit([sub("machine.reading", n=i) for i in range(30)])
+    [due] = await outbox.submit([sub("machine.reading", n=99)])
+    leased = await outbox.lease("erp", 30)
+    later = time.time() + 600
+    await outbox.complete("erp", [Resolution(e.seq, e.id, "retry", status=503, next_at=later)
+                                  for e in leased if e.id in waiting])
+    rows = await outbox.read(lambda c: scan_lease(c, "erp", 5, now=time.time(), max_scan=10))
+    assert [r.event_id for r in rows] == [due]
