@@ -318,7 +318,11 @@ class SinkConfigBase(ComponentConfigBase):
         None, gt=0, description="max events/s sent (drain limit); null = unlimited"
     )
     max_in_flight: int = Field(4, ge=1, le=256, description="leased batches sent concurrently "
-                               "(each may send up to the sink's max_in_flight_requests)")
+                               "(lanes; their requests share the sink's max_in_flight_requests)")
+    adaptive_concurrency: bool = Field(
+        True, description="adapt the requests in flight to the receiver (AIMD on round-trip "
+        "time and on 429/503/timeouts), up to max_in_flight_requests; false: always "
+        "max_in_flight_requests (sinks that send requests concurrently: http, mqtt, nats)")
     lease_batch: int = Field(500, ge=1, le=10000, description="rows leased per outbox read")
     live_share: float = Field(
         0.2, ge=0, le=1, description="share of each lease taken from the newest rows"

@@ -1,6 +1,7 @@
 """What every sink needs to keep DESIGN invariant 4 (per-key order) and route events.
 
-- ``send_in_key_order``  send requests concurrently, keys in parallel, one key in order
+- ``send_in_key_order``  send requests concurrently, keys in parallel, one key in order,
+  as many at once as the sink's ``AdaptiveConcurrency`` allows (``edge.concurrency``)
 - ``blocks_key``         whether an outcome holds the later events of its key
 - ``event_matches``      the event-type patterns of routes: ``*``, an exact type, ``a.*``
 - ``DeliveryMode``       a route's ``delivery``: ``realtime`` or ``{scheduled: {every_s: N}}``;
@@ -20,6 +21,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BeforeValidator, Field
 
 from edge.components import Outcome, OutcomeKind, StoredEvent
+from edge.concurrency import AdaptiveConcurrency, pushes_back
 from edge.config import StrictModel
 from edge.timefmt import iso_z
 
@@ -96,11 +98,16 @@ def event_matches(patterns: Iterable[str], event_type: str) -> bool:
 
 SendRequest = Callable[[list[StoredEvent]], Awaitable[list[Outcome]]]
 
+FAILING_AFTER = 8
+"""Requests of one ``send_in_key_order`` call the receiver pushed back on (``pushes_back``)
+before any delivery, after which the call starts no more requests: a receiver that is down
+or hung is not sent the rest of a lease one request at a time."""
+
 
 async def send_in_key_order(
     requests: Sequence[list[StoredEvent]],
     send_request: SendRequest,
-    concurrency: int,
+    concurrency: int | AdaptiveConcurrency,
     stopping: Callable[[], bool] = lambda: False,
     *,
     dead_letter_blocks: bool = True,
@@ -115,17 +122,29 @@ async def send_in_key_order(
     they were in. Once ``stopping()`` is true (shutdown) no new request starts: its events
     are not attempted. Once the receiver answered with a ``Retry-After`` (429, 503 …) no
     new request starts either: it asked this client to wait, and the forwarder pauses the
-    sink that long; requests already on the wire finish. Returns the outcome of every
-    event by ``seq``.
+    sink that long; requests already on the wire finish. Once ``FAILING_AFTER`` requests
+    were pushed back on (``pushes_back``: retries, Retry-After) before any delivery, no new
+    request starts either: the receiver is failing, the forwarder's backoff and circuit
+    breaker take over. Returns the outcome of every event by ``seq``.
+
+    ``concurrency`` is the sink's limiter (``AdaptiveConcurrency``, shared by every call
+    of the sink: each request holds one of its slots and reports its round trip and
+    outcomes to it), or a number: a fixed limit for this call alone. A request does not
+    start either while the limiter refuses (``refusal()``: a Retry-After another call was
+    given, or the sink's circuit is open); its events are not attempted.
     """
     outcomes: dict[int, Outcome] = {}
     blocked: set[str] = set()
+    pushed_back = 0  # requests the receiver pushed back on
+    delivered_any = False
     asked_to_wait: list[float] = []  # Retry-After seconds the receiver gave in this call
     last_for_key: dict[str, asyncio.Event] = {}
-    sem = asyncio.Semaphore(concurrency)
+    limiter = (concurrency if isinstance(concurrency, AdaptiveConcurrency)
+               else AdaptiveConcurrency(concurrency, adaptive=False))
 
     async def run(events: list[StoredEvent], after: list[asyncio.Event],
                   done: asyncio.Event) -> None:
+        nonlocal pushed_back, delivered_any
         try:
             for dep in after:
                 await dep.wait()
@@ -136,14 +155,25 @@ async def send_in_key_order(
                 else:
                     todo.append(ev)
             if todo:
-                async with sem:
+                async with limiter.slot() as slot:
                     if stopping():
                         results = [Outcome.not_attempted("gateway stopping")] * len(todo)
                     elif asked_to_wait:
                         results = [Outcome.not_attempted(
                             "the receiver asked to wait (Retry-After)")] * len(todo)
+                    elif (refused := limiter.refusal()) is not None:
+                        results = [Outcome.not_attempted(refused)] * len(todo)
+                    elif pushed_back >= FAILING_AFTER and not delivered_any:
+                        results = [Outcome.not_attempted(
+                            "the receiver is failing (no delivery, only retries)")] * len(todo)
                     else:
                         results = await send_request(todo)
+                        if any(o.kind in (OutcomeKind.delivered, OutcomeKind.duplicate)
+                               for o in results):
+                            delivered_any = True  # the receiver works: send the rest
+                        elif pushes_back(results):
+                            pushed_back += 1
+                    slot.outcomes = results
                 for ev, outcome in zip(todo, results, strict=True):
                     outcomes[ev.seq] = outcome
                     if outcome.retry_after_s and outcome.kind is not OutcomeKind.delivered:

@@ -42,6 +42,14 @@ Contract:
   alarm as before the restart, until resumed; the Retry-After pause until its end. An
   auth pause is not stored: after a restart the sink simply probes the receiver again,
   which refuses the credentials at once if they are still wrong.
+- Concurrency: a sink that sends requests concurrently keeps its sink-wide limiter
+  (``edge.concurrency.AdaptiveConcurrency``) as ``sink.concurrency``; the lanes' requests
+  share it. ``status()["concurrency"]`` and ``edge_sink_concurrency{sink}`` show its
+  current limit. While the circuit is open the limiter refuses new requests, so what the
+  lanes still hold of their leases is not sent to a receiver that is down (not attempted:
+  the rows stay queued); the probe lifts that. The lanes (``max_in_flight``) each hold a
+  lease of up to ``lease_batch`` rows, so with one event per request they offer far more
+  requests than the limit.
 - ``stop()``: no new leases; in-flight sends get ``shutdown_grace_s`` to finish and record
   their outcome; what is still running then is cancelled and its rows simply stay queued.
 """
@@ -58,6 +66,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from edge.components import Outcome, OutcomeKind, Sink, StoredEvent
+from edge.concurrency import AdaptiveConcurrency
 from edge.config import SinkConfigBase
 from edge.outbox import Resolution
 from edge.retry import CircuitBreaker, StormGuard, TokenBucket, backoff_s, steady_time
@@ -178,6 +187,11 @@ class Forwarder:
         metrics.sink_up.labels(sink.id).set(1)
         metrics.sink_circuit_open.labels(sink.id).set(0)
         metrics.sink_paused.labels(sink.id).set(0)
+        limiter = getattr(sink, "concurrency", None)
+        self.concurrency: AdaptiveConcurrency | None = None
+        if isinstance(limiter, AdaptiveConcurrency):
+            self.concurrency = limiter
+            metrics.sink_concurrency.labels(sink.id).set_function(lambda: limiter.limit)
         self._restore(outbox.stored_pauses.get(sink.id, {}))
 
     def _restore(self, stored: dict[str, Any]) -> None:
@@ -272,6 +286,7 @@ class Forwarder:
             "last_error": self.last_error,
             "down_since": _iso(self.down_since),
             "delivered": self.delivered,
+            "concurrency": self.concurrency.status() if self.concurrency else None,
         }
 
     # ------------------------------------------------------------------ the lane loop
@@ -301,6 +316,8 @@ class Forwarder:
         probing = self.breaker.state == "half_open"
         if probing and (index != 0 or not self.breaker.start_probe()):
             return 0.2  # one lane probes; the others wait for its verdict
+        if probing and self.concurrency is not None:
+            self.concurrency.paused = None  # the probe's request must go
         limit = 1 if probing else self._lease_size()
         live = 0 if probing else int(limit * self.config.live_share)
         try:
@@ -455,6 +472,8 @@ class Forwarder:
         self.down_since = None
         self.metrics.sink_up.labels(self.sink.id).set(1)
         self.metrics.sink_circuit_open.labels(self.sink.id).set(0)
+        if self.concurrency is not None:
+            self.concurrency.paused = None
         if self.alarm is not None and self.alarm.code != "storm_guard":
             log_event(log, logging.INFO, "sink fault cleared by a delivery", sink=self.sink.id,
                       alarm=self.alarm.code, faults_since_last_line=self._faults)
@@ -483,6 +502,8 @@ class Forwarder:
             opened = self.breaker.trip() or opened
         if not opened:
             return
+        if self.concurrency is not None:  # what the lanes still hold is not sent
+            self.concurrency.paused = "the sink's circuit is open (the receiver is failing)"
         first_open = self.down_since is None
         if first_open:
             self.down_since = self.clock()

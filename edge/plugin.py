@@ -23,7 +23,10 @@ Contracts (the full text is in ``edge.components``):
   ``InputError("invalid_data", detail)`` — quarantine the record and ack it. ``Mapper``
   does this for mapped payloads. ``CATALOGUE`` is the event catalogue (docs/events.md).
 - A sink's ``send(events)`` returns one ``Outcome`` per event, in order, and never raises for
-  one event's failure; ``send_in_key_order`` keeps per-key order (invariant 4).
+  one event's failure; ``send_in_key_order`` keeps per-key order (invariant 4). A sink that
+  sends requests concurrently keeps one ``AdaptiveConcurrency`` as its ``concurrency``
+  attribute and passes it to every ``send_in_key_order`` call: the limit is sink-wide,
+  adapts to the receiver and shows in ``/status`` and ``edge_sink_concurrency``.
 
 Names not exported here are internal and may change in any release. ``__version__`` is
 the gateway's version: the SDK is released with it.
@@ -42,6 +45,7 @@ from edge.components import (
     StoredEvent,
     Submission,
 )
+from edge.concurrency import AdaptiveConcurrency, pushes_back
 from edge.config import (
     ConfigDir,
     SecretFile,
@@ -85,6 +89,8 @@ from edge.transforms.map import (
 )
 
 __all__ = [
+    "AdaptiveConcurrency",
+    "pushes_back",
     "DeliveryMode",
     "SchedulePeriod",
     "ScheduledDelivery",

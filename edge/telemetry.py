@@ -166,6 +166,12 @@ class Metrics:
             ["sink"],
             registry=r,
         )
+        self.sink_concurrency = Gauge(
+            "edge_sink_concurrency",
+            "Requests the sink may have in flight now (its adaptive concurrency limit)",
+            ["sink"],
+            registry=r,
+        )
 
 
 LOG_FORMATS = ("auto", "text", "json")

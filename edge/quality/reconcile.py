@@ -45,7 +45,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-import httpx
 import orjson
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
@@ -329,9 +328,9 @@ class Reconciler:
             resp = await self._client(src.sink).get(path, timeout_s=self.config.timeout_s)
         except _NotStarted as err:
             return self._failed(rd, "unreachable", str(err))
-        except httpx.TimeoutException:
+        except TimeoutError:
             return self._failed(rd, "unreachable", "timed out")
-        except httpx.HTTPError as err:
+        except OSError as err:  # the sink's transport: no usable answer
             return self._failed(rd, "unreachable",
                                 f"unreachable: {type(err).__name__}: {err}"[:200])
         if resp.status_code == 404:

@@ -1,5 +1,5 @@
 """Component packages are cheap to import (``edge.registry`` contract): their ``__init__``
-holds the config model and ``COMPONENT``; the client libraries (asyncua, paho, httpx) are
+holds the config model and ``COMPONENT``; the client libraries (asyncua, paho, httpx, aiohttp) are
 imported by the factory only, so ``check-config`` and start-up never load them for nothing.
 
 Each check runs in a fresh interpreter: this test process has long imported them all.
@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-HEAVY = ("asyncua", "paho", "httpx")
+HEAVY = ("asyncua", "paho", "httpx", "aiohttp")
 
 _PROBE = """
 import json, sys

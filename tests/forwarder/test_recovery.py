@@ -20,6 +20,7 @@ async def test_delivery_resumes_within_one_probe_interval_after_the_erp_is_back(
     gw = await gateways(sink_yaml(erp.url, extra=f"""\
         max_in_flight: 4
         lease_batch: 5
+        adaptive_concurrency: false  # all 20 requests on the wire at once (64 fixed)
         retry: {{initial_backoff_s: 0.05, max_backoff_s: 0.1}}
         circuit_breaker: {{failure_threshold: 1, open_s: {OPEN_S}, max_open_s: 60}}
         """))

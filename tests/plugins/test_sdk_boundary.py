@@ -38,7 +38,7 @@ CORE_USES_OF_COMPONENTS: dict[tuple[str, str], str] = {
 }
 
 # Libraries a component imports in its factory, never through the SDK.
-HEAVY = ("asyncua", "paho", "httpx", "httpcore", "anyio", "starlette", "uvicorn",
+HEAVY = ("asyncua", "paho", "httpx", "aiohttp", "httpcore", "anyio", "starlette", "uvicorn",
          "aiosqlite", "sqlite3", "cryptography", "amqtt", "nats")
 
 

@@ -9,8 +9,9 @@ never before ``Retry-After``; a 4xx that judges the event dead-letters it; 401/4
 one credential refresh, redirects and unexpected answers fault the sink and keep the rows.
 
 Modules: ``config`` (the config models, cheap to import), ``sink`` (planning and sending,
-imported by the factory so httpx loads only when an http sink is used), ``request`` (what
-a request carries and what its answer means), ``auth`` (credentials at run time).
+imported by the factory so aiohttp loads only when an http sink is used), ``request`` (what
+a request carries and what its answer means), ``auth`` (credentials at run time),
+``transport`` (one request and its whole answer over aiohttp, errors mapped for the policy).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ __all__ = ["COMPONENT", "HttpSinkConfig", "RouteConfig"]
 
 
 def _factory(config: HttpSinkConfig, ctx: ComponentContext) -> HttpSink:
-    from edge.sinks.http.sink import HttpSink  # httpx only when an http sink is used
+    from edge.sinks.http.sink import HttpSink  # aiohttp only when an http sink is used
 
     return HttpSink(config, ctx)
 

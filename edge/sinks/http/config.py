@@ -1,6 +1,6 @@
 """Config model of the ``http`` sink: base URL, routes, auth, TLS, limits.
 
-Cheap to import (no httpx). Secrets are read at start from ``*_file`` paths and never
+Cheap to import (no aiohttp). Secrets are read at start from ``*_file`` paths and never
 logged; ``check_headers`` and ``check_url`` refuse secrets written inline (header names and
 URL query parameters that look like credentials, user:password in a URL) at config load.
 
@@ -254,8 +254,11 @@ class HttpSinkConfig(SinkConfigBase):
     headers: dict[str, str] = Field(default_factory=dict, description="sent on every request")
     timeout_s: float = Field(10.0, gt=0, description="whole-request timeout")
     connect_timeout_s: float = Field(5.0, gt=0)
-    max_connections: int = Field(8, ge=1, le=256)
-    max_in_flight_requests: int = Field(8, ge=1, le=256, description="per leased batch")
+    max_connections: int = Field(128, ge=1, le=256, description="connections to the receiver "
+                                 "at most; keep >= max_in_flight_requests")
+    max_in_flight_requests: int = Field(
+        128, ge=1, le=256, description="requests in flight for the whole sink at most (all "
+        "lanes): the ceiling of adaptive_concurrency, or the fixed limit without it")
     duplicate_statuses: list[int] = Field(
         default_factory=lambda: [409], description="statuses that mean 'already exists'"
     )

@@ -18,9 +18,9 @@ refused batch is split to find the events the receiver judged.
 The answer's body (``read_body``): kept whole up to ``MAX_ERROR_BODY`` characters — the
 dead-letter table's bound, so what the receiver said about a refused event reaches the
 operator as it was. A longer body is cut and ends with a note of how long it was; the
-sink never reads more than ``MAX_READ_BYTES`` of an answer (a receiver cannot fill the
-gateway's memory), and an answer longer than that is not read to its end (the connection
-is closed instead of reused).
+sink's transport never reads more than ``MAX_READ_BYTES`` of an answer (a receiver cannot
+fill the gateway's memory), and an answer longer than that is not read to its end (the
+connection is closed instead of reused).
 """
 
 from __future__ import annotations
@@ -28,17 +28,18 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import random
+import re
 from collections.abc import Collection, Sequence
 from datetime import UTC
 from email.utils import parsedate_to_datetime
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
-import httpx
 import orjson
 
 from edge.plugin import Outcome, OutcomeKind, StoredEvent, parse_retry_after
-from edge.sinks.http.auth import REFRESH_STATUSES
+from edge.sinks.http.auth import REFRESH_STATUSES, TokenRefused
+from edge.sinks.http.transport import Reply, TransportError, TransportTimeout
 
 if TYPE_CHECKING:
     from edge.sinks.http.config import RouteConfig
@@ -95,41 +96,27 @@ def idempotency_key(events: Sequence[StoredEvent]) -> str:
 
 
 def request_headers(route: RouteConfig, events: Sequence[StoredEvent]) -> dict[str, str]:
-    first = events[0]
+    correlation_id = events[0].correlation_id
     headers = {"Content-Type": "application/json", **route.headers}
     if route.api_version is not None:
         headers[route.api_version_header] = route.api_version
-    headers.update({
-        "Idempotency-Key": idempotency_key(events),
-        "X-Correlation-ID": first.correlation_id,
-        "traceparent": _traceparent(first.correlation_id),
-    })
+    headers["Idempotency-Key"] = idempotency_key(events)
+    headers["X-Correlation-ID"] = correlation_id
+    headers["traceparent"] = _traceparent(correlation_id)
     return headers
 
 
-async def read_body(resp: httpx.Response) -> str:
-    """The body of a streamed answer as text, at most ``MAX_ERROR_BODY`` characters (see
-    the module docstring). A 2xx body is read to its end (so the connection is reused) and
-    dropped: it says nothing the gateway keeps."""
-    kept = bytearray()
-    total = 0
-    complete = True
-    success = resp.is_success
-    async for chunk in resp.aiter_raw() if success else resp.aiter_bytes():
-        total += len(chunk)
-        if not success:
-            kept += chunk[:MAX_READ_BYTES - len(kept)]
-        if total > MAX_READ_BYTES:
-            complete = False
-            break
-    if success:
+def read_body(reply: Reply) -> str:
+    """The body of an answer as text, at most ``MAX_ERROR_BODY`` characters (see the
+    module docstring). A 2xx body says nothing the gateway keeps: empty."""
+    if reply.is_success:
         return ""
-    text = bytes(kept).decode(resp.encoding or "utf-8", errors="replace")
-    if complete and len(text) <= MAX_ERROR_BODY:
+    text = reply.text
+    if reply.complete and len(text) <= MAX_ERROR_BODY:
         return text
-    length = resp.headers.get("Content-Length", "")
+    length = reply.headers.get("Content-Length", "")
     size = (f"{length} bytes" if length.isdigit() else
-            f"{total} bytes" if complete else f"more than {MAX_READ_BYTES} bytes")
+            f"{reply.read} bytes" if reply.complete else f"more than {MAX_READ_BYTES} bytes")
     note = "\n[cut by the gateway: the answer had {size}; its first {kept} bytes are above]"
     head = text[:MAX_ERROR_BODY - len(note.format(size=size, kept=MAX_READ_BYTES))]
     return head + note.format(size=size, kept=len(head.encode("utf-8", errors="replace")))
@@ -137,26 +124,30 @@ async def read_body(resp: httpx.Response) -> str:
 
 def _traceparent(correlation_id: str) -> str:
     trace = correlation_id.replace("-", "").lower()
-    if len(trace) != 32 or not all(c in "0123456789abcdef" for c in trace) or set(trace) == {"0"}:
+    if len(trace) != 32 or not _HEX32.fullmatch(trace) or trace == _ZERO_TRACE:
         trace = hashlib.sha256(correlation_id.encode()).hexdigest()[:32]
     return f"00-{trace}-{random.getrandbits(64):016x}-01"
 
 
-def judge_response(resp: httpx.Response, duplicate_statuses: Collection[int],
+_HEX32 = re.compile(r"[0-9a-f]{32}")
+_ZERO_TRACE = "0" * 32
+
+
+def judge_response(resp: Reply, duplicate_statuses: Collection[int],
                    body: str | None = None) -> Outcome:
     """The receiver's answer → one Outcome for every event of the request. ``body``: the
-    answer's text as ``read_body`` kept it (default: the read response's own text).
+    answer's text as ``read_body`` kept it (default: ``read_body(resp)``).
 
     A duplicate or dead-letter status on a batch of several is not final: ``should_split``.
     """
-    status = resp.status_code
+    status = resp.status
     if 200 <= status < 300:
         return Outcome.delivered(status)
     if status in duplicate_statuses:
         return Outcome.duplicate(status)
     if body is None:
-        body = resp.text[:MAX_ERROR_BODY]
-    what = f"HTTP {status} {resp.reason_phrase}".strip()
+        body = read_body(resp)
+    what = f"HTTP {status} {resp.reason}".strip()
     retry_after = retry_after_s(resp)
     if status in RETRY_STATUSES:
         return Outcome.retry(what, status, body=body, retry_after_s=retry_after)
@@ -171,7 +162,7 @@ def judge_response(resp: httpx.Response, duplicate_statuses: Collection[int],
     return Outcome.sink_fault(what, status, body, retry_after_s=retry_after)
 
 
-def retry_after_s(resp: httpx.Response) -> float | None:
+def retry_after_s(resp: Reply) -> float | None:
     """The answer's ``Retry-After`` in seconds. An HTTP-date is on the receiver's clock, so
     it is measured from the answer's own ``Date`` when there is one: a gateway whose wall
     clock is off or was stepped (NTP) then neither retries early nor pauses for the size
@@ -186,22 +177,24 @@ def retry_after_s(resp: httpx.Response) -> float | None:
 def judge_error(err: Exception) -> Outcome:
     """A request that got no answer from the receiver → Outcome.
 
-    Timeouts (httpx's per phase, ``TimeoutError`` for the sink's whole-request deadline)
-    and connection errors are retried. The OAuth2 token endpoint's refusal
-    (``httpx.HTTPStatusError`` from the auth flow) is a sink fault — the sink's credential,
-    not the event — unless its status is one that is retried.
+    Timeouts (the transport's per phase, ``TimeoutError`` for the sink's whole-request
+    deadline) and connection errors are retried. The OAuth2 token endpoint's refusal
+    (``TokenRefused``) is a sink fault — the sink's credential, not the event — unless its
+    status is one that is retried.
     """
-    if isinstance(err, httpx.HTTPStatusError):
-        status = err.response.status_code
+    if isinstance(err, TokenRefused):
+        status = err.status
         if status in RETRY_STATUSES:
             return Outcome.retry(f"auth: {err}", status,
-                                 retry_after_s=retry_after_s(err.response))
+                                 retry_after_s=retry_after_s(err.reply))
         return Outcome.sink_fault(f"auth: {err}", status)
-    if isinstance(err, httpx.TimeoutException):
-        return Outcome.retry(f"timeout: {type(err).__name__}")
+    if isinstance(err, TransportTimeout):
+        return Outcome.retry(f"timeout: {err}")
     if isinstance(err, TimeoutError):
         return Outcome.retry("timeout: no complete answer within timeout_s")
-    if isinstance(err, (httpx.TransportError, OSError)):
+    if isinstance(err, TransportError):
+        return Outcome.retry(f"connection: {err}")
+    if isinstance(err, OSError):
         return Outcome.retry(f"connection: {type(err).__name__}: {err}")
     return Outcome.retry(f"request: {type(err).__name__}: {err}")
 

@@ -8,12 +8,11 @@ from __future__ import annotations
 import asyncio
 import time
 import zlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-import httpx
-
 from edge.plugin import (
+    AdaptiveConcurrency,
     ComponentContext,
     ConfigError,
     InputError,
@@ -26,10 +25,11 @@ from edge.plugin import (
     render_template,
     send_in_key_order,
 )
-from edge.sinks.http.auth import build_auth
+from edge.sinks.http.auth import REFRESH_STATUSES, Credential, TokenRefused, build_auth
 from edge.sinks.http.config import HttpSinkConfig, RouteConfig
 from edge.sinks.http.contract import PayloadSchema, SchemaFileError, load_schema
 from edge.sinks.http.request import (
+    MAX_READ_BYTES,
     judge_error,
     judge_response,
     read_body,
@@ -37,6 +37,7 @@ from edge.sinks.http.request import (
     request_headers,
     should_split,
 )
+from edge.sinks.http.transport import Reply, Transport, TransportError
 
 __all__ = ["HttpSink"]
 
@@ -54,16 +55,30 @@ class HttpSink:
     def __init__(self, config: HttpSinkConfig, ctx: ComponentContext) -> None:
         self.config = config
         self.id = config.id
-        self._client: httpx.AsyncClient | None = None
+        # requests in flight, sink-wide (all lanes): adapted up to max_in_flight_requests
+        self.concurrency = AdaptiveConcurrency(config.max_in_flight_requests,
+                                               adaptive=config.adaptive_concurrency)
+        self._transport: Transport | None = None
+        self._auth: Credential | None = None
         self._stopping = False
         self._user_agent = f"edge-gateway/{__version__} ({ctx.site})"
         self._schemas: dict[int, PayloadSchema] = {}  # by id() of the route
+        self._routes: dict[str, RouteConfig | None] = {}  # route_for by event type
 
     def accepts(self, event_type: str) -> bool:
         return any(r.matches(event_type) for r in self.config.routes)
 
     def route_for(self, event_type: str) -> RouteConfig | None:
-        return next((r for r in self.config.routes if r.matches(event_type)), None)
+        """The first route matching ``event_type`` (remembered: routes are fixed)."""
+        try:
+            return self._routes[event_type]
+        except KeyError:
+            pass
+        route = next((r for r in self.config.routes if r.matches(event_type)), None)
+        if len(self._routes) >= 4096:  # event types are a catalogue: a handful in practice
+            self._routes.clear()
+        self._routes[event_type] = route
+        return route
 
     async def start(self) -> None:
         cfg = self.config
@@ -76,35 +91,34 @@ class HttpSink:
                 raise ConfigError(str(err), location=f"sinks[{cfg.id}].routes[{i}].schema_file"
                                   ) from err
         verify = client_context(cfg.tls, f"sink {cfg.id!r}")
-        self._client = httpx.AsyncClient(
-            base_url=cfg.url,
-            verify=verify,
-            auth=build_auth(cfg.auth, verify),
-            timeout=httpx.Timeout(cfg.timeout_s, connect=cfg.connect_timeout_s),
-            limits=httpx.Limits(max_connections=cfg.max_connections,
-                                max_keepalive_connections=cfg.max_connections),
+        self._auth = build_auth(cfg.auth, verify)
+        self._transport = Transport(
+            cfg.url, ssl_context=verify, max_connections=cfg.max_connections,
+            connect_timeout_s=cfg.connect_timeout_s, read_timeout_s=cfg.timeout_s,
             headers={"User-Agent": self._user_agent, **cfg.headers},
-            follow_redirects=False,
-            trust_env=False,
+            max_body=MAX_READ_BYTES,
         )
 
     def stop_new_requests(self) -> None:
         self._stopping = True
 
-    async def get(self, path: str, *, timeout_s: float | None = None) -> httpx.Response:
+    async def get(self, path: str, *, timeout_s: float | None = None) -> Reply:
         """A GET of ``path`` (relative to ``url``) with the sink's own auth (an OAuth2 token
         refreshed as for sends), TLS and headers: what a reader of the receiver's state
-        (lot status reconciliation) uses. Raises ``httpx.HTTPError`` (also before
-        ``start``: no connection)."""
-        if self._client is None:
-            raise httpx.ConnectError(f"sink {self.id!r} is not started")
-        return await self._client.get(path, timeout=timeout_s if timeout_s is not None
-                                      else self.config.timeout_s)
+        (lot status reconciliation) uses. The answer has ``status_code`` and ``json()``.
+        Raises ``TimeoutError`` when no complete answer came within ``timeout_s`` (default:
+        the sink's), else ``ConnectionError`` (also before ``start``, and when the token
+        endpoint refuses the sink's credential)."""
+        try:
+            return await self._exchange("GET", path, None, None, timeout_s
+                                        if timeout_s is not None else self.config.timeout_s)
+        except TokenRefused as err:
+            raise TransportError(f"auth: {err}") from err
 
     async def close(self) -> None:
-        if self._client is not None:
-            await self._client.aclose()
-            self._client = None
+        if self._transport is not None:
+            await self._transport.close()
+            self._transport = None
 
     # ------------------------------------------------------------------ sending
 
@@ -122,7 +136,7 @@ class HttpSink:
             return await self._send_split(route, path, events)
 
         plan.outcomes.update(await send_in_key_order(
-            plan.requests, send_request, self.config.max_in_flight_requests,
+            plan.requests, send_request, self.concurrency,
             stopping=lambda: self._stopping, dead_letter_blocks=self.dead_letter_blocks,
         ))
         return [plan.outcomes[ev.seq] for ev in batch]
@@ -183,10 +197,12 @@ class HttpSink:
         route = self.route_for(ev.type)
         if route is None:
             return Outcome.unrouted(f"no route of sink {self.id} matches {ev.type}")
-        try:
-            path = render_template(route.path, {**ev.doc, "data": ev.data}, path_segment=True)
-        except InputError as err:
-            return Outcome.dead_letter(f"unsafe path value: {err.detail}")
+        path = route.path
+        if "{" in path or "}" in path:  # a template: filled from the event
+            try:
+                path = render_template(path, {**ev.doc, "data": ev.data}, path_segment=True)
+            except InputError as err:
+                return Outcome.dead_letter(f"unsafe path value: {err.detail}")
         schema = self._schemas.get(id(route))
         if schema is not None:
             refused = _check_contract(schema, route, ev)
@@ -218,22 +234,36 @@ class HttpSink:
 
     async def _request(self, route: RouteConfig, path: str, events: list[StoredEvent]
                        ) -> Outcome:
-        assert self._client is not None, "sink not started"
-        request = self._client.build_request(route.method, path,
-                                             content=request_body(route, events),
-                                             headers=request_headers(route, events))
         try:
-            # httpx bounds each phase (connect, pool, every read); this bounds the whole
-            # request, so a receiver that trickles its answer cannot hold a lane
-            async with asyncio.timeout(self.config.timeout_s):
-                resp = await self._client.send(request, stream=True)
-                try:
-                    body = await read_body(resp)  # bounded: a receiver cannot fill memory
-                finally:
-                    await resp.aclose()
-        except (httpx.HTTPError, OSError) as err:  # OSError includes TimeoutError
+            # the transport bounds each phase and the whole exchange (timeout_s), so a
+            # receiver that trickles its answer cannot hold a lane; it reads at most
+            # MAX_READ_BYTES of an answer (a receiver cannot fill memory)
+            reply = await self._exchange(route.method, path, request_body(route, events),
+                                         request_headers(route, events), self.config.timeout_s)
+        except (TokenRefused, OSError) as err:  # OSError: the transport's errors, timeouts
             return judge_error(err)
-        return judge_response(resp, self.config.duplicate_statuses, body)
+        return judge_response(reply, self.config.duplicate_statuses, read_body(reply))
+
+    async def _exchange(self, method: str, path: str, body: bytes | None,
+                        headers: Mapping[str, str] | None, timeout_s: float) -> Reply:
+        """One request with the sink's credential, all within ``timeout_s``: after a 401/403
+        the credential is refreshed once and the request sent again when it changed
+        (``auth``)."""
+        transport = self._transport
+        if transport is None:
+            raise TransportError(f"sink {self.id!r} is not started")
+        auth = self._auth
+        if auth is None:
+            return await transport.request(method, path, body, headers, timeout_s)
+        async with asyncio.timeout(timeout_s):  # the refresh and its resend included
+            used = await auth.value()
+            reply = await transport.request(method, path, body,
+                                            {**(headers or {}), auth.header: used}, timeout_s)
+            if reply.status in REFRESH_STATUSES and await auth.refresh(used):
+                reply = await transport.request(
+                    method, path, body, {**(headers or {}), auth.header: await auth.value()},
+                    timeout_s)
+            return reply
 
 
 def _check_contract(schema: PayloadSchema, route: RouteConfig, ev: StoredEvent

@@ -61,4 +61,7 @@ class MqttSinkConfig(SinkConfigBase, MqttConnectionConfig):
     type: Literal["mqtt"]
     routes: list[MqttRouteConfig] = Field(min_length=1)
     publish_timeout_s: float = Field(10.0, gt=0, description="wait for PUBACK at most")
-    max_in_flight_requests: int = Field(8, ge=1, le=256, description="publishes per batch")
+    max_in_flight_requests: int = Field(
+        20, ge=1, le=256, description="publishes awaiting their PUBACK for the whole sink at "
+        "most: the ceiling of adaptive_concurrency; also the sink's in-flight window (keep "
+        "it <= the broker's Receive Maximum, mosquitto's max_inflight_messages, default 20)")

@@ -15,6 +15,7 @@ import orjson
 from edge.mqtt.connection import ConnectError, Connection
 from edge.mqtt.supervisor import Supervisor, broker_target
 from edge.plugin import (
+    AdaptiveConcurrency,
     ComponentContext,
     InputError,
     Outcome,
@@ -42,6 +43,9 @@ class MqttSink:
         self.client_id = config.client_id_for(ctx.site, config.id)
         self._link: Supervisor | None = None  # made by start(), once the secrets are read
         self._stopping = False
+        # publishes awaiting their PUBACK, sink-wide: adapted up to max_in_flight_requests
+        self.concurrency = AdaptiveConcurrency(config.max_in_flight_requests,
+                                               adaptive=config.adaptive_concurrency)
 
     def accepts(self, event_type: str) -> bool:
         return any(r.matches(event_type) for r in self.config.routes)
@@ -86,7 +90,7 @@ class MqttSink:
             return [held.get(ev.seq) or await self._publish(conn, ev)]
 
         by_seq = await send_in_key_order(
-            [[ev] for ev in batch], publish, self.config.max_in_flight_requests,
+            [[ev] for ev in batch], publish, self.concurrency,
             stopping=lambda: self._stopping,
             dead_letter_blocks=self.config.on_dead_letter != "continue")
         return [by_seq[ev.seq] for ev in batch]

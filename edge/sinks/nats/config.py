@@ -76,8 +76,9 @@ class NatsSinkConfig(SinkConfigBase, NatsConnection):
     publish_timeout_s: float = Field(5.0, gt=0, le=300, description="wait for the PubAck at "
                                      "most this long; then the event is a retry")
     max_in_flight_requests: int = Field(
-        32, ge=1, le=1024, description="publishes awaiting their PubAck per leased batch "
-        "(different ordering keys in parallel; one key's events one after the other)")
+        128, ge=1, le=1024, description="publishes awaiting their PubAck for the whole sink "
+        "at most (all lanes; the ceiling of adaptive_concurrency): different ordering keys "
+        "in parallel, one key's events one after the other")
     create_stream: CreateStreamConfig | None = Field(
         None, description="create the stream when it does not exist; default off")
 

@@ -16,6 +16,7 @@ from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfi
 from edge.nats.connection import NatsConnectError, connect, connect_options
 from edge.nats.subjects import partition_of, render_subject
 from edge.plugin import (
+    AdaptiveConcurrency,
     ComponentContext,
     ConfigError,
     FatalStartupError,
@@ -52,6 +53,9 @@ class NatsSink:
         self._lock = asyncio.Lock()
         self._stream_checked = config.create_stream is None
         self._stopping = False
+        # publishes awaiting their PubAck, sink-wide: adapted up to max_in_flight_requests
+        self.concurrency = AdaptiveConcurrency(config.max_in_flight_requests,
+                                               adaptive=config.adaptive_concurrency)
 
     def accepts(self, event_type: str) -> bool:
         return self.config.matches(event_type)
@@ -157,7 +161,7 @@ class NatsSink:
             return [await self._publish(js, events[0])]
 
         by_seq = await send_in_key_order(
-            [[ev] for ev in batch], publish, self.config.max_in_flight_requests,
+            [[ev] for ev in batch], publish, self.concurrency,
             stopping=lambda: self._stopping,
             dead_letter_blocks=self.config.on_dead_letter != "continue")
         return [by_seq[ev.seq] for ev in batch]

@@ -12,7 +12,6 @@ import re
 import typing
 from pathlib import Path
 
-import httpx
 import pytest
 
 import edge.sinks.http
@@ -21,6 +20,7 @@ from edge.config import deprecations, load_config_text
 from edge.sinks.http.auth import REFRESH_STATUSES
 from edge.sinks.http.config import HttpSinkConfig, OAuth2Auth
 from edge.sinks.http.request import RETRY_STATUSES, SINK_FAULT_4XX, judge_response
+from edge.sinks.http.transport import Reply
 from tests.support import config_models, config_options
 
 BUNDLE = Path(edge.sinks.http.__file__).parent
@@ -99,8 +99,7 @@ def _table() -> tuple[dict[int, OutcomeKind], dict[int, OutcomeKind], OutcomeKin
 
 
 def _judged(status: int) -> OutcomeKind:
-    resp = httpx.Response(status, request=httpx.Request("POST", "https://erp.example.com/"))
-    return judge_response(resp, DUPLICATE_STATUSES).kind
+    return judge_response(Reply(status, "", {}), DUPLICATE_STATUSES).kind
 
 
 def test_the_table_has_its_rows():
