@@ -1,9 +1,14 @@
 """The gateway: builds components from config and runs them under one asyncio TaskGroup.
 
 Contract:
-- ``await gw.start()`` opens the outbox (integrity check, recovery), starts sinks, one
-  forwarder per sink, every source under a supervisor and the local API; ``gw.ready`` is
-  set when all of that is up (sources may still be connecting).
+- ``await gw.start()`` starts the local API first (``/healthz`` answers during start-up,
+  ``/readyz`` says "starting"), opens the outbox (the cheap integrity check, recovery),
+  starts sinks, one forwarder per sink and every source under a supervisor; ``gw.ready``
+  is set when all of that is up (sources may still be connecting). Then the full
+  integrity check runs in the background (``gw.integrity``, ``edge.outbox.integrity``):
+  a corrupt verdict stops intake from being acknowledged (sources' submits fail with
+  ``OutboxStorageError``), raises the ``outbox_corrupt`` alarm and fails readiness until
+  a restart moves the file aside.
 - ``await gw.stop()`` (also on SIGTERM/SIGINT in ``run``): stop intake first (sources are
   cancelled; anything not yet committed is not acked, so the upstream redelivers), then
   let forwarders finish in-flight sends within ``shutdown_grace_s``, close sinks, flush
@@ -37,11 +42,11 @@ from typing import Any
 from edge import systemd
 from edge.components import ComponentContext, Sink, Source
 from edge.config import GatewayConfig, SinkConfigBase
-from edge.errors import FatalStartupError, OutboxError
+from edge.errors import FatalStartupError, OutboxError, OutboxStorageError
 from edge.events import Event, EventClass
 from edge.forwarder import Forwarder
 from edge.outbox import Outbox
-from edge.outbox.integrity import EarlyCheck
+from edge.outbox.integrity import BackgroundCheck, EarlyCheck, corrupt_advice
 from edge.pipeline import Pipeline, Release
 from edge.quality.monitor import LotMonitor
 from edge.quality.reconcile import Reconciler
@@ -133,6 +138,11 @@ class Gateway:
         self._gauges: asyncio.Task[None] | None = None
         self._stopped = False
         self._lock_fd: int | None = None
+        # the full integrity check beside intake, and its corrupt verdict (None: none)
+        self.integrity: BackgroundCheck | None = None
+        self.outbox_corrupt: str | None = None
+        self._corrupt_since = 0.0
+        self._intake = _IntakeGate(self)
 
     # ------------------------------------------------------------------ routing
 
@@ -157,7 +167,7 @@ class Gateway:
             site=self.config.site,
             state_dir=self.config.state_dir,
             metrics=self.metrics,
-            ingest=self.pipeline if kind == "source" else None,
+            ingest=self._intake if kind == "source" else None,
             set_connected=set_connected,
             set_condition=status.set_condition,
         )
@@ -169,6 +179,9 @@ class Gateway:
 
             self._api = ApiServer(self)
             self._api.bind()  # a taken port fails now, before anything is opened or sent
+            # /healthz answers from here on; /readyz says "starting" until ``ready``
+            self._api_task = asyncio.create_task(self._api.serve(), name="api")
+            await self._api.started()
         for cfg in self.config.sinks:
             self.status[cfg.id] = ComponentStatus(cfg.id, "sink", cfg.type)
             comp = self.registry.get("sink", cfg.type)
@@ -201,9 +214,6 @@ class Gateway:
         if self.reconciler is not None:
             self._reconcile_task = asyncio.create_task(self.reconciler.run(),
                                                        name="reconcile")
-        if self._api is not None:
-            self._api_task = asyncio.create_task(self._api.serve(), name="api")
-            await self._api.started()
         gc.freeze()  # modules, config, components: never garbage, never traversed again
         self.ready.set()
         systemd.ready()
@@ -212,6 +222,35 @@ class Gateway:
                   sources=len(self.sources), sinks=len(self.sinks),
                   api=self.config.api.listen if self.config.api.enabled else "off",
                   state_dir=self.config.state_dir)
+        self._start_integrity_check()
+
+    def _start_integrity_check(self) -> None:
+        """The full check of the outbox file, beside intake (module contract)."""
+        loop = asyncio.get_running_loop()
+
+        def found(problem: str) -> None:  # on the check's thread
+            with contextlib.suppress(RuntimeError):  # the loop is gone: nothing to stop
+                loop.call_soon_threadsafe(self._outbox_found_corrupt, problem)
+
+        # the WAL the check lets grow (no checkpoint can fold it back meanwhile) stays
+        # within a quarter of the budget: past that, intake wins and the check runs later
+        self.integrity = BackgroundCheck(
+            self.outbox.path, found,
+            max_wal_growth=max(64 << 20, self.outbox.budget.budget_bytes // 4))
+        self.integrity.start()
+
+    def _outbox_found_corrupt(self, problem: str) -> None:
+        """The background check's corrupt verdict: stop acknowledging intake (invariant 1),
+        alarm, and tell the operator what to do."""
+        if self.outbox_corrupt is not None or self._stopped:
+            return
+        self.outbox_corrupt = problem
+        self._corrupt_since = time.time()
+        log_event(log, logging.ERROR, "outbox file is corrupt (found by the background "
+                  "integrity check): new events are no longer acknowledged; restart the "
+                  "gateway: it moves the file aside and starts a fresh outbox; then re-queue "
+                  "the moved file's events with `edge outbox salvage FILE -c CONFIG`",
+                  problem=problem[:300], path=self.outbox.path)
 
     def _lock_state_dir(self) -> None:
         """One daemon per state dir: a second one would share (and fight over) the outbox."""
@@ -308,10 +347,17 @@ class Gateway:
     def request_stop(self) -> None:
         self._stop_requested.set()
 
+    @property
+    def stopped(self) -> bool:
+        """``stop()`` has begun."""
+        return self._stopped
+
     async def stop(self) -> None:
         if self._stopped:
             return
         self._stopped = True
+        if self.integrity is not None:
+            self.integrity.stop()
         systemd.notify("STOPPING=1")
         log_event(log, logging.INFO, "gateway stopping: intake first, then in-flight sends")
         if self._gauges is not None:
@@ -409,9 +455,11 @@ class Gateway:
                 "quarantine": stats["quarantine"],
                 "dead_letters": stats["dead_letters"],
                 "inflight": stats["inflight"],
+                "integrity": (self.integrity.snapshot() if self.integrity is not None
+                              else {"state": "pending"}),
             },
             "sinks": sinks_out,
-            "alarms": stats["alarms"],
+            "alarms": stats["alarms"] + self._integrity_alarms(),
             "lots": lots_section,
             "business": await self.lot_monitor.business(self.outbox),
         }
@@ -421,6 +469,14 @@ class Gateway:
         report["health"] = {"state": overall(found),
                             "problems": [p.to_dict() for p in found]}
         return report
+
+    def _integrity_alarms(self) -> list[dict[str, Any]]:
+        """The ``outbox_corrupt`` alarm of a run-time verdict (the start's own is the
+        outbox's)."""
+        if self.outbox_corrupt is None:
+            return []
+        return [{"code": "outbox_corrupt", "since": utc_iso(self._corrupt_since),
+                 "message": corrupt_advice(self.outbox.path, self.outbox_corrupt)}]
 
     # ------------------------------------------------------------------ operator actions
 
@@ -451,6 +507,31 @@ class Gateway:
         the lot's new state and the ``lot_released`` audit row in one transaction.
         Raises ``UnknownLot``, ``AlreadyReleased`` or ``OutboxError`` (nothing changed)."""
         return await self.pipeline.release(lot_id, by=by, reason=reason, actor=actor)
+
+
+class _IntakeGate:
+    """The sources' ingest: the pipeline, refusing new records once the outbox file was
+    found corrupt (``OutboxStorageError``: sources do not ack, the upstream keeps them)."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self._gateway = gateway
+
+    def _check(self) -> None:
+        if self._gateway.outbox_corrupt is not None:
+            self._gateway.metrics.outbox_write_errors.labels("corrupt").inc()
+            raise OutboxStorageError("the outbox file is corrupt (integrity check): not "
+                                     "storing; restart the gateway to start a fresh outbox")
+
+    async def submit(self, items: Any, *, chain: str | None = None) -> list[str]:
+        self._check()
+        return await self._gateway.pipeline.submit(items, chain=chain)
+
+    async def quarantine(self, *args: Any, **kwargs: Any) -> None:
+        self._check()  # a record quarantined would be acked: not into a corrupt file
+        await self._gateway.pipeline.quarantine(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._gateway.pipeline, name)
 
 
 def quality_config(config: Any) -> QualityConfig:

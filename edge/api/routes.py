@@ -18,6 +18,7 @@ from starlette.responses import HTMLResponse, Response
 from edge.api import dead_letters, lineage, page
 from edge.errors import OutboxClosedError, OutboxError
 from edge.outbox import lots, queries
+from edge.outbox.integrity import corrupt_advice
 from edge.pipeline import AlreadyReleased, UnknownLot
 from edge.quality.state import LOT_STATES
 
@@ -77,9 +78,20 @@ def readiness(gateway: Any) -> list[dict[str, str]]:
 
     Readiness does not depend on the receivers: storing while the ERP is down is the job.
     """
+    if not gateway.ready.is_set() and not getattr(gateway, "stopped", False):
+        # /healthz answers from the start; the outbox is being checked and opened
+        reasons = [{"code": "starting", "message": "the gateway is starting (checking and "
+                    "opening the outbox, starting sinks and sources)"}]
+        if not gateway.sinks:
+            reasons.append({"code": "no_sinks", "message": "no sink is configured"})
+        return reasons
     reasons = []
     outbox = gateway.outbox
     fault = getattr(outbox, "storage_fault", None)
+    corrupt = getattr(gateway, "outbox_corrupt", None)
+    if corrupt is not None:
+        reasons.append({"code": "outbox_corrupt",
+                        "message": corrupt_advice(outbox.path, corrupt)})
     if _closed(outbox):
         reasons.append({"code": "outbox_closed", "message": "the outbox is closed"})
     elif not outbox.writable() and not fault:

@@ -2,10 +2,14 @@
 
 Endpoints (DESIGN contracts; JSON unless noted)::
 
-    GET  /healthz                 200 {"status": "alive"} while the event loop runs (no token)
-    GET  /readyz                  200 when the outbox is writable and sinks are configured,
+    GET  /healthz                 200 {"status": "alive"} while the event loop runs, from the
+                                  start of start-up (no token)
+    GET  /readyz                  200 when started (the cheap outbox check passed, the outbox
+                                  open), the outbox is writable, not found corrupt by the
+                                  background check, and sinks are configured,
                                   else 503 {"status": "not ready", "reasons": [{code, message}]}
-    GET  /status                  Gateway.status_report()
+    GET  /status                  Gateway.status_report() (``outbox.integrity``: the background
+                                  check, running / passed / failed with its times)
     GET  /metrics                 Prometheus text of the gateway's registry
     GET  /                        HTML status page for plant IT (edge.api.page)
     GET  /dlq?sink=&limit=        dead letters, oldest first

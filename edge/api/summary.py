@@ -37,6 +37,7 @@ def problems(report: dict[str, Any]) -> list[Problem]:
         sev = "critical" if alarm.get("code") == "outbox_corrupt" else "warning"
         out.append(Problem(sev, "outbox", alarm.get("message", alarm.get("code", "")),
                            alarm.get("since")))
+    out.extend(_integrity(outbox.get("integrity") or {}))
     if outbox and not outbox.get("accepting", True):
         out.append(Problem("critical", "outbox",
                            "new events are refused (backpressure): the disk budget is used by "
@@ -51,6 +52,21 @@ def problems(report: dict[str, Any]) -> list[Problem]:
     out.extend(_business(report.get("business") or {}))
     out.sort(key=lambda p: p.severity != "critical")
     return out
+
+
+def _integrity(check: dict[str, Any]) -> list[Problem]:
+    """The background integrity check when it has no verdict to give (``outbox.integrity``;
+    a corrupt verdict is the ``outbox_corrupt`` alarm)."""
+    if check.get("state") == "deferred":
+        return [Problem("warning", "outbox",
+                        "the full integrity check gave way to intake (the WAL it holds grew "
+                        f"past its bound); next attempt {check.get('next_attempt_at') or 'later'}",
+                        check.get("started_at"))]
+    if check.get("state") == "error":
+        return [Problem("warning", "outbox", "the full integrity check could not run (this "
+                        f"says nothing about the data): {check.get('problem')}",
+                        check.get("finished_at"))]
+    return []
 
 
 def overall(found: list[Problem]) -> str:

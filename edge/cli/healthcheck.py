@@ -14,9 +14,11 @@ library: well under a second instead of the full validation's imports. Anything 
 in that section falls back to the full validation, which locates the error (exit 2). The
 rest of the config is the daemon's business: it validated it at its start.
 
-``/healthz`` answers once the gateway has checked and opened its outbox and started its
-components: during the start-up integrity check the port may accept connections but no
-answer comes, so a probe fails until then (``docs/container.md``: the start period).
+``/healthz`` answers from the start of start-up, before the outbox is checked and opened
+(a cheap check: the file's header and first pages; the full integrity check runs in the
+background once the gateway is ready). ``--ready`` fails with ``starting`` until the
+gateway takes events, and with ``outbox_corrupt`` once the background check found the
+file damaged (``docs/container.md``: the start period covers the start itself).
 """
 
 from __future__ import annotations
@@ -137,8 +139,8 @@ def _get(host: str, port: int, path: str, token: str | None, timeout: float,
         print(f"edge healthcheck: the gateway is not running (nothing answers at {url})",
               file=sys.stderr)
     except TimeoutError:
-        print(f"edge healthcheck: {url} did not answer within {timeout:g} s (starting: "
-              "the outbox is being checked; or overloaded, or hung)", file=sys.stderr)
+        print(f"edge healthcheck: {url} did not answer within {timeout:g} s (overloaded, "
+              "or hung)", file=sys.stderr)
     except (OSError, http.client.HTTPException) as err:
         print(f"edge healthcheck: cannot ask {url}: {err or type(err).__name__}",
               file=sys.stderr)

@@ -50,8 +50,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     from edge.config_env import peek_state_dir
     from edge.outbox.integrity import EarlyCheck
 
-    # the integrity check reads the whole outbox file: on a slow disk that can outlast the
-    # unit's start timeout, so systemd is asked for more time until READY=1
+    # the start-up check reads the outbox file's header and first pages (the full check
+    # runs in the background once ready); SQLite's WAL recovery after a crash may read a
+    # large WAL from a slow disk: systemd is still asked for more time until READY=1
     systemd.begin_startup("starting: checking the outbox file, then sources and sinks")
 
     state_dir = peek_state_dir(args.config)

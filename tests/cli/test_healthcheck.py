@@ -76,11 +76,11 @@ async def test_nothing_listening_is_unhealthy(tmp_path):
     assert "not running" in err and err.count("\n") == 1
 
 
-async def test_unhealthy_while_the_outbox_is_being_checked_at_start(gateways, erp, tmp_path,
-                                                                    monkeypatch):
-    """The API's port is taken before the outbox is opened (a taken port fails early), but
-    nothing answers until the outbox is checked and open: a probe during a long integrity
-    check fails, which is why the container's start period must cover that check."""
+async def test_alive_but_not_ready_while_the_outbox_is_opened_at_start(gateways, erp,
+                                                                       tmp_path, monkeypatch):
+    """The API answers before the outbox is checked and opened: the container's probe
+    (/healthz) passes during a long start, while --ready says "starting" until the
+    gateway takes events."""
     from edge.outbox import Outbox
 
     checked = asyncio.Event()
@@ -96,22 +96,21 @@ async def test_unhealthy_while_the_outbox_is_being_checked_at_start(gateways, er
     cfg = _config(tmp_path, body)
     starting = asyncio.create_task(gateways(body))
     try:
-        for _ in range(200):  # until the port is bound (the socket listens, unserved)
-            try:
-                _, writer = await asyncio.open_connection("127.0.0.1", port)
-            except OSError:
-                await asyncio.sleep(0.05)
-                continue
-            writer.close()
-            break
-        rc, out, err = await run_edge("healthcheck", "-c", str(cfg), "--timeout", "0.5",
-                                      cwd=tmp_path)
+        for _ in range(20):  # until the API answers (the port is bound early)
+            rc, out, err = await run_edge("healthcheck", "-c", str(cfg), "--timeout", "2",
+                                          cwd=tmp_path)
+            if rc == 0:
+                break
+            await asyncio.sleep(0.1)
+        assert rc == 0 and "answered 200" in out, err
+        rc, out, err = await run_edge("healthcheck", "-c", str(cfg), "--ready", cwd=tmp_path)
         assert rc == 1 and out == ""
-        assert "did not answer within 0.5 s" in err
+        assert "answered 503: starting" in err
+        assert not starting.done()
     finally:
         checked.set()
         await starting
-    rc, _, err = await run_edge("healthcheck", "-c", str(cfg), cwd=tmp_path)
+    rc, _, err = await run_edge("healthcheck", "-c", str(cfg), "--ready", cwd=tmp_path)
     assert rc == 0, err
 
 

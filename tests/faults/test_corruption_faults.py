@@ -1,8 +1,10 @@
 """Fault campaign: the outbox corrupted at start, then salvaged.
 
 The gateway is killed with a backlog queued (the ERP is down), a page in the middle of the
-outbox's events table is overwritten with garbage, and the gateway restarts: it moves the
-file aside, starts a fresh outbox and says how to salvage the old one. ``edge outbox
+outbox's events table is overwritten with garbage, and the gateway restarts: its start-up
+check (header, first pages) passes, the background check finds the damage and intake
+stops being acknowledged; the operator restarts it: it moves the file aside, starts a
+fresh outbox and says how to salvage the old one. ``edge outbox
 salvage`` re-queues what the moved file still holds; the ERP comes back and the checker
 reads what it applied.
 
@@ -92,6 +94,10 @@ async def test_outbox_corrupted_at_start_is_salvaged_losing_only_the_destroyed_p
         stored = _stored(db)
         _scribble_middle_of_events(db)
 
+        # the start reads the header and first pages only: ready at once; the background
+        # check finds the damage and intake stops being acked; the operator restarts
+        await c.start_gateway(wait_for="found by the background integrity check")
+        await c.stop_gateway()
         mark = len(c.gateway.lines)
         await c.start_gateway()
         moved_line = next(line for line in c.gateway.lines[mark:]

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import threading
 from pathlib import Path
+from typing import Any
 
 from edge.outbox import Outbox, integrity
-from tests.support import sub
+from tests.support import eventually, sub
 
 PAGE = 4096
 
@@ -119,3 +121,35 @@ async def test_a_check_that_cannot_read_the_file_is_no_verdict(tmp_path: Path,
     async with Outbox(tmp_path, router=lambda ev: ["erp"]) as ob:
         assert ob.alarms == []
     assert _moved(tmp_path) == []
+
+
+async def test_a_check_gives_way_when_intake_grows_the_wal_it_holds(
+        tmp_path: Path, monkeypatch) -> None:
+    """While the check holds its snapshot, no checkpoint folds the WAL back: past its bound
+    the check is deferred (no verdict, nothing recorded) and intake goes on."""
+    await _fill(tmp_path, 300)
+    db = tmp_path / "outbox.db"
+    release = threading.Event()
+    real = integrity.quick_check
+
+    def held(path: str, **kwargs: Any) -> str | None:
+        release.wait(30)
+        return real(path, **kwargs)
+
+    monkeypatch.setattr(integrity, "quick_check", held)
+    async with Outbox(tmp_path, router=lambda ev: ["erp"]) as ob:
+        check = integrity.BackgroundCheck(str(db), max_wal_growth=64 << 10, retry_s=3600,
+                                          watch_s=0.02)
+        check.start()
+        wal = Path(str(db) + "-wal")
+        grown_from = wal.stat().st_size if wal.exists() else 0
+        while (wal.stat().st_size if wal.exists() else 0) <= grown_from + (64 << 10):
+            await ob.submit([sub(pad="w" * 500) for _ in range(50)])  # intake goes on
+        await eventually(lambda: check._deferring, what="the WAL guard to give way")
+        release.set()
+        await eventually(lambda: check.state == "deferred", what="the check deferred")
+        snap = check.snapshot()
+        assert snap["next_attempt_at"] and snap["problem"] is None and snap["attempts"] == 1
+        check.stop()
+        assert check.join(10) and check.state == "stopped"
+    assert not Path(str(db) + integrity.MARKER_SUFFIX).exists()
