@@ -246,6 +246,7 @@ class Gateway:
             return
         self.outbox_corrupt = problem
         self._corrupt_since = time.time()
+        self.outbox.fail_integrity(problem)
         log_event(log, logging.ERROR, "outbox file is corrupt (found by the background "
                   "integrity check): new events are no longer acknowledged; restart the "
                   "gateway: it moves the file aside and starts a fresh outbox; then re-queue "

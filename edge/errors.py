@@ -31,7 +31,7 @@ Sources classify broker/server failures as Retryable/Fatal startup errors; the s
 
 Sinks raise nothing per event: a failed delivery is an ``Outcome`` (``edge.components``),
 and an exception escaping ``Sink.send`` is a retryable failure of the whole batch. A file
-that fails ``quick_check`` at open raises nothing either: it is moved aside, a fresh outbox
+that fails the integrity check at open raises nothing either: it is moved aside, a fresh outbox
 starts, and an alarm says so.
 """
 

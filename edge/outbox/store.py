@@ -21,8 +21,11 @@ Contract (DESIGN invariants 1–8):
 - A storage fault at run time (corrupt page, I/O error) fails the write with
   ``OutboxStorageError`` and raises the ``outbox_storage`` alarm; ``storage_fault`` says
   why (readiness fails) until a later write commits.
-- At open, ``PRAGMA quick_check``; a corrupt file is moved aside and a fresh one started,
-  with an alarm in ``alarms`` (never a crash loop).
+- At open, a cheap integrity check (``edge.outbox.integrity``: header, schema, each
+  table's root); a corrupt file is moved aside and a fresh one started, with an alarm in
+  ``alarms`` (never a crash loop). The full check runs beside intake; its corrupt verdict
+  calls ``fail_integrity``: from then on every write raises ``OutboxStorageError`` and
+  ``lease`` returns nothing (nothing more is acked from or written to that file).
 - Sink pauses that outlive the process (``edge.outbox.pauses``): ``sink_paused`` stores a
   storm-guard pause with its audit row, ``sink_resumed`` removes it with its audit row,
   ``complete`` stores a Retry-After end with the outcomes that carried it. ``open`` reads
@@ -54,7 +57,13 @@ import orjson
 
 from edge.components import OutcomeKind, StoredEvent, Submission
 from edge.config import OutboxConfig, read_secret
-from edge.errors import ConfigError, OutboxClosedError, OutboxFullError, OutboxOpenError
+from edge.errors import (
+    ConfigError,
+    OutboxClosedError,
+    OutboxFullError,
+    OutboxOpenError,
+    OutboxStorageError,
+)
 from edge.events import Event, EventClass
 from edge.outbox import audit, audit_export, lots, pauses, queries
 from edge.outbox.budget import Budget, BudgetState
@@ -142,6 +151,7 @@ class Outbox:
         self.lot_retention_s = max(lot_retention_days * 86400.0, self.config.dedupe_window_s)
         # HMAC key of audit checkpoints (``audit.checkpoint_key_file``), read at open
         self._checkpoint_key: bytes | None = None
+        self._corrupt: str | None = None  # the integrity check's verdict while open
         # delivered rows marked done and not swept yet (about: the file is the truth)
         self._unswept = 0
         self._last_completion = 0.0  # monotonic time of the last delivery recorded
@@ -205,7 +215,7 @@ class Outbox:
         if quarantined:
             await self._write(
                 lambda c: audit.insert_audit(
-                    c, [audit.audit_row("outbox_quarantined", reason="quick_check failed",
+                    c, [audit.audit_row("outbox_quarantined", reason="integrity check failed",
                                         detail={"moved_to": quarantined})]
                 )
             )
@@ -252,11 +262,24 @@ class Outbox:
         return self._writer
 
     async def _write(self, fn: Callable[[sqlite3.Connection], Any], rows: int = 1) -> Any:
+        self._refuse_if_corrupt()
         return await self._open_writer().execute(fn, rows)
 
     async def _write_merged(self, merge: Merger, payload: Any, rows: int,
                             chain: str | None = None) -> Any:
+        self._refuse_if_corrupt()
         return await self._open_writer().execute_merged(merge, payload, rows, chain=chain)
+
+    def fail_integrity(self, problem: str) -> None:
+        """The file was found corrupt while open: refuse every write (``OutboxStorageError``)
+        and lease nothing until a restart moves it aside."""
+        self._corrupt = problem
+
+    def _refuse_if_corrupt(self) -> None:
+        if self._corrupt is not None:
+            self.metrics.outbox_write_errors.labels("corrupt").inc()
+            raise OutboxStorageError(f"the outbox file is corrupt ({self._corrupt[:200]}): "
+                                     "not writing; a restart moves it aside")
 
     async def read(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run a read-only query function on the reader thread."""
@@ -395,6 +418,8 @@ class Outbox:
         ``park=False`` (the sink's ``on_dead_letter: continue``) lets the later events of a
         dead letter's key flow on.
         """
+        if self._corrupt is not None:
+            return []  # nothing is sent from a file found corrupt (a restart salvages it)
         inflight = self.inflight(sink)
         lock = self._lease_locks.setdefault(sink, asyncio.Lock())
         async with lock:
@@ -487,7 +512,7 @@ class Outbox:
     async def _sweep_once(self) -> None:
         try:
             swept: queries.Swept = await self._write(queries.sweep_delivered)
-        except OutboxClosedError:
+        except (OutboxClosedError, OutboxStorageError):
             return
         except (sqlite3.Error, OSError) as err:
             log_event(log, logging.ERROR, "sweeping delivered rows failed", error=str(err))
@@ -557,6 +582,8 @@ class Outbox:
                                        self._maintenance_interval_s / (5 if near else 1))
             if self._stop_maintenance.is_set():
                 return
+            if self._corrupt is not None:
+                continue  # nothing is written to a file found corrupt
             try:
                 await self.prune_redelivery_horizon()
                 if self._sweep_more or (self._unswept and (

@@ -211,3 +211,19 @@ async def test_outbox_of_the_previous_schema_is_migrated_without_blessing_damage
         leased = {e.id: e for e in await ob.lease("erp", 10)}
     assert _integrity_ok(leased[good]) and not _integrity_ok(leased[bad])
     assert _rows(str(tmp_path / "outbox.db"), "PRAGMA user_version") == [(SCHEMA_VERSION,)]
+
+
+async def test_a_file_found_corrupt_while_open_takes_no_write_and_sends_nothing(
+        outbox: Outbox):
+    """The background integrity check's verdict: every write path refuses (nothing acked
+    from a corrupt file: rules, operators and sources alike) and nothing more is leased."""
+    from edge.errors import OutboxStorageError
+
+    await outbox.submit([sub(key="lot:A")])
+    outbox.fail_integrity("row 7 missing from index")
+    with pytest.raises(OutboxStorageError):
+        await outbox.submit([sub(key="lot:B")])
+    with pytest.raises(OutboxStorageError):
+        await outbox.quarantine("line1", "bad json", b"{")
+    assert await outbox.lease("erp", 10) == []
+    assert len(_rows(outbox.path, "SELECT id FROM events")) == 1
