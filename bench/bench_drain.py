@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
 
     sizes = [int(x) for x in args.events.split(",") if x]
-    batches = [int(x) for x in args.max_batch.split(",") if x]
+    batches = [int(x) for x in args.batch_max.split(",") if x]
     root = work_dir(args.dir, "drain")
     cache = Path(args.cache) if args.cache else root / "cache"
     cache.mkdir(parents=True, exist_ok=True)
