@@ -15,7 +15,7 @@ help:
 	@echo "make soak    run only the long soak tests"
 	@echo "make faults  run the long fault campaign (500 kill -9 cycles and the long forms of every fault, ~1.5 h)"
 	@echo "make lint    ruff + mypy"
-	@echo "make bench   run the benchmarks (minutes; figures go to BENCHMARKS.md by hand)"
+	@echo "make bench   run the benchmarks and regenerate BENCHMARKS.md's tables (BENCH_QUICK=1: smoke run)"
 	@echo "make schema  regenerate config/edge.schema.json"
 	@echo "make lock    re-resolve the arm64 image's dependency locks (requirements/; LOCK_FLAGS=--upgrade)"
 
@@ -110,18 +110,63 @@ lint: $(VENV)/.installed-test
 	$(BIN)/ruff check edge tests plugins bench
 	$(BIN)/mypy edge
 
-# quick forms (~15 min); BENCHMARKS.md "How to rerun" has the full ones
+# every benchmark, then bench.report re-renders the generated tables of BENCHMARKS.md from
+# bench/results/*.json (~45 min; BENCHMARKS.md "How to rerun" has the full forms).
+# BENCH_QUICK=1: small sizes for a smoke run (a few minutes); its results and a rendered copy
+# of BENCHMARKS.md go to build/bench-quick/, so smoke figures never replace the real ones.
+BENCH_QUICK ?=
+ifeq ($(BENCH_QUICK),1)
+BENCH_RESULTS ?= build/bench-quick/results
+BENCH_REPORT_ARGS = --results $(BENCH_RESULTS) --output build/bench-quick/BENCHMARKS.md
+BENCH_ENQUEUE_ARGS = --events 10000 --single-commit-events 500
+BENCH_DRAIN_ARGS = --events 10000 --batch-max 100 --per-event-events 1000
+BENCH_RESTART_ARGS = --events 20000 --rounds 1
+BENCH_INGEST_ARGS = --messages 5000 --rounds 1
+BENCH_LATENCY_ARGS = --seconds 5
+BENCH_OPCUA_ARGS = --items 200 --seconds 5 --warmup 2
+BENCH_NATS_ARGS = --events 2000
+BENCH_RELAY_ARGS = --events 2000
+BENCH_BLIP_ARGS = --rounds 1
+BENCH_HOLD_ARGS = --failures 30
+BENCH_CPU_ARGS = --quick
+BENCH_SOAK_ARGS = --minutes 1
+BENCH_OTHER_ARGS = --quick
+else
+BENCH_RESULTS ?= bench/results
+BENCH_REPORT_ARGS = --results $(BENCH_RESULTS)
+BENCH_ENQUEUE_ARGS = --events 100000
+BENCH_DRAIN_ARGS = --events 100000
+BENCH_RESTART_ARGS = --events 100000
+BENCH_INGEST_ARGS = --messages 30000
+BENCH_LATENCY_ARGS =
+BENCH_OPCUA_ARGS = --items 1000
+BENCH_NATS_ARGS = --events 20000
+BENCH_RELAY_ARGS = --events 20000
+BENCH_BLIP_ARGS = --rounds 3
+BENCH_HOLD_ARGS =
+BENCH_CPU_ARGS = --seconds 60
+BENCH_SOAK_ARGS = --minutes 10
+BENCH_OTHER_ARGS =
+endif
+
+bench: export EDGE_BENCH_RESULTS = $(abspath $(BENCH_RESULTS))
 bench: $(VENV)/.installed-bench mosquitto
-	$(BIN)/python -m bench.bench_outbox_enqueue --events 100000
-	$(BIN)/python -m bench.bench_drain --events 100000
-	$(BIN)/python -m bench.bench_restart --events 100000
-	$(BIN)/python -m bench.bench_mqtt_ingest --messages 30000
-	$(BIN)/python -m bench.bench_latency
-	$(BIN)/python -m bench.bench_opcua --items 1000
-	$(BIN)/python -m bench.bench_nats_sink --events 20000
-	$(BIN)/python -m bench.bench_relay --events 20000
-	$(BIN)/python -m bench.bench_opcua_blip --rounds 3
-	$(BIN)/python -m bench.bench_local_hold
+	$(BIN)/python -m bench.bench_outbox_enqueue $(BENCH_ENQUEUE_ARGS)
+	$(BIN)/python -m bench.bench_drain $(BENCH_DRAIN_ARGS)
+	$(BIN)/python -m bench.bench_restart $(BENCH_RESTART_ARGS)
+	$(BIN)/python -m bench.bench_mqtt_ingest $(BENCH_INGEST_ARGS)
+	$(BIN)/python -m bench.bench_latency $(BENCH_LATENCY_ARGS)
+	$(BIN)/python -m bench.bench_opcua $(BENCH_OPCUA_ARGS)
+	$(BIN)/python -m bench.bench_nats_sink $(BENCH_NATS_ARGS)
+	$(BIN)/python -m bench.bench_relay $(BENCH_RELAY_ARGS)
+	$(BIN)/python -m bench.bench_opcua_blip $(BENCH_BLIP_ARGS)
+	$(BIN)/python -m bench.bench_local_hold $(BENCH_HOLD_ARGS)
+	$(if $(wildcard bench/bench_http_clients.py),$(BIN)/python -m bench.bench_http_clients $(BENCH_OTHER_ARGS))
+	$(if $(wildcard bench/bench_adaptive.py),$(BIN)/python -m bench.bench_adaptive $(BENCH_OTHER_ARGS))
+	$(BIN)/python -m bench.bench_cpu $(BENCH_CPU_ARGS)
+	$(BIN)/python -m bench.bench_soak $(BENCH_SOAK_ARGS)
+	$(if $(filter 1,$(BENCH_QUICK)),mkdir -p build/bench-quick && cp BENCHMARKS.md build/bench-quick/)
+	$(BIN)/python -m bench.report $(BENCH_REPORT_ARGS)
 
 schema: $(VENV)/.installed-run
 	$(BIN)/edge print-schema > config/edge.schema.json

@@ -208,6 +208,19 @@ def main(argv: list[str] | None = None) -> None:
     print(f"gateway p99 {p99:.1f} ms (target < 50 ms); baseline p99 "
           f"{percentile([x * 1000 for x in base], 99):.1f} ms")
 
+    from bench.results import record
+
+    gw_ms, base_ms = [x * 1000 for x in gw], [x * 1000 for x in base]
+    run = f"MQTT {args.protocol} QoS 1, {args.rate:,.0f} msg/s for {args.seconds:g} s"
+    record("latency", figure=f"end-to-end latency p99 at {args.rate:,.0f} msg/s, publish → ERP",
+           value=round(p99, 2), unit="ms", baseline="publish → broker → bare subscriber, p99",
+           baseline_value=round(percentile(base_ms, 99), 2), target="< 50 ms", met=p99 < 50,
+           note=f"{run}; {info}")
+    record("latency", figure="end-to-end latency p50, publish → ERP",
+           value=round(percentile(gw_ms, 50), 2), unit="ms",
+           baseline="publish → broker → bare subscriber, p50",
+           baseline_value=round(percentile(base_ms, 50), 2), note=run)
+
 
 if __name__ == "__main__":
     main()

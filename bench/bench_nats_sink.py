@@ -211,6 +211,17 @@ def main(argv: list[str] | None = None) -> None:
     if awaited and pipelined:
         print(f"ratio gateway / bare awaited:   {eps / awaited:5.2f}")
         print(f"ratio gateway / bare pipelined: {eps / pipelined:5.2f}")
+
+    from bench.results import record
+
+    run = f"{args.events:,} events, {args.lanes} lanes × {args.requests} requests"
+    record("nats_sink", figure="JetStream publishing through the nats sink (outbox drain)",
+           value=round(eps), unit="ev/s", baseline="bare js.publish, awaited one by one",
+           baseline_value=round(awaited), note=f"{run}; {count:,} messages in the stream")
+    record("nats_sink", figure="same, against pipelined bare publishers",
+           value=round(eps), unit="ev/s",
+           baseline=f"bare js.publish, {concurrency} in flight, no order",
+           baseline_value=round(pipelined), note=run)
     shutil.rmtree(root, ignore_errors=True) if not args.dir else None
 
 

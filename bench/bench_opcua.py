@@ -293,6 +293,16 @@ def main(argv: list[str] | None = None) -> None:
                 notes.append(f"source {gw['state']}: {gw['error']}")
             if notes:
                 print(f"{'':>18} note: " + "; ".join(notes))
+            from bench.results import record
+
+            record("opcua", figure=f"OPC UA, {n:,} items at {args.period_ms:g} ms → committed "
+                   "events", value=round(gw["rate"]), unit="ev/s",
+                   baseline="bare asyncua client counting notifications",
+                   baseline_value=round(bare["rate"]),
+                   note=f"{args.server} server, {offered:,.0f} changes/s offered; CPU "
+                        f"{gw['cpu'] * 100:.0f} % ({_per_k(gw):.1f} %/1k ev/s) vs bare "
+                        f"{bare['cpu'] * 100:.0f} % ({_per_k(bare):.1f} %/1k ev/s)"
+                        + ("; " + "; ".join(notes) if notes else ""))
         finally:
             server.stop()
             shutil.rmtree(tmp, ignore_errors=True)

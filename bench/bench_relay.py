@@ -205,6 +205,17 @@ def main() -> None:
     print(f"  2 relay processes                         {two:>9,.0f} ev/s  "
           f"({two / 2:,.0f} per process; {cpu2 / n * 1000:.2f} CPU-s per 1,000 events)")
 
+    from bench.results import record
+
+    run = f"{n:,} events, {a.partitions} partitions, max_batch {a.batch_max}"
+    record("relay", figure="relay delivery, one edge relay process", value=round(one),
+           unit="ev/s", baseline="the gateway's own drain of the same events",
+           baseline_value=round(gw), note=f"{run}; {cpu1 / n * 1000:.2f} CPU-s per 1,000 "
+           f"events; bare consumer (fetch + ack, no delivery) {bare:,.0f} ev/s")
+    record("relay", figure="relay delivery, two edge relay processes", value=round(two),
+           unit="ev/s", baseline="the gateway's own drain of the same events",
+           baseline_value=round(gw), note=f"{run}; {cpu2 / n * 1000:.2f} CPU-s per 1,000 events")
+
 
 if __name__ == "__main__":
     main()

@@ -49,10 +49,11 @@ def record(bench: str, *, figure: str, value: float | None, unit: str,
            baseline: str | None = None, baseline_value: float | None = None,
            baseline_unit: str | None = None, ratio: float | None = None,
            target: str | None = None, met: bool | None = None, note: str = "",
-           **extra: Any) -> dict[str, Any]:
+           no_ratio: bool = False, **extra: Any) -> dict[str, Any]:
     """Add one figure of benchmark ``bench`` and rewrite its results file at once (a
-    benchmark interrupted later keeps what it measured)."""
-    if ratio is None and value is not None and baseline_value:
+    benchmark interrupted later keeps what it measured). ``no_ratio``: the baseline is a
+    reference, not a rate to divide by (e.g. events lost of events taken in)."""
+    if ratio is None and not no_ratio and value is not None and baseline_value:
         ratio = value / baseline_value
     row = {"figure": figure, "value": value, "unit": unit, "baseline": baseline,
            "baseline_value": baseline_value, "baseline_unit": baseline_unit or unit,
