@@ -66,6 +66,8 @@ class EventClass(IntEnum):
             raise ValueError(f"must be one of {allowed}, got {value!r}") from None
 
 
+_CLASS_NAMES = tuple(c.name for c in sorted(EventClass))  # by value, for to_wire
+
 # Default class of the catalogue's types (plus machine.state, a telemetry type without a
 # data model); anything else is `normal` unless configured.
 DEFAULT_CLASS_BY_TYPE: dict[str, EventClass] = {
@@ -109,8 +111,8 @@ def uuid7() -> str:
     value = (
         ((ms & ((1 << 48) - 1)) << 80) | (0x7 << 76) | (counter << 64) | (0b10 << 62) | rand
     )
-    h = f"{value:032x}"
-    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+    b = value.to_bytes(16, "big")
+    return f"{b[:4].hex()}-{b[4:6].hex()}-{b[6:8].hex()}-{b[8:10].hex()}-{b[10:].hex()}"
 
 
 def canonical_json(data: Any) -> bytes:
@@ -171,7 +173,7 @@ class Event(BaseModel):
             "source_ts": _iso(self.source_ts),
             "received_ts": _iso(self.received_ts),
             "ordering_key": self.ordering_key,
-            "class": self.event_class.name,
+            "class": _CLASS_NAMES[self.event_class],
             "correlation_id": self.correlation_id,
             "data": self.data,
             "payload_sha256": self.payload_sha256,
@@ -205,7 +207,11 @@ def _construct(**values: Any) -> Event:
 
 
 def _iso(ts: datetime | None) -> str | None:
-    return iso_z(ts) if ts is not None else None
+    if ts is None:
+        return None
+    if ts.tzinfo is UTC:  # make_event's received_ts: no conversion needed
+        return ts.isoformat()[:-6] + "Z"  # "+00:00" → "Z", as iso_z writes it
+    return iso_z(ts)
 
 
 def default_ordering_key(data: dict[str, Any], type: str | None = None) -> str | None:

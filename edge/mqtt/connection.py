@@ -24,6 +24,7 @@ import contextlib
 import functools
 import socket
 import ssl
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,11 +35,23 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
+from edge.mqtt import decoding
+
 __all__ = ["BrokerTarget", "ConnectError", "Connection"]
+
+decoding.install()  # MQTT 5 properties of received packets: shared tables, same values
 
 # paho reads one packet per loop_read(); read on while a call yields a message, up to
 # this many packets per readable event, so one loop iteration collects a batch.
 MAX_PACKETS_PER_WAKE = 512
+# paho asks the socket for a packet's first byte, its length bytes and its body one
+# recv() at a time; ReadBuffer takes what the kernel has in reads of up to this size.
+READ_SIZE = 65536
+
+# PUBACK as paho writes it for a successful QoS 1 message (also for MQTT 5: without a
+# reason code, which means success): command, remaining length 2, packet id.
+_PUBACK_COMMAND = 0x40
+_PUBACK = struct.Struct("!BBH")
 
 # CONNACK / DISCONNECT reason codes (MQTT 5 numbering; paho maps 3.1.1 codes onto them).
 _BAD_CREDENTIALS = 134
@@ -115,6 +128,42 @@ def _classify(err: BaseException, target: BrokerTarget) -> ConnectError:
     return ConnectError("network", f"cannot connect to the MQTT broker at {where}: {err!r}")
 
 
+class ReadBuffer:
+    """The socket paho reads from after CONNECT: ``recv(n)`` answers from one larger read
+    of the real socket, so a small packet costs a fraction of a system call instead of
+    three or four. Everything else (send, close, fileno, TLS ``pending``) is the
+    socket's own. ``buffered`` bytes are invisible to the event loop's readiness
+    watch: whoever reads must drain them (``Connection._on_readable``).
+    """
+
+    __slots__ = ("_buf", "_pos", "sock")
+
+    def __init__(self, sock: Any) -> None:
+        self.sock = sock
+        self._buf = b""
+        self._pos = 0
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buf) - self._pos
+
+    def recv(self, n: int) -> bytes:
+        """Up to ``n`` bytes; raises what the socket's recv raises when nothing is
+        buffered (BlockingIOError, ssl.SSLWantReadError, OSError); b"" at EOF."""
+        buf, pos = self._buf, self._pos
+        if pos >= len(buf):
+            buf = self.sock.recv(max(n, READ_SIZE))
+            if not buf:
+                return buf
+            pos = 0
+        end = pos + n
+        self._buf, self._pos = buf, min(end, len(buf))
+        return buf[pos:end] if pos or end < len(buf) else buf
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.sock, name)
+
+
 class Connection:
     def __init__(self, target: BrokerTarget,
                  on_message: Callable[[Connection, mqtt.MQTTMessage], None]) -> None:
@@ -129,18 +178,23 @@ class Connection:
         self._subacks: dict[int, asyncio.Future[list[Any]]] = {}
         self._pubacks: dict[int, asyncio.Future[None]] = {}
         self._sock: Any = None
+        self._reader: ReadBuffer | None = None
         self._fd = -1
         self._reading = False
         self._paused = False
         self._misc: asyncio.Task[None] | None = None
         self.client = self._make_client()
+        # paho's packet queue, for acks written together (``ack_many``); without it (a
+        # paho laid out differently) each ack goes through ``Client.ack``
+        queue = getattr(self.client, "_packet_queue", None)
+        self._queue_packet: Callable[..., Any] | None = queue if callable(queue) else None
 
     # ------------------------------------------------------------------ setup
 
     def _make_client(self) -> mqtt.Client:
         t = self.target
         v5 = t.protocol == "5"
-        client = mqtt.Client(
+        client = decoding.FastDispatchClient(
             CallbackAPIVersion.VERSION2,
             client_id=t.client_id,
             protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
@@ -207,6 +261,9 @@ class Connection:
             return
         self._sock = sock
         self._fd = sock.fileno()
+        if getattr(client, "_sock", None) is sock:  # paho's attribute (2.x): read buffered
+            self._reader = ReadBuffer(sock)
+            client._sock = self._reader
         client.on_socket_close = self._on_socket_close
         client.on_socket_register_write = self._on_register_write
         client.on_socket_unregister_write = self._on_unregister_write
@@ -240,23 +297,34 @@ class Connection:
         self._stop_reading()
 
     def resume_reading(self) -> None:
-        self._paused = False
+        was_paused, self._paused = self._paused, False
         if not self.lost.done():
             self._start_reading()
+            if was_paused and self._unseen():  # no readiness event will announce them
+                self._loop.call_soon(self._on_readable)
+
+    def _unseen(self) -> bool:
+        """Bytes read from the kernel (ReadBuffer, TLS) that epoll does not report."""
+        reader = self._reader
+        if reader is not None and reader.buffered:
+            return True
+        return self.target.ssl_context is not None and bool(
+            getattr(self.client.socket(), "pending", int)())
 
     def _on_readable(self) -> None:
         client = self.client
-        tls = self.target.ssl_context is not None
+        if not self._reading or self._paused:  # a call_soon that came after a pause
+            return
         for _ in range(MAX_PACKETS_PER_WAKE):
             before = self.received
             rc = client.loop_read()
             sock = client.socket()
             if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or sock is None or self._paused:
                 return
-            if tls and getattr(sock, "pending", int)() > 0:  # decrypted, invisible to epoll
-                continue
-            if self.received == before:
+            if self.received == before and not self._unseen():
                 return
+        if self._unseen():  # the rest on the next loop turn, after other work
+            self._loop.call_soon(self._on_readable)
 
     def _on_writable(self) -> None:
         self.client.loop_write()
@@ -388,6 +456,21 @@ class Connection:
 
     def ack(self, mid: int) -> None:
         self.client.ack(mid, 1)
+
+    def ack_many(self, mids: list[int]) -> None:
+        """PUBACK each of ``mids`` (QoS 1 messages of this connection), in this order.
+
+        The same bytes as ``ack`` once per message, queued as one write: paho sends each
+        queued packet with its own ``send()``, a system call per message otherwise.
+        """
+        if len(mids) == 1 or self._queue_packet is None:
+            for mid in mids:
+                self.client.ack(mid, 1)
+            return
+        if mids:
+            pack = _PUBACK.pack
+            self._queue_packet(_PUBACK_COMMAND, b"".join([pack(_PUBACK_COMMAND, 2, m)
+                                                          for m in mids]), 0, 0)
 
     def flush(self) -> None:
         if self.client.want_write() and self.client.socket() is not None:

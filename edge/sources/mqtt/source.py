@@ -72,6 +72,7 @@ _BURST_WINDOW_S = 60.0
 _RETRY_MIN_S = 0.5  # backoff of a failed write: doubles per failure, capped
 _RETRY_MAX_S = 30.0
 _SPARKPLUG_SAVE_S = 2.0
+_TOPIC_MATCHES_MAX = 4096  # topics whose subscription match is remembered
 
 
 @dataclass(slots=True)
@@ -267,6 +268,8 @@ class MqttSource:
         self._pending_added = asyncio.Event()
         self._last_turn: _Turn | None = None  # the newest store batch's turn
         self._granted: dict[str, int | None] = {}
+        # topic bytes → (topic, subscription, captures): see _match_topic
+        self._topic_matches: dict[bytes, tuple[str, _Sub | None, dict[str, Any] | None]] = {}
         self._stopping = False
         self.counts = {"received": 0, "stored": 0, "duplicates": 0, "quarantined": 0,
                        "acked": 0}
@@ -505,6 +508,23 @@ class MqttSource:
                 if conn is not None and len(self._inbox) <= self._inbox_max // 2:
                     conn.resume_reading()
 
+    def _match_topic(self, raw: bytes, topic: str
+                     ) -> tuple[str, _Sub | None, dict[str, Any] | None]:
+        """The first subscription whose template matches ``topic`` and its captures
+        (shared by every message of the topic: read only), remembered for the next
+        message of the same topic. The subscriptions do not change while the source
+        lives; the memory is bounded (cleared when full)."""
+        match: tuple[str, _Sub | None, dict[str, Any] | None] = (topic, None, None)
+        for sub in self.subs:
+            captures = sub.topic.match(topic)
+            if captures is not None:
+                match = (topic, sub, captures)
+                break
+        if len(self._topic_matches) >= _TOPIC_MATCHES_MAX:
+            self._topic_matches.clear()
+        self._topic_matches[bytes(raw)] = match
+        return match
+
     @staticmethod
     def _records(p: _Prepared) -> list[_Prepared]:
         return [p] if p.records is None else p.records
@@ -515,21 +535,22 @@ class MqttSource:
         msg = m.msg
         payload = msg.payload
         out = _Prepared(m)
-        try:
-            topic = out.topic = msg.topic
-        except UnicodeDecodeError:
-            out.topic = bytes(msg._topic).decode("utf-8", "replace")  # paho keeps the bytes
-            return self._reject(out, "invalid_topic", "topic is not valid UTF-8", payload)
+        match = self._topic_matches.get(msg._topic)  # paho keeps the topic's bytes
+        if match is None:
+            try:
+                topic = msg.topic
+            except UnicodeDecodeError:
+                out.topic = bytes(msg._topic).decode("utf-8", "replace")
+                return self._reject(out, "invalid_topic", "topic is not valid UTF-8", payload)
+            match = self._match_topic(msg._topic, topic)
+        topic, sub, captures = match
+        out.topic = topic
         if len(payload) > self.cfg.max_payload_bytes:
             return self._reject(
                 out, "too_large",
                 f"{len(payload)} bytes > max_payload_bytes {self.cfg.max_payload_bytes} "
                 "(first max_payload_bytes kept)", payload)
-        for sub in self.subs:
-            captures = sub.topic.match(topic)
-            if captures is not None:
-                break
-        else:
+        if sub is None or captures is None:
             return self._reject(out, "unmatched_topic",
                                 "no subscription template matches this topic", payload)
         out.subscription = sub.topic.filter
@@ -815,13 +836,10 @@ class MqttSource:
         conn = self._conn
         if conn is None or not conn.connected:
             return  # the broker redelivers them; the outbox dedupe maps them to their events
-        n = 0
-        for m in items:
-            if m.msg.qos == 1 and m.conn is conn:
-                conn.ack(m.msg.mid)
-                n += 1
-        if n:
-            self.counts["acked"] += n
+        mids = [m.msg.mid for m in items if m.msg.qos == 1 and m.conn is conn]
+        if mids:
+            conn.ack_many(mids)
+            self.counts["acked"] += len(mids)
             conn.flush()
 
     def _ack_completed(self) -> None:

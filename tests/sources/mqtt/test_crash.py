@@ -82,6 +82,7 @@ async def test_kill_9_with_messages_in_flight_loses_nothing(
 NO_ACK = ("import sys\n"
           "from edge.mqtt import connection as mqtt_conn\n"
           "mqtt_conn.Connection.ack = lambda self, mid: None\n"
+          "mqtt_conn.Connection.ack_many = lambda self, mids: None\n"
           "from edge.cli.main import main\n"
           "sys.exit(main(sys.argv[1:]))\n")
 
