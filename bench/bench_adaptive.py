@@ -39,12 +39,13 @@ from typing import Any
 
 from bench.common import (
     PY,
-    REPO,
     Daemon,
     free_port,
     gateway_yaml,
     machine_line,
     prefilled_copy,
+    start_child,
+    stop_child,
     work_dir,
 )
 from bench.results import record
@@ -131,14 +132,8 @@ class Receiver:
     _cond: threading.Condition = field(default_factory=threading.Condition)
 
     def start(self) -> Receiver:
-        self.proc = subprocess.Popen(
-            [PY, "-m", MAIN, "receiver", "--latency", str(self.latency_s),
-             "--rate", str(self.rate)], stdout=subprocess.PIPE, text=True, cwd=REPO, bufsize=1)
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        if not line.startswith("PORT "):
-            raise RuntimeError(f"receiver did not start: {line!r}")
-        self.port = int(line.split()[1])
+        self.proc, self.port = start_child([PY, "-m", MAIN, "receiver", "--latency",
+                                            str(self.latency_s), "--rate", str(self.rate)])
         threading.Thread(target=self._read, daemon=True, name="erp-out").start()
         return self
 
@@ -165,13 +160,7 @@ class Receiver:
             return self._cond.wait_for(lambda: self.counts[0] >= n, timeout)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_child(self.proc)
 
 
 # --------------------------------------------------------------------------- one drain

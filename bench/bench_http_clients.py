@@ -27,6 +27,7 @@ import argparse
 import asyncio
 import random
 import shutil
+import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -126,24 +127,7 @@ class RawReceiverProcess(ReceiverProcess):
     """``_RawHttp`` in its own process: a receiver far cheaper per request than the
     stand-in ERP, so the clients' own limits show."""
 
-    def start(self) -> RawReceiverProcess:
-        import subprocess
-        import sys
-        import threading
-
-        from bench.common import REPO
-
-        self.proc = subprocess.Popen([sys.executable, "-m", "bench.bench_http_clients",
-                                      "--serve"], stdout=subprocess.PIPE, text=True,
-                                     cwd=REPO, bufsize=1)
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        if not line.startswith("PORT "):
-            raise RuntimeError(f"receiver did not start: {line!r}")
-        self.port = int(line.split()[1])
-        self._reader = threading.Thread(target=self._read, daemon=True, name="receiver-out")
-        self._reader.start()
-        return self
+    command = (sys.executable, "-m", "bench.bench_http_clients", "--serve")
 
 
 Poster = Callable[[bytes, dict[str, str]], Awaitable[int]]

@@ -261,16 +261,10 @@ class ReceiverProcess:
         self._cond = threading.Condition()
         self._reader: threading.Thread | None = None
 
+    command: tuple[str, ...] = (PY, "-m", RECEIVER_MAIN, "receiver")
+
     def start(self) -> ReceiverProcess:
-        self.proc = subprocess.Popen(
-            [PY, "-m", RECEIVER_MAIN, "receiver"], stdout=subprocess.PIPE, text=True,
-            cwd=REPO, bufsize=1,
-        )
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        if not line.startswith("PORT "):
-            raise RuntimeError(f"receiver did not start: {line!r}")
-        self.port = int(line.split()[1])
+        self.proc, self.port = start_child(list(self.command))
         self._reader = threading.Thread(target=self._read, daemon=True, name="receiver-out")
         self._reader.start()
         return self
@@ -304,13 +298,28 @@ class ReceiverProcess:
             self._first_event_at = None
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_child(self.proc)
+
+
+def start_child(argv: list[str]) -> tuple[subprocess.Popen[str], int]:
+    """A helper process that prints ``PORT n`` first (a receiver); (process, port)."""
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, cwd=REPO, bufsize=1)
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if not line.startswith("PORT "):
+        raise RuntimeError(f"receiver did not start: {line!r}")
+    return proc, int(line.split()[1])
+
+
+def stop_child(proc: subprocess.Popen[Any] | None, timeout: float = 10) -> None:
+    """SIGTERM, then SIGKILL after ``timeout`` seconds."""
+    if proc is not None and proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 async def _receiver_main() -> None:

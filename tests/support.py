@@ -283,3 +283,24 @@ def sub(type_: str = "inspection.result", *, key: str | None = None, cls: str | 
                    event_class=cls),
         dedupe,
     )
+
+
+def scribble_middle_leaf(db: Path, table: str = "events", page_size: int = 4096) -> int:
+    """Overwrite the middle leaf page of ``table`` in the outbox file ``db`` with random
+    bytes (a damaged page, as a failing disk leaves it); returns its page number."""
+    import os
+    import sqlite3
+
+    conn = sqlite3.connect(db)
+    try:
+        pages = [r[0] for r in conn.execute(
+            "SELECT pageno FROM dbstat WHERE name = ? AND pagetype = 'leaf' ORDER BY pageno",
+            (table,))]
+    finally:
+        conn.close()
+    assert len(pages) > 4, "the table is too small to have a middle"
+    page = pages[len(pages) // 2]
+    with open(db, "r+b") as f:
+        f.seek((page - 1) * page_size)
+        f.write(os.urandom(page_size))
+    return page

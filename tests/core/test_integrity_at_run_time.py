@@ -18,8 +18,6 @@ import asyncio
 import contextlib
 import io
 import json
-import os
-import sqlite3
 import threading
 from pathlib import Path
 from typing import Any
@@ -29,7 +27,15 @@ import pytest
 
 from edge.cli.main import main
 from edge.outbox import Outbox, integrity
-from tests.support import api_yaml, eventually, free_port, sample, sink_yaml, sub
+from tests.support import (
+    api_yaml,
+    eventually,
+    free_port,
+    sample,
+    scribble_middle_leaf,
+    sink_yaml,
+    sub,
+)
 
 PAGE = 4096
 EVENTS = 1500
@@ -40,20 +46,6 @@ async def _fill(state: Path) -> None:
         for i in range(0, EVENTS, 300):
             await ob.submit([sub(key=f"lot:{j % 7}", pad="p" * 300, n=j, dedupe=f"m{j}")
                              for j in range(i, i + 300)])
-
-
-def _scribble_middle_of_events(db: Path) -> None:
-    conn = sqlite3.connect(db)
-    try:
-        pages = [r[0] for r in conn.execute(
-            "SELECT pageno FROM dbstat WHERE name = 'events' AND pagetype = 'leaf' "
-            "ORDER BY pageno")]
-    finally:
-        conn.close()
-    assert len(pages) > 4
-    with open(db, "r+b") as f:
-        f.seek((pages[len(pages) // 2] - 1) * PAGE)
-        f.write(os.urandom(PAGE))
 
 
 @pytest.fixture
@@ -89,7 +81,7 @@ async def test_corruption_found_after_ready_stops_intake_and_a_restart_salvages(
     drop.mkdir()
     await _fill(state)
     db = state / "outbox.db"
-    _scribble_middle_of_events(db)
+    scribble_middle_leaf(db)
     assert integrity.cheap_check(str(db)) is None  # a page the start does not read
 
     port = free_port()

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import sqlite3
 import sys
 from pathlib import Path
@@ -30,6 +29,7 @@ import pytest
 
 from tests.faults.harness import Campaign
 from tests.fixtures.gateway_process import REPO
+from tests.support import scribble_middle_leaf
 
 pytestmark = pytest.mark.mqtt
 
@@ -54,22 +54,6 @@ def _stored(db: Path) -> dict[str, tuple[str, str | None, str | None]]:
     return out
 
 
-def _scribble_middle_of_events(db: Path) -> int:
-    conn = sqlite3.connect(db)
-    try:
-        pages = [r[0] for r in conn.execute(
-            "SELECT pageno FROM dbstat WHERE name = 'events' AND pagetype = 'leaf' "
-            "ORDER BY pageno")]
-    finally:
-        conn.close()
-    assert len(pages) > 4, "the backlog is too small to have a middle"
-    page = pages[len(pages) // 2]
-    with open(db, "r+b") as f:
-        f.seek((page - 1) * PAGE)
-        f.write(os.urandom(PAGE))
-    return page
-
-
 async def _salvage(c: Campaign, moved: Path) -> dict[str, Any]:
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "edge", "outbox", "salvage", str(moved), "-c",
@@ -92,7 +76,7 @@ async def test_outbox_corrupted_at_start_is_salvaged_losing_only_the_destroyed_p
         await c.stop_publishing()
         db = c.state_dir / "outbox.db"
         stored = _stored(db)
-        _scribble_middle_of_events(db)
+        scribble_middle_leaf(db)
 
         # the start reads the header and first pages only: ready at once; the background
         # check finds the damage and intake stops being acked; the operator restarts

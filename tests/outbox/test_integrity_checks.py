@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from edge.outbox import Outbox, integrity
-from tests.support import eventually, sub
+from tests.support import eventually, scribble_middle_leaf, sub
 
 PAGE = 4096
 
@@ -26,19 +26,6 @@ async def _fill(state: Path, n: int = 1200) -> None:
         for i in range(0, n, 300):
             await ob.submit([sub(key=f"lot:{j % 5}", pad="p" * 300, n=j)
                              for j in range(i, i + 300)])
-
-
-def _scribble_middle_leaf(db: Path) -> None:
-    conn = sqlite3.connect(db)
-    try:
-        pages = [r[0] for r in conn.execute(
-            "SELECT pageno FROM dbstat WHERE name = 'events' AND pagetype = 'leaf' "
-            "ORDER BY pageno")]
-    finally:
-        conn.close()
-    with open(db, "r+b") as f:
-        f.seek((pages[len(pages) // 2] - 1) * PAGE)
-        f.write(os.urandom(PAGE))
 
 
 def _moved(state: Path) -> list[Path]:
@@ -57,7 +44,7 @@ async def test_damage_deep_in_the_file_is_found_by_the_full_check_and_moved_at_n
         tmp_path: Path) -> None:
     await _fill(tmp_path)
     db = tmp_path / "outbox.db"
-    _scribble_middle_leaf(db)
+    scribble_middle_leaf(db)
     assert integrity.cheap_check(str(db)) is None  # the start alone does not see it
     async with Outbox(tmp_path, router=lambda ev: ["erp"]) as ob:
         assert ob.alarms == []  # opened as it is: the damage is not on the start's path
