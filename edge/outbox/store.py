@@ -161,6 +161,7 @@ class Outbox:
         self._orphans = True
         self._orphan_cursor = 0  # the rolling orphan sweep's position (seq), -1: done
         self._last_full_sweep = -1e9  # monotonic time of the last full sweep
+        self._last_orphan_window = -1e9  # ... and of the last window of the rolling one
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -523,8 +524,10 @@ class Outbox:
     async def _sweep_orphan_window(self) -> None:
         """One window of the rolling sweep of delivered events left behind the low-water
         mark (a parked lot's old rows hold the mark back): every event is looked at once
-        per pass, a window per maintenance turn."""
+        per pass, a window every 10 s at most (a pass over 1M events: ~8 min; disk pressure
+        sweeps everything at once)."""
         after = max(0, self._orphan_cursor)
+        self._last_orphan_window = time.monotonic()
         _, nxt = await self._write(partial(queries.sweep_orphans, after=after))
         self._orphan_cursor = nxt
         if nxt < 0:
@@ -592,7 +595,7 @@ class Outbox:
                     # steady traffic, a pause in deliveries, or events left behind the
                     # low-water mark: no need to wait for more
                     await self._sweep_once()
-                if self._orphans:
+                if self._orphans and time.monotonic() - self._last_orphan_window > 10.0:
                     await self._sweep_orphan_window()
                 await self._check_budget()
                 self._check_storage()

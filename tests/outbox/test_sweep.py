@@ -9,6 +9,7 @@ outbox file of the previous schema upgrades with every queued row intact.
 from __future__ import annotations
 
 import sqlite3
+import time
 from pathlib import Path
 
 from edge.outbox import Outbox, Resolution, queries
@@ -148,3 +149,19 @@ async def test_the_low_water_sweep_passes_a_dead_letter_far_behind(tmp_path: Pat
         for _ in range(10):
             await ob._write(lambda c: queries.sweep_delivered(c, events_limit=5))
         assert _count(ob.path, "SELECT COUNT(*) FROM events") == 1  # the dead letter's
+
+
+async def test_events_behind_a_row_that_waits_leave_with_the_rolling_sweep(tmp_path: Path):
+    """An old row waiting for a retry holds the low-water mark back; the events delivered
+    after it still leave the file, by the rolling window of the maintenance loop."""
+    async with Outbox(tmp_path, router=lambda ev: ["erp"], maintenance_interval_s=3600) as ob:
+        ids = await ob.submit([sub(key=f"lot:{i}", n=i) for i in range(10)])
+        leased = await ob.lease("erp", 10)
+        await ob.complete("erp", [Resolution(leased[0].seq, ids[0], "retry", status=503,
+                                             next_at=time.time() + 600)]
+                          + [Resolution(e.seq, e.id, "delivered", 200) for e in leased[1:]])
+        await ob._write(queries.sweep_delivered)
+        assert _count(ob.path, "SELECT COUNT(*) FROM events") == 10  # the mark did not move
+        await ob._sweep_orphan_window()
+        assert _count(ob.path, "SELECT COUNT(*) FROM events") == 1  # the one still queued
+        assert [e.id for e in await ob.lease("erp", 10)] == []  # it still waits
