@@ -17,8 +17,10 @@ the intake count: events lost must be 0; duplicates (the same id accepted twice:
 in flight when the ERP went down) are allowed by at-least-once delivery and counted.
 
 Output: ``bench/results/soak.png`` (intake and delivery rate, backlog, RSS, open files,
-ERP down periods shaded) and the figures: RSS at 10 % vs 90 % of the run, max open files
-vs at the start, events lost, duplicates.
+ERP down periods shaded) and the figures: RSS at 90 % of the run vs once warm (after the
+first two ERP outages drained: the first drains grow SQLite's page caches and the
+allocator's high-water mark once), peak RSS, max open files vs at the start, events lost,
+duplicates.
 
 Run:  python -m bench.bench_soak [--minutes 10]          (--minutes 1: smoke run)
 """
@@ -302,9 +304,14 @@ def main(argv: list[str] | None = None) -> None:
     run, final = run_async(soak(args, work))
     duration = args.minutes * 60
     s = run.samples
-    rss10 = window_median(s, duration, 0.10, "rss_kib") / 1024
+    # warm: after the first two ERP outages have drained. The first drains grow SQLite's
+    # page caches to their size and leave freed memory with the allocator (a one-off step,
+    # not a trend; counted per outage it stops); flat is measured from there.
+    warm_at = min(0.5, max(0.1, 2 * (args.up_s + args.down_s) / duration))
+    rss10 = window_median(s, duration, warm_at, "rss_kib") / 1024
     rss90 = window_median(s, duration, 0.90, "rss_kib") / 1024
-    rss_slope = slope_per_min(s, "rss_kib", 0.1 * duration) / 1024
+    rss_peak = max(x.rss_kib for x in s) / 1024
+    rss_slope = slope_per_min(s, "rss_kib", warm_at * duration) / 1024
     fd_start = s[min(len(s) - 1, 5)].open_files  # after the sources connected
     fd_max = max(x.open_files for x in s)
     fd_end = s[-1].open_files
@@ -321,8 +328,9 @@ def main(argv: list[str] | None = None) -> None:
           f"max backlog {backlog_max:,.0f}")
     print(f"events lost {lost} (target 0); MQTT messages not committed {mqtt_lost}; "
           f"duplicates {dups} (at-least-once)")
-    print(f"RSS at 10 % {rss10:.1f} MiB, at 90 % {rss90:.1f} MiB (drift {rss90 - rss10:+.1f} "
-          f"MiB; slope after 10 % {rss_slope:+.2f} MiB/min)")
+    print(f"RSS at {warm_at:.0%} (warm) {rss10:.1f} MiB, at 90 % {rss90:.1f} MiB (drift "
+          f"{rss90 - rss10:+.1f} MiB; slope after {warm_at:.0%} {rss_slope:+.2f} MiB/min); "
+          f"peak {rss_peak:.1f} MiB")
     print(f"daemon log lines with ERROR: {final['errors']:.0f}")
     print(f"open files: {fd_start} at the start, max {fd_max}, {fd_end} at the end")
     print(f"plot: {args.plot}; the daemon's log: {work / 'daemon.log'}")
@@ -333,10 +341,15 @@ def main(argv: list[str] | None = None) -> None:
                 f"{args.up_s:g} s / down {args.down_s:g} s, {len(run.down)} outages, max "
                 f"backlog {backlog_max:,.0f}")
     drift = rss90 - rss10
-    record("soak", figure="RSS at 90 % of the run (vs at 10 %)", value=round(rss90, 1),
-           unit="MiB", baseline="RSS at 10 % of the run", baseline_value=round(rss10, 1),
+    record("soak", figure="RSS at 90 % of the run (vs warm: after two ERP outages)",
+           value=round(rss90, 1), unit="MiB",
+           baseline=f"RSS at {warm_at:.0%} of the run", baseline_value=round(rss10, 1),
            target="flat: drift ≤ 5 MiB", met=abs(drift) <= 5,
-           note=f"slope after 10 %: {rss_slope:+.2f} MiB/min; {run_note}")
+           note=f"slope after {warm_at:.0%}: {rss_slope:+.2f} MiB/min; {run_note}")
+    record("soak", figure="peak RSS of the soak", value=round(rss_peak, 1), unit="MiB",
+           target="< 100 MiB", met=rss_peak < 100,
+           note="SQLite's two 8 MB page caches and the allocator's high-water mark after "
+                "the largest drain make most of the step above the idle daemon")
     record("soak", figure="max open files (vs at the start)", value=fd_max, unit="fds",
            baseline="open files at the start", baseline_value=fd_start,
            target="flat: max ≤ start + 8", met=fd_max <= fd_start + 8,
