@@ -154,6 +154,9 @@ class Outbox:
         self._corrupt: str | None = None  # the integrity check's verdict while open
         # delivered rows marked done and not swept yet (about: the file is the truth)
         self._unswept = 0
+        # delivered rows recorded so far: a sweep keeps counting those recorded while it
+        # ran (its snapshot may not hold them), or they would wait for a full sweep
+        self._recorded = 0
         self._last_completion = 0.0  # monotonic time of the last delivery recorded
         self._sweeping: asyncio.Task[None] | None = None
         self._sweep_more = True  # the last sweep stopped at a limit (or none ran yet)
@@ -499,6 +502,7 @@ class Outbox:
         if delivered:
             self._orphans = True
             self._unswept += delivered
+            self._recorded += delivered
             self._last_completion = time.monotonic()
             if self._unswept >= queries.SWEEP_ROWS:
                 self._start_sweep()
@@ -511,6 +515,7 @@ class Outbox:
             self._sweeping = asyncio.create_task(self._sweep_once(), name="outbox-sweep")
 
     async def _sweep_once(self) -> None:
+        recorded = self._recorded
         try:
             swept: queries.Swept = await self._write(queries.sweep_delivered)
         except (OutboxClosedError, OutboxStorageError):
@@ -518,7 +523,8 @@ class Outbox:
         except (sqlite3.Error, OSError) as err:
             log_event(log, logging.ERROR, "sweeping delivered rows failed", error=str(err))
             return
-        self._unswept = max(0, self._unswept - swept.rows) if swept.more else 0
+        late = self._recorded - recorded
+        self._unswept = max(late, self._unswept - swept.rows) if swept.more else late
         self._sweep_more = swept.more
 
     async def _sweep_orphan_window(self) -> None:
@@ -540,6 +546,7 @@ class Outbox:
         if self._sweeping is not None:
             with contextlib.suppress(Exception):
                 await self._sweeping
+        recorded = self._recorded
         total = 0
         while True:
             swept: queries.Swept = await self._write(queries.sweep_delivered)
@@ -549,8 +556,9 @@ class Outbox:
         after = 0
         while after >= 0:
             _, after = await self._write(partial(queries.sweep_orphans, after=after))
-        self._unswept = 0
-        self._sweep_more = self._orphans = False
+        self._unswept = self._recorded - recorded  # recorded while this ran
+        self._sweep_more = False
+        self._orphans = self._unswept > 0
         self._last_full_sweep = time.monotonic()
         return total
 
