@@ -133,7 +133,7 @@ class AdaptiveConcurrency:
             if waiter.done() and not waiter.cancelled():
                 self.in_flight -= 1  # granted as we were cancelled: give it back
                 self._wake()
-            else:
+            elif waiter in self._waiters:  # ``_wake`` may have dropped it already
                 self._waiters.remove(waiter)
             raise
         return self.clock()

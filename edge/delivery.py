@@ -125,7 +125,9 @@ async def send_in_key_order(
     sink that long; requests already on the wire finish. Once ``FAILING_AFTER`` requests
     were pushed back on (``pushes_back``: retries, Retry-After) before any delivery, no new
     request starts either: the receiver is failing, the forwarder's backoff and circuit
-    breaker take over. Returns the outcome of every event by ``seq``.
+    breaker take over. A request whose ``send_request`` raises (or gives a wrong number
+    of outcomes) is a ``retry`` of its events; the other requests go on. Returns the
+    outcome of every event by ``seq``.
 
     ``concurrency`` is the sink's limiter (``AdaptiveConcurrency``, shared by every call
     of the sink: each request holds one of its slots and reports its round trip and
@@ -167,7 +169,7 @@ async def send_in_key_order(
                         results = [Outcome.not_attempted(
                             "the receiver is failing (no delivery, only retries)")] * len(todo)
                     else:
-                        results = await send_request(todo)
+                        results = await _one_request(send_request, todo)
                         if any(o.kind in (OutcomeKind.delivered, OutcomeKind.duplicate)
                                for o in results):
                             delivered_any = True  # the receiver works: send the rest
@@ -191,7 +193,23 @@ async def send_in_key_order(
             for k in keys:
                 last_for_key[k] = done
             tg.create_task(run(events, after, done))
+    for events in requests:  # a request task cancelled on its own, not with this call
+        for ev in events:
+            outcomes.setdefault(ev.seq, Outcome.retry("the request ended without an answer"))
     return outcomes
+
+
+async def _one_request(send_request: SendRequest, events: list[StoredEvent]) -> list[Outcome]:
+    """``send_request(events)``; an exception, or a wrong number of outcomes, is a retry
+    of these events only: the other requests of the call, some already on the wire, go on."""
+    try:
+        results = await send_request(events)
+    except Exception as err:  # noqa: BLE001 - a failing request must not cancel the others
+        return [Outcome.retry(f"request failed: {err!r}")] * len(events)
+    if len(results) != len(events):
+        return [Outcome.retry(f"request gave {len(results)} outcomes for "
+                              f"{len(events)} events")] * len(events)
+    return results
 
 
 def blocks_key(outcome: Outcome, dead_letter_blocks: bool = True) -> bool:

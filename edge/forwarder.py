@@ -25,7 +25,8 @@ Contract:
   a batch with a retry or sink fault and no delivery is a failure; a batch of dead letters
   only is neither (a receiver that refuses everything is not "up"). After
   ``failure_threshold`` failures the sink is "down": nothing is sent (events keep being
-  stored) until a one-event probe, ``open_s`` later, succeeds. Only the probe's own
+  stored) until a one-event probe, ``open_s`` later, succeeds; the first lane free then
+  sends it (a lane busy with a hung request does not hold it up). Only the probe's own
   failure doubles the wait; requests in flight when the circuit opened do not.
 - Pauses (``status()["paused"]``, ``edge_sink_paused``): 401/403 opens the circuit at once
   and pauses the sink with an ``auth`` alarm; it probes with backoff and a delivery ends
@@ -47,11 +48,13 @@ Contract:
   share it. ``status()["concurrency"]`` and ``edge_sink_concurrency{sink}`` show its
   current limit. While the circuit is open the limiter refuses new requests, so what the
   lanes still hold of their leases is not sent to a receiver that is down (not attempted:
-  the rows stay queued); the probe lifts that. The lanes (``max_in_flight``) each hold a
-  lease of up to ``lease_batch`` rows, so with one event per request they offer far more
-  requests than the limit.
+  the rows stay queued); the probe lifts that, and a closed circuit never leaves it shut.
+  The lanes (``max_in_flight``) each hold a lease of up to ``lease_batch`` rows, so with
+  one event per request they offer far more requests than the limit.
 - ``stop()``: no new leases; in-flight sends get ``shutdown_grace_s`` to finish and record
   their outcome; what is still running then is cancelled and its rows simply stay queued.
+  Until then a lane never ends: an error of one turn is logged and the lane goes on 1 s
+  later.
 """
 
 from __future__ import annotations
@@ -294,7 +297,12 @@ class Forwarder:
     async def _lane(self, index: int) -> None:
         new_rows = self.outbox.new_rows(self.sink.id)
         while not self._stopping.is_set():
-            wait = await self.step(index)
+            try:
+                wait = await self.step(index)
+            except Exception as err:  # noqa: BLE001 - a lane that ended would send nothing
+                log_event(log, logging.ERROR, "forwarding lane failed; going on in 1 s",
+                          sink=self.sink.id, lane=index, error=repr(err))
+                wait = 1.0
             if wait is None:
                 new_rows.clear()
                 with contextlib.suppress(TimeoutError):
@@ -313,9 +321,12 @@ class Forwarder:
         wait = max(self.paused_until - self.clock(), self.breaker.wait_s())
         if wait > 0:
             return wait
-        probing = self.breaker.state == "half_open"
-        if probing and (index != 0 or not self.breaker.start_probe()):
-            return 0.2  # one lane probes; the others wait for its verdict
+        state = self.breaker.state
+        if state == "closed" and self.concurrency is not None:
+            self.concurrency.paused = None  # the gate is shut only while the circuit is open
+        probing = state == "half_open"
+        if probing and not self.breaker.start_probe():
+            return 0.2  # one lane (the first free one) probes; the others wait for its verdict
         if probing and self.concurrency is not None:
             self.concurrency.paused = None  # the probe's request must go
         limit = 1 if probing else self._lease_size()
