@@ -38,6 +38,14 @@ async def test_delivers_every_event_in_lot_order_and_acknowledges_it(
             import httpx
 
             async with httpx.AsyncClient(base_url=r.api.url) as client:
+                # the ERP records an event when it receives it; the relay counts it once the
+                # answer came back and the outcome was recorded: a moment later
+                async def counted() -> bool:
+                    st = (await client.get("/status")).json()
+                    return bool(st["sinks"]["erp"]["delivered"] >= 120
+                                and st["acknowledged"] >= 120)
+
+                await eventually(counted, timeout=30, what="the relay's delivered count")
                 status = (await client.get("/status")).json()
                 assert status["owned"] == list(range(tier.partitions))
                 assert status["sinks"]["erp"]["delivered"] >= 120
