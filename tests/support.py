@@ -304,3 +304,21 @@ def scribble_middle_leaf(db: Path, table: str = "events", page_size: int = 4096)
         f.seek((page - 1) * page_size)
         f.write(os.urandom(page_size))
     return page
+
+
+def hold_quick_check(monkeypatch: Any, timeout: float = 60) -> Any:
+    """Make the outbox's full integrity check wait before it reads the file; returns the
+    ``threading.Event`` whose ``set()`` lets it go (a slow disk, without timing)."""
+    import threading
+
+    from edge.outbox import integrity
+
+    release = threading.Event()
+    real = integrity.quick_check
+
+    def held(path: str, **kwargs: Any) -> str | None:
+        release.wait(timeout)
+        return real(path, **kwargs)
+
+    monkeypatch.setattr(integrity, "quick_check", held)
+    return release

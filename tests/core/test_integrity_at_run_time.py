@@ -31,6 +31,7 @@ from tests.support import (
     api_yaml,
     eventually,
     free_port,
+    hold_quick_check,
     sample,
     scribble_middle_leaf,
     sink_yaml,
@@ -51,15 +52,7 @@ async def _fill(state: Path) -> None:
 @pytest.fixture
 def held_check(monkeypatch: pytest.MonkeyPatch) -> threading.Event:
     """The background check waits for ``.set()`` before it reads the file."""
-    release = threading.Event()
-    real = integrity.quick_check
-
-    def held(path: str, **kwargs: Any) -> str | None:
-        release.wait(60)
-        return real(path, **kwargs)
-
-    monkeypatch.setattr(integrity, "quick_check", held)
-    return release
+    return hold_quick_check(monkeypatch)
 
 
 def _body(api_port: int, drop: Path) -> str:

@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import os
 import sqlite3
-import threading
 from pathlib import Path
-from typing import Any
 
 from edge.outbox import Outbox, integrity
-from tests.support import eventually, scribble_middle_leaf, sub
+from tests.support import eventually, hold_quick_check, scribble_middle_leaf, sub
 
 PAGE = 4096
 
@@ -116,14 +114,7 @@ async def test_a_check_gives_way_when_intake_grows_the_wal_it_holds(
     the check is deferred (no verdict, nothing recorded) and intake goes on."""
     await _fill(tmp_path, 300)
     db = tmp_path / "outbox.db"
-    release = threading.Event()
-    real = integrity.quick_check
-
-    def held(path: str, **kwargs: Any) -> str | None:
-        release.wait(30)
-        return real(path, **kwargs)
-
-    monkeypatch.setattr(integrity, "quick_check", held)
+    release = hold_quick_check(monkeypatch, timeout=30)
     async with Outbox(tmp_path, router=lambda ev: ["erp"]) as ob:
         check = integrity.BackgroundCheck(str(db), max_wal_growth=64 << 10, retry_s=3600,
                                           watch_s=0.02)
